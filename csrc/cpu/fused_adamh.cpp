@@ -1,0 +1,168 @@
+// Fused multi-tensor AdamH on the CPU (DESIGN.md section 2), two passes:
+//   pass 1: m, v update; u = (m/bc1)/(sqrt(v)/sqrt(bc2)+eps); sums ||u||^2, <W,u>, ||W||^2
+//           (read W, g, m, v; write m, v: 24 B/param in fp32);
+//   pass 2: W <- a*W - b*u with u recomputed from m, v (read W, m, v; write W: 16 B/param).
+// Reductions are deterministic: each fixed chunk sums into 16 fp64 lanes (element i of the
+// chunk into lane i mod 16) whatever the ISA, lanes are added in order, and chunk partials
+// are added in chunk order, so the bits do not depend on the ISA or the thread count.
+#include "ops.h"
+
+#include "multi_tensor.h"
+
+namespace lvopt {
+namespace cpu {
+namespace {
+
+constexpr int kLanes = 16;
+
+template <typename T>
+LVOPT_ALWAYS_INLINE void adamh_reduce_span(const T* __restrict p, const T* __restrict g,
+                                           float* __restrict m, float* __restrict v, int64_t n,
+                                           const AdamCoef& c, double* __restrict out) {
+  double uu[kLanes] = {}, wu[kLanes] = {}, ww[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      float mi = m[i + l], vi = v[i + l];
+      adam_moments(c.grad_sign * load_elem(g, i + l), mi, vi, c);
+      m[i + l] = mi;
+      v[i + l] = vi;
+      const double u = adam_update(mi, vi, c);
+      const double w = load_elem(p, i + l);
+      uu[l] += u * u;
+      wu[l] += w * u;
+      ww[l] += w * w;
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    float mi = m[i], vi = v[i];
+    adam_moments(c.grad_sign * load_elem(g, i), mi, vi, c);
+    m[i] = mi;
+    v[i] = vi;
+    const double u = adam_update(mi, vi, c);
+    const double w = load_elem(p, i);
+    uu[l] += u * u;
+    wu[l] += w * u;
+    ww[l] += w * w;
+  }
+  double s_uu = 0.0, s_wu = 0.0, s_ww = 0.0;
+  for (int l = 0; l < kLanes; ++l) {
+    s_uu += uu[l];
+    s_wu += wu[l];
+    s_ww += ww[l];
+  }
+  out[0] = s_uu;
+  out[1] = s_wu;
+  out[2] = s_ww;
+}
+
+template <typename T>
+LVOPT_ALWAYS_INLINE void adamh_apply_span(T* __restrict p, const float* __restrict m,
+                                          const float* __restrict v, int64_t n, const AdamCoef& c,
+                                          float a, float b) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = adam_update(m[i], v[i], c);
+    store_elem(p, i, a * load_elem(p, i) - b * u);
+  }
+}
+
+LVOPT_ISA_DISPATCH(adamh_reduce_f32,
+                   (const float* p, const float* g, float* m, float* v, int64_t n,
+                    const AdamCoef& c, double* out),
+                   (p, g, m, v, n, c, out), adamh_reduce_span<float>)
+LVOPT_ISA_DISPATCH(adamh_reduce_bf16,
+                   (const uint16_t* p, const uint16_t* g, float* m, float* v, int64_t n,
+                    const AdamCoef& c, double* out),
+                   (p, g, m, v, n, c, out), adamh_reduce_span<uint16_t>)
+LVOPT_ISA_DISPATCH(adamh_apply_f32,
+                   (float* p, const float* m, const float* v, int64_t n, const AdamCoef& c,
+                    float a, float b),
+                   (p, m, v, n, c, a, b), adamh_apply_span<float>)
+LVOPT_ISA_DISPATCH(adamh_apply_bf16,
+                   (uint16_t* p, const float* m, const float* v, int64_t n, const AdamCoef& c,
+                    float a, float b),
+                   (p, m, v, n, c, a, b), adamh_apply_span<uint16_t>)
+
+}  // namespace
+
+at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList radii,
+                        const at::Tensor& hyper) {
+  const char* op = "lvopt::fused_adamh_";
+  const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
+  check_step_args(op, args);
+  const size_t n = params.size();
+  TORCH_CHECK(radii.size() == n, op, ": radii has ", radii.size(), " tensors, params has ", n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& r = radii[i];
+    TORCH_CHECK(r.defined() && r.device().is_cpu() && r.numel() == 1 &&
+                    r.scalar_type() == at::kDouble,
+                op, ": radii[", i, "] must be a one-element float64 CPU tensor");
+    const double radius = r.data_ptr<double>()[0];
+    TORCH_CHECK(std::isfinite(radius) && radius >= 0.0, op, ": radii[", i,
+                "] must be finite and >= 0, got ", radius);
+    TORCH_CHECK(hyper.data_ptr<double>()[i * kHyperCols + kWeightDecay] == 0.0, op,
+                ": weight_decay of tensor ", i, " must be 0 (hyperball steps have no weight decay)");
+  }
+  std::vector<double> step_numbers;
+  std::vector<AdamCoef> coef = advance_steps(args, &step_numbers);
+  const double* hp = hyper.data_ptr<double>();
+  // u uses lr = 1; lr enters through the norms.
+  for (size_t i = 0; i < n; ++i) coef[i] = unit_lr(coef[i], hp + i * kHyperCols, step_numbers[i]);
+
+  std::vector<int64_t> numels;
+  numels.reserve(n);
+  for (const auto& p : params) numels.push_back(p.numel());
+  const std::vector<Chunk> chunks = plan_chunks(numels);
+  std::vector<double> partial(chunks.size() * 3);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Chunk& ch = chunks[k];
+      const at::Tensor& p = params[ch.tensor];
+      float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
+      float* v = exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
+      const int64_t len = ch.end - ch.begin;
+      if (p.scalar_type() == at::kFloat) {
+        adamh_reduce_f32(p.data_ptr<float>() + ch.begin,
+                         grads[ch.tensor].data_ptr<float>() + ch.begin, m, v, len, coef[ch.tensor],
+                         &partial[3 * k]);
+      } else {
+        adamh_reduce_bf16(reinterpret_cast<const uint16_t*>(p.data_ptr()) + ch.begin,
+                          reinterpret_cast<const uint16_t*>(grads[ch.tensor].data_ptr()) + ch.begin,
+                          m, v, len, coef[ch.tensor], &partial[3 * k]);
+      }
+    }
+  });
+
+  at::Tensor stats = at::zeros({static_cast<int64_t>(n), 3}, hyper.options());
+  double* st = stats.data_ptr<double>();
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    for (int j = 0; j < 3; ++j) st[3 * chunks[k].tensor + j] += partial[3 * k + j];
+  }
+  std::vector<float> scale_a(n), scale_b(n);
+  for (size_t i = 0; i < n; ++i) {
+    const HyperballScales s = hyperball_scales(hp[i * kHyperCols + kLr],
+                                               radii[i].data_ptr<double>()[0], st[3 * i],
+                                               st[3 * i + 1], st[3 * i + 2]);
+    scale_a[i] = static_cast<float>(s.a);
+    scale_b[i] = static_cast<float>(s.b);
+  }
+
+  for_each_chunk(chunks, [&](const Chunk& ch) {
+    const at::Tensor& p = params[ch.tensor];
+    const float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
+    const float* v = exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
+    const int64_t len = ch.end - ch.begin;
+    const float a = scale_a[ch.tensor], b = scale_b[ch.tensor];
+    if (p.scalar_type() == at::kFloat) {
+      adamh_apply_f32(p.data_ptr<float>() + ch.begin, m, v, len, coef[ch.tensor], a, b);
+    } else {
+      adamh_apply_bf16(reinterpret_cast<uint16_t*>(p.data_ptr()) + ch.begin, m, v, len,
+                       coef[ch.tensor], a, b);
+    }
+  });
+  return stats;
+}
+
+}  // namespace cpu
+}  // namespace lvopt

@@ -1,0 +1,69 @@
+// Multi-tensor plumbing shared by the CPU step kernels: argument checks that run before
+// anything is written, the fixed chunk plan, and element loads/stores for fp32 and bf16.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "isa.h"
+#include "lvopt/math.h"
+
+namespace lvopt {
+namespace cpu {
+
+// Elements per work item. Fixed (not derived from the thread count) so that the partial
+// sums of AdamH's reduction, taken per chunk in a fixed order, give the same bits for any
+// number of threads. 64 Ki fp32 elements = 256 KiB per stream, 1.75 MiB over AdamW's 7
+// streams: long enough for the hardware prefetchers, short enough to balance 148 tensors.
+constexpr int64_t kChunk = int64_t{1} << 16;
+
+struct Chunk {
+  int32_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// Chunks of every tensor, in tensor order; tensors with no elements contribute none.
+std::vector<Chunk> plan_chunks(const std::vector<int64_t>& numels);
+
+// Runs fn(chunk) over all chunks in one parallel region. Each thread takes a contiguous
+// range of chunks, so each streams through contiguous memory.
+template <typename Fn>
+void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) fn(chunks[i]);
+  });
+}
+
+// The tensors of one multi-tensor step, checked. check_step_args() raises (through
+// TORCH_CHECK, naming the argument, the index and the problem) before any kernel writes.
+struct StepArgs {
+  const at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps;
+  const at::Tensor& hyper;
+};
+void check_step_args(const char* op, const StepArgs& a);
+
+// Per-tensor coefficients for this step; increments each step counter (after all checks).
+// The new step numbers go to *steps_out when it is given.
+std::vector<AdamCoef> advance_steps(const StepArgs& a, std::vector<double>* steps_out = nullptr);
+
+LVOPT_ALWAYS_INLINE float load_elem(const float* p, int64_t i) { return p[i]; }
+LVOPT_ALWAYS_INLINE float load_elem(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+LVOPT_ALWAYS_INLINE void store_elem(float* p, int64_t i, float x) { p[i] = x; }
+LVOPT_ALWAYS_INLINE void store_elem(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+
+// Raw storage type of a parameter dtype: float for fp32, uint16_t bits for bf16.
+template <typename Fn>
+void dispatch_param_dtype(at::ScalarType t, const Fn& fn) {
+  if (t == at::kFloat) {
+    fn(static_cast<float*>(nullptr));
+  } else {
+    fn(static_cast<uint16_t*>(nullptr));
+  }
+}
+
+}  // namespace cpu
+}  // namespace lvopt

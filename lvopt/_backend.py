@@ -1,0 +1,118 @@
+"""Backend selection: explicit, visible, never a silent fallback.
+
+``"cpu"`` and ``"cuda"`` are the native kernels of lvopt._C (csrc/cpu, csrc/cuda), reached
+through the ``torch.ops.lvopt`` dispatcher; ``"triton"`` the kernels of lvopt/triton;
+``"reference"`` the pure-PyTorch oracle of lvopt/reference.py. The default for a device is
+the native kernel built for it; if that was not built, the optimizer raises and says which
+backends are available.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from . import _ops, reference
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+def _native_cuda() -> bool:
+    return _ops.native_available() and bool(_ops._C.build_info()["cuda"])
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None if backend ``name`` can run in this process, else why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if not _ops.native_available():
+            return f"the native extension lvopt._C did not load ({_ops.NATIVE_ERROR}); rebuild with `make dev`"
+        return None
+    if name == "cuda":
+        if not _ops.native_available():
+            return f"the native extension lvopt._C did not load ({_ops.NATIVE_ERROR})"
+        if not _native_cuda():
+            return "lvopt._C was built without CUDA kernels (see lvopt.build_info())"
+        return None
+    if name == "triton":
+        return "this build has no Triton step kernels (lvopt/triton is not implemented yet)"
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+def check_available(name: str) -> None:
+    why = unavailable_reason(name)
+    if why is not None:
+        avail = [b for b in BACKENDS if unavailable_reason(b) is None]
+        raise RuntimeError(f"lvopt backend {name!r} is not available: {why}. Available here: {avail}")
+
+
+def default_for(device: torch.device) -> str:
+    """The backend used for tensors on ``device`` when none was requested."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return "cuda" if _native_cuda() else "triton"
+    raise RuntimeError(f"lvopt has no kernels for device type {device.type!r}; "
+                       f"pass backend='reference' to run the pure-PyTorch step")
+
+
+def device_ok(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return False
+
+
+def ops(name: str) -> SimpleNamespace:
+    """The step functions of backend ``name`` (signatures of torch.ops.lvopt.*)."""
+    check_available(name)
+    if name == "reference":
+        return SimpleNamespace(fused_adamw_=reference.fused_adamw_, fused_adamh_=reference.fused_adamh_)
+    return SimpleNamespace(fused_adamw_=torch.ops.lvopt.fused_adamw_, fused_adamh_=torch.ops.lvopt.fused_adamh_)
+
+
+def supported_dtypes(name: str) -> tuple:
+    if name == "reference":
+        return (torch.float32, torch.bfloat16, torch.float64)
+    return (torch.float32, torch.bfloat16)
+
+
+def build_info() -> dict:
+    """What this build of lvopt contains and which backends can run here."""
+    info = {
+        "version": __import__("lvopt").__version__,
+        "torch": torch.__version__,
+        "native": _ops.native_available(),
+        "native_error": _ops.NATIVE_ERROR,
+        "cpu_isa_compiled": [],
+        "cpu_isa_hardware": None,
+        "cpu_isa_active": None,
+        "cuda": False,
+        "cuda_archs": [],
+        "parallel": None,
+    }
+    if _ops.native_available():
+        native = _ops._C.build_info()
+        info.update(
+            cpu_isa_compiled=native["cpu_isa_compiled"].split(","),
+            cpu_isa_hardware=native["cpu_isa_hardware"],
+            cpu_isa_active=native["cpu_isa_active"],
+            cuda=bool(native["cuda"]),
+            cuda_archs=[a for a in native["cuda_archs"].split(";") if a],
+            parallel=native["parallel"],
+        )
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    info["backends"] = {b: (unavailable_reason(b) or "available") for b in BACKENDS}
+    return info

@@ -1,0 +1,31 @@
+"""Loads the native extension (which registers the ``lvopt::*`` ops) and the ops' fake kernels.
+
+The fake kernels let ``torch.compile`` and ``torch.library.opcheck`` trace the ops: the step
+ops mutate their inputs in place and the only new tensor is AdamH's ``[n, 3]`` fp64 stats.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.lvopt.*)
+
+    NATIVE_ERROR: str | None = None
+except ImportError as e:  # reported by build_info() and by backend selection
+    _C = None
+    NATIVE_ERROR = f"{type(e).__name__}: {e}"
+
+
+def native_available() -> bool:
+    return _C is not None
+
+
+if _C is not None:
+
+    @torch.library.register_fake("lvopt::fused_adamw_")
+    def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
+        return None
+
+    @torch.library.register_fake("lvopt::fused_adamh_")
+    def _fused_adamh_fake(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper):
+        return hyper.new_empty((len(params), 3))

@@ -1,0 +1,302 @@
+"""lvopt.AdamW and lvopt.AdamH: drop-in ``torch.optim`` optimizers over fused kernels.
+
+A step validates every parameter of every group first (nothing is written if anything is
+wrong), then builds one per-tensor hyperparameter table and calls one fused op for all
+groups. State names and layout are torch.optim.AdamW's (``step``, ``exp_avg``,
+``exp_avg_sq``; AdamH adds ``radius``), so checkpoints move both ways.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from itertools import chain
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from . import _backend
+from .reference import HYPER_COLS
+
+# Keys torch.optim.AdamW keeps in every param group. lvopt keeps them too, so that a torch
+# AdamW can load an lvopt checkpoint (its __setstate__ would otherwise default
+# decoupled_weight_decay to False and turn AdamW into Adam with L2).
+_TORCH_GROUP_DEFAULTS = dict(amsgrad=False, foreach=None, capturable=False, differentiable=False,
+                             fused=None, decoupled_weight_decay=True)
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _scalar(x: Any, name: str, where: str) -> float:
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{where}: {name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
+        return float(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{where}: {name} must be a number, got {type(x).__name__}")
+    return float(x)
+
+
+def _check_hyper(group: dict, where: str, hyperball: bool = False) -> tuple:
+    """Validates a group's hyperparameters; returns (lr, beta1, beta2, wd, eps, maximize)."""
+    lr = _scalar(group["lr"], "lr", where)
+    if not math.isfinite(lr) or lr < 0.0:
+        raise ValueError(f"{where}: invalid learning rate lr={lr}: must be finite and >= 0")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    b1, b2 = (_scalar(b, f"betas[{i}]", where) for i, b in enumerate(betas))
+    for i, b in enumerate((b1, b2)):
+        if not (0.0 <= b < 1.0):
+            raise ValueError(f"{where}: invalid beta parameter at index {i}: {b} (must be in [0, 1))")
+    eps = _scalar(group["eps"], "eps", where)
+    if not math.isfinite(eps) or eps <= 0.0:
+        raise ValueError(f"{where}: invalid epsilon value eps={eps}: must be finite and > 0")
+    wd = _scalar(group["weight_decay"], "weight_decay", where)
+    if not math.isfinite(wd) or wd < 0.0:
+        raise ValueError(f"{where}: invalid weight_decay value {wd}: must be finite and >= 0")
+    if hyperball and wd != 0.0:
+        raise ValueError(f"{where}: weight_decay={wd} given to a hyperball group; AdamH keeps the "
+                         f"norm of hyperball matrices fixed, so they take no weight decay. Set "
+                         f"weight_decay=0, or hyperball=False for the group")
+    if group.get("amsgrad", False):
+        raise ValueError(f"{where}: amsgrad=True is not supported by lvopt")
+    if group.get("capturable", False) or group.get("differentiable", False):
+        raise ValueError(f"{where}: capturable/differentiable are not supported by lvopt's CPU step")
+    if not group.get("decoupled_weight_decay", True) and wd != 0.0:
+        raise ValueError(f"{where}: decoupled_weight_decay=False (Adam with L2, e.g. a torch.optim.Adam "
+                         f"checkpoint) is not supported; lvopt implements AdamW's decoupled decay")
+    return lr, b1, b2, wd, eps, 1.0 if group["maximize"] else 0.0
+
+
+class _FusedAdam(torch.optim.Optimizer):
+    """Shared machinery of lvopt.AdamW and lvopt.AdamH."""
+
+    _group_extra_defaults: dict = {}
+
+    def __init__(self, params, defaults: dict, backend: str | None):
+        if backend is not None:
+            if backend not in _backend.BACKENDS:
+                raise ValueError(f"backend must be one of {_backend.BACKENDS} or None, got {backend!r}")
+            _backend.check_available(backend)
+        self.backend = backend
+        _check_hyper(defaults, "defaults", hyperball=self._is_hyperball_group(defaults))
+        super().__init__(params, defaults)
+
+    # -- group handling -------------------------------------------------------------------------
+    @staticmethod
+    def _is_hyperball_group(group: dict) -> bool:
+        return False
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyper(group, f"param group {len(self.param_groups) - 1}", self._is_hyperball_group(group))
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in chain(_TORCH_GROUP_DEFAULTS.items(), self._group_extra_defaults.items()):
+                group.setdefault(k, v)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not torch.is_tensor(st["step"]):
+                    st["step"] = torch.tensor(float(st["step"]), dtype=_get_scalar_dtype())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but moments stay fp32 (and ``radius`` fp64) whatever the parameter dtype:
+        torch casts every floating state tensor to the parameter's dtype, which would round a
+        bf16 model's fp32 moments to bf16. A torch bf16 checkpoint's moments are widened."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            st = self.state[p]
+            for key in _MOMENTS:
+                if key in saved:
+                    st[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+            if "radius" in saved:
+                st["radius"] = saved["radius"].to(device="cpu" if p.device.type == "cpu" else p.device,
+                                                  dtype=torch.float64, copy=True)
+
+    # -- the step -------------------------------------------------------------------------------
+    @staticmethod
+    def _where(group: dict, gi: int, pi: int, p: Tensor) -> str:
+        names = group.get("param_names")
+        name = f" '{names[pi]}'" if names is not None and pi < len(names) else ""
+        return f"param {pi}{name} of group {gi} (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
+
+    def _backend_for(self, device: torch.device) -> str:
+        name = self.backend if self.backend is not None else _backend.default_for(device)
+        _backend.check_available(name)
+        return name
+
+    def _check_param(self, p: Tensor, where: str) -> str:
+        g = p.grad
+        if g.layout != torch.strided:
+            raise TypeError(f"{where}: got a {g.layout} gradient, but this group takes dense gradients "
+                            f"(use nn.Embedding(sparse=False), or a sparse-capable group)")
+        backend = self._backend_for(p.device)
+        if not _backend.device_ok(backend, p.device):
+            raise TypeError(f"{where}: backend {backend!r} cannot step tensors on {p.device}")
+        dtypes = _backend.supported_dtypes(backend)
+        if p.dtype not in dtypes:
+            raise TypeError(f"{where}: unsupported dtype {p.dtype}; backend {backend!r} supports "
+                            f"{', '.join(str(d) for d in dtypes)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{where}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
+        if g.device != p.device:
+            raise TypeError(f"{where}: gradient is on {g.device}, parameter on {p.device}")
+        if g.shape != p.shape:
+            raise ValueError(f"{where}: gradient shape {tuple(g.shape)} differs from the parameter's")
+        st = self.state.get(p)
+        if st:
+            for key in _MOMENTS:
+                t = st.get(key)
+                if t is None or t.shape != p.shape or t.device != p.device or t.dtype != torch.float32:
+                    raise ValueError(f"{where}: state '{key}' is missing or does not match the parameter "
+                                     f"({None if t is None else (tuple(t.shape), t.dtype, str(t.device))}); was the wrong "
+                                     f"state_dict loaded?")
+            if "step" not in st:
+                raise ValueError(f"{where}: state has no 'step'")
+        return backend
+
+    def _collect(self):
+        """Every parameter with a gradient, validated, as (group, p, backend, algorithm).
+        Raises before anything is written."""
+        items = []
+        for gi, group in enumerate(self.param_groups):
+            hyperball = self._is_hyperball_group(group)
+            row = _check_hyper(group, f"param group {gi}", hyperball)
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                backend = self._check_param(p, self._where(group, gi, pi, p))
+                algo = "adamh" if hyperball and p.dim() >= 2 else "adamw"
+                items.append((row, p, backend, algo))
+        return items
+
+    def _init_state(self, p: Tensor, algo: str) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if algo == "adamh" and "radius" not in st:
+            # R = ||W_0||_F, recorded at the matrix's first hyperball step (DESIGN.md section 2).
+            st["radius"] = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).cpu()
+        return st
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = self._collect()
+        # Nothing has been written so far; from here on, every check has passed.
+        batches: dict = defaultdict(lambda: defaultdict(list))
+        for row, p, backend, algo in items:
+            st = self._init_state(p, algo)
+            work = p if _dense(p) else p.detach().contiguous()
+            b = batches[(backend, p.device, algo)]
+            b["params"].append(work)
+            b["orig"].append(p)
+            b["grads"].append(_like(p.grad, work))
+            for key in _MOMENTS:
+                if st[key].stride() != work.stride():
+                    st[key] = _like(st[key], work)
+                b[key].append(st[key])
+            b["steps"].append(st["step"])
+            b["rows"].append(row)
+            if algo == "adamh":
+                b["radii"].append(st["radius"])
+        for (backend, device, algo), b in batches.items():
+            fns = _backend.ops(backend)
+            hyper = torch.tensor(b["rows"], dtype=torch.float64).reshape(-1, HYPER_COLS)
+            if algo == "adamh":
+                fns.fused_adamh_(b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"],
+                                 b["radii"], hyper)
+            else:
+                fns.fused_adamw_(b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"], hyper)
+            for work, p in zip(b["params"], b["orig"]):
+                if work is not p:
+                    p.copy_(work)
+        return loss
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory exactly once (any dimension order), so that a kernel
+    may treat it as a flat array of numel elements."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` with ``ref``'s strides (a copy only when they differ)."""
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
+class AdamW(_FusedAdam):
+    r"""AdamW with fused kernels; a drop-in for ``torch.optim.AdamW``.
+
+    Same constructor arguments, param groups, LR schedulers, ``zero_grad``, ``maximize`` and
+    ``state_dict`` as torch.optim.AdamW (``foreach`` and ``fused`` are accepted and ignored:
+    lvopt always fuses; ``amsgrad``, ``capturable`` and ``differentiable`` are refused).
+    Parameters may be float32 or bfloat16; moments are float32.
+
+    ``backend``: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``; default: the native
+    kernels for the parameters' device. See :func:`lvopt.build_info`.
+    """
+
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, backend: str | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+        super().__init__(params, defaults, backend)
+
+
+class AdamH(_FusedAdam):
+    r"""AdamH: Adam on the hyperball (Wen et al. 2026), fused.
+
+    In a param group with ``hyperball=True`` (the default), every parameter with two or more
+    dimensions keeps its Frobenius norm R = ||W_0|| (recorded at its first step, state
+    ``radius``) and moves by exactly ``lr`` in normalised weight space each step::
+
+        u = (m/bc1) / (sqrt(v/bc2) + eps);  W' = W - lr*R*u/||u||;  W <- R*W'/||W'||
+
+    Hyperball groups take no weight decay (``weight_decay`` must be 0). Parameters with fewer
+    than two dimensions, and groups with ``hyperball=False`` (put embeddings and the output
+    layer there), take AdamW with the group's ``weight_decay``.
+    """
+
+    _group_extra_defaults = {"hyperball": True}
+
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, hyperball: bool = True,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None, backend: str | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+                        hyperball=hyperball)
+        super().__init__(params, defaults, backend)
+
+    @staticmethod
+    def _is_hyperball_group(group: dict) -> bool:
+        return bool(group.get("hyperball", True))

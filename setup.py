@@ -1,0 +1,105 @@
+"""Build of lvopt's native extension, lvopt._C.
+
+CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built when this torch is a
+CUDA build (torch.version.cuda) and an nvcc is found, unless LVOPT_NO_CUDA=1; the decision
+never depends on the build machine having a GPU. Architectures come from LVOPT_CUDA_ARCHS
+(default "80;90": SASS for sm_80 and sm_90, PTX embedded for the newest).
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+CXX_FLAGS = [
+    "-O3",
+    "-std=c++20",
+    "-fopenmp",
+    # Same bits on every ISA level (csrc/cpu/isa.h): no a*b+c contraction into FMA.
+    "-ffp-contract=off",
+    # sqrtf without errno lets the loops vectorise; no other fast-math relaxation.
+    "-fno-math-errno",
+]
+
+
+def _cuda_archs():
+    archs = [a.strip() for a in os.environ.get("LVOPT_CUDA_ARCHS", "80;90").replace(",", ";").split(";")]
+    return [a for a in archs if a]
+
+
+def _nvcc_gencode(archs):
+    flags = []
+    for a in archs:
+        flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+    newest = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit())))
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def _want_cuda():
+    if os.environ.get("LVOPT_NO_CUDA", "0") == "1":
+        return False, "LVOPT_NO_CUDA=1"
+    if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        return False, "no CUDA sources"
+    if torch.version.cuda is None:
+        return False, "torch is not a CUDA build"
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+    )
+    if not nvcc or not os.path.exists(nvcc):
+        return False, "nvcc not found"
+    if not os.environ.get("CUDA_HOME"):
+        # torch.utils.cpp_extension locates the toolkit from CUDA_HOME; point it at nvcc's.
+        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return True, nvcc
+
+
+def extensions():
+    sources = ["csrc/module.cpp", "csrc/register.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    with_cuda, why = _want_cuda()
+    if with_cuda:
+        archs = _cuda_archs()
+        cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        print(f"lvopt: building CUDA kernels for sm_{', sm_'.join(archs)} with {why}")
+        return [
+            CUDAExtension(
+                "lvopt._C",
+                sources + cu_sources,
+                include_dirs=include_dirs,
+                define_macros=[("LVOPT_WITH_CUDA", None), ("LVOPT_CUDA_ARCHS", f'"{";".join(archs)}"')],
+                extra_compile_args={
+                    "cxx": CXX_FLAGS,
+                    "nvcc": ["-O3", "-std=c++20", "-lineinfo"] + _nvcc_gencode(archs),
+                },
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    print(f"lvopt: building CPU kernels only ({why})")
+    return [
+        CppExtension(
+            "lvopt._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+setup(
+    name="lvopt",
+    version="0.1.0",
+    description="Fused AdamW/AdamH with sparse embedding rows and the large-vocabulary LR rule",
+    packages=find_packages(include=["lvopt", "lvopt.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["lvopt=lvopt.__main__:main"]},
+)
