@@ -84,6 +84,14 @@ class _FusedAdam(torch.optim.Optimizer):
         _check_hyper(defaults, "defaults", hyperball=self._is_hyperball_group(defaults))
         super().__init__(params, defaults)
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, **kwargs):
+        """An optimizer for ``model`` whose groups carry per-role learning rates scaled by a
+        width rule (``"lv"``, ``"mup"``, ``"sp"``, ...): see :func:`lvopt.scaling.from_model`."""
+        from .scaling import from_model
+
+        return from_model(cls, model, **kwargs)
+
     # -- group handling -------------------------------------------------------------------------
     @staticmethod
     def _is_hyperball_group(group: dict) -> bool:
