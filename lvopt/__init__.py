@@ -10,7 +10,8 @@ from .optim import AdamH, AdamW
 __all__ = ["AdamW", "AdamH", "build_info", "reference", "BACKENDS", "__version__"]
 from . import roles, scaling  # noqa: E402
 from .roles import ROLES, TiedWeightsWarning, detect_roles  # noqa: E402
-from .scaling import RULES, ScalingPlan, apply_output_multiplier, lr_multipliers, model_width, scaling_plan  # noqa: E402
+from .scaling import (RULES, ScalingPlan, apply_output_multiplier, lr_multipliers, model_width,  # noqa: E402
+                      mup_output_init_, scaling_plan)
 
 __all__ += ["roles", "scaling", "ROLES", "RULES", "TiedWeightsWarning", "detect_roles", "ScalingPlan",
-            "apply_output_multiplier", "lr_multipliers", "model_width", "scaling_plan"]
+            "apply_output_multiplier", "lr_multipliers", "model_width", "mup_output_init_", "scaling_plan"]

@@ -29,7 +29,7 @@ from torch import nn
 from .roles import ROLES, ParamRole, _user_stacklevel, check_role, detect_roles, output_modules, token_embedding
 
 __all__ = ["RULES", "ScalingPlan", "exponents", "lr_multipliers", "model_width", "vocab_size",
-           "scaling_plan", "from_model", "apply_output_multiplier"]
+           "scaling_plan", "from_model", "apply_output_multiplier", "mup_output_init_"]
 
 # alpha per role: a role's LR is multiplied by m ** (-alpha).
 RULES: dict = {
@@ -298,25 +298,60 @@ def from_model(opt_cls, model: nn.Module, *, lr, base_width, rule: str = "lv", w
     return opt
 
 
-def apply_output_multiplier(model: nn.Module, multiplier=None, *, width=None, base_width=None) -> list:
-    """Multiply the output layer's output (the logits) by ``multiplier``, default
-    ``base_width / width`` (muP's output multiplier 1/m), with a forward hook on every output
-    module found by :func:`lvopt.roles.output_modules`. Returns the hook handles (``.remove()``
-    undoes it). lvopt's optimizers never apply this themselves; full muP also needs it."""
-    if multiplier is None:
-        if base_width is None:
-            raise ValueError("give multiplier, or base_width (and width, if it cannot be read from the model)")
-        width = model_width(model) if width is None else width
-        if width is None:
-            raise ValueError(f"cannot read the width of {type(model).__name__}; pass width=...")
-        multiplier = base_width / width
+def _output_width(model, width, base_width):
+    if base_width is None:
+        raise ValueError("give base_width (and width, if it cannot be read from the model)")
+    width = model_width(model) if width is None else width
+    if width is None:
+        raise ValueError(f"cannot read the width of {type(model).__name__}; pass width=...")
+    return width
+
+
+def _outputs_or_raise(model):
     mods = output_modules(model)
     if not mods:
         raise ValueError(f"{type(model).__name__} has no output layer lvopt can find (no "
                          f"get_output_embeddings() and no linear of the token embedding's shape)")
+    return mods
+
+
+def apply_output_multiplier(model: nn.Module, multiplier=None, *, width=None, base_width=None) -> list:
+    """Multiply the output layer's output (the logits) by ``multiplier``, default
+    ``base_width / width`` (1/m), with a forward hook on every output module found by
+    :func:`lvopt.roles.output_modules`. Returns the hook handles (``.remove()`` undoes it).
+
+    This is muP's output multiplier in the form the ``mup`` package uses for a readout whose LR
+    is not width-scaled, i.e. for **tied** embeddings, whose shared tensor takes the
+    ``embedding`` role (alpha 0 under ``mup``). Do not combine it with an untied output layer in
+    the ``output`` role (alpha 1): that scales the output side twice; use
+    :func:`mup_output_init_` there. lvopt's optimizers never apply either themselves."""
+    if multiplier is None:
+        multiplier = base_width / _output_width(model, width, base_width) if base_width is not None else None
+        if multiplier is None:
+            raise ValueError("give multiplier, or base_width (and width, if it cannot be read from the model)")
+    mods = _outputs_or_raise(model)
     mult = float(multiplier)
 
     def hook(module, args, out):
         return out * mult
 
     return [m.register_forward_hook(hook) for m, _ in mods]
+
+
+@torch.no_grad()
+def mup_output_init_(model: nn.Module, base_std: float, *, base_width, width=None) -> None:
+    """Re-initialise an untied output layer as Tensor Programs V, Table 3 prescribes for Adam
+    with the output LR scaled by 1/m: weights ~ N(0, std^2) with std = base_std * base_width /
+    width (variance proportional to 1/fan_in^2; SP's is 1/fan_in), bias zero. ``base_std`` is
+    the std used (tuned) at ``base_width``. Refuses tied weights (see
+    :func:`apply_output_multiplier`)."""
+    width = _output_width(model, width, base_width)
+    tok = token_embedding(model)
+    std = float(base_std) * base_width / width
+    for mod, _ in _outputs_or_raise(model):
+        if tok is not None and mod.weight is tok.weight:
+            raise ValueError("the output layer is tied to the input embeddings; re-initialising it would "
+                             "change the embeddings. Use apply_output_multiplier for tied weights")
+        mod.weight.normal_(0.0, std)
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.zero_()

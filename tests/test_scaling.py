@@ -317,6 +317,15 @@ def test_apply_output_multiplier():
     torch.testing.assert_close(model(ids), ref)
 
 
+def test_mup_output_init():
+    torch.manual_seed(0)
+    model = TinyLM(d=256)
+    lvopt.scaling.mup_output_init_(model, 0.02, base_width=64)
+    assert model.head.weight.std().item() == pytest.approx(0.005, rel=0.02)
+    with pytest.raises(ValueError, match="tied"):
+        lvopt.scaling.mup_output_init_(TinyLM(tie=True), 0.02, base_width=16)
+
+
 # -- a real client: Hugging Face Trainer -----------------------------------------------------------
 def test_hf_trainer_runs_with_lv_optimizer(tmp_path):
     tr = _hf()
