@@ -84,6 +84,15 @@ def load_sweep(source) -> dict:
     return {k: v[keep] for k, v in out.items()}
 
 
+def _as_sweep(x) -> dict:
+    """``x`` itself when it is already a loaded sweep (all numpy columns, ``param`` and
+    ``width`` present), else ``load_sweep(x)``."""
+    if isinstance(x, dict) and all(isinstance(v, np.ndarray) for v in x.values()) \
+            and "param" in x and "width" in x:
+        return x
+    return load_sweep(x)
+
+
 def default_lr_col(sweep) -> str:
     for c in ("lr",) + tuple(f"lr_{r}" for r in ROLES):
         if c in sweep:
@@ -172,8 +181,7 @@ def optimal_lrs(sweep, x_col=None, lr_col=None, half_width=2, n_boot=200, conf=0
     which varies a little between seeds at one grid point, is windowed like its raw LR.
     The interval resamples seeds with replacement (rows of a seed stay together); with one
     seed it resamples rows. Each resample re-selects its window."""
-    sweep = sweep if isinstance(sweep, dict) and "loss" in sweep and isinstance(sweep["loss"], np.ndarray) \
-        else load_sweep(sweep)
+    sweep = _as_sweep(sweep)
     lr_col = lr_col or default_lr_col(sweep)
     x_col = x_col or lr_col
     rng = np.random.default_rng(seed)
@@ -645,7 +653,7 @@ def analyze(sweep, target=None, axis="auto", lr_col=None, eff_col="auto", half_w
             n_boot=200, conf=0.95, seed=0, loss_var="N", out_dir=None, plots=True) -> dict:
     """Everything the CLI reports, as a JSON-able dict; with ``out_dir``, also writes
     ``summary.json``, ``optima.csv`` and (``plots``) PNGs there."""
-    sweep = load_sweep(sweep) if not isinstance(sweep, dict) or not isinstance(sweep.get("loss"), np.ndarray) else sweep
+    sweep = _as_sweep(sweep)
     lr_col = lr_col or default_lr_col(sweep)
     eff_col = default_eff_col(sweep) if eff_col == "auto" else eff_col
     x_cols = [lr_col] + ([eff_col] if eff_col else [])

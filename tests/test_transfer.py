@@ -114,6 +114,20 @@ def test_role_lrs_follow_the_swept_lr_or_stay_fixed():
         assert o.roles["vector"] == pytest.approx(1e-3)
 
 
+def test_inputs_rows_columns_and_csv_agree_and_diverged_runs_are_dropped(tmp_path):
+    rows = make_sweep(np.random.default_rng(21), Ns=NS[:3], seeds=2)
+    for r in rows:
+        if r["lr"] > 0.05:
+            r["loss"] = math.inf if r["seed"] == 0 else math.nan   # diverged runs
+    write_csv(tmp_path / "s.csv", rows)
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    a, b, c = (T.optimal_lrs(x, n_boot=10) for x in (rows, cols, str(tmp_path / "s.csv")))
+    n_kept = sum(math.isfinite(r["loss"]) for r in rows) // 3
+    assert n_kept < len(rows) // 3 and [o.n_rows for o in a] == [n_kept] * 3
+    assert [o.log_x for o in a] == [o.log_x for o in b] == pytest.approx([o.log_x for o in c], abs=1e-12)
+    assert [o.ci for o in a] == [o.ci for o in b]
+
+
 # ------------------------------------------------------------------ LR scaling laws
 
 def test_linear_law_recovers_known_coefficients_in_n_and_d():
