@@ -115,7 +115,10 @@ class _FusedAdam(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but moments stay fp32 (and ``radius`` fp64) whatever the parameter dtype:
         torch casts every floating state tensor to the parameter's dtype, which would round a
-        bf16 model's fp32 moments to bf16. A torch bf16 checkpoint's moments are widened."""
+        bf16 model's fp32 moments to bf16. A torch bf16 checkpoint's moments are widened.
+        Every state tensor is a copy: torch would share tensors (the step counts among them)
+        with an in-memory ``state_dict`` of a live optimizer, and two optimizers would then
+        advance one counter."""
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -124,9 +127,11 @@ class _FusedAdam(torch.optim.Optimizer):
             if not saved:
                 continue
             st = self.state[p]
+            if "step" in saved and torch.is_tensor(st.get("step")) and st["step"] is saved["step"]:
+                st["step"] = st["step"].clone()
             for key in _MOMENTS:
                 if key in saved:
-                    st[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+                    st[key] = saved[key].to(device=p.device, dtype=_moment_dtype(p), copy=True)
             if "radius" in saved:
                 st["radius"] = saved["radius"].to(device="cpu" if p.device.type == "cpu" else p.device,
                                                   dtype=torch.float64, copy=True)
@@ -165,7 +170,7 @@ class _FusedAdam(torch.optim.Optimizer):
         if st:
             for key in _MOMENTS:
                 t = st.get(key)
-                if t is None or t.shape != p.shape or t.device != p.device or t.dtype != torch.float32:
+                if t is None or t.shape != p.shape or t.device != p.device or t.dtype != _moment_dtype(p):
                     raise ValueError(f"{where}: state '{key}' is missing or does not match the parameter "
                                      f"({None if t is None else (tuple(t.shape), t.dtype, str(t.device))}); was the wrong "
                                      f"state_dict loaded?")
@@ -192,8 +197,9 @@ class _FusedAdam(torch.optim.Optimizer):
         st = self.state[p]
         if not st:
             st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            dt = _moment_dtype(p)
+            st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         if algo == "adamh" and "radius" not in st:
             # R = ||W_0||_F, recorded at the matrix's first hyperball step (DESIGN.md section 2).
             st["radius"] = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).cpu()
@@ -235,6 +241,11 @@ class _FusedAdam(torch.optim.Optimizer):
                 if work is not p:
                     p.copy_(work)
         return loss
+
+
+def _moment_dtype(p: Tensor) -> torch.dtype:
+    """Moments are fp32 for fp32 and bf16 parameters (fp64 for the fp64 reference oracle)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _dense(t: Tensor) -> bool:
