@@ -9,8 +9,6 @@ backends are available.
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
-
 import torch
 
 from . import _ops, reference
@@ -70,12 +68,19 @@ def device_ok(name: str, device: torch.device) -> bool:
     return False
 
 
-def ops(name: str) -> SimpleNamespace:
-    """The step functions of backend ``name`` (signatures of torch.ops.lvopt.*)."""
+def ops(name: str):
+    """The step functions of backend ``name``, looked up by op name (``ops(b).fused_adamw_``):
+    ``torch.ops.lvopt`` for the native kernels, the lvopt.reference module for the reference,
+    the lvopt.triton package for Triton. Every backend offers every op under the same name and
+    signature, so a new op needs no change here."""
     check_available(name)
     if name == "reference":
-        return SimpleNamespace(fused_adamw_=reference.fused_adamw_, fused_adamh_=reference.fused_adamh_)
-    return SimpleNamespace(fused_adamw_=torch.ops.lvopt.fused_adamw_, fused_adamh_=torch.ops.lvopt.fused_adamh_)
+        return reference
+    if name == "triton":
+        import importlib
+
+        return importlib.import_module("lvopt.triton")
+    return torch.ops.lvopt
 
 
 def supported_dtypes(name: str) -> tuple:
