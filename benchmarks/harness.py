@@ -1,0 +1,139 @@
+"""The one harness behind every benchmark: `python -m lvopt bench` and the pytest-benchmark
+files (benchmarks/bench_<op>.py) share it.
+
+A *case* is one workload (a parameter list, a gradient) and several *contenders* (lvopt and
+the anchors a user would pick instead). Contenders of a case are timed round-robin, one step
+each per round, so that the machine's noise falls on all of them alike; the statistic is the
+median over rounds. Effective bandwidth counts the bytes the step must move by the case's
+byte model (DESIGN.md section 4), the same for every contender of the case.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@dataclass
+class Contender:
+    name: str
+    make: Callable[[], Callable[[], None]]  # builds the state, returns one step
+    anchor: bool = True  # False for lvopt's own rows
+    bytes: float | None = None  # overrides the case's byte count (e.g. a different dtype)
+
+
+@dataclass
+class Case:
+    name: str
+    title: str
+    bytes: float  # bytes one step must move (the case's byte model)
+    contenders: list[Contender]
+    notes: str = ""
+    results: list[dict] = field(default_factory=list)
+
+
+def gpt2_small_shapes(V: int = 50257, d: int = 768, L: int = 12, ctx: int = 1024):
+    """GPT-2 small's 148 parameter tensors (124M parameters)."""
+    s = [(V, d), (ctx, d)]
+    for _ in range(L):
+        s += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return s + [(d,), (d,)]
+
+
+def gpt2_groups(params):
+    """Four groups as a GPT-2 run would have them: embeddings, matrices, vectors, position table."""
+    emb, pos, rest = params[0], params[1], params[2:]
+    mats = [p for p in rest if p.dim() >= 2]
+    vecs = [p for p in rest if p.dim() < 2]
+    return [
+        dict(params=[emb], lr=3e-3, weight_decay=0.1),
+        dict(params=mats, lr=1e-3, weight_decay=0.1),
+        dict(params=vecs, lr=1e-3, weight_decay=0.0),
+        dict(params=[pos], lr=1e-3, weight_decay=0.0),
+    ]
+
+
+def make_params(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ps = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g).to(dtype))
+        p.grad = torch.randn(s, generator=g).to(dtype)
+        ps.append(p)
+    return ps
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, rounds: int = 9) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written), the bandwidth yardstick."""
+    x = torch.randn(nbytes // 4)
+    y = torch.empty_like(x)
+    ts = []
+    for i in range(rounds + 2):
+        t = time.perf_counter()
+        y.copy_(x)
+        if i >= 2:
+            ts.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(ts) / 1e9
+
+
+def run_case(case: Case, rounds: int, warmup: int = 2, progress=None) -> list[dict]:
+    """Times every contender of ``case``; returns one dict per contender."""
+    steps, errors = {}, {}
+    for c in case.contenders:
+        try:
+            steps[c.name] = c.make()
+        except Exception as e:  # an anchor that is not installed or fails to build
+            errors[c.name] = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+    for name, step in steps.items():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+            if progress is not None:
+                progress.update(1)
+    results = []
+    for c in case.contenders:
+        nbytes = c.bytes if c.bytes is not None else case.bytes
+        if c.name in errors:
+            results.append(dict(case=case.name, name=c.name, anchor=c.anchor, error=errors[c.name]))
+            if progress is not None:
+                progress.update(rounds)
+            continue
+        med = statistics.median(times[c.name])
+        results.append(dict(case=case.name, name=c.name, anchor=c.anchor, ms=med * 1e3,
+                            ms_min=min(times[c.name]) * 1e3, bytes=nbytes, gbps=nbytes / med / 1e9,
+                            rounds=rounds))
+    del steps
+    gc.collect()
+    case.results = results
+    return results
+
+
+def deepspeed_adam():
+    """DeepSpeedCPUAdam, or an ImportError that says how to get it."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except Exception as e:  # deepspeed missing, or its CPU op failed to build
+        raise ImportError(f"DeepSpeedCPUAdam unavailable ({type(e).__name__}); "
+                          f"install the bench extra: pip install -r requirements-bench.txt") from None
+    return DeepSpeedCPUAdam
+
+
+def optimizer_step(opt_factory, shapes, dtype=torch.float32, groups=None):
+    """A contender factory: params + grads of ``shapes``, the optimizer, its step."""
+    def make():
+        ps = make_params(shapes, dtype)
+        opt = opt_factory(groups(ps) if groups else ps)
+        return opt.step
+    return make

@@ -1,0 +1,196 @@
+"""``python -m lvopt bench``: lvopt side by side with what users would pick instead.
+
+Runs the benchmark families of ``benchmarks/bench_<op>.py`` (a source checkout is needed: the
+suite lives beside the package, not in it) through their shared harness, measures a copy
+bandwidth in the same run, and prints one table per case (median ms, effective GB/s, fraction
+of the copy bandwidth, speed-up of lvopt over each anchor), then the ratios that lvopt's issues
+promise, each marked as met or missed. Writes ``bench.json`` and ``bench.png`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "benchmarks")
+# Families in the order the table shows them; each module has cases(size) (harness cases) or
+# run(size) (rows it timed itself).
+FAMILIES = ["bench_fused_adamw", "bench_fused_adamh", "bench_sparse_rows"]
+
+# (case, faster contender, slower contender, minimum ratio slower/faster, what the issue asks)
+CLAIMS = [
+    ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1.05, "AdamW 64M: >= 1.05x torch fused"),
+    ("adamw_1x", "lvopt AdamW", "DeepSpeedCPUAdam", 1.0, "AdamW 64M: at least as fast as DeepSpeedCPUAdam"),
+    ("adamw_gpt2", "lvopt AdamW", "torch AdamW fused", 1.05, "AdamW GPT-2 list: >= 1.05x torch fused"),
+    ("adamw_gpt2", "lvopt AdamW", "DeepSpeedCPUAdam", 1.0, "AdamW GPT-2 list: at least as fast as DeepSpeedCPUAdam"),
+    ("adamw_bf16", "lvopt AdamW bf16", "lvopt AdamW fp32", 1.15, "bf16: >= 1.15x faster than fp32"),
+    ("adamh", "lvopt AdamH", "eager PyTorch AdamH", 3.0, "AdamH: >= 3x eager PyTorch AdamH"),
+    ("adamh", "lvopt AdamW (same matrix)", "lvopt AdamH", 1 / 1.6, "AdamH: <= 1.6x the AdamW step"),
+    ("sparse_rows", "lvopt exact", "torch SparseAdam", 8.0, "sparse rows: exact >= 8x SparseAdam"),
+    ("sparse_rows", "lvopt lazy", "torch SparseAdam", 8.0, "sparse rows: lazy >= 8x SparseAdam"),
+    ("sparse_rows", "lvopt exact", "torch AdamW fused (dense grad)", 25.0, "sparse rows: exact >= 25x fused AdamW on the dense grad"),
+    ("sparse_rows", "lvopt lazy", "torch AdamW fused (dense grad)", 25.0, "sparse rows: lazy >= 25x fused AdamW on the dense grad"),
+    ("sparse_rows", "lvopt lazy", "lvopt exact", 1 / 1.5, "sparse rows: exact <= 1.5x lazy"),
+]
+
+
+def _families(only: set[str] | None):
+    if not os.path.isdir(BENCH_DIR):
+        raise SystemExit(f"lvopt bench needs the source checkout's benchmarks/ directory (looked in {BENCH_DIR})")
+    sys.path.insert(0, BENCH_DIR)
+    mods = []
+    for name in FAMILIES:
+        if not os.path.exists(os.path.join(BENCH_DIR, name + ".py")):
+            continue
+        mods.append(importlib.import_module(name))
+    return mods
+
+
+def machine_info() -> dict:
+    import lvopt
+
+    info = lvopt.build_info()
+    return dict(machine=platform.machine(), processor=_cpu_name(), cores=os.cpu_count(),
+                torch=torch.__version__, threads=torch.get_num_threads(), lvopt=info["version"],
+                cpu_isa=info["cpu_isa_active"], date=time.strftime("%Y-%m-%d %H:%M"))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def format_case(title: str, rows: list[dict], copy_gbps: float) -> str:
+    lines = [f"\n{title}",
+             f"  {'contender':34s} {'median ms':>10s} {'GB/s eff':>9s} {'% copy':>7s} {'lvopt speed-up':>15s}"]
+    ours = next((r for r in rows if not r.get("anchor") and "ms" in r), None)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r['name']:34s} {'-':>10s} {'-':>9s} {'-':>7s}   not run: {r['error']}")
+            continue
+        speed = f"{r['ms'] / ours['ms']:.2f}x" if ours is not None and r.get("anchor") else ""
+        lines.append(f"  {r['name']:34s} {r['ms']:10.2f} {r['gbps']:9.1f} {100 * r['gbps'] / copy_gbps:6.0f}% {speed:>15s}")
+    return "\n".join(lines)
+
+
+def check_claims(results: list[dict]) -> list[dict]:
+    by = {(r["case"], r["name"]): r for r in results if "ms" in r}
+    out = []
+    for case, fast, slow, bound, text in CLAIMS:
+        a, b = by.get((case, fast)), by.get((case, slow))
+        if a is None or b is None:
+            continue
+        ratio = b["ms"] / a["ms"]
+        out.append(dict(claim=text, ratio=ratio, bound=bound, met=ratio >= bound))
+    return out
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in results if "ms" in r))
+    fig, axes = plt.subplots(len(cases), 1, figsize=(8, 1.6 + 1.1 * len(cases) * 1.6), squeeze=False)
+    for ax, case in zip(axes[:, 0], cases):
+        rows = [r for r in results if r["case"] == case and "ms" in r]
+        ax.barh([r["name"] for r in rows], [r["gbps"] for r in rows],
+                color=["tab:green" if not r["anchor"] else "tab:gray" for r in rows])
+        ax.set_title(case, fontsize=9)
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel("effective GB/s (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lvopt bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--size", default="default", choices=["small", "default"])
+    ap.add_argument("--only", default="", help="comma-separated case names (e.g. adamw_1x,adamh,sparse_rows)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed steps per contender (median reported)")
+    ap.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    only = {s.strip() for s in args.only.split(",") if s.strip()} or None
+
+    if args.device == "cuda":
+        sys.path.insert(0, BENCH_DIR)
+        try:
+            gpu = importlib.import_module("bench_gpu")
+        except ImportError:
+            print("no GPU benchmark in this checkout (benchmarks/bench_gpu.py)")
+            return 2
+        return int(gpu.main(["--size", args.size]) or 0)
+
+    mods = _families(only)
+    harness = importlib.import_module("harness")
+    info = machine_info()
+    print(f"lvopt bench: {info['processor']}, {info['cores']} cores, torch {info['torch']}, "
+          f"{info['threads']} threads, CPU ISA {info['cpu_isa']}, size={args.size}", flush=True)
+    copy_gbps = harness.copy_bandwidth()
+    print(f"copy bandwidth (256 MiB, read + write): {copy_gbps:.1f} GB/s", flush=True)
+
+    cases, runners = [], []
+    for m in mods:
+        if hasattr(m, "cases"):
+            cases += [c for c in m.cases(args.size) if only is None or c.name in only]
+        elif hasattr(m, "run") and (only is None or getattr(m, "CASE", "sparse_rows") in only):
+            runners.append(m)
+    try:
+        from tqdm import tqdm
+
+        bar = None if args.no_progress else tqdm(total=sum(len(c.contenders) for c in cases) * args.rounds,
+                                                  desc="bench", unit="step", leave=False, file=sys.stderr)
+    except ImportError:
+        bar = None
+
+    results, tables = [], []
+    for c in cases:
+        if bar is not None:
+            bar.set_postfix_str(c.name)
+        rows = harness.run_case(c, rounds=args.rounds, progress=bar)
+        results += rows
+        tables.append(format_case(c.title, rows, copy_gbps))
+    if bar is not None:
+        bar.close()
+    for m in runners:
+        name = getattr(m, "CASE", "sparse_rows")
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows = [dict(r, case=name, anchor=r.get("anchor", not str(r["name"]).startswith("lvopt"))) for r in m.run(args.size)]
+        results += rows
+        tables.append(format_case(getattr(m, "TITLE", name), rows, copy_gbps))
+    for t in tables:
+        print(t)
+
+    claims = check_claims(results)
+    if claims:
+        print("\nWhat the issues ask, measured in this run:")
+        for c in claims:
+            print(f"  [{'met ' if c['met'] else 'MISS'}] {c['claim']}: {c['ratio']:.2f}x (bound {c['bound']:.2f}x)")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(dict(machine=info, copy_gbps=copy_gbps, size=args.size, results=results, claims=claims), f, indent=1)
+    plot(results, os.path.join(args.out, "bench.png"))
+    print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
