@@ -42,12 +42,12 @@ bench-pytest: $(STAMP_BUILD)
 
 # Native test executable and AddressSanitizer/UBSan build of the CPU kernels (CMakeLists.txt).
 native-test: $(STAMP_DEPS)
-	cmake -S . -B build-native -G Ninja -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" -DPython_EXECUTABLE=$(abspath $(VPY))
+	cmake -S . -B build-native -G Ninja -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build-native
 	./build-native/lvopt_native_test
 
 sanitize: $(STAMP_DEPS)
-	cmake -S . -B build-asan -G Ninja -DLVOPT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" -DPython_EXECUTABLE=$(abspath $(VPY))
+	cmake -S . -B build-asan -G Ninja -DLVOPT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build-asan
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ./build-asan/lvopt_native_test
 
