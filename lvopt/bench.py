@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="timed steps per contender (median reported)")
     ap.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--e2e", action="store_true",
+                    help="end-to-end mode: train a small large-vocabulary LM with torch.optim.AdamW and lvopt")
+    ap.add_argument("--steps", type=int, default=300, help="training steps of --e2e")
     args = ap.parse_args(argv)
+    if args.e2e:
+        sys.path.insert(0, BENCH_DIR)
+        return int(importlib.import_module("bench_e2e").main(["--steps", str(args.steps), "--out", args.out]) or 0)
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
 
     if args.device == "cuda":

@@ -36,37 +36,25 @@ class TinyLM(nn.Module):
                 for ps, lr, wd in zip((emb, mats, vecs, [self.head.weight]), lrs, wds)]
 
 
-def _train(model, opt, steps, seed=0, sched=None):
+def _train_pair(a, oa, b=None, ob=None, steps=1, seed=0, sa=None, sb=None):
+    """Trains ``a``; ``b``, if given, gets the same gradients, so that the two optimizers see
+    identical inputs at every step and what differs is their own rounding. (Two independent
+    runs of a network drift apart from any rounding difference, whatever the optimizer.)"""
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randint(0, 97, (4, 16), generator=g)
-        loss = nn.functional.cross_entropy(model(x).flatten(0, 1).float(), torch.roll(x, -1, 1).flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-    return loss
-
-
-def _train_pair(a, oa, b, ob, steps, seed=0, sa=None, sb=None):
-    """Trains ``a`` and gives ``b`` the same gradients, so that the two optimizers see identical
-    inputs at every step: what differs is the optimizers' own rounding. (Two independent runs
-    of a network drift apart from any rounding difference, whatever the optimizer.)"""
-    g = torch.Generator().manual_seed(seed)
+    pairs = [(oa, sa, None)] + ([(ob, sb, b)] if b is not None else [])
     for _ in range(steps):
         x = torch.randint(0, 97, (4, 16), generator=g)
         loss = nn.functional.cross_entropy(a(x).flatten(0, 1).float(), torch.roll(x, -1, 1).flatten())
-        oa.zero_grad()
-        ob.zero_grad()
+        for opt, _, _ in pairs:
+            opt.zero_grad()
         loss.backward()
-        for p, q in zip(a.parameters(), b.parameters()):
-            q.grad = p.grad.clone()
-        oa.step()
-        ob.step()
-        for s in (sa, sb):
-            if s is not None:
-                s.step()
+        if b is not None:
+            for p, q in zip(a.parameters(), b.parameters()):
+                q.grad = p.grad.clone()
+        for opt, sched, _ in pairs:
+            opt.step()
+            if sched is not None:
+                sched.step()
 
 
 def _cosine(opt, steps, warmup=10):
@@ -86,7 +74,7 @@ def test_adamw_parity_with_torch_200_steps():
     b.load_state_dict(a.state_dict())
     oa = lvopt.AdamW(a.groups())
     ob = torch.optim.AdamW(b.groups())
-    _train_pair(a, oa, b, ob, 200, sa=_cosine(oa, 200), sb=_cosine(ob, 200))
+    _train_pair(a, oa, b, ob, steps=200, sa=_cosine(oa, 200), sb=_cosine(ob, 200))
     assert oa.param_groups[1]["lr"] == ob.param_groups[1]["lr"]
     err = _max_rel(a, b)
     print(f"max relative parameter difference after 200 steps: {err:.3e}")
@@ -108,7 +96,7 @@ def test_adamh_parity_with_reference_200_steps():
 
     oa = lvopt.AdamH(groups(a), lr=1e-2)
     ob = lvopt.AdamH(groups(b), lr=1e-2, backend="reference")
-    _train_pair(a, oa, b, ob, 200, sa=_cosine(oa, 200), sb=_cosine(ob, 200))
+    _train_pair(a, oa, b, ob, steps=200, sa=_cosine(oa, 200), sb=_cosine(ob, 200))
     err = _max_rel(a, b)
     print(f"AdamH vs reference after 200 steps: {err:.3e}")
     assert err <= 1e-5
@@ -147,7 +135,7 @@ def test_checkpoints_move_both_ways(direction):
     b.load_state_dict(a.state_dict())
     first, second = (torch.optim.AdamW, lvopt.AdamW) if direction == "torch_to_lvopt" else (lvopt.AdamW, torch.optim.AdamW)
     oa = first(a.groups())
-    _train(a, oa, 20)
+    _train_pair(a, oa, steps=20)
     b.load_state_dict(a.state_dict())
     ob = second(b.groups())
     buf = io.BytesIO()
@@ -155,7 +143,7 @@ def test_checkpoints_move_both_ways(direction):
     buf.seek(0)
     ob.load_state_dict(torch.load(buf))
     assert ob.param_groups[1]["decoupled_weight_decay"] is True
-    _train_pair(a, oa, b, ob, 20, seed=1)
+    _train_pair(a, oa, b, ob, steps=20, seed=1)
     assert _max_rel(a, b) <= 1e-5
     for key in ("step", "exp_avg", "exp_avg_sq"):
         assert key in ob.state[b.head.weight]
