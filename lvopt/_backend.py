@@ -35,7 +35,14 @@ def unavailable_reason(name: str) -> str | None:
             return "lvopt._C was built without CUDA kernels (see lvopt.build_info())"
         return None
     if name == "triton":
-        return "this build has no Triton step kernels (lvopt/triton is not implemented yet)"
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+            return ("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is "
+                    "imported) to run on CPU tensors")
+        return None
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 

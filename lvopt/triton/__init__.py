@@ -1,2 +1,11 @@
 """Triton kernels of lvopt's ops (backend="triton"), one module per op family
-(lvopt/triton/<op>.py), each exporting functions with the signatures of torch.ops.lvopt.<op>."""
+(lvopt/triton/<op>.py), each exporting functions with the signatures of torch.ops.lvopt.<op>.
+
+They are torch.library custom ops in the ``lvopt_triton`` namespace (torch.ops.lvopt_triton.*),
+with fake kernels, so torch.compile traces them. On CPU tensors they run only under
+TRITON_INTERPRET=1 (set before triton is imported), which is how they are tested without a GPU.
+"""
+from .fused_adamh import fused_adamh_
+from .fused_adamw import fused_adamw_
+
+__all__ = ["fused_adamw_", "fused_adamh_"]

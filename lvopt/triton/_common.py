@@ -1,0 +1,172 @@
+"""Host side shared by lvopt's Triton step kernels: argument checks (the CPU kernel's, same
+messages, raised before anything is written), step counters and per-tensor coefficients, and
+the multi-tensor launch tables.
+
+Launch plan: every tensor is cut into chunks of CHUNK elements, one program per chunk. A
+launch serves every tensor of one parameter dtype (and alignment class): its programs find
+their tensor and chunk in two int32 arrays, and the tensor's addresses, size and coefficient
+row in an int64 table. All of it is one int64 tensor, built on the host and copied once.
+Addresses are cast to pointers in the kernel; tensors whose four streams are 16-byte aligned
+get tl.multiple_of hints, so the compiled kernel uses 128-bit loads and stores (see
+benchmarks/sass_report.py), the rest a launch without hints.
+
+Coefficients: the step counters are incremented with torch ops on their own device, and the
+bias corrections are computed from them in fp64 on the kernels' device, exactly as
+make_adam_coef of csrc/include/lvopt/math.h does, then rounded once to fp32. With a device
+hyper table and device step counters nothing waits for the device.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
+
+# Elements per program (a multiple of BLOCK) and per tile. 16 Ki elements per program, as in
+# the CUDA kernels; a 1024-element tile is 8 elements per thread with 4 warps: two float4 of
+# fp32, or one 16-byte vector of bf16.
+CHUNK = 16384
+BLOCK = 1024
+NUM_WARPS = 4
+# Table row: p, g, m, v addresses, numel, tensor index (coefficient row), first global chunk.
+TABLE_COLS = 8
+COEF_COLS = 9  # beta1, 1-beta1, beta2, 1-beta2, decay, step_size, 1/sqrt(bc2), eps, grad sign
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block() -> int:
+    """Tile size: BLOCK compiled; under the interpreter, whose cost is per operation rather
+    than per element, 4096 (same code paths: unmasked tiles and a masked tail per chunk)."""
+    return 4096 if interpreting() else BLOCK
+
+
+def _fail(msg: str):
+    raise RuntimeError(msg)
+
+
+def _check_layout(op, name, i, t, p, dtype):
+    if t is None:
+        _fail(f"{op}: {name}[{i}] is undefined")
+    if t.device != p.device:
+        _fail(f"{op}: {name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
+    if t.layout != torch.strided:
+        _fail(f"{op}: {name}[{i}] is a sparse tensor ({t.layout}); this op takes dense tensors")
+    if t.dtype != dtype:
+        _fail(f"{op}: {name}[{i}] has dtype {t.dtype}, expected {dtype}")
+    if t.shape != p.shape:
+        _fail(f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] has shape {list(p.shape)}")
+    if t.stride() != p.stride():
+        _fail(f"{op}: {name}[{i}] has strides {list(t.stride())} but params[{i}] has strides "
+              f"{list(p.stride())} (lvopt.optim lays gradients and states out like their parameter)")
+
+
+def _dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
+    """The checks of csrc/cpu/multi_tensor.cpp. hyper may be on the CPU (values checked) or on
+    the parameters' device (shape and dtype only: reading values would synchronise)."""
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
+        _fail(f"{op}: tensor lists differ in length (params {n}, grads {len(grads)}, exp_avgs "
+              f"{len(exp_avgs)}, exp_avg_sqs {len(exp_avg_sqs)}, steps {len(steps)})")
+    dev = params[0].device if n else hyper.device
+    if not ((hyper.device.type == "cpu" or hyper.device == dev) and hyper.dtype == torch.float64
+            and hyper.dim() == 2 and tuple(hyper.shape) == (n, HYPER_COLS) and hyper.is_contiguous()):
+        _fail(f"{op}: hyper must be a contiguous float64 tensor of shape [{n}, {HYPER_COLS}] on the "
+              f"CPU or on the parameters' device, got {hyper.dtype} {list(hyper.shape)} on {hyper.device}")
+    rows = hyper.tolist() if hyper.device.type == "cpu" else None
+    for i in range(n):
+        if rows is not None:
+            r = rows[i]
+            if not (math.isfinite(r[LR]) and r[LR] >= 0.0):
+                _fail(f"{op}: lr of tensor {i} must be finite and >= 0, got {r[LR]}")
+            if not (0.0 <= r[BETA1] < 1.0):
+                _fail(f"{op}: beta1 of tensor {i} must be in [0, 1), got {r[BETA1]}")
+            if not (0.0 <= r[BETA2] < 1.0):
+                _fail(f"{op}: beta2 of tensor {i} must be in [0, 1), got {r[BETA2]}")
+            if not (math.isfinite(r[EPS]) and r[EPS] > 0.0):
+                _fail(f"{op}: eps of tensor {i} must be finite and > 0, got {r[EPS]}")
+            if not math.isfinite(r[WEIGHT_DECAY]):
+                _fail(f"{op}: weight_decay of tensor {i} must be finite, got {r[WEIGHT_DECAY]}")
+        p = params[i]
+        ok_device = p.device.type == "cuda" or (p.device.type == "cpu" and interpreting())
+        if not ok_device or p.device != dev:
+            _fail(f"{op}: params[{i}] is on {p.device}; the Triton kernels take CUDA tensors (CPU "
+                  f"tensors only under TRITON_INTERPRET=1), all on one device (params[0] is on {dev})")
+        if p.dtype not in (torch.float32, torch.bfloat16):
+            _fail(f"{op}: params[{i}] has dtype {p.dtype}; supported: float32, bfloat16")
+        if p.layout != torch.strided or not _dense(p):
+            _fail(f"{op}: params[{i}] must be dense and non-overlapping (strides {list(p.stride())})")
+        _check_layout(op, "grads", i, grads[i], p, p.dtype)
+        _check_layout(op, "exp_avgs", i, exp_avgs[i], p, torch.float32)
+        _check_layout(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, torch.float32)
+        s = steps[i]
+        if not (s.device.type == "cpu" or s.device == dev) or s.numel() != 1 or s.dtype not in (
+                torch.float32, torch.float64):
+            _fail(f"{op}: steps[{i}] must be a one-element float32/float64 tensor on the CPU or the "
+                  f"parameters' device")
+    return rows
+
+
+def advance_steps(steps, hyper, device, unit_step: bool) -> torch.Tensor:
+    """Increments every step counter (in its own dtype, as the CPU kernel) and returns the fp32
+    coefficient table [n, COEF_COLS] on ``device`` (math.h's make_adam_coef / unit_lr)."""
+    for s in steps:
+        s.add_(1)
+    t = torch.stack([s.reshape(()).to(device=device, dtype=torch.float64) for s in steps])
+    h = hyper.to(device=device, dtype=torch.float64)
+    lr, b1, b2, wd, eps, mx = h.unbind(1)
+    bc1 = 1.0 - torch.pow(b1, t)
+    bc2 = 1.0 - torch.pow(b2, t)
+    step_size = (1.0 / bc1) if unit_step else (lr / bc1)
+    sign = torch.where(mx != 0.0, -1.0, 1.0).to(torch.float64)
+    coef = torch.stack([b1, 1.0 - b1, b2, 1.0 - b2, 1.0 - lr * wd, step_size, 1.0 / torch.sqrt(bc2),
+                        eps, sign], 1)
+    return coef.to(torch.float32).contiguous()
+
+
+def _aligned(*ts) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+def launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk):
+    """Yields (dtype, aligned, meta, n_tensors, n_programs) per launch: meta is one int64 tensor
+    on the parameters' device holding the table [n_tensors, TABLE_COLS], then the program ->
+    table row map and the program -> chunk map."""
+    groups: dict = {}
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        key = (p.dtype, _aligned(p, grads[i], exp_avgs[i], exp_avg_sqs[i]))
+        groups.setdefault(key, []).append(i)
+    for (dtype, aligned), idx in groups.items():
+        rows, owner, chunk = [], [], []
+        for r, i in enumerate(idx):
+            n = params[i].numel()
+            nc = (n + CHUNK - 1) // CHUNK
+            rows.append([params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                         exp_avg_sqs[i].data_ptr(), n, i, first_chunk[i], 0])
+            owner += [r] * nc
+            chunk += range(nc)
+        meta = torch.tensor([x for row in rows for x in row] + owner + chunk, dtype=torch.int64)
+        yield dtype, aligned, meta.to(params[idx[0]].device), len(rows), len(owner)
+
+
+def first_chunks(params):
+    first, c = [], 0
+    for p in params:
+        first.append(c)
+        c += (p.numel() + CHUNK - 1) // CHUNK
+    return first, c

@@ -1,0 +1,199 @@
+"""Triton fused multi-tensor AdamH: lvopt_triton::fused_adamh_, the signature and semantics
+of lvopt::fused_adamh_. Three kernels, as the CUDA version: pass 1 updates m, v and writes
+per-chunk fp64 partial sums (||u||^2, <W,u>, ||W||^2); a finalize kernel adds each tensor's
+partials and computes the scales (math.h's hyperball_scales); pass 2 applies W <- a*W - b*u.
+Deterministic: every sum runs in a fixed order (tile sums by tl.sum's fixed tree, tiles and
+chunks in index order); no atomics.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from .fused_adamw import _TL_DTYPE, _coef, _load_tensor, _store_param, launch_options
+
+# Chunk partial sums added per step of the finalize kernel's loop.
+REDUCE_BLOCK = 64
+
+
+@triton.jit
+def _reduce_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, step_size, inv_bc2, eps, sign,
+                 MASKED: tl.constexpr):
+    if MASKED:
+        wi = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
+        gi = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
+        mi = tl.load(m + offs, mask=mask, other=0.0)
+        vi = tl.load(v + offs, mask=mask, other=0.0)
+    else:
+        wi = tl.load(p + offs).to(tl.float32)
+        gi = tl.load(g + offs).to(tl.float32)
+        mi = tl.load(m + offs)
+        vi = tl.load(v + offs)
+    gi = sign * gi
+    mi = b1 * mi + omb1 * gi
+    vi = b2 * vi + omb2 * (gi * gi)
+    u = tl.div_rn(step_size * mi, tl.sqrt_rn(vi) * inv_bc2 + eps)
+    if MASKED:
+        tl.store(m + offs, mi, mask=mask)
+        tl.store(v + offs, vi, mask=mask)
+        u = tl.where(mask, u, 0.0)
+    else:
+        tl.store(m + offs, mi)
+        tl.store(v + offs, vi)
+    u64 = u.to(tl.float64)
+    w64 = wi.to(tl.float64)
+    return tl.sum(u64 * u64, axis=0), tl.sum(w64 * u64, axis=0), tl.sum(w64 * w64, axis=0)
+
+
+@triton.jit
+def adamh_reduce_kernel(meta_ptr, coef_ptr, partial_ptr, n_tensors, P_DTYPE: tl.constexpr,
+                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    p, g, m, v, n, index, gchunk = _load_tensor(meta_ptr, n_tensors, P_DTYPE, ALIGNED, CHUNK)
+    b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, index)
+    uu = tl.zeros((), tl.float64)
+    wu = tl.zeros((), tl.float64)
+    ww = tl.zeros((), tl.float64)
+    full = n // BLOCK
+    for t in range(0, full):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        a, b, c = _reduce_tile(p, g, m, v, offs, None, b1, omb1, b2, omb2, step_size, inv_bc2, eps,
+                               sign, False)
+        uu += a
+        wu += b
+        ww += c
+    offs = full * BLOCK + tl.arange(0, BLOCK)
+    a, b, c = _reduce_tile(p, g, m, v, offs, offs < n, b1, omb1, b2, omb2, step_size, inv_bc2, eps,
+                           sign, True)
+    uu += a
+    wu += b
+    ww += c
+    out = partial_ptr + gchunk * 3
+    tl.store(out + 0, uu)
+    tl.store(out + 1, wu)
+    tl.store(out + 2, ww)
+
+
+@triton.jit
+def adamh_finalize_kernel(partial_ptr, chunks_ptr, lr_radius_ptr, stats_ptr, scale_ptr,
+                          RB: tl.constexpr):
+    i = tl.program_id(0)
+    first = tl.load(chunks_ptr + 2 * i)
+    count = tl.load(chunks_ptr + 2 * i + 1)
+    acc_uu = tl.zeros((RB,), tl.float64)
+    acc_wu = tl.zeros((RB,), tl.float64)
+    acc_ww = tl.zeros((RB,), tl.float64)
+    for k in range(0, count, RB):
+        idx = k + tl.arange(0, RB)
+        mask = idx < count
+        q = partial_ptr + (first + idx) * 3
+        acc_uu += tl.load(q + 0, mask=mask, other=0.0)
+        acc_wu += tl.load(q + 1, mask=mask, other=0.0)
+        acc_ww += tl.load(q + 2, mask=mask, other=0.0)
+    uu = tl.sum(acc_uu, axis=0)
+    wu = tl.sum(acc_wu, axis=0)
+    ww = tl.sum(acc_ww, axis=0)
+    tl.store(stats_ptr + 3 * i + 0, uu)
+    tl.store(stats_ptr + 3 * i + 1, wu)
+    tl.store(stats_ptr + 3 * i + 2, ww)
+    # hyperball_scales (csrc/include/lvopt/math.h), in fp64.
+    lr = tl.load(lr_radius_ptr + 2 * i)
+    radius = tl.load(lr_radius_ptr + 2 * i + 1)
+    s = tl.where(uu > 0.0, lr * radius / tl.sqrt(tl.maximum(uu, 1e-300)), 0.0)
+    norm2 = ww - 2.0 * s * wu + s * s * uu
+    ok = norm2 > 0.0
+    a = tl.where(ok, radius / tl.sqrt(tl.where(ok, norm2, 1.0)), 1.0)
+    b = tl.where(ok, a * s, 0.0)
+    tl.store(scale_ptr + 2 * i + 0, a.to(tl.float32))
+    tl.store(scale_ptr + 2 * i + 1, b.to(tl.float32))
+
+
+@triton.jit
+def _apply_tile(p, m, v, offs, mask, a, b, step_size, inv_bc2, eps, MASKED: tl.constexpr):
+    if MASKED:
+        wi = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
+        mi = tl.load(m + offs, mask=mask, other=0.0)
+        vi = tl.load(v + offs, mask=mask, other=1.0)
+    else:
+        wi = tl.load(p + offs).to(tl.float32)
+        mi = tl.load(m + offs)
+        vi = tl.load(v + offs)
+    u = tl.div_rn(step_size * mi, tl.sqrt_rn(vi) * inv_bc2 + eps)
+    _store_param(p + offs, a * wi - b * u, mask, MASKED)
+
+
+@triton.jit
+def adamh_apply_kernel(meta_ptr, coef_ptr, scale_ptr, n_tensors, P_DTYPE: tl.constexpr,
+                       ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    p, g, m, v, n, index, _ = _load_tensor(meta_ptr, n_tensors, P_DTYPE, ALIGNED, CHUNK)
+    b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, index)
+    a = tl.load(scale_ptr + 2 * index)
+    b = tl.load(scale_ptr + 2 * index + 1)
+    full = n // BLOCK
+    for t in range(0, full):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        _apply_tile(p, m, v, offs, None, a, b, step_size, inv_bc2, eps, False)
+    offs = full * BLOCK + tl.arange(0, BLOCK)
+    _apply_tile(p, m, v, offs, offs < n, a, b, step_size, inv_bc2, eps, True)
+
+
+def _check_radii(op, params, radii, rows):
+    n = len(params)
+    if len(radii) != n:
+        raise RuntimeError(f"{op}: radii has {len(radii)} tensors, params has {n}")
+    dev = params[0].device if n else None
+    for i, r in enumerate(radii):
+        if r is None or not (r.device.type == "cpu" or r.device == dev) or r.numel() != 1 or r.dtype != torch.float64:
+            raise RuntimeError(f"{op}: radii[{i}] must be a one-element float64 tensor on the CPU or "
+                               f"the parameters' device")
+        if r.device.type == "cpu":
+            x = float(r)
+            if not (x == x and abs(x) != float("inf") and x >= 0.0):
+                raise RuntimeError(f"{op}: radii[{i}] must be finite and >= 0, got {x}")
+        if rows is not None and rows[i][3] != 0.0:
+            raise RuntimeError(f"{op}: weight_decay of tensor {i} must be 0 (hyperball steps have no "
+                               f"weight decay)")
+
+
+@torch.library.custom_op("lvopt_triton::fused_adamh_",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                 exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], radii: List[torch.Tensor],
+                 hyper: torch.Tensor) -> torch.Tensor:
+    op = "lvopt::fused_adamh_"
+    rows = C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
+    _check_radii(op, params, radii, rows)
+    n = len(params)
+    if n == 0:
+        return hyper.new_zeros((0, 3))
+    dev = params[0].device
+    coef = C.advance_steps(steps, hyper, dev, unit_step=True)
+    first, total = C.first_chunks(params)
+    f64 = dict(device=dev, dtype=torch.float64)
+    partials = torch.empty(max(total, 1) * 3, **f64)
+    stats = torch.empty(n, 3, **f64)
+    scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
+    chunks = torch.tensor([[f, (p.numel() + C.CHUNK - 1) // C.CHUNK] for f, p in zip(first, params)],
+                          dtype=torch.int64).to(dev)
+    lr_radius = torch.stack([hyper[:, 0].to(**f64),
+                             torch.stack([r.reshape(()).to(**f64) for r in radii])], 1).contiguous()
+    plan = list(C.launches(params, grads, exp_avgs, exp_avg_sqs, first))
+    for dtype, aligned, meta, n_tensors, n_programs in plan:
+        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
+                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), **launch_options())
+    adamh_finalize_kernel[(n,)](partials, chunks, lr_radius, stats, scales, RB=REDUCE_BLOCK,
+                                **launch_options())
+    for dtype, aligned, meta, n_tensors, n_programs in plan:
+        adamh_apply_kernel[(n_programs,)](meta, coef, scales, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
+                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), **launch_options())
+    return stats
+
+
+@fused_adamh_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper):
+    if params:
+        return params[0].new_empty((len(params), 3), dtype=torch.float64)
+    return hyper.new_empty((0, 3))
