@@ -120,12 +120,20 @@ def check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
     return rows
 
 
+def stack_scalars(ts, device) -> torch.Tensor:
+    """One-element tensors as one fp64 vector on ``device``: one copy, not one per tensor,
+    when they share a device (CPU step counters of CUDA parameters: a single upload)."""
+    if len({t.device for t in ts}) == 1:
+        return torch.stack([t.reshape(()) for t in ts]).to(device=device, dtype=torch.float64)
+    return torch.stack([t.reshape(()).to(device=device, dtype=torch.float64) for t in ts])
+
+
 def advance_steps(steps, hyper, device, unit_step: bool) -> torch.Tensor:
     """Increments every step counter (in its own dtype, as the CPU kernel) and returns the fp32
     coefficient table [n, COEF_COLS] on ``device`` (math.h's make_adam_coef / unit_lr)."""
     for s in steps:
         s.add_(1)
-    t = torch.stack([s.reshape(()).to(device=device, dtype=torch.float64) for s in steps])
+    t = stack_scalars(steps, device)
     h = hyper.to(device=device, dtype=torch.float64)
     lr, b1, b2, wd, eps, mx = h.unbind(1)
     bc1 = 1.0 - torch.pow(b1, t)

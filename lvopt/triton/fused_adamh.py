@@ -178,8 +178,7 @@ def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
     scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
     chunks = torch.tensor([[f, (p.numel() + C.CHUNK - 1) // C.CHUNK] for f, p in zip(first, params)],
                           dtype=torch.int64).to(dev)
-    lr_radius = torch.stack([hyper[:, 0].to(**f64),
-                             torch.stack([r.reshape(()).to(**f64) for r in radii])], 1).contiguous()
+    lr_radius = torch.stack([hyper[:, 0].to(**f64), C.stack_scalars(radii, dev)], 1).contiguous()
     plan = list(C.launches(params, grads, exp_avgs, exp_avg_sqs, first))
     for dtype, aligned, meta, n_tensors, n_programs in plan:
         adamh_reduce_kernel[(n_programs,)](meta, coef, partials, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
