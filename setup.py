@@ -12,6 +12,7 @@ import shutil
 from setuptools import find_packages, setup
 
 import torch
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -54,9 +55,21 @@ def _want_cuda():
     if not nvcc or not os.path.exists(nvcc):
         return False, "nvcc not found"
     if not os.environ.get("CUDA_HOME"):
-        # torch.utils.cpp_extension locates the toolkit from CUDA_HOME; point it at nvcc's.
-        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        # torch.utils.cpp_extension locates the toolkit (headers, libcudart to link) from
+        # CUDA_HOME; point it at nvcc's. An nvcc installed on its own (e.g. /usr/local/bin/nvcc,
+        # finding its toolkit through nvcc.profile) has no libraries beside it: then the
+        # conventional /usr/local/cuda.
+        candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+        homes = [h for h in candidates if _has_cudart(h)]
+        os.environ["CUDA_HOME"] = homes[0] if homes else candidates[0]
+    # torch.utils.cpp_extension read CUDA_HOME when this file imported it (its own guess from
+    # nvcc's directory, which misses libcudart here); give it the toolkit chosen above.
+    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     return True, nvcc
+
+
+def _has_cudart(home):
+    return any(os.path.exists(os.path.join(home, d, "libcudart.so")) for d in ("lib64", "lib"))
 
 
 def extensions():

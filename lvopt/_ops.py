@@ -28,4 +28,8 @@ if _C is not None:
 
     @torch.library.register_fake("lvopt::fused_adamh_")
     def _fused_adamh_fake(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper):
-        return hyper.new_empty((len(params), 3))
+        # On the parameters' device: the CUDA kernel returns device stats (reading them back
+        # would synchronise), whichever device the hyper table is on.
+        if params:
+            return params[0].new_empty((len(params), 3), dtype=torch.float64)
+        return hyper.new_empty((0, 3))

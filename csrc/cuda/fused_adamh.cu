@@ -1,0 +1,215 @@
+// Fused multi-tensor AdamH on CUDA (DESIGN.md section 2), two passes over the data:
+//   advance : step counters and per-tensor coefficients (lr = 1 for u), on the device;
+//   pass 1  : m, v update; u = (m/bc1)/(sqrt(v)/sqrt(bc2)+eps); per-chunk fp64 partial sums
+//             (||u||^2, <W,u>, ||W||^2): read W, g, m, v; write m, v (24 B/param in fp32);
+//   finalize: one warp per tensor adds its chunks' partials and computes the scales a, b;
+//   pass 2  : W <- a*W - b*u with u recomputed from m, v: read W, m, v; write W (16 B/param).
+// Deterministic: each thread sums its own elements in a fixed order, a block adds its threads
+// by a fixed xor-shuffle tree and its 8 warps in order, and the finalize warp adds chunk
+// partials by a fixed lane assignment and tree; no atomics, so the bits depend on neither the
+// schedule nor the number of SMs. (They differ from the CPU kernel's bits, which use another
+// fixed order; both are compared with the fp64-accumulated reference.)
+#include <torch/library.h>
+
+#include "multi_tensor.cuh"
+
+namespace lvopt {
+namespace cuda {
+namespace {
+
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+__device__ __forceinline__ void warp_sum3(double& a, double& b, double& c) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_xor_sync(kFullMask, a, off);
+    b += __shfl_xor_sync(kFullMask, b, off);
+    c += __shfl_xor_sync(kFullMask, c, off);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    adamh_reduce_kernel(const __grid_constant__ LaunchTable tab, const TensorState* __restrict__ st,
+                        double* __restrict__ partials) {
+  const TensorEntry& e = tab.t[find_entry(tab, blockIdx.x)];
+  const int64_t chunk = blockIdx.x - e.block_start;
+  const int64_t begin = chunk * kChunk;
+  const int64_t n = min(kChunk, e.numel - begin);
+  const AdamCoef c = st[e.index].coef;
+  const T* __restrict__ p = static_cast<const T*>(e.p) + begin;
+  const T* __restrict__ g = static_cast<const T*>(e.g) + begin;
+  float* __restrict__ m = e.m + begin;
+  float* __restrict__ v = e.v + begin;
+  constexpr int N = VecWidth<T>::value;
+  double uu = 0.0, wu = 0.0, ww = 0.0;
+  int64_t done = 0;
+  if (aligned16(p, g, m, v)) {
+    done = n / N * N;
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < done; i += kThreads * N) {
+      float pf[N], gf[N], mf[N], vf[N];
+      load_vec(p + i, pf);
+      load_vec(g + i, gf);
+      load_f32<N>(m + i, mf);
+      load_f32<N>(v + i, vf);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        adam_moments(c.grad_sign * gf[k], mf[k], vf[k], c);
+        const double u = adam_update(mf[k], vf[k], c);
+        const double w = pf[k];
+        uu += u * u;
+        wu += w * u;
+        ww += w * w;
+      }
+      store_f32<N>(m + i, mf);
+      store_f32<N>(v + i, vf);
+    }
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
+    float mi = m[i], vi = v[i];
+    adam_moments(c.grad_sign * load_one(g, i), mi, vi, c);
+    m[i] = mi;
+    v[i] = vi;
+    const double u = adam_update(mi, vi, c);
+    const double w = load_one(p, i);
+    uu += u * u;
+    wu += w * u;
+    ww += w * w;
+  }
+  warp_sum3(uu, wu, ww);
+  __shared__ double sh[3][kThreads / 32];
+  const int warp = threadIdx.x / 32;
+  if ((threadIdx.x & 31) == 0) {
+    sh[0][warp] = uu;
+    sh[1][warp] = wu;
+    sh[2][warp] = ww;
+  }
+  __syncthreads();
+  if (threadIdx.x < 3) {
+    double s = 0.0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) s += sh[threadIdx.x][w];
+    partials[3 * (static_cast<int64_t>(e.chunk_start) + chunk) + threadIdx.x] = s;
+  }
+}
+
+// One warp per tensor: lane l adds chunks l, l+32, ... in order, then a fixed tree.
+__global__ void adamh_finalize_kernel(TensorState* __restrict__ st,
+                                      const double* __restrict__ partials,
+                                      double* __restrict__ stats) {
+  TensorState& s = st[blockIdx.x];
+  double uu = 0.0, wu = 0.0, ww = 0.0;
+  for (int k = threadIdx.x; k < s.n_chunks; k += 32) {
+    const double* q = partials + 3 * (static_cast<int64_t>(s.first_chunk) + k);
+    uu += q[0];
+    wu += q[1];
+    ww += q[2];
+  }
+  warp_sum3(uu, wu, ww);
+  if (threadIdx.x == 0) {
+    double* out = stats + 3 * static_cast<int64_t>(blockIdx.x);
+    out[0] = uu;
+    out[1] = wu;
+    out[2] = ww;
+    const HyperballScales h = hyperball_scales(s.lr, s.radius, uu, wu, ww);
+    s.scale_a = static_cast<float>(h.a);
+    s.scale_b = static_cast<float>(h.b);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    adamh_apply_kernel(const __grid_constant__ LaunchTable tab, const TensorState* __restrict__ st) {
+  const TensorEntry& e = tab.t[find_entry(tab, blockIdx.x)];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x - e.block_start) * kChunk;
+  const int64_t n = min(kChunk, e.numel - begin);
+  const TensorState& s = st[e.index];
+  const AdamCoef c = s.coef;
+  const float a = s.scale_a, b = s.scale_b;
+  T* __restrict__ p = static_cast<T*>(e.p) + begin;
+  const float* __restrict__ m = e.m + begin;
+  const float* __restrict__ v = e.v + begin;
+  constexpr int N = VecWidth<T>::value;
+  int64_t done = 0;
+  if (aligned16(p, p, m, v)) {
+    done = n / N * N;
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < done; i += kThreads * N) {
+      float pf[N], mf[N], vf[N];
+      load_vec(p + i, pf);
+      load_f32<N>(m + i, mf);
+      load_f32<N>(v + i, vf);
+#pragma unroll
+      for (int k = 0; k < N; ++k) pf[k] = a * pf[k] - b * adam_update(mf[k], vf[k], c);
+      store_vec(p + i, pf);
+    }
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
+    store_one(p, i, a * load_one(p, i) - b * adam_update(m[i], v[i], c));
+  }
+}
+
+at::Tensor fused_adamh_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList radii,
+                            const at::Tensor& hyper) {
+  const char* op = "lvopt::fused_adamh_";
+  const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
+  check_step_args(op, args);
+  const size_t n = params.size();
+  TORCH_CHECK(radii.size() == n, op, ": radii has ", radii.size(), " tensors, params has ", n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& r = radii[i];
+    TORCH_CHECK(r.defined() && (r.device().is_cpu() || r.device() == params[0].device()) &&
+                    r.numel() == 1 && r.scalar_type() == at::kDouble,
+                op, ": radii[", i,
+                "] must be a one-element float64 tensor on the CPU or the parameters' device");
+    if (r.device().is_cpu()) {
+      const double radius = r.data_ptr<double>()[0];
+      TORCH_CHECK(std::isfinite(radius) && radius >= 0.0, op, ": radii[", i,
+                  "] must be finite and >= 0, got ", radius);
+    }
+    if (hyper.device().is_cpu()) {
+      TORCH_CHECK(hyper.data_ptr<double>()[i * kHyperCols + kWeightDecay] == 0.0, op,
+                  ": weight_decay of tensor ", i,
+                  " must be 0 (hyperball steps have no weight decay)");
+    }
+  }
+  if (n == 0) return at::empty({0, 3}, hyper.options());
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int64_t total_chunks = 0;
+  const std::vector<int32_t> first = first_chunks(params, &total_chunks);
+  at::Tensor hyper_dev;
+  at::Tensor st_buf = advance_steps(args, radii, /*unit_step=*/true, first, stream, &hyper_dev);
+  auto* st = reinterpret_cast<TensorState*>(st_buf.data_ptr());
+  const auto f64 = params[0].options().dtype(at::kDouble);
+  // Every chunk's slot is written by pass 1, so no zero fill is needed.
+  at::Tensor partials = at::empty({std::max<int64_t>(total_chunks, 1) * 3}, f64);
+  at::Tensor stats = at::empty({static_cast<int64_t>(n), 3}, f64);
+  double* part = partials.data_ptr<double>();
+  for_each_launch(args, at::kFloat, first, [&](const LaunchTable& tab) {
+    adamh_reduce_kernel<float><<<tab.blocks, kThreads, 0, stream>>>(tab, st, part);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  for_each_launch(args, at::kBFloat16, first, [&](const LaunchTable& tab) {
+    adamh_reduce_kernel<uint16_t><<<tab.blocks, kThreads, 0, stream>>>(tab, st, part);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  adamh_finalize_kernel<<<static_cast<unsigned>(n), 32, 0, stream>>>(st, part,
+                                                                     stats.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for_each_launch(args, at::kFloat, first, [&](const LaunchTable& tab) {
+    adamh_apply_kernel<float><<<tab.blocks, kThreads, 0, stream>>>(tab, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  for_each_launch(args, at::kBFloat16, first, [&](const LaunchTable& tab) {
+    adamh_apply_kernel<uint16_t><<<tab.blocks, kThreads, 0, stream>>>(tab, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return stats;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace lvopt
+
+TORCH_LIBRARY_IMPL(lvopt, CUDA, m) { m.impl("fused_adamh_", &lvopt::cuda::fused_adamh_cuda); }

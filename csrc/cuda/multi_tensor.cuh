@@ -1,0 +1,400 @@
+// Multi-tensor plumbing shared by the CUDA step kernels (csrc/cuda/fused_adam*.cu).
+//
+// Launch plan (our variant of apex/PyTorch multi_tensor_apply):
+//  * Every non-empty tensor is cut into fixed chunks of kChunk elements; one block per chunk.
+//  * The tensors of one launch travel in the kernel arguments (LaunchTable, < 4 KiB, passed as
+//    a __grid_constant__ so the kernel reads it from the constant bank and never copies it to
+//    local memory). apex puts a block->(tensor, chunk) map of at most 320 blocks in the
+//    arguments; we put only the per-tensor first block there and let each block find its
+//    tensor by a uniform binary search over at most kTensorsPerLaunch entries (6 constant
+//    loads). So the grid size is unbounded: one 64M-element tensor is one launch of 4096
+//    blocks, and the number of launches is ceil(tensors / 64) per dtype.
+//  * Per-tensor coefficients (bias corrections from the step count, hyperparameters) are
+//    computed ON THE DEVICE by a small advance kernel that also increments device step
+//    counters, and stored in a device array of TensorState that the step kernels read. With
+//    device-resident hyper table, steps and radii nothing is copied from the host and nothing
+//    waits for the device: the step is capturable in a CUDA graph, and a tensor-valued lr
+//    enters by writing the lr column of the device hyper table on the device before the op
+//    (hyper[:, 0].copy_(lr_tensor)); no kernel changes.
+//  * A host (CPU) hyper table, CPU step counters or CPU radii (what lvopt.optim passes today)
+//    are validated on the host exactly as the CPU kernel validates them, then reach the device
+//    as one small copy (hyper) or as values in the advance kernel's arguments (steps, radii).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "lvopt/math.h"
+
+namespace lvopt {
+namespace cuda {
+
+constexpr int kThreads = 256;
+// Elements per block. 16 Ki elements = 64 KiB per fp32 stream: 4096 blocks for a 64M tensor
+// (about 31 per SM on an H100, so the last wave is a small fraction of the step), and 16
+// float4 iterations per thread. A multiple of 8, so chunk starts keep 16-byte alignment.
+constexpr int64_t kChunk = 16384;
+constexpr int kTensorsPerLaunch = 64;
+constexpr int kAdvancePerLaunch = 112;
+
+struct TensorEntry {
+  void* p;
+  const void* g;
+  float* m;
+  float* v;
+  int64_t numel;
+  int32_t block_start;  // first block of this tensor in its launch
+  int32_t chunk_start;  // global index of its first chunk (AdamH partial sums)
+  int32_t index;        // position in the op's tensor lists (TensorState, stats)
+  int32_t pad_;
+};
+
+struct LaunchTable {
+  int32_t count;
+  int32_t blocks;
+  TensorEntry t[kTensorsPerLaunch];
+};
+// The classic kernel-argument limit (CUDA 12.1+ allows 32 KiB on sm_70+, but 4 KiB keeps the
+// launch small and portable).
+static_assert(sizeof(LaunchTable) <= 4096, "kernel arguments are limited to 4 KiB");
+
+// Per-tensor device state of one step, written by advance_kernel.
+struct TensorState {
+  AdamCoef coef;
+  float scale_a, scale_b;  // AdamH pass 2: W <- a*W - b*u (written by the finalize kernel)
+  double lr, radius;
+  int32_t first_chunk, n_chunks;
+};
+
+enum : int32_t { kStepF32 = 0, kStepF64 = 1, kStepHost = 2, kRadiusDevice = 0, kRadiusHost = 4 };
+
+struct AdvanceSlot {
+  union {
+    void* ptr;
+    double value;  // the already incremented host step
+  } step;
+  union {
+    const double* ptr;
+    double value;
+  } radius;
+  int32_t first_chunk, n_chunks;
+  int32_t kind;  // kStep* | kRadius*
+  int32_t pad_;
+};
+
+struct AdvanceTable {
+  int32_t base, count;
+  AdvanceSlot s[kAdvancePerLaunch];
+};
+static_assert(sizeof(AdvanceTable) <= 4096, "kernel arguments are limited to 4 KiB");
+
+// Increments device step counters (float32 as the CPU kernel does: s += 1 in the counter's
+// precision) and derives each tensor's coefficients in fp64 with the shared math.
+// static: this header is included by several translation units.
+static __global__ void advance_kernel(const __grid_constant__ AdvanceTable tab,
+                               const double* __restrict__ hyper, TensorState* __restrict__ st,
+                               bool unit_step) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= tab.count) return;
+  const AdvanceSlot& s = tab.s[i];
+  double step;
+  const int32_t step_kind = s.kind & 3;
+  if (step_kind == kStepF32) {
+    float* sp = static_cast<float*>(s.step.ptr);
+    const float x = *sp + 1.0f;
+    *sp = x;
+    step = x;
+  } else if (step_kind == kStepF64) {
+    double* sp = static_cast<double*>(s.step.ptr);
+    const double x = *sp + 1.0;
+    *sp = x;
+    step = x;
+  } else {
+    step = s.step.value;
+  }
+  const int t = tab.base + i;
+  const double* row = hyper + static_cast<int64_t>(t) * kHyperCols;
+  AdamCoef c = make_adam_coef(row, step);
+  if (unit_step) c = unit_lr(c, row, step);
+  TensorState out;
+  out.coef = c;
+  out.scale_a = 1.0f;
+  out.scale_b = 0.0f;
+  out.lr = row[kLr];
+  out.radius = (s.kind & kRadiusHost) ? s.radius.value : (s.radius.ptr ? *s.radius.ptr : 0.0);
+  out.first_chunk = s.first_chunk;
+  out.n_chunks = s.n_chunks;
+  st[t] = out;
+}
+
+__device__ __forceinline__ int find_entry(const LaunchTable& tab, int block) {
+  int lo = 0, hi = tab.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (tab.t[mid].block_start <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// 16-byte vectors: 4 fp32 or 8 bf16 parameters per load; moments are always fp32, so a bf16
+// vector step moves two float4 of m and of v.
+template <typename T>
+struct VecWidth;
+template <>
+struct VecWidth<float> {
+  static constexpr int value = 4;
+};
+template <>
+struct VecWidth<uint16_t> {
+  static constexpr int value = 8;
+};
+
+template <int N>
+__device__ __forceinline__ void load_f32(const float* p, float (&x)[N]) {
+#pragma unroll
+  for (int k = 0; k < N / 4; ++k) {
+    const float4 a = reinterpret_cast<const float4*>(p)[k];
+    x[4 * k] = a.x;
+    x[4 * k + 1] = a.y;
+    x[4 * k + 2] = a.z;
+    x[4 * k + 3] = a.w;
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_f32(float* p, const float (&x)[N]) {
+#pragma unroll
+  for (int k = 0; k < N / 4; ++k) {
+    reinterpret_cast<float4*>(p)[k] = make_float4(x[4 * k], x[4 * k + 1], x[4 * k + 2], x[4 * k + 3]);
+  }
+}
+
+__device__ __forceinline__ void load_vec(const float* p, float (&x)[4]) { load_f32<4>(p, x); }
+__device__ __forceinline__ void store_vec(float* p, const float (&x)[4]) { store_f32<4>(p, x); }
+
+__device__ __forceinline__ void load_vec(const uint16_t* p, float (&x)[8]) {
+  const uint4 a = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    x[2 * k] = bf16_to_float(static_cast<uint16_t>(w[k] & 0xFFFFu));
+    x[2 * k + 1] = bf16_to_float(static_cast<uint16_t>(w[k] >> 16));
+  }
+}
+
+__device__ __forceinline__ void store_vec(uint16_t* p, const float (&x)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    w[k] = static_cast<uint32_t>(float_to_bf16(x[2 * k])) |
+           (static_cast<uint32_t>(float_to_bf16(x[2 * k + 1])) << 16);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ float load_one(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load_one(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+__device__ __forceinline__ void store_one(float* p, int64_t i, float x) { p[i] = x; }
+__device__ __forceinline__ void store_one(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+
+__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c, const void* d) {
+  return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
+           reinterpret_cast<uintptr_t>(c) | reinterpret_cast<uintptr_t>(d)) &
+          15u) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+struct StepArgs {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps;
+  const at::Tensor& hyper;
+};
+
+inline void check_same_layout(const char* op, const char* name, size_t i, const at::Tensor& t,
+                              const at::Tensor& p, at::ScalarType dtype) {
+  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(),
+              " but params[", i, "] is on ", p.device());
+  TORCH_CHECK(!t.is_sparse(), op, ": ", name, "[", i,
+              "] is a sparse tensor; this op takes dense tensors");
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+              ", expected ", dtype);
+  TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
+              " but params[", i, "] has shape ", p.sizes());
+  TORCH_CHECK(t.strides() == p.strides(), op, ": ", name, "[", i, "] has strides ", t.strides(),
+              " but params[", i, "] has strides ", p.strides(),
+              " (lvopt.optim lays gradients and states out like their parameter)");
+}
+
+// The CPU kernel's checks (csrc/cpu/multi_tensor.cpp), for CUDA tensors: all raise before
+// anything is launched or written. hyper, steps and radii may be on the host (values are then
+// checked as on the CPU) or on the parameters' device (for CUDA graphs; their values cannot be
+// read without a synchronisation, so only their shape and dtype are checked: the optimizer
+// that writes them validates them).
+inline void check_step_args(const char* op, const StepArgs& a) {
+  const size_t n = a.params.size();
+  TORCH_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
+                  a.steps.size() == n,
+              op, ": tensor lists differ in length (params ", n, ", grads ", a.grads.size(),
+              ", exp_avgs ", a.exp_avgs.size(), ", exp_avg_sqs ", a.exp_avg_sqs.size(),
+              ", steps ", a.steps.size(), ")");
+  const at::Tensor& h = a.hyper;
+  const c10::Device dev = n > 0 && a.params[0].defined() ? a.params[0].device() : h.device();
+  TORCH_CHECK((h.device().is_cpu() || h.device() == dev) && h.scalar_type() == at::kDouble &&
+                  h.dim() == 2 && h.size(0) == static_cast<int64_t>(n) &&
+                  h.size(1) == kHyperCols && h.is_contiguous(),
+              op, ": hyper must be a contiguous float64 tensor of shape [", n, ", ",
+              static_cast<int>(kHyperCols), "] on the CPU or on the parameters' device, got ",
+              h.scalar_type(), " ", h.sizes(), " on ", h.device());
+  const double* hp = h.device().is_cpu() ? h.data_ptr<double>() : nullptr;
+  for (size_t i = 0; i < n; ++i) {
+    if (hp != nullptr) {
+      const double* row = hp + i * kHyperCols;
+      TORCH_CHECK(std::isfinite(row[kLr]) && row[kLr] >= 0.0, op, ": lr of tensor ", i,
+                  " must be finite and >= 0, got ", row[kLr]);
+      TORCH_CHECK(row[kBeta1] >= 0.0 && row[kBeta1] < 1.0, op, ": beta1 of tensor ", i,
+                  " must be in [0, 1), got ", row[kBeta1]);
+      TORCH_CHECK(row[kBeta2] >= 0.0 && row[kBeta2] < 1.0, op, ": beta2 of tensor ", i,
+                  " must be in [0, 1), got ", row[kBeta2]);
+      TORCH_CHECK(std::isfinite(row[kEps]) && row[kEps] > 0.0, op, ": eps of tensor ", i,
+                  " must be finite and > 0, got ", row[kEps]);
+      TORCH_CHECK(std::isfinite(row[kWeightDecay]), op, ": weight_decay of tensor ", i,
+                  " must be finite, got ", row[kWeightDecay]);
+    }
+    const at::Tensor& p = a.params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK(p.device().is_cuda() && p.device() == dev, op, ": params[", i, "] is on ",
+                p.device(), "; this is the CUDA kernel and params[0] is on ", dev);
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16, op,
+                ": params[", i, "] has dtype ", p.scalar_type(), "; supported: float32, bfloat16");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i,
+                "] must be dense and non-overlapping (strides ", p.strides(), ")");
+    check_same_layout(op, "grads", i, a.grads[i], p, p.scalar_type());
+    check_same_layout(op, "exp_avgs", i, a.exp_avgs[i], p, at::kFloat);
+    check_same_layout(op, "exp_avg_sqs", i, a.exp_avg_sqs[i], p, at::kFloat);
+    const at::Tensor& s = a.steps[i];
+    TORCH_CHECK(s.defined() && (s.device().is_cpu() || s.device() == dev) && s.numel() == 1 &&
+                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                op, ": steps[", i,
+                "] must be a one-element float32/float64 tensor on the CPU or the parameters' device");
+  }
+}
+
+inline int64_t chunks_of(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+// Global chunk numbering in tensor order (AdamH's partial sums are indexed by it).
+inline std::vector<int32_t> first_chunks(at::TensorList params, int64_t* total) {
+  std::vector<int32_t> first(params.size());
+  int64_t c = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    first[i] = static_cast<int32_t>(c);
+    c += chunks_of(params[i].numel());
+    TORCH_CHECK(c < INT32_MAX, "lvopt: more than 2^31 chunks of ", kChunk, " elements in one step");
+  }
+  *total = c;
+  return first;
+}
+
+// Increments host step counters (after all checks), launches the advance kernel(s) for device
+// ones, and returns the device TensorState array (n entries) and the device hyper table.
+inline at::Tensor advance_steps(const StepArgs& a, at::TensorList radii, bool unit_step,
+                                const std::vector<int32_t>& first, cudaStream_t stream,
+                                at::Tensor* hyper_dev) {
+  const int64_t n = static_cast<int64_t>(a.params.size());
+  const auto dev = a.params[0].device();
+  *hyper_dev = a.hyper.device().is_cpu() ? a.hyper.to(dev, at::kDouble, /*non_blocking=*/true)
+                                         : a.hyper;
+  at::Tensor st = at::empty({n * static_cast<int64_t>(sizeof(TensorState))},
+                            a.params[0].options().dtype(at::kByte));
+  for (int64_t base = 0; base < n; base += kAdvancePerLaunch) {
+    AdvanceTable tab{};
+    tab.base = static_cast<int32_t>(base);
+    tab.count = static_cast<int32_t>(std::min<int64_t>(kAdvancePerLaunch, n - base));
+    for (int k = 0; k < tab.count; ++k) {
+      const int64_t i = base + k;
+      AdvanceSlot& s = tab.s[k];
+      const at::Tensor& step = a.steps[i];
+      int32_t kind;
+      if (step.device().is_cpu()) {
+        double x;
+        if (step.scalar_type() == at::kFloat) {
+          float* sp = step.data_ptr<float>();
+          *sp += 1.0f;
+          x = *sp;
+        } else {
+          double* sp = step.data_ptr<double>();
+          *sp += 1.0;
+          x = *sp;
+        }
+        s.step.value = x;
+        kind = kStepHost;
+      } else {
+        s.step.ptr = step.data_ptr();
+        kind = step.scalar_type() == at::kFloat ? kStepF32 : kStepF64;
+      }
+      if (!radii.empty() && radii[i].device().is_cpu()) {
+        s.radius.value = radii[i].data_ptr<double>()[0];
+        kind |= kRadiusHost;
+      } else {
+        s.radius.ptr = radii.empty() ? nullptr : radii[i].data_ptr<double>();
+      }
+      s.kind = kind;
+      s.first_chunk = first[i];
+      s.n_chunks = static_cast<int32_t>(chunks_of(a.params[i].numel()));
+    }
+    advance_kernel<<<(tab.count + 127) / 128, 128, 0, stream>>>(
+        tab, hyper_dev->data_ptr<double>(), reinterpret_cast<TensorState*>(st.data_ptr()),
+        unit_step);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return st;
+}
+
+// Calls launch(table) for the non-empty tensors of dtype `dtype`, at most kTensorsPerLaunch
+// per table, in tensor order.
+template <typename Launch>
+void for_each_launch(const StepArgs& a, at::ScalarType dtype, const std::vector<int32_t>& first,
+                     const Launch& launch) {
+  LaunchTable tab{};
+  int64_t blocks = 0;
+  auto flush = [&]() {
+    if (tab.count == 0) return;
+    tab.blocks = static_cast<int32_t>(blocks);
+    launch(tab);
+    tab = LaunchTable{};
+    blocks = 0;
+  };
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    const at::Tensor& p = a.params[i];
+    if (p.scalar_type() != dtype || p.numel() == 0) continue;
+    const int64_t nb = chunks_of(p.numel());
+    if (tab.count == kTensorsPerLaunch || blocks + nb > INT32_MAX) flush();
+    TensorEntry& e = tab.t[tab.count++];
+    e.p = p.data_ptr();
+    e.g = a.grads[i].data_ptr();
+    e.m = a.exp_avgs[i].data_ptr<float>();
+    e.v = a.exp_avg_sqs[i].data_ptr<float>();
+    e.numel = p.numel();
+    e.block_start = static_cast<int32_t>(blocks);
+    e.chunk_start = first[i];
+    e.index = static_cast<int32_t>(i);
+    blocks += nb;
+  }
+  flush();
+}
+
+}  // namespace cuda
+}  // namespace lvopt
