@@ -3,6 +3,8 @@
 
 #include <torch/types.h>
 
+#include <tuple>
+
 namespace lvopt {
 namespace cpu {
 
@@ -15,6 +17,28 @@ void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList ex
 at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList radii,
                         const at::Tensor& hyper);
+
+// lvopt::coalesce_rows: the distinct rows of `indices` (sorted) and, for each, the fp32 sum of
+// its `values` rows in input order, rounded once to the values' dtype. Deterministic.
+std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& indices, const at::Tensor& values,
+                                                 int64_t num_rows);
+
+// lvopt::sparse_adamw_: one AdamW step of the rows that `indices` touch (duplicates summed in
+// input order). Lazy (exact = false): untouched rows stay as they are. Exact: each touched row
+// is first brought current from last_step[row] (the skipped zero-gradient steps, closed form
+// from the per-step history `hist`), then stepped; last_step[row] becomes the new step.
+void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& values,
+                   const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
+                   const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
+                   const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
+                   bool exact);
+
+// lvopt::sparse_catchup_: brings the rows `indices` names current to `step` (exact mode);
+// the step count does not change.
+void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, const at::Tensor& step,
+                     const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
+                     const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window);
 
 }  // namespace cpu
 }  // namespace lvopt

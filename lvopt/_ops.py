@@ -33,3 +33,19 @@ if _C is not None:
         if params:
             return params[0].new_empty((len(params), 3), dtype=torch.float64)
         return hyper.new_empty((0, 3))
+
+    @torch.library.register_fake("lvopt::coalesce_rows")
+    def _coalesce_rows_fake(indices, values, num_rows):
+        # The number of distinct rows depends on the data.
+        u = torch.library.get_ctx().new_dynamic_size()
+        return indices.new_empty((u,)), values.new_empty((u, values.shape[1]))
+
+    @torch.library.register_fake("lvopt::sparse_adamw_")
+    def _sparse_adamw_fake(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
+                           hist_base, epoch, window, exact):
+        return None
+
+    @torch.library.register_fake("lvopt::sparse_catchup_")
+    def _sparse_catchup_fake(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
+                             hist_base, epoch, window):
+        return None

@@ -8,6 +8,8 @@ groups. State names and layout are torch.optim.AdamW's (``step``, ``exp_avg``,
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections import defaultdict
 from itertools import chain
 from typing import Any, Iterable
@@ -18,6 +20,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _backend
 from .reference import HYPER_COLS
+from .sparse import RowClock, check_exact_hyper
 
 # Keys torch.optim.AdamW keeps in every param group. lvopt keeps them too, so that a torch
 # AdamW can load an lvopt checkpoint (its __setstate__ would otherwise default
@@ -26,6 +29,17 @@ _TORCH_GROUP_DEFAULTS = dict(amsgrad=False, foreach=None, capturable=False, diff
                              fused=None, decoupled_weight_decay=True)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+
+SPARSE_MODES = ("exact", "lazy")
+# Exact-mode bookkeeping kept in a sparse parameter's state between steps; a checkpoint never
+# holds it (state_dict() first brings every row current, so it would say nothing).
+_ROW_KEYS = ("last_step", "row_clock")
+# Backends with a row-sparse step.
+_SPARSE_BACKENDS = ("cpu", "reference")
+
+
+class DenseEmbeddingGradWarning(UserWarning):
+    """An lvopt.nn.Embedding weight received a dense gradient and is updated densely."""
 
 
 def _scalar(x: Any, name: str, where: str) -> float:
@@ -67,13 +81,16 @@ def _check_hyper(group: dict, where: str, hyperball: bool = False) -> tuple:
     if not group.get("decoupled_weight_decay", True) and wd != 0.0:
         raise ValueError(f"{where}: decoupled_weight_decay=False (Adam with L2, e.g. a torch.optim.Adam "
                          f"checkpoint) is not supported; lvopt implements AdamW's decoupled decay")
+    mode = group.get("sparse_mode", "exact")
+    if mode not in SPARSE_MODES:
+        raise ValueError(f"{where}: sparse_mode must be one of {SPARSE_MODES}, got {mode!r}")
     return lr, b1, b2, wd, eps, 1.0 if group["maximize"] else 0.0
 
 
 class _FusedAdam(torch.optim.Optimizer):
     """Shared machinery of lvopt.AdamW and lvopt.AdamH."""
 
-    _group_extra_defaults: dict = {}
+    _group_extra_defaults: dict = {"sparse_mode": "exact"}
 
     def __init__(self, params, defaults: dict, backend: str | None):
         if backend is not None:
@@ -148,11 +165,12 @@ class _FusedAdam(torch.optim.Optimizer):
         _backend.check_available(name)
         return name
 
-    def _check_param(self, p: Tensor, where: str) -> str:
+    def _check_param(self, p: Tensor, where: str, group: dict | None = None) -> str:
         g = p.grad
-        if g.layout != torch.strided:
-            raise TypeError(f"{where}: got a {g.layout} gradient, but this group takes dense gradients "
-                            f"(use nn.Embedding(sparse=False), or a sparse-capable group)")
+        sparse = g.layout == torch.sparse_coo
+        if g.layout != torch.strided and not sparse:
+            raise TypeError(f"{where}: got a {g.layout} gradient; lvopt takes dense gradients and "
+                            f"row-sparse torch.sparse_coo gradients")
         backend = self._backend_for(p.device)
         if not _backend.device_ok(backend, p.device):
             raise TypeError(f"{where}: backend {backend!r} cannot step tensors on {p.device}")
@@ -166,6 +184,8 @@ class _FusedAdam(torch.optim.Optimizer):
             raise TypeError(f"{where}: gradient is on {g.device}, parameter on {p.device}")
         if g.shape != p.shape:
             raise ValueError(f"{where}: gradient shape {tuple(g.shape)} differs from the parameter's")
+        if sparse:
+            self._check_sparse_grad(p, g, backend, group, where)
         st = self.state.get(p)
         if st:
             for key in _MOMENTS:
@@ -176,7 +196,38 @@ class _FusedAdam(torch.optim.Optimizer):
                                      f"state_dict loaded?")
             if "step" not in st:
                 raise ValueError(f"{where}: state has no 'step'")
+            if sparse and not (st["exp_avg"].is_contiguous() and st["exp_avg_sq"].is_contiguous()):
+                raise ValueError(f"{where}: a row-sparse step needs contiguous moments")
         return backend
+
+    def _check_sparse_grad(self, p: Tensor, g: Tensor, backend: str, group: dict | None, where: str) -> None:
+        """A torch.sparse_coo gradient must be row-sparse over a 2-D contiguous table, in a group
+        that can take it, with every index in range; checked before anything is written."""
+        if group is not None and self._is_hyperball_group(group) and p.dim() >= 2:
+            raise TypeError(f"{where}: got a sparse gradient in a hyperball group, which cannot take it: "
+                            f"AdamH rescales the whole matrix every step. Put embeddings in a group with "
+                            f"hyperball=False (row-sparse AdamW)")
+        if p.dim() != 2 or g.sparse_dim() != 1 or g.dense_dim() != 1:
+            raise TypeError(f"{where}: got a sparse gradient with sparse_dim={g.sparse_dim()}, "
+                            f"dense_dim={g.dense_dim()}; lvopt takes row-sparse gradients of 2-D "
+                            f"(rows x width) parameters, as nn.Embedding(sparse=True) produces")
+        if backend not in _SPARSE_BACKENDS:
+            raise TypeError(f"{where}: backend {backend!r} has no row-sparse step; sparse gradients are "
+                            f"stepped by the {_SPARSE_BACKENDS} backends")
+        if not p.is_contiguous():
+            raise TypeError(f"{where}: a row-sparse step needs a contiguous (row-major) parameter")
+        idx = g._indices()
+        if idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0:
+                raise ValueError(f"{where}: sparse gradient has a negative row index {lo}")
+            if hi >= p.shape[0]:
+                raise ValueError(f"{where}: sparse gradient row index {hi} is out of range for "
+                                 f"{p.shape[0]} rows")
+        if group is not None and group.get("sparse_mode", "exact") == "exact":
+            b1, b2 = group["betas"]
+            check_exact_hyper(float(b1), float(b2), _scalar(group["lr"], "lr", where),
+                              float(group["weight_decay"]), where)
 
     def _collect(self):
         """Every parameter with a gradient, validated, as (group, p, backend, algorithm).
@@ -188,9 +239,12 @@ class _FusedAdam(torch.optim.Optimizer):
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                backend = self._check_param(p, self._where(group, gi, pi, p))
-                algo = "adamh" if hyperball and p.dim() >= 2 else "adamw"
-                items.append((row, p, backend, algo))
+                backend = self._check_param(p, self._where(group, gi, pi, p), group)
+                if p.grad.layout == torch.sparse_coo:
+                    algo = "sparse"
+                else:
+                    algo = "adamh" if hyperball and p.dim() >= 2 else "adamw"
+                items.append((row, p, backend, algo, group))
         return items
 
     def _init_state(self, p: Tensor, algo: str) -> dict:
@@ -214,7 +268,22 @@ class _FusedAdam(torch.optim.Optimizer):
         items = self._collect()
         # Nothing has been written so far; from here on, every check has passed.
         batches: dict = defaultdict(lambda: defaultdict(list))
-        for row, p, backend, algo in items:
+        sparse_items = []
+        for row, p, backend, algo, group in items:
+            if algo == "sparse":
+                sparse_items.append((row, p, backend, group))
+                continue
+            if "last_step" in self.state.get(p, {}):
+                # Rows of an exact-mode table lag; a dense step needs them all current.
+                self._flush_param(p, backend)
+                self._drop_rows(p)
+            if getattr(p, "_lvopt_embedding", False) and not getattr(p, "_lvopt_dense_warned", False):
+                p._lvopt_dense_warned = True
+                warnings.warn(
+                    "lvopt: the weight of an lvopt.nn.Embedding received a dense gradient (most likely "
+                    "it is tied to the output layer, whose gradient covers all rows), so it is updated "
+                    "densely with AdamW; the row-sparse step applies to untied input embeddings only",
+                    DenseEmbeddingGradWarning, stacklevel=2)
             st = self._init_state(p, algo)
             work = p if _dense(p) else p.detach().contiguous()
             b = batches[(backend, p.device, algo)]
@@ -240,7 +309,100 @@ class _FusedAdam(torch.optim.Optimizer):
             for work, p in zip(b["params"], b["orig"]):
                 if work is not p:
                     p.copy_(work)
+        for row, p, backend, group in sparse_items:
+            self._sparse_step(row, p, backend, group)
         return loss
+
+    # -- sparse embedding rows (DESIGN.md section 2) ----------------------------------------------
+    def _sparse_step(self, row: tuple, p: Tensor, backend: str, group: dict) -> None:
+        exact = group.get("sparse_mode", "exact") == "exact"
+        st = self._init_state(p, "adamw")
+        clock = st.get("row_clock")
+        lr, b1, b2, wd, eps, _ = row
+        if clock is not None and (not exact or (clock.beta1, clock.beta2, clock.eps) != (b1, b2, eps)):
+            # The closed form assumes fixed betas and eps since each row's last step: bring every
+            # row current under the old ones first.
+            self._flush_param(p, backend)
+            self._drop_rows(p)
+            clock = None
+        t = int(float(st["step"]))
+        if exact and clock is None:
+            clock = st["row_clock"] = RowClock(b1, b2, eps, t)
+            st["last_step"] = torch.full((p.shape[0],), t, dtype=torch.int64)
+            p._lvopt_row_owner = weakref.ref(self)
+        g = p.grad
+        hyper = torch.tensor([row], dtype=torch.float64)
+        fns = _backend.ops(backend)
+        if exact:
+            clock.append(t + 1, lr, wd)
+            hist, qpow, base, epoch, window = clock.op_args()
+            fns.sparse_adamw_(p.data, g._indices()[0], g._values(), st["exp_avg"], st["exp_avg_sq"],
+                              st["step"], st["last_step"], hist, qpow, hyper, base, epoch, window, True)
+            if clock.n > clock.horizon:
+                self._sweep(p, backend)
+        else:
+            empty = torch.empty(0)
+            fns.sparse_adamw_(p.data, g._indices()[0], g._values(), st["exp_avg"], st["exp_avg_sq"],
+                              st["step"], torch.empty(0, dtype=torch.int64), empty, empty, hyper, 0, 1, 0, False)
+
+    def _sweep(self, p: Tensor, backend: str) -> None:
+        """Brings rows more than half the history horizon behind current, so that the history
+        (and the window any later catch-up reads) stays bounded; amortised over horizon/2 steps."""
+        st = self.state[p]
+        clock, last = st["row_clock"], st["last_step"]
+        t = int(float(st["step"]))
+        stale = (last < t - clock.horizon // 2).nonzero().reshape(-1)
+        if stale.numel():
+            self._catchup_rows(p, stale, backend)
+        clock.truncate(int(last.min()))
+
+    def _catchup_rows(self, p: Tensor, rows: Tensor, backend: str) -> None:
+        st = self.state[p]
+        clock = st["row_clock"]
+        hist, qpow, base, epoch, window = clock.op_args()
+        _backend.ops(backend).sparse_catchup_(p.data, rows, st["exp_avg"], st["exp_avg_sq"], st["step"],
+                                              st["last_step"], hist, qpow, clock.hyper(), base, epoch, window)
+
+    def _flush_param(self, p: Tensor, backend: str | None = None) -> None:
+        st = self.state.get(p, {})
+        if "row_clock" not in st:
+            return
+        backend = backend or self._backend_for(p.device)
+        t = int(float(st["step"]))
+        behind = (st["last_step"] < t).nonzero().reshape(-1)
+        if behind.numel():
+            self._catchup_rows(p, behind, backend)
+        st["row_clock"].reset(t)
+
+    def _drop_rows(self, p: Tensor) -> None:
+        for key in _ROW_KEYS:
+            self.state[p].pop(key, None)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Brings every row of every exact-mode sparse parameter current: afterwards parameters
+        and moments are exactly what dense AdamW (g = 0 on untouched rows) would hold."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._flush_param(p)
+
+    @torch.no_grad()
+    def catch_up(self, param: Tensor, ids: Tensor) -> None:
+        """Brings the rows ``ids`` of ``param`` current (exact mode; a no-op otherwise). Call it
+        before a forward pass reads them, for an embedding other than lvopt.nn.Embedding (which
+        calls it itself)."""
+        st = self.state.get(param)
+        if not st or "row_clock" not in st:
+            return
+        self._catchup_rows(param, ids.reshape(-1).to(torch.int64), self._backend_for(param.device))
+
+    def state_dict(self) -> dict:
+        """As torch's, after bringing every row current (flush()), and without the exact-mode
+        bookkeeping: the checkpoint holds what a dense AdamW checkpoint would."""
+        self.flush()
+        sd = super().state_dict()
+        sd["state"] = {k: {n: v for n, v in s.items() if n not in _ROW_KEYS} for k, s in sd["state"].items()}
+        return sd
 
 
 def _moment_dtype(p: Tensor) -> torch.dtype:
@@ -278,15 +440,22 @@ class AdamW(_FusedAdam):
 
     ``backend``: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``; default: the native
     kernels for the parameters' device. See :func:`lvopt.build_info`.
+
+    Row-sparse gradients (``nn.Embedding(sparse=True)``, :class:`lvopt.nn.Embedding`) step only
+    the rows they touch. ``sparse_mode`` (a param-group key): ``"exact"`` (default) gives what
+    dense AdamW with g = 0 on untouched rows gives, within fp32 rounding (rows catch up when
+    touched, read through lvopt.nn.Embedding or :meth:`catch_up`, :meth:`flush`ed or
+    checkpointed); ``"lazy"`` leaves untouched rows alone (SparseAdam with decoupled decay).
     """
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, backend: str | None = None):
+                 fused: bool | None = None, backend: str | None = None, sparse_mode: str = "exact"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+                        sparse_mode=sparse_mode)
         super().__init__(params, defaults, backend)
 
 
@@ -304,16 +473,17 @@ class AdamH(_FusedAdam):
     layer there), take AdamW with the group's ``weight_decay``.
     """
 
-    _group_extra_defaults = {"hyperball": True}
+    _group_extra_defaults = {"hyperball": True, "sparse_mode": "exact"}
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, hyperball: bool = True,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None, backend: str | None = None):
+                 differentiable: bool = False, fused: bool | None = None, backend: str | None = None,
+                 sparse_mode: str = "exact"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-                        hyperball=hyperball)
+                        hyperball=hyperball, sparse_mode=sparse_mode)
         super().__init__(params, defaults, backend)
 
     @staticmethod

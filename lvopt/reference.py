@@ -83,3 +83,99 @@ def fused_adamh_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
         if norm > 0.0:
             p.copy_(w_new * (radius / norm))
     return stats
+
+
+# ----- sparse embedding rows (DESIGN.md section 2) --------------------------------------------
+
+def _check_indices(op: str, indices: Tensor, num_rows: int) -> None:
+    if indices.dtype != torch.int64 or indices.dim() != 1:
+        raise RuntimeError(f"{op}: indices must be a 1-D int64 CPU tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0:
+            pos = int((indices < 0).nonzero()[0])
+            raise RuntimeError(f"{op}: negative index {int(indices[pos])} at position {pos}")
+        if hi >= num_rows:
+            pos = int((indices >= num_rows).nonzero()[0])
+            raise RuntimeError(f"{op}: index {int(indices[pos])} at position {pos} is out of range for a "
+                               f"table of {num_rows} rows")
+
+
+def coalesce_rows(indices: Tensor, values: Tensor, num_rows: int):
+    """The sorted distinct rows of ``indices`` and, per row, the sum of its ``values`` rows in
+    input order, accumulated in fp32 (fp64 for fp64 values) and rounded once."""
+    _check_indices("lvopt::coalesce_rows", indices, num_rows)
+    rows, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    acc = values.new_zeros((rows.numel(), values.shape[1]), dtype=_compute_dtype(values))
+    acc.index_add_(0, inverse, values.to(acc.dtype))
+    return rows, acc.to(values.dtype)
+
+
+def _zero_grad_steps(p: Tensor, m: Tensor, v: Tensor, s: int, c: int, hist: Tensor, hist_base: int,
+                     b1: float, b2: float, eps: float) -> None:
+    """Dense AdamW with g = 0 on steps s+1..c, step by step (the definition exact mode meets)."""
+    for j in range(s + 1, c + 1):
+        lr, d = hist[j - hist_base, 0].item(), hist[j - hist_base, 1].item()
+        bc1, bc2 = 1.0 - b1**j, 1.0 - b2**j
+        p.mul_(d)
+        m.mul_(b1)
+        v.mul_(b2)
+        p.addcdiv_(m.to(p.dtype), ((v.sqrt() / math.sqrt(bc2)).add_(eps)).to(p.dtype), value=-lr / bc1)
+
+
+def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                  step: Tensor, last_step: Tensor, hist: Tensor, qpow: Tensor, hyper: Tensor,
+                  hist_base: int, epoch: int, window: int, exact: bool) -> None:
+    """One AdamW step of the rows ``indices`` touches (duplicates summed). Lazy: untouched rows
+    stay. Exact: each touched row first takes the skipped zero-gradient steps one by one
+    (``qpow``, ``epoch`` and ``window`` serve the native closed form and are unused here)."""
+    op = "lvopt::sparse_adamw_"
+    _check_indices(op, indices, param.shape[0])
+    if values.shape != (indices.numel(), param.shape[1]) or values.dtype != param.dtype:
+        raise RuntimeError(f"{op}: values must have shape [{indices.numel()}, {param.shape[1]}] and dtype "
+                           f"{param.dtype}, got {tuple(values.shape)} {values.dtype}")
+    row = hyper.reshape(-1).tolist()
+    t = int(float(step)) + 1
+    rows, g = coalesce_rows(indices, values, param.shape[0])
+    if exact:
+        last = last_step[rows]
+        if rows.numel() and (int(last.min()) < hist_base or int(last.max()) > t - 1):
+            raise RuntimeError(f"{op}: a row's last_step is outside [{hist_base}, {t - 1}]")
+        if t - 1 - hist_base >= hist.shape[0]:
+            raise RuntimeError(f"{op}: hist does not cover step {t - 1}")
+    step.add_(1)
+    bc1, bc2 = 1.0 - row[BETA1] ** t, 1.0 - row[BETA2] ** t
+    dt = _compute_dtype(param)
+    for k, r in enumerate(rows.tolist()):
+        p, m, v = param[r].to(dt), exp_avg[r], exp_avg_sq[r]
+        if exact:
+            _zero_grad_steps(p, m, v, int(last_step[r]), t - 1, hist, hist_base, row[BETA1], row[BETA2], row[EPS])
+            last_step[r] = t
+        gr = _grad(g[k], row, m.dtype)
+        p.mul_(1.0 - row[LR] * row[WEIGHT_DECAY])
+        _moments(gr, m, v, row)
+        p.addcdiv_(m.to(dt), ((v.sqrt() / math.sqrt(bc2)).add_(row[EPS])).to(dt), value=-row[LR] / bc1)
+        param[r] = p.to(param.dtype)
+
+
+def sparse_catchup_(param: Tensor, indices: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
+                    last_step: Tensor, hist: Tensor, qpow: Tensor, hyper: Tensor, hist_base: int,
+                    epoch: int, window: int) -> None:
+    """Brings rows ``indices`` current to ``step`` (exact mode), step by step."""
+    op = "lvopt::sparse_catchup_"
+    _check_indices(op, indices, param.shape[0])
+    row = hyper.reshape(-1).tolist()
+    c = int(float(step))
+    rows = torch.unique(indices)
+    last = last_step[rows]
+    if rows.numel() and (int(last.min()) < hist_base or int(last.max()) > c):
+        raise RuntimeError(f"{op}: a row's last_step is outside [{hist_base}, {c}]")
+    dt = _compute_dtype(param)
+    for r in rows.tolist():
+        s = int(last_step[r])
+        if s >= c:
+            continue
+        p = param[r].to(dt)
+        _zero_grad_steps(p, exp_avg[r], exp_avg_sq[r], s, c, hist, hist_base, row[BETA1], row[BETA2], row[EPS])
+        param[r] = p.to(param.dtype)
+        last_step[r] = c

@@ -108,6 +108,102 @@ LVOPT_HD HyperballScales hyperball_scales(double lr, double radius, double uu, d
   return HyperballScales{a, a * s};
 }
 
+// Columns of the per-step history table of an exact-mode sparse parameter (float64,
+// [steps, kHistCols], row i describes step hist_base + i; built by lvopt/sparse.py RowClock).
+// Series i in 0..3 is M_i (q_i = beta1 * beta2^-(i+1)/2), series 4..7 is N_(i-3)
+// (q = beta1 * beta2^(i-4)/2): the epoch-relative prefix sums
+//   E_i(j) = sum_{l=b+1}^{j} f_i(l) q_i^(l-b) Pi_b/Pi_l,  b = the start of j's epoch,
+// f_i(l) = (lr_l/bc1_l) bc2_l^((i+1)/2) for M_i and (lr_l/bc1_l) bc2_l^((1-n)/2) for N_n.
+// Epochs are `epoch` steps long and start at hist_base + epoch*k, so that a difference of
+// two E values loses at most a factor q^-epoch <= 1e6 of fp64's precision.
+enum HistCol : int {
+  kHLr = 0,         // lr_j
+  kHDecay = 1,      // D_j = 1 - lr_j wd_j
+  kHLogPi = 2,      // log Pi_j = sum_{i<=j} log D_i (only differences are used)
+  kHU = 3,          // (lr_j / bc1_j) sqrt(bc2_j): w_j without its decay and rho^k factors
+  kHSqrtBc2 = 4,    // sqrt(bc2_j)
+  kHSeries = 5,     // 8 series columns follow
+  kHistSeries = 8,
+  kHistCols = 13,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Sparse embedding rows, exact mode (DESIGN.md section 2): bringing a row current.
+//
+// A row last brought current at step s is caught up to step c >= s as if dense AdamW had run
+// with g = 0 on steps s+1..c. With K = c - s, r = sqrt(v), e = eps/r and the per-row fp64
+// scalars P = prod D_j, M_n = sum_j w_j a_j^n (n = 0..3) and N_n = sum_j w_j a_j^-n (n = 1..4)
+// (lvopt/sparse.py and csrc/cpu/sparse_rows.cpp build them from per-step prefix sums):
+//   p <- p*P - (m/r) * sum_j w_j/(1 + e a_j)      m <- beta1^K m      v <- beta2^K v
+// The sum is the series sum_n (-e)^n M_n where e*a_max <= 1e-3 (four terms: relative error
+// <= 1e-12), the reversed series in 1/(e a_j), (m/eps) * sum_n (-x)^n N_(n+1) with x = r/eps,
+// where e*a_min >= 1e3, and an exact loop over the window for the elements in
+// between (CatchupRow::mid_lo/mid_hi bound them in v, so a row without such elements takes
+// the vectorised path).
+struct CatchupRow {
+  float P;             // prod_{j=s+1}^{c} (1 - lr_j wd_j)
+  float b1k, b2k;      // beta1^K, beta2^K
+  float M0, M1, M2, M3;
+  float N1, N2, N3, N4;
+  float eps;
+  // Elements with fwd_v <= v take the forward series (e*a_max <= 1e-3 <=> v >= (1e3 eps
+  // a_max)^2); elements with v <= rev_v the reversed one (e*a_min >= 1e3); others the loop.
+  float fwd_v, rev_v;
+};
+
+// The catch-up of one element; false when the element needs the exact windowed loop
+// (p, m, v are then left as they were).
+LVOPT_HD bool catchup_element(float& p, float& m, float& v, const CatchupRow& c) {
+  const float r = sqrtf(v);
+  float upd;
+  if (v >= c.fwd_v) {
+    const float e = c.eps / r;
+    upd = (m / r) * (c.M0 - e * (c.M1 - e * (c.M2 - e * c.M3)));
+  } else if (v <= c.rev_v) {
+    const float x = r / c.eps;
+    upd = (m / c.eps) * (c.N1 - x * (c.N2 - x * (c.N3 - x * c.N4)));
+  } else {
+    return false;
+  }
+  p = p * c.P - upd;
+  m = m * c.b1k;
+  v = v * c.b2k;
+  return true;
+}
+
+// Branch-free form for the vectorised path of rows that have no loop elements (every
+// element satisfies v >= fwd_v or v <= rev_v, checked beforehand).
+LVOPT_HD void catchup_element_fast(float& p, float& m, float& v, const CatchupRow& c) {
+  const float r = sqrtf(v);
+  const float e = c.eps / r;
+  const float fwd = (m / r) * (c.M0 - e * (c.M1 - e * (c.M2 - e * c.M3)));
+  const float x = r / c.eps;
+  const float rev = (m / c.eps) * (c.N1 - x * (c.N2 - x * (c.N3 - x * c.N4)));
+  const float upd = v >= c.fwd_v ? fwd : rev;
+  p = p * c.P - upd;
+  m = m * c.b1k;
+  v = v * c.b2k;
+}
+
+// The exact windowed catch-up of one element, in fp64, for elements whose sqrt(v) is within a
+// few decades of eps: sum over the window's steps of w_j / (1 + e a_j).
+LVOPT_HD void catchup_element_loop(float& p, float& m, float& v, const CatchupRow& c,
+                                   const double* w, const double* a, int64_t n) {
+  const double r = sqrt(static_cast<double>(v));
+  double sum = 0.0;
+  if (r > 0.0) {
+    const double e = static_cast<double>(c.eps) / r;
+    for (int64_t j = 0; j < n; ++j) sum += w[j] / (1.0 + e * a[j]);
+    sum *= static_cast<double>(m) / r;
+  } else {
+    for (int64_t j = 0; j < n; ++j) sum += w[j] / a[j];
+    sum *= static_cast<double>(m) / static_cast<double>(c.eps);
+  }
+  p = p * c.P - static_cast<float>(sum);
+  m = m * c.b1k;
+  v = v * c.b2k;
+}
+
 // bf16 <-> fp32 with round-to-nearest-even, as c10::BFloat16 does (NaN stays a quiet NaN).
 LVOPT_HD float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;

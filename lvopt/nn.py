@@ -1,0 +1,81 @@
+"""lvopt.nn.Embedding: a drop-in ``nn.Embedding`` whose gradient is row-sparse and whose rows
+are brought current (exact sparse mode) before the forward pass reads them."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Embedding"]
+
+
+class _RowSparseEmbedding(torch.autograd.Function):
+    """Forward: weight[ids]. Backward: a coalesced torch.sparse_coo gradient over the distinct
+    ids (lvopt::coalesce_rows: sorted, duplicates summed in input order), U x d values, never a
+    dense V x d tensor."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None):
+        ctx.save_for_backward(ids)
+        ctx.shape = weight.shape
+        ctx.padding_idx = padding_idx
+        return weight.index_select(0, ids.reshape(-1)).reshape(*ids.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (ids,) = ctx.saved_tensors
+        v, d = ctx.shape
+        flat = ids.reshape(-1)
+        values = grad_out.reshape(-1, d)
+        if ctx.padding_idx is not None:
+            keep = flat != ctx.padding_idx
+            flat, values = flat[keep], values[keep]
+        if values.device.type == "cpu" and values.dtype in (torch.float32, torch.bfloat16):
+            rows, summed = torch.ops.lvopt.coalesce_rows(flat, values.contiguous(), v)
+        else:
+            from .reference import coalesce_rows
+
+            rows, summed = coalesce_rows(flat, values, v)
+        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed, (v, d), is_coalesced=True)
+        return grad, None, None
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` with row-sparse gradients for lvopt.AdamW.
+
+    The gradient is a coalesced ``torch.sparse_coo`` tensor over the batch's distinct ids (as
+    ``nn.Embedding(sparse=True)`` gives, but coalesced deterministically), so no V x d gradient
+    exists. In ``sparse_mode="exact"`` the optimizer keeps each row's last step; the forward
+    pass asks it to bring the batch's rows current before reading them, so every value read
+    equals what dense AdamW would hold. ``max_norm`` and ``scale_grad_by_freq`` are not
+    supported. If the weight is tied to an output layer its gradient is dense, and lvopt.AdamW
+    steps it densely (with a warning that says so).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = True, _weight: Tensor | None = None, _freeze: bool = False,
+                 device=None, dtype=None):
+        if max_norm is not None or scale_grad_by_freq:
+            raise NotImplementedError("lvopt.nn.Embedding supports neither max_norm nor scale_grad_by_freq")
+        super().__init__(num_embeddings, embedding_dim, padding_idx, None, norm_type, False, True,
+                         _weight, _freeze, device, dtype)
+        self.weight._lvopt_embedding = True
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> "Embedding":
+        """An lvopt.nn.Embedding sharing ``emb``'s weight tensor."""
+        new = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, _weight=emb.weight.data,
+                  device=emb.weight.device, dtype=emb.weight.dtype)
+        new.weight = emb.weight
+        emb.weight._lvopt_embedding = True
+        return new
+
+    def forward(self, ids: Tensor) -> Tensor:
+        w = self.weight
+        owner_ref = getattr(w, "_lvopt_row_owner", None)
+        owner = owner_ref() if owner_ref is not None else None
+        if owner is not None:
+            owner.catch_up(w, ids)
+        if ids.dtype != torch.int64:
+            ids = ids.long()
+        return _RowSparseEmbedding.apply(w, ids, self.padding_idx)

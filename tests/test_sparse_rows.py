@@ -1,0 +1,382 @@
+"""Sparse embedding rows (DESIGN.md section 2): lvopt::coalesce_rows, lvopt::sparse_adamw_ and
+lvopt::sparse_catchup_ (csrc/cpu/sparse_rows.cpp) against the reference (lvopt/reference.py);
+the exact mode against dense fp64 AdamW; lazy mode against torch.optim.SparseAdam; the
+optimizer and lvopt.nn.Embedding end to end."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lvopt
+from lvopt import reference
+from lvopt.sparse import RowClock
+from conftest import needs_native, rel_err, run_python
+
+
+def _zipf_ids(n, v, gen, a=1.1):
+    ranks = torch.arange(1, v + 1, dtype=torch.float64)
+    return torch.multinomial(ranks ** -a, n, replacement=True, generator=gen)
+
+
+def _run_ops(fn, catchup, V, d, dtype, gen, steps, betas=(0.9, 0.999), eps=1e-8, wd=0.1, exact=True, ids_fn=None):
+    """Drives one op family through ``steps`` steps of random batches; returns its tables and
+    a dense fp64 AdamW run on the same gradients."""
+    g2 = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    p = torch.randn(V, d, generator=g2).to(dtype)
+    m, v = (torch.zeros(V, d, dtype=torch.float64 if dtype == torch.float64 else torch.float32) for _ in range(2))
+    step, last = torch.tensor(0.0), torch.zeros(V, dtype=torch.int64)
+    P, M, Vv = p.double(), torch.zeros(V, d, dtype=torch.float64), torch.zeros(V, d, dtype=torch.float64)
+    clock = RowClock(betas[0], betas[1], eps, 0)
+    for t in range(1, steps + 1):
+        lr = 1e-2 * (0.55 + 0.45 * math.cos(t / 37.0))
+        clock.append(t, lr, wd)
+        hyper = torch.tensor([[lr, betas[0], betas[1], wd, eps, 0.0]], dtype=torch.float64)
+        ids = ids_fn(t, g2) if ids_fn else torch.randint(0, V, (int(torch.randint(0, 9, (1,), generator=g2)),), generator=g2)
+        vals = torch.randn(ids.numel(), d, generator=g2).to(dtype)
+        h, q, base, e, w = clock.op_args()
+        fn(p, ids, vals, m, v, step, last, h, q, hyper, base, e, w, exact)
+        G = torch.zeros(V, d, dtype=torch.float64).index_add_(0, ids, vals.double())
+        reference.fused_adamw_([P], [G], [M], [Vv], [torch.tensor(float(t - 1), dtype=torch.float64)], hyper)
+    if exact:
+        h, q, base, e, w = clock.op_args()
+        catchup(p, torch.arange(V), m, v, step, last, h, q, clock.hyper(), base, e, w)
+    return (p, m, v, step, last), (P, M, Vv)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("exact", [True, False])
+def test_sparse_adamw_matches_reference(gen, dtype, exact):
+    V, d = 23, 37
+    cpu, _ = _run_ops(torch.ops.lvopt.sparse_adamw_, torch.ops.lvopt.sparse_catchup_, V, d, dtype,
+                      torch.Generator().manual_seed(gen.initial_seed()), 60, exact=exact)
+    ref, _ = _run_ops(reference.sparse_adamw_, reference.sparse_catchup_, V, d, dtype,
+                      torch.Generator().manual_seed(gen.initial_seed()), 60, exact=exact)
+    assert float(cpu[3]) == float(ref[3]) == 60.0
+    if exact:
+        assert torch.equal(cpu[4], ref[4])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(cpu[:3], ref[:3]):
+        assert rel_err(a, b) < tol
+
+
+@needs_native
+@pytest.mark.parametrize("betas,eps", [((0.9, 0.999), 1e-8), ((0.9, 0.95), 1e-6), ((0.8, 0.95), 1e-10),
+                                       ((0.9, 0.999), 3e-2)])
+def test_exact_matches_dense_fp64(gen, betas, eps):
+    """Rows untouched for up to hundreds of steps, LR schedule, weight decay: the closed-form
+    catch-up equals dense AdamW with g = 0 within fp32 rounding (eps = 3e-2 puts many elements
+    on the exact windowed loop)."""
+    V, d = 40, 33
+
+    def ids_fn(t, g):
+        hot = torch.randint(0, 4, (3,), generator=g)
+        rare = torch.randint(4, V, (1,), generator=g) if t % 23 == 0 else torch.empty(0, dtype=torch.int64)
+        return torch.cat([hot, rare, hot[:1]])
+
+    (p, m, v, *_), (P, M, Vv) = _run_ops(torch.ops.lvopt.sparse_adamw_, torch.ops.lvopt.sparse_catchup_, V, d,
+                                         torch.float32, gen, 700, betas=betas, eps=eps, ids_fn=ids_fn)
+    # fp32 rounding of 700 steps of the hot rows (dense fp32 AdamW drifts as much: v's
+    # beta2 = 0.999 accumulation gains ~1e-6 relative per few hundred steps).
+    assert rel_err(p, P) < 5e-6 and rel_err(m, M) < 5e-6 and rel_err(v, Vv) < 2e-5
+
+
+def test_reference_exact_matches_dense_fp64(gen):
+    """The reference's step-by-step catch-up in fp64 is dense fp64 AdamW (the oracle)."""
+    V, d = 9, 5
+    (p, m, v, *_), (P, M, Vv) = _run_ops(reference.sparse_adamw_, reference.sparse_catchup_, V, d,
+                                         torch.float64, gen, 50)
+    assert rel_err(p, P) < 1e-12 and rel_err(m, M) < 1e-12
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_coalesce_rows(gen, dtype):
+    for n, V in [(0, 5), (1, 1), (300, 7), (5000, 100000), (64, 64)]:
+        ids = torch.randint(0, V, (n,), generator=gen)
+        if n == 64:
+            ids = torch.randperm(64, generator=gen)  # the full row set
+        vals = torch.randn(n, 19, generator=gen).to(dtype)
+        rows, summed = torch.ops.lvopt.coalesce_rows(ids, vals, V)
+        rr, rs = reference.coalesce_rows(ids, vals, V)
+        assert torch.equal(rows, rr) and torch.equal(rows, torch.unique(ids))
+        assert summed.dtype == dtype and summed.shape == (rows.numel(), 19)
+        if n:
+            assert rel_err(summed, rs) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@needs_native
+def test_coalesce_is_deterministic_and_in_input_order(gen):
+    ids = torch.zeros(1000, dtype=torch.int64)
+    vals = torch.randn(1000, 3, generator=gen) * torch.logspace(-8, 8, 1000).unsqueeze(1)
+    _, s = torch.ops.lvopt.coalesce_rows(ids, vals, 1)
+    acc = torch.zeros(3)
+    for i in range(1000):
+        acc = acc + vals[i]
+    assert torch.equal(s[0], acc)
+
+
+@needs_native
+def test_thread_count_does_not_change_bits(gen):
+    V, d = 3000, 64
+    ids = _zipf_ids(6000, V, gen)
+    vals = torch.randn(6000, d, generator=gen)
+    outs = []
+    n = torch.get_num_threads()
+    for threads in (1, n):
+        torch.set_num_threads(threads)
+        try:
+            tables, _ = _run_ops(torch.ops.lvopt.sparse_adamw_, torch.ops.lvopt.sparse_catchup_, 200, d,
+                                 torch.float32, torch.Generator().manual_seed(3), 40,
+                                 ids_fn=lambda t, g: torch.randint(0, 200, (300,), generator=g))
+            outs.append(tables[:3] + torch.ops.lvopt.coalesce_rows(ids, vals, V))
+        finally:
+            torch.set_num_threads(n)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_isa_levels_give_identical_bits(isa):
+    code = """
+import torch, lvopt
+from test_sparse_rows import _run_ops
+t, _ = _run_ops(torch.ops.lvopt.sparse_adamw_, torch.ops.lvopt.sparse_catchup_, 50, 67, torch.float32,
+                torch.Generator().manual_seed(9), 80, eps=1e-3)
+print(lvopt.build_info()["cpu_isa_active"], [x.view(torch.int32).long().sum().item() for x in t[:3]])
+"""
+    env = {"PYTHONPATH": os.path.dirname(__file__)}
+    best = run_python(code, env=env).split(" ", 1)
+    lower = run_python(code, env={**env, "LVOPT_CPU_ISA": isa}).split(" ", 1)
+    assert best[1] == lower[1]
+
+
+@needs_native
+def test_opcheck(gen):
+    V, d = 11, 8
+    clock = RowClock(0.9, 0.999, 1e-8, 0)
+    for t in range(1, 4):
+        clock.append(t, 1e-2, 0.1)
+    h, q, base, e, w = clock.op_args()
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+    ids = torch.tensor([3, 1, 3, 7])
+    for exact in (True, False):
+        args = (torch.randn(V, d), ids, torch.randn(4, d), torch.rand(V, d), torch.rand(V, d) + 0.1,
+                torch.tensor(2.0), torch.tensor([0, 1, 2] * 3 + [0, 0]), h, q, hyper, base, e, w, exact)
+        torch.library.opcheck(torch.ops.lvopt.sparse_adamw_.default, args)
+    torch.library.opcheck(torch.ops.lvopt.sparse_catchup_.default,
+                          (torch.randn(V, d), ids, torch.rand(V, d), torch.rand(V, d) + 0.1, torch.tensor(3.0),
+                           torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w))
+    torch.library.opcheck(torch.ops.lvopt.coalesce_rows.default, (ids, torch.randn(4, d), V),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_native
+@pytest.mark.parametrize("fn", ["native", "reference"])
+def test_op_errors_write_nothing(gen, fn):
+    f = torch.ops.lvopt.sparse_adamw_ if fn == "native" else reference.sparse_adamw_
+    V, d = 6, 4
+    clock = RowClock(0.9, 0.999, 1e-8, 0)
+    clock.append(1, 1e-2, 0.1)
+    h, q, base, e, w = clock.op_args()
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+    for pattern, ids, vals in [("negative index -1", torch.tensor([0, -1]), torch.randn(2, d)),
+                               ("index 6 at position 1 is out of range", torch.tensor([0, 6]), torch.randn(2, d)),
+                               ("values", torch.tensor([0, 1]), torch.randn(2, d + 1)),
+                               ("values", torch.tensor([0, 1]), torch.randn(2, d).double())]:
+        p, m, v = torch.randn(V, d), torch.rand(V, d), torch.rand(V, d)
+        step, last = torch.tensor(0.0), torch.zeros(V, dtype=torch.int64)
+        before = [t.clone() for t in (p, m, v, step, last)]
+        with pytest.raises(RuntimeError, match=pattern):
+            f(p, ids, vals, m, v, step, last, h, q, hyper, base, e, w, True)
+        for a, b in zip((p, m, v, step, last), before):
+            assert torch.equal(a, b)
+
+
+# ----- the optimizer ---------------------------------------------------------------------------
+
+class _Model(nn.Module):
+    def __init__(self, emb, V=300, d=16):
+        super().__init__()
+        self.emb = emb
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids))).square().mean()
+
+
+def _train(make_emb, opt_fn, steps, gen_seed, V=300, d=16, sched=True, catch_up=False):
+    torch.manual_seed(0)
+    model = _Model(make_emb(), V, d)
+    opt = opt_fn(model)
+    g = torch.Generator().manual_seed(gen_seed)
+    for t in range(steps):
+        ids = _zipf_ids(20, V, g).reshape(4, 5)
+        if sched:
+            for grp in opt.param_groups:
+                grp["lr"] = 1e-2 * (0.5 + 0.5 * math.cos(t / 20))
+        if catch_up:
+            opt.catch_up(model.emb.weight, ids)
+        opt.zero_grad()
+        model(ids).backward()
+        opt.step()
+    return model, opt
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["lvopt", "torch_sparse"])
+def test_exact_optimizer_equals_dense_adamw(kind):
+    """Training through lvopt.nn.Embedding (or nn.Embedding(sparse=True) with catch_up) in exact
+    mode gives dense AdamW's trajectory: same forward values, same checkpoint."""
+    V, d = 300, 16
+    mk = (lambda: lvopt.nn.Embedding(V, d)) if kind == "lvopt" else (lambda: nn.Embedding(V, d, sparse=True))
+    m1, o1 = _train(mk, lambda mod: lvopt.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1), 80, 1,
+                    catch_up=kind != "lvopt")
+    m2, o2 = _train(lambda: nn.Embedding(V, d), lambda mod: lvopt.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1), 80, 1)
+    sd1, sd2 = o1.state_dict(), o2.state_dict()
+    assert rel_err(m1.emb.weight, m2.emb.weight) < 1e-5
+    assert rel_err(m1.head.weight, m2.head.weight) < 1e-5
+    for k in sd2["state"]:
+        assert set(sd1["state"][k]) == set(sd2["state"][k])
+        for n in ("exp_avg", "exp_avg_sq"):
+            assert rel_err(sd1["state"][k][n], sd2["state"][k][n]) < 1e-5
+        assert float(sd1["state"][k]["step"]) == float(sd2["state"][k]["step"])
+    # and torch.optim.AdamW continues from the lvopt checkpoint
+    t = torch.optim.AdamW(m1.parameters())
+    t.load_state_dict(sd1)
+
+
+@needs_native
+def test_lazy_matches_sparse_adam(gen):
+    """Lazy mode with wd = 0 is SparseAdam, up to where SparseAdam adds eps (to sqrt(v), not to
+    sqrt(v/bc2)): with unit-scale gradients that difference is far below fp32 rounding."""
+    V, d = 300, 16
+    a = nn.Parameter(torch.randn(V, d, generator=gen))
+    b = nn.Parameter(a.detach().clone())
+    o1 = lvopt.AdamW([a], lr=1e-2, weight_decay=0.0, sparse_mode="lazy")
+    o2 = torch.optim.SparseAdam([b], lr=1e-2)
+    for _ in range(100):
+        ids = _zipf_ids(40, V, gen)
+        a.grad = torch.sparse_coo_tensor(ids[None], torch.randn(40, d, generator=gen), (V, d))
+        b.grad = a.grad.clone()
+        o1.step(); o2.step()
+    # relative to the table's norm: the two round differently (SparseAdam folds sqrt(bc2) into
+    # the step size), so single elements drift apart by a few fp32 ulps over 100 steps.
+    assert float((a - b).norm() / b.norm()) < 1e-6
+    assert "last_step" not in o1.state[a]
+
+
+@needs_native
+def test_flush_and_state_dict_bring_rows_current_and_resume():
+    V, d = 300, 16
+    mk = lambda: lvopt.nn.Embedding(V, d)  # noqa: E731
+    opt_fn = lambda mod: lvopt.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1)  # noqa: E731
+    m1, o1 = _train(mk, opt_fn, 30, 3, sched=False)
+    st = o1.state[m1.emb.weight]
+    assert int(st["last_step"].min()) < 30
+    sd = o1.state_dict()
+    assert int(st["last_step"].min()) == 30
+    assert "last_step" not in sd["state"][0] and "row_clock" not in sd["state"][0]
+    # resume in a fresh optimizer: identical to continuing
+    m2 = _Model(mk(), V, d)
+    m2.load_state_dict(m1.state_dict())
+    o2 = opt_fn(m2)
+    o2.load_state_dict(sd)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        ids = _zipf_ids(20, V, g).reshape(4, 5)
+        for mod, opt in ((m1, o1), (m2, o2)):
+            opt.zero_grad()
+            mod(ids).backward()
+            opt.step()
+    o1.flush(); o2.flush()
+    assert torch.equal(m1.emb.weight, m2.emb.weight)
+
+
+@needs_native
+def test_tied_embedding_is_stepped_densely_with_one_warning():
+    V, d = 50, 8
+    emb = lvopt.nn.Embedding(V, d)
+    head = nn.Linear(d, V, bias=False)
+    head.weight = emb.weight
+    opt = lvopt.AdamW(list(emb.parameters()), lr=1e-2)
+    ref = nn.Parameter(emb.weight.detach().clone())
+    ropt = torch.optim.AdamW([ref], lr=1e-2)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            ids = torch.randint(0, V, (6,))
+            opt.zero_grad(); ropt.zero_grad()
+            head(emb(ids)).logsumexp(-1).sum().backward()
+            torch.nn.functional.linear(torch.nn.functional.embedding(ids, ref), ref).logsumexp(-1).sum().backward()
+            assert emb.weight.grad.layout == torch.strided
+            opt.step(); ropt.step()
+    assert sum(issubclass(w.category, lvopt.DenseEmbeddingGradWarning) for w in rec) == 1
+    assert rel_err(emb.weight, ref) < 1e-6
+
+
+@needs_native
+def test_sparse_then_dense_grads_flush_first():
+    V, d = 40, 6
+    p = nn.Parameter(torch.randn(V, d))
+    q = nn.Parameter(p.detach().clone())
+    opt, ref = lvopt.AdamW([p], lr=1e-2), lvopt.AdamW([q], lr=1e-2)
+    for t in range(12):
+        ids = torch.randint(0, 5, (3,))
+        vals = torch.randn(3, d)
+        g = torch.sparse_coo_tensor(ids[None], vals, (V, d))
+        p.grad = g if t < 8 else g.to_dense()
+        q.grad = g.to_dense()
+        opt.step(); ref.step()
+    assert rel_err(p, q) < 1e-5
+    assert "last_step" not in opt.state[p]
+
+
+@needs_native
+def test_optimizer_errors_change_nothing():
+    V, d = 10, 4
+    cases = []
+    p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
+    cases.append(("out of range", lvopt.AdamW([q, p]), [q, p],
+                  [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1, 10]]), torch.randn(2, d), (V, d))]))
+    p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
+    cases.append(("negative row index", lvopt.AdamW([q, p]), [q, p],
+                  [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1, -2]]), torch.randn(2, d), (V, d))]))
+    p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
+    cases.append(("hyperball group", lvopt.AdamH([p, q]), [p, q],
+                  [torch.sparse_coo_tensor(torch.tensor([[1]]), torch.randn(1, d), (V, d)), torch.randn(3)]))
+    p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
+    cases.append(("beta1\\*\\*2 < beta2", lvopt.AdamW([q, p], betas=(0.99, 0.9)), [q, p],
+                  [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1]]), torch.randn(1, d), (V, d))]))
+    p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
+    cases.append(("sparse_mode must be", lvopt.AdamW([q, p], sparse_mode="lazzy") if False else lvopt.AdamW([q, p]),
+                  [q, p], [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1]]), torch.randn(1, d), (V, d))]))
+    cases[-1][1].param_groups[0]["sparse_mode"] = "lazzy"
+    for pattern, opt, params, grads in cases:
+        before = [t.detach().clone() for t in params]
+        for t, g in zip(params, grads):
+            t.grad = g
+        with pytest.raises((ValueError, TypeError), match=pattern):
+            opt.step()
+        for t, b in zip(params, before):
+            assert torch.equal(t.detach(), b)
+        assert not opt.state
+
+
+def test_embedding_grad_is_row_sparse_and_coalesced():
+    emb = lvopt.nn.Embedding(1000, 8, padding_idx=0)
+    ids = torch.tensor([[5, 0, 7], [5, 999, 5]])
+    emb(ids).sum().backward()
+    g = emb.weight.grad
+    assert g.layout == torch.sparse_coo
+    assert g._indices()[0].tolist() == [5, 7, 999]
+    ref = nn.Embedding(1000, 8, padding_idx=0)
+    ref.weight.data.copy_(emb.weight.data)
+    ref(ids).sum().backward()
+    assert torch.equal(g.to_dense(), ref.weight.grad)
+    with pytest.raises(NotImplementedError):
+        lvopt.nn.Embedding(10, 2, max_norm=1.0)
