@@ -171,6 +171,12 @@ LVOPT_ALWAYS_INLINE void dispatch_grad_add(float* d, const T* s, int64_t n, bool
 
 // ----- exact-mode clock: per-row catch-up scalars from the per-step history ------------------
 
+// The series serve where e*a_max <= 1/kSeriesLimit (forward) or e*a_min >= kSeriesLimit
+// (reversed): four terms leave a relative error <= kSeriesLimit^-4 = 1e-8 of the catch-up's
+// update, below fp32 rounding. Elements in between (|g| of order 1e-5 relative to eps/1e-8
+// for unit-scale gradients: ~2e-5 of them) take the exact loop.
+constexpr double kSeriesLimit = 1e2;
+
 struct Clock {
   const double* hist;  // [rows, kHistCols]
   int64_t hist_rows;
@@ -215,8 +221,8 @@ struct Clock {
       }
       const double a_min = at(s + 1)[kHSqrtBc2] / std::sqrt(beta2);
       const double a_max = at(yend)[kHSqrtBc2] * std::pow(beta2, -0.5 * static_cast<double>(yend - s));
-      const double fwd = 1e3 * static_cast<double>(eps) * a_max;
-      const double rev = 1e-3 * static_cast<double>(eps) * a_min;
+      const double fwd = kSeriesLimit * static_cast<double>(eps) * a_max;
+      const double rev = static_cast<double>(eps) * a_min / kSeriesLimit;
       cr.fwd_v = static_cast<float>(fwd * fwd);
       cr.rev_v = static_cast<float>(rev * rev);
       if (w != nullptr) {
@@ -224,9 +230,9 @@ struct Clock {
         a->clear();
         for (int64_t j = s + 1; j <= yend; ++j) {
           const double* h = at(j);
-          const double k = static_cast<double>(j - s);
           w->push_back(std::exp(log_pi_c - h[kHLogPi]) * h[kHU] * qpow[(j - s) + epoch]);
-          a->push_back(h[kHSqrtBc2] * std::pow(beta2, -0.5 * k));
+          // beta2^(-k/2) = q_1^k / q_0^k (q_0 = rho = beta1/sqrt(beta2), q_1 = beta1/beta2).
+          a->push_back(h[kHSqrtBc2] * qpow[qcols + (j - s) + epoch] / qpow[(j - s) + epoch]);
         }
       }
     } else {
@@ -246,21 +252,36 @@ struct Clock {
   }
 };
 
-// The catch-up of one row with (rare) loop elements, scalar, then optionally the AdamW step.
+// The catch-up of a row with (rare) loop elements: the elements' inputs are saved, the whole
+// row takes the vectorised pass, then those elements are recomputed with the exact loop (and
+// the AdamW step when c is given).
 template <typename T>
-void catchup_row_slow(T* p, const float* g, float* m, float* v, int64_t n, const CatchupRow& cr,
-                      const std::vector<double>& w, const std::vector<double>& a,
-                      const AdamCoef* c) {
+void catchup_row_with_loop(T* p, const float* g, float* m, float* v, int64_t n, const CatchupRow& cr,
+                           const Clock& ck, int64_t s, int64_t target, const AdamCoef* c) {
+  struct Saved {
+    int64_t i;
+    float p, m, v;
+  };
+  std::vector<Saved> saved;
   for (int64_t i = 0; i < n; ++i) {
-    float pi = load_elem(p, i);
-    float mi = m[i], vi = v[i];
-    if (!catchup_element(pi, mi, vi, cr)) {
-      catchup_element_loop(pi, mi, vi, cr, w.data(), a.data(), static_cast<int64_t>(w.size()));
-    }
-    if (c != nullptr) adamw_element(pi, g[i], mi, vi, *c);
-    m[i] = mi;
-    v[i] = vi;
-    store_elem(p, i, pi);
+    if (!(v[i] >= cr.fwd_v) && !(v[i] <= cr.rev_v)) saved.push_back({i, load_elem(p, i), m[i], v[i]});
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (c != nullptr) catchup_adamw_row_f32(p, g, m, v, n, cr, *c);
+    else catchup_row_f32(p, m, v, n, cr);
+  } else {
+    if (c != nullptr) catchup_adamw_row_bf16(p, g, m, v, n, cr, *c);
+    else catchup_row_bf16(p, m, v, n, cr);
+  }
+  std::vector<double> w, a;
+  ck.row(s, target, &w, &a);
+  for (const Saved& e : saved) {
+    float pi = e.p, mi = e.m, vi = e.v;
+    catchup_element_loop(pi, mi, vi, cr, w.data(), a.data(), static_cast<int64_t>(w.size()));
+    if (c != nullptr) adamw_element(pi, g[e.i], mi, vi, *c);
+    m[e.i] = mi;
+    v[e.i] = vi;
+    store_elem(p, e.i, pi);
   }
 }
 
@@ -425,7 +446,6 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
     T* p_all = reinterpret_cast<T*>(param.data_ptr());
     at::parallel_for(0, u, row_grain(d), [&](int64_t lo, int64_t hi) {
       std::vector<float> g(static_cast<size_t>(d));
-      std::vector<double> w, a;
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t r = plan.rows[k];
         for (int64_t i = plan.offsets[k]; i < plan.offsets[k + 1]; ++i) {
@@ -446,8 +466,7 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
             if constexpr (std::is_same_v<T, float>) catchup_adamw_row_f32(p, g.data(), m, v, d, cr, coef);
             else catchup_adamw_row_bf16(p, g.data(), m, v, d, cr, coef);
           } else {
-            ck.row(last[r], ti - 1, &w, &a);
-            catchup_row_slow(p, g.data(), m, v, d, cr, w, a, &coef);
+            catchup_row_with_loop(p, g.data(), m, v, d, cr, ck, last[r], ti - 1, &coef);
           }
         }
         if (exact) last[r] = ti;
@@ -475,7 +494,6 @@ void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const a
     using T = std::remove_pointer_t<decltype(tag)>;
     T* p_all = reinterpret_cast<T*>(param.data_ptr());
     at::parallel_for(0, u, row_grain(d), [&](int64_t lo, int64_t hi) {
-      std::vector<double> w, a;
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t r = plan.rows[k];
         if (last[r] >= c) continue;
@@ -489,8 +507,8 @@ void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const a
           if constexpr (std::is_same_v<T, float>) catchup_row_f32(p, m, v, d, cr);
           else catchup_row_bf16(p, m, v, d, cr);
         } else {
-          ck.row(last[r], c, &w, &a);
-          catchup_row_slow(p, static_cast<const float*>(nullptr), m, v, d, cr, w, a, nullptr);
+          catchup_row_with_loop(p, static_cast<const float*>(nullptr), m, v, d, cr, ck, last[r], c,
+                                static_cast<const AdamCoef*>(nullptr));
         }
         last[r] = c;
       }

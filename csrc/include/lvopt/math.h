@@ -135,9 +135,9 @@ enum HistCol : int {
 // scalars P = prod D_j, M_n = sum_j w_j a_j^n (n = 0..3) and N_n = sum_j w_j a_j^-n (n = 1..4)
 // (lvopt/sparse.py and csrc/cpu/sparse_rows.cpp build them from per-step prefix sums):
 //   p <- p*P - (m/r) * sum_j w_j/(1 + e a_j)      m <- beta1^K m      v <- beta2^K v
-// The sum is the series sum_n (-e)^n M_n where e*a_max <= 1e-3 (four terms: relative error
-// <= 1e-12), the reversed series in 1/(e a_j), (m/eps) * sum_n (-x)^n N_(n+1) with x = r/eps,
-// where e*a_min >= 1e3, and an exact loop over the window for the elements in
+// The sum is the series sum_n (-e)^n M_n where e*a_max <= 1e-2 (four terms: relative error
+// <= 1e-8, below fp32 rounding), the reversed series in 1/(e a_j), (m/eps) * sum_n (-x)^n
+// N_(n+1) with x = r/eps, where e*a_min >= 1e2, and an exact loop over the window for the elements in
 // between (CatchupRow::mid_lo/mid_hi bound them in v, so a row without such elements takes
 // the vectorised path).
 struct CatchupRow {
@@ -146,8 +146,8 @@ struct CatchupRow {
   float M0, M1, M2, M3;
   float N1, N2, N3, N4;
   float eps;
-  // Elements with fwd_v <= v take the forward series (e*a_max <= 1e-3 <=> v >= (1e3 eps
-  // a_max)^2); elements with v <= rev_v the reversed one (e*a_min >= 1e3); others the loop.
+  // Elements with fwd_v <= v take the forward series (e*a_max <= 1e-2 <=> v >= (1e2 eps
+  // a_max)^2); elements with v <= rev_v the reversed one (e*a_min >= 1e2); others the loop.
   float fwd_v, rev_v;
 };
 

@@ -1,0 +1,144 @@
+"""Sparse embedding rows: one optimizer step of a V x d embedding with a Zipf batch's row-sparse
+gradient, lvopt exact / lazy against torch.optim.SparseAdam and torch.optim.AdamW(fused=True) on
+the dense gradient; lvopt's dense AdamW kernel on a 64M tensor gives the bandwidth reference.
+
+Bytes a row-sparse step must move (DESIGN.md section 4): the gradient rows as given (N x d,
+read) plus p, m, v of the U distinct rows read and written: 4*N*d + 24*U*d (fp32). Each timed
+step gets a different batch (a pool of pre-generated batches, cycled after a warm-up), so exact
+mode's rows lag as they do in training. `python benchmarks/bench_sparse_rows.py` prints the
+table; `pytest benchmarks/bench_sparse_rows.py` runs the pytest-benchmark version.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+import lvopt
+
+CASE = "sparse_rows"
+SIZES = {
+    "small": dict(V=16384, d=256, n=2048, dense_n=4 << 20, pool=4, warmup=8, reps=8),
+    "default": dict(V=262144, d=1024, n=16384, dense_n=64 << 20, pool=6, warmup=24, reps=12),
+}
+
+
+def zipf_ids(n: int, V: int, gen: torch.Generator, a: float = 1.1) -> torch.Tensor:
+    w = torch.arange(1, V + 1, dtype=torch.float64) ** -a
+    return torch.multinomial(w, n, replacement=True, generator=gen)
+
+
+def _batches(cfg, gen):
+    out = []
+    for _ in range(cfg["pool"]):
+        ids = zipf_ids(cfg["n"], cfg["V"], gen)
+        vals = torch.randn(cfg["n"], cfg["d"], generator=gen)
+        out.append(torch.sparse_coo_tensor(ids[None], vals, (cfg["V"], cfg["d"])))
+    return out
+
+
+def _time_steps(opt, p, grads, warmup, reps):
+    for i in range(warmup):
+        p.grad = grads[i % len(grads)]
+        opt.step()
+    ts = []
+    for i in range(reps):
+        p.grad = grads[(warmup + i) % len(grads)]
+        t0 = time.perf_counter()
+        opt.step()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def run(size: str = "default") -> list[dict]:
+    """Rows of the side-by-side table: name, ms (median step), gbps (effective), bytes."""
+    cfg = SIZES[size]
+    V, d = cfg["V"], cfg["d"]
+    gen = torch.Generator().manual_seed(0)
+    grads = _batches(cfg, gen)
+    distinct = [g.coalesce()._nnz() for g in grads]
+    U = statistics.mean(distinct)
+    sparse_bytes = int(4 * cfg["n"] * d + 24 * U * d)
+    rows = []
+
+    def add(name, ms, nbytes, **extra):
+        rows.append(dict(name=name, ms=ms, gbps=nbytes / ms / 1e6, bytes=nbytes, **extra))
+
+    for name, make in [
+        ("lvopt exact", lambda ps: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1)),
+        ("lvopt lazy", lambda ps: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1, sparse_mode="lazy")),
+        ("torch SparseAdam", lambda ps: torch.optim.SparseAdam(ps, lr=1e-3)),
+    ]:
+        p = torch.nn.Parameter(torch.randn(V, d, generator=gen))
+        opt = make([p])
+        ms = _time_steps(opt, p, grads, cfg["warmup"], cfg["reps"])
+        add(name, ms, sparse_bytes, distinct_rows=U)
+        del p, opt
+        gc.collect()
+
+    # Dense AdamW on the dense gradient of the same batch: 28 B x V x d.
+    p = torch.nn.Parameter(torch.randn(V, d, generator=gen))
+    dense_grads = [grads[0].to_dense()]
+    opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.1, fused=True)
+    add("torch AdamW fused (dense grad)", _time_steps(opt, p, dense_grads, 2, max(3, cfg["reps"] // 3)), 28 * V * d)
+    del p, opt, dense_grads
+    gc.collect()
+
+    # The dense lvopt AdamW kernel on a flat tensor: the bandwidth reference.
+    n = cfg["dense_n"]
+    p = torch.nn.Parameter(torch.randn(n, generator=gen))
+    opt = lvopt.AdamW([p], lr=1e-3, weight_decay=0.1)
+    add(f"lvopt AdamW dense ({n >> 20}M fp32, reference bandwidth)",
+        _time_steps(opt, p, [torch.randn(n, generator=gen)], 2, max(3, cfg["reps"] // 2)), 28 * n)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    by = {r["name"]: r for r in rows}
+    lines = [f"{'contender':58s} {'ms':>9s} {'GB/s':>7s} {'MB moved':>9s}"]
+    for r in rows:
+        lines.append(f"{r['name']:58s} {r['ms']:9.2f} {r['gbps']:7.1f} {r['bytes'] / 1e6:9.1f}")
+    e, z, s, f = (by[k] for k in ("lvopt exact", "lvopt lazy", "torch SparseAdam", "torch AdamW fused (dense grad)"))
+    dense = rows[-1]
+    lines.append(f"distinct rows per batch (mean): {e['distinct_rows']:.0f}")
+    for r in (e, z):
+        lines.append(f"{r['name']}: {s['ms'] / r['ms']:.1f}x SparseAdam, {f['ms'] / r['ms']:.1f}x fused AdamW (dense), "
+                     f"bandwidth {r['gbps'] / dense['gbps'] * 100:.0f}% of the dense kernel's")
+    lines.append(f"exact / lazy: {e['ms'] / z['ms']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="default", choices=list(SIZES))
+    args = ap.parse_args(argv)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, isa {lvopt.build_info()['cpu_isa_active']}")
+    print(table(run(args.size)))
+    return 0
+
+
+def test_sparse_rows_step(benchmark):
+    """pytest-benchmark: the exact-mode step on the small configuration."""
+    import os
+
+    cfg = SIZES[os.environ.get("LVOPT_BENCH_SIZE", "small")]
+    gen = torch.Generator().manual_seed(0)
+    grads = _batches(cfg, gen)
+    p = torch.nn.Parameter(torch.randn(cfg["V"], cfg["d"], generator=gen))
+    opt = lvopt.AdamW([p], lr=1e-3, weight_decay=0.1)
+    state = {"i": 0}
+
+    def step():
+        p.grad = grads[state["i"] % len(grads)]
+        state["i"] += 1
+        opt.step()
+
+    benchmark(step)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
