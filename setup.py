@@ -86,9 +86,11 @@ def extensions():
                 sources + cu_sources,
                 include_dirs=include_dirs,
                 define_macros=[("LVOPT_WITH_CUDA", None), ("LVOPT_CUDA_ARCHS", f'"{";".join(archs)}"')],
+                # -fmad=false: no a*b+c contraction, as -ffp-contract=off on the CPU, so
+                # that the shared math.h computes the same bits on the GPU.
                 extra_compile_args={
                     "cxx": CXX_FLAGS,
-                    "nvcc": ["-O3", "-std=c++20", "-lineinfo"] + _nvcc_gencode(archs),
+                    "nvcc": ["-O3", "-std=c++20", "-lineinfo", "-fmad=false"] + _nvcc_gencode(archs),
                 },
                 extra_link_args=["-fopenmp"],
             )

@@ -125,7 +125,7 @@ def cuda_cubins(workdir: str) -> tuple[list[str], str]:
     for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         cubin = os.path.join(workdir, os.path.basename(src) + ".sm_90.cubin")
         # The flags of setup.py's CUDAExtension (torch's defaults plus ours), for sm_90 only.
-        cmd = [cc, "-cubin", "-gencode=arch=compute_90,code=sm_90", "-O3", "-std=c++20", "-lineinfo",
+        cmd = [cc, "-cubin", "-gencode=arch=compute_90,code=sm_90", "-O3", "-std=c++20", "-lineinfo", "-fmad=false",
                "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-DLVOPT_WITH_CUDA",

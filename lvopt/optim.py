@@ -7,6 +7,7 @@ groups. State names and layout are torch.optim.AdamW's (``step``, ``exp_avg``,
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -160,30 +161,38 @@ class _FusedAdam(torch.optim.Optimizer):
         name = f" '{names[pi]}'" if names is not None and pi < len(names) else ""
         return f"param {pi}{name} of group {gi} (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
 
-    def _backend_for(self, device: torch.device) -> str:
+    def _backend_for(self, device: torch.device, cache: dict | None = None) -> tuple:
+        """(backend name, its dtypes) for tensors on ``device``; ``cache`` keeps one step's answers
+        (a GPT-2 step has 148 tensors on one device)."""
+        if cache is not None and device in cache:
+            return cache[device]
         name = self.backend if self.backend is not None else _backend.default_for(device)
         _backend.check_available(name)
-        return name
+        out = (name, _backend.supported_dtypes(name), _backend.device_ok(name, device))
+        if cache is not None:
+            cache[device] = out
+        return out
 
-    def _check_param(self, p: Tensor, where: str, group: dict | None = None) -> str:
+    def _check_param(self, p: Tensor, where, group: dict | None = None, cache: dict | None = None) -> str:
+        """Checks one parameter and its gradient and state; ``where()`` names the parameter in
+        an error (built only when one is raised)."""
         g = p.grad
         sparse = g.layout == torch.sparse_coo
         if g.layout != torch.strided and not sparse:
-            raise TypeError(f"{where}: got a {g.layout} gradient; lvopt takes dense gradients and "
+            raise TypeError(f"{where()}: got a {g.layout} gradient; lvopt takes dense gradients and "
                             f"row-sparse torch.sparse_coo gradients")
-        backend = self._backend_for(p.device)
-        if not _backend.device_ok(backend, p.device):
-            raise TypeError(f"{where}: backend {backend!r} cannot step tensors on {p.device}")
-        dtypes = _backend.supported_dtypes(backend)
+        backend, dtypes, device_ok = self._backend_for(p.device, cache)
+        if not device_ok:
+            raise TypeError(f"{where()}: backend {backend!r} cannot step tensors on {p.device}")
         if p.dtype not in dtypes:
-            raise TypeError(f"{where}: unsupported dtype {p.dtype}; backend {backend!r} supports "
+            raise TypeError(f"{where()}: unsupported dtype {p.dtype}; backend {backend!r} supports "
                             f"{', '.join(str(d) for d in dtypes)}")
         if g.dtype != p.dtype:
-            raise TypeError(f"{where}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
+            raise TypeError(f"{where()}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
         if g.device != p.device:
-            raise TypeError(f"{where}: gradient is on {g.device}, parameter on {p.device}")
+            raise TypeError(f"{where()}: gradient is on {g.device}, parameter on {p.device}")
         if g.shape != p.shape:
-            raise ValueError(f"{where}: gradient shape {tuple(g.shape)} differs from the parameter's")
+            raise ValueError(f"{where()}: gradient shape {tuple(g.shape)} differs from the parameter's")
         if sparse:
             self._check_sparse_grad(p, g, backend, group, where)
         st = self.state.get(p)
@@ -191,55 +200,57 @@ class _FusedAdam(torch.optim.Optimizer):
             for key in _MOMENTS:
                 t = st.get(key)
                 if t is None or t.shape != p.shape or t.device != p.device or t.dtype != _moment_dtype(p):
-                    raise ValueError(f"{where}: state '{key}' is missing or does not match the parameter "
+                    raise ValueError(f"{where()}: state '{key}' is missing or does not match the parameter "
                                      f"({None if t is None else (tuple(t.shape), t.dtype, str(t.device))}); was the wrong "
                                      f"state_dict loaded?")
             if "step" not in st:
-                raise ValueError(f"{where}: state has no 'step'")
+                raise ValueError(f"{where()}: state has no 'step'")
             if sparse and not (st["exp_avg"].is_contiguous() and st["exp_avg_sq"].is_contiguous()):
-                raise ValueError(f"{where}: a row-sparse step needs contiguous moments")
+                raise ValueError(f"{where()}: a row-sparse step needs contiguous moments")
         return backend
 
-    def _check_sparse_grad(self, p: Tensor, g: Tensor, backend: str, group: dict | None, where: str) -> None:
+    def _check_sparse_grad(self, p: Tensor, g: Tensor, backend: str, group: dict | None, where) -> None:
         """A torch.sparse_coo gradient must be row-sparse over a 2-D contiguous table, in a group
         that can take it, with every index in range; checked before anything is written."""
         if group is not None and self._is_hyperball_group(group) and p.dim() >= 2:
-            raise TypeError(f"{where}: got a sparse gradient in a hyperball group, which cannot take it: "
+            raise TypeError(f"{where()}: got a sparse gradient in a hyperball group, which cannot take it: "
                             f"AdamH rescales the whole matrix every step. Put embeddings in a group with "
                             f"hyperball=False (row-sparse AdamW)")
         if p.dim() != 2 or g.sparse_dim() != 1 or g.dense_dim() != 1:
-            raise TypeError(f"{where}: got a sparse gradient with sparse_dim={g.sparse_dim()}, "
+            raise TypeError(f"{where()}: got a sparse gradient with sparse_dim={g.sparse_dim()}, "
                             f"dense_dim={g.dense_dim()}; lvopt takes row-sparse gradients of 2-D "
                             f"(rows x width) parameters, as nn.Embedding(sparse=True) produces")
         if backend not in _SPARSE_BACKENDS:
-            raise TypeError(f"{where}: backend {backend!r} has no row-sparse step; sparse gradients are "
+            raise TypeError(f"{where()}: backend {backend!r} has no row-sparse step; sparse gradients are "
                             f"stepped by the {_SPARSE_BACKENDS} backends")
         if not p.is_contiguous():
-            raise TypeError(f"{where}: a row-sparse step needs a contiguous (row-major) parameter")
+            raise TypeError(f"{where()}: a row-sparse step needs a contiguous (row-major) parameter")
         idx = g._indices()
         if idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0:
-                raise ValueError(f"{where}: sparse gradient has a negative row index {lo}")
+                raise ValueError(f"{where()}: sparse gradient has a negative row index {lo}")
             if hi >= p.shape[0]:
-                raise ValueError(f"{where}: sparse gradient row index {hi} is out of range for "
+                raise ValueError(f"{where()}: sparse gradient row index {hi} is out of range for "
                                  f"{p.shape[0]} rows")
         if group is not None and group.get("sparse_mode", "exact") == "exact":
             b1, b2 = group["betas"]
-            check_exact_hyper(float(b1), float(b2), _scalar(group["lr"], "lr", where),
-                              float(group["weight_decay"]), where)
+            check_exact_hyper(float(b1), float(b2), _scalar(group["lr"], "lr", where()),
+                              float(group["weight_decay"]), where())
 
     def _collect(self):
         """Every parameter with a gradient, validated, as (group, p, backend, algorithm).
         Raises before anything is written."""
         items = []
+        cache: dict = {}
         for gi, group in enumerate(self.param_groups):
             hyperball = self._is_hyperball_group(group)
             row = _check_hyper(group, f"param group {gi}", hyperball)
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                backend = self._check_param(p, self._where(group, gi, pi, p), group)
+                where = functools.partial(self._where, group, gi, pi, p)
+                backend = self._check_param(p, where, group, cache)
                 if p.grad.layout == torch.sparse_coo:
                     algo = "sparse"
                 else:
@@ -367,7 +378,7 @@ class _FusedAdam(torch.optim.Optimizer):
         st = self.state.get(p, {})
         if "row_clock" not in st:
             return
-        backend = backend or self._backend_for(p.device)
+        backend = backend or self._backend_for(p.device)[0]
         t = int(float(st["step"]))
         behind = (st["last_step"] < t).nonzero().reshape(-1)
         if behind.numel():
@@ -394,7 +405,7 @@ class _FusedAdam(torch.optim.Optimizer):
         st = self.state.get(param)
         if not st or "row_clock" not in st:
             return
-        self._catchup_rows(param, ids.reshape(-1).to(torch.int64), self._backend_for(param.device))
+        self._catchup_rows(param, ids.reshape(-1).to(torch.int64), self._backend_for(param.device)[0])
 
     def state_dict(self) -> dict:
         """As torch's, after bringing every row current (flush()), and without the exact-mode
