@@ -372,7 +372,32 @@ void check_rows_clock(const char* op, const RowPlan& plan, const int64_t* last, 
   }
 }
 
-int64_t row_grain(int64_t d) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(d, 1)); }
+// Runs fn(k) for every distinct row k of the plan, in parallel, with each thread's share of the
+// rows balanced by the rows' memory traffic rather than their count: a row costs one read of
+// each of its gradient rows plus p, m, v read and written. Plans are sorted by row id, and with
+// Zipf-distributed tokens the frequent (low-id) rows hold most of a batch's gradient rows, so
+// an even split by count would give one thread most of the work. The split depends only on
+// the plan, and each row is computed by one thread, so the bits do not depend on the split.
+template <typename Fn>
+void for_each_row_balanced(const RowPlan& plan, bool with_grad, const Fn& fn) {
+  const int64_t u = static_cast<int64_t>(plan.rows.size());
+  if (u == 0) return;
+  const int64_t parts = std::min<int64_t>(u, 8 * static_cast<int64_t>(at::get_num_threads()));
+  constexpr int64_t kRowTraffic = 6;  // p, m, v read and written, in units of one row
+  const int64_t total = (with_grad ? plan.offsets[u] : 0) + kRowTraffic * u;
+  std::vector<int64_t> splits(static_cast<size_t>(parts) + 1, u);
+  splits[0] = 0;
+  int64_t part = 1, acc = 0;
+  for (int64_t k = 0; k < u && part < parts; ++k) {
+    acc += (with_grad ? plan.offsets[k + 1] - plan.offsets[k] : 0) + kRowTraffic;
+    while (part < parts && acc * parts >= total * part) splits[part++] = k + 1;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) {
+      for (int64_t k = splits[q]; k < splits[q + 1]; ++k) fn(k);
+    }
+  });
+}
 
 }  // namespace
 
@@ -396,14 +421,13 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& indices, cons
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* src = reinterpret_cast<const T*>(vals.data_ptr());
     T* dst = reinterpret_cast<T*>(out.data_ptr());
-    at::parallel_for(0, u, row_grain(d), [&](int64_t lo, int64_t hi) {
-      std::vector<float> acc(static_cast<size_t>(d));
-      for (int64_t k = lo; k < hi; ++k) {
-        for (int64_t i = plan.offsets[k]; i < plan.offsets[k + 1]; ++i) {
-          dispatch_grad_add(acc.data(), src + plan.perm[i] * d, d, i == plan.offsets[k]);
-        }
-        for (int64_t j = 0; j < d; ++j) store_elem(dst + k * d, j, acc[j]);
+    for_each_row_balanced(plan, true, [&](int64_t k) {
+      thread_local std::vector<float> acc;
+      acc.resize(static_cast<size_t>(d));
+      for (int64_t i = plan.offsets[k]; i < plan.offsets[k + 1]; ++i) {
+        dispatch_grad_add(acc.data(), src + plan.perm[i] * d, d, i == plan.offsets[k]);
       }
+      for (int64_t j = 0; j < d; ++j) store_elem(dst + k * d, j, acc[j]);
     });
   });
   return {rows, out};
@@ -444,29 +468,37 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* src = reinterpret_cast<const T*>(vals.data_ptr());
     T* p_all = reinterpret_cast<T*>(param.data_ptr());
-    at::parallel_for(0, u, row_grain(d), [&](int64_t lo, int64_t hi) {
-      std::vector<float> g(static_cast<size_t>(d));
-      for (int64_t k = lo; k < hi; ++k) {
-        const int64_t r = plan.rows[k];
+    for_each_row_balanced(plan, true, [&](int64_t k) {
+      thread_local std::vector<float> gbuf;
+      gbuf.resize(static_cast<size_t>(d));
+      const int64_t r = plan.rows[k];
+      const float* g = gbuf.data();
+      if constexpr (std::is_same_v<T, float>) {
+        // A row given once (most rows of a Zipf batch) is read where it lies.
+        if (plan.offsets[k + 1] - plan.offsets[k] == 1) g = src + plan.perm[plan.offsets[k]] * d;
+      }
+      if (g == gbuf.data()) {
         for (int64_t i = plan.offsets[k]; i < plan.offsets[k + 1]; ++i) {
-          dispatch_grad_add(g.data(), src + plan.perm[i] * d, d, i == plan.offsets[k]);
+          dispatch_grad_add(gbuf.data(), src + plan.perm[i] * d, d, i == plan.offsets[k]);
         }
+      }
+      {
         T* p = p_all + r * d;
         float* m = m_all + r * d;
         float* v = v_all + r * d;
         const bool behind = exact && last[r] < ti - 1;
         if (!behind) {
-          if constexpr (std::is_same_v<T, float>) adamw_row_f32(p, g.data(), m, v, d, coef);
-          else adamw_row_bf16(p, g.data(), m, v, d, coef);
+          if constexpr (std::is_same_v<T, float>) adamw_row_f32(p, g, m, v, d, coef);
+          else adamw_row_bf16(p, g, m, v, d, coef);
         } else {
           const CatchupRow cr = ck.row(last[r], ti - 1);
           int64_t mid = 0;
           count_mid_any(v, d, cr.fwd_v, cr.rev_v, &mid);
           if (mid == 0) {
-            if constexpr (std::is_same_v<T, float>) catchup_adamw_row_f32(p, g.data(), m, v, d, cr, coef);
-            else catchup_adamw_row_bf16(p, g.data(), m, v, d, cr, coef);
+            if constexpr (std::is_same_v<T, float>) catchup_adamw_row_f32(p, g, m, v, d, cr, coef);
+            else catchup_adamw_row_bf16(p, g, m, v, d, cr, coef);
           } else {
-            catchup_row_with_loop(p, g.data(), m, v, d, cr, ck, last[r], ti - 1, &coef);
+            catchup_row_with_loop(p, g, m, v, d, cr, ck, last[r], ti - 1, &coef);
           }
         }
         if (exact) last[r] = ti;
@@ -493,10 +525,10 @@ void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const a
   dispatch_param_dtype(param.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     T* p_all = reinterpret_cast<T*>(param.data_ptr());
-    at::parallel_for(0, u, row_grain(d), [&](int64_t lo, int64_t hi) {
-      for (int64_t k = lo; k < hi; ++k) {
+    for_each_row_balanced(plan, false, [&](int64_t k) {
+      {
         const int64_t r = plan.rows[k];
-        if (last[r] >= c) continue;
+        if (last[r] >= c) return;
         T* p = p_all + r * d;
         float* m = m_all + r * d;
         float* v = v_all + r * d;
