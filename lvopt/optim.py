@@ -181,6 +181,15 @@ class _FusedAdam(torch.optim.Optimizer):
         if g.layout != torch.strided and not sparse:
             raise TypeError(f"{where()}: got a {g.layout} gradient; lvopt takes dense gradients and "
                             f"row-sparse torch.sparse_coo gradients")
+        if _is_dtensor(p):
+            if sparse:
+                raise TypeError(f"{where()}: a row-sparse gradient of a sharded (DTensor) parameter is not "
+                                f"supported; keep the embedding out of fully_shard or give it dense gradients")
+            if group is not None and self._is_hyperball_group(group) and p.dim() >= 2:
+                raise TypeError(f"{where()}: AdamH cannot step a sharded (FSDP2 DTensor) matrix: its norms "
+                                f"||u||, <W,u>, ||W|| and the radius span all shards, which would need an "
+                                f"all-reduce between the two passes; put this parameter in a group with "
+                                f"hyperball=False (AdamW), or do not shard it")
         backend, dtypes, device_ok = self._backend_for(p.device, cache)
         if not device_ok:
             raise TypeError(f"{where()}: backend {backend!r} cannot step tensors on {p.device}")
@@ -296,15 +305,17 @@ class _FusedAdam(torch.optim.Optimizer):
                     "densely with AdamW; the row-sparse step applies to untied input embeddings only",
                     DenseEmbeddingGradWarning, stacklevel=2)
             st = self._init_state(p, algo)
-            work = p if _dense(p) else p.detach().contiguous()
+            # FSDP2 shards (DTensors) step their local shard: AdamW is elementwise.
+            local = _local(p)
+            work = local if _dense(local) else local.detach().contiguous()
             b = batches[(backend, p.device, algo)]
             b["params"].append(work)
-            b["orig"].append(p)
-            b["grads"].append(_like(p.grad, work))
+            b["orig"].append(local)
+            b["grads"].append(_like(_local(p.grad), work))
             for key in _MOMENTS:
-                if st[key].stride() != work.stride():
+                if _local(st[key]).stride() != work.stride():
                     st[key] = _like(st[key], work)
-                b[key].append(st[key])
+                b[key].append(_local(st[key]))
             b["steps"].append(st["step"])
             b["rows"].append(row)
             if algo == "adamh":
@@ -414,6 +425,15 @@ class _FusedAdam(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["state"] = {k: {n: v for n, v in s.items() if n not in _ROW_KEYS} for k, s in sd["state"].items()}
         return sd
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of an FSDP2 DTensor (sharing its storage), or ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _moment_dtype(p: Tensor) -> torch.dtype:

@@ -7,9 +7,9 @@
 - DDP with row-sparse gradients (lvopt.nn.Embedding, lazy and exact sparse groups): DDP
   all-reduces the sparse gradients (indices concatenated, duplicates across ranks summed by
   lvopt), same parameters as one process within fp32 rounding.
-- FSDP2 (torch.distributed.fsdp.fully_shard): parameters become DTensors sharded on dim 0. This
-  build of lvopt cannot step them; the tests pin down exactly how it refuses today, and an
-  xfail(strict) test states what should hold once it can.
+- FSDP2 (torch.distributed.fsdp.fully_shard): parameters become DTensors sharded on dim 0.
+  lvopt.AdamW steps each rank's local shard and matches one unsharded process; AdamH refuses a
+  sharded hyperball matrix (its norms span shards) before writing anything.
 
 All scenarios share one pair of worker processes; the file runs in about 20 s.
 """
@@ -125,10 +125,13 @@ def _fsdp(cls_name: str):
     mesh = init_device_mesh("cpu", (WORLD,))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, 8))
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, 8))  # the unsharded twin
     fully_shard(model, mesh=mesh)
     params = list(model.parameters())
     opt = getattr(lvopt, cls_name)(params, lr=1e-2, weight_decay=0.0)
-    model(torch.randn(4, D)).square().mean().backward()
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(1))  # the same on both ranks
+    model(x).square().mean().backward()
     before = [p.to_local().clone() for p in params]
     res = dict(param_type=type(params[0]).__name__, placements=str(params[0].placements),
                grad_type=type(params[0].grad).__name__)
@@ -138,6 +141,13 @@ def _fsdp(cls_name: str):
     except Exception as e:  # recorded, asserted on by the tests
         res["error"] = (type(e).__name__, str(e))
     res["unchanged"] = all(torch.equal(b, p.to_local()) for b, p in zip(before, params))
+    if res["error"] is None:
+        # One step of the unsharded twin on the same batch (ranks average identical gradients).
+        ref = getattr(lvopt, cls_name)(list(plain.parameters()), lr=1e-2, weight_decay=0.0)
+        plain(x).square().mean().backward()
+        ref.step()
+        res["max_rel_vs_unsharded"] = max(
+            float((p.full_tensor() - q).abs().max() / q.abs().max()) for p, q in zip(params, plain.parameters()))
     res["state"] = {i: {k: (type(v).__name__, float(v.full_tensor().abs().max()) if hasattr(v, "full_tensor")
                             else float(v.abs().max())) for k, v in opt.state[p].items()}
                     for i, p in enumerate(params) if p in opt.state}
@@ -246,32 +256,29 @@ def test_ddp_replicas_stay_bit_identical(ranks, name):
 
 
 @needs_native
-@pytest.mark.parametrize("cls_name", ["AdamW", "AdamH"])
-def test_fsdp2_sharded_params_are_refused_today(ranks, cls_name):
-    """What this build does with FSDP2 DTensor parameters: the step reaches the fused op with a
-    mix of DTensors (params, grads, moments) and plain tensors (the step counters, the
-    hyperparameter table), and DTensor's dispatcher raises; the parameters are untouched and the
-    step counters did not advance, but lvopt has created zero moments for every parameter."""
+def test_fsdp2_adamw_steps_sharded_params(ranks):
+    """FSDP2 (fully_shard) DTensor parameters: lvopt.AdamW steps each rank's local shard (AdamW
+    is elementwise) and gets what one unsharded process gets."""
     for res in ranks:
-        r = res[f"fsdp_{cls_name}"]
+        r = res["fsdp_AdamW"]
         assert r["param_type"] == "DTensor" and r["grad_type"] == "DTensor"
         assert r["placements"] == "(Shard(dim=0),)"
-        assert r["error"] is not None, "lvopt stepped DTensor parameters: update these tests"
-        etype, msg = r["error"]
-        op = "fused_adamw_" if cls_name == "AdamW" else "fused_adam"  # AdamH: Linear biases take AdamW
-        assert etype == "RuntimeError"
-        assert op in msg and "got mixed torch.Tensor and DTensor" in msg, msg
-        assert r["unchanged"]
-        assert r["state"], "no state: update the test (lvopt now refuses before creating state)"
+        assert r["error"] is None, r["error"]
+        assert not r["unchanged"]
+        assert r["max_rel_vs_unsharded"] < 1e-6, r["max_rel_vs_unsharded"]
         for st in r["state"].values():
-            assert st["step"] == ("Tensor", 0.0)
-            assert st["exp_avg"] == ("DTensor", 0.0) and st["exp_avg_sq"] == ("DTensor", 0.0)
+            assert st["step"] == ("Tensor", 1.0)
+            assert st["exp_avg"][0] == "DTensor" and st["exp_avg"][1] > 0
 
 
 @needs_native
-@pytest.mark.xfail(strict=True, reason=(
-    "lvopt.AdamW cannot step FSDP2 (DTensor) parameters: optim.py passes DTensors to the fused "
-    "op, which has no DTensor rule; it should step p.to_local() with local moments"))
-def test_fsdp2_adamw_steps_sharded_params(ranks):
+def test_fsdp2_adamh_refuses_sharded_matrices_before_writing(ranks):
+    """AdamH's norms span shards: a sharded hyperball matrix is refused with the reason, before
+    any parameter or state is written."""
     for res in ranks:
-        assert res["fsdp_AdamW"]["error"] is None, res["fsdp_AdamW"]["error"]
+        r = res["fsdp_AdamH"]
+        assert r["error"] is not None
+        etype, msg = r["error"]
+        assert etype == "TypeError" and "AdamH cannot step a sharded" in msg and "hyperball=False" in msg, msg
+        assert r["unchanged"]
+        assert not r["state"]
