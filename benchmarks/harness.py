@@ -83,25 +83,51 @@ def copy_bandwidth(nbytes: int = 256 << 20, rounds: int = 9) -> float:
     return 2 * nbytes / statistics.median(ts) / 1e9
 
 
-def run_case(case: Case, rounds: int, warmup: int = 2, progress=None) -> list[dict]:
-    """Times every contender of ``case``; returns one dict per contender."""
-    steps, errors = {}, {}
-    for c in case.contenders:
-        try:
-            steps[c.name] = c.make()
-        except Exception as e:  # an anchor that is not installed or fails to build
-            errors[c.name] = f"{type(e).__name__}: {e}".splitlines()[0][:160]
-    for name, step in steps.items():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t)
-            if progress is not None:
-                progress.update(1)
+def _build(c: Contender, errors: dict):
+    try:
+        return c.make()
+    except Exception as e:  # an anchor that is not installed or fails to build
+        errors[c.name] = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+        return None
+
+
+def _time(step, out: list, progress) -> None:
+    t = time.perf_counter()
+    step()
+    out.append(time.perf_counter() - t)
+    if progress is not None:
+        progress.update(1)
+
+
+def run_case(case: Case, rounds: int, warmup: int = 2, progress=None, alone: bool = False) -> list[dict]:
+    """Times every contender of ``case``; returns one dict per contender.
+
+    Round-robin (default): all contenders' states are alive and each round steps each once, so
+    noise falls on all alike and no contender finds its memory warm in the caches. ``alone``:
+    each contender is built, timed and freed by itself (its page tables and state stay as warm
+    as they get between steps of one optimizer)."""
+    errors: dict = {}
+    times = {c.name: [] for c in case.contenders}
+    if alone:
+        for c in case.contenders:
+            step = _build(c, errors)
+            if step is None:
+                continue
+            for _ in range(warmup):
+                step()
+            for _ in range(rounds):
+                _time(step, times[c.name], progress)
+            del step
+            gc.collect()
+    else:
+        steps = {c.name: s for c in case.contenders if (s := _build(c, errors)) is not None}
+        for step in steps.values():
+            for _ in range(warmup):
+                step()
+        for _ in range(rounds):
+            for name, step in steps.items():
+                _time(step, times[name], progress)
+        del steps
     results = []
     for c in case.contenders:
         nbytes = c.bytes if c.bytes is not None else case.bytes
@@ -113,8 +139,7 @@ def run_case(case: Case, rounds: int, warmup: int = 2, progress=None) -> list[di
         med = statistics.median(times[c.name])
         results.append(dict(case=case.name, name=c.name, anchor=c.anchor, ms=med * 1e3,
                             ms_min=min(times[c.name]) * 1e3, bytes=nbytes, gbps=nbytes / med / 1e9,
-                            rounds=rounds))
-    del steps
+                            rounds=rounds, alone=alone))
     gc.collect()
     case.results = results
     return results

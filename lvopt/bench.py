@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="timed steps per contender (median reported)")
     ap.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--alone", action="store_true",
+                    help="time each contender by itself instead of round-robin with the others alive")
     ap.add_argument("--e2e", action="store_true",
                     help="end-to-end mode: train a small large-vocabulary LM with torch.optim.AdamW and lvopt")
     ap.add_argument("--steps", type=int, default=300, help="training steps of --e2e")
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in cases:
         if bar is not None:
             bar.set_postfix_str(c.name)
-        rows = harness.run_case(c, rounds=args.rounds, progress=bar)
+        rows = harness.run_case(c, rounds=args.rounds, progress=bar, alone=args.alone)
         results += rows
         tables.append(format_case(c.title, rows, copy_gbps))
     if bar is not None:
