@@ -10,6 +10,7 @@
 
 #include "isa.h"
 #include "lvopt/math.h"
+#include "lvopt/step_args.h"
 
 namespace lvopt {
 namespace cpu {
@@ -38,13 +39,11 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
   });
 }
 
-// The tensors of one multi-tensor step, checked. check_step_args() raises (through
-// TORCH_CHECK, naming the argument, the index and the problem) before any kernel writes.
-struct StepArgs {
-  const at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps;
-  const at::Tensor& hyper;
-};
-void check_step_args(const char* op, const StepArgs& a);
+// The tensors of one multi-tensor step and their checks: lvopt/step_args.h (shared with CUDA).
+using ::lvopt::StepArgs;
+inline void check_step_args(const char* op, const StepArgs& a) {
+  ::lvopt::check_step_args(op, a, c10::DeviceType::CPU);
+}
 
 // Per-tensor coefficients for this step; increments each step counter (after all checks).
 // The new step numbers go to *steps_out when it is given.

@@ -1,0 +1,93 @@
+// Host-side argument checks of the multi-tensor step ops, shared by the CPU kernels
+// (csrc/cpu/multi_tensor.cpp) and the CUDA kernels (csrc/cuda/multi_tensor.cuh). Every check
+// raises (TORCH_CHECK, naming the argument, the tensor index and the problem) before a kernel
+// writes anything.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+
+#include <cmath>
+
+#include "lvopt/math.h"
+
+namespace lvopt {
+
+struct StepArgs {
+  const at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps;
+  const at::Tensor& hyper;
+};
+
+inline void check_same_layout(const char* op, const char* name, size_t i, const at::Tensor& t,
+                              const at::Tensor& p, at::ScalarType dtype) {
+  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(),
+              " but params[", i, "] is on ", p.device());
+  TORCH_CHECK(!t.is_sparse(), op, ": ", name, "[", i,
+              "] is a sparse tensor; this op takes dense tensors");
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+              ", expected ", dtype);
+  TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
+              " but params[", i, "] has shape ", p.sizes());
+  TORCH_CHECK(t.strides() == p.strides(), op, ": ", name, "[", i, "] has strides ", t.strides(),
+              " but params[", i, "] has strides ", p.strides(),
+              " (lvopt.optim lays gradients and states out like their parameter)");
+}
+
+inline void check_hyper_row(const char* op, size_t i, const double* row) {
+  TORCH_CHECK(std::isfinite(row[kLr]) && row[kLr] >= 0.0, op, ": lr of tensor ", i,
+              " must be finite and >= 0, got ", row[kLr]);
+  TORCH_CHECK(row[kBeta1] >= 0.0 && row[kBeta1] < 1.0, op, ": beta1 of tensor ", i,
+              " must be in [0, 1), got ", row[kBeta1]);
+  TORCH_CHECK(row[kBeta2] >= 0.0 && row[kBeta2] < 1.0, op, ": beta2 of tensor ", i,
+              " must be in [0, 1), got ", row[kBeta2]);
+  TORCH_CHECK(std::isfinite(row[kEps]) && row[kEps] > 0.0, op, ": eps of tensor ", i,
+              " must be finite and > 0, got ", row[kEps]);
+  TORCH_CHECK(std::isfinite(row[kWeightDecay]), op, ": weight_decay of tensor ", i,
+              " must be finite, got ", row[kWeightDecay]);
+}
+
+// Checks a step for the kernel of device type `kernel` (CPU or CUDA). Parameters must be on
+// that device type (all on params[0]'s device); hyper and steps may be on the host or on the
+// parameters' device. Host-side hyper values are checked here; device-side ones (CUDA graphs)
+// cannot be read without a synchronisation, so only their shape and dtype are: the optimizer
+// that writes them validates them.
+inline void check_step_args(const char* op, const StepArgs& a, c10::DeviceType kernel) {
+  const size_t n = a.params.size();
+  TORCH_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
+                  a.steps.size() == n,
+              op, ": tensor lists differ in length (params ", n, ", grads ", a.grads.size(),
+              ", exp_avgs ", a.exp_avgs.size(), ", exp_avg_sqs ", a.exp_avg_sqs.size(),
+              ", steps ", a.steps.size(), ")");
+  const at::Tensor& h = a.hyper;
+  const c10::Device dev = n > 0 && a.params[0].defined() ? a.params[0].device() : h.device();
+  TORCH_CHECK((h.device().is_cpu() || h.device() == dev) && h.scalar_type() == at::kDouble &&
+                  h.dim() == 2 && h.size(0) == static_cast<int64_t>(n) &&
+                  h.size(1) == kHyperCols && h.is_contiguous(),
+              op, ": hyper must be a contiguous float64 tensor of shape [", n, ", ",
+              static_cast<int>(kHyperCols), "] on the CPU or on the parameters' device, got ",
+              h.scalar_type(), " ", h.sizes(), " on ", h.device());
+  const double* hp = h.device().is_cpu() ? h.data_ptr<double>() : nullptr;
+  for (size_t i = 0; i < n; ++i) {
+    if (hp != nullptr) check_hyper_row(op, i, hp + i * kHyperCols);
+    const at::Tensor& p = a.params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
+    TORCH_CHECK(p.device().type() == kernel && p.device() == dev, op, ": params[", i, "] is on ",
+                p.device(), "; this is the ", c10::DeviceTypeName(kernel),
+                " kernel and params[0] is on ", dev);
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16, op,
+                ": params[", i, "] has dtype ", p.scalar_type(), "; supported: float32, bfloat16");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i,
+                "] must be dense and non-overlapping (strides ", p.strides(), ")");
+    check_same_layout(op, "grads", i, a.grads[i], p, p.scalar_type());
+    check_same_layout(op, "exp_avgs", i, a.exp_avgs[i], p, at::kFloat);
+    check_same_layout(op, "exp_avg_sqs", i, a.exp_avg_sqs[i], p, at::kFloat);
+    const at::Tensor& s = a.steps[i];
+    TORCH_CHECK(s.defined() && (s.device().is_cpu() || s.device() == dev) && s.numel() == 1 &&
+                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                op, ": steps[", i,
+                "] must be a one-element float32/float64 tensor on the CPU or the parameters' device");
+  }
+}
+
+}  // namespace lvopt
