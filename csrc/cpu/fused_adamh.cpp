@@ -92,18 +92,7 @@ at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorL
   const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
   check_step_args(op, args);
   const size_t n = params.size();
-  TORCH_CHECK(radii.size() == n, op, ": radii has ", radii.size(), " tensors, params has ", n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& r = radii[i];
-    TORCH_CHECK(r.defined() && r.device().is_cpu() && r.numel() == 1 &&
-                    r.scalar_type() == at::kDouble,
-                op, ": radii[", i, "] must be a one-element float64 CPU tensor");
-    const double radius = r.data_ptr<double>()[0];
-    TORCH_CHECK(std::isfinite(radius) && radius >= 0.0, op, ": radii[", i,
-                "] must be finite and >= 0, got ", radius);
-    TORCH_CHECK(hyper.data_ptr<double>()[i * kHyperCols + kWeightDecay] == 0.0, op,
-                ": weight_decay of tensor ", i, " must be 0 (hyperball steps have no weight decay)");
-  }
+  check_hyperball_args(op, args, radii);
   std::vector<double> step_numbers;
   std::vector<AdamCoef> coef = advance_steps(args, &step_numbers);
   const double* hp = hyper.data_ptr<double>();

@@ -155,24 +155,7 @@ at::Tensor fused_adamh_cuda(at::TensorList params, at::TensorList grads, at::Ten
   const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
   check_step_args(op, args);
   const size_t n = params.size();
-  TORCH_CHECK(radii.size() == n, op, ": radii has ", radii.size(), " tensors, params has ", n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& r = radii[i];
-    TORCH_CHECK(r.defined() && (r.device().is_cpu() || r.device() == params[0].device()) &&
-                    r.numel() == 1 && r.scalar_type() == at::kDouble,
-                op, ": radii[", i,
-                "] must be a one-element float64 tensor on the CPU or the parameters' device");
-    if (r.device().is_cpu()) {
-      const double radius = r.data_ptr<double>()[0];
-      TORCH_CHECK(std::isfinite(radius) && radius >= 0.0, op, ": radii[", i,
-                  "] must be finite and >= 0, got ", radius);
-    }
-    if (hyper.device().is_cpu()) {
-      TORCH_CHECK(hyper.data_ptr<double>()[i * kHyperCols + kWeightDecay] == 0.0, op,
-                  ": weight_decay of tensor ", i,
-                  " must be 0 (hyperball steps have no weight decay)");
-    }
-  }
+  ::lvopt::check_hyperball_args(op, args, radii);
   if (n == 0) return at::empty({0, 3}, hyper.options());
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -90,4 +90,28 @@ inline void check_step_args(const char* op, const StepArgs& a, c10::DeviceType k
   }
 }
 
+// AdamH's extra arguments: one radius per tensor (host or the parameters' device; host values
+// are checked), and no weight decay in the host-side table.
+inline void check_hyperball_args(const char* op, const StepArgs& a, at::TensorList radii) {
+  const size_t n = a.params.size();
+  TORCH_CHECK(radii.size() == n, op, ": radii has ", radii.size(), " tensors, params has ", n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& r = radii[i];
+    TORCH_CHECK(r.defined() && (r.device().is_cpu() || r.device() == a.params[0].device()) &&
+                    r.numel() == 1 && r.scalar_type() == at::kDouble,
+                op, ": radii[", i,
+                "] must be a one-element float64 tensor on the CPU or the parameters' device");
+    if (r.device().is_cpu()) {
+      const double radius = r.data_ptr<double>()[0];
+      TORCH_CHECK(std::isfinite(radius) && radius >= 0.0, op, ": radii[", i,
+                  "] must be finite and >= 0, got ", radius);
+    }
+    if (a.hyper.device().is_cpu()) {
+      TORCH_CHECK(a.hyper.data_ptr<double>()[i * kHyperCols + kWeightDecay] == 0.0, op,
+                  ": weight_decay of tensor ", i,
+                  " must be 0 (hyperball steps have no weight decay)");
+    }
+  }
+}
+
 }  // namespace lvopt
