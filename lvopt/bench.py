@@ -26,8 +26,8 @@ FAMILIES = ["bench_fused_adamw", "bench_fused_adamh", "bench_sparse_rows"]
 
 # (case, faster contender, slower contender, minimum ratio slower/faster, what the issue asks)
 CLAIMS = [
-    ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1.05, "AdamW 64M: >= 1.05x torch fused"),
-    ("adamw_1x", "lvopt AdamW", "DeepSpeedCPUAdam", 1.0, "AdamW 64M: at least as fast as DeepSpeedCPUAdam"),
+    ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1.05, "AdamW one tensor: >= 1.05x torch fused"),
+    ("adamw_1x", "lvopt AdamW", "DeepSpeedCPUAdam", 1.0, "AdamW one tensor: at least as fast as DeepSpeedCPUAdam"),
     ("adamw_gpt2", "lvopt AdamW", "torch AdamW fused", 1.05, "AdamW GPT-2 list: >= 1.05x torch fused"),
     ("adamw_gpt2", "lvopt AdamW", "DeepSpeedCPUAdam", 1.0, "AdamW GPT-2 list: at least as fast as DeepSpeedCPUAdam"),
     ("adamw_bf16", "lvopt AdamW bf16", "lvopt AdamW fp32", 1.15, "bf16: >= 1.15x faster than fp32"),
