@@ -9,26 +9,13 @@ namespace lvopt {
 namespace cpu {
 namespace {
 
-template <typename T>
-LVOPT_ALWAYS_INLINE void adamw_span(T* __restrict p, const T* __restrict g, float* __restrict m,
-                                    float* __restrict v, int64_t n, const AdamCoef& c) {
-  for (int64_t i = 0; i < n; ++i) {
-    float pi = load_elem(p, i);
-    float mi = m[i], vi = v[i];
-    adamw_element(pi, load_elem(g, i), mi, vi, c);
-    m[i] = mi;
-    v[i] = vi;
-    store_elem(p, i, pi);
-  }
-}
-
 LVOPT_ISA_DISPATCH(adamw_span_f32,
                    (float* p, const float* g, float* m, float* v, int64_t n, const AdamCoef& c),
-                   (p, g, m, v, n, c), adamw_span<float>)
+                   (p, g, m, v, n, c), (adamw_span<float, float>))
 LVOPT_ISA_DISPATCH(adamw_span_bf16,
                    (uint16_t* p, const uint16_t* g, float* m, float* v, int64_t n,
                     const AdamCoef& c),
-                   (p, g, m, v, n, c), adamw_span<uint16_t>)
+                   (p, g, m, v, n, c), (adamw_span<uint16_t, uint16_t>))
 
 }  // namespace
 

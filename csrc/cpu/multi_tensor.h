@@ -54,6 +54,22 @@ LVOPT_ALWAYS_INLINE float load_elem(const uint16_t* p, int64_t i) { return bf16_
 LVOPT_ALWAYS_INLINE void store_elem(float* p, int64_t i, float x) { p[i] = x; }
 LVOPT_ALWAYS_INLINE void store_elem(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
 
+// AdamW over n contiguous elements: parameters of storage type T (float or bf16 bits),
+// gradients of storage type G (T for the dense step, float for a summed sparse row). The one
+// AdamW loop of the CPU kernels; each caller compiles it per ISA (LVOPT_ISA_DISPATCH).
+template <typename T, typename G>
+LVOPT_ALWAYS_INLINE void adamw_span(T* __restrict p, const G* __restrict g, float* __restrict m,
+                                    float* __restrict v, int64_t n, const AdamCoef& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    float pi = load_elem(p, i);
+    float mi = m[i], vi = v[i];
+    adamw_element(pi, load_elem(g, i), mi, vi, c);
+    m[i] = mi;
+    v[i] = vi;
+    store_elem(p, i, pi);
+  }
+}
+
 // Raw storage type of a parameter dtype: float for fp32, uint16_t bits for bf16.
 template <typename Fn>
 void dispatch_param_dtype(at::ScalarType t, const Fn& fn) {

@@ -88,19 +88,6 @@ LVOPT_ALWAYS_INLINE void grad_add(float* __restrict dst, const T* __restrict src
 }
 
 template <typename T>
-LVOPT_ALWAYS_INLINE void adamw_row(T* __restrict p, const float* __restrict g, float* __restrict m,
-                                   float* __restrict v, int64_t n, const AdamCoef& c) {
-  for (int64_t i = 0; i < n; ++i) {
-    float pi = load_elem(p, i);
-    float mi = m[i], vi = v[i];
-    adamw_element(pi, g[i], mi, vi, c);
-    m[i] = mi;
-    v[i] = vi;
-    store_elem(p, i, pi);
-  }
-}
-
-template <typename T>
 LVOPT_ALWAYS_INLINE void catchup_adamw_row(T* __restrict p, const float* __restrict g,
                                            float* __restrict m, float* __restrict v, int64_t n,
                                            const CatchupRow& cr, const AdamCoef& c) {
@@ -142,10 +129,10 @@ LVOPT_ISA_DISPATCH(grad_add_bf16, (float* d, const uint16_t* s, int64_t n, bool 
                    grad_add<uint16_t>)
 LVOPT_ISA_DISPATCH(adamw_row_f32,
                    (float* p, const float* g, float* m, float* v, int64_t n, const AdamCoef& c),
-                   (p, g, m, v, n, c), adamw_row<float>)
+                   (p, g, m, v, n, c), (adamw_span<float, float>))
 LVOPT_ISA_DISPATCH(adamw_row_bf16,
                    (uint16_t* p, const float* g, float* m, float* v, int64_t n, const AdamCoef& c),
-                   (p, g, m, v, n, c), adamw_row<uint16_t>)
+                   (p, g, m, v, n, c), (adamw_span<uint16_t, float>))
 LVOPT_ISA_DISPATCH(catchup_adamw_row_f32,
                    (float* p, const float* g, float* m, float* v, int64_t n, const CatchupRow& cr,
                     const AdamCoef& c),
