@@ -28,7 +28,9 @@ H100_BW = 3.35e12          # H100 SXM HBM3, bytes/s
 ACHIEVABLE = 0.90          # fraction of peak a streaming kernel reaches
 # Streaming kernels must move their data in 16-byte vectors; the others (per-tensor
 # coefficients, AdamH's per-tensor finalize) touch a few bytes per tensor.
-NON_STREAMING = ("advance_kernel", "finalize_kernel")
+NON_STREAMING = ("advance_kernel", "finalize_kernel", "stats_kernel", "chunk_sums_kernel")
+# Streaming kernels that only read (the non-finite scans): 128-bit loads, no stores.
+READ_ONLY = ("nonfinite_kernel", "scan_kernel")
 
 
 def tool(name: str) -> str:
@@ -52,11 +54,14 @@ def nvcc() -> str | None:
 # Disassembly and per-kernel statistics.
 
 def _demangle_short(name: str) -> str:
-    m = re.search(r"([a-z_]+_kernel)(I([ft])E)?", name)
+    """adamw_kernel<float>, adamw_kernel<bf16,track> (template <T, bool kTrack>), ..."""
+    m = re.search(r"([a-z_]+_kernel)(?:I([ft])(?:Lb([01])E)?E)?", name)
     if not m:
         return name
-    suffix = {"f": "<float>", "t": "<bf16>"}.get(m.group(3) or "", "")
-    return m.group(1) + suffix
+    args = [{"f": "float", "t": "bf16"}[m.group(2)]] if m.group(2) else []
+    if m.group(3) == "1":
+        args.append("track")
+    return m.group(1) + (f"<{','.join(args)}>" if args else "")
 
 
 def analyse_cubin(path: str, origin: str, arch: str = "sm_90") -> list[dict]:
@@ -154,9 +159,11 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
     for dt_name, dt in (("fp32", "fp32"), ("bf16", "bf16")):
         const = {"P_DTYPE": getattr(triton.language, {"fp32": "float32", "bf16": "bfloat16"}[dt]),
                  "ALIGNED": True, "CHUNK": C.CHUNK, "BLOCK": C.BLOCK}
-        jobs.append((f"adamw_kernel<{dt_name}>", W.adamw_kernel,
-                     {"meta_ptr": "*i64", "coef_ptr": "*fp32", "n_tensors": "i32", **{k: "constexpr" for k in const}},
-                     const, {(0,): div16, (1,): div16}))
+        for track in (False, True):
+            c = {**const, "TRACK": track}
+            jobs.append((f"adamw_kernel<{dt_name}{',track' if track else ''}>", W.adamw_kernel,
+                         {"meta_ptr": "*i64", "coef_ptr": "*fp32", "partial_ptr": "*fp64", "n_tensors": "i32",
+                          **{k: "constexpr" for k in c}}, c, {(0,): div16, (1,): div16, (2,): div16}))
         jobs.append((f"adamh_reduce_kernel<{dt_name}>", H.adamh_reduce_kernel,
                      {"meta_ptr": "*i64", "coef_ptr": "*fp32", "partial_ptr": "*fp64", "n_tensors": "i32",
                       **{k: "constexpr" for k in const}}, const, {(0,): div16, (1,): div16, (2,): div16}))
@@ -166,6 +173,9 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
     jobs.append(("adamh_finalize_kernel", H.adamh_finalize_kernel,
                  {"partial_ptr": "*fp64", "chunks_ptr": "*i64", "lr_radius_ptr": "*fp64", "stats_ptr": "*fp64",
                   "scale_ptr": "*fp32", "RB": "constexpr"}, {"RB": H.REDUCE_BLOCK}, {}))
+    jobs.append(("chunk_sums_kernel", W.chunk_sums_kernel,
+                 {"partial_ptr": "*fp64", "chunks_ptr": "*i64", "out_ptr": "*fp64", "COLS": "constexpr",
+                  "RB": "constexpr"}, {"COLS": 2, "RB": W.REDUCE_BLOCK}, {}))
     out = []
     for label, fn, sig, const, attrs in jobs:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
@@ -185,12 +195,13 @@ def collect() -> tuple[list[dict], str]:
         paths, how = cuda_cubins(tmp)
         for p in paths:
             for k in analyse_cubin(p, "CUDA"):
-                k["threads"] = 32 if "finalize" in k["name"] else (128 if "advance" in k["name"] else 256)
+                k["threads"] = (32 if ("finalize" in k["name"] or "stats_kernel" in k["name"])
+                                else (128 if "advance" in k["name"] else 256))
                 kernels.append(k)
         for label, p in triton_cubins(tmp):
             for k in analyse_cubin(p, "Triton"):
                 k["name"] = label
-                k["streaming"] = "finalize" not in label
+                k["streaming"] = not any(s in label for s in NON_STREAMING)
                 k["threads"] = 128
                 kernels.append(k)
     return kernels, how
@@ -203,7 +214,10 @@ def check(kernels: list[dict]) -> list[str]:
         where = f"{k['origin']} {k['name']}"
         if k["ldl"] or k["stl"] or k["local"]:
             bad.append(f"{where}: local memory (LDL {k['ldl']}, STL {k['stl']}, LOCAL {k['local']} B)")
-        if k["streaming"] and not (k["ldg128"] and k["stg128"]):
+        read_only = any(s in k["name"] for s in READ_ONLY)
+        if k["streaming"] and read_only and not k["ldg128"]:
+            bad.append(f"{where}: no 128-bit global loads (LDG.E.128 {k['ldg128']})")
+        elif k["streaming"] and not read_only and not (k["ldg128"] and k["stg128"]):
             bad.append(f"{where}: no 128-bit global loads/stores (LDG.E.128 {k['ldg128']}, STG.E.128 {k['stg128']})")
     return bad
 

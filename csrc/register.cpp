@@ -8,15 +8,18 @@
 TORCH_LIBRARY(lvopt, m) {
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor hyper) -> ()");
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor hyper, Tensor(e!)? found_inf=None, "
+      "Tensor(f!)? stats=None) -> ()");
   m.def(
       "fused_adamh_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] radii, Tensor hyper) -> Tensor");
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] radii, Tensor hyper, "
+      "Tensor(e!)? found_inf=None) -> Tensor");
+  m.def("nonfinite_scan_(Tensor[] tensors, Tensor(a!) found_inf) -> ()");
   m.def("coalesce_rows(Tensor indices, Tensor values, int num_rows) -> (Tensor, Tensor)");
   m.def(
       "sparse_adamw_(Tensor(a!) param, Tensor indices, Tensor values, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, Tensor(d!) step, Tensor(e!) last_step, Tensor hist, Tensor qpow, "
-      "Tensor hyper, int hist_base, int epoch, int window, bool exact) -> ()");
+      "Tensor hyper, int hist_base, int epoch, int window, bool exact, Tensor(f!)? stats=None) -> ()");
   m.def(
       "sparse_catchup_(Tensor(a!) param, Tensor indices, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, Tensor step, Tensor(e!) last_step, Tensor hist, Tensor qpow, "
@@ -26,6 +29,7 @@ TORCH_LIBRARY(lvopt, m) {
 TORCH_LIBRARY_IMPL(lvopt, CPU, m) {
   m.impl("fused_adamw_", &lvopt::cpu::fused_adamw_);
   m.impl("fused_adamh_", &lvopt::cpu::fused_adamh_);
+  m.impl("nonfinite_scan_", &lvopt::cpu::nonfinite_scan_);
   m.impl("coalesce_rows", &lvopt::cpu::coalesce_rows);
   m.impl("sparse_adamw_", &lvopt::cpu::sparse_adamw_);
   m.impl("sparse_catchup_", &lvopt::cpu::sparse_catchup_);

@@ -23,11 +23,15 @@ def native_available() -> bool:
 if _C is not None:
 
     @torch.library.register_fake("lvopt::fused_adamw_")
-    def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
+    def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None, stats=None):
+        return None
+
+    @torch.library.register_fake("lvopt::nonfinite_scan_")
+    def _nonfinite_scan_fake(tensors, found_inf):
         return None
 
     @torch.library.register_fake("lvopt::fused_adamh_")
-    def _fused_adamh_fake(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper):
+    def _fused_adamh_fake(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper, found_inf=None):
         # On the parameters' device: the CUDA kernel returns device stats (reading them back
         # would synchronise), whichever device the hyper table is on.
         if params:
@@ -42,7 +46,7 @@ if _C is not None:
 
     @torch.library.register_fake("lvopt::sparse_adamw_")
     def _sparse_adamw_fake(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
-                           hist_base, epoch, window, exact):
+                           hist_base, epoch, window, exact, stats=None):
         return None
 
     @torch.library.register_fake("lvopt::sparse_catchup_")

@@ -31,6 +31,8 @@ CLAIMS = [
     ("adamw_gpt2", "lvopt AdamW", "torch AdamW fused", 1.05, "AdamW GPT-2 list: >= 1.05x torch fused"),
     ("adamw_gpt2", "lvopt AdamW", "DeepSpeedCPUAdam", 1.0, "AdamW GPT-2 list: at least as fast as DeepSpeedCPUAdam"),
     ("adamw_bf16", "lvopt AdamW bf16", "lvopt AdamW fp32", 1.15, "bf16: >= 1.15x faster than fp32"),
+    ("adamw_1x", "lvopt AdamW track=True", "lvopt AdamW", 1 / 1.05, "telemetry: track=True costs <= 5% (one tensor)"),
+    ("adamw_gpt2", "lvopt AdamW track=True", "lvopt AdamW", 1 / 1.05, "telemetry: track=True costs <= 5% (GPT-2 list)"),
     ("adamh", "lvopt AdamH", "eager PyTorch AdamH", 3.0, "AdamH: >= 3x eager PyTorch AdamH"),
     ("adamh", "lvopt AdamW (same matrix)", "lvopt AdamH", 1 / 1.6, "AdamH: <= 1.6x the AdamW step"),
     ("sparse_rows", "lvopt exact", "torch SparseAdam", 8.0, "sparse rows: exact >= 8x SparseAdam"),

@@ -38,10 +38,48 @@ def _grad(g: Tensor, row: Sequence[float], dtype: torch.dtype) -> Tensor:
     return -g if row[MAXIMIZE] else g
 
 
+def _any_nonfinite(tensors: Sequence[Tensor]) -> bool:
+    return any(t.numel() and not bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _stop_for_nonfinite(found_inf: Tensor | None, grads: Sequence[Tensor]) -> bool:
+    """The found_inf protocol of the step ops: when found_inf is given and is already set or a
+    gradient element is NaN/inf, set it and tell the caller to write nothing."""
+    if found_inf is None:
+        return False
+    if float(found_inf) != 0.0 or _any_nonfinite(grads):
+        found_inf.fill_(1.0)
+        return True
+    return False
+
+
+def nonfinite_scan_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
+    """Sets found_inf to 1 when an element of ``tensors`` is NaN or infinite. Any device, and no
+    host synchronisation (the flag is set on the device by masked_fill_)."""
+    for t in tensors:
+        if t.numel():
+            found_inf.masked_fill_(~torch.isfinite(t).all(), 1.0)
+
+
+def _square_sums(before: Tensor, after: Tensor) -> tuple:
+    """fp64 (sum of before^2, sum of (after - before)^2): the telemetry sums of one tensor."""
+    b, a = before.double(), after.double()
+    return float((b * b).sum()), float(((a - b) ** 2).sum())
+
+
 def fused_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                 exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], hyper: Tensor) -> None:
-    """AdamW, as torch.optim.AdamW (decoupled weight decay), on every tensor in place."""
-    for p, g, m, v, step, row in zip(params, grads, exp_avgs, exp_avg_sqs, steps, hyper.tolist()):
+                 exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], hyper: Tensor,
+                 found_inf: Tensor | None = None, stats: Tensor | None = None) -> None:
+    """AdamW, as torch.optim.AdamW (decoupled weight decay), on every tensor in place.
+    ``found_inf``: see :func:`_stop_for_nonfinite`; ``stats`` ([n, 2] fp64) receives per tensor
+    the sums of W^2 (before the step) and of (W_after - W_before)^2, W as stored."""
+    if stats is not None:
+        stats.zero_()
+    if _stop_for_nonfinite(found_inf, grads):
+        return
+    for i, (p, g, m, v, step, row) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps,
+                                                    hyper.tolist())):
+        before = p.clone() if stats is not None else None
         bc1, bc2 = _advance(step, row)
         dt = _compute_dtype(p)
         g = _grad(g, row, m.dtype)
@@ -51,14 +89,19 @@ def fused_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
         denom = (v.sqrt() / math.sqrt(bc2)).add_(row[EPS])
         w.addcdiv_(m.to(dt), denom.to(dt), value=-row[LR] / bc1)
         p.copy_(w)
+        if stats is not None:
+            stats[i, 0], stats[i, 1] = _square_sums(before, p)
 
 
 def fused_adamh_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                  exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], radii: Sequence[Tensor],
-                 hyper: Tensor) -> Tensor:
+                 hyper: Tensor, found_inf: Tensor | None = None) -> Tensor:
     """AdamH (Adam on the hyperball) on every tensor in place; returns the fp64 sums
-    (||u||^2, <W,u>, ||W||^2) per tensor, W taken before the step."""
+    (||u||^2, <W,u>, ||W||^2) per tensor, W taken before the step (zeros when ``found_inf``
+    stops the step, as for :func:`fused_adamw_`)."""
     stats = torch.zeros(len(params), 3, dtype=torch.float64)
+    if _stop_for_nonfinite(found_inf, grads):
+        return stats
     for i, (p, g, m, v, step, r, row) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper.tolist())
     ):
@@ -125,10 +168,12 @@ def _zero_grad_steps(p: Tensor, m: Tensor, v: Tensor, s: int, c: int, hist: Tens
 
 def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                   step: Tensor, last_step: Tensor, hist: Tensor, qpow: Tensor, hyper: Tensor,
-                  hist_base: int, epoch: int, window: int, exact: bool) -> None:
+                  hist_base: int, epoch: int, window: int, exact: bool, stats: Tensor | None = None) -> None:
     """One AdamW step of the rows ``indices`` touches (duplicates summed). Lazy: untouched rows
     stay. Exact: each touched row first takes the skipped zero-gradient steps one by one
-    (``qpow``, ``epoch`` and ``window`` serve the native closed form and are unused here)."""
+    (``qpow``, ``epoch`` and ``window`` serve the native closed form and are unused here).
+    ``stats`` (two fp64): the sums over the rows written of W^2 before the call (before any
+    catch-up) and of (W_after - W_before)^2."""
     op = "lvopt::sparse_adamw_"
     _check_indices(op, indices, param.shape[0])
     if values.shape != (indices.numel(), param.shape[1]) or values.dtype != param.dtype:
@@ -146,6 +191,7 @@ def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tenso
     step.add_(1)
     bc1, bc2 = 1.0 - row[BETA1] ** t, 1.0 - row[BETA2] ** t
     dt = _compute_dtype(param)
+    before = param[rows].clone() if stats is not None else None
     for k, r in enumerate(rows.tolist()):
         p, m, v = param[r].to(dt), exp_avg[r], exp_avg_sq[r]
         if exact:
@@ -156,6 +202,8 @@ def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tenso
         _moments(gr, m, v, row)
         p.addcdiv_(m.to(dt), ((v.sqrt() / math.sqrt(bc2)).add_(row[EPS])).to(dt), value=-row[LR] / bc1)
         param[r] = p.to(param.dtype)
+    if stats is not None:
+        stats.reshape(-1)[0], stats.reshape(-1)[1] = _square_sums(before, param[rows])
 
 
 def sparse_catchup_(param: Tensor, indices: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,

@@ -154,6 +154,28 @@ def _fsdp(cls_name: str):
     return res
 
 
+def _fsdp_skip(rank: int):
+    """nonfinite="skip" with FSDP2: a NaN in one rank's gradient shard skips the step on every
+    rank (the flag is all-reduced), so the shards stay consistent."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, 8))
+    fully_shard(model, mesh=mesh)
+    params = list(model.parameters())
+    opt = lvopt.AdamW(params, lr=1e-2, nonfinite="skip")
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(1))
+    model(x).square().mean().backward()
+    if rank == 0:
+        params[0].grad.to_local()[0, 0] = float("nan")
+    before = [p.to_local().clone() for p in params]
+    opt.step()
+    return dict(skipped=opt.skipped_steps, unchanged=all(torch.equal(b, p.to_local()) for b, p in zip(before, params)),
+                state=len(opt.state))
+
+
 def worker(out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -164,6 +186,7 @@ def worker(out_dir: str) -> None:
         res = {name: _ddp(name, rank) for name in SCENARIOS}
         for cls_name in ("AdamW", "AdamH"):
             res[f"fsdp_{cls_name}"] = _fsdp(cls_name)
+        res["fsdp_skip"] = _fsdp_skip(rank)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -282,3 +305,9 @@ def test_fsdp2_adamh_refuses_sharded_matrices_before_writing(ranks):
         assert etype == "TypeError" and "AdamH cannot step a sharded" in msg and "hyperball=False" in msg, msg
         assert r["unchanged"]
         assert not r["state"]
+
+
+@needs_native
+def test_fsdp2_nonfinite_skip_is_agreed_by_all_ranks(ranks):
+    for res in ranks:
+        assert res["fsdp_skip"] == dict(skipped=1, unchanged=True, state=0)

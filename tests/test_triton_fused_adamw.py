@@ -140,3 +140,58 @@ def test_optimizer_backend_triton_matches_torch(gen):
         ours.step()
         ref.step()
     assert rel_err(p.cpu(), q.cpu()) < 1e-6
+
+
+@needs_triton_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stats_and_found_inf(gen, dtype):
+    """track=True sums and the found_inf protocol, as the CPU kernel and the reference."""
+    from lvopt import reference
+
+    ps, gs, ms, vs, ss = make_state(SHAPES, dtype, gen, steps=3)
+    hyper = make_hyper(len(SHAPES), gen=gen)
+    rp, rg, rm, rv, rs = clone_all(ps, gs, ms, vs, ss)
+    ps, gs, ms, vs = _to((ps, gs, ms, vs), DEV)
+    before = [p.clone() for p in ps]
+    stats = torch.full((len(SHAPES), 2), 5.0, dtype=torch.float64, device=DEV)
+    found = torch.zeros(1, device=DEV)
+    _ops().fused_adamw_(ps, gs, ms, vs, ss, hyper, found, stats)
+    assert float(found) == 0.0
+    ref_stats = torch.empty(len(SHAPES), 2, dtype=torch.float64)
+    reference.fused_adamw_(rp, rg, rm, rv, rs, hyper, None, ref_stats)
+    for i, (p, b) in enumerate(zip(ps, before)):
+        b64, p64 = b.cpu().double(), p.cpu().double()
+        assert float(stats[i, 0]) == pytest.approx(float((b64 * b64).sum()), rel=1e-12, abs=1e-300)
+        assert float(stats[i, 1]) == pytest.approx(float(((p64 - b64) ** 2).sum()), rel=1e-10, abs=1e-300)
+    # A non-finite gradient: nothing written, the flag set.
+    snap = clone_all(ps, ms, vs, ss)
+    gs[3][100] = float("inf")
+    _ops().fused_adamw_(ps, gs, ms, vs, ss, hyper, found)
+    assert float(found) == 1.0
+    for lst, old in zip((ps, ms, vs, ss), snap):
+        for t, o in zip(lst, old):
+            assert torch.equal(t, o)
+    radii = [torch.tensor(1.0, dtype=torch.float64) for _ in SHAPES]
+    found.zero_()
+    out = _ops().fused_adamh_(ps, gs, ms, vs, ss, radii, make_hyper(len(SHAPES), wd=0.0), found)
+    assert float(found) == 1.0 and not out.any()
+    for lst, old in zip((ps, ms, vs, ss), snap):
+        for t, o in zip(lst, old):
+            assert torch.equal(t, o)
+
+
+@needs_triton_device
+def test_optimizer_track_and_skip_on_triton(gen):
+    import lvopt
+
+    p = torch.nn.Parameter(torch.randn(40, 30, generator=gen).to(DEV))
+    opt = lvopt.AdamW([p], lr=1e-2, backend="triton", track=True, nonfinite="skip")
+    p.grad = torch.randn(40, 30, generator=gen).to(DEV)
+    before = p.detach().clone()
+    opt.step()
+    r = opt.telemetry.per_tensor()[0]
+    assert r["dw_norm"] == pytest.approx(float((p.detach() - before).double().norm()), rel=1e-6)
+    p.grad[0, 0] = float("nan")
+    snap = p.detach().clone()
+    opt.step()
+    assert torch.equal(p.detach(), snap) and opt.skipped_steps == 1

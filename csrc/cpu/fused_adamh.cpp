@@ -87,12 +87,20 @@ LVOPT_ISA_DISPATCH(adamh_apply_bf16,
 
 at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList radii,
-                        const at::Tensor& hyper) {
+                        const at::Tensor& hyper, const std::optional<at::Tensor>& found_inf) {
   const char* op = "lvopt::fused_adamh_";
   const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
   check_step_args(op, args);
   const size_t n = params.size();
   check_hyperball_args(op, args, radii);
+  float* found = check_found_inf(op, found_inf);
+  if (found != nullptr && (*found != 0.0f || any_nonfinite(grads))) {
+    // A non-finite gradient (here or in an earlier op): write nothing. Pass one writes the
+    // moments, so the scan comes first (+4 B/element; the same bytes as a pass one that
+    // defers its moment writes to pass two).
+    *found = 1.0f;
+    return hyper.new_zeros({static_cast<int64_t>(n), 3});
+  }
   std::vector<double> step_numbers;
   std::vector<AdamCoef> coef = advance_steps(args, &step_numbers);
   const double* hp = hyper.data_ptr<double>();
@@ -123,11 +131,9 @@ at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorL
     }
   });
 
-  at::Tensor stats = at::zeros({static_cast<int64_t>(n), 3}, hyper.options());
+  at::Tensor stats = at::zeros({static_cast<int64_t>(n), 3}, hyper.options().device(at::kCPU));
   double* st = stats.data_ptr<double>();
-  for (size_t k = 0; k < chunks.size(); ++k) {
-    for (int j = 0; j < 3; ++j) st[3 * chunks[k].tensor + j] += partial[3 * k + j];
-  }
+  add_chunk_partials(chunks, partial, 3, st);
   std::vector<float> scale_a(n), scale_b(n);
   for (size_t i = 0; i < n; ++i) {
     const HyperballScales s = hyperball_scales(hp[i * kHyperCols + kLr],

@@ -1,6 +1,9 @@
 // Fused multi-tensor AdamW on the CPU: one parallel region over fixed chunks of every tensor
 // of every group; per-tensor hyperparameters from one table. Bytes per element: fp32 28
 // (read p, g, m, v; write p, m, v), bf16 params/grads 20.
+// With found_inf (nonfinite="skip"/"raise"), the gradients are first scanned in the same
+// parallel machinery (+4 B/element fp32, +2 bf16), and nothing is written if one is not
+// finite. With stats (track=True), the same pass also sums W^2 and (dW)^2 per tensor.
 #include "ops.h"
 
 #include "multi_tensor.h"
@@ -16,32 +19,64 @@ LVOPT_ISA_DISPATCH(adamw_span_bf16,
                    (uint16_t* p, const uint16_t* g, float* m, float* v, int64_t n,
                     const AdamCoef& c),
                    (p, g, m, v, n, c), (adamw_span<uint16_t, uint16_t>))
+LVOPT_ISA_DISPATCH(adamw_tracked_f32,
+                   (float* p, const float* g, float* m, float* v, int64_t n, const AdamCoef& c,
+                    double* out),
+                   (p, g, m, v, n, c, out), (adamw_span_tracked<float, float>))
+LVOPT_ISA_DISPATCH(adamw_tracked_bf16,
+                   (uint16_t* p, const uint16_t* g, float* m, float* v, int64_t n,
+                    const AdamCoef& c, double* out),
+                   (p, g, m, v, n, c, out), (adamw_span_tracked<uint16_t, uint16_t>))
 
 }  // namespace
 
 void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                  at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper) {
+                  at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
+                  const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& stats) {
+  const char* op = "lvopt::fused_adamw_";
   const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
-  check_step_args("lvopt::fused_adamw_", args);
+  check_step_args(op, args);
+  float* found = check_found_inf(op, found_inf);
+  double* st = check_stats(op, stats, params.size(), 2);
+  if (found != nullptr && (*found != 0.0f || any_nonfinite(grads))) {
+    *found = 1.0f;  // a non-finite gradient (here or in an earlier op): write nothing
+    return;
+  }
   const std::vector<AdamCoef> coef = advance_steps(args);
   std::vector<int64_t> numels;
   numels.reserve(params.size());
   for (const auto& p : params) numels.push_back(p.numel());
   const std::vector<Chunk> chunks = plan_chunks(numels);
-  for_each_chunk(chunks, [&](const Chunk& ch) {
-    const at::Tensor& p = params[ch.tensor];
-    float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
-    float* v = exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
-    const int64_t n = ch.end - ch.begin;
-    if (p.scalar_type() == at::kFloat) {
-      adamw_span_f32(p.data_ptr<float>() + ch.begin, grads[ch.tensor].data_ptr<float>() + ch.begin,
-                     m, v, n, coef[ch.tensor]);
-    } else {
-      adamw_span_bf16(reinterpret_cast<uint16_t*>(p.data_ptr()) + ch.begin,
-                      reinterpret_cast<const uint16_t*>(grads[ch.tensor].data_ptr()) + ch.begin, m,
-                      v, n, coef[ch.tensor]);
+  std::vector<double> partial(st != nullptr ? 2 * chunks.size() : 0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Chunk& ch = chunks[k];
+      const at::Tensor& p = params[ch.tensor];
+      float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
+      float* v = exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
+      const int64_t n = ch.end - ch.begin;
+      const AdamCoef& c = coef[ch.tensor];
+      if (p.scalar_type() == at::kFloat) {
+        float* pp = p.data_ptr<float>() + ch.begin;
+        const float* g = grads[ch.tensor].data_ptr<float>() + ch.begin;
+        if (st != nullptr) {
+          adamw_tracked_f32(pp, g, m, v, n, c, &partial[2 * k]);
+        } else {
+          adamw_span_f32(pp, g, m, v, n, c);
+        }
+      } else {
+        uint16_t* pp = reinterpret_cast<uint16_t*>(p.data_ptr()) + ch.begin;
+        const uint16_t* g = reinterpret_cast<const uint16_t*>(grads[ch.tensor].data_ptr()) + ch.begin;
+        if (st != nullptr) {
+          adamw_tracked_bf16(pp, g, m, v, n, c, &partial[2 * k]);
+        } else {
+          adamw_span_bf16(pp, g, m, v, n, c);
+        }
+      }
     }
   });
+  if (st != nullptr) add_chunk_partials(chunks, partial, 2, st);
 }
 
 }  // namespace cpu

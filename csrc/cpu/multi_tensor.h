@@ -6,6 +6,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "isa.h"
@@ -69,6 +70,82 @@ LVOPT_ALWAYS_INLINE void adamw_span(T* __restrict p, const G* __restrict g, floa
     store_elem(p, i, pi);
   }
 }
+
+// The value a store of x into T storage keeps: x for fp32, x rounded to bf16 for bf16.
+LVOPT_ALWAYS_INLINE float stored_value(const float*, float x) { return x; }
+LVOPT_ALWAYS_INLINE float stored_value(const uint16_t*, float x) {
+  return bf16_to_float(float_to_bf16(x));
+}
+
+// Telemetry lanes: like AdamH's reductions, element i of a span sums into fp64 lane i mod 16
+// and the lanes are added in order, so the bits do not depend on the ISA.
+constexpr int kTrackLanes = 16;
+
+// adamw_span that also returns, in out[0..1], the fp64 sums of W^2 (W before the step) and of
+// (W_after - W_before)^2 over the span, W as stored. The telemetry of `track=True`; the
+// untracked loop above stays the hot path.
+template <typename T, typename G>
+LVOPT_ALWAYS_INLINE void adamw_span_tracked(T* __restrict p, const G* __restrict g,
+                                            float* __restrict m, float* __restrict v, int64_t n,
+                                            const AdamCoef& c, double* __restrict out) {
+  double ww[kTrackLanes] = {}, dd[kTrackLanes] = {};
+  for (int64_t b = 0; b < n; b += kTrackLanes) {
+    const int len = static_cast<int>(n - b < kTrackLanes ? n - b : kTrackLanes);
+    for (int l = 0; l < len; ++l) {
+      const int64_t i = b + l;
+      const float w0 = load_elem(p, i);
+      float pi = w0, mi = m[i], vi = v[i];
+      adamw_element(pi, load_elem(g, i), mi, vi, c);
+      m[i] = mi;
+      v[i] = vi;
+      store_elem(p, i, pi);
+      const double d = static_cast<double>(stored_value(p, pi)) - static_cast<double>(w0);
+      ww[l] += static_cast<double>(w0) * static_cast<double>(w0);
+      dd[l] += d * d;
+    }
+  }
+  double s_ww = 0.0, s_dd = 0.0;
+  for (int l = 0; l < kTrackLanes; ++l) {
+    s_ww += ww[l];
+    s_dd += dd[l];
+  }
+  out[0] = s_ww;
+  out[1] = s_dd;
+}
+
+// Whether x holds a NaN or an infinity (exponent bits all ones), branch-free so it vectorises.
+template <typename T>
+LVOPT_ALWAYS_INLINE bool span_nonfinite(const T* __restrict x, int64_t n);
+template <>
+LVOPT_ALWAYS_INLINE bool span_nonfinite(const float* __restrict x, int64_t n) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint32_t>((u[i] & 0x7F800000u) == 0x7F800000u);
+  return bad != 0;
+}
+template <>
+LVOPT_ALWAYS_INLINE bool span_nonfinite(const uint16_t* __restrict x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint32_t>((x[i] & 0x7F80u) == 0x7F80u);
+  return bad != 0;
+}
+
+// Whether any element of `tensors` (float32 or bfloat16, dense) is NaN or infinite: one
+// parallel pass over fixed chunks. The gradient scan of nonfinite="skip"/"raise".
+bool any_nonfinite(at::TensorList tensors);
+
+// The optional found_inf argument of the step ops: a one-element float32 CPU tensor.
+// Returns its data pointer (nullptr when absent).
+float* check_found_inf(const char* op, const std::optional<at::Tensor>& found_inf);
+
+// The optional stats output of the step ops: a contiguous float64 CPU tensor [n, cols],
+// zeroed here. Returns its data pointer (nullptr when absent).
+double* check_stats(const char* op, const std::optional<at::Tensor>& stats, size_t n, int cols);
+
+// Adds per-chunk partial sums (cols per chunk) into out[tensor * cols + j], in chunk order:
+// the same bits for any thread count.
+void add_chunk_partials(const std::vector<Chunk>& chunks, const std::vector<double>& partial,
+                        int cols, double* out);
 
 // Raw storage type of a parameter dtype: float for fp32, uint16_t bits for bf16.
 template <typename Fn>

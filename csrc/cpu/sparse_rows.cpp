@@ -420,11 +420,33 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& indices, cons
   return {rows, out};
 }
 
+namespace {
+
+// Telemetry of one row: out[0] = sum of W_before^2, out[1] = sum of (W_after - W_before)^2,
+// in kTrackLanes fp64 lanes (the same bits for every ISA, as for the dense step).
+template <typename T>
+void row_sums(const float* before, const T* after, int64_t d, double* out) {
+  double ww[kTrackLanes] = {}, dd[kTrackLanes] = {};
+  for (int64_t j = 0; j < d; ++j) {
+    const double w0 = before[j];
+    const double dw = static_cast<double>(load_elem(after, j)) - w0;
+    ww[j % kTrackLanes] += w0 * w0;
+    dd[j % kTrackLanes] += dw * dw;
+  }
+  out[0] = out[1] = 0.0;
+  for (int l = 0; l < kTrackLanes; ++l) {
+    out[0] += ww[l];
+    out[1] += dd[l];
+  }
+}
+
+}  // namespace
+
 void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& values,
                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
                    const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
                    const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
-                   bool exact) {
+                   bool exact, const std::optional<at::Tensor>& stats) {
   const char* op = "lvopt::sparse_adamw_";
   check_table(op, param, exp_avg, exp_avg_sq, step, hyper);
   TORCH_CHECK(values.defined() && values.device().is_cpu() && values.dim() == 2 &&
@@ -442,6 +464,15 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
     last = last_step.data_ptr<int64_t>();
     check_rows_clock(op, plan, last, ck, static_cast<int64_t>(t) - 1);
   }
+  double* st = nullptr;
+  if (stats.has_value()) {
+    const at::Tensor& s = *stats;
+    TORCH_CHECK(s.defined() && s.device().is_cpu() && s.scalar_type() == at::kDouble &&
+                    s.numel() == 2 && s.is_contiguous(),
+                op, ": stats must be a contiguous two-element float64 CPU tensor, got ",
+                s.scalar_type(), " ", s.sizes(), " on ", s.device());
+    st = s.data_ptr<double>();
+  }
   // Every check has passed: from here on, writes.
   write_step(step, t);
   const AdamCoef coef = make_adam_coef(hyper.data_ptr<double>(), t);
@@ -451,6 +482,8 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
   const int64_t ti = static_cast<int64_t>(t);
   float* m_all = exp_avg.data_ptr<float>();
   float* v_all = exp_avg_sq.data_ptr<float>();
+  // Telemetry (stats): per-row fp64 sums of W^2 and (dW)^2, added in row order below.
+  std::vector<double> row_stats(st != nullptr ? 2 * static_cast<size_t>(u) : 0);
   dispatch_param_dtype(param.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* src = reinterpret_cast<const T*>(vals.data_ptr());
@@ -473,6 +506,12 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
         T* p = p_all + r * d;
         float* m = m_all + r * d;
         float* v = v_all + r * d;
+        thread_local std::vector<float> before;
+        if (st != nullptr) {
+          // The row is about to be read by the update: this copy costs cache traffic only.
+          before.resize(static_cast<size_t>(d));
+          for (int64_t j = 0; j < d; ++j) before[j] = load_elem(p, j);
+        }
         const bool behind = exact && last[r] < ti - 1;
         if (!behind) {
           if constexpr (std::is_same_v<T, float>) adamw_row_f32(p, g, m, v, d, coef);
@@ -489,9 +528,17 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
           }
         }
         if (exact) last[r] = ti;
+        if (st != nullptr) row_sums(before.data(), p, d, &row_stats[2 * k]);
       }
     });
   });
+  if (st != nullptr) {
+    st[0] = st[1] = 0.0;
+    for (int64_t k = 0; k < u; ++k) {
+      st[0] += row_stats[2 * k];
+      st[1] += row_stats[2 * k + 1];
+    }
+  }
 }
 
 void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& exp_avg,

@@ -17,17 +17,6 @@ namespace lvopt {
 namespace cuda {
 namespace {
 
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
-
-__device__ __forceinline__ void warp_sum3(double& a, double& b, double& c) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_xor_sync(kFullMask, a, off);
-    b += __shfl_xor_sync(kFullMask, b, off);
-    c += __shfl_xor_sync(kFullMask, c, off);
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     adamh_reduce_kernel(const __grid_constant__ LaunchTable tab, const TensorState* __restrict__ st,
@@ -42,7 +31,7 @@ __global__ void __launch_bounds__(kThreads)
   float* __restrict__ m = e.m + begin;
   float* __restrict__ v = e.v + begin;
   constexpr int N = VecWidth<T>::value;
-  double uu = 0.0, wu = 0.0, ww = 0.0;
+  double uu = 0.0, wu = 0.0, ww = 0.0;  // sums[0..2] below
   int64_t done = 0;
   if (aligned16(p, g, m, v)) {
     done = n / N * N;
@@ -76,21 +65,8 @@ __global__ void __launch_bounds__(kThreads)
     wu += w * u;
     ww += w * w;
   }
-  warp_sum3(uu, wu, ww);
-  __shared__ double sh[3][kThreads / 32];
-  const int warp = threadIdx.x / 32;
-  if ((threadIdx.x & 31) == 0) {
-    sh[0][warp] = uu;
-    sh[1][warp] = wu;
-    sh[2][warp] = ww;
-  }
-  __syncthreads();
-  if (threadIdx.x < 3) {
-    double s = 0.0;
-#pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) s += sh[threadIdx.x][w];
-    partials[3 * (static_cast<int64_t>(e.chunk_start) + chunk) + threadIdx.x] = s;
-  }
+  double sums[3] = {uu, wu, ww};
+  block_sum_to<3>(sums, partials + 3 * (static_cast<int64_t>(e.chunk_start) + chunk));
 }
 
 // One warp per tensor: lane l adds chunks l, l+32, ... in order, then a fixed tree.
@@ -98,14 +74,9 @@ __global__ void adamh_finalize_kernel(TensorState* __restrict__ st,
                                       const double* __restrict__ partials,
                                       double* __restrict__ stats) {
   TensorState& s = st[blockIdx.x];
-  double uu = 0.0, wu = 0.0, ww = 0.0;
-  for (int k = threadIdx.x; k < s.n_chunks; k += 32) {
-    const double* q = partials + 3 * (static_cast<int64_t>(s.first_chunk) + k);
-    uu += q[0];
-    wu += q[1];
-    ww += q[2];
-  }
-  warp_sum3(uu, wu, ww);
+  double x[3];
+  sum_chunk_partials<3>(s, partials, x);
+  const double uu = x[0], wu = x[1], ww = x[2];
   if (threadIdx.x == 0) {
     double* out = stats + 3 * static_cast<int64_t>(blockIdx.x);
     out[0] = uu;
@@ -150,17 +121,22 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor fused_adamh_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList radii,
-                            const at::Tensor& hyper) {
+                            const at::Tensor& hyper, const std::optional<at::Tensor>& found_inf) {
   const char* op = "lvopt::fused_adamh_";
   const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
   check_step_args(op, args);
   const size_t n = params.size();
   ::lvopt::check_hyperball_args(op, args, radii);
+  check_found_inf(op, found_inf, args);
   if (n == 0) return at::empty({0, 3}, hyper.options());
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int64_t total_chunks = 0;
   const std::vector<int32_t> first = first_chunks(params, &total_chunks);
+  // Pass 1 writes the moments, so a non-finite gradient must be found before it (a scan of g).
+  if (stop_for_nonfinite(args, first, found_inf, stream)) {
+    return at::empty({static_cast<int64_t>(n), 3}, params[0].options().dtype(at::kDouble)).zero_();
+  }
   at::Tensor hyper_dev;
   at::Tensor st_buf = advance_steps(args, radii, /*unit_step=*/true, first, stream, &hyper_dev);
   auto* st = reinterpret_cast<TensorState*>(st_buf.data_ptr());

@@ -30,6 +30,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "lvopt/math.h"
@@ -210,10 +211,101 @@ __device__ __forceinline__ float load_one(const uint16_t* p, int64_t i) { return
 __device__ __forceinline__ void store_one(float* p, int64_t i, float x) { p[i] = x; }
 __device__ __forceinline__ void store_one(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
 
+// The value a store of x into T storage keeps (bf16: rounded), and the telemetry sums of one
+// element: sums[0] += W_before^2, sums[1] += (W_after - W_before)^2, in fp64.
+__device__ __forceinline__ float stored_value(const float*, float x) { return x; }
+__device__ __forceinline__ float stored_value(const uint16_t*, float x) {
+  return bf16_to_float(float_to_bf16(x));
+}
+__device__ __forceinline__ void track(float w0, float w1, double (&sums)[2]) {
+  const double d = static_cast<double>(w1) - static_cast<double>(w0);
+  sums[0] += static_cast<double>(w0) * static_cast<double>(w0);
+  sums[1] += d * d;
+}
+
 __device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c, const void* d) {
   return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
            reinterpret_cast<uintptr_t>(c) | reinterpret_cast<uintptr_t>(d)) &
           15u) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic reductions (AdamH's norms, AdamW's telemetry): each thread sums its own
+// elements in a fixed order, a block adds its threads by a fixed xor-shuffle tree and its
+// warps in order into one partial per chunk, and one warp per tensor adds the chunk partials
+// by a fixed lane assignment and tree. No atomics: the bits depend on neither the schedule nor
+// the number of SMs.
+
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+template <int K>
+__device__ __forceinline__ void warp_sum(double (&x)[K]) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) x[j] += __shfl_xor_sync(kFullMask, x[j], off);
+  }
+}
+
+// The block's sums of x[0..K) (one value per thread each) go to out[0..K), written by
+// threads 0..K-1. Every thread of the block must call it.
+template <int K>
+__device__ __forceinline__ void block_sum_to(double (&x)[K], double* __restrict__ out) {
+  warp_sum<K>(x);
+  __shared__ double sh[K][kThreads / 32];
+  const int warp = threadIdx.x / 32;
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) sh[j][warp] = x[j];
+  }
+  __syncthreads();
+  if (threadIdx.x < K) {
+    double s = 0.0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) s += sh[threadIdx.x][w];
+    out[threadIdx.x] = s;
+  }
+}
+
+// One warp per tensor (blockDim 32): the sums of its chunks' K-column partials, in x on
+// every lane.
+template <int K>
+__device__ __forceinline__ void sum_chunk_partials(const TensorState& s,
+                                                   const double* __restrict__ partials,
+                                                   double (&x)[K]) {
+#pragma unroll
+  for (int j = 0; j < K; ++j) x[j] = 0.0;
+  for (int k = threadIdx.x; k < s.n_chunks; k += 32) {
+    const double* q = partials + K * (static_cast<int64_t>(s.first_chunk) + k);
+#pragma unroll
+    for (int j = 0; j < K; ++j) x[j] += q[j];
+  }
+  warp_sum<K>(x);
+}
+
+// Sets *found to 1 when an element of the launch's gradients is NaN or infinite (the scan of
+// nonfinite="skip"/"raise"; reads g only, 16-byte loads). Every writer writes the same value.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    nonfinite_kernel(const __grid_constant__ LaunchTable tab, float* __restrict__ found) {
+  const TensorEntry& e = tab.t[find_entry(tab, blockIdx.x)];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x - e.block_start) * kChunk;
+  const int64_t n = min(kChunk, e.numel - begin);
+  const T* __restrict__ g = static_cast<const T*>(e.g) + begin;
+  constexpr int N = VecWidth<T>::value;
+  bool bad = false;
+  int64_t done = 0;
+  if (aligned16(g, g, g, g)) {
+    done = n / N * N;
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < done; i += kThreads * N) {
+      float gf[N];
+      load_vec(g + i, gf);
+#pragma unroll
+      for (int k = 0; k < N; ++k) bad |= !isfinite(gf[k]);
+    }
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) bad |= !isfinite(load_one(g, i));
+  if (__syncthreads_or(bad) && threadIdx.x == 0) *found = 1.0f;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -326,6 +418,36 @@ void for_each_launch(const StepArgs& a, at::ScalarType dtype, const std::vector<
     blocks += nb;
   }
   flush();
+}
+
+// The optional found_inf argument: a one-element float32 tensor on the parameters' device.
+inline void check_found_inf(const char* op, const std::optional<at::Tensor>& found_inf,
+                            const StepArgs& a) {
+  if (!found_inf.has_value()) return;
+  const at::Tensor& f = *found_inf;
+  TORCH_CHECK(f.defined() && f.scalar_type() == at::kFloat && f.numel() == 1 &&
+                  (a.params.empty() || f.device() == a.params[0].device()),
+              op, ": found_inf must be a one-element float32 tensor on the parameters' device, got ",
+              f.scalar_type(), " ", f.sizes(), " on ", f.device());
+}
+
+// nonfinite="skip"/"raise": scans every gradient into found_inf on the device, then reads it
+// back. That read is the step's one host synchronisation: lvopt keeps step counters on the
+// host (as torch.optim does without capturable=True), and they advance only if the step runs.
+// Returns true when the step must write nothing (found_inf was set, here or by an earlier op).
+inline bool stop_for_nonfinite(const StepArgs& a, const std::vector<int32_t>& first,
+                               const std::optional<at::Tensor>& found_inf, cudaStream_t stream) {
+  if (!found_inf.has_value()) return false;
+  float* found = found_inf->data_ptr<float>();
+  for_each_launch(a, at::kFloat, first, [&](const LaunchTable& tab) {
+    nonfinite_kernel<float><<<tab.blocks, kThreads, 0, stream>>>(tab, found);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  for_each_launch(a, at::kBFloat16, first, [&](const LaunchTable& tab) {
+    nonfinite_kernel<uint16_t><<<tab.blocks, kThreads, 0, stream>>>(tab, found);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return found_inf->item<float>() != 0.0f;
 }
 
 }  // namespace cuda

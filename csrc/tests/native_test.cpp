@@ -112,9 +112,11 @@ void test_adamw(at::ScalarType dt, bool maximize) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lvopt::fused_adamw_", "")
                        .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                                   at::TensorList, const at::Tensor&)>();
+                                   at::TensorList, const at::Tensor&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&)>();
   for (int step = 3; step <= 5; ++step) {
-    op.call(s[0], s[1], s[2], s[3], s[4], hyper);
+    op.call(s[0], s[1], s[2], s[3], s[4], hyper, std::nullopt, std::nullopt);
     ref_adamw(rp, s[1], rm, rv, step, hyper);
   }
   const double tol = dt == at::kFloat ? 1e-5 : 2e-2;
@@ -139,7 +141,7 @@ void test_adamh() {
   auto rp = to_double(s[0]), rm = to_double(s[2]), rv = to_double(s[3]);
   at::Tensor hyper = make_hyper(static_cast<int64_t>(shapes.size()), 0.0, false);
   for (int step = 3; step <= 5; ++step) {
-    lvopt::cpu::fused_adamh_(s[0], s[1], s[2], s[3], s[4], radii, hyper);
+    lvopt::cpu::fused_adamh_(s[0], s[1], s[2], s[3], s[4], radii, hyper, std::nullopt);
     ref_adamh(rp, s[1], rm, rv, step, hyper, r);
   }
   for (size_t i = 0; i < shapes.size(); ++i) {
@@ -155,9 +157,9 @@ void test_threads_give_same_bits() {
   at::Tensor hyper = make_hyper(2, 0.1, false);
   const int n = at::get_num_threads();
   at::set_num_threads(1);
-  lvopt::cpu::fused_adamw_(a[0], a[1], a[2], a[3], a[4], hyper);
+  lvopt::cpu::fused_adamw_(a[0], a[1], a[2], a[3], a[4], hyper, std::nullopt, std::nullopt);
   at::set_num_threads(n);
-  lvopt::cpu::fused_adamw_(b[0], b[1], b[2], b[3], b[4], hyper);
+  lvopt::cpu::fused_adamw_(b[0], b[1], b[2], b[3], b[4], hyper, std::nullopt, std::nullopt);
   bool same = true;
   for (int k : {0, 2, 3})
     for (size_t i = 0; i < a[k].size(); ++i) same = same && at::equal(a[k][i], b[k][i]);
@@ -170,7 +172,7 @@ void test_errors_write_nothing() {
   s[1][1] = at::randn({7});
   bool threw = false;
   try {
-    lvopt::cpu::fused_adamw_(s[0], s[1], s[2], s[3], s[4], make_hyper(2, 0.1, false));
+    lvopt::cpu::fused_adamw_(s[0], s[1], s[2], s[3], s[4], make_hyper(2, 0.1, false), std::nullopt, std::nullopt);
   } catch (const c10::Error& e) {
     threw = std::string(e.what()).find("grads[1] has shape") != std::string::npos;
   }
@@ -179,6 +181,54 @@ void test_errors_write_nothing() {
   for (int k : {0, 2, 3, 4})
     for (size_t i = 0; i < s[k].size(); ++i) same = same && at::equal(s[k][i], before[k][i]);
   check(same, "a step that raises writes nothing");
+}
+
+// nonfinite="skip": one NaN or inf anywhere (last element of the last tensor, a bf16 tensor)
+// leaves every parameter, moment and step count as it was and sets found_inf.
+void test_nonfinite_skip(at::ScalarType dt, float bad) {
+  Lists s = make_state({{70000}, {33, 65}}, dt);
+  s[1][1].view(-1)[33 * 65 - 1] = bad;
+  Lists before = clone(s);
+  at::Tensor found = at::zeros({1}, at::kFloat);
+  lvopt::cpu::fused_adamw_(s[0], s[1], s[2], s[3], s[4], make_hyper(2, 0.1, false), found,
+                           std::nullopt);
+  bool same = true;
+  for (int k : {0, 2, 3, 4})
+    for (size_t i = 0; i < s[k].size(); ++i) same = same && at::equal(s[k][i], before[k][i]);
+  const std::string what = std::string("nonfinite ") + c10::toString(dt) + " " + std::to_string(bad);
+  check(same && found.item<float>() == 1.0f, what + ": adamw skipped, found_inf set");
+  std::vector<at::Tensor> radii = {at::ones({}, at::kDouble), at::ones({}, at::kDouble)};
+  found.zero_();
+  lvopt::cpu::fused_adamh_(s[0], s[1], s[2], s[3], s[4], radii, make_hyper(2, 0.0, false), found);
+  for (int k : {0, 2, 3, 4})
+    for (size_t i = 0; i < s[k].size(); ++i) same = same && at::equal(s[k][i], before[k][i]);
+  check(same && found.item<float>() == 1.0f, what + ": adamh skipped, found_inf set");
+  // A clean step with found_inf given steps normally and leaves the flag at 0.
+  s[1][1].view(-1)[33 * 65 - 1] = 0.5f;
+  found.zero_();
+  lvopt::cpu::fused_adamw_(s[0], s[1], s[2], s[3], s[4], make_hyper(2, 0.1, false), found,
+                           std::nullopt);
+  check(found.item<float>() == 0.0f && s[4][0].item<float>() == before[4][0].item<float>() + 1,
+        what + ": finite gradients step");
+}
+
+// track=True: stats hold sum W_before^2 and sum (W_after - W_before)^2 per tensor.
+void test_stats(at::ScalarType dt) {
+  Lists s = make_state({{70001}, {33, 65}, {0}}, dt);
+  std::vector<at::Tensor> w0;
+  for (const auto& p : s[0]) w0.push_back(p.to(at::kDouble));
+  at::Tensor stats = at::empty({3, 2}, at::kDouble);
+  lvopt::cpu::fused_adamw_(s[0], s[1], s[2], s[3], s[4], make_hyper(3, 0.1, false), std::nullopt,
+                           stats);
+  bool ok = true;
+  for (size_t i = 0; i < 3; ++i) {
+    const double ww = w0[i].pow(2).sum().item<double>();
+    const double dd = (s[0][i].to(at::kDouble) - w0[i]).pow(2).sum().item<double>();
+    const double* st = stats.data_ptr<double>() + 2 * i;
+    ok = ok && std::abs(st[0] - ww) <= 1e-12 * std::max(ww, 1.0) &&
+         std::abs(st[1] - dd) <= 1e-12 * std::max(dd, 1e-30);
+  }
+  check(ok, std::string("stats ") + c10::toString(dt));
 }
 
 }  // namespace
@@ -190,6 +240,10 @@ int main() {
   test_adamh();
   test_threads_give_same_bits();
   test_errors_write_nothing();
+  for (auto dt : {at::kFloat, at::kBFloat16}) {
+    for (float bad : {NAN, INFINITY, -INFINITY}) test_nonfinite_skip(dt, bad);
+    test_stats(dt);
+  }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

@@ -178,3 +178,32 @@ def first_chunks(params):
         first.append(c)
         c += (p.numel() + CHUNK - 1) // CHUNK
     return first, c
+
+
+def check_found_inf(op, found_inf, params) -> None:
+    if found_inf is None:
+        return
+    if found_inf.dtype != torch.float32 or found_inf.numel() != 1 or (
+            params and found_inf.device != params[0].device):
+        _fail(f"{op}: found_inf must be a one-element float32 tensor on the parameters' device, got "
+              f"{found_inf.dtype} {tuple(found_inf.shape)} on {found_inf.device}")
+
+
+def check_stats(op, stats, params, cols: int) -> None:
+    n = len(params)
+    if (stats.dtype != torch.float64 or tuple(stats.shape) != (n, cols) or not stats.is_contiguous()
+            or (params and stats.device != params[0].device)):
+        _fail(f"{op}: stats must be a contiguous float64 tensor of shape [{n}, {cols}] on the parameters' "
+              f"device, got {stats.dtype} {tuple(stats.shape)} on {stats.device}")
+
+
+def stop_for_nonfinite(found_inf, grads) -> bool:
+    """The found_inf protocol of the step ops (lvopt/reference.py): scan the gradients (torch
+    reductions on the device), then read the flag back (one host synchronisation: the step
+    counters live on the host). True when the step must write nothing."""
+    if found_inf is None:
+        return False
+    from ..reference import nonfinite_scan_
+
+    nonfinite_scan_(grads, found_inf)
+    return bool(found_inf)

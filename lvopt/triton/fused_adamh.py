@@ -7,7 +7,7 @@ chunks in index order); no atomics.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -159,16 +159,19 @@ def _check_radii(op, params, radii, rows):
 
 
 @torch.library.custom_op("lvopt_triton::fused_adamh_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf"))
 def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                  exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], radii: List[torch.Tensor],
-                 hyper: torch.Tensor) -> torch.Tensor:
+                 hyper: torch.Tensor, found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
     op = "lvopt::fused_adamh_"
     rows = C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
     _check_radii(op, params, radii, rows)
+    C.check_found_inf(op, found_inf, params)
     n = len(params)
     if n == 0:
         return hyper.new_zeros((0, 3))
+    if C.stop_for_nonfinite(found_inf, grads):
+        return torch.zeros(n, 3, device=params[0].device, dtype=torch.float64)
     dev = params[0].device
     coef = C.advance_steps(steps, hyper, dev, unit_step=True)
     first, total = C.first_chunks(params)
@@ -192,7 +195,7 @@ def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
 
 
 @fused_adamh_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper):
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper, found_inf=None):
     if params:
         return params[0].new_empty((len(params), 3), dtype=torch.float64)
     return hyper.new_empty((0, 3))

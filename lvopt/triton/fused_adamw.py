@@ -3,14 +3,18 @@ semantics of lvopt::fused_adamw_ (csrc/register.cpp).
 
 Per element it is math.h's adamw_element, in the same order of fp32 operations, with IEEE
 square root and division (tl.sqrt_rn, tl.div_rn) and no FMA contraction
-(enable_fp_fusion=False), so a compiled kernel gives the CPU kernel's bits. Registered with
+(enable_fp_fusion=False), so a compiled kernel gives the CPU kernel's bits. With ``stats``
+(track=True) the TRACK instance also sums W^2 and (dW)^2 per chunk (fp64, fixed order) and
+chunk_sums_kernel adds each tensor's chunks; with ``found_inf`` (nonfinite="skip"/"raise") the
+gradients are scanned first (_common.stop_for_nonfinite) and nothing is written if one is not
+finite. Registered with
 torch.library.custom_op + register_fake rather than triton_op (DESIGN.md section 3: the fake
 trace of a triton_op fails for CPU tensors under TRITON_INTERPRET=1, and that is how it is
 tested here).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -72,8 +76,20 @@ def _coef(coef_ptr, index):
 
 
 @triton.jit
+def _stored(x, ptr):
+    """The value a store of fp32 x into ``ptr``'s dtype keeps (bf16: rounded to nearest even)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        return (r << 16).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _adamw_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign,
                 MASKED: tl.constexpr):
+    """One tile of AdamW; returns W before and after (fp32; unused values cost nothing)."""
     if MASKED:
         pi = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
         gi = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
@@ -84,6 +100,7 @@ def _adamw_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, decay, step_size, in
         gi = tl.load(g + offs).to(tl.float32)
         mi = tl.load(m + offs)
         vi = tl.load(v + offs)
+    w0 = pi
     gi = sign * gi
     pi = pi * decay
     mi = b1 * mi + omb1 * gi
@@ -97,21 +114,62 @@ def _adamw_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, decay, step_size, in
         tl.store(m + offs, mi)
         tl.store(v + offs, vi)
     _store_param(p + offs, pi, mask, MASKED)
+    return w0, pi
 
 
 @triton.jit
-def adamw_kernel(meta_ptr, coef_ptr, n_tensors, P_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    p, g, m, v, n, index, _ = _load_tensor(meta_ptr, n_tensors, P_DTYPE, ALIGNED, CHUNK)
+def _track_sums(w0, w1, p, mask, MASKED: tl.constexpr):
+    """fp64 (sum W_before^2, sum (W_after - W_before)^2) of a tile, W_after as stored."""
+    w0d = w0.to(tl.float64)
+    d = _stored(w1, p).to(tl.float64) - w0d
+    if MASKED:
+        w0d = tl.where(mask, w0d, 0.0)
+        d = tl.where(mask, d, 0.0)
+    return tl.sum(w0d * w0d, axis=0), tl.sum(d * d, axis=0)
+
+
+@triton.jit
+def adamw_kernel(meta_ptr, coef_ptr, partial_ptr, n_tensors, P_DTYPE: tl.constexpr,
+                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                 TRACK: tl.constexpr):
+    p, g, m, v, n, index, chunk = _load_tensor(meta_ptr, n_tensors, P_DTYPE, ALIGNED, CHUNK)
     b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, index)
+    ww = tl.sum(tl.zeros((BLOCK,), tl.float64), axis=0)  # an fp64 scalar 0
+    dd = ww
     full = n // BLOCK
     for t in range(0, full):
         offs = t * BLOCK + tl.arange(0, BLOCK)
-        _adamw_tile(p, g, m, v, offs, None, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps,
-                    sign, False)
+        w0, w1 = _adamw_tile(p, g, m, v, offs, None, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
+                             eps, sign, False)
+        if TRACK:
+            a, b = _track_sums(w0, w1, p + offs, None, False)
+            ww += a
+            dd += b
     offs = full * BLOCK + tl.arange(0, BLOCK)
-    _adamw_tile(p, g, m, v, offs, offs < n, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps,
-                sign, True)
+    mask = offs < n
+    w0, w1 = _adamw_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
+                         eps, sign, True)
+    if TRACK:
+        # Tile sums in tile order (tl.sum's fixed tree within a tile): deterministic.
+        a, b = _track_sums(w0, w1, p + offs, mask, True)
+        tl.store(partial_ptr + 2 * chunk + 0, ww + a)
+        tl.store(partial_ptr + 2 * chunk + 1, dd + b)
+
+
+@triton.jit
+def chunk_sums_kernel(partial_ptr, chunks_ptr, out_ptr, COLS: tl.constexpr, RB: tl.constexpr):
+    """out[i, :] = the sum of tensor i's chunk partials [first_i, first_i + count_i), COLS
+    columns each, RB chunks per step then tl.sum's fixed tree: deterministic."""
+    i = tl.program_id(0)
+    first = tl.load(chunks_ptr + 2 * i)
+    count = tl.load(chunks_ptr + 2 * i + 1)
+    cols = tl.arange(0, COLS)
+    acc = tl.zeros((RB, COLS), tl.float64)
+    for k in range(0, count, RB):
+        idx = k + tl.arange(0, RB)
+        q = partial_ptr + (first + idx)[:, None] * COLS + cols[None, :]
+        acc += tl.load(q, mask=(idx < count)[:, None], other=0.0)
+    tl.store(out_ptr + COLS * i + cols, tl.sum(acc, axis=0))
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
@@ -122,21 +180,42 @@ def launch_options():
     return {} if C.interpreting() else {"num_warps": C.NUM_WARPS, "enable_fp_fusion": False}
 
 
+# Chunk partial sums added per step of chunk_sums_kernel's loop.
+REDUCE_BLOCK = 64
+
+
+def chunk_table(params, first) -> torch.Tensor:
+    """[n, 2] int64 (first chunk, chunk count) per tensor, on the parameters' device."""
+    return torch.tensor([[f, (p.numel() + C.CHUNK - 1) // C.CHUNK] for f, p in zip(first, params)],
+                        dtype=torch.int64).to(params[0].device)
+
+
 @torch.library.custom_op("lvopt_triton::fused_adamw_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf", "stats"))
 def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
-                 exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], hyper: torch.Tensor) -> None:
-    C.check_step_args("lvopt::fused_adamw_", params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
-    if not params:
+                 exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], hyper: torch.Tensor,
+                 found_inf: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None) -> None:
+    op = "lvopt::fused_adamw_"
+    C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
+    C.check_found_inf(op, found_inf, params)
+    if stats is not None:
+        C.check_stats(op, stats, params, 2)
+        stats.zero_()
+    if not params or C.stop_for_nonfinite(found_inf, grads):
         return
     dev = params[0].device
     coef = C.advance_steps(steps, hyper, dev, unit_step=False)
-    first, _ = C.first_chunks(params)
+    first, total = C.first_chunks(params)
+    track = stats is not None
+    partials = torch.empty(max(total, 1) * 2 if track else 1, device=dev, dtype=torch.float64)
     for dtype, aligned, meta, n_tensors, n_programs in C.launches(params, grads, exp_avgs, exp_avg_sqs, first):
-        adamw_kernel[(n_programs,)](meta, coef, n_tensors, P_DTYPE=_TL_DTYPE[dtype], ALIGNED=aligned,
-                                    CHUNK=C.CHUNK, BLOCK=C.block(), **launch_options())
+        adamw_kernel[(n_programs,)](meta, coef, partials, n_tensors, P_DTYPE=_TL_DTYPE[dtype], ALIGNED=aligned,
+                                    CHUNK=C.CHUNK, BLOCK=C.block(), TRACK=track, **launch_options())
+    if track:
+        chunk_sums_kernel[(len(params),)](partials, chunk_table(params, first), stats, COLS=2, RB=REDUCE_BLOCK,
+                                          **launch_options())
 
 
 @fused_adamw_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None, stats=None):
     return None
