@@ -31,10 +31,11 @@ def test_op_stats_match_reference(dtype, gen):
     lvopt.reference.fused_adamw_(rp, gs, rm, rv, rs, hyper, None, ref_stats)
     for i, (p, b) in enumerate(zip(ps, before)):
         w, dw = _norms(b, p)
-        assert stats[i, 0].item() == pytest.approx(w * w, rel=1e-12, abs=1e-300)
-        assert stats[i, 1].item() == pytest.approx(dw * dw, rel=1e-10, abs=1e-300)
+        # fp32 partials of 16 squares per lane, then fp64: within fp32 rounding (2^-24 = 6e-8).
+        assert stats[i, 0].item() == pytest.approx(w * w, rel=1e-7, abs=1e-300)
+        assert stats[i, 1].item() == pytest.approx(dw * dw, rel=1e-7, abs=1e-300)
         # The reference steps the same values: its sums agree to fp32 rounding of the step.
-        assert stats[i, 0].item() == pytest.approx(ref_stats[i, 0].item(), rel=1e-12, abs=1e-300)
+        assert stats[i, 0].item() == pytest.approx(ref_stats[i, 0].item(), rel=1e-7, abs=1e-300)
         assert stats[i, 1].item() == pytest.approx(ref_stats[i, 1].item(), rel=1e-4, abs=1e-300)
 
 
@@ -69,7 +70,7 @@ def test_adamw_telemetry_per_tensor_group_role(backend, gen):
     for r in rows:
         p = opt.param_groups[r["group"]]["params"][r["index"]]
         w, dw = _norms(before[p], p.detach())
-        assert r["w_norm"] == pytest.approx(w, rel=1e-9)
+        assert r["w_norm"] == pytest.approx(w, rel=1e-7)
         assert r["dw_norm"] == pytest.approx(dw, rel=1e-6)
         assert r["eff_lr"] == pytest.approx(dw / w, rel=1e-6)
         assert r["role"] == opt.param_groups[r["group"]]["role"]
@@ -77,7 +78,7 @@ def test_adamw_telemetry_per_tensor_group_role(backend, gen):
         ps = opt.param_groups[gi]["params"]
         w = sum(_norms(before[p], p.detach())[0] ** 2 for p in ps) ** 0.5
         dw = sum(_norms(before[p], p.detach())[1] ** 2 for p in ps) ** 0.5
-        assert agg["w_norm"] == pytest.approx(w, rel=1e-9) and agg["dw_norm"] == pytest.approx(dw, rel=1e-6)
+        assert agg["w_norm"] == pytest.approx(w, rel=1e-7) and agg["dw_norm"] == pytest.approx(dw, rel=1e-6)
     assert set(tel.per_role()) == {g["role"] for g in opt.param_groups}
 
 

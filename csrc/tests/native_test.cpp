@@ -225,8 +225,9 @@ void test_stats(at::ScalarType dt) {
     const double ww = w0[i].pow(2).sum().item<double>();
     const double dd = (s[0][i].to(at::kDouble) - w0[i]).pow(2).sum().item<double>();
     const double* st = stats.data_ptr<double>() + 2 * i;
-    ok = ok && std::abs(st[0] - ww) <= 1e-12 * std::max(ww, 1.0) &&
-         std::abs(st[1] - dd) <= 1e-12 * std::max(dd, 1e-30);
+    // fp32 partials of 16 squares per lane, then fp64: within fp32 rounding.
+    ok = ok && std::abs(st[0] - ww) <= 1e-7 * std::max(ww, 1.0) &&
+         std::abs(st[1] - dd) <= 1e-7 * std::max(dd, 1e-30);
   }
   check(ok, std::string("stats ") + c10::toString(dt));
 }
