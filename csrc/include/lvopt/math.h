@@ -153,15 +153,20 @@ struct CatchupRow {
 
 // The catch-up of one element; false when the element needs the exact windowed loop
 // (p, m, v are then left as they were).
+// One division per element: 1/r serves e = eps/r and m/r, and 1/eps (loop-invariant) serves
+// x = r/eps and m/eps. With AdamW's own sqrt and division that makes 2 + 2 per element instead
+// of 2 + 5: the catch-up is bound by the divider, not by memory, on AVX-512.
 LVOPT_HD bool catchup_element(float& p, float& m, float& v, const CatchupRow& c) {
   const float r = sqrtf(v);
   float upd;
   if (v >= c.fwd_v) {
-    const float e = c.eps / r;
-    upd = (m / r) * (c.M0 - e * (c.M1 - e * (c.M2 - e * c.M3)));
+    const float inv_r = 1.0f / r;
+    const float e = c.eps * inv_r;
+    upd = (m * inv_r) * (c.M0 - e * (c.M1 - e * (c.M2 - e * c.M3)));
   } else if (v <= c.rev_v) {
-    const float x = r / c.eps;
-    upd = (m / c.eps) * (c.N1 - x * (c.N2 - x * (c.N3 - x * c.N4)));
+    const float inv_eps = 1.0f / c.eps;
+    const float x = r * inv_eps;
+    upd = (m * inv_eps) * (c.N1 - x * (c.N2 - x * (c.N3 - x * c.N4)));
   } else {
     return false;
   }
@@ -175,10 +180,12 @@ LVOPT_HD bool catchup_element(float& p, float& m, float& v, const CatchupRow& c)
 // element satisfies v >= fwd_v or v <= rev_v, checked beforehand).
 LVOPT_HD void catchup_element_fast(float& p, float& m, float& v, const CatchupRow& c) {
   const float r = sqrtf(v);
-  const float e = c.eps / r;
-  const float fwd = (m / r) * (c.M0 - e * (c.M1 - e * (c.M2 - e * c.M3)));
-  const float x = r / c.eps;
-  const float rev = (m / c.eps) * (c.N1 - x * (c.N2 - x * (c.N3 - x * c.N4)));
+  const float inv_r = 1.0f / r;
+  const float inv_eps = 1.0f / c.eps;
+  const float e = c.eps * inv_r;
+  const float fwd = (m * inv_r) * (c.M0 - e * (c.M1 - e * (c.M2 - e * c.M3)));
+  const float x = r * inv_eps;
+  const float rev = (m * inv_eps) * (c.N1 - x * (c.N2 - x * (c.N3 - x * c.N4)));
   const float upd = v >= c.fwd_v ? fwd : rev;
   p = p * c.P - upd;
   m = m * c.b1k;
