@@ -11,6 +11,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <numeric>
 #include <tuple>
@@ -369,7 +370,8 @@ template <typename Fn>
 void for_each_row_balanced(const RowPlan& plan, bool with_grad, const Fn& fn) {
   const int64_t u = static_cast<int64_t>(plan.rows.size());
   if (u == 0) return;
-  const int64_t parts = std::min<int64_t>(u, 8 * static_cast<int64_t>(at::get_num_threads()));
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::min<int64_t>(u, 32 * threads);
   constexpr int64_t kRowTraffic = 6;  // p, m, v read and written, in units of one row
   const int64_t total = (with_grad ? plan.offsets[u] : 0) + kRowTraffic * u;
   std::vector<int64_t> splits(static_cast<size_t>(parts) + 1, u);
@@ -379,9 +381,16 @@ void for_each_row_balanced(const RowPlan& plan, bool with_grad, const Fn& fn) {
     acc += (with_grad ? plan.offsets[k + 1] - plan.offsets[k] : 0) + kRowTraffic;
     while (part < parts && acc * parts >= total * part) splits[part++] = k + 1;
   }
-  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t q = lo; q < hi; ++q) {
-      for (int64_t k = splits[q]; k < splits[q + 1]; ++k) fn(k);
+  // Parts are handed out dynamically: rows are sorted by id, and with Zipf ids the rare rows
+  // (high ids, the ones exact mode must catch up) cost more than their traffic says, so a
+  // static split gave one thread the catch-up work while the other waited.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      for (int64_t q = next.fetch_add(1, std::memory_order_relaxed); q < parts;
+           q = next.fetch_add(1, std::memory_order_relaxed)) {
+        for (int64_t k = splits[q]; k < splits[q + 1]; ++k) fn(k);
+      }
     }
   });
 }
