@@ -30,3 +30,24 @@ def test_bench_help_and_unknown_command(capsys):
     assert main(["nonsense"]) == 2
     with pytest.raises(SystemExit):
         main(["bench", "--size", "huge"])
+
+
+
+@pytest.mark.parametrize("case,subject,other,ratio,met", [
+    ("adamh", "lvopt AdamH", "lvopt AdamW (same matrix)", 2.0, False),
+    ("adamh", "lvopt AdamH", "lvopt AdamW (same matrix)", 1.5, True),
+    ("sparse_rows", "lvopt exact", "lvopt lazy", 1.72, False),
+    ("sparse_rows", "lvopt exact", "lvopt lazy", 1.4, True),
+    ("adamw_1x", "lvopt AdamW track=True", "lvopt AdamW", 1.06, False),
+    ("adamw_1x", "lvopt AdamW track=True", "lvopt AdamW", 1.03, True),
+    ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1 / 1.02, False),
+    ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1 / 1.10, True),
+])
+def test_claims_are_checked_in_the_right_direction(case, subject, other, ratio, met):
+    """ms(subject) = ratio * ms(other): "at most 1.6x slower" claims must miss at 2x (a tuple
+    with the contenders swapped would pass it), "at least 1.05x faster" must miss at 1.02x."""
+    from lvopt.bench import CLAIMS, check_claims
+
+    rows = [dict(case=case, name=subject, ms=100.0 * ratio), dict(case=case, name=other, ms=100.0)]
+    claims = [c for c in check_claims(rows)]
+    assert claims and all(c["met"] is met for c in claims), claims
