@@ -21,6 +21,7 @@ import lvopt
 from conftest import needs_native
 
 N = 8          # steps before and after the checkpoint
+THREADS = 2    # both processes: matmul bits depend on the thread count (another test may have changed it)
 V, D = 200, 16  # vocabulary (rows of the embedding table) and width
 
 
@@ -106,6 +107,7 @@ def train(model, opt, sched, steps: range) -> None:
 def resume_main(ckpt_dir: str) -> None:
     """Runs in the fresh process: for every checkpoint in ``ckpt_dir``, rebuild, load, train
     the second half, save the parameters."""
+    torch.set_num_threads(THREADS)
     for name in json.load(open(os.path.join(ckpt_dir, "names.json"))):
         model, opt, sched = build(name, 2)
         ck = torch.load(os.path.join(ckpt_dir, f"{name}.pt"), weights_only=True)
@@ -131,6 +133,8 @@ def resumed(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
     names = list(CONFIGS)
     full = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
     for name in names:
         model, opt, sched = build(name, 1)
         train(model, opt, sched, range(N))
@@ -143,6 +147,7 @@ def resumed(tmp_path_factory):
         if hasattr(opt, "flush"):
             opt.flush()
         full[name] = (model, opt, sched)
+    torch.set_num_threads(threads)
     (d / "names.json").write_text(json.dumps(names))
     code = f"import test_resume; test_resume.resume_main({str(d)!r})"
     env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))

@@ -197,7 +197,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-chars", type=int, default=None, help="use only this much of the corpus")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _sweep(args)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was (tests call main)
+
+
+def _sweep(args) -> int:
     cfg = PRESETS[args.preset]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "runs.csv")
