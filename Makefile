@@ -10,7 +10,7 @@ STAMP_BUILD := $(VENV)/.build-stamp
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: dev test bench bench-pytest sanitize native-test clean wheel experiment
+.PHONY: dev test bench bench-pytest sanitize native-test clean wheel
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -50,12 +50,6 @@ sanitize: $(STAMP_DEPS)
 	cmake -S . -B build-asan -G Ninja -DLVOPT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build-asan
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ./build-asan/lvopt_native_test
-
-# The LV-rule reproduction (experiments/lv_rule/REPORT.md): ~30 min on one core; resumable
-# (finished runs are kept in experiments/lv_rule/results/runs.csv). Not part of CI.
-experiment: $(STAMP_BUILD)
-	$(VPY) experiments/lv_rule/run.py --preset default
-	$(VPY) experiments/lv_rule/analyze.py
 
 wheel: $(STAMP_DEPS)
 	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist .
