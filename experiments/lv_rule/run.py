@@ -32,7 +32,7 @@ DEFAULT_CORPUS = "/usr/share/vim/vim90/doc"   # Debian package vim-runtime (Vim 
 
 PRESETS = {
     # tiny models; same tokens per run for every config (steps * batch * seq)
-    "default": dict(widths=[32, 64, 128], vocabs=[128, 4096], seeds=[0, 1], ks=[6, 7, 8, 9, 10],
+    "default": dict(widths=[32, 64, 128], vocabs=[128, 4096], seeds=[0, 1], ks=[6, 7, 8, 9, 10, 11, 12, 13, 14],
                     optims=["adamw", "adamh"], steps=150, batch=8, seq=32, layers=2),
     "smoke": dict(widths=[32], vocabs=[128], seeds=[0], ks=[0, 2], optims=["adamw"],
                   steps=4, batch=4, seq=32, layers=1),
