@@ -10,7 +10,7 @@ STAMP_BUILD := $(VENV)/.build-stamp
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: dev test bench bench-pytest sanitize native-test clean wheel
+.PHONY: experiment dev test bench bench-pytest sanitize native-test clean wheel
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -56,3 +56,11 @@ wheel: $(STAMP_DEPS)
 
 clean:
 	rm -rf build build-native build-asan dist *.egg-info lvopt/_C*.so $(STAMP_BUILD)
+
+# LV-rule experiment (experiments/lv_rule, issue #8): the default sweep (resumable; CPU, one
+# thread) then its analysis. Not part of `make test` or CI.
+experiment: $(STAMP_BUILD)
+	test -d /usr/share/vim/vim90/doc || (apt-get update -q && apt-get install -y -q vim-runtime)
+	$(VPY) -m pip install -q -r experiments/lv_rule/requirements.txt
+	$(VPY) experiments/lv_rule/run.py
+	$(VPY) experiments/lv_rule/analyze.py
