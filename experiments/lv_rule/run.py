@@ -207,7 +207,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
     a = ap.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(a.threads)
+    try:
+        return _sweep(a)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was (tests call main)
+
+
+def _sweep(a) -> int:
     P = dict(PRESETS[a.preset])
     for key in ("widths", "vocabs", "seeds", "ks", "optims", "steps"):
         if getattr(a, key) is not None:
