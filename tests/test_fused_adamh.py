@@ -35,7 +35,10 @@ def test_matches_reference(gen, dtype, maximize):
     for p, p0, r, q in zip(ps, initial, radii, rp):
         if p.numel() == 0:
             continue
-        assert not torch.equal(p, p0)
+        # A bf16 matrix may legitimately not change: with a drawn lr near 1e-4 each step moves an
+        # element by ~1e-4 of its size, below bf16's 2^-8 spacing (the fp32 moments do change).
+        if dtype == torch.float32:
+            assert not torch.equal(p, p0)
         tol = 1e-5 if dtype == torch.float32 else 2.0**-7
         assert rel_err(p, q) < tol
         # The norm stays at the recorded radius.
