@@ -60,7 +60,9 @@ def test_matches_reference(gen, dtype, maximize):
         if p.numel() == 0:
             continue
         p, p0 = p.cpu(), p0.cpu()
-        assert not torch.equal(p, p0)
+        # bf16 may legitimately not change at a drawn lr near 1e-4 (below bf16 spacing).
+        if dtype == torch.float32:
+            assert not torch.equal(p, p0)
         tol = 1e-5 if dtype == torch.float32 else 2.0**-7
         assert rel_err(p, q) < tol
         assert abs(float(torch.linalg.vector_norm(p, dtype=torch.float64)) / float(r) - 1) < (
