@@ -112,22 +112,18 @@ at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorL
   for (const auto& p : params) numels.push_back(p.numel());
   const std::vector<Chunk> chunks = plan_chunks(numels);
   std::vector<double> partial(chunks.size() * 3);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const Chunk& ch = chunks[k];
-      const at::Tensor& p = params[ch.tensor];
-      float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
-      float* v = exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
-      const int64_t len = ch.end - ch.begin;
-      if (p.scalar_type() == at::kFloat) {
-        adamh_reduce_f32(p.data_ptr<float>() + ch.begin,
-                         grads[ch.tensor].data_ptr<float>() + ch.begin, m, v, len, coef[ch.tensor],
-                         &partial[3 * k]);
-      } else {
-        adamh_reduce_bf16(reinterpret_cast<const uint16_t*>(p.data_ptr()) + ch.begin,
-                          reinterpret_cast<const uint16_t*>(grads[ch.tensor].data_ptr()) + ch.begin,
-                          m, v, len, coef[ch.tensor], &partial[3 * k]);
-      }
+  for_each_chunk(chunks, [&](const Chunk& ch, int64_t k) {
+    const at::Tensor& p = params[ch.tensor];
+    float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
+    float* v = exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
+    const int64_t len = ch.end - ch.begin;
+    if (p.scalar_type() == at::kFloat) {
+      adamh_reduce_f32(p.data_ptr<float>() + ch.begin, grads[ch.tensor].data_ptr<float>() + ch.begin,
+                       m, v, len, coef[ch.tensor], &partial[3 * k]);
+    } else {
+      adamh_reduce_bf16(reinterpret_cast<const uint16_t*>(p.data_ptr()) + ch.begin,
+                        reinterpret_cast<const uint16_t*>(grads[ch.tensor].data_ptr()) + ch.begin,
+                        m, v, len, coef[ch.tensor], &partial[3 * k]);
     }
   });
 
@@ -143,7 +139,7 @@ at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorL
     scale_b[i] = static_cast<float>(s.b);
   }
 
-  for_each_chunk(chunks, [&](const Chunk& ch) {
+  for_each_chunk(chunks, [&](const Chunk& ch, int64_t) {
     const at::Tensor& p = params[ch.tensor];
     const float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
     const float* v = exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;

@@ -49,30 +49,27 @@ void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList ex
   for (const auto& p : params) numels.push_back(p.numel());
   const std::vector<Chunk> chunks = plan_chunks(numels);
   std::vector<double> partial(st != nullptr ? 2 * chunks.size() : 0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const Chunk& ch = chunks[k];
-      const at::Tensor& p = params[ch.tensor];
-      float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
-      float* v = exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
-      const int64_t n = ch.end - ch.begin;
-      const AdamCoef& c = coef[ch.tensor];
-      if (p.scalar_type() == at::kFloat) {
-        float* pp = p.data_ptr<float>() + ch.begin;
-        const float* g = grads[ch.tensor].data_ptr<float>() + ch.begin;
-        if (st != nullptr) {
-          adamw_tracked_f32(pp, g, m, v, n, c, &partial[2 * k]);
-        } else {
-          adamw_span_f32(pp, g, m, v, n, c);
-        }
+  for_each_chunk(chunks, [&](const Chunk& ch, int64_t k) {
+    const at::Tensor& p = params[ch.tensor];
+    float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
+    float* v = exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
+    const int64_t n = ch.end - ch.begin;
+    const AdamCoef& c = coef[ch.tensor];
+    if (p.scalar_type() == at::kFloat) {
+      float* pp = p.data_ptr<float>() + ch.begin;
+      const float* g = grads[ch.tensor].data_ptr<float>() + ch.begin;
+      if (st != nullptr) {
+        adamw_tracked_f32(pp, g, m, v, n, c, &partial[2 * k]);
       } else {
-        uint16_t* pp = reinterpret_cast<uint16_t*>(p.data_ptr()) + ch.begin;
-        const uint16_t* g = reinterpret_cast<const uint16_t*>(grads[ch.tensor].data_ptr()) + ch.begin;
-        if (st != nullptr) {
-          adamw_tracked_bf16(pp, g, m, v, n, c, &partial[2 * k]);
-        } else {
-          adamw_span_bf16(pp, g, m, v, n, c);
-        }
+        adamw_span_f32(pp, g, m, v, n, c);
+      }
+    } else {
+      uint16_t* pp = reinterpret_cast<uint16_t*>(p.data_ptr()) + ch.begin;
+      const uint16_t* g = reinterpret_cast<const uint16_t*>(grads[ch.tensor].data_ptr()) + ch.begin;
+      if (st != nullptr) {
+        adamw_tracked_bf16(pp, g, m, v, n, c, &partial[2 * k]);
+      } else {
+        adamw_span_bf16(pp, g, m, v, n, c);
       }
     }
   });

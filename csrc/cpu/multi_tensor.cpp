@@ -9,13 +9,12 @@ namespace lvopt {
 namespace cpu {
 // Per-ISA copies of the scan (LVOPT_ISA_DISPATCH wants void functions: the flag goes out
 // through a pointer).
-LVOPT_ALWAYS_INLINE void scan_f32(const float* x, int64_t n, bool* out) { *out = span_nonfinite(x, n); }
-LVOPT_ALWAYS_INLINE void scan_bf16(const uint16_t* x, int64_t n, bool* out) {
-  *out = span_nonfinite(x, n);
-}
-LVOPT_ISA_DISPATCH(scan_f32_isa, (const float* x, int64_t n, bool* out), (x, n, out), scan_f32)
+template <typename T>
+LVOPT_ALWAYS_INLINE void scan_span(const T* x, int64_t n, bool* out) { *out = span_nonfinite(x, n); }
+LVOPT_ISA_DISPATCH(scan_f32_isa, (const float* x, int64_t n, bool* out), (x, n, out),
+                   scan_span<float>)
 LVOPT_ISA_DISPATCH(scan_bf16_isa, (const uint16_t* x, int64_t n, bool* out), (x, n, out),
-                   scan_bf16)
+                   scan_span<uint16_t>)
 
 bool any_nonfinite(at::TensorList tensors) {
   std::vector<int64_t> numels;
@@ -28,7 +27,7 @@ bool any_nonfinite(at::TensorList tensors) {
   }
   const std::vector<Chunk> chunks = plan_chunks(numels);
   std::atomic<bool> found{false};
-  for_each_chunk(chunks, [&](const Chunk& ch) {
+  for_each_chunk(chunks, [&](const Chunk& ch, int64_t) {
     const at::Tensor& t = tensors[ch.tensor];
     bool bad = false;
     if (t.scalar_type() == at::kFloat) {

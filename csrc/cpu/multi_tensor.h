@@ -31,12 +31,13 @@ struct Chunk {
 // Chunks of every tensor, in tensor order; tensors with no elements contribute none.
 std::vector<Chunk> plan_chunks(const std::vector<int64_t>& numels);
 
-// Runs fn(chunk) over all chunks in one parallel region. Each thread takes a contiguous
-// range of chunks, so each streams through contiguous memory.
+// Runs fn(chunk, k) over all chunks (k: the chunk's index, for per-chunk partial sums) in one
+// parallel region. Each thread takes a contiguous range of chunks, so each streams through
+// contiguous memory.
 template <typename Fn>
 void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) fn(chunks[i]);
+    for (int64_t k = lo; k < hi; ++k) fn(chunks[k], k);
   });
 }
 
@@ -71,14 +72,9 @@ LVOPT_ALWAYS_INLINE void adamw_span(T* __restrict p, const G* __restrict g, floa
   }
 }
 
-// The value a store of x into T storage keeps: x for fp32, x rounded to bf16 for bf16.
-LVOPT_ALWAYS_INLINE float stored_value(const float*, float x) { return x; }
-LVOPT_ALWAYS_INLINE float stored_value(const uint16_t*, float x) {
-  return bf16_to_float(float_to_bf16(x));
-}
-
-// Telemetry lanes: like AdamH's reductions, element i of a span sums into fp64 lane i mod 16
-// and the lanes are added in order, so the bits do not depend on the ISA.
+// Telemetry lanes: like AdamH's reductions, element i of a span sums into lane i mod 16 and
+// the lanes are added in order, so the bits do not depend on the ISA (the dense step's lanes
+// take fp32 partials of 16 squares first, below; the sparse rows' lanes are fp64 throughout).
 constexpr int kTrackLanes = 16;
 
 // adamw_span that also returns, in out[0..1], the sums of W^2 (W before the step) and of

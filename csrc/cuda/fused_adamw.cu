@@ -135,21 +135,8 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     scan_kernel(const T* __restrict__ x, int64_t n, float* __restrict__ found) {
-  constexpr int N = VecWidth<T>::value;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  bool bad = false;
-  int64_t done = 0;
-  if (aligned16(x, x, x, x)) {
-    done = n / N * N;
-    for (int64_t i = first * N; i < done; i += stride * N) {
-      float xf[N];
-      load_vec(x + i, xf);
-#pragma unroll
-      for (int k = 0; k < N; ++k) bad |= !isfinite(xf[k]);
-    }
-  }
-  for (int64_t i = done + first; i < n; i += stride) bad |= !isfinite(load_one(x, i));
+  const bool bad = thread_nonfinite(x, n, static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x,
+                                    static_cast<int64_t>(gridDim.x) * kThreads);
   if (__syncthreads_or(bad) && threadIdx.x == 0) *found = 1.0f;
 }
 

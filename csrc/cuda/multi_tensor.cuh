@@ -211,12 +211,8 @@ __device__ __forceinline__ float load_one(const uint16_t* p, int64_t i) { return
 __device__ __forceinline__ void store_one(float* p, int64_t i, float x) { p[i] = x; }
 __device__ __forceinline__ void store_one(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
 
-// The value a store of x into T storage keeps (bf16: rounded), and the telemetry sums of one
-// element: sums[0] += W_before^2, sums[1] += (W_after - W_before)^2, in fp64.
-__device__ __forceinline__ float stored_value(const float*, float x) { return x; }
-__device__ __forceinline__ float stored_value(const uint16_t*, float x) {
-  return bf16_to_float(float_to_bf16(x));
-}
+// The telemetry sums of one element (W_after as stored: lvopt::stored_value of math.h):
+// sums[0] += W_before^2, sums[1] += (W_after - W_before)^2, in fp64.
 __device__ __forceinline__ void track(float w0, float w1, double (&sums)[2]) {
   const double d = static_cast<double>(w1) - static_cast<double>(w0);
   sums[0] += static_cast<double>(w0) * static_cast<double>(w0);
@@ -283,6 +279,27 @@ __device__ __forceinline__ void sum_chunk_partials(const TensorState& s,
   warp_sum<K>(x);
 }
 
+// One thread's share of a non-finite scan of x[0, n): elements first, first + stride, ... (in
+// 16-byte vectors when x is aligned, then the scalar tail). True if one is NaN or infinite.
+template <typename T>
+__device__ __forceinline__ bool thread_nonfinite(const T* __restrict__ x, int64_t n, int64_t first,
+                                                 int64_t stride) {
+  constexpr int N = VecWidth<T>::value;
+  bool bad = false;
+  int64_t done = 0;
+  if (aligned16(x, x, x, x)) {
+    done = n / N * N;
+    for (int64_t i = first * N; i < done; i += stride * N) {
+      float xf[N];
+      load_vec(x + i, xf);
+#pragma unroll
+      for (int k = 0; k < N; ++k) bad |= !isfinite(xf[k]);
+    }
+  }
+  for (int64_t i = done + first; i < n; i += stride) bad |= !isfinite(load_one(x, i));
+  return bad;
+}
+
 // Sets *found to 1 when an element of the launch's gradients is NaN or infinite (the scan of
 // nonfinite="skip"/"raise"; reads g only, 16-byte loads). Every writer writes the same value.
 template <typename T>
@@ -291,20 +308,7 @@ __global__ void __launch_bounds__(kThreads)
   const TensorEntry& e = tab.t[find_entry(tab, blockIdx.x)];
   const int64_t begin = static_cast<int64_t>(blockIdx.x - e.block_start) * kChunk;
   const int64_t n = min(kChunk, e.numel - begin);
-  const T* __restrict__ g = static_cast<const T*>(e.g) + begin;
-  constexpr int N = VecWidth<T>::value;
-  bool bad = false;
-  int64_t done = 0;
-  if (aligned16(g, g, g, g)) {
-    done = n / N * N;
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < done; i += kThreads * N) {
-      float gf[N];
-      load_vec(g + i, gf);
-#pragma unroll
-      for (int k = 0; k < N; ++k) bad |= !isfinite(gf[k]);
-    }
-  }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) bad |= !isfinite(load_one(g, i));
+  const bool bad = thread_nonfinite(static_cast<const T*>(e.g) + begin, n, threadIdx.x, kThreads);
   if (__syncthreads_or(bad) && threadIdx.x == 0) *found = 1.0f;
 }
 

@@ -154,8 +154,8 @@ struct CatchupRow {
 // The catch-up of one element; false when the element needs the exact windowed loop
 // (p, m, v are then left as they were).
 // One division per element: 1/r serves e = eps/r and m/r, and 1/eps (loop-invariant) serves
-// x = r/eps and m/eps. With AdamW's own sqrt and division that makes 2 + 2 per element instead
-// of 2 + 5: the catch-up is bound by the divider, not by memory, on AVX-512.
+// x = r/eps and m/eps (2 + 2 sqrt/div per element with AdamW's own, instead of 2 + 5). Measured,
+// this did not change the exact-mode step time (benchmarks/RESULTS.md): it is not divider-bound.
 LVOPT_HD bool catchup_element(float& p, float& m, float& v, const CatchupRow& c) {
   const float r = sqrtf(v);
   float upd;
@@ -226,5 +226,10 @@ LVOPT_HD uint16_t float_to_bf16(float f) {
   const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
   return static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded);
 }
+
+// The value a store of x into T storage keeps: x for fp32 storage, x rounded to bf16 for bf16
+// bits (the telemetry's W_after).
+LVOPT_HD float stored_value(const float*, float x) { return x; }
+LVOPT_HD float stored_value(const uint16_t*, float x) { return bf16_to_float(float_to_bf16(x)); }
 
 }  // namespace lvopt
