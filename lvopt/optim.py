@@ -109,11 +109,7 @@ class _FusedAdam(torch.optim.Optimizer):
         self.track = bool(track)
         #: Steps skipped because a gradient was NaN/inf (nonfinite="skip").
         self.skipped_steps = 0
-        #: The last tracked step's norms (track=True), a :class:`lvopt.telemetry.Telemetry`.
-        self.telemetry = None
-        self._telemetry_hooks: OrderedDict = OrderedDict()  # weakref-able, for RemovableHandle
-        self._found_flags: dict = {}
-        self._step_number = 0
+        self._init_transient()
         if backend is not None:
             if backend not in _backend.BACKENDS:
                 raise ValueError(f"backend must be one of {_backend.BACKENDS} or None, got {backend!r}")
@@ -142,6 +138,14 @@ class _FusedAdam(torch.optim.Optimizer):
 
     _OWN_ATTRS = {"backend": None, "nonfinite": "propagate", "track": False, "skipped_steps": 0}
 
+    def _init_transient(self) -> None:
+        """What neither pickling nor a checkpoint carries: telemetry, its hooks, the flags."""
+        #: The last tracked step's norms (track=True), a :class:`lvopt.telemetry.Telemetry`.
+        self.telemetry = None
+        self._telemetry_hooks: OrderedDict = OrderedDict()  # weakref-able, for RemovableHandle
+        self._found_flags: dict = {}
+        self._step_number = 0
+
     def __getstate__(self) -> dict:
         # torch pickles defaults, state and param_groups only; keep lvopt's settings too.
         st = super().__getstate__()
@@ -153,10 +157,7 @@ class _FusedAdam(torch.optim.Optimizer):
         super().__setstate__(state)
         for k, v in own.items():
             setattr(self, k, v)
-        self.telemetry = None
-        self._telemetry_hooks = OrderedDict()
-        self._found_flags = {}
-        self._step_number = 0
+        self._init_transient()
         for group in self.param_groups:
             for k, v in chain(_TORCH_GROUP_DEFAULTS.items(), self._group_extra_defaults.items()):
                 group.setdefault(k, v)
@@ -429,15 +430,18 @@ class _FusedAdam(torch.optim.Optimizer):
         if order and not prescan_all and not sharded:
             fused = max(order, key=lambda k: sum(t.numel() for t in batches[k]["params"]))
         flags: dict = {}  # one flag per device, zeroed once: the scans accumulate into it
+
+        def flag(device):
+            if device not in flags:
+                flags[device] = self._found_for(device)
+            return flags[device]
+
         for key in order:
-            if key == fused:
-                continue
-            backend, device, _ = key
-            found = flags[device] if device in flags else flags.setdefault(device, self._found_for(device))
-            _backend.ops(backend).nonfinite_scan_(batches[key]["grads"], found)
+            if key != fused:
+                backend, device, _ = key
+                _backend.ops(backend).nonfinite_scan_(batches[key]["grads"], flag(device))
         for row, p, backend, group, gi, pi in sparse_items:
-            found = flags[p.device] if p.device in flags else flags.setdefault(p.device, self._found_for(p.device))
-            _backend.ops(backend).nonfinite_scan_([p.grad._values()], found)
+            _backend.ops(backend).nonfinite_scan_([p.grad._values()], flag(p.device))
         if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
             for f in flags.values():
                 torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MAX)
@@ -483,7 +487,7 @@ class _FusedAdam(torch.optim.Optimizer):
                 lr = torch.tensor([r[0] for r in b["rows"]], dtype=torch.float64, device=sums.device)
                 radius = torch.stack([r.to(sums.device, torch.float64).reshape(()) for r in b["radii"]])
                 sums = torch.stack([sums[:, 2], (lr * radius) ** 2], dim=1)
-            parts.append(sums.reshape(-1, 2).to("cpu" if sums.device.type == "cpu" else sums.device))
+            parts.append(sums.reshape(-1, 2))
         devices = {t.device for t in parts}
         if len(devices) > 1:
             parts = [t.cpu() for t in parts]

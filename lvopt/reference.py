@@ -38,27 +38,23 @@ def _grad(g: Tensor, row: Sequence[float], dtype: torch.dtype) -> Tensor:
     return -g if row[MAXIMIZE] else g
 
 
-def _any_nonfinite(tensors: Sequence[Tensor]) -> bool:
-    return any(t.numel() and not bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _stop_for_nonfinite(found_inf: Tensor | None, grads: Sequence[Tensor]) -> bool:
-    """The found_inf protocol of the step ops: when found_inf is given and is already set or a
-    gradient element is NaN/inf, set it and tell the caller to write nothing."""
-    if found_inf is None:
-        return False
-    if float(found_inf) != 0.0 or _any_nonfinite(grads):
-        found_inf.fill_(1.0)
-        return True
-    return False
-
-
 def nonfinite_scan_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
     """Sets found_inf to 1 when an element of ``tensors`` is NaN or infinite. Any device, and no
     host synchronisation (the flag is set on the device by masked_fill_)."""
     for t in tensors:
         if t.numel():
             found_inf.masked_fill_(~torch.isfinite(t).all(), 1.0)
+
+
+def stop_for_nonfinite(found_inf: Tensor | None, grads: Sequence[Tensor]) -> bool:
+    """The found_inf protocol of the step ops: when found_inf is given and is already set or a
+    gradient element is NaN/inf, it ends up set and the caller must write nothing. Reading the
+    flag back is one host synchronisation on a GPU (the step counters live on the host).
+    Shared by the reference and the Triton ops."""
+    if found_inf is None:
+        return False
+    nonfinite_scan_(grads, found_inf)
+    return bool(found_inf)
 
 
 def _square_sums(before: Tensor, after: Tensor) -> tuple:
@@ -71,11 +67,11 @@ def fused_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
                  exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], hyper: Tensor,
                  found_inf: Tensor | None = None, stats: Tensor | None = None) -> None:
     """AdamW, as torch.optim.AdamW (decoupled weight decay), on every tensor in place.
-    ``found_inf``: see :func:`_stop_for_nonfinite`; ``stats`` ([n, 2] fp64) receives per tensor
+    ``found_inf``: see :func:`stop_for_nonfinite`; ``stats`` ([n, 2] fp64) receives per tensor
     the sums of W^2 (before the step) and of (W_after - W_before)^2, W as stored."""
     if stats is not None:
         stats.zero_()
-    if _stop_for_nonfinite(found_inf, grads):
+    if stop_for_nonfinite(found_inf, grads):
         return
     for i, (p, g, m, v, step, row) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps,
                                                     hyper.tolist())):
@@ -100,7 +96,7 @@ def fused_adamh_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
     (||u||^2, <W,u>, ||W||^2) per tensor, W taken before the step (zeros when ``found_inf``
     stops the step, as for :func:`fused_adamw_`)."""
     stats = torch.zeros(len(params), 3, dtype=torch.float64)
-    if _stop_for_nonfinite(found_inf, grads):
+    if stop_for_nonfinite(found_inf, grads):
         return stats
     for i, (p, g, m, v, step, r, row) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper.tolist())

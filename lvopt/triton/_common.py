@@ -196,14 +196,3 @@ def check_stats(op, stats, params, cols: int) -> None:
         _fail(f"{op}: stats must be a contiguous float64 tensor of shape [{n}, {cols}] on the parameters' "
               f"device, got {stats.dtype} {tuple(stats.shape)} on {stats.device}")
 
-
-def stop_for_nonfinite(found_inf, grads) -> bool:
-    """The found_inf protocol of the step ops (lvopt/reference.py): scan the gradients (torch
-    reductions on the device), then read the flag back (one host synchronisation: the step
-    counters live on the host). True when the step must write nothing."""
-    if found_inf is None:
-        return False
-    from ..reference import nonfinite_scan_
-
-    nonfinite_scan_(grads, found_inf)
-    return bool(found_inf)

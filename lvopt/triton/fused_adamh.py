@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import stop_for_nonfinite
 from . import _common as C
 from .fused_adamw import _TL_DTYPE, _coef, _load_tensor, _store_param, launch_options
 
@@ -170,7 +171,7 @@ def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
     n = len(params)
     if n == 0:
         return hyper.new_zeros((0, 3))
-    if C.stop_for_nonfinite(found_inf, grads):
+    if stop_for_nonfinite(found_inf, grads):
         return torch.zeros(n, 3, device=params[0].device, dtype=torch.float64)
     dev = params[0].device
     coef = C.advance_steps(steps, hyper, dev, unit_step=True)

@@ -6,7 +6,7 @@ square root and division (tl.sqrt_rn, tl.div_rn) and no FMA contraction
 (enable_fp_fusion=False), so a compiled kernel gives the CPU kernel's bits. With ``stats``
 (track=True) the TRACK instance also sums W^2 and (dW)^2 per chunk (fp64, fixed order) and
 chunk_sums_kernel adds each tensor's chunks; with ``found_inf`` (nonfinite="skip"/"raise") the
-gradients are scanned first (_common.stop_for_nonfinite) and nothing is written if one is not
+gradients are scanned first (reference.stop_for_nonfinite) and nothing is written if one is not
 finite. Registered with
 torch.library.custom_op + register_fake rather than triton_op (DESIGN.md section 3: the fake
 trace of a triton_op fails for CPU tensors under TRITON_INTERPRET=1, and that is how it is
@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import stop_for_nonfinite
 from . import _common as C
 
 
@@ -201,7 +202,7 @@ def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
     if stats is not None:
         C.check_stats(op, stats, params, 2)
         stats.zero_()
-    if not params or C.stop_for_nonfinite(found_inf, grads):
+    if not params or stop_for_nonfinite(found_inf, grads):
         return
     dev = params[0].device
     coef = C.advance_steps(steps, hyper, dev, unit_step=False)
