@@ -28,7 +28,11 @@ H100_BW = 3.35e12          # H100 SXM HBM3, bytes/s
 ACHIEVABLE = 0.90          # fraction of peak a streaming kernel reaches
 # Streaming kernels must move their data in 16-byte vectors; the others (per-tensor
 # coefficients, AdamH's per-tensor finalize) touch a few bytes per tensor.
-NON_STREAMING = ("advance_kernel", "finalize_kernel", "stats_kernel", "chunk_sums_kernel")
+# Kernels that stream nothing: per-tensor / per-row scalars, reductions of partial sums, and
+# loop_rows_kernel (exact sparse rows whose v needs the fp64 windowed loop, ~2e-5 of elements;
+# scalar per element by design, its cost is the loop, not the bytes).
+NON_STREAMING = ("advance_kernel", "finalize_kernel", "stats_kernel", "chunk_sums_kernel", "catchup_scalars_kernel",
+                 "loop_rows_kernel")
 # Streaming kernels that only read (the non-finite scans): 128-bit loads, no stores.
 READ_ONLY = ("nonfinite_kernel", "scan_kernel")
 
@@ -53,14 +57,23 @@ def nvcc() -> str | None:
 # --------------------------------------------------------------------------------------------
 # Disassembly and per-kernel statistics.
 
+# Names of the bool template parameters, per kernel family (in the order the kernel declares them).
+_BOOL_PARAMS = {
+    "sparse_rows_kernel": (("lazy", "exact"), ("catchup", "step"), ("", "track")),
+    "loop_rows_kernel": (("catchup", "step"), ("", "track")),
+}
+
+
 def _demangle_short(name: str) -> str:
-    """adamw_kernel<float>, adamw_kernel<bf16,track> (template <T, bool kTrack>), ..."""
-    m = re.search(r"([a-z_]+_kernel)(?:I([ft])(?:Lb([01])E)?E)?", name)
+    """adamw_kernel<float>, adamw_kernel<bf16,track> (template <T, bool kTrack>),
+    sparse_rows_kernel<float,exact,step,track> (template <T, bool kExact, bool kStep, bool kTrack>)."""
+    m = re.search(r"([a-z_]+_kernel)(?:I([ft])((?:Lb[01]E)*)E)?", name)
     if not m:
         return name
     args = [{"f": "float", "t": "bf16"}[m.group(2)]] if m.group(2) else []
-    if m.group(3) == "1":
-        args.append("track")
+    bools = re.findall(r"Lb([01])E", m.group(3) or "")
+    names = _BOOL_PARAMS.get(m.group(1), (("", "track"),) * len(bools))
+    args += [names[i][int(b)] for i, b in enumerate(bools) if names[i][int(b)]]
     return m.group(1) + (f"<{','.join(args)}>" if args else "")
 
 
@@ -76,7 +89,8 @@ def analyse_cubin(path: str, origin: str, arch: str = "sm_90") -> list[dict]:
     kernels = []
     for block in re.split(r"\n\s*Function : ", sass)[1:]:
         name = block.split("\n", 1)[0].strip()
-        ins = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([A-Z][A-Z0-9_.]*)", block)
+        # Opcodes, with or without a guard predicate (@P0, @!UPT, ...).
+        ins = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", block)
         ldg = [i for i in ins if i.startswith("LDG")]
         stg = [i for i in ins if i.startswith("STG")]
         u = usage.get(name, {})

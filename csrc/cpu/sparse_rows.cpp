@@ -17,6 +17,8 @@
 #include <tuple>
 #include <vector>
 
+#include "lvopt/sparse_args.h"
+#include "lvopt/sparse_clock.h"
 #include "multi_tensor.h"
 #include "ops.h"
 
@@ -157,89 +159,6 @@ LVOPT_ALWAYS_INLINE void dispatch_grad_add(float* d, const T* s, int64_t n, bool
   else grad_add_bf16(d, s, n, f);
 }
 
-// ----- exact-mode clock: per-row catch-up scalars from the per-step history ------------------
-
-// The series serve where e*a_max <= 1/kSeriesLimit (forward) or e*a_min >= kSeriesLimit
-// (reversed): four terms leave a relative error <= kSeriesLimit^-4 = 1e-8 of the catch-up's
-// update, below fp32 rounding. Elements in between (|g| of order 1e-5 relative to eps/1e-8
-// for unit-scale gradients: ~2e-5 of them) take the exact loop.
-constexpr double kSeriesLimit = 1e2;
-
-struct Clock {
-  const double* hist;  // [rows, kHistCols]
-  int64_t hist_rows;
-  int64_t base;        // step of hist row 0; epochs start at base + epoch*k
-  int64_t epoch;
-  int64_t window;
-  const double* qpow;  // [kHistSeries, qcols], qpow[i][k + epoch] = q_i^k, k in [-epoch, window]
-  int64_t qcols;
-  double beta1, beta2;
-  float eps;
-
-  const double* at(int64_t step) const { return hist + (step - base) * kHistCols; }
-
-  // Scalars that bring a row current from step s to step c (c > s). When w/a are given, the
-  // window's per-step weights are written there (for the elements that need the loop).
-  CatchupRow row(int64_t s, int64_t c, std::vector<double>* w = nullptr,
-                 std::vector<double>* a = nullptr) const {
-    CatchupRow cr;
-    const double log_pi_c = at(c)[kHLogPi];
-    const int64_t k_all = c - s;
-    cr.P = static_cast<float>(std::exp(log_pi_c - at(s)[kHLogPi]));
-    cr.b1k = static_cast<float>(std::pow(beta1, static_cast<double>(k_all)));
-    cr.b2k = static_cast<float>(std::pow(beta2, static_cast<double>(k_all)));
-    cr.eps = eps;
-    double S[kHistSeries] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const int64_t yend = std::min(c, s + window);
-    if (yend > s) {
-      int64_t b = base + epoch * ((s - base) / epoch);
-      int64_t x = s;
-      while (x < yend) {
-        const int64_t ye = std::min(b + epoch, yend);
-        const double scale = std::exp(log_pi_c - at(b)[kHLogPi]);
-        const double* hy = at(ye) + kHSeries;
-        const double* hx = at(x) + kHSeries;
-        const bool inside = x > b;
-        for (int i = 0; i < kHistSeries; ++i) {
-          const double q = qpow[i * qcols + (b - s) + epoch];
-          S[i] += scale * q * (hy[i] - (inside ? hx[i] : 0.0));
-        }
-        x = ye;
-        b += epoch;
-      }
-      const double a_min = at(s + 1)[kHSqrtBc2] / std::sqrt(beta2);
-      const double a_max = at(yend)[kHSqrtBc2] * std::pow(beta2, -0.5 * static_cast<double>(yend - s));
-      const double fwd = kSeriesLimit * static_cast<double>(eps) * a_max;
-      const double rev = static_cast<double>(eps) * a_min / kSeriesLimit;
-      cr.fwd_v = static_cast<float>(fwd * fwd);
-      cr.rev_v = static_cast<float>(rev * rev);
-      if (w != nullptr) {
-        w->clear();
-        a->clear();
-        for (int64_t j = s + 1; j <= yend; ++j) {
-          const double* h = at(j);
-          w->push_back(std::exp(log_pi_c - h[kHLogPi]) * h[kHU] * qpow[(j - s) + epoch]);
-          // beta2^(-k/2) = q_1^k / q_0^k (q_0 = rho = beta1/sqrt(beta2), q_1 = beta1/beta2).
-          a->push_back(h[kHSqrtBc2] * qpow[qcols + (j - s) + epoch] / qpow[(j - s) + epoch]);
-        }
-      }
-    } else {
-      // beta1 = 0 (window 0): the skipped steps move nothing but the decay.
-      cr.fwd_v = INFINITY;
-      cr.rev_v = INFINITY;
-    }
-    cr.M0 = static_cast<float>(S[0]);
-    cr.M1 = static_cast<float>(S[1]);
-    cr.M2 = static_cast<float>(S[2]);
-    cr.M3 = static_cast<float>(S[3]);
-    cr.N1 = static_cast<float>(S[4]);
-    cr.N2 = static_cast<float>(S[5]);
-    cr.N3 = static_cast<float>(S[6]);
-    cr.N4 = static_cast<float>(S[7]);
-    return cr;
-  }
-};
-
 // The catch-up of a row with (rare) loop elements: the elements' inputs are saved, the whole
 // row takes the vectorised pass, then those elements are recomputed with the exact loop (and
 // the AdamW step when c is given).
@@ -261,11 +180,18 @@ void catchup_row_with_loop(T* p, const float* g, float* m, float* v, int64_t n, 
     if (c != nullptr) catchup_adamw_row_bf16(p, g, m, v, n, cr, *c);
     else catchup_row_bf16(p, m, v, n, cr);
   }
-  std::vector<double> w, a;
-  ck.row(s, target, &w, &a);
+  // The window's per-step weights, once for the row's loop elements.
+  const int64_t n_terms = ck.window_end(s, target) - s;
+  std::vector<double> w(static_cast<size_t>(std::max<int64_t>(n_terms, 0)));
+  std::vector<double> a(w.size());
+  for (int64_t j = 0; j < n_terms; ++j) ck.term(s, target, s + 1 + j, w[j], a[j]);
+  const auto terms = [&](int64_t j, double& wj, double& aj) {
+    wj = w[j];
+    aj = a[j];
+  };
   for (const Saved& e : saved) {
     float pi = e.p, mi = e.m, vi = e.v;
-    catchup_element_loop(pi, mi, vi, cr, w.data(), a.data(), static_cast<int64_t>(w.size()));
+    catchup_element_loop(pi, mi, vi, cr, n_terms, terms);
     if (c != nullptr) adamw_element(pi, g[e.i], mi, vi, *c);
     m[e.i] = mi;
     v[e.i] = vi;
@@ -273,91 +199,18 @@ void catchup_row_with_loop(T* p, const float* g, float* m, float* v, int64_t n, 
   }
 }
 
-// ----- argument checks (all before any write) -------------------------------------------------
-
-void check_table(const char* op, const at::Tensor& param, const at::Tensor& exp_avg,
-                 const at::Tensor& exp_avg_sq, const at::Tensor& step, const at::Tensor& hyper) {
-  TORCH_CHECK(param.defined() && param.device().is_cpu(), op, ": param must be a CPU tensor");
-  TORCH_CHECK(param.dim() == 2, op, ": param must be 2-D (rows x width), got shape ", param.sizes());
-  TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kBFloat16, op,
-              ": param has dtype ", param.scalar_type(), "; supported: float32, bfloat16");
-  TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous (row-major)");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"exp_avg", exp_avg},
-                                {"exp_avg_sq", exp_avg_sq}}) {
-    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat &&
-                    t.sizes() == param.sizes() && t.is_contiguous(),
-                op, ": ", name, " must be a contiguous float32 CPU tensor of the param's shape ",
-                param.sizes(), ", got ", t.scalar_type(), " ", t.sizes());
-  }
-  TORCH_CHECK(step.defined() && step.device().is_cpu() && step.numel() == 1 &&
-                  (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
-              op, ": step must be a one-element float32/float64 CPU tensor");
-  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.dim() == 2 &&
-                  hyper.size(0) == 1 && hyper.size(1) == kHyperCols && hyper.is_contiguous(),
-              op, ": hyper must be a contiguous CPU float64 tensor of shape [1, ",
-              static_cast<int>(kHyperCols), "], got ", hyper.scalar_type(), " ", hyper.sizes());
-  const double* row = hyper.data_ptr<double>();
-  TORCH_CHECK(std::isfinite(row[kLr]) && row[kLr] >= 0.0, op, ": lr must be finite and >= 0, got ",
-              row[kLr]);
-  TORCH_CHECK(row[kBeta1] >= 0.0 && row[kBeta1] < 1.0, op, ": beta1 must be in [0, 1), got ",
-              row[kBeta1]);
-  TORCH_CHECK(row[kBeta2] >= 0.0 && row[kBeta2] < 1.0, op, ": beta2 must be in [0, 1), got ",
-              row[kBeta2]);
-  TORCH_CHECK(std::isfinite(row[kEps]) && row[kEps] > 0.0, op, ": eps must be finite and > 0, got ",
-              row[kEps]);
-  TORCH_CHECK(std::isfinite(row[kWeightDecay]), op, ": weight_decay must be finite, got ",
-              row[kWeightDecay]);
-}
-
-double read_step(const at::Tensor& step) {
-  return step.scalar_type() == at::kFloat ? static_cast<double>(*step.data_ptr<float>())
-                                          : *step.data_ptr<double>();
-}
-
-void write_step(const at::Tensor& step, double value) {
-  if (step.scalar_type() == at::kFloat) *step.data_ptr<float>() = static_cast<float>(value);
-  else *step.data_ptr<double>() = value;
-}
-
-Clock check_clock(const char* op, const at::Tensor& param, const at::Tensor& last_step,
-                  const at::Tensor& hist, const at::Tensor& qpow, const at::Tensor& hyper,
-                  int64_t hist_base, int64_t epoch, int64_t window) {
-  TORCH_CHECK(last_step.defined() && last_step.device().is_cpu() &&
-                  last_step.scalar_type() == at::kLong && last_step.dim() == 1 &&
-                  last_step.size(0) == param.size(0) && last_step.is_contiguous(),
-              op, ": last_step must be a contiguous int64 CPU tensor of shape [", param.size(0),
-              "], got ", last_step.scalar_type(), " ", last_step.sizes());
-  TORCH_CHECK(hist.defined() && hist.device().is_cpu() && hist.scalar_type() == at::kDouble &&
-                  hist.dim() == 2 && hist.size(1) == kHistCols && hist.size(0) >= 1 &&
-                  hist.is_contiguous(),
-              op, ": hist must be a contiguous float64 CPU tensor of shape [steps, ",
-              static_cast<int>(kHistCols), "], got ", hist.scalar_type(), " ", hist.sizes());
-  TORCH_CHECK(epoch >= 1 && window >= 0 && hist_base >= 0, op,
-              ": need epoch >= 1, window >= 0, hist_base >= 0; got ", epoch, ", ", window, ", ",
-              hist_base);
-  const int64_t qcols = epoch + std::max(window, epoch) + 1;
-  TORCH_CHECK(qpow.defined() && qpow.device().is_cpu() && qpow.scalar_type() == at::kDouble &&
-                  qpow.dim() == 2 && qpow.size(0) == kHistSeries && qpow.size(1) == qcols &&
-                  qpow.is_contiguous(),
-              op, ": qpow must be a contiguous float64 CPU tensor of shape [",
-              static_cast<int>(kHistSeries), ", ", qcols, "], got ", qpow.sizes());
-  const double* row = hyper.data_ptr<double>();
-  TORCH_CHECK(row[kBeta2] > 0.0, op, ": exact mode needs beta2 > 0");
-  return Clock{hist.data_ptr<double>(), hist.size(0), hist_base, epoch, window,
-               qpow.data_ptr<double>(), qcols, row[kBeta1], row[kBeta2],
-               static_cast<float>(row[kEps])};
-}
+// ----- argument checks (all before any write): lvopt/sparse_args.h, shared with CUDA --------
 
 // Every row of the plan must have a last_step in [hist_base, target] and the history must
 // cover the target step.
 void check_rows_clock(const char* op, const RowPlan& plan, const int64_t* last, const Clock& ck,
                       int64_t target) {
-  TORCH_CHECK(target >= ck.base && target - ck.base < ck.hist_rows, op, ": hist covers steps ",
-              ck.base, "..", ck.base + ck.hist_rows - 1, " but step ", target, " is needed");
+  int64_t lo = target, hi = ck.base;
   for (int64_t r : plan.rows) {
-    TORCH_CHECK(last[r] >= ck.base && last[r] <= target, op, ": row ", r, " has last_step ",
-                last[r], ", outside [", ck.base, ", ", target, "] (stale clock state?)");
+    lo = std::min(lo, last[r]);
+    hi = std::max(hi, last[r]);
   }
+  check_sparse_rows_clock(op, lo, hi, ck, target);
 }
 
 // Runs fn(k) for every distinct row k of the plan, in parallel, with each thread's share of the
@@ -457,19 +310,15 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
                    const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
                    bool exact, const std::optional<at::Tensor>& stats) {
   const char* op = "lvopt::sparse_adamw_";
-  check_table(op, param, exp_avg, exp_avg_sq, step, hyper);
-  TORCH_CHECK(values.defined() && values.device().is_cpu() && values.dim() == 2 &&
-                  values.size(0) == indices.numel() && values.size(1) == param.size(1),
-              op, ": values must have shape [", indices.numel(), ", ", param.size(1), "], got ",
-              values.sizes());
-  TORCH_CHECK(values.scalar_type() == param.scalar_type(), op, ": values have dtype ",
-              values.scalar_type(), " but param has ", param.scalar_type());
+  check_sparse_table(op, c10::DeviceType::CPU, param, exp_avg, exp_avg_sq, step, hyper);
+  check_sparse_indices(op, indices, param);
+  check_sparse_values(op, values, indices, param);
   const RowPlan plan = plan_rows(op, indices, param.size(0));
   const double t = read_step(step) + 1.0;
   Clock ck{};
   int64_t* last = nullptr;
   if (exact) {
-    ck = check_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
+    ck = check_sparse_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
     last = last_step.data_ptr<int64_t>();
     check_rows_clock(op, plan, last, ck, static_cast<int64_t>(t) - 1);
   }
@@ -555,13 +404,12 @@ void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const a
                      const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
                      const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window) {
   const char* op = "lvopt::sparse_catchup_";
-  check_table(op, param, exp_avg, exp_avg_sq, step, hyper);
+  check_sparse_table(op, c10::DeviceType::CPU, param, exp_avg, exp_avg_sq, step, hyper);
   const RowPlan plan = plan_rows(op, indices, param.size(0));
-  const Clock ck = check_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
+  const Clock ck = check_sparse_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
   int64_t* last = last_step.data_ptr<int64_t>();
   const int64_t c = static_cast<int64_t>(read_step(step));
   check_rows_clock(op, plan, last, ck, c);
-  const int64_t u = static_cast<int64_t>(plan.rows.size());
   const int64_t d = param.size(1);
   float* m_all = exp_avg.data_ptr<float>();
   float* v_all = exp_avg_sq.data_ptr<float>();

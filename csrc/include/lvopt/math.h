@@ -193,17 +193,27 @@ LVOPT_HD void catchup_element_fast(float& p, float& m, float& v, const CatchupRo
 }
 
 // The exact windowed catch-up of one element, in fp64, for elements whose sqrt(v) is within a
-// few decades of eps: sum over the window's steps of w_j / (1 + e a_j).
-LVOPT_HD void catchup_element_loop(float& p, float& m, float& v, const CatchupRow& c,
-                                   const double* w, const double* a, int64_t n) {
+// few decades of eps: sum over the window's n steps of w_j / (1 + e a_j). term(j, w, a) gives
+// the j-th step's weight and scale (Clock::term of sparse_clock.h; the CPU kernel reads them
+// from arrays it filled once per row, the CUDA kernel computes them in place).
+template <typename Terms>
+LVOPT_HD void catchup_element_loop(float& p, float& m, float& v, const CatchupRow& c, int64_t n,
+                                   const Terms& term) {
   const double r = sqrt(static_cast<double>(v));
   double sum = 0.0;
+  double w, a;
   if (r > 0.0) {
     const double e = static_cast<double>(c.eps) / r;
-    for (int64_t j = 0; j < n; ++j) sum += w[j] / (1.0 + e * a[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      term(j, w, a);
+      sum += w / (1.0 + e * a);
+    }
     sum *= static_cast<double>(m) / r;
   } else {
-    for (int64_t j = 0; j < n; ++j) sum += w[j] / a[j];
+    for (int64_t j = 0; j < n; ++j) {
+      term(j, w, a);
+      sum += w / a;
+    }
     sum *= static_cast<double>(m) / static_cast<double>(c.eps);
   }
   p = p * c.P - static_cast<float>(sum);
