@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import _backend
+
 __all__ = ["Embedding"]
 
 
@@ -29,7 +31,8 @@ class _RowSparseEmbedding(torch.autograd.Function):
         if ctx.padding_idx is not None:
             keep = flat != ctx.padding_idx
             flat, values = flat[keep], values[keep]
-        if values.device.type == "cpu" and values.dtype in (torch.float32, torch.bfloat16):
+        native = values.device.type if values.device.type in ("cpu", "cuda") else None
+        if native and values.dtype in (torch.float32, torch.bfloat16) and _backend.unavailable_reason(native) is None:
             rows, summed = torch.ops.lvopt.coalesce_rows(flat, values.contiguous(), v)
         else:
             from .reference import coalesce_rows

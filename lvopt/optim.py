@@ -522,7 +522,7 @@ class _FusedAdam(torch.optim.Optimizer):
         t = int(float(st["step"]))
         if exact and clock is None:
             clock = st["row_clock"] = RowClock(b1, b2, eps, t)
-            st["last_step"] = torch.full((p.shape[0],), t, dtype=torch.int64)
+            st["last_step"] = torch.full((p.shape[0],), t, dtype=torch.int64, device=p.device)
             p._lvopt_row_owner = weakref.ref(self)
         g = p.grad
         hyper = torch.tensor([row], dtype=torch.float64)
