@@ -1,0 +1,160 @@
+"""The CUDA sparse-row ops (csrc/cuda/sparse_rows.cu) against the CPU kernel and the reference,
+on a GPU: the ops driven through the same random runs as tests/test_sparse_rows.py (the table,
+ids, values and last_step on the device; step, hist, qpow and hyper on the host, as
+lvopt.optim passes them), exact mode against dense fp64 AdamW (eps = 3e-2 sends many rows to
+the fp64 loop kernel), coalescing, telemetry sums, errors, and the optimizer end to end.
+Skipped (with the reason) where there is no GPU or no CUDA build."""
+import pytest
+import torch
+from torch import nn
+
+import lvopt
+from lvopt import reference
+from conftest import rel_err
+from test_sparse_rows import _run_ops
+
+DEV = "cuda"
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and lvopt.build_info()["cuda"]),
+    reason="needs a CUDA device and lvopt._C built with CUDA kernels")
+
+# Positions of the op arguments that live on the device (param, indices, values, exp_avg,
+# exp_avg_sq, last_step for sparse_adamw_; param, indices, exp_avg, exp_avg_sq, last_step for
+# sparse_catchup_); step, hist, qpow and hyper stay on the host.
+ADAMW_DEVICE_ARGS = (0, 1, 2, 3, 4, 6)
+CATCHUP_DEVICE_ARGS = (0, 1, 2, 3, 5)
+
+
+def on_device(fn, positions):
+    """fn run on device copies of the CPU arguments at ``positions``; mutated ones are copied back."""
+    def run(*args):
+        moved = [a.to(DEV) if i in positions else a for i, a in enumerate(args)]
+        fn(*moved)
+        for a, b in zip(args, moved):
+            if b is not a:
+                a.copy_(b.cpu())
+    return run
+
+
+CUDA_ADAMW = on_device(torch.ops.lvopt.sparse_adamw_, ADAMW_DEVICE_ARGS)
+CUDA_CATCHUP = on_device(torch.ops.lvopt.sparse_catchup_, CATCHUP_DEVICE_ARGS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("exact", [True, False])
+def test_ops_match_cpu_kernel_and_reference(gen, dtype, exact):
+    seed = gen.initial_seed()
+    for V, d in [(23, 37), (31, 64)]:  # d = 37: no 16-byte rows (the scalar path); 64: vectors
+        cuda, _ = _run_ops(CUDA_ADAMW, CUDA_CATCHUP, V, d, dtype, torch.Generator().manual_seed(seed), 60, exact=exact)
+        cpu, _ = _run_ops(torch.ops.lvopt.sparse_adamw_, torch.ops.lvopt.sparse_catchup_, V, d, dtype,
+                          torch.Generator().manual_seed(seed), 60, exact=exact)
+        ref, _ = _run_ops(reference.sparse_adamw_, reference.sparse_catchup_, V, d, dtype,
+                          torch.Generator().manual_seed(seed), 60, exact=exact)
+        assert float(cuda[3]) == float(cpu[3]) == 60.0
+        assert torch.equal(cuda[4], cpu[4])
+        if not exact:
+            # Lazy: the same fp32 operations in the same order as the CPU kernel.
+            for a, b in zip(cuda[:3], cpu[:3]):
+                assert torch.equal(a, b)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for a, b, c in zip(cuda[:3], cpu[:3], ref[:3]):
+            assert rel_err(a, b) < 1e-6 if dtype == torch.float32 else rel_err(a, b) < 1e-2
+            assert rel_err(a, c) < tol
+
+
+@pytest.mark.parametrize("betas,eps", [((0.9, 0.999), 1e-8), ((0.9, 0.999), 3e-2)])
+def test_exact_matches_dense_fp64(gen, betas, eps):
+    V, d = 40, 33
+
+    def ids_fn(t, g):
+        hot = torch.randint(0, 4, (3,), generator=g)
+        rare = torch.randint(4, V, (1,), generator=g) if t % 23 == 0 else torch.empty(0, dtype=torch.int64)
+        return torch.cat([hot, rare, hot[:1]])
+
+    (p, m, v, *_), (P, M, Vv) = _run_ops(CUDA_ADAMW, CUDA_CATCHUP, V, d, torch.float32, gen, 700,
+                                         betas=betas, eps=eps, ids_fn=ids_fn)
+    assert rel_err(p, P) < 5e-6 and rel_err(m, M) < 5e-6 and rel_err(v, Vv) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_coalesce_rows(gen, dtype):
+    for n, V, d in [(0, 5, 8), (1, 1, 8), (300, 7, 19), (5000, 100000, 64), (64, 64, 8)]:
+        ids = torch.randint(0, V, (n,), generator=gen)
+        vals = torch.randn(n, d, generator=gen).to(dtype)
+        rows, summed = torch.ops.lvopt.coalesce_rows(ids.to(DEV), vals.to(DEV), V)
+        cr, cs = torch.ops.lvopt.coalesce_rows(ids, vals, V)
+        assert rows.device.type == DEV and torch.equal(rows.cpu(), cr)
+        assert torch.equal(summed.cpu(), cs)  # the same fp32 sums in the same (input) order
+
+
+def test_stats_match_cpu_kernel(gen):
+    from lvopt.sparse import RowClock
+
+    V, d = 50, 40
+    clock = RowClock(0.9, 0.999, 1e-8, 0)
+    for t in range(1, 6):
+        clock.append(t, 1e-2, 0.1)
+    h, q, base, e, w = clock.op_args()
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+    ids = torch.randint(0, V, (80,), generator=gen)
+    vals = torch.randn(80, d, generator=gen)
+    p, m, v = torch.randn(V, d, generator=gen), torch.rand(V, d, generator=gen), torch.rand(V, d, generator=gen)
+    last = torch.randint(0, 5, (V,), generator=gen)
+    for exact in (True, False):
+        outs = []
+        for dev in ("cpu", DEV):
+            stats = torch.zeros(2, dtype=torch.float64, device=dev)
+            pp, mm, vv, ll = (x.clone().to(dev) for x in (p, m, v, last))
+            torch.ops.lvopt.sparse_adamw_(pp, ids.to(dev), vals.to(dev), mm, vv, torch.tensor(5.0), ll, h, q,
+                                          hyper, base, e, w, exact, stats=stats)
+            outs.append(stats.cpu())
+        assert rel_err(outs[1], outs[0]) < 1e-12
+
+
+def test_errors_write_nothing(gen):
+    from lvopt.sparse import RowClock
+
+    V, d = 6, 4
+    clock = RowClock(0.9, 0.999, 1e-8, 0)
+    clock.append(1, 1e-2, 0.1)
+    h, q, base, e, w = clock.op_args()
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+    for pattern, ids in [("negative index -1 at position 1", [0, -1]),
+                         ("index 6 at position 1 is out of range", [0, 6])]:
+        p, m, v = (torch.rand(V, d, device=DEV) for _ in range(3))
+        step, last = torch.tensor(0.0), torch.zeros(V, dtype=torch.int64, device=DEV)
+        before = [t.clone() for t in (p, m, v, step, last)]
+        with pytest.raises(RuntimeError, match=pattern):
+            torch.ops.lvopt.sparse_adamw_(p, torch.tensor(ids, device=DEV), torch.randn(2, d, device=DEV), m, v,
+                                          step, last, h, q, hyper, base, e, w, True)
+        for a, b in zip((p, m, v, step, last), before):
+            assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="last_step must be a contiguous int64 tensor"):
+        torch.ops.lvopt.sparse_adamw_(torch.rand(V, d, device=DEV), torch.tensor([0], device=DEV),
+                                      torch.randn(1, d, device=DEV), torch.rand(V, d, device=DEV),
+                                      torch.rand(V, d, device=DEV), torch.tensor(0.0),
+                                      torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w, True)
+
+
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+@pytest.mark.parametrize("module", ["torch", "lvopt"])
+def test_optimizer_on_cuda_matches_cpu(gen, mode, module):
+    """A sparse embedding and a dense head trained on the GPU and on the CPU: the same tables."""
+    V, d = 500, 32
+    ids = [torch.randint(0, V, (4, 16), generator=gen) for _ in range(8)]
+    results = []
+    for dev in ("cpu", DEV):
+        torch.manual_seed(0)
+        emb = (lvopt.nn.Embedding(V, d) if module == "lvopt" else nn.Embedding(V, d, sparse=True)).to(dev)
+        head = nn.Linear(d, 3).to(dev)
+        opt = lvopt.AdamW([{"params": emb.parameters(), "sparse_mode": mode, "weight_decay": 0.0 if mode == "lazy" else 0.1},
+                           {"params": head.parameters()}], lr=3e-3)
+        for x in ids:
+            loss = head(emb(x.to(dev))).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        opt.flush()
+        results.append([t.detach().cpu() for t in (emb.weight, head.weight)])
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-5
