@@ -1,39 +1,63 @@
-"""GPU benchmark of the step kernels: lvopt's CUDA and Triton AdamW/AdamH against
-torch.optim.AdamW(fused=True) and torch's foreach AdamW, timed with CUDA events, stated as a
-fraction of the bandwidth a large device-to-device copy reaches on the same GPU.
+"""GPU benchmark of every lvopt op: the CUDA and Triton AdamW/AdamH steps against
+torch.optim.AdamW(fused=True) and torch's foreach AdamW (the apex-style multi-tensor baseline),
+and the sparse-row steps (exact and lazy, on nn.Embedding(sparse=True)'s raw COO gradient and
+on lvopt.nn.Embedding's merged one) against torch.optim.SparseAdam and fused AdamW on the dense
+gradient; each stated as a fraction of the bandwidth a large copy reaches on the same device.
 
-    python benchmarks/bench_gpu.py                  # or: python -m lvopt bench --device cuda
-Importable anywhere; run() returns None (and says why) where there is no CUDA device.
+    python benchmarks/bench_gpu.py [--size small] [--device cuda]
+    python -m lvopt bench --device cuda
+
+``--device cpu`` runs the same code on the CPU backend (CPU timers; that is how the tests
+exercise it without a GPU); ``--device cuda`` on a machine without CUDA says so and exits 0.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import statistics
 import sys
+import time
 
 import torch
 
 
-def _time_ms(fn, warmup: int = 3, iters: int = 20) -> float:
-    for _ in range(warmup):
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, device="cuda", warmup: int = 3, iters: int = 20, before=None) -> float:
+    """Median ms of fn() (CUDA events on a GPU, perf_counter on the CPU); ``before(i)`` runs
+    untimed before each call (e.g. to set the next batch's gradient)."""
+    cuda = torch.device(device).type == "cuda"
+    for i in range(warmup):
+        if before:
+            before(i)
         fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _sync(device)
     times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    for i in range(iters):
+        if before:
+            before(warmup + i)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted), the roof we state results against."""
+    """Bytes/s of a copy on ``device`` (read + write counted), the roof we state results against."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src))
+    ms = _time_ms(lambda: dst.copy_(src), device)
     return 2 * nbytes / (ms * 1e-3)
 
 
@@ -51,6 +75,12 @@ CASES = {
     "GPT-2 small fp32": (gpt2_small_shapes(), torch.float32),
     "GPT-2 small bf16": (gpt2_small_shapes(), torch.bfloat16),
 }
+SMALL_CASES = {
+    "1M fp32": ([(1024, 1024)], torch.float32),
+    "mixed bf16": ([(300, 257), (4096,), (33, 17)], torch.bfloat16),
+}
+# The sparse-row case of issue 3 (V = 262,144, d = 1,024, 16,384 Zipf(1.1) ids per batch).
+SPARSE = {"default": dict(V=262144, d=1024, n=16384, pool=6), "small": dict(V=16384, d=128, n=2048, pool=4)}
 
 
 def _state(shapes, dtype, device):
@@ -94,19 +124,13 @@ def _torch_step(shapes, dtype, device, fused: bool):
     return opt.step
 
 
-def run(device: str = "cuda", cases=None, file=sys.stdout):
-    """Prints one table per case: ms per step, effective GB/s and fraction of copy bandwidth.
-    Returns the rows, or None where there is no CUDA device."""
-    if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device here; GPU timings skipped (see benchmarks/RESULTS.md for "
-              "the static SASS evidence and the predicted times)", file=file)
-        return None
-    dev = torch.device(device)
-    bw = copy_bandwidth(dev)
-    print(f"device: {torch.cuda.get_device_name(dev)}; copy bandwidth {bw / 1e9:.0f} GB/s", file=file)
+def _backends(device) -> tuple:
+    return ("cuda", "triton") if torch.device(device).type == "cuda" else ("cpu",)
+
+
+def run_dense(dev, bw, cases, file) -> list[dict]:
     rows = []
-    for name in cases or CASES:
-        shapes, dtype = CASES[name]
+    for name, (shapes, dtype) in cases.items():
         numel = sum(math.prod(s) for s in shapes)
         pbytes = 2 if dtype == torch.bfloat16 else 4
         # AdamW: read p, g, m, v, write p, m, v. AdamH: pass 1 reads W, g, m, v and writes m, v;
@@ -116,7 +140,7 @@ def run(device: str = "cuda", cases=None, file=sys.stdout):
             ("torch fused AdamW", "adamw", lambda: (_torch_step(shapes, dtype, dev, True), None)),
             ("torch foreach AdamW", "adamw", lambda: (_torch_step(shapes, dtype, dev, False), None)),
         ]
-        for be in ("cuda", "triton"):
+        for be in _backends(dev):
             for algo in ("adamw", "adamh"):
                 contenders.append((f"lvopt {be} {algo}", algo,
                                    lambda be=be, algo=algo: _lvopt_step(be, shapes, dtype, dev, algo)))
@@ -124,16 +148,104 @@ def run(device: str = "cuda", cases=None, file=sys.stdout):
         for label, algo, make in contenders:
             fn, why = make()
             if fn is None:
-                print(f"  {label:24s} unavailable: {why}", file=file)
+                print(f"  {label:40s} unavailable: {why}", file=file)
                 continue
-            ms = _time_ms(fn)
-            nbytes = per_param[algo] * numel
-            row = dict(case=name, impl=label, ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, frac=nbytes / (ms * 1e-3) / bw)
-            rows.append(row)
-            print(f"  {label:24s} {ms:8.3f} ms  {row['gbps']:7.0f} GB/s  {row['frac']:6.1%} of copy", file=file)
-            torch.cuda.empty_cache()
+            # AdamH steps the matrices only (DESIGN.md section 2): count their elements.
+            count = numel if algo == "adamw" else sum(math.prod(s) for s in shapes if len(s) >= 2)
+            if count == 0:
+                print(f"  {label:40s} no matrices in this case", file=file)
+                continue
+            ms = _time_ms(fn, dev)
+            rows.append(_row(name, label, ms, per_param[algo] * count, bw, file))
     return rows
 
 
+def _row(case, label, ms, nbytes, bw, file) -> dict:
+    row = dict(case=case, impl=label, ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, frac=nbytes / (ms * 1e-3) / bw)
+    print(f"  {label:40s} {ms:8.3f} ms  {row['gbps']:7.1f} GB/s  {row['frac']:6.1%} of copy", file=file)
+    return row
+
+
+def run_sparse(dev, bw, size, file) -> list[dict]:
+    """One optimizer step of a V x d embedding on a Zipf batch's row-sparse gradient (a
+    different batch each step). Bytes: 4*N*d gradient rows read + 24*U*d for p, m, v of the U
+    distinct rows (raw COO); 28*U*d on the merged gradient."""
+    import lvopt
+    from lvopt import _backend
+
+    cfg = SPARSE[size]
+    V, d, n = cfg["V"], cfg["d"], cfg["n"]
+    gen = torch.Generator().manual_seed(0)
+    w = torch.arange(1, V + 1, dtype=torch.float64) ** -1.1
+    raw, merged = [], []
+    for _ in range(cfg["pool"]):
+        ids = torch.multinomial(w, n, replacement=True, generator=gen).to(dev)
+        vals = torch.randn(n, d, generator=gen).to(dev)
+        raw.append(torch.sparse_coo_tensor(ids[None], vals, (V, d), check_invariants=False))
+        merged.append(raw[-1].coalesce())
+    U = statistics.mean(g._nnz() for g in merged)
+    raw_bytes, merged_bytes = int(4 * n * d + 24 * U * d), int(28 * U * d)
+    name = f"sparse rows V={V} d={d}, {n} Zipf ids ({U:.0f} distinct)"
+    print(f"\n{name}", file=file)
+    rows = []
+
+    def time_opt(label, make, grads, nbytes, dense=False):
+        p = torch.nn.Parameter(torch.randn(V, d, generator=gen).to(dev))
+        opt = make([p])
+        pool = [g.to_dense() for g in grads] if dense else grads
+
+        def set_grad(i):
+            p.grad = pool[i % len(pool)]
+
+        rows.append(_row(name, label, _time_ms(opt.step, dev, warmup=2 * len(pool), iters=12, before=set_grad),
+                         nbytes, bw, file))
+        del p, opt, pool
+
+    for be in _backends(dev):
+        why = _backend.unavailable_reason(be)
+        if why:
+            print(f"  lvopt {be:34s} unavailable: {why}", file=file)
+            continue
+        for mode in ("exact", "lazy"):
+            for grads, kind, nbytes in ((raw, "raw COO", raw_bytes), (merged, "merged", merged_bytes)):
+                time_opt(f"lvopt {be} {mode} ({kind})",
+                         lambda ps, mode=mode, be=be: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1, sparse_mode=mode,
+                                                                  backend=be),
+                         grads, nbytes)
+    time_opt("torch SparseAdam (raw COO)", lambda ps: torch.optim.SparseAdam(ps, lr=1e-3), raw, raw_bytes)
+    time_opt("torch fused AdamW (dense V x d grad)",
+             lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True), raw[:2], 28 * V * d,
+             dense=True)
+    return rows
+
+
+def run(device: str = "cuda", size: str = "default", cases=None, file=sys.stdout):
+    """Prints one table per case: ms per step, effective GB/s and fraction of copy bandwidth.
+    Returns the rows, or None where CUDA was asked for and there is no CUDA device."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device here; GPU timings skipped (see benchmarks/RESULTS.md for "
+              "the static SASS evidence and the predicted times)", file=file)
+        return None
+    dev = torch.device(device)
+    bw = copy_bandwidth(dev, (1 << 30) if size == "default" else (64 << 20))
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"device: {where}; copy bandwidth {bw / 1e9:.0f} GB/s", file=file)
+    dense = {k: CASES[k] for k in cases} if cases else (CASES if size == "default" else SMALL_CASES)
+    rows = run_dense(dev, bw, dense, file)
+    rows += run_sparse(dev, bw, size, file)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--size", default="default", choices=["default", "small"])
+    args = ap.parse_args(argv)
+    run(args.device, args.size)
+    return 0
+
+
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

@@ -51,3 +51,31 @@ def test_claims_are_checked_in_the_right_direction(case, subject, other, ratio, 
     rows = [dict(case=case, name=subject, ms=100.0 * ratio), dict(case=case, name=other, ms=100.0)]
     claims = [c for c in check_claims(rows)]
     assert claims and all(c["met"] is met for c in claims), claims
+
+
+@needs_native
+def test_gpu_bench_runs_on_cpu_paths_and_without_a_gpu(capsys):
+    """benchmarks/bench_gpu.py times every op (dense AdamW/AdamH, sparse exact/lazy on raw and
+    merged gradients) against its baselines; --device cpu runs that code here. `python -m lvopt
+    bench --device cuda` without a GPU says so and succeeds."""
+    import os
+    import sys
+
+    import torch
+    from lvopt import bench
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_gpu
+
+    rows = bench_gpu.run("cpu", "small")
+    impls = {(r["case"].split(":")[0].split(" V=")[0], r["impl"]) for r in rows}
+    for be_mode in ("exact", "lazy"):
+        for kind in ("raw COO", "merged"):
+            assert ("sparse rows", f"lvopt cpu {be_mode} ({kind})") in impls
+    assert {("sparse rows", "torch SparseAdam (raw COO)"), ("sparse rows", "torch fused AdamW (dense V x d grad)"),
+            ("1M fp32", "lvopt cpu adamh"), ("mixed bf16", "torch foreach AdamW")} <= impls
+    assert all(r["ms"] > 0 and 0 < r["frac"] for r in rows)
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert bench.main(["--device", "cuda", "--size", "small"]) == 0
+        assert "no CUDA device here" in capsys.readouterr().out
