@@ -273,6 +273,18 @@ def predictions() -> list[tuple[str, int, float, int]]:
     add("AdamW bf16, GPT-2 small", 22 * n_g2, len(g2), 1, 0)
     add(f"AdamH fp32, GPT-2 small matrices ({len(mats)} tensors, {n_mats / 1e6:.1f}M params, 40 B/param)",
         40 * n_mats, len(mats), 2, 1)
+    # Sparse rows (issue 3's case): V = 262,144, d = 1,024 fp32, N = 16,384 Zipf(1.1) ids with
+    # U = 5,030 distinct rows: the N gradient rows read plus p, m, v of the U rows read and
+    # written (4*N*d + 24*U*d); exact mode's first read of a behind row's v hits the cache when
+    # the update reads it again. Launches: lvopt's own (row kernel; exact mode adds the per-row
+    # scalars and the loop-row kernel) after torch's stable sort and run-length encoding of the
+    # ids (about 8 more), with 2 (lazy) or 3 (exact) host synchronisations of ~10 us each that
+    # the byte time does not count.
+    N, U, d = 16384, 5030, 1024
+    rows.append(("Sparse rows lazy, V=262,144 d=1,024, 16,384 Zipf ids (5,030 distinct), raw COO grad",
+                 4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 1))
+    rows.append(("Sparse rows exact, same batch", 4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 3))
+    rows.append(("Sparse rows, lvopt.nn.Embedding's merged grad (28*U*d)", 28 * U * d, 28 * U * d / bw * 1e3, 1))
     return rows
 
 
