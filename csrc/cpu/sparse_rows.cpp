@@ -310,9 +310,8 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
                    const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
                    bool exact, const std::optional<at::Tensor>& stats) {
   const char* op = "lvopt::sparse_adamw_";
-  check_sparse_table(op, c10::DeviceType::CPU, param, exp_avg, exp_avg_sq, step, hyper);
-  check_sparse_indices(op, indices, param);
-  check_sparse_values(op, values, indices, param);
+  check_sparse_adamw_args(op, c10::DeviceType::CPU, param, indices, values, exp_avg, exp_avg_sq, step,
+                          hyper, stats);
   const RowPlan plan = plan_rows(op, indices, param.size(0));
   const double t = read_step(step) + 1.0;
   Clock ck{};
@@ -322,15 +321,7 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
     last = last_step.data_ptr<int64_t>();
     check_rows_clock(op, plan, last, ck, static_cast<int64_t>(t) - 1);
   }
-  double* st = nullptr;
-  if (stats.has_value()) {
-    const at::Tensor& s = *stats;
-    TORCH_CHECK(s.defined() && s.device().is_cpu() && s.scalar_type() == at::kDouble &&
-                    s.numel() == 2 && s.is_contiguous(),
-                op, ": stats must be a contiguous two-element float64 CPU tensor, got ",
-                s.scalar_type(), " ", s.sizes(), " on ", s.device());
-    st = s.data_ptr<double>();
-  }
+  double* st = stats.has_value() ? stats->data_ptr<double>() : nullptr;
   // Every check has passed: from here on, writes.
   write_step(step, t);
   const AdamCoef coef = make_adam_coef(hyper.data_ptr<double>(), t);

@@ -473,16 +473,8 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
                        const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
                        bool exact, const std::optional<at::Tensor>& stats) {
   const char* op = "lvopt::sparse_adamw_";
-  check_sparse_table(op, c10::DeviceType::CUDA, param, exp_avg, exp_avg_sq, step, hyper);
-  check_sparse_indices(op, indices, param);
-  check_sparse_values(op, values, indices, param);
-  if (stats.has_value()) {
-    const at::Tensor& s = *stats;
-    TORCH_CHECK(s.defined() && s.device() == param.device() && s.scalar_type() == at::kDouble &&
-                    s.numel() == 2 && s.is_contiguous(),
-                op, ": stats must be a contiguous two-element float64 tensor on ", param.device(),
-                ", got ", s.scalar_type(), " ", s.sizes());
-  }
+  check_sparse_adamw_args(op, c10::DeviceType::CUDA, param, indices, values, exp_avg, exp_avg_sq, step,
+                          hyper, stats);
   const c10::cuda::CUDAGuard guard(param.device());
   const at::Tensor idx = indices.contiguous();
   check_id_range(op, idx, param.size(0));

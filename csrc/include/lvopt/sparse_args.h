@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "lvopt/math.h"
@@ -78,6 +79,29 @@ inline void check_sparse_values(const char* op, const at::Tensor& values, const 
               param.device(), ", got ", values.sizes());
   TORCH_CHECK(values.scalar_type() == param.scalar_type(), op, ": values have dtype ",
               values.scalar_type(), " but param has ", param.scalar_type());
+}
+
+inline void check_sparse_stats(const char* op, const std::optional<at::Tensor>& stats,
+                               const at::Tensor& param) {
+  if (!stats.has_value()) return;
+  const at::Tensor& s = *stats;
+  TORCH_CHECK(s.defined() && s.device() == param.device() && s.scalar_type() == at::kDouble &&
+                  s.numel() == 2 && s.is_contiguous(),
+              op, ": stats must be a contiguous two-element float64 tensor on ", param.device(),
+              ", got ", s.scalar_type(), " ", s.sizes(), s.defined() ? " on " : "",
+              s.defined() ? s.device().str() : std::string());
+}
+
+// Everything lvopt::sparse_adamw_ can check without reading the ids or the clock.
+inline void check_sparse_adamw_args(const char* op, c10::DeviceType kernel, const at::Tensor& param,
+                                    const at::Tensor& indices, const at::Tensor& values,
+                                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                                    const at::Tensor& step, const at::Tensor& hyper,
+                                    const std::optional<at::Tensor>& stats) {
+  check_sparse_table(op, kernel, param, exp_avg, exp_avg_sq, step, hyper);
+  check_sparse_indices(op, indices, param);
+  check_sparse_values(op, values, indices, param);
+  check_sparse_stats(op, stats, param);
 }
 
 // The step count (read on the host; a device counter is copied back).
