@@ -9,7 +9,10 @@
 //  * One block per distinct row. Each thread owns fixed columns of the row (16-byte vectors
 //    when the row and every gradient row are aligned), sums that row's gradient rows in input
 //    order in fp32 and applies math.h's per-element step: the bits of an element depend on
-//    neither the block schedule nor the number of SMs, and equal the CPU kernel's.
+//    neither the block schedule nor the number of SMs, and equal the CPU kernel's for rows
+//    given at most kRun = 32 times. A longer run (a frequent token) is first cut into pieces
+//    of 32 rows summed by blocks of their own, as FBGEMM splits long segments, so that one
+//    row does not serialise the step; its sum is then the in-order sum of its pieces.
 //  * Exact mode: a first kernel (one thread per distinct row) snapshots each row's last step and
 //    computes its catch-up scalars (sparse_clock.h Clock::row, fp64, on the device copy of the
 //    step history). The row kernel catches behind rows up by the series (math.h), after a scan
@@ -29,11 +32,15 @@
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
+#include <ATen/ops/floor_divide.h>
 #include <ATen/ops/nonzero.h>
+#include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/unique_consecutive.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -83,6 +90,37 @@ DevicePlan plan_rows(const at::Tensor& idx) {
   return plan;
 }
 
+// A row given more than kRun times (the head of a Zipf batch: the most frequent id of 16,384
+// Zipf(1.1) draws comes ~1,500 times) would make its block read its gradient rows one after
+// the other while the rest of the grid has long finished. Its run is cut into pieces of kRun
+// rows, one block each (partial_sums_kernel, in input order), and the row's block adds the
+// pieces in order: a fixed grouping, so the bits stay deterministic; they equal the CPU
+// kernel's (one sequential sum) for every row given at most kRun times.
+constexpr int64_t kRun = 32;
+
+struct RunSplit {
+  at::Tensor start;  // [U]: first piece of each long row (rows given <= kRun times: unused)
+  at::Tensor owner;  // [parts]: the distinct row of each piece
+  at::Tensor sums;   // [parts, d] fp32
+  int64_t parts = 0;
+};
+
+// One host read (the number of pieces), to size the pieces' launch and buffer.
+RunSplit split_long_runs(const DevicePlan& plan, int64_t d) {
+  RunSplit out;
+  if (plan.u == 0) return out;
+  const at::Tensor counts = plan.offsets.slice(0, 1) - plan.offsets.slice(0, 0, plan.u);
+  const at::Tensor pieces = at::where(counts > kRun, at::floor_divide(counts + (kRun - 1), kRun),
+                                      at::zeros_like(counts));
+  const at::Tensor ends = at::cumsum(pieces, 0);
+  out.parts = ends[plan.u - 1].item<int64_t>();
+  if (out.parts == 0) return out;
+  out.start = ends - pieces;
+  out.owner = at::repeat_interleave(pieces, out.parts);
+  out.sums = at::empty({out.parts, d}, plan.rows.options().dtype(at::kFloat));
+  return out;
+}
+
 // Pointers of one launch (the kernels' arguments).
 template <typename T>
 struct RowArgs {
@@ -91,6 +129,8 @@ struct RowArgs {
   float* v;
   const T* vals;     // [N, d] gradient rows as given (nullptr: catch-up only)
   const int64_t* rows, *offsets, *perm;
+  const float* partials;      // [parts, d] sums of kRun gradient rows each (long runs only)
+  const int64_t* part_start;  // [U] first partial of a row given more than kRun times
   int64_t* last;     // last_step (exact mode), else nullptr
   int64_t d;
   int64_t target;    // exact: bring rows current to this step (the step before the update)
@@ -98,11 +138,28 @@ struct RowArgs {
   bool vec;          // every row start (table and gradient rows) is 16-byte aligned
 };
 
-// The gradient of `col` (N consecutive columns starting there) of distinct row k: its rows
-// summed in input order in fp32, the first one as it is (the CPU kernel's order).
+// The gradient of `col` (N consecutive columns starting there) of distinct row k, whose
+// gradient rows are perm[lo .. hi): summed in input order in fp32, the first one as it is (the
+// CPU kernel's order); a row given more than kRun times adds its pieces' sums in order.
 template <typename T, int N>
-__device__ __forceinline__ void row_grad(const RowArgs<T>& a, int64_t lo, int64_t hi, int64_t col,
-                                         float (&g)[N]) {
+__device__ __forceinline__ void row_grad(const RowArgs<T>& a, int64_t k, int64_t lo, int64_t hi,
+                                         int64_t col, float (&g)[N]) {
+  if (hi - lo > kRun) {
+    const float* part = a.partials + a.part_start[k] * a.d + col;
+    const int64_t n = (hi - lo + kRun - 1) / kRun;
+#pragma unroll 1
+    for (int64_t c = 0; c < n; ++c) {
+      float x[N];
+      if constexpr (N == 1) {
+        x[0] = part[c * a.d];
+      } else {
+        load_f32<N>(part + c * a.d, x);
+      }
+#pragma unroll
+      for (int q = 0; q < N; ++q) g[q] = c == 0 ? x[q] : g[q] + x[q];
+    }
+    return;
+  }
 #pragma unroll 2
   for (int64_t i = lo; i < hi; ++i) {
     const T* src = a.vals + a.perm[i] * a.d + col;
@@ -113,8 +170,43 @@ __device__ __forceinline__ void row_grad(const RowArgs<T>& a, int64_t lo, int64_
       load_vec(src, x);
     }
 #pragma unroll
-    for (int k = 0; k < N; ++k) g[k] = i == lo ? x[k] : g[k] + x[k];
+    for (int q = 0; q < N; ++q) g[q] = i == lo ? x[q] : g[q] + x[q];
   }
+}
+
+// One block per piece q of a long run: the sum of its (at most kRun) gradient rows, in input
+// order, into sums[q].
+template <typename T, int N>
+__device__ __forceinline__ void piece_columns(const RowArgs<T>& a, int64_t lo, int64_t hi,
+                                              float* out, int64_t first, int64_t end) {
+  for (int64_t j = first + static_cast<int64_t>(threadIdx.x) * N; j < end; j += kThreads * N) {
+    float g[N];
+    // Below kRun rows: row_grad's direct sum (k is not read on that path).
+    row_grad<T, N>(a, 0, lo, hi, j, g);
+    if constexpr (N == 1) {
+      out[j] = g[0];
+    } else {
+      store_f32<N>(out + j, g);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    partial_sums_kernel(const RowArgs<T> a, const int64_t* __restrict__ owner,
+                        const int64_t* __restrict__ start, float* __restrict__ sums) {
+  const int64_t q = blockIdx.x;
+  const int64_t k = owner[q];
+  const int64_t lo = a.offsets[k] + (q - start[k]) * kRun;
+  const int64_t hi = min(lo + kRun, a.offsets[k + 1]);
+  constexpr int N = VecWidth<T>::value;
+  float* out = sums + q * a.d;
+  int64_t done = 0;
+  if (a.vec) {
+    done = a.d / N * N;
+    piece_columns<T, N>(a, lo, hi, out, 0, done);
+  }
+  piece_columns<T, 1>(a, lo, hi, out, done, a.d);
 }
 
 // The columns [first, end) of distinct row k, N at a time (N = 1: scalar), thread i taking
@@ -140,7 +232,7 @@ __device__ __forceinline__ void row_columns(const RowArgs<T>& a, int64_t k, int6
       load_f32<N>(m + j, mf);
       load_f32<N>(v + j, vf);
     }
-    if constexpr (kStep) row_grad<T, N>(a, lo, hi, j, gf);
+    if constexpr (kStep) row_grad<T, N>(a, k, lo, hi, j, gf);
 #pragma unroll
     for (int q = 0; q < N; ++q) {
       if constexpr (kTrack) w0[q] = pf[q];
@@ -272,7 +364,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if constexpr (kStep) {
       float g[1];
-      row_grad<T, 1>(a, lo, hi, j, g);
+      row_grad<T, 1>(a, k, lo, hi, j, g);
       adamw_element(pi, g[0], mi, vi, c);
     }
     store_one(p, j, pi);
@@ -307,7 +399,7 @@ __device__ __forceinline__ void coalesce_columns(const RowArgs<T>& a, int64_t k,
   const int64_t lo = a.offsets[k], hi = a.offsets[k + 1];
   for (int64_t j = first + static_cast<int64_t>(threadIdx.x) * N; j < end; j += kThreads * N) {
     float g[N];
-    row_grad<T, N>(a, lo, hi, j, g);
+    row_grad<T, N>(a, k, lo, hi, j, g);
     if constexpr (N == 1) {
       store_one(out + k * a.d, j, g[0]);
     } else {
@@ -357,6 +449,17 @@ RowArgs<T> row_args(const at::Tensor& param, const at::Tensor& exp_avg, const at
   return a;
 }
 
+// Points the launch at the pieces of its long runs and sums them (before the row kernel).
+template <typename T>
+void sum_long_runs(RowArgs<T>& a, const RunSplit& split, cudaStream_t stream) {
+  if (split.parts == 0) return;
+  a.partials = split.sums.data_ptr<float>();
+  a.part_start = split.start.data_ptr<int64_t>();
+  partial_sums_kernel<T><<<static_cast<unsigned>(split.parts), kThreads, 0, stream>>>(
+      a, split.owner.data_ptr<int64_t>(), split.start.data_ptr<int64_t>(), split.sums.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> coalesce_rows_cuda(const at::Tensor& indices,
                                                       const at::Tensor& values, int64_t num_rows) {
   const char* op = "lvopt::coalesce_rows";
@@ -380,6 +483,7 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows_cuda(const at::Tensor& indices,
   at::Tensor out = at::empty({plan.u, d}, vals.options());
   if (plan.u == 0 || d == 0) return {plan.rows, out};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const RunSplit split = split_long_runs(plan, d);
   // The table is the output here: its pointer stands in for p, m and v in the alignment test.
   const auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -390,6 +494,7 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows_cuda(const at::Tensor& indices,
     a.perm = plan.perm.data_ptr<int64_t>();
     a.d = d;
     a.vec = rows_vectorisable<T>(out.data_ptr(), out.data_ptr(), out.data_ptr(), a.vals, d);
+    sum_long_runs(a, split, stream);
     coalesce_kernel<T><<<static_cast<unsigned>(plan.u), kThreads, 0, stream>>>(
         a, reinterpret_cast<T*>(out.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -502,12 +607,14 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
     rs = row_stats.data_ptr<double>();
   }
   const ExactState xs = exact ? exact_state(last_step, plan, dck.ck, ti - 1, stream) : ExactState{};
+  const RunSplit split = split_long_runs(plan, param.size(1));
   const auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     RowArgs<T> a = row_args<T>(param, exp_avg, exp_avg_sq, &vals, plan,
                                exact ? last_step.data_ptr<int64_t>() : nullptr);
     a.target = ti - 1;
     a.new_last = ti;
+    sum_long_runs(a, split, stream);
     if (exact) {
       if (rs) launch_rows<T, true, true, true>(a, dck.ck, coef, xs.rows, rs, plan.u, stream);
       else launch_rows<T, true, true, false>(a, dck.ck, coef, xs.rows, rs, plan.u, stream);
