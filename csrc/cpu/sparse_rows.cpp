@@ -90,14 +90,17 @@ LVOPT_ALWAYS_INLINE void grad_add(float* __restrict dst, const T* __restrict src
   }
 }
 
-template <typename T>
+// kFwd: every element of the row takes the forward series (catchup_element_fwd, the same
+// bits as catchup_element_fast there, with half its series arithmetic).
+template <typename T, bool kFwd>
 LVOPT_ALWAYS_INLINE void catchup_adamw_row(T* __restrict p, const float* __restrict g,
                                            float* __restrict m, float* __restrict v, int64_t n,
                                            const CatchupRow& cr, const AdamCoef& c) {
   for (int64_t i = 0; i < n; ++i) {
     float pi = load_elem(p, i);
     float mi = m[i], vi = v[i];
-    catchup_element_fast(pi, mi, vi, cr);
+    if constexpr (kFwd) catchup_element_fwd(pi, mi, vi, cr);
+    else catchup_element_fast(pi, mi, vi, cr);
     adamw_element(pi, g[i], mi, vi, c);
     m[i] = mi;
     v[i] = vi;
@@ -118,12 +121,18 @@ LVOPT_ALWAYS_INLINE void catchup_row(T* __restrict p, float* __restrict m, float
   }
 }
 
-// Number of elements whose sqrt(v) is too close to eps for either series.
+// out[0]: the number of elements whose sqrt(v) is too close to eps for either series;
+// out[1]: the number that the forward series does not serve.
 LVOPT_ALWAYS_INLINE void count_mid(const float* __restrict v, int64_t n, float fwd_v, float rev_v,
                                    int64_t* out) {
-  int64_t k = 0;
-  for (int64_t i = 0; i < n; ++i) k += !(v[i] >= fwd_v) & !(v[i] <= rev_v);
-  *out = k;
+  int64_t mid = 0, not_fwd = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool fwd = v[i] >= fwd_v;
+    mid += !fwd & !(v[i] <= rev_v);
+    not_fwd += !fwd;
+  }
+  out[0] = mid;
+  out[1] = not_fwd;
 }
 
 LVOPT_ISA_DISPATCH(grad_add_f32, (float* d, const float* s, int64_t n, bool f), (d, s, n, f),
@@ -139,11 +148,19 @@ LVOPT_ISA_DISPATCH(adamw_row_bf16,
 LVOPT_ISA_DISPATCH(catchup_adamw_row_f32,
                    (float* p, const float* g, float* m, float* v, int64_t n, const CatchupRow& cr,
                     const AdamCoef& c),
-                   (p, g, m, v, n, cr, c), catchup_adamw_row<float>)
+                   (p, g, m, v, n, cr, c), (catchup_adamw_row<float, false>))
 LVOPT_ISA_DISPATCH(catchup_adamw_row_bf16,
                    (uint16_t* p, const float* g, float* m, float* v, int64_t n,
                     const CatchupRow& cr, const AdamCoef& c),
-                   (p, g, m, v, n, cr, c), catchup_adamw_row<uint16_t>)
+                   (p, g, m, v, n, cr, c), (catchup_adamw_row<uint16_t, false>))
+LVOPT_ISA_DISPATCH(catchup_fwd_adamw_row_f32,
+                   (float* p, const float* g, float* m, float* v, int64_t n, const CatchupRow& cr,
+                    const AdamCoef& c),
+                   (p, g, m, v, n, cr, c), (catchup_adamw_row<float, true>))
+LVOPT_ISA_DISPATCH(catchup_fwd_adamw_row_bf16,
+                   (uint16_t* p, const float* g, float* m, float* v, int64_t n,
+                    const CatchupRow& cr, const AdamCoef& c),
+                   (p, g, m, v, n, cr, c), (catchup_adamw_row<uint16_t, true>))
 LVOPT_ISA_DISPATCH(catchup_row_f32, (float* p, float* m, float* v, int64_t n, const CatchupRow& cr),
                    (p, m, v, n, cr), catchup_row<float>)
 LVOPT_ISA_DISPATCH(catchup_row_bf16,
@@ -367,9 +384,12 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
           else adamw_row_bf16(p, g, m, v, d, coef);
         } else {
           const CatchupRow cr = ck.row(last[r], ti - 1);
-          int64_t mid = 0;
-          count_mid_any(v, d, cr.fwd_v, cr.rev_v, &mid);
-          if (mid == 0) {
+          int64_t counts[2];
+          count_mid_any(v, d, cr.fwd_v, cr.rev_v, counts);
+          if (counts[1] == 0) {
+            if constexpr (std::is_same_v<T, float>) catchup_fwd_adamw_row_f32(p, g, m, v, d, cr, coef);
+            else catchup_fwd_adamw_row_bf16(p, g, m, v, d, cr, coef);
+          } else if (counts[0] == 0) {
             if constexpr (std::is_same_v<T, float>) catchup_adamw_row_f32(p, g, m, v, d, cr, coef);
             else catchup_adamw_row_bf16(p, g, m, v, d, cr, coef);
           } else {
@@ -415,9 +435,9 @@ void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const a
         float* m = m_all + r * d;
         float* v = v_all + r * d;
         const CatchupRow cr = ck.row(last[r], c);
-        int64_t mid = 0;
-        count_mid_any(v, d, cr.fwd_v, cr.rev_v, &mid);
-        if (mid == 0) {
+        int64_t counts[2];
+        count_mid_any(v, d, cr.fwd_v, cr.rev_v, counts);
+        if (counts[0] == 0) {
           if constexpr (std::is_same_v<T, float>) catchup_row_f32(p, m, v, d, cr);
           else catchup_row_bf16(p, m, v, d, cr);
         } else {

@@ -151,6 +151,24 @@ struct CatchupRow {
   float fwd_v, rev_v;
 };
 
+// The two series of the catch-up's update (see above): forward, from 1/r; reversed, from r.
+LVOPT_HD float catchup_fwd_update(float m, float inv_r, const CatchupRow& c) {
+  const float e = c.eps * inv_r;
+  return (m * inv_r) * (c.M0 - e * (c.M1 - e * (c.M2 - e * c.M3)));
+}
+
+LVOPT_HD float catchup_rev_update(float m, float r, const CatchupRow& c) {
+  const float inv_eps = 1.0f / c.eps;
+  const float x = r * inv_eps;
+  return (m * inv_eps) * (c.N1 - x * (c.N2 - x * (c.N3 - x * c.N4)));
+}
+
+LVOPT_HD void catchup_apply(float& p, float& m, float& v, float upd, const CatchupRow& c) {
+  p = p * c.P - upd;
+  m = m * c.b1k;
+  v = v * c.b2k;
+}
+
 // The catch-up of one element; false when the element needs the exact windowed loop
 // (p, m, v are then left as they were).
 // One division per element: 1/r serves e = eps/r and m/r, and 1/eps (loop-invariant) serves
@@ -160,19 +178,13 @@ LVOPT_HD bool catchup_element(float& p, float& m, float& v, const CatchupRow& c)
   const float r = sqrtf(v);
   float upd;
   if (v >= c.fwd_v) {
-    const float inv_r = 1.0f / r;
-    const float e = c.eps * inv_r;
-    upd = (m * inv_r) * (c.M0 - e * (c.M1 - e * (c.M2 - e * c.M3)));
+    upd = catchup_fwd_update(m, 1.0f / r, c);
   } else if (v <= c.rev_v) {
-    const float inv_eps = 1.0f / c.eps;
-    const float x = r * inv_eps;
-    upd = (m * inv_eps) * (c.N1 - x * (c.N2 - x * (c.N3 - x * c.N4)));
+    upd = catchup_rev_update(m, r, c);
   } else {
     return false;
   }
-  p = p * c.P - upd;
-  m = m * c.b1k;
-  v = v * c.b2k;
+  catchup_apply(p, m, v, upd, c);
   return true;
 }
 
@@ -180,16 +192,15 @@ LVOPT_HD bool catchup_element(float& p, float& m, float& v, const CatchupRow& c)
 // element satisfies v >= fwd_v or v <= rev_v, checked beforehand).
 LVOPT_HD void catchup_element_fast(float& p, float& m, float& v, const CatchupRow& c) {
   const float r = sqrtf(v);
-  const float inv_r = 1.0f / r;
-  const float inv_eps = 1.0f / c.eps;
-  const float e = c.eps * inv_r;
-  const float fwd = (m * inv_r) * (c.M0 - e * (c.M1 - e * (c.M2 - e * c.M3)));
-  const float x = r * inv_eps;
-  const float rev = (m * inv_eps) * (c.N1 - x * (c.N2 - x * (c.N3 - x * c.N4)));
-  const float upd = v >= c.fwd_v ? fwd : rev;
-  p = p * c.P - upd;
-  m = m * c.b1k;
-  v = v * c.b2k;
+  const float fwd = catchup_fwd_update(m, 1.0f / r, c);
+  const float rev = catchup_rev_update(m, r, c);
+  catchup_apply(p, m, v, v >= c.fwd_v ? fwd : rev, c);
+}
+
+// The forward series alone, for rows whose every element has v >= fwd_v (the common case):
+// the same bits as catchup_element_fast there, without computing the reversed series.
+LVOPT_HD void catchup_element_fwd(float& p, float& m, float& v, const CatchupRow& c) {
+  catchup_apply(p, m, v, catchup_fwd_update(m, 1.0f / sqrtf(v), c), c);
 }
 
 // The exact windowed catch-up of one element, in fp64, for elements whose sqrt(v) is within a
