@@ -51,12 +51,13 @@ def _clock(T, betas=(0.9, 0.999), eps=1e-8, wd=0.1):
 
 def _state(V, d, dtype, gen, T, tiny=()):
     """Random table at step T-1 with rows last current at random steps in [0, T-1]; elements
-    listed in ``tiny`` (row, col) get v ~ (1e-9)^2 (sqrt(v) within a decade of eps = 1e-8)."""
+    listed in ``tiny`` (row, col) get v ~ (1e-9)^2 (sqrt(v) within a decade of eps = 1e-8: the
+    windowed loop), (row, col, value) get v = value (0 or 1e-26: the reversed series)."""
     p = torch.randn(V, d, generator=gen).to(dtype)
     m = 0.1 * torch.randn(V, d, generator=gen)
     v = 0.01 * torch.rand(V, d, generator=gen) + 1e-6
-    for r, c in tiny:
-        v[r, c] = 1e-18 * (1.0 + float(torch.rand(1, generator=gen)))
+    for r, c, *val in tiny:
+        v[r, c] = val[0] if val else 1e-18 * (1.0 + float(torch.rand(1, generator=gen)))
     last = torch.randint(0, T, (V,), generator=gen)
     return p, m, v, torch.tensor(float(T - 1)), last
 
@@ -172,7 +173,8 @@ def test_rows_lagging_by_various_amounts_and_catchup(gen):
     clock = _clock(T)
     h, q, base, e, w = clock.op_args()
     assert w < T - 1 - 300  # rows last current at 0, 1 and 300 lag beyond the window
-    p, m, v, step, last = _state(V, d, torch.float32, gen, T)
+    rev = [(r, c, val) for r in range(V) for c, val in ((5, 0.0), (6, 1e-26), (40, 1e-24))]
+    p, m, v, step, last = _state(V, d, torch.float32, gen, T, tiny=rev + [(3, 8), (4, 9), (8, 10)])
     last = torch.tensor([T - 1, T - 2, T - 3, T - 40, T - 200, 0, 1, T - w - 3, 300, T - 1])
     hyper = _hyper(lr=float(h[T - base, 0]))
     ids = torch.arange(V)[torch.randperm(V, generator=gen)][:7]
