@@ -47,36 +47,70 @@ CR_COLS = 13
 INFO_COLS = 3
 
 
-def _width_block(d: int) -> int:
-    cap = 4096 if C.interpreting() else 1024
-    return max(16, min(cap, triton.next_power_of_2(max(d, 1))))
+def _width_block(d: int, exact: bool = False) -> int:
+    """Width tile: the largest power of two <= d, 64 .. 1024 (512 for the exact-mode kernels,
+    whose catch-up and fp64 window loop would otherwise need more than 128 registers and spill:
+    benchmarks/sass_report.py), so that most of a row is full (unmasked) tiles; under the
+    interpreter 32, so that the small test widths have full tiles and a masked tail (the same
+    code paths)."""
+    if C.interpreting():
+        return 32
+    return max(64, min(512 if exact else 1024, 1 << (max(d, 1).bit_length() - 1)))
+
+
+def _aligned(d: int, dtype: torch.dtype, *ts) -> bool:
+    """Every row of every tensor starts 16-byte aligned (rows of 16-byte multiples)."""
+    return (d * (2 if dtype == torch.bfloat16 else 4)) % 16 == 0 and d % 4 == 0 and all(
+        t.data_ptr() % 16 == 0 for t in ts)
 
 
 # ----- kernels ---------------------------------------------------------------------------------
 
 @triton.jit
-def _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask):
+def _load(ptr, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0)
+    return tl.load(ptr)
+
+
+@triton.jit
+def _value_row(vals_ptr, perm_ptr, i, d, ALIGNED: tl.constexpr):
+    src = tl.load(perm_ptr + i)
+    q = vals_ptr + src * d
+    if ALIGNED:
+        q = tl.multiple_of(q, 16)
+    return q
+
+
+@triton.jit
+def _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """Sum of the value rows perm[g_lo .. g_hi) at columns offs, in that order, in fp32 (the
     first row is taken as it is: 0 + x would turn -0.0 into +0.0)."""
-    src = tl.load(perm_ptr + g_lo)
-    acc = tl.load(vals_ptr + src * d + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = _load(_value_row(vals_ptr, perm_ptr, g_lo, d, ALIGNED) + offs, mask, MASKED).to(tl.float32)
     for i in range(g_lo + 1, g_hi):
-        src = tl.load(perm_ptr + i)
-        acc = acc + tl.load(vals_ptr + src * d + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = acc + _load(_value_row(vals_ptr, perm_ptr, i, d, ALIGNED) + offs, mask, MASKED).to(tl.float32)
     return acc
 
 
 @triton.jit
-def coalesce_kernel(vals_ptr, perm_ptr, offsets_ptr, out_ptr, d, BLOCK_D: tl.constexpr):
+def coalesce_kernel(vals_ptr, perm_ptr, offsets_ptr, out_ptr, d, ALIGNED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row k of out = the sum of its value rows; full tiles unmasked (16-byte vectors when
+    ALIGNED: every row starts 16-byte aligned), then a masked tail."""
     k = tl.program_id(0)
     g_lo = tl.load(offsets_ptr + k)
     g_hi = tl.load(offsets_ptr + k + 1)
     row = out_ptr + k.to(tl.int64) * d
-    for t0 in range(0, d, BLOCK_D):
-        offs = t0 + tl.arange(0, BLOCK_D)
-        mask = offs < d
-        acc = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask)
-        _store_param(row + offs, acc, mask, True)
+    if ALIGNED:
+        row = tl.multiple_of(row, 16)
+    full = d // BLOCK_D
+    for t in range(0, full):
+        offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
+        acc = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, None, ALIGNED, False)
+        _store_param(row + offs, acc, None, False)
+    offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < d
+    acc = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED, True)
+    _store_param(row + offs, acc, mask, True)
 
 
 @triton.jit
@@ -110,40 +144,81 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, loop_off, loop_len, wa_ptr, BL
     if loop_len > 0:
         mid = (~(vi >= fwd_v)) & (~(vi <= rev_v)) & mask  # NaN v counts as mid, as count_mid
         if tl.sum(mid.to(tl.int32), axis=0) > 0:
-            rd = tl.sqrt(vi.to(tl.float64))  # fp64 sqrt and / are IEEE (sqrt.rn.f64, div.rn.f64)
-            pos = rd > 0.0
-            one64 = tl.full((BLOCK_D,), 1.0, tl.float64)
-            eps64 = one64 * ceps.to(tl.float64)
-            r_safe = tl.where(pos, rd, one64)
-            e64 = eps64 / r_safe
+            # fp64 sqrt and / are IEEE (sqrt.rn.f64, div.rn.f64). catchup_element_loop's r = 0
+            # branch is never taken here: v = 0 satisfies v <= rev_v (>= 0), so a mid element
+            # has r > 0 (or is NaN, NaN either way); other lanes' values are discarded below.
+            rd = tl.sqrt(vi.to(tl.float64))
+            e64 = ceps.to(tl.float64) / rd
             acc = tl.zeros((BLOCK_D,), tl.float64)
             for j in range(0, loop_len):
                 wj = tl.load(wa_ptr + loop_off + j)
                 aj = tl.load(wa_ptr + loop_off + loop_len + j)
-                den = tl.where(pos, 1.0 + e64 * aj, one64 * aj)
-                acc = acc + wj / den
-            m64 = mi.to(tl.float64)
-            acc = acc * tl.where(pos, m64 / r_safe, m64 / eps64)
+                acc = acc + wj / (1.0 + e64 * aj)
+            acc = acc * (mi.to(tl.float64) / rd)
             p_new = tl.where(mid, pi * P - acc.to(tl.float32), p_new)
     return p_new, mi * b1k, vi * b2k
 
 
 @triton.jit
+def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, cr_ptr, ceps, behind,
+              loop_off, loop_len, wa_ptr, HAS_GRAD: tl.constexpr, EXACT: tl.constexpr, ALIGNED: tl.constexpr,
+              MASKED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One tile of a row: [exact: catch-up if behind], [AdamW step], stores; returns the tile's
+    fp64 (sum W^2, sum dW^2) (unused values cost nothing)."""
+    pi = _load(p + offs, mask, MASKED).to(tl.float32)
+    mi = _load(m + offs, mask, MASKED)
+    vi = _load(v + offs, mask, MASKED)
+    w0 = pi
+    if EXACT:
+        if behind != 0:
+            pi, mi, vi = _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, loop_off, loop_len, wa_ptr, BLOCK_D)
+    if HAS_GRAD:
+        b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, 0)
+        gi = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED)
+        gi = sign * gi
+        pi = pi * decay
+        mi = b1 * mi + omb1 * gi
+        vi = b2 * vi + omb2 * (gi * gi)
+        denom = tl.sqrt_rn(vi) * inv_bc2 + eps
+        pi = pi - tl.div_rn(step_size * mi, denom)
+    if MASKED:
+        tl.store(m + offs, mi, mask=mask)
+        tl.store(v + offs, vi, mask=mask)
+    else:
+        tl.store(m + offs, mi)
+        tl.store(v + offs, vi)
+    _store_param(p + offs, pi, mask, MASKED)
+    w0d = w0.to(tl.float64)
+    dw = _stored(pi, p).to(tl.float64) - w0d
+    if MASKED:
+        w0d = tl.where(mask, w0d, 0.0)
+        dw = tl.where(mask, dw, 0.0)
+    return tl.sum(w0d * w0d, axis=0), tl.sum(dw * dw, axis=0)
+
+
+@triton.jit
 def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offsets_ptr, coef_ptr,
                        cr_ptr, info_ptr, wa_ptr, partial_ptr, d, HAS_GRAD: tl.constexpr,
-                       EXACT: tl.constexpr, TRACK: tl.constexpr, BLOCK_D: tl.constexpr):
+                       EXACT: tl.constexpr, TRACK: tl.constexpr, ALIGNED: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     """One distinct row per program: [exact: catch-up if behind] then [HAS_GRAD: AdamW step
-    with the row's summed gradient]; TRACK: the row's fp64 (sum W^2, sum dW^2)."""
+    with the row's summed gradient]; TRACK: the row's fp64 (sum W^2, sum dW^2), tiles added in
+    order. Full tiles unmasked (16-byte vectors when ALIGNED), then a masked tail."""
     k = tl.program_id(0)
     r = tl.load(rows_ptr + k)
     base = r * d
     p = p_ptr + base
     m = m_ptr + base
     v = v_ptr + base
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+        m = tl.multiple_of(m, 16)
+        v = tl.multiple_of(v, 16)
+    g_lo = 0
+    g_hi = 0
     if HAS_GRAD:
         g_lo = tl.load(offsets_ptr + k)
         g_hi = tl.load(offsets_ptr + k + 1)
-        b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, 0)
     ceps = tl.load(coef_ptr + 7)
     behind = 0
     loop_off = 0
@@ -152,38 +227,23 @@ def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offset
         behind = tl.load(info_ptr + k * 3 + 0)
         loop_off = tl.load(info_ptr + k * 3 + 1)
         loop_len = tl.load(info_ptr + k * 3 + 2)
+    cr = cr_ptr + k * 13
     ww = tl.sum(tl.zeros((BLOCK_D,), tl.float64), axis=0)
     dd = ww
-    for t0 in range(0, d, BLOCK_D):
-        offs = t0 + tl.arange(0, BLOCK_D)
-        mask = offs < d
-        pi = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
-        mi = tl.load(m + offs, mask=mask, other=0.0)
-        vi = tl.load(v + offs, mask=mask, other=0.0)
-        w0 = pi
-        if EXACT:
-            if behind != 0:
-                pi, mi, vi = _catchup_tile(pi, mi, vi, mask, cr_ptr + k * 13, ceps, loop_off, loop_len,
-                                           wa_ptr, BLOCK_D)
-        if HAS_GRAD:
-            gi = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask)
-            gi = sign * gi
-            pi = pi * decay
-            mi = b1 * mi + omb1 * gi
-            vi = b2 * vi + omb2 * (gi * gi)
-            denom = tl.sqrt_rn(vi) * inv_bc2 + eps
-            pi = pi - tl.div_rn(step_size * mi, denom)
-        tl.store(m + offs, mi, mask=mask)
-        tl.store(v + offs, vi, mask=mask)
-        _store_param(p + offs, pi, mask, True)
+    full = d // BLOCK_D
+    for t in range(0, full):
+        offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
+        a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, offs < d, coef_ptr, cr, ceps, behind,
+                         loop_off, loop_len, wa_ptr, HAS_GRAD, EXACT, ALIGNED, False, BLOCK_D)
         if TRACK:
-            w0d = tl.where(mask, w0.to(tl.float64), 0.0)
-            dw = tl.where(mask, _stored(pi, p).to(tl.float64) - w0d, 0.0)
-            ww += tl.sum(w0d * w0d, axis=0)
-            dd += tl.sum(dw * dw, axis=0)
+            ww += a
+            dd += b
+    offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
+    a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, offs < d, coef_ptr, cr, ceps, behind,
+                     loop_off, loop_len, wa_ptr, HAS_GRAD, EXACT, ALIGNED, True, BLOCK_D)
     if TRACK:
-        tl.store(partial_ptr + 2 * k + 0, ww)
-        tl.store(partial_ptr + 2 * k + 1, dd)
+        tl.store(partial_ptr + 2 * k + 0, ww + a)
+        tl.store(partial_ptr + 2 * k + 1, dd + b)
 
 
 # ----- host side: checks (csrc/cpu/sparse_rows.cpp's, same messages) ----------------------------
@@ -402,8 +462,8 @@ def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, num_rows: int) ->
     d = vals.shape[1]
     out = torch.empty((rows.numel(), d), dtype=vals.dtype, device=dev)
     if rows.numel() and d:
-        coalesce_kernel[(rows.numel(),)](vals, perm, offsets, out, d, BLOCK_D=_width_block(d),
-                                         **launch_options())
+        coalesce_kernel[(rows.numel(),)](vals, perm, offsets, out, d, ALIGNED=_aligned(d, vals.dtype, vals, out),
+                                         BLOCK_D=_width_block(d), **launch_options())
     return rows, out
 
 
@@ -418,7 +478,8 @@ def _launch(param, vals, exp_avg, exp_avg_sq, rows, perm, offsets, coef, cr, inf
     d = param.shape[1]
     sparse_rows_kernel[(rows.numel(),)](param, exp_avg, exp_avg_sq, vals, rows, perm, offsets, coef, cr, info,
                                         wa, partial, d, HAS_GRAD=has_grad, EXACT=exact, TRACK=track,
-                                        BLOCK_D=_width_block(d), **launch_options())
+                                        ALIGNED=_aligned(d, param.dtype, param, vals, exp_avg, exp_avg_sq),
+                                        BLOCK_D=_width_block(d, exact), **launch_options())
 
 
 @torch.library.custom_op("lvopt_triton::sparse_adamw_",
