@@ -26,8 +26,8 @@ def _ops():
     return lvopt.triton
 
 
-def _hyper(lr=1e-2, betas=(0.9, 0.999), wd=0.1, eps=1e-8):
-    return torch.tensor([[lr, betas[0], betas[1], wd, eps, 0.0]], dtype=torch.float64)
+def _hyper(lr=1e-2, betas=(0.9, 0.999), wd=0.1, eps=1e-8, maximize=False):
+    return torch.tensor([[lr, betas[0], betas[1], wd, eps, float(maximize)]], dtype=torch.float64)
 
 
 def _ulps(a, b):
@@ -102,7 +102,7 @@ def test_coalesce_sums_duplicates_in_input_order(gen):
 
 # ----- sparse_adamw_ -------------------------------------------------------------------------------
 
-def _step_all(V, d, dtype, gen, T, exact, ids, tiny=(), stats=False, eps=1e-8):
+def _step_all(V, d, dtype, gen, T, exact, ids, tiny=(), stats=False, eps=1e-8, maximize=False):
     """One sparse_adamw_ call at step T on the same inputs through the Triton op, the CPU op and
     the reference; returns the three (p, m, v, step, last, stats) tuples."""
     from lvopt import reference
@@ -111,7 +111,7 @@ def _step_all(V, d, dtype, gen, T, exact, ids, tiny=(), stats=False, eps=1e-8):
     h, q, base, e, w = clock.op_args()
     p, m, v, step, last = _state(V, d, dtype, gen, T, tiny)
     vals = torch.randn(ids.numel(), d, generator=gen).to(dtype)
-    hyper = _hyper(lr=float(h[T - base, 0]), wd=0.1, eps=eps)
+    hyper = _hyper(lr=float(h[T - base, 0]), wd=0.1, eps=eps, maximize=maximize)
     outs = []
     for fn, dev in ((_ops().sparse_adamw_, DEV), (torch.ops.lvopt.sparse_adamw_, "cpu"),
                     (reference.sparse_adamw_, "cpu")):
@@ -160,6 +160,15 @@ def test_sparse_adamw_matches_cpu_and_reference(gen, dtype, exact):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(tri[:3], ref[:3]):
         assert rel_err(a, b) < tol
+
+
+@needs_triton_device
+@needs_native
+def test_lazy_maximize_matches_cpu_bitwise(gen):
+    before, (tri, cpu, ref) = _step_all(8, 40, torch.float32, gen, 5, False, torch.tensor([1, 6, 1]), maximize=True)
+    for a, b in zip(tri[:3], cpu[:3]):
+        assert torch.equal(a, b)
+    assert rel_err(tri[0], ref[0]) < 1e-6
 
 
 @needs_triton_device
