@@ -223,7 +223,6 @@ def test_windowed_loop_elements(gen, monkeypatch):
     hyper = _hyper(lr=float(h[T - base, 0]))
     ids = torch.tensor([1, 4, 0, 2])
     vals = torch.randn(4, d, generator=gen)
-    _, plan_perm, _ = S._plan(ids, torch.device("cpu"))
     rows = torch.unique(ids)
     _, info, wa = S._exact_tables("t", p, v, rows, last, h, q, hyper.reshape(-1).tolist(), base, e, w, T - 1,
                                   torch.device("cpu"))

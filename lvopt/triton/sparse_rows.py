@@ -18,11 +18,17 @@ the elements whose v lies between rev_v and fwd_v.
 Exact mode's per-row catch-up scalars (CatchupRow) are computed on the host in fp64 with torch
 ops, for all behind rows at once, exactly as Clock::row of sparse_rows.cpp (epoch loop, series
 sums, window bounds); torch's exp/pow may differ from libm's in the last fp64 bit, which
-changes an fp32-rounded scalar only rarely (tests allow a few fp32 ulps in exact mode). Rows
+changes an fp32-rounded scalar only rarely (tests allow 4 fp32 ulps against the CPU op in
+exact mode; on the tests' inputs the bits were identical). Rows
 with loop elements are found by a host-side pass over the behind rows' v (one extra read of v
 of those rows, and a synchronisation); only for those rows are the window's w_j, a_j built
 (fp64, on the host) and uploaded, and the kernel runs the masked fp64 loop over the window on
 the tiles that hold such elements.
+
+On a GPU the host side synchronises (index range checks, the step value, last_step of the
+rows, the loop-row pass) and builds each loop row's window table with a few torch ops per row
+(rare rows, ~1e-5 of elements at unit-scale gradients); the kernels themselves are
+synchronisation-free.
 """
 from __future__ import annotations
 
@@ -407,8 +413,10 @@ def _window_weights(hist, qpow, base, epoch, window, s: int, c: int):
 
 
 def _exact_tables(op, param, exp_avg_sq, rows, last_step, hist, qpow, row, base, epoch, window, target, dev):
-    """(behind mask on the host, cr [U, 13] fp32, info [U, 3] int64, wa fp64) on ``dev`` for the
-    plan's rows brought current to ``target``."""
+    """(cr [U, CR_COLS] fp32, info [U, INFO_COLS] int64, wa fp64) on ``dev`` for the plan's rows
+    brought current to ``target``: CatchupRow scalars and behind flags per row, and the window
+    tables (w_j then a_j per row, at info's offset) of the rows that have loop elements. ``op``
+    names the op (unused: every check has been made by the caller)."""
     rows_h = rows.to(last_step.device)
     last = last_step[rows_h].cpu()
     hist_c, qpow_c = hist.cpu(), qpow.cpu()
