@@ -381,6 +381,30 @@ def test_opcheck(gen):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@needs_triton_device
+def test_sparse_adamw_compiles_with_torch_compile(gen):
+    """The custom op and its fake kernel trace under torch.compile (fullgraph); same bits."""
+    V, d, T = 9, 40, 20
+    clock = _clock(T)
+    h, q, base, e, w = clock.op_args()
+    hyper = _hyper(lr=float(h[T - base, 0]))
+    p, m, v, step, last = _state(V, d, torch.float32, gen, T)
+    ids = torch.tensor([4, 1, 4]).to(DEV)
+    vals = torch.randn(3, d, generator=gen).to(DEV)
+    a = [t.clone() for t in _to((p, m, v))] + [step.clone(), last.clone()]
+    b = [t.clone() for t in _to((p, m, v))] + [step.clone(), last.clone()]
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(p, m, v, step, last):
+        _ops().sparse_adamw_(p, ids, vals, m, v, step, last, h, q, hyper, base, e, w, True)
+
+    f(*a)
+    _ops().sparse_adamw_(b[0], ids, vals, b[1], b[2], b[3], b[4], h, q, hyper, base, e, w, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[0].cpu(), p)
+
+
 # ----- the optimizer -----------------------------------------------------------------------------
 
 @needs_triton_device
