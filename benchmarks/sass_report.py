@@ -165,6 +165,7 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
     from lvopt.triton import _common as C
     from lvopt.triton import fused_adamh as H
     from lvopt.triton import fused_adamw as W
+    from lvopt.triton import sparse_rows as S
 
     target = GPUTarget("cuda", 90, 32)
     opts = {"num_warps": C.NUM_WARPS, "enable_fp_fusion": False}
@@ -187,6 +188,24 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
     jobs.append(("adamh_finalize_kernel", H.adamh_finalize_kernel,
                  {"partial_ptr": "*fp64", "chunks_ptr": "*i64", "lr_radius_ptr": "*fp64", "stats_ptr": "*fp64",
                   "scale_ptr": "*fp32", "RB": "constexpr"}, {"RB": H.REDUCE_BLOCK}, {}))
+    # Sparse embedding rows: one program per distinct row, 1024-wide tiles of rows whose width
+    # is a multiple of 16 bytes (ALIGNED: what a 768-wide fp32/bf16 table gets).
+    for dt in ("fp32", "bf16"):
+        for name, c in (("sparse_adamw_kernel", dict(HAS_GRAD=True, EXACT=False, TRACK=False)),
+                        ("sparse_adamw_kernel<exact,track>", dict(HAS_GRAD=True, EXACT=True, TRACK=True)),
+                        ("sparse_catchup_kernel", dict(HAS_GRAD=False, EXACT=True, TRACK=False))):
+            const = {**c, "ALIGNED": True, "BLOCK_D": 512 if c["EXACT"] else 1024}
+            label = name.replace("kernel", f"kernel<{dt}>") if "<" not in name else name.replace("<", f"<{dt},")
+            jobs.append((label, S.sparse_rows_kernel,
+                         {"p_ptr": f"*{dt}", "m_ptr": "*fp32", "v_ptr": "*fp32", "vals_ptr": f"*{dt}",
+                          "rows_ptr": "*i64", "perm_ptr": "*i64", "offsets_ptr": "*i64", "coef_ptr": "*fp32",
+                          "cr_ptr": "*fp32", "info_ptr": "*i64", "wa_ptr": "*fp64", "partial_ptr": "*fp64",
+                          "d": "i32", **{k: "constexpr" for k in const}}, const,
+                         {(0,): div16, (1,): div16, (2,): div16, (3,): div16}))
+        const = {"ALIGNED": True, "BLOCK_D": 1024}
+        jobs.append((f"coalesce_kernel<{dt}>", S.coalesce_kernel,
+                     {"vals_ptr": f"*{dt}", "perm_ptr": "*i64", "offsets_ptr": "*i64", "out_ptr": f"*{dt}",
+                      "d": "i32", **{k: "constexpr" for k in const}}, const, {(0,): div16, (3,): div16}))
     jobs.append(("chunk_sums_kernel", W.chunk_sums_kernel,
                  {"partial_ptr": "*fp64", "chunks_ptr": "*i64", "out_ptr": "*fp64", "COLS": "constexpr",
                   "RB": "constexpr"}, {"COLS": 2, "RB": W.REDUCE_BLOCK}, {}))
