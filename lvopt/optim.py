@@ -36,7 +36,7 @@ SPARSE_MODES = ("exact", "lazy")
 # holds it (state_dict() first brings every row current, so it would say nothing).
 _ROW_KEYS = ("last_step", "row_clock")
 # Backends with a row-sparse step.
-_SPARSE_BACKENDS = ("cpu", "reference")
+_SPARSE_BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")

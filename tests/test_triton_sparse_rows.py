@@ -410,15 +410,9 @@ def test_sparse_adamw_compiles_with_torch_compile(gen):
 @needs_triton_device
 @needs_native
 @pytest.mark.parametrize("mode", ["exact", "lazy"])
-def test_optimizer_backend_triton_matches_cpu(gen, mode, monkeypatch):
+def test_optimizer_backend_triton_matches_cpu(gen, mode):
     """lvopt.AdamW(backend="triton") on an nn.Embedding(sparse=True) equals backend="cpu"."""
     import lvopt
-    import lvopt.optim
-
-    if "triton" not in lvopt.optim._SPARSE_BACKENDS:
-        # lvopt/optim.py still gates row-sparse steps to ("cpu", "reference"); the Triton ops
-        # exist now (lvopt/triton/sparse_rows.py): open the gate for this test.
-        monkeypatch.setattr(lvopt.optim, "_SPARSE_BACKENDS", lvopt.optim._SPARSE_BACKENDS + ("triton",))
 
     V, d = 30, 40
     w0 = torch.randn(V, d, generator=gen)
