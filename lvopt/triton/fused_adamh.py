@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..reference import stop_for_nonfinite
 from . import _common as C
-from .fused_adamw import _TL_DTYPE, _coef, _load_tensor, _store_param, launch_options
+from .fused_adamw import _TL_DTYPE, _coef, _load_tensor, _store_param, _store_state, launch_options
 
 # Chunk partial sums added per step of the finalize kernel's loop.
 REDUCE_BLOCK = 64
@@ -38,13 +38,9 @@ def _reduce_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, step_size, inv_bc2,
     mi = b1 * mi + omb1 * gi
     vi = b2 * vi + omb2 * (gi * gi)
     u = tl.div_rn(step_size * mi, tl.sqrt_rn(vi) * inv_bc2 + eps)
+    _store_state(m, v, offs, mask, mi, vi, MASKED)
     if MASKED:
-        tl.store(m + offs, mi, mask=mask)
-        tl.store(v + offs, vi, mask=mask)
         u = tl.where(mask, u, 0.0)
-    else:
-        tl.store(m + offs, mi)
-        tl.store(v + offs, vi)
     u64 = u.to(tl.float64)
     w64 = wi.to(tl.float64)
     return tl.sum(u64 * u64, axis=0), tl.sum(w64 * u64, axis=0), tl.sum(w64 * w64, axis=0)

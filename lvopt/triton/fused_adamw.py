@@ -88,6 +88,29 @@ def _stored(x, ptr):
 
 
 @triton.jit
+def adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign):
+    """math.h adamw_element on fp32 tiles (the one copy of it in lvopt/triton): decoupled
+    decay, torch's moment order, IEEE sqrt and division. Returns (p, m, v)."""
+    gi = sign * gi
+    pi = pi * decay
+    mi = b1 * mi + omb1 * gi
+    vi = b2 * vi + omb2 * (gi * gi)
+    denom = tl.sqrt_rn(vi) * inv_bc2 + eps
+    pi = pi - tl.div_rn(step_size * mi, denom)
+    return pi, mi, vi
+
+
+@triton.jit
+def _store_state(m, v, offs, mask, mi, vi, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(m + offs, mi, mask=mask)
+        tl.store(v + offs, vi, mask=mask)
+    else:
+        tl.store(m + offs, mi)
+        tl.store(v + offs, vi)
+
+
+@triton.jit
 def _adamw_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign,
                 MASKED: tl.constexpr):
     """One tile of AdamW; returns W before and after (fp32; unused values cost nothing)."""
@@ -102,18 +125,8 @@ def _adamw_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, decay, step_size, in
         mi = tl.load(m + offs)
         vi = tl.load(v + offs)
     w0 = pi
-    gi = sign * gi
-    pi = pi * decay
-    mi = b1 * mi + omb1 * gi
-    vi = b2 * vi + omb2 * (gi * gi)
-    denom = tl.sqrt_rn(vi) * inv_bc2 + eps
-    pi = pi - tl.div_rn(step_size * mi, denom)
-    if MASKED:
-        tl.store(m + offs, mi, mask=mask)
-        tl.store(v + offs, vi, mask=mask)
-    else:
-        tl.store(m + offs, mi)
-        tl.store(v + offs, vi)
+    pi, mi, vi = adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign)
+    _store_state(m, v, offs, mask, mi, vi, MASKED)
     _store_param(p + offs, pi, mask, MASKED)
     return w0, pi
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, WEIGHT_DECAY
 from . import _common as C
-from .fused_adamw import _coef, _store_param, _stored, launch_options
+from .fused_adamw import _coef, _store_param, _store_state, _stored, adamw_math, launch_options
 
 # History table layout (csrc/include/lvopt/math.h HistCol, lvopt/sparse.py).
 H_LOGPI, H_U, H_SQRTBC2, H_SERIES = 2, 3, 4, 5
@@ -181,18 +181,8 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, 
     if HAS_GRAD:
         b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, 0)
         gi = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED)
-        gi = sign * gi
-        pi = pi * decay
-        mi = b1 * mi + omb1 * gi
-        vi = b2 * vi + omb2 * (gi * gi)
-        denom = tl.sqrt_rn(vi) * inv_bc2 + eps
-        pi = pi - tl.div_rn(step_size * mi, denom)
-    if MASKED:
-        tl.store(m + offs, mi, mask=mask)
-        tl.store(v + offs, vi, mask=mask)
-    else:
-        tl.store(m + offs, mi)
-        tl.store(v + offs, vi)
+        pi, mi, vi = adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign)
+    _store_state(m, v, offs, mask, mi, vi, MASKED)
     _store_param(p + offs, pi, mask, MASKED)
     w0d = w0.to(tl.float64)
     dw = _stored(pi, p).to(tl.float64) - w0d
