@@ -16,7 +16,7 @@ in exact mode catchup_element_fast, and catchup_element_loop's fp64 sum over the
 the elements whose v lies between rev_v and fwd_v.
 
 Exact mode's per-row catch-up scalars (CatchupRow) are computed on the host in fp64 with torch
-ops, for all behind rows at once, exactly as Clock::row of sparse_rows.cpp (epoch loop, series
+ops, for all behind rows at once, exactly as Clock::row (csrc/include/lvopt/sparse_clock.h: epoch loop, series
 sums, window bounds); torch's exp/pow may differ from libm's in the last fp64 bit, which
 changes an fp32-rounded scalar only rarely (tests allow 4 fp32 ulps against the CPU op in
 exact mode; on the tests' inputs the bits were identical). Rows
@@ -28,7 +28,9 @@ the tiles that hold such elements.
 On a GPU the host side synchronises (index range checks, the step value, last_step of the
 rows, the loop-row pass) and builds each loop row's window table with a few torch ops per row
 (rare rows, ~1e-5 of elements at unit-scale gradients); the kernels themselves are
-synchronisation-free.
+synchronisation-free. Unlike the CUDA kernel, a row given many times (a frequent token) is
+summed by its own program alone; cutting long runs into pieces, as csrc/cuda/sparse_rows.cu
+does, is left for when it can be timed on a GPU.
 """
 from __future__ import annotations
 
