@@ -31,9 +31,19 @@ from lvopt.scaling import from_model  # noqa: E402
 DEFAULT_CORPUS = "/usr/share/vim/vim90/doc"   # Debian package vim-runtime (Vim license)
 
 PRESETS = {
-    # tiny models; same tokens per run for every config (steps * batch * seq)
-    "default": dict(widths=[32, 64, 128], vocabs=[128, 4096], seeds=[0, 1], ks=[6, 7, 8, 9, 10, 11, 12, 13, 14],
-                    optims=["adamw", "adamh"], steps=150, batch=8, seq=32, layers=2),
+    # The default sweep (~65-70 min on this 2-core CPU, one thread): 450 steps x 8 x 32 tokens per
+    # run, the same for every config; AdamW at widths 32-256 and AdamH at 32-128, embedding LR
+    # 0.32-5.12 (k = 8..16) and, for V = 128 whose optima sit lower, 0.08-0.23 (k = 4..7).
+    # A preset is a grid, or a list of grids ("parts") whose runs are all done.
+    "default": dict(vocabs=[128, 4096], seeds=[0, 1], steps=450, batch=8, seq=32, layers=2, parts=[
+        dict(optims=["adamw"], widths=[32, 64, 128, 256], ks=list(range(8, 17))),
+        dict(optims=["adamh"], widths=[32, 64, 128], ks=list(range(8, 17))),
+        dict(optims=["adamw"], widths=[32, 64, 128, 256], ks=[4, 5, 6, 7], vocabs=[128]),
+        dict(optims=["adamh"], widths=[32, 64, 128], ks=[4, 5, 6, 7], vocabs=[128]),
+    ]),
+    # The first, shorter sweep (150 steps, widths 32-128; results in runs_150steps.csv).
+    "quick": dict(widths=[32, 64, 128], vocabs=[128, 4096], seeds=[0, 1], ks=[6, 7, 8, 9, 10, 11, 12, 13, 14],
+                  optims=["adamw", "adamh"], steps=150, batch=8, seq=32, layers=2),
     "smoke": dict(widths=[32], vocabs=[128], seeds=[0], ks=[0, 2], optims=["adamw"],
                   steps=4, batch=4, seq=32, layers=1),
 }
@@ -220,14 +230,20 @@ def _sweep(a) -> int:
     for key in ("widths", "vocabs", "seeds", "ks", "optims", "steps"):
         if getattr(a, key) is not None:
             P[key] = getattr(a, key)
+            P.pop("parts", None)   # an explicit grid replaces the preset's parts
     done = set()
     if os.path.exists(a.out):
         with open(a.out, newline="") as f:
             for r in csv.DictReader(f):
                 done.add((r["optim"], int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"]), int(r["steps"])))
-    # order: seed-major so that a partial sweep has complete first-seed grids
-    todo = [(o, w, V, s, k) for s in P["seeds"] for V in P["vocabs"] for o in P["optims"]
-            for w in P["widths"] for k in P["ks"] if (o, w, V, s, k, P["steps"]) not in done]
+    # order: seed-major within each part, so that a partial sweep has complete first-seed grids
+    todo = []
+    for part in P.get("parts", [{}]):
+        G = {**P, **part}
+        todo += [(o, w, V, s, k) for s in G["seeds"] for V in G["vocabs"] for o in G["optims"]
+                 for w in G["widths"] for k in G["ks"]
+                 if (o, w, V, s, k, P["steps"]) not in done and (o, w, V, s, k) not in todo]
+    P["vocabs"] = sorted({t[2] for t in todo} | set(P.get("vocabs", [])))
     total = len(todo) + sum(1 for d in done if d[5] == P["steps"])
     print(f"lv_rule: {len(todo)} runs to do, {total - len(todo)} already in {a.out}", flush=True)
     if a.dry_run:
