@@ -39,6 +39,13 @@ _ROW_KEYS = ("last_step", "row_clock")
 _SPARSE_BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 
+def _table_device(backend: str, p: Tensor):
+    """Where the exact-mode history tables go: the parameter's device for the CUDA kernels (kept
+    there incrementally by RowClock), the host for the others (the Triton and reference ops
+    read them on the host)."""
+    return p.device if backend == "cuda" else None
+
+
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 _SKIP = object()
 
@@ -531,7 +538,7 @@ class _FusedAdam(torch.optim.Optimizer):
         extra = {} if sums is None else {"stats": sums}
         if exact:
             clock.append(t + 1, lr, wd)
-            hist, qpow, base, epoch, window = clock.op_args()
+            hist, qpow, base, epoch, window = clock.op_args(_table_device(backend, p))
             fns.sparse_adamw_(p.data, g._indices()[0], g._values(), st["exp_avg"], st["exp_avg_sq"],
                               st["step"], st["last_step"], hist, qpow, hyper, base, epoch, window, True, **extra)
             if clock.n > clock.horizon:
@@ -557,7 +564,7 @@ class _FusedAdam(torch.optim.Optimizer):
     def _catchup_rows(self, p: Tensor, rows: Tensor, backend: str) -> None:
         st = self.state[p]
         clock = st["row_clock"]
-        hist, qpow, base, epoch, window = clock.op_args()
+        hist, qpow, base, epoch, window = clock.op_args(_table_device(backend, p))
         _backend.ops(backend).sparse_catchup_(p.data, rows, st["exp_avg"], st["exp_avg_sq"], st["step"],
                                               st["last_step"], hist, qpow, clock.hyper(), base, epoch, window)
 

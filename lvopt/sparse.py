@@ -58,6 +58,7 @@ class RowClock:
 
     def reset(self, step: int) -> None:
         """All rows are current at ``step``: the history restarts there."""
+        self._mirror = None
         self.base = int(step)
         self._buf = torch.zeros(256, HIST_COLS, dtype=torch.float64)
         self._buf[0, H_DECAY] = 1.0
@@ -104,10 +105,31 @@ class RowClock:
             self._buf = self._buf[nb - self.base:].clone()
             self.n -= nb - self.base
             self.base = nb
+            self._mirror = None
 
-    def op_args(self) -> tuple:
-        """(hist, qpow, hist_base, epoch, window) for lvopt::sparse_adamw_ / sparse_catchup_."""
-        return self.hist, self.qpow, self.base, self.epoch, self.window
+    def op_args(self, device: torch.device | str | None = None) -> tuple:
+        """(hist, qpow, hist_base, epoch, window) for lvopt::sparse_adamw_ / sparse_catchup_.
+        With a non-CPU ``device`` the tables are device copies kept in step with the host ones:
+        each call uploads only the history rows appended since the last (one row per step),
+        instead of the whole table (up to ``horizon`` x 13 fp64) that the op would otherwise
+        copy on every step."""
+        if device is None or torch.device(device).type == "cpu":
+            return self.hist, self.qpow, self.base, self.epoch, self.window
+        hist, qpow = self.device_tables(torch.device(device))
+        return hist, qpow, self.base, self.epoch, self.window
+
+    def device_tables(self, device: torch.device) -> tuple:
+        """(hist, qpow) on ``device``, updated incrementally (see op_args)."""
+        m = self._mirror
+        if m is None or m["device"] != device or m["buf"].shape[0] < self.n:
+            buf = torch.empty(self._buf.shape, dtype=torch.float64, device=device)
+            buf[: self.n].copy_(self._buf[: self.n])
+            qpow = m["qpow"] if m is not None and m["device"] == device else self.qpow.to(device)
+            m = self._mirror = {"device": device, "buf": buf, "n": self.n, "qpow": qpow}
+        elif m["n"] < self.n:
+            m["buf"][m["n"]: self.n].copy_(self._buf[m["n"]: self.n])
+            m["n"] = self.n
+        return m["buf"][: self.n], m["qpow"]
 
     def hyper(self) -> torch.Tensor:
         """A hyperparameter row carrying this clock's betas and eps (what a catch-up uses)."""

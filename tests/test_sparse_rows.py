@@ -380,3 +380,23 @@ def test_embedding_grad_is_row_sparse_and_coalesced():
     assert torch.equal(g.to_dense(), ref.weight.grad)
     with pytest.raises(NotImplementedError):
         lvopt.nn.Embedding(10, 2, max_norm=1.0)
+
+
+def test_rowclock_device_tables_follow_the_history():
+    """RowClock.device_tables (the CUDA path's incremental mirror of hist/qpow) equals the host
+    tables after appends, growth of the buffer, truncation and reset (checked with a CPU
+    'device', which exercises the same bookkeeping)."""
+    clock = RowClock(0.9, 0.999, 1e-8, 0)
+    dev = torch.device("cpu")
+    for t in range(1, 700):  # > 256 rows: the host buffer grows twice
+        clock.append(t, 1e-3 * (1 + 0.1 * math.sin(t)), 0.1)
+        if t % 97 == 0:
+            clock.truncate(t - 150)
+        if t % 31 == 0 or t > 690:
+            h, q = clock.device_tables(dev)
+            assert torch.equal(h, clock.hist) and torch.equal(q, clock.qpow)
+            assert h.data_ptr() != clock.hist.data_ptr()  # a copy, not the host table
+    clock.reset(700)
+    h, _ = clock.device_tables(dev)
+    assert torch.equal(h, clock.hist) and h.shape[0] == 1
+    assert clock.op_args()[0] is not None and clock.op_args("cpu")[0].data_ptr() == clock.hist.data_ptr()
