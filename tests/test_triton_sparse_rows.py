@@ -239,8 +239,10 @@ def test_windowed_loop_elements(gen, monkeypatch):
     cpu = run("cpu", torch.ops.lvopt.sparse_adamw_)
     ref = run("cpu", reference.sparse_adamw_)
     mids = [(1, 3), (1, 17), (4, 0), (4, 39)]
+    # The reference sums ~100 fp32 steps one by one: over 40 seeds it sat up to 1.3e-6 (relative)
+    # from the closed form on these elements, where the CPU and Triton ops agreed bit for bit.
     for r, c in mids:
-        assert abs(float(tri[r, c]) - float(ref[r, c])) <= 1e-6 * abs(float(ref[r, c])) + 1e-7
+        assert abs(float(tri[r, c]) - float(ref[r, c])) <= 4e-6 * abs(float(ref[r, c])) + 1e-7
     assert _ulps(tri, cpu) <= 4 and rel_err(tri, ref) < 1e-5
 
     real = S._exact_tables
