@@ -43,7 +43,7 @@ import triton.language as tl
 
 from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, WEIGHT_DECAY
 from . import _common as C
-from .fused_adamw import _coef, _store_param, _store_state, _stored, adamw_math, launch_options
+from .fused_adamw import _coef, _store_param, _store_state, _track_sums, adamw_math, launch_options
 
 # History table layout (csrc/include/lvopt/math.h HistCol, lvopt/sparse.py).
 H_LOGPI, H_U, H_SQRTBC2, H_SERIES = 2, 3, 4, 5
@@ -186,12 +186,7 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, 
         pi, mi, vi = adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign)
     _store_state(m, v, offs, mask, mi, vi, MASKED)
     _store_param(p + offs, pi, mask, MASKED)
-    w0d = w0.to(tl.float64)
-    dw = _stored(pi, p).to(tl.float64) - w0d
-    if MASKED:
-        w0d = tl.where(mask, w0d, 0.0)
-        dw = tl.where(mask, dw, 0.0)
-    return tl.sum(w0d * w0d, axis=0), tl.sum(dw * dw, axis=0)
+    return _track_sums(w0, pi, p, mask, MASKED)
 
 
 @triton.jit
