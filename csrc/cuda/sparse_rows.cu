@@ -28,6 +28,7 @@
 // torch.optim.SparseAdam's coalesce() does), so it is not CUDA-graph capturable.
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/aminmax.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
@@ -116,7 +117,10 @@ RunSplit split_long_runs(const DevicePlan& plan, int64_t d) {
   out.parts = ends[plan.u - 1].item<int64_t>();
   if (out.parts == 0) return out;
   out.start = ends - pieces;
-  out.owner = at::repeat_interleave(pieces, out.parts);
+  // Row k repeated pieces[k] times. (Spelled with arange as the repeated tensor: the one-tensor
+  // form at::repeat_interleave(pieces, parts) binds to the (self, int repeats) overload and
+  // repeats the piece counts themselves, which sent pieces to the wrong rows.)
+  out.owner = at::arange(plan.u, counts.options()).repeat_interleave(pieces, /*dim=*/0, out.parts);
   out.sums = at::empty({out.parts, d}, plan.rows.options().dtype(at::kFloat));
   return out;
 }
