@@ -46,6 +46,22 @@ def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def assert_bf16_step_close(p, q, p_old):
+    """A bf16 parameter after one step of a GPU kernel (p) against the reference's step from the
+    same bf16 state (q). The GPU compilers contract a*b+c into FMAs, the CPU code does not, so
+    the fp32 values before the bf16 rounding differ by a few fp32 ulps of the step's terms
+    (|p_old| and the update, both bounded by |p_old| + |q|); rounded to bf16 that is up to one
+    bf16 ulp of q (2**-7 relative, 3 allowed) plus those fp32 ulps themselves, which dominate
+    where p_old and the update cancel. (Comparing after several steps instead lets a one-ulp
+    difference at a large |p| outlive a later crossing of zero: a flaky test.)"""
+    p, q, p_old = p.cpu().double(), q.double(), p_old.cpu().double()
+    tol = 3 * 2.0**-7 * q.abs() + 2.0**-20 * (p_old.abs() + q.abs())
+    bad = (p - q).abs() > tol
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} of {p.numel()} bf16 elements off: p {p[bad][:4].tolist()}, "
+        f"reference {q[bad][:4].tolist()}, before the step {p_old[bad][:4].tolist()}")
+
+
 def run_python(code, env=None, timeout=240):
     """Runs ``code`` in a fresh interpreter (for thread-count and ISA environment settings)."""
     e = dict(os.environ)
