@@ -79,3 +79,41 @@ def test_gpu_bench_runs_on_cpu_paths_and_without_a_gpu(capsys):
         capsys.readouterr()
         assert bench.main(["--device", "cuda", "--size", "small"]) == 0
         assert "no CUDA device here" in capsys.readouterr().out
+
+
+def test_floor_kernels_move_the_steps_bytes(capsys):
+    """benchmarks/floor_sparse_rows.py's floor is only a floor of *this* step if its kernels do
+    the step's traffic: every distinct row's gradient rows summed and its p, m, v rows read and
+    written, nothing else. One add per element makes that checkable: m and v gain the coalesced
+    gradient on the batch's rows and on no other row, for both orders (grouped by row, streamed)."""
+    import os
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import floor_sparse_rows as floor
+
+    mod = floor._module()
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    V, d, n = 300, 40, 500
+    ids = torch.randint(0, 60, (n,), generator=gen) ** 2 % V  # duplicates and untouched rows
+    vals = torch.randn(n, d, generator=gen)
+    summed = torch.zeros(V, d, dtype=torch.float64).index_add_(0, ids, vals.double())
+    touched = torch.zeros(V, dtype=torch.bool)
+    touched[ids] = True
+    rows, offsets, perm = floor.plan(ids)
+    slot = torch.unique(ids, sorted=True, return_inverse=True)[1]
+    for name, call in [("touch", lambda p, m, v: mod.touch(rows, offsets, perm, vals, p, m, v, 2)),
+                       ("touch_streamed", lambda p, m, v: mod.touch_streamed(
+                           rows, slot, vals, torch.empty(rows.numel(), d), p, m, v, 2))]:
+        p, m, v = (torch.randn(V, d, generator=gen) for _ in range(3))
+        p0, m0, v0 = p.clone(), m.clone(), v.clone()
+        call(p, m, v)
+        for after, before in ((m, m0), (v, v0)):
+            gained = (after - before).double()
+            assert torch.allclose(gained, summed, atol=1e-4), name
+        assert torch.equal(p[~touched], p0[~touched]) and torch.equal(m[~touched], m0[~touched]), name
+    floor.run(reps=1, size="small")
+    out = capsys.readouterr().out
+    assert "touch zipf" in out and "fused AdamW / floor time" in out
