@@ -90,49 +90,39 @@ LVOPT_ALWAYS_INLINE void grad_add(float* __restrict dst, const T* __restrict src
   }
 }
 
-// kFwd: every element of the row takes the forward series (catchup_element_fwd, the same
-// bits as catchup_element_fast there, with half its series arithmetic).
-template <typename T, bool kFwd>
-LVOPT_ALWAYS_INLINE void catchup_adamw_row(T* __restrict p, const float* __restrict g,
-                                           float* __restrict m, float* __restrict v, int64_t n,
-                                           const CatchupRow& cr, const AdamCoef& c) {
+// A lagging row is brought current (and, with kStep, stepped) in up to three passes, each
+// element by exactly one formula chosen by its own v, so the bits depend neither on the pass
+// structure nor on the ISA:
+//  1. every element whose v takes the forward series (v >= fwd_v: nearly all of a row that was
+//     touched recently): catchup_element_fwd (+ AdamW); the others keep their p, m, v and get
+//     flag 1. The test rides in the same vectorised loop as the arithmetic: a separate counting
+//     pass first read v on its own before p, m, g streamed (about 1 ms of a 9 ms exact step).
+//  2. only if pass 1 flagged elements: those the reversed series serves (v <= rev_v; e.g. rows
+//     never touched, v = 0) the same way; the rest (sqrt(v) within decades of eps) get flag 2.
+//  3. only if pass 2 flagged elements: the exact windowed loop for them (catchup_rows_loop).
+// One pass: kRev = false is pass 1 (every element), kRev = true pass 2 (the flagged ones).
+template <typename T, bool kStep, bool kRev>
+LVOPT_ALWAYS_INLINE void catchup_pass(T* __restrict p, const float* __restrict g,
+                                      float* __restrict m, float* __restrict v,
+                                      uint8_t* __restrict flag, int64_t n, const CatchupRow& cr,
+                                      const AdamCoef& c, int64_t* flagged) {
+  int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    float pi = load_elem(p, i);
-    float mi = m[i], vi = v[i];
-    if constexpr (kFwd) catchup_element_fwd(pi, mi, vi, cr);
-    else catchup_element_fast(pi, mi, vi, cr);
-    adamw_element(pi, g[i], mi, vi, c);
-    m[i] = mi;
-    v[i] = vi;
-    store_elem(p, i, pi);
+    const float p0 = load_elem(p, i), m0 = m[i], v0 = v[i];
+    float pi = p0, mi = m0, vi = v0;
+    if constexpr (kRev) catchup_apply(pi, mi, vi, catchup_rev_update(m0, sqrtf(v0), cr), cr);
+    else catchup_element_fwd(pi, mi, vi, cr);
+    if constexpr (kStep) adamw_element(pi, g[i], mi, vi, c);
+    bool pending = true;
+    if constexpr (kRev) pending = flag[i] != 0;
+    const bool take = pending & (kRev ? v0 <= cr.rev_v : v0 >= cr.fwd_v);
+    m[i] = take ? mi : m0;
+    v[i] = take ? vi : v0;
+    store_elem(p, i, take ? pi : p0);
+    flag[i] = static_cast<uint8_t>((pending & !take) ? (kRev ? 2 : 1) : 0);
+    count += pending & !take;
   }
-}
-
-template <typename T>
-LVOPT_ALWAYS_INLINE void catchup_row(T* __restrict p, float* __restrict m, float* __restrict v,
-                                     int64_t n, const CatchupRow& cr) {
-  for (int64_t i = 0; i < n; ++i) {
-    float pi = load_elem(p, i);
-    float mi = m[i], vi = v[i];
-    catchup_element_fast(pi, mi, vi, cr);
-    m[i] = mi;
-    v[i] = vi;
-    store_elem(p, i, pi);
-  }
-}
-
-// out[0]: the number of elements whose sqrt(v) is too close to eps for either series;
-// out[1]: the number that the forward series does not serve.
-LVOPT_ALWAYS_INLINE void count_mid(const float* __restrict v, int64_t n, float fwd_v, float rev_v,
-                                   int64_t* out) {
-  int64_t mid = 0, not_fwd = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const bool fwd = v[i] >= fwd_v;
-    mid += !fwd & !(v[i] <= rev_v);
-    not_fwd += !fwd;
-  }
-  out[0] = mid;
-  out[1] = not_fwd;
+  *flagged = count;
 }
 
 LVOPT_ISA_DISPATCH(grad_add_f32, (float* d, const float* s, int64_t n, bool f), (d, s, n, f),
@@ -145,30 +135,20 @@ LVOPT_ISA_DISPATCH(adamw_row_f32,
 LVOPT_ISA_DISPATCH(adamw_row_bf16,
                    (uint16_t* p, const float* g, float* m, float* v, int64_t n, const AdamCoef& c),
                    (p, g, m, v, n, c), (adamw_span<uint16_t, float>))
-LVOPT_ISA_DISPATCH(catchup_adamw_row_f32,
-                   (float* p, const float* g, float* m, float* v, int64_t n, const CatchupRow& cr,
-                    const AdamCoef& c),
-                   (p, g, m, v, n, cr, c), (catchup_adamw_row<float, false>))
-LVOPT_ISA_DISPATCH(catchup_adamw_row_bf16,
-                   (uint16_t* p, const float* g, float* m, float* v, int64_t n,
-                    const CatchupRow& cr, const AdamCoef& c),
-                   (p, g, m, v, n, cr, c), (catchup_adamw_row<uint16_t, false>))
-LVOPT_ISA_DISPATCH(catchup_fwd_adamw_row_f32,
-                   (float* p, const float* g, float* m, float* v, int64_t n, const CatchupRow& cr,
-                    const AdamCoef& c),
-                   (p, g, m, v, n, cr, c), (catchup_adamw_row<float, true>))
-LVOPT_ISA_DISPATCH(catchup_fwd_adamw_row_bf16,
-                   (uint16_t* p, const float* g, float* m, float* v, int64_t n,
-                    const CatchupRow& cr, const AdamCoef& c),
-                   (p, g, m, v, n, cr, c), (catchup_adamw_row<uint16_t, true>))
-LVOPT_ISA_DISPATCH(catchup_row_f32, (float* p, float* m, float* v, int64_t n, const CatchupRow& cr),
-                   (p, m, v, n, cr), catchup_row<float>)
-LVOPT_ISA_DISPATCH(catchup_row_bf16,
-                   (uint16_t* p, float* m, float* v, int64_t n, const CatchupRow& cr),
-                   (p, m, v, n, cr), catchup_row<uint16_t>)
-LVOPT_ISA_DISPATCH(count_mid_any,
-                   (const float* v, int64_t n, float fwd_v, float rev_v, int64_t* out),
-                   (v, n, fwd_v, rev_v, out), count_mid)
+#define LVOPT_CATCHUP_PASS(NAME, T, STEP, REV)                                                  \
+  LVOPT_ISA_DISPATCH(NAME,                                                                         \
+                     (T * p, const float* g, float* m, float* v, uint8_t* flag, int64_t n,         \
+                      const CatchupRow& cr, const AdamCoef& c, int64_t* flagged),                  \
+                     (p, g, m, v, flag, n, cr, c, flagged), (catchup_pass<T, STEP, REV>))
+LVOPT_CATCHUP_PASS(catchup_fwd_step_f32, float, true, false)
+LVOPT_CATCHUP_PASS(catchup_fwd_step_bf16, uint16_t, true, false)
+LVOPT_CATCHUP_PASS(catchup_fwd_only_f32, float, false, false)
+LVOPT_CATCHUP_PASS(catchup_fwd_only_bf16, uint16_t, false, false)
+LVOPT_CATCHUP_PASS(catchup_rev_step_f32, float, true, true)
+LVOPT_CATCHUP_PASS(catchup_rev_step_bf16, uint16_t, true, true)
+LVOPT_CATCHUP_PASS(catchup_rev_only_f32, float, false, true)
+LVOPT_CATCHUP_PASS(catchup_rev_only_bf16, uint16_t, false, true)
+#undef LVOPT_CATCHUP_PASS
 
 template <typename T>
 LVOPT_ALWAYS_INLINE void dispatch_grad_add(float* d, const T* s, int64_t n, bool f) {
@@ -176,27 +156,12 @@ LVOPT_ALWAYS_INLINE void dispatch_grad_add(float* d, const T* s, int64_t n, bool
   else grad_add_bf16(d, s, n, f);
 }
 
-// The catch-up of a row with (rare) loop elements: the elements' inputs are saved, the whole
-// row takes the vectorised pass, then those elements are recomputed with the exact loop (and
-// the AdamW step when c is given).
+// Pass 3 of a lagging row (see catchup_pass): the elements flagged 2, whose p, m, v the
+// first passes left as they were, by the exact windowed loop (and the AdamW step with c).
 template <typename T>
-void catchup_row_with_loop(T* p, const float* g, float* m, float* v, int64_t n, const CatchupRow& cr,
-                           const Clock& ck, int64_t s, int64_t target, const AdamCoef* c) {
-  struct Saved {
-    int64_t i;
-    float p, m, v;
-  };
-  std::vector<Saved> saved;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!(v[i] >= cr.fwd_v) && !(v[i] <= cr.rev_v)) saved.push_back({i, load_elem(p, i), m[i], v[i]});
-  }
-  if constexpr (std::is_same_v<T, float>) {
-    if (c != nullptr) catchup_adamw_row_f32(p, g, m, v, n, cr, *c);
-    else catchup_row_f32(p, m, v, n, cr);
-  } else {
-    if (c != nullptr) catchup_adamw_row_bf16(p, g, m, v, n, cr, *c);
-    else catchup_row_bf16(p, m, v, n, cr);
-  }
+void catchup_rows_loop(T* p, const float* g, float* m, float* v, const uint8_t* flag, int64_t n,
+                       const CatchupRow& cr, const Clock& ck, int64_t s, int64_t target,
+                       const AdamCoef* c) {
   // The window's per-step weights, once for the row's loop elements.
   const int64_t n_terms = ck.window_end(s, target) - s;
   std::vector<double> w(static_cast<size_t>(std::max<int64_t>(n_terms, 0)));
@@ -206,14 +171,44 @@ void catchup_row_with_loop(T* p, const float* g, float* m, float* v, int64_t n, 
     wj = w[j];
     aj = a[j];
   };
-  for (const Saved& e : saved) {
-    float pi = e.p, mi = e.m, vi = e.v;
+  for (int64_t i = 0; i < n; ++i) {
+    if (flag[i] != 2) continue;
+    float pi = load_elem(p, i), mi = m[i], vi = v[i];
     catchup_element_loop(pi, mi, vi, cr, n_terms, terms);
-    if (c != nullptr) adamw_element(pi, g[e.i], mi, vi, *c);
-    m[e.i] = mi;
-    v[e.i] = vi;
-    store_elem(p, e.i, pi);
+    if (c != nullptr) adamw_element(pi, g[i], mi, vi, *c);
+    m[i] = mi;
+    v[i] = vi;
+    store_elem(p, i, pi);
   }
+}
+
+// Brings a row last current at step s to step target (the three passes above) and, when c is
+// given, takes the AdamW step with the row's gradient g.
+template <typename T>
+void catchup_row(T* p, const float* g, float* m, float* v, int64_t d, const Clock& ck, int64_t s,
+                 int64_t target, const AdamCoef* c) {
+  thread_local std::vector<uint8_t> flag_buf;
+  flag_buf.resize(static_cast<size_t>(d));
+  uint8_t* flag = flag_buf.data();
+  const CatchupRow cr = ck.row(s, target);
+  const AdamCoef none{};
+  const AdamCoef& coef = c != nullptr ? *c : none;
+  using Pass = void (*)(T*, const float*, float*, float*, uint8_t*, int64_t, const CatchupRow&,
+                        const AdamCoef&, int64_t*);
+  Pass fwd, rev;
+  if constexpr (std::is_same_v<T, float>) {
+    fwd = c != nullptr ? catchup_fwd_step_f32 : catchup_fwd_only_f32;
+    rev = c != nullptr ? catchup_rev_step_f32 : catchup_rev_only_f32;
+  } else {
+    fwd = c != nullptr ? catchup_fwd_step_bf16 : catchup_fwd_only_bf16;
+    rev = c != nullptr ? catchup_rev_step_bf16 : catchup_rev_only_bf16;
+  }
+  int64_t flagged = 0;
+  fwd(p, g, m, v, flag, d, cr, coef, &flagged);
+  if (flagged == 0) return;
+  rev(p, g, m, v, flag, d, cr, coef, &flagged);
+  if (flagged == 0) return;
+  catchup_rows_loop(p, g, m, v, flag, d, cr, ck, s, target, c);
 }
 
 // ----- argument checks (all before any write): lvopt/sparse_args.h, shared with CUDA --------
@@ -383,18 +378,7 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
           if constexpr (std::is_same_v<T, float>) adamw_row_f32(p, g, m, v, d, coef);
           else adamw_row_bf16(p, g, m, v, d, coef);
         } else {
-          const CatchupRow cr = ck.row(last[r], ti - 1);
-          int64_t counts[2];
-          count_mid_any(v, d, cr.fwd_v, cr.rev_v, counts);
-          if (counts[1] == 0) {
-            if constexpr (std::is_same_v<T, float>) catchup_fwd_adamw_row_f32(p, g, m, v, d, cr, coef);
-            else catchup_fwd_adamw_row_bf16(p, g, m, v, d, cr, coef);
-          } else if (counts[0] == 0) {
-            if constexpr (std::is_same_v<T, float>) catchup_adamw_row_f32(p, g, m, v, d, cr, coef);
-            else catchup_adamw_row_bf16(p, g, m, v, d, cr, coef);
-          } else {
-            catchup_row_with_loop(p, g, m, v, d, cr, ck, last[r], ti - 1, &coef);
-          }
+          catchup_row(p, g, m, v, d, ck, last[r], ti - 1, &coef);
         }
         if (exact) last[r] = ti;
         if (st != nullptr) row_sums(before.data(), p, d, &row_stats[2 * k]);
@@ -434,16 +418,8 @@ void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const a
         T* p = p_all + r * d;
         float* m = m_all + r * d;
         float* v = v_all + r * d;
-        const CatchupRow cr = ck.row(last[r], c);
-        int64_t counts[2];
-        count_mid_any(v, d, cr.fwd_v, cr.rev_v, counts);
-        if (counts[0] == 0) {
-          if constexpr (std::is_same_v<T, float>) catchup_row_f32(p, m, v, d, cr);
-          else catchup_row_bf16(p, m, v, d, cr);
-        } else {
-          catchup_row_with_loop(p, static_cast<const float*>(nullptr), m, v, d, cr, ck, last[r], c,
-                                static_cast<const AdamCoef*>(nullptr));
-        }
+        catchup_row(p, static_cast<const float*>(nullptr), m, v, d, ck, last[r], c,
+                    static_cast<const AdamCoef*>(nullptr));
         last[r] = c;
       }
     });

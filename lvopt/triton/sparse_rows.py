@@ -150,7 +150,7 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, loop_off, loop_len, wa_ptr, BL
     upd = tl.where(vi >= fwd_v, fwd, rev)
     p_new = pi * P - upd
     if loop_len > 0:
-        mid = (~(vi >= fwd_v)) & (~(vi <= rev_v)) & mask  # NaN v counts as mid, as count_mid
+        mid = (~(vi >= fwd_v)) & (~(vi <= rev_v)) & mask  # NaN v counts as mid, as in the CPU kernel's passes
         if tl.sum(mid.to(tl.int32), axis=0) > 0:
             # fp64 sqrt and / are IEEE (sqrt.rn.f64, div.rn.f64). catchup_element_loop's r = 0
             # branch is never taken here: v = 0 satisfies v <= rev_v (>= 0), so a mid element
