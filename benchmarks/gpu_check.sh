@@ -4,9 +4,12 @@
 # compiled for the GPU rather than interpreted, the optimizer on CUDA parameters), then the GPU
 # benchmark. Logs land in $OUT (or ./gpu-out) so that they come back with the call.
 #
-#     bash benchmarks/gpu_check.sh [build] [tests] [suite] [bench]   (default: build tests bench)
+#     bash benchmarks/gpu_check.sh [build] [tests] [suite] [bench] [profile]
+#                                                      (default: build tests bench)
 #
-# The machine's own python3 (with its torch and triton) is used; nothing is installed.
+# The machine's own python3 (with its torch and triton) is used; nothing is installed. Logs go
+# to $OUT/logs; through the device tool, where at most 8 files come back, end the command with
+# `cd $OUT && tar czf logs.tgz logs && rm -rf logs`.
 set -u -o pipefail
 OUT=${OUT:-gpu-out}/logs
 mkdir -p "$OUT"
@@ -49,7 +52,7 @@ if has build; then
   $PY -c "import lvopt; print(lvopt.build_info())" 2>&1 | tee -a "$OUT/env.log"
 fi
 
-if has tests || has suite || has bench; then
+if has tests || has suite || has bench || has profile; then
   # torch < 2.14's custom_op indexes the mutated optional arguments that a caller left out
   # (IndexError in adinplaceorview_impl for lvopt_triton ops called without found_inf/stats);
   # 2.14 (lvopt's pin) checks the index. Patch the lent machine's older torch the same way.
@@ -76,4 +79,10 @@ fi
 
 if has bench; then
   timeout 200 $PY benchmarks/bench_gpu.py --device cuda 2>&1 | tee "$OUT/bench_gpu.log"
+fi
+
+if has profile; then
+  # Host vs device time of the paths that miss their byte model (Triton AdamW on many tensors,
+  # the sparse step); Chrome traces beside the log.
+  timeout 240 $PY benchmarks/profile_gpu.py --device cuda --trace "$OUT/traces" 2>&1 | tee "$OUT/profile_gpu.log" | tail -12
 fi

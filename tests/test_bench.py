@@ -117,3 +117,18 @@ def test_floor_kernels_move_the_steps_bytes(capsys):
     floor.run(reps=1, size="small")
     out = capsys.readouterr().out
     assert "touch zipf" in out and "fused AdamW / floor time" in out
+
+
+def test_gpu_profile_runs_on_cpu_paths(capsys):
+    """benchmarks/profile_gpu.py (the next GPU lease's first look at where the Triton and sparse
+    steps spend their time) runs its code on the CPU backend: every target, a sane summary."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import profile_gpu
+
+    res = profile_gpu.profile("cpu", "small", steps=2)
+    assert set(res) == {"cpu adamw, 24 tensors", "cpu sparse exact, raw COO", "cpu sparse lazy, raw COO"}
+    assert all(0 < r["host"] <= r["wall"] * 1.5 and r["device"] == 0.0 for r in res.values())
+    assert "summary (ms per step)" in capsys.readouterr().out
