@@ -81,6 +81,33 @@ def test_misaligned_views_take_the_unhinted_launch(gen):
 
 
 @needs_triton_device
+def test_launch_tables_are_reused_only_for_the_same_tensors(gen):
+    """Launch tables are cached by every stream's address and each tensor's size and dtype: the
+    same tensors reuse them (no rebuild, no upload), any other tensor gets its own, and a step
+    through a reused table still matches the reference."""
+    from lvopt import reference
+    from lvopt.triton import _common as C
+
+    ps, gs, ms, vs, ss = make_state([(40, 3), (17,)], torch.float32, gen)
+    ps, gs, ms, vs = _to((ps, gs, ms, vs), DEV)
+    first = C.first_chunks(ps)[0]
+    plan = C.launches(ps, gs, ms, vs, first)
+    assert C.launches(ps, gs, ms, vs, first) is plan
+    other = [gs[0], gs[1].clone()]  # one stream at another address
+    plan2 = C.launches(ps, other, ms, vs, first)
+    assert plan2 is not plan and not torch.equal(plan2[0][2], plan[0][2])
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(C._build_launches(ps, other, ms, vs, first), plan2))
+    r = clone_all([p.cpu() for p in ps], [g.cpu() for g in gs], [m.cpu() for m in ms], [v.cpu() for v in vs], ss)
+    rs = [s.clone() for s in ss]
+    hyper = make_hyper(2, gen=gen)
+    for _ in range(3):  # the second and third steps run from the cached tables
+        _ops().fused_adamw_(ps, gs, ms, vs, ss, hyper)
+        reference.fused_adamw_(r[0], r[1], r[2], r[3], rs, hyper)
+    for p, q in zip(ps, r[0]):
+        assert rel_err(p.cpu(), q) < 1e-6
+
+
+@needs_triton_device
 def test_opcheck(gen):
     ps, gs, ms, vs, ss = make_state([(5, 7), (11,)], torch.float32, gen)
     ps, gs, ms, vs = _to((ps, gs, ms, vs), DEV)

@@ -131,8 +131,9 @@ def stack_scalars(ts, device) -> torch.Tensor:
 def advance_steps(steps, hyper, device, unit_step: bool) -> torch.Tensor:
     """Increments every step counter (in its own dtype, as the CPU kernel) and returns the fp32
     coefficient table [n, COEF_COLS] on ``device`` (math.h's make_adam_coef / unit_lr)."""
-    for s in steps:
-        s.add_(1)
+    # One multi-tensor launch on a GPU instead of one per counter (the same adds, in each
+    # counter's own dtype).
+    torch._foreach_add_(list(steps), 1)
     t = stack_scalars(steps, device)
     h = hyper.to(device=device, dtype=torch.float64)
     lr, b1, b2, wd, eps, mx = h.unbind(1)
@@ -149,16 +150,39 @@ def _aligned(*ts) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts)
 
 
+# Launch tables by what determines them (every stream's address, each tensor's size and dtype,
+# the device), so that repeated steps on the same tensors neither rebuild them in Python nor
+# upload them again: from pageable memory an upload waits for the stream to drain (CUDA runs a
+# stream synchronisation before such a copy), which would stop the host queueing a step while
+# the device still runs the last. A hit returns the same values a rebuild would produce.
+_LAUNCH_CACHE: dict = {}
+_LAUNCH_CACHE_SIZE = 16
+
+
 def launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk):
-    """Yields (dtype, aligned, meta, n_tensors, n_programs) per launch: meta is one int64 tensor
-    on the parameters' device holding the table [n_tensors, TABLE_COLS], then the program ->
-    table row map and the program -> chunk map."""
+    """(dtype, aligned, meta, n_tensors, n_programs) per launch: meta is one int64 tensor on the
+    parameters' device holding the table [n_tensors, TABLE_COLS], then the program -> table
+    row map and the program -> chunk map. first_chunk follows from the sizes (first_chunks)."""
+    key = (params[0].device if params else None,) + tuple(
+        (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), p.dtype)
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs))
+    plan = _LAUNCH_CACHE.get(key)
+    if plan is None:
+        plan = _build_launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk)
+        if len(_LAUNCH_CACHE) >= _LAUNCH_CACHE_SIZE:
+            _LAUNCH_CACHE.pop(next(iter(_LAUNCH_CACHE)))
+        _LAUNCH_CACHE[key] = plan
+    return plan
+
+
+def _build_launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk):
     groups: dict = {}
     for i, p in enumerate(params):
         if p.numel() == 0:
             continue
         key = (p.dtype, _aligned(p, grads[i], exp_avgs[i], exp_avg_sqs[i]))
         groups.setdefault(key, []).append(i)
+    plan = []
     for (dtype, aligned), idx in groups.items():
         rows, owner, chunk = [], [], []
         for r, i in enumerate(idx):
@@ -169,7 +193,8 @@ def launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk):
             owner += [r] * nc
             chunk += range(nc)
         meta = torch.tensor([x for row in rows for x in row] + owner + chunk, dtype=torch.int64)
-        yield dtype, aligned, meta.to(params[idx[0]].device), len(rows), len(owner)
+        plan.append((dtype, aligned, meta.to(params[idx[0]].device), len(rows), len(owner)))
+    return plan
 
 
 def first_chunks(params):
