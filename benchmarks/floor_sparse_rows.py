@@ -38,6 +38,16 @@ _SRC = r"""
 #include <omp.h>
 #include <vector>
 
+// One row's p, m, v read and written, one add (or multiply-add) per element.
+static inline void touch_row(float* __restrict pr, float* __restrict mr, float* __restrict vr,
+                             const float* __restrict g, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {
+    mr[j] += g[j];
+    vr[j] += g[j];
+    pr[j] += 1e-30f * g[j];
+  }
+}
+
 // The memory traffic of one row-sparse step with one add per element. rows/offsets/perm: the
 // plan (distinct rows sorted, positions of their gradient rows in input order).
 void touch(torch::Tensor rows, torch::Tensor offsets, torch::Tensor perm, torch::Tensor vals,
@@ -67,14 +77,7 @@ void touch(torch::Tensor rows, torch::Tensor offsets, torch::Tensor perm, torch:
           }
           g = b;
         }
-        float* __restrict pr = P + rp[k] * d;
-        float* __restrict mr = M + rp[k] * d;
-        float* __restrict vr = V + rp[k] * d;
-        for (int64_t j = 0; j < d; ++j) {
-          mr[j] += g[j];
-          vr[j] += g[j];
-          pr[j] += 1e-30f * g[j];
-        }
+        touch_row(P + rp[k] * d, M + rp[k] * d, V + rp[k] * d, g, d);
       }
     }
   }
@@ -112,15 +115,7 @@ void touch_streamed(torch::Tensor rows, torch::Tensor slot, torch::Tensor vals, 
       }
     }
     for (int64_t k = t; k < u; k += threads) {
-      const float* __restrict g = A + k * d;
-      float* __restrict pr = P + rp[k] * d;
-      float* __restrict mr = M + rp[k] * d;
-      float* __restrict vr = V + rp[k] * d;
-      for (int64_t j = 0; j < d; ++j) {
-        mr[j] += g[j];
-        vr[j] += g[j];
-        pr[j] += 1e-30f * g[j];
-      }
+      touch_row(P + rp[k] * d, M + rp[k] * d, V + rp[k] * d, A + k * d, d);
     }
   }
 }
