@@ -46,6 +46,19 @@ def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def assert_close_at_list_scale(got, ref, tol, what=""):
+    """Every tensor of ``got`` within ``tol`` times the largest |element| of the whole ``ref``
+    list. A per-tensor relative error (rel_err) of a one-element tensor whose value cancelled
+    to near zero (m = b1*m + (1-b1)*g ~ 3e-4 from terms ~0.1) is a ratio of rounding to a tiny
+    number, which fails though every element is within an ulp of its terms (seen in CI: 3.1e-6
+    for m of shape (1,)); the list's scale is that of the terms."""
+    scale = max((float(r.detach().abs().max()) for r in ref if r.numel()), default=0.0)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if a.numel():
+            err = float((a.detach().cpu().double() - b.detach().double()).abs().max())
+            assert err <= tol * scale, f"{what}[{i}]: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
 def assert_bf16_step_close(p, q, p_old):
     """A bf16 parameter after one step of a GPU kernel (p) against the reference's step from the
     same bf16 state (q). The GPU compilers contract a*b+c into FMAs, the CPU code does not, so
