@@ -16,6 +16,7 @@ def test_bench_small(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "copy bandwidth" in out and "lvopt AdamH" in out and "eager PyTorch AdamH" in out
     data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["stream_gbps"] > 0 and data["copy_gbps"] > 0
     names = {(r["case"], r["name"]) for r in data["results"] if "ms" in r}
     assert ("adamh", "lvopt AdamH") in names and ("adamw_bf16", "torch AdamW fused bf16") in names
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in data["results"] if "ms" in r)
