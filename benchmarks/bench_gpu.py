@@ -166,6 +166,20 @@ def _row(case, label, ms, nbytes, bw, file) -> dict:
     return row
 
 
+def zipf_pool(cfg, dev, gen) -> list:
+    """cfg["pool"] raw COO gradients of a V x d embedding (SPARSE[size]), n Zipf(1.1) ids each,
+    as nn.Embedding(sparse=True) gives them (duplicates not summed), on ``dev``."""
+    from bench_sparse_rows import zipf_ids
+
+    V, d, n = cfg["V"], cfg["d"], cfg["n"]
+    out = []
+    for _ in range(cfg["pool"]):
+        ids = zipf_ids(n, V, gen).to(dev)
+        vals = torch.randn(n, d, generator=gen).to(dev)
+        out.append(torch.sparse_coo_tensor(ids[None], vals, (V, d), check_invariants=False))
+    return out
+
+
 def run_sparse(dev, bw, size, file) -> list[dict]:
     """One optimizer step of a V x d embedding on a Zipf batch's row-sparse gradient (a
     different batch each step). Bytes: 4*N*d gradient rows read + 24*U*d for p, m, v of the U
@@ -176,13 +190,8 @@ def run_sparse(dev, bw, size, file) -> list[dict]:
     cfg = SPARSE[size]
     V, d, n = cfg["V"], cfg["d"], cfg["n"]
     gen = torch.Generator().manual_seed(0)
-    w = torch.arange(1, V + 1, dtype=torch.float64) ** -1.1
-    raw, merged = [], []
-    for _ in range(cfg["pool"]):
-        ids = torch.multinomial(w, n, replacement=True, generator=gen).to(dev)
-        vals = torch.randn(n, d, generator=gen).to(dev)
-        raw.append(torch.sparse_coo_tensor(ids[None], vals, (V, d), check_invariants=False))
-        merged.append(raw[-1].coalesce())
+    raw = zipf_pool(cfg, dev, gen)
+    merged = [g.coalesce() for g in raw]
     U = statistics.mean(g._nnz() for g in merged)
     raw_bytes, merged_bytes = int(4 * n * d + 24 * U * d), int(28 * U * d)
     name = f"sparse rows V={V} d={d}, {n} Zipf ids ({U:.0f} distinct)"

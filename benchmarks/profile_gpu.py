@@ -44,14 +44,9 @@ def _targets(dev, size):
         if fn is not None:
             out.append((f"{be} adamw, {len(shapes)} tensors", fn, None))
     cfg = bench_gpu.SPARSE[size]
-    V, d, n = cfg["V"], cfg["d"], cfg["n"]
+    V, d = cfg["V"], cfg["d"]
     gen = torch.Generator().manual_seed(0)
-    w = torch.arange(1, V + 1, dtype=torch.float64) ** -1.1
-    pool = []
-    for _ in range(cfg["pool"]):
-        ids = torch.multinomial(w, n, replacement=True, generator=gen).to(dev)
-        vals = torch.randn(n, d, generator=gen).to(dev)
-        pool.append(torch.sparse_coo_tensor(ids[None], vals, (V, d), check_invariants=False))
+    pool = bench_gpu.zipf_pool(cfg, dev, gen)
     for be in backends:
         if _backend.unavailable_reason(be):
             continue

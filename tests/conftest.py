@@ -59,6 +59,15 @@ def assert_close_at_list_scale(got, ref, tol, what=""):
             assert err <= tol * scale, f"{what}[{i}]: max error {err:.3g} > {tol:g} x {scale:.3g}"
 
 
+def restart_reference_from(ref_params, params):
+    """Copies the kernel's parameters into the reference's before a step (for
+    assert_bf16_step_close, which compares one step from the same state) and returns a copy of
+    them: the state before the step."""
+    for q, p in zip(ref_params, params):
+        q.copy_(p.cpu())
+    return [p.clone() for p in params]
+
+
 def assert_bf16_step_close(p, q, p_old):
     """A bf16 parameter after one step of a GPU kernel (p) against the reference's step from the
     same bf16 state (q). The GPU compilers contract a*b+c into FMAs, the CPU code does not, so

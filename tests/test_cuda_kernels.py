@@ -6,7 +6,8 @@ import torch
 
 import lvopt
 from lvopt import reference
-from conftest import assert_bf16_step_close, assert_close_at_list_scale, clone_all, make_hyper, make_state, rel_err
+from conftest import (assert_bf16_step_close, assert_close_at_list_scale, clone_all, make_hyper, make_state,
+                      rel_err, restart_reference_from)
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and lvopt.build_info()["cuda"]),
@@ -33,9 +34,7 @@ def test_adamw_matches_reference(gen, dtype, device_state):
         hyper_k = hyper
     for _ in range(3):
         if dtype == torch.bfloat16:  # one step at a time from the kernel's state (see helper)
-            for q, p in zip(r[0], ps):
-                q.copy_(p.cpu())
-            before = [p.clone() for p in ps]
+            before = restart_reference_from(r[0], ps)
         torch.ops.lvopt.fused_adamw_(ps, gs, ms, vs, ss, hyper_k)
         reference.fused_adamw_(*r, hyper)
     assert_close_at_list_scale(ms, r[2], 1e-6, "exp_avgs")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from _triton_support import IN_CHILD, run_file_under_interpreter, triton_device
-from conftest import assert_bf16_step_close, assert_close_at_list_scale, clone_all, make_hyper, make_state, rel_err
+from conftest import (assert_bf16_step_close, assert_close_at_list_scale, clone_all, make_hyper, make_state,
+                      rel_err, restart_reference_from)
 
 DEV = triton_device()
 needs_triton_device = pytest.mark.skipif(DEV is None, reason="no GPU: these run in the interpreter child")
@@ -44,9 +45,7 @@ def test_matches_reference(gen, dtype, maximize):
     initial = [p.clone() for p in ps]
     for _ in range(2):
         if dtype == torch.bfloat16:  # one step at a time from the kernel's state (see helper)
-            for q, p in zip(rp, ps):
-                q.copy_(p.cpu())
-            before = [p.clone() for p in ps]
+            before = restart_reference_from(rp, ps)
         _ops().fused_adamw_(ps, gs, ms, vs, ss, hyper)
         reference.fused_adamw_(rp, rg, rm, rv, rs, hyper)
     assert_close_at_list_scale(ms, rm, 1e-6, "exp_avgs")
@@ -99,11 +98,10 @@ def test_launch_tables_are_reused_only_for_the_same_tensors(gen):
     assert plan2 is not plan and not torch.equal(plan2[0][2], plan[0][2])
     assert all(torch.equal(a[2], b[2]) for a, b in zip(C._build_launches(ps, other, ms, vs, first), plan2))
     r = clone_all([p.cpu() for p in ps], [g.cpu() for g in gs], [m.cpu() for m in ms], [v.cpu() for v in vs], ss)
-    rs = [s.clone() for s in ss]
     hyper = make_hyper(2, gen=gen)
     for _ in range(3):  # the second and third steps run from the cached tables
         _ops().fused_adamw_(ps, gs, ms, vs, ss, hyper)
-        reference.fused_adamw_(r[0], r[1], r[2], r[3], rs, hyper)
+        reference.fused_adamw_(*r, hyper)
     for p, q in zip(ps, r[0]):
         assert rel_err(p.cpu(), q) < 1e-6
 
