@@ -45,14 +45,19 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
                    const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
                    const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
-                   bool exact, const std::optional<at::Tensor>& stats);
+                   bool exact, const std::optional<at::Tensor>& stats,
+                   const std::optional<at::Tensor>& error);
 
+// error (optional, int64 [3]): see sparse_args.h, check_sparse_error: bad ids or clock state
+// are reported there (nothing written) instead of raised.
+//
 // lvopt::sparse_catchup_: brings the rows `indices` names current to `step` (exact mode);
-// the step count does not change.
+// the step count does not change. error: as for sparse_adamw_.
 void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& exp_avg,
                      const at::Tensor& exp_avg_sq, const at::Tensor& step,
                      const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
-                     const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window);
+                     const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
+                     const std::optional<at::Tensor>& error);
 
 }  // namespace cpu
 }  // namespace lvopt

@@ -19,11 +19,12 @@ TORCH_LIBRARY(lvopt, m) {
   m.def(
       "sparse_adamw_(Tensor(a!) param, Tensor indices, Tensor values, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, Tensor(d!) step, Tensor(e!) last_step, Tensor hist, Tensor qpow, "
-      "Tensor hyper, int hist_base, int epoch, int window, bool exact, Tensor(f!)? stats=None) -> ()");
+      "Tensor hyper, int hist_base, int epoch, int window, bool exact, Tensor(f!)? stats=None, "
+      "Tensor(g!)? error=None) -> ()");
   m.def(
       "sparse_catchup_(Tensor(a!) param, Tensor indices, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, Tensor step, Tensor(e!) last_step, Tensor hist, Tensor qpow, "
-      "Tensor hyper, int hist_base, int epoch, int window) -> ()");
+      "Tensor hyper, int hist_base, int epoch, int window, Tensor(f!)? error=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lvopt, CPU, m) {

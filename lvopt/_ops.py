@@ -46,10 +46,10 @@ if _C is not None:
 
     @torch.library.register_fake("lvopt::sparse_adamw_")
     def _sparse_adamw_fake(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
-                           hist_base, epoch, window, exact, stats=None):
+                           hist_base, epoch, window, exact, stats=None, error=None):
         return None
 
     @torch.library.register_fake("lvopt::sparse_catchup_")
     def _sparse_catchup_fake(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
-                             hist_base, epoch, window):
+                             hist_base, epoch, window, error=None):
         return None

@@ -11,9 +11,14 @@ __all__ = ["Embedding"]
 
 
 class _RowSparseEmbedding(torch.autograd.Function):
-    """Forward: weight[ids]. Backward: a coalesced torch.sparse_coo gradient over the distinct
-    ids (lvopt::coalesce_rows: sorted, duplicates summed in input order), U x d values, never a
-    dense V x d tensor."""
+    """Forward: weight[ids]. Backward: a torch.sparse_coo gradient, never a dense V x d tensor:
+    on the CPU coalesced over the distinct ids (lvopt::coalesce_rows: sorted, duplicates summed
+    in input order), U x d values; on a GPU the N ids as given with their gradient rows (padding
+    entries zeroed), since coalescing there would size a tensor by the data (a host read); the
+    optimizer's row-sparse step sorts and sums them in input order, so the result is the same.
+    With padding_idx on a GPU the padding row is then a touched row with a zero gradient: in
+    exact mode that is what it is anyway (dense AdamW steps it with g = 0); in lazy mode its
+    moments decay and its weight decays when it appears in a batch."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, ids: Tensor, padding_idx: int | None):
@@ -28,6 +33,14 @@ class _RowSparseEmbedding(torch.autograd.Function):
         v, d = ctx.shape
         flat = ids.reshape(-1)
         values = grad_out.reshape(-1, d)
+        if values.device.type != "cpu":
+            # On a GPU the gradient is not coalesced here: the number of distinct ids is the
+            # data's, and sizing a tensor by it reads device memory on the host. The N ids as
+            # given (padding entries' rows zeroed) go to the optimizer, whose step sorts them once
+            # (lvopt/sparse.py: no host read anywhere).
+            if ctx.padding_idx is not None:
+                values = values.masked_fill((flat == ctx.padding_idx).unsqueeze(1), 0)
+            return torch.sparse_coo_tensor(flat.unsqueeze(0), values, (v, d)), None, None
         if ctx.padding_idx is not None:
             keep = flat != ctx.padding_idx
             flat, values = flat[keep], values[keep]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-import weakref
 from collections import OrderedDict, defaultdict
 from itertools import chain
 from typing import Any, Iterable
@@ -21,7 +20,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _backend
 from .reference import HYPER_COLS
-from .sparse import RowClock, check_exact_hyper
+from .sparse import CHECK_IDS, ROW_KEYS, SPARSE_MODES, SparseRows
 
 # Keys torch.optim.AdamW keeps in every param group. lvopt keeps them too, so that a torch
 # AdamW can load an lvopt checkpoint (its __setstate__ would otherwise default
@@ -30,21 +29,6 @@ _TORCH_GROUP_DEFAULTS = dict(amsgrad=False, foreach=None, capturable=False, diff
                              fused=None, decoupled_weight_decay=True)
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
-
-SPARSE_MODES = ("exact", "lazy")
-# Exact-mode bookkeeping kept in a sparse parameter's state between steps; a checkpoint never
-# holds it (state_dict() first brings every row current, so it would say nothing).
-_ROW_KEYS = ("last_step", "row_clock")
-# Backends with a row-sparse step.
-_SPARSE_BACKENDS = ("cpu", "cuda", "triton", "reference")
-
-
-def _table_device(backend: str, p: Tensor):
-    """Where the exact-mode history tables go: the parameter's device for the CUDA kernels (kept
-    there incrementally by RowClock), the host for the others (the Triton and reference ops
-    read them on the host)."""
-    return p.device if backend == "cuda" else None
-
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 _SKIP = object()
@@ -109,11 +93,14 @@ class _FusedAdam(torch.optim.Optimizer):
     _group_extra_defaults: dict = {"sparse_mode": "exact"}
 
     def __init__(self, params, defaults: dict, backend: str | None, nonfinite: str = "propagate",
-                 track: bool = False):
+                 track: bool = False, check_ids: str = "deferred"):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.track = bool(track)
+        if check_ids not in CHECK_IDS:
+            raise ValueError(f"check_ids must be one of {CHECK_IDS}, got {check_ids!r}")
+        self.check_ids = check_ids
         #: Steps skipped because a gradient was NaN/inf (nonfinite="skip").
         self.skipped_steps = 0
         self._init_transient()
@@ -143,7 +130,8 @@ class _FusedAdam(torch.optim.Optimizer):
         group = self.param_groups[-1]
         _check_hyper(group, f"param group {len(self.param_groups) - 1}", self._is_hyperball_group(group))
 
-    _OWN_ATTRS = {"backend": None, "nonfinite": "propagate", "track": False, "skipped_steps": 0}
+    _OWN_ATTRS = {"backend": None, "nonfinite": "propagate", "track": False, "skipped_steps": 0,
+                  "check_ids": "deferred"}
 
     def _init_transient(self) -> None:
         """What neither pickling nor a checkpoint carries: telemetry, its hooks, the flags."""
@@ -152,6 +140,8 @@ class _FusedAdam(torch.optim.Optimizer):
         self._telemetry_hooks: OrderedDict = OrderedDict()  # weakref-able, for RemovableHandle
         self._found_flags: dict = {}
         self._step_number = 0
+        #: The row lifecycle of the row-sparse parameters (lvopt/sparse.py).
+        self._rows = SparseRows(self)
 
     def __getstate__(self) -> dict:
         # torch pickles defaults, state and param_groups only; keep lvopt's settings too.
@@ -246,7 +236,8 @@ class _FusedAdam(torch.optim.Optimizer):
         if g.shape != p.shape:
             raise ValueError(f"{where()}: gradient shape {tuple(g.shape)} differs from the parameter's")
         if sparse:
-            self._check_sparse_grad(p, g, backend, group, where)
+            self._rows.check_grad(p, g, backend, group, where,
+                                  group is not None and self._is_hyperball_group(group))
         st = self.state.get(p)
         if st:
             for key in _MOMENTS:
@@ -260,35 +251,6 @@ class _FusedAdam(torch.optim.Optimizer):
             if sparse and not (st["exp_avg"].is_contiguous() and st["exp_avg_sq"].is_contiguous()):
                 raise ValueError(f"{where()}: a row-sparse step needs contiguous moments")
         return backend
-
-    def _check_sparse_grad(self, p: Tensor, g: Tensor, backend: str, group: dict | None, where) -> None:
-        """A torch.sparse_coo gradient must be row-sparse over a 2-D contiguous table, in a group
-        that can take it, with every index in range; checked before anything is written."""
-        if group is not None and self._is_hyperball_group(group) and p.dim() >= 2:
-            raise TypeError(f"{where()}: got a sparse gradient in a hyperball group, which cannot take it: "
-                            f"AdamH rescales the whole matrix every step. Put embeddings in a group with "
-                            f"hyperball=False (row-sparse AdamW)")
-        if p.dim() != 2 or g.sparse_dim() != 1 or g.dense_dim() != 1:
-            raise TypeError(f"{where()}: got a sparse gradient with sparse_dim={g.sparse_dim()}, "
-                            f"dense_dim={g.dense_dim()}; lvopt takes row-sparse gradients of 2-D "
-                            f"(rows x width) parameters, as nn.Embedding(sparse=True) produces")
-        if backend not in _SPARSE_BACKENDS:
-            raise TypeError(f"{where()}: backend {backend!r} has no row-sparse step; sparse gradients are "
-                            f"stepped by the {_SPARSE_BACKENDS} backends")
-        if not p.is_contiguous():
-            raise TypeError(f"{where()}: a row-sparse step needs a contiguous (row-major) parameter")
-        idx = g._indices()
-        if idx.numel():
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0:
-                raise ValueError(f"{where()}: sparse gradient has a negative row index {lo}")
-            if hi >= p.shape[0]:
-                raise ValueError(f"{where()}: sparse gradient row index {hi} is out of range for "
-                                 f"{p.shape[0]} rows")
-        if group is not None and group.get("sparse_mode", "exact") == "exact":
-            b1, b2 = group["betas"]
-            check_exact_hyper(float(b1), float(b2), _scalar(group["lr"], "lr", where()),
-                              float(group["weight_decay"]), where())
 
     def _collect(self):
         """Every parameter with a gradient, validated, as (hyper row, p, backend, algorithm,
@@ -329,6 +291,7 @@ class _FusedAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._rows.raise_pending()
         items = self._collect()
         # Nothing has been written so far; from here on, every check has passed.
         batches: dict = defaultdict(lambda: defaultdict(list))
@@ -381,8 +344,8 @@ class _FusedAdam(torch.optim.Optimizer):
                 order.remove(fused_check)
                 order.insert(0, fused_check)
         for p, backend in to_flush:
-            self._flush_param(p, backend)
-            self._drop_rows(p)
+            self._rows.flush_param(p, backend)
+            self._rows.drop(p)
         tracked: list = []
         for key in order:
             backend, device, algo = key
@@ -409,7 +372,7 @@ class _FusedAdam(torch.optim.Optimizer):
             if self.track:
                 tracked.append((algo, b, sums))
         for row, p, backend, group, gi, pi in sparse_items:
-            sums = self._sparse_step(row, p, backend, group)
+            sums = self._rows.step(row, p, backend, group, self.track)
             if self.track:
                 tracked.append(("sparse", {"where": [(group, gi, pi)]}, sums))
         self._step_number += 1
@@ -513,100 +476,30 @@ class _FusedAdam(torch.optim.Optimizer):
         self._telemetry_hooks[handle.id] = hook
         return handle
 
-    # -- sparse embedding rows (DESIGN.md section 2) ----------------------------------------------
-    def _sparse_step(self, row: tuple, p: Tensor, backend: str, group: dict) -> Tensor | None:
-        """One row-sparse step; returns the telemetry sums (two fp64) when tracking."""
-        exact = group.get("sparse_mode", "exact") == "exact"
-        st = self._init_state(p, "adamw")
-        clock = st.get("row_clock")
-        lr, b1, b2, wd, eps, _ = row
-        if clock is not None and (not exact or (clock.beta1, clock.beta2, clock.eps) != (b1, b2, eps)):
-            # The closed form assumes fixed betas and eps since each row's last step: bring every
-            # row current under the old ones first.
-            self._flush_param(p, backend)
-            self._drop_rows(p)
-            clock = None
-        t = int(float(st["step"]))
-        if exact and clock is None:
-            clock = st["row_clock"] = RowClock(b1, b2, eps, t)
-            st["last_step"] = torch.full((p.shape[0],), t, dtype=torch.int64, device=p.device)
-            p._lvopt_row_owner = weakref.ref(self)
-        g = p.grad
-        hyper = torch.tensor([row], dtype=torch.float64)
-        fns = _backend.ops(backend)
-        sums = torch.zeros(1, 2, dtype=torch.float64, device=p.device) if self.track else None
-        extra = {} if sums is None else {"stats": sums}
-        if exact:
-            clock.append(t + 1, lr, wd)
-            hist, qpow, base, epoch, window = clock.op_args(_table_device(backend, p))
-            fns.sparse_adamw_(p.data, g._indices()[0], g._values(), st["exp_avg"], st["exp_avg_sq"],
-                              st["step"], st["last_step"], hist, qpow, hyper, base, epoch, window, True, **extra)
-            if clock.n > clock.horizon:
-                self._sweep(p, backend)
-        else:
-            empty = torch.empty(0)
-            fns.sparse_adamw_(p.data, g._indices()[0], g._values(), st["exp_avg"], st["exp_avg_sq"],
-                              st["step"], torch.empty(0, dtype=torch.int64), empty, empty, hyper, 0, 1, 0, False,
-                              **extra)
-        return sums
-
-    def _sweep(self, p: Tensor, backend: str) -> None:
-        """Brings rows more than half the history horizon behind current, so that the history
-        (and the window any later catch-up reads) stays bounded; amortised over horizon/2 steps."""
-        st = self.state[p]
-        clock, last = st["row_clock"], st["last_step"]
-        t = int(float(st["step"]))
-        stale = (last < t - clock.horizon // 2).nonzero().reshape(-1)
-        if stale.numel():
-            self._catchup_rows(p, stale, backend)
-        clock.truncate(int(last.min()))
-
-    def _catchup_rows(self, p: Tensor, rows: Tensor, backend: str) -> None:
-        st = self.state[p]
-        clock = st["row_clock"]
-        hist, qpow, base, epoch, window = clock.op_args(_table_device(backend, p))
-        _backend.ops(backend).sparse_catchup_(p.data, rows, st["exp_avg"], st["exp_avg_sq"], st["step"],
-                                              st["last_step"], hist, qpow, clock.hyper(), base, epoch, window)
-
-    def _flush_param(self, p: Tensor, backend: str | None = None) -> None:
-        st = self.state.get(p, {})
-        if "row_clock" not in st:
-            return
-        backend = backend or self._backend_for(p.device)[0]
-        t = int(float(st["step"]))
-        behind = (st["last_step"] < t).nonzero().reshape(-1)
-        if behind.numel():
-            self._catchup_rows(p, behind, backend)
-        st["row_clock"].reset(t)
-
-    def _drop_rows(self, p: Tensor) -> None:
-        for key in _ROW_KEYS:
-            self.state[p].pop(key, None)
-
+    # -- sparse embedding rows: the row lifecycle lives in lvopt/sparse.py (SparseRows) ----------
     @torch.no_grad()
     def flush(self) -> None:
         """Brings every row of every exact-mode sparse parameter current: afterwards parameters
-        and moments are exactly what dense AdamW (g = 0 on untouched rows) would hold."""
+        and moments are exactly what dense AdamW (g = 0 on untouched rows) would hold. Raises a
+        pending deferred error (bad ids of an earlier step) first."""
+        self._rows.raise_pending()
         for group in self.param_groups:
             for p in group["params"]:
-                self._flush_param(p)
+                self._rows.flush_param(p)
 
     @torch.no_grad()
     def catch_up(self, param: Tensor, ids: Tensor) -> None:
         """Brings the rows ``ids`` of ``param`` current (exact mode; a no-op otherwise). Call it
         before a forward pass reads them, for an embedding other than lvopt.nn.Embedding (which
-        calls it itself)."""
-        st = self.state.get(param)
-        if not st or "row_clock" not in st:
-            return
-        self._catchup_rows(param, ids.reshape(-1).to(torch.int64), self._backend_for(param.device)[0])
+        calls it itself). No host synchronisation on a GPU: ids are checked on the device."""
+        self._rows.catch_up(param, ids)
 
     def state_dict(self) -> dict:
         """As torch's, after bringing every row current (flush()), and without the exact-mode
         bookkeeping: the checkpoint holds what a dense AdamW checkpoint would."""
         self.flush()
         sd = super().state_dict()
-        sd["state"] = {k: {n: v for n, v in s.items() if n not in _ROW_KEYS} for k, s in sd["state"].items()}
+        sd["state"] = {k: {n: v for n, v in s.items() if n not in ROW_KEYS} for k, s in sd["state"].items()}
         return sd
 
 
@@ -672,18 +565,29 @@ class AdamW(_FusedAdam):
     ``track``: with ``True`` the kernels also return per-tensor ||W|| and ||dW|| (effective
     LR ||dW||/||W||) from the pass they already make: :attr:`telemetry` after each step, and
     :meth:`register_telemetry_hook` (:mod:`lvopt.telemetry`: CSV, TensorBoard).
+
+    ``check_ids``: when the row indices of a sparse gradient are range-checked on a GPU
+    (backends ``"cuda"`` and ``"triton"``). ``"deferred"`` (default): on the device, with no
+    host synchronisation; a step given an index outside the table writes nothing to that table
+    (rows, moments, step count) and the error, naming the parameter and the indices' range, is
+    raised by the next :meth:`step`, :meth:`flush` or :meth:`state_dict` (the deferred-error
+    model of torch's GradScaler found_inf and FBGEMM's bounds-check "warning" mode; parameters
+    of other groups of the failing step have been stepped). ``"sync"``: checked on the host
+    before anything is written, at the cost of one synchronisation per sparse parameter and
+    step. On the CPU ids are always checked before anything is written.
     """
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, backend: str | None = None, sparse_mode: str = "exact",
-                 nonfinite: str = "propagate", track: bool = False):
+                 nonfinite: str = "propagate", track: bool = False,
+                 check_ids: str = "deferred"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
                         sparse_mode=sparse_mode)
-        super().__init__(params, defaults, backend, nonfinite, track)
+        super().__init__(params, defaults, backend, nonfinite, track, check_ids)
 
 
 class AdamH(_FusedAdam):
@@ -709,12 +613,13 @@ class AdamH(_FusedAdam):
                  weight_decay: float = 0.0, amsgrad: bool = False, *, hyperball: bool = True,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, backend: str | None = None,
-                 sparse_mode: str = "exact", nonfinite: str = "propagate", track: bool = False):
+                 sparse_mode: str = "exact", nonfinite: str = "propagate", track: bool = False,
+                 check_ids: str = "deferred"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
                         hyperball=hyperball, sparse_mode=sparse_mode)
-        super().__init__(params, defaults, backend, nonfinite, track)
+        super().__init__(params, defaults, backend, nonfinite, track, check_ids)
 
     @staticmethod
     def _is_hyperball_group(group: dict) -> bool:

@@ -140,6 +140,25 @@ def _check_indices(op: str, indices: Tensor, num_rows: int) -> None:
                                f"table of {num_rows} rows")
 
 
+# The error word of the sparse ops (csrc/include/lvopt/sparse_args.h, check_sparse_error).
+ERR_IDS, ERR_CLOCK = 1, 2
+
+
+def _stop_for_error(error: Tensor | None, indices: Tensor, num_rows: int) -> bool:
+    """The error-word protocol: with ``error`` given, write nothing when it is already set, or
+    when an id lies outside the table (recorded as [ERR_IDS, min id, max id])."""
+    if error is None:
+        return False
+    if int(error[0]):
+        return True
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= num_rows:
+            error.copy_(torch.tensor([ERR_IDS, lo, hi], dtype=torch.int64))
+            return True
+    return False
+
+
 def coalesce_rows(indices: Tensor, values: Tensor, num_rows: int):
     """The sorted distinct rows of ``indices`` and, per row, the sum of its ``values`` rows in
     input order, accumulated in fp32 (fp64 for fp64 values) and rounded once."""
@@ -164,13 +183,18 @@ def _zero_grad_steps(p: Tensor, m: Tensor, v: Tensor, s: int, c: int, hist: Tens
 
 def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                   step: Tensor, last_step: Tensor, hist: Tensor, qpow: Tensor, hyper: Tensor,
-                  hist_base: int, epoch: int, window: int, exact: bool, stats: Tensor | None = None) -> None:
+                  hist_base: int, epoch: int, window: int, exact: bool, stats: Tensor | None = None,
+                  error: Tensor | None = None) -> None:
     """One AdamW step of the rows ``indices`` touches (duplicates summed). Lazy: untouched rows
     stay. Exact: each touched row first takes the skipped zero-gradient steps one by one
     (``qpow``, ``epoch`` and ``window`` serve the native closed form and are unused here).
     ``stats`` (two fp64): the sums over the rows written of W^2 before the call (before any
     catch-up) and of (W_after - W_before)^2."""
     op = "lvopt::sparse_adamw_"
+    if _stop_for_error(error, indices, param.shape[0]):
+        if stats is not None:
+            stats.zero_()
+        return
     _check_indices(op, indices, param.shape[0])
     if values.shape != (indices.numel(), param.shape[1]) or values.dtype != param.dtype:
         raise RuntimeError(f"{op}: values must have shape [{indices.numel()}, {param.shape[1]}] and dtype "
@@ -181,6 +205,9 @@ def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tenso
     if exact:
         last = last_step[rows]
         if rows.numel() and (int(last.min()) < hist_base or int(last.max()) > t - 1):
+            if error is not None:
+                error[0] |= ERR_CLOCK
+                return
             raise RuntimeError(f"{op}: a row's last_step is outside [{hist_base}, {t - 1}]")
         if t - 1 - hist_base >= hist.shape[0]:
             raise RuntimeError(f"{op}: hist does not cover step {t - 1}")
@@ -204,15 +231,20 @@ def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tenso
 
 def sparse_catchup_(param: Tensor, indices: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
                     last_step: Tensor, hist: Tensor, qpow: Tensor, hyper: Tensor, hist_base: int,
-                    epoch: int, window: int) -> None:
+                    epoch: int, window: int, error: Tensor | None = None) -> None:
     """Brings rows ``indices`` current to ``step`` (exact mode), step by step."""
     op = "lvopt::sparse_catchup_"
+    if _stop_for_error(error, indices, param.shape[0]):
+        return
     _check_indices(op, indices, param.shape[0])
     row = hyper.reshape(-1).tolist()
     c = int(float(step))
     rows = torch.unique(indices)
     last = last_step[rows]
     if rows.numel() and (int(last.min()) < hist_base or int(last.max()) > c):
+        if error is not None:
+            error[0] |= ERR_CLOCK
+            return
         raise RuntimeError(f"{op}: a row's last_step is outside [{hist_base}, {c}]")
     dt = _compute_dtype(param)
     for r in rows.tolist():

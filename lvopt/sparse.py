@@ -16,6 +16,7 @@ window s+1 .. min(c, s+W) epoch by epoch from the epoch-relative prefix sums.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -23,6 +24,20 @@ import torch
 H_LR, H_DECAY, H_LOGPI, H_U, H_SQRTBC2, H_SERIES = 0, 1, 2, 3, 4, 5
 HIST_SERIES = 8
 HIST_COLS = 13
+
+
+def _host_tables(fn):
+    """RowClock's host tables are bookkeeping, never traced: they stay real CPU tensors even when
+    a fake-tensor mode is active (torch.compile's tracing, or the tests that run the host path
+    on fake CUDA tensors)."""
+    def wrapper(*args, **kwargs):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            return fn(*args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
 
 
 def check_exact_hyper(beta1: float, beta2: float, lr: float, wd: float, where: str) -> None:
@@ -38,6 +53,7 @@ def check_exact_hyper(beta1: float, beta2: float, lr: float, wd: float, where: s
 class RowClock:
     """Per-step history of one exact-mode parameter; see the module docstring."""
 
+    @_host_tables
     def __init__(self, beta1: float, beta2: float, eps: float, step: int):
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         qs = [beta1 * beta2 ** (-(i + 1) / 2) for i in range(4)] + [beta1 * beta2 ** ((n - 1) / 2) for n in range(1, 5)]
@@ -54,17 +70,33 @@ class RowClock:
         e, w = self.epoch, max(self.window, self.epoch)
         ks = torch.arange(-e, w + 1, dtype=torch.float64)
         self.qpow = torch.stack([torch.tensor(q, dtype=torch.float64) ** ks for q in qs]).contiguous()
+        self._pin = False
         self.reset(step)
 
+    @_host_tables
     def reset(self, step: int) -> None:
-        """All rows are current at ``step``: the history restarts there."""
-        self._mirror = None
+        """All rows are current at ``step``: the history restarts there (a device mirror keeps
+        its buffer and qpow, and re-uploads from row 0)."""
+        m = getattr(self, "_mirror", None)
+        if m is not None:
+            m["n"] = 0
+        self._mirror = m
         self.base = int(step)
-        self._buf = torch.zeros(256, HIST_COLS, dtype=torch.float64)
+        self._buf = self._new_buf(256)
         self._buf[0, H_DECAY] = 1.0
         self._buf[0, H_SQRTBC2] = math.sqrt(1.0 - self.beta2 ** self.base)
         self.n = 1
         self._last = self._buf[0].tolist()
+
+    def _new_buf(self, rows: int) -> torch.Tensor:
+        """A host table; pinned when a CUDA device mirrors it, so that each appended row goes up
+        with a non-blocking copy (a fresh buffer each time: rows already queued for upload from
+        the old one stay valid until their copies are done, as torch's pinned-memory allocator
+        keeps a block until the copies recorded on it have completed)."""
+        buf = torch.zeros(rows, HIST_COLS, dtype=torch.float64)
+        if getattr(self, "_pin", False):
+            buf = buf.pin_memory()
+        return buf
 
     @property
     def last_step(self) -> int:
@@ -74,6 +106,7 @@ class RowClock:
     def hist(self) -> torch.Tensor:
         return self._buf[: self.n]
 
+    @_host_tables
     def append(self, t: int, lr: float, wd: float) -> None:
         """Adds step ``t`` (the next one) with its learning rate and weight decay."""
         assert t == self.last_step + 1, (t, self.last_step)
@@ -93,44 +126,368 @@ class RowClock:
             prev = self._last[H_SERIES + i] if inside else 0.0
             row.append(prev + f[i] * self.q[i] ** k * scale)
         if self.n == self._buf.shape[0]:
-            self._buf = torch.cat([self._buf, torch.zeros_like(self._buf)])
+            grown = self._new_buf(2 * self._buf.shape[0])
+            grown[: self.n] = self._buf
+            self._buf = grown
         self._buf[self.n] = torch.tensor(row, dtype=torch.float64)
         self.n += 1
         self._last = row
 
+    @_host_tables
+    def pop(self) -> None:
+        """Drops the last step (a step that wrote nothing: its op found bad ids on the device)."""
+        assert self.n > 1
+        self.n -= 1
+        self._last = self._buf[self.n - 1].tolist()
+        if self._mirror is not None:
+            self._mirror["n"] = min(self._mirror["n"], self.n)
+
     def truncate(self, min_last_step: int) -> None:
-        """Drops history before the epoch that holds ``min_last_step`` (no row needs it)."""
+        """Drops history before the epoch that holds ``min_last_step`` (no row needs it). The
+        device mirror drops the same rows on the device."""
         nb = self.base + self.epoch * ((min_last_step - self.base) // self.epoch)
         if nb > self.base:
-            self._buf = self._buf[nb - self.base:].clone()
-            self.n -= nb - self.base
+            off = nb - self.base
+            self._buf = self._buf[off:].clone()
+            if self._pin:
+                self._buf = self._buf.pin_memory()
+            self.n -= off
             self.base = nb
-            self._mirror = None
+            m = self._mirror
+            if m is not None:
+                keep = max(min(m["n"], self.n + off) - off, 0)
+                m["buf"][:keep].copy_(m["buf"][off: off + keep].clone())
+                m["n"] = keep
 
     def op_args(self, device: torch.device | str | None = None) -> tuple:
         """(hist, qpow, hist_base, epoch, window) for lvopt::sparse_adamw_ / sparse_catchup_.
         With a non-CPU ``device`` the tables are device copies kept in step with the host ones:
         each call uploads only the history rows appended since the last (one row per step),
-        instead of the whole table (up to ``horizon`` x 13 fp64) that the op would otherwise
-        copy on every step."""
+        from pinned memory without blocking, instead of the whole table (up to ``horizon`` x 13
+        fp64) that the op would otherwise copy on every step."""
         if device is None or torch.device(device).type == "cpu":
             return self.hist, self.qpow, self.base, self.epoch, self.window
         hist, qpow = self.device_tables(torch.device(device))
         return hist, qpow, self.base, self.epoch, self.window
 
     def device_tables(self, device: torch.device) -> tuple:
-        """(hist, qpow) on ``device``, updated incrementally (see op_args)."""
+        """(hist, qpow) on ``device``, updated incrementally (see op_args): no host read, and
+        no blocking copy once the tables are pinned (from the second call on a CUDA device)."""
         m = self._mirror
-        if m is None or m["device"] != device or m["buf"].shape[0] < self.n:
+        if m is None or m["device"] != device:
+            if device.type == "cuda" and torch.cuda.is_available() and not self._pin:
+                self._pin = True
+                self._buf = self._buf.pin_memory()
+                self.qpow = self.qpow.pin_memory()
+            qpow = self.qpow.to(device, non_blocking=True)
             buf = torch.empty(self._buf.shape, dtype=torch.float64, device=device)
-            buf[: self.n].copy_(self._buf[: self.n])
-            qpow = m["qpow"] if m is not None and m["device"] == device else self.qpow.to(device)
-            m = self._mirror = {"device": device, "buf": buf, "n": self.n, "qpow": qpow}
-        elif m["n"] < self.n:
-            m["buf"][m["n"]: self.n].copy_(self._buf[m["n"]: self.n])
+            m = self._mirror = {"device": device, "buf": buf, "n": 0, "qpow": qpow}
+        if m["buf"].shape[0] < self.n:
+            grown = torch.empty((2 * self.n, HIST_COLS), dtype=torch.float64, device=device)
+            grown[: m["n"]].copy_(m["buf"][: m["n"]])
+            m["buf"] = grown
+        if m["n"] < self.n:
+            m["buf"][m["n"]: self.n].copy_(self._buf[m["n"]: self.n], non_blocking=True)
             m["n"] = self.n
         return m["buf"][: self.n], m["qpow"]
 
+    @_host_tables
     def hyper(self) -> torch.Tensor:
         """A hyperparameter row carrying this clock's betas and eps (what a catch-up uses)."""
         return torch.tensor([[0.0, self.beta1, self.beta2, 0.0, self.eps, 0.0]], dtype=torch.float64)
+
+
+# ----- the row lifecycle of an optimizer's row-sparse parameters ----------------------------------
+
+SPARSE_MODES = ("exact", "lazy")
+# Exact-mode bookkeeping kept in a sparse parameter's state between steps; a checkpoint never
+# holds it (state_dict() first brings every row current, so it would say nothing).
+ROW_KEYS = ("last_step", "row_clock")
+# Backends with a row-sparse step.
+SPARSE_BACKENDS = ("cpu", "cuda", "triton", "reference")
+# When ids are checked on a GPU: "deferred" (on the device, no host synchronisation: a bad batch
+# makes the step's writes to that table no-ops and the error is raised by the next step(),
+# flush() or state_dict()) or "sync" (on the host before anything is written: one
+# synchronisation per sparse parameter and step). On the CPU ids are always checked at once.
+CHECK_IDS = ("deferred", "sync")
+# Error codes the sparse ops set in their ``error`` tensor (csrc/include/lvopt/sparse_args.h).
+ERR_IDS, ERR_CLOCK = 1, 2
+
+
+def _device_tables(backend: str) -> bool:
+    """Whether a backend's ops read the exact-mode history on the parameter's device (CUDA and
+    Triton: RowClock keeps a device mirror, uploaded one row a step from pinned memory) or on the
+    host (CPU and reference)."""
+    return backend in ("cuda", "triton")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+class _PendingError:
+    """A device-side error word ``[code, min id, max id]`` that the sparse ops of one parameter
+    set instead of raising (no host synchronisation), and its lazy read-back: after each op a
+    copy to pinned host memory is queued behind it (non-blocking) with an event; ``check``
+    waits on that event only (by the next step the copy has long completed) and reads it."""
+
+    def __init__(self, device: torch.device):
+        self.word = torch.zeros(3, dtype=torch.int64, device=device)
+        self._host = None
+        self._event = None
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+        if self.word.device.type != "cuda" or _is_fake(self.word):
+            return  # a CPU word (the Triton interpreter) is read directly; fake tensors hold nothing
+        if self._host is None:
+            self._host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+            self._event = torch.cuda.Event()
+        self._host.copy_(self.word, non_blocking=True)
+        self._event.record()
+
+    def read(self) -> list | None:
+        """[code, lo, hi] if an op has run since the last read, else None."""
+        if not self.armed or _is_fake(self.word):
+            return None
+        self.armed = False
+        if self._host is None:
+            return self.word.tolist()
+        self._event.synchronize()
+        return self._host.tolist()
+
+
+class SparseRows:
+    """The row lifecycle of one optimizer's row-sparse parameters (design: docs/design.md,
+    "Sparse embedding rows"): the checks of a sparse gradient, the step (lazy or exact), the
+    periodic sweep that bounds the history, catch-up, flush and the drop of the bookkeeping.
+
+    Nothing here reads device memory on the host: ids are range-checked on the device (unless
+    ``check_ids="sync"``), the sweep and flush catch up every row of the table (rows already
+    current cost a read of their step), and the history is kept by RowClock on the host, one
+    appended row a step uploaded without blocking. The exact-mode step count lives on the host
+    in the clock (``RowClock.last_step``), in step with the state's ``step`` counter."""
+
+    def __init__(self, opt):
+        self._opt = weakref.ref(opt)
+        self._errors: dict = {}   # id(p) -> (weakref(p), _PendingError)
+        self._arange: dict = {}   # id(p) -> (weakref(p), every row index of p, on p's device)
+
+    @property
+    def opt(self):
+        return self._opt()
+
+    # -- checks -----------------------------------------------------------------------------
+    def check_grad(self, p: torch.Tensor, g: torch.Tensor, backend: str, group: dict | None, where,
+                   hyperball: bool) -> None:
+        """A torch.sparse_coo gradient must be row-sparse over a 2-D contiguous table, in a group
+        that can take it, with every index in range; checked before anything is written. On a
+        GPU the index range is checked on the device by the step itself (see CHECK_IDS)."""
+        if hyperball and p.dim() >= 2:
+            raise TypeError(f"{where()}: got a sparse gradient in a hyperball group, which cannot take it: "
+                            f"AdamH rescales the whole matrix every step. Put embeddings in a group with "
+                            f"hyperball=False (row-sparse AdamW)")
+        if p.dim() != 2 or g.sparse_dim() != 1 or g.dense_dim() != 1:
+            raise TypeError(f"{where()}: got a sparse gradient with sparse_dim={g.sparse_dim()}, "
+                            f"dense_dim={g.dense_dim()}; lvopt takes row-sparse gradients of 2-D "
+                            f"(rows x width) parameters, as nn.Embedding(sparse=True) produces")
+        if backend not in SPARSE_BACKENDS:
+            raise TypeError(f"{where()}: backend {backend!r} has no row-sparse step; sparse gradients are "
+                            f"stepped by the {SPARSE_BACKENDS} backends")
+        if not p.is_contiguous():
+            raise TypeError(f"{where()}: a row-sparse step needs a contiguous (row-major) parameter")
+        if self.checks_on_host(backend):
+            idx = g._indices()
+            if idx.numel():
+                lo, hi = (int(x) for x in torch.aminmax(idx))
+                if lo < 0:
+                    raise ValueError(f"{where()}: sparse gradient has a negative row index {lo}")
+                if hi >= p.shape[0]:
+                    raise ValueError(f"{where()}: sparse gradient row index {hi} is out of range for "
+                                     f"{p.shape[0]} rows")
+        if group is not None and group.get("sparse_mode", "exact") == "exact":
+            b1, b2 = group["betas"]
+            check_exact_hyper(float(b1), float(b2), float(group["lr"]), float(group["weight_decay"]), where())
+
+    def checks_on_host(self, backend: str) -> bool:
+        """Whether ids are checked on the host before the step: for the host backends (cpu,
+        reference: no synchronisation to save), or with check_ids="sync"; else (cuda, triton) on
+        the device, deferred."""
+        return backend not in ("cuda", "triton") or getattr(self.opt, "check_ids", "deferred") == "sync"
+
+    def _error_for(self, p: torch.Tensor, backend: str) -> _PendingError | None:
+        if self.checks_on_host(backend):
+            return None
+        entry = self._errors.get(id(p))
+        if entry is None or entry[0]() is not p:
+            entry = self._errors[id(p)] = (weakref.ref(p), _PendingError(p.device))
+        return entry[1]
+
+    def raise_pending(self) -> None:
+        """Raises the deferred error of an earlier step, if one of its ops found bad ids on the
+        device: that op (and any later one on the same table) wrote nothing."""
+        opt = self.opt
+        for key, (ref, err) in list(self._errors.items()):
+            p = ref()
+            if p is None:
+                del self._errors[key]
+                continue
+            word = err.read()
+            if word is None or word[0] == 0:
+                continue
+            err.word.zero_()
+            st = opt.state.get(p, {})
+            clock = st.get("row_clock")
+            if clock is not None:
+                # A step whose op found the error wrote nothing, its step count included; the
+                # clock (which counts on the host) drops the history row it appended. This is the
+                # error path: reading the step count here costs nothing that matters.
+                t = int(float(st["step"]))
+                while clock.last_step > t and clock.n > 1:
+                    clock.pop()
+            clock_note = ("; a row's last_step was outside the history (stale clock state)"
+                          if word[0] & ERR_CLOCK else "")
+            where = self._name(p)
+            raise ValueError(
+                f"{where}: a sparse gradient (or catch_up ids) held row indices in [{word[1]}, {word[2]}], "
+                f"outside [0, {p.shape[0]}){clock_note}. Checked on the device (check_ids='deferred'): "
+                f"that step wrote nothing to this parameter (rows, moments, step count), and this error "
+                f"is raised by the next step(), flush() or state_dict(). Pass check_ids='sync' to raise "
+                f"at once, at the cost of one host synchronisation per step")
+
+    def _name(self, p: torch.Tensor) -> str:
+        for gi, group in enumerate(self.opt.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    return self.opt._where(group, gi, pi, p)
+        return f"param of shape {tuple(p.shape)}"
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self, row: tuple, p: torch.Tensor, backend: str, group: dict, track: bool):
+        """One row-sparse step; returns the telemetry sums (two fp64) when tracking."""
+        opt = self.opt
+        exact = group.get("sparse_mode", "exact") == "exact"
+        st = opt._init_state(p, "adamw")
+        clock = st.get("row_clock")
+        lr, b1, b2, wd, eps, _ = row
+        if clock is not None and (not exact or (clock.beta1, clock.beta2, clock.eps) != (b1, b2, eps)):
+            # The closed form assumes fixed betas and eps since each row's last step: bring every
+            # row current under the old ones first.
+            self.flush_param(p, backend)
+            self.drop(p)
+            clock = None
+        if exact and clock is None:
+            # The one host read of the step count: when the clock starts (the first exact step of
+            # this table, or after a change of betas/eps); from then on the clock counts.
+            t0 = int(float(st["step"]))
+            clock = st["row_clock"] = RowClock(b1, b2, eps, t0)
+            st["last_step"] = torch.full((p.shape[0],), t0, dtype=torch.int64, device=p.device)
+            p._lvopt_row_owner = weakref.ref(opt)
+        if _device_tables(backend) and st["step"].device != p.device:
+            # The device ops read and advance the step count on the device (and leave it when
+            # they write nothing), as torch's fused Adam keeps it: moved there once.
+            st["step"] = st["step"].to(p.device)
+        g = p.grad
+        fns = _backend_ops(backend)
+        hyper = _hyper_row(row, p.device if _device_tables(backend) else None)
+        sums = torch.zeros(1, 2, dtype=torch.float64, device=p.device) if track else None
+        extra = {} if sums is None else {"stats": sums}
+        err = self._error_for(p, backend)
+        if err is not None:
+            extra["error"] = err.word
+        idx, vals = g._indices()[0], g._values()
+        if exact:
+            if clock.n > clock.horizon:
+                self.sweep(p, backend)
+            t = clock.last_step + 1
+            clock.append(t, lr, wd)
+            hist, qpow, base, epoch, window = clock.op_args(p.device if _device_tables(backend) else None)
+            fns.sparse_adamw_(p.data, idx, vals, st["exp_avg"], st["exp_avg_sq"], st["step"], st["last_step"],
+                              hist, qpow, hyper, base, epoch, window, True, **extra)
+            if err is not None:
+                err.arm()
+        else:
+            empty = torch.empty(0, dtype=torch.float64, device=p.device)
+            fns.sparse_adamw_(p.data, idx, vals, st["exp_avg"], st["exp_avg_sq"], st["step"],
+                              torch.empty(0, dtype=torch.int64, device=p.device), empty, empty, hyper, 0, 1, 0,
+                              False, **extra)
+            if err is not None:
+                err.arm()
+        return sums
+
+    def _every_row(self, p: torch.Tensor) -> torch.Tensor:
+        entry = self._arange.get(id(p))
+        if entry is None or entry[0]() is not p or entry[1].device != p.device:
+            entry = self._arange[id(p)] = (weakref.ref(p), torch.arange(p.shape[0], device=p.device))
+        return entry[1]
+
+    def sweep(self, p: torch.Tensor, backend: str) -> None:
+        """Bounds the history: every row is brought current and the history restarts at the
+        current step (once every ``horizon`` steps, before a step appends to a full history, so
+        after step() has raised any pending error; rows already current only read their last
+        step). No host read: which rows are behind is decided on the device."""
+        self.flush_param(p, backend)
+
+    def catchup_rows(self, p: torch.Tensor, rows: torch.Tensor, backend: str) -> None:
+        st = self.opt.state[p]
+        clock = st["row_clock"]
+        dev = p.device if _device_tables(backend) else None
+        hist, qpow, base, epoch, window = clock.op_args(dev)
+        hyper = _hyper_row((0.0, clock.beta1, clock.beta2, 0.0, clock.eps, 0.0), dev)
+        extra = {}
+        err = self._error_for(p, backend)
+        if err is not None:
+            extra["error"] = err.word
+        _backend_ops(backend).sparse_catchup_(p.data, rows, st["exp_avg"], st["exp_avg_sq"], st["step"],
+                                              st["last_step"], hist, qpow, hyper, base, epoch, window, **extra)
+        if err is not None:
+            err.arm()
+
+    def flush_param(self, p: torch.Tensor, backend: str | None = None) -> None:
+        st = self.opt.state.get(p, {})
+        if "row_clock" not in st:
+            return
+        clock = st["row_clock"]
+        if clock.n == 1:
+            return  # nothing stepped since the clock (re)started: every row is current
+        backend = backend or self.opt._backend_for(p.device)[0]
+        self.catchup_rows(p, self._every_row(p), backend)
+        clock.reset(clock.last_step)
+
+    def drop(self, p: torch.Tensor) -> None:
+        for key in ROW_KEYS:
+            self.opt.state[p].pop(key, None)
+
+    def catch_up(self, param: torch.Tensor, ids: torch.Tensor) -> None:
+        st = self.opt.state.get(param)
+        if not st or "row_clock" not in st:
+            return
+        ids = ids.reshape(-1)
+        if ids.dtype != torch.int64:
+            ids = ids.to(torch.int64)
+        if ids.device != param.device:
+            ids = ids.to(param.device, non_blocking=True)
+        backend = self.opt._backend_for(param.device)[0]
+        if self.checks_on_host(backend) and backend in ("cuda", "triton") and ids.numel():
+            lo, hi = (int(x) for x in torch.aminmax(ids))
+            if lo < 0 or hi >= param.shape[0]:
+                raise ValueError(f"{self._name(param)}: catch_up ids span [{lo}, {hi}], outside "
+                                 f"[0, {param.shape[0]})")
+        self.catchup_rows(param, ids, backend)
+
+
+def _backend_ops(backend: str):
+    from . import _backend
+
+    return _backend.ops(backend)
+
+
+@_host_tables
+def _hyper_row(row: tuple, device: torch.device | None = None) -> torch.Tensor:
+    """The [1, 6] fp64 hyperparameter row of a sparse op, on the host: the CUDA op passes its
+    values to the kernels by value and the Triton op builds its coefficients on the device from
+    them, so no copy to the device (and no host read) is needed."""
+    return torch.tensor([row], dtype=torch.float64)

@@ -209,9 +209,9 @@ def test_rows_lagging_by_various_amounts_and_catchup(gen):
 @needs_native
 def test_windowed_loop_elements(gen, monkeypatch):
     """Elements with sqrt(v) near eps (v ~ (1e-9)^2, eps = 1e-8) on rows lagging ~100 steps take
-    catchup_element_loop's fp64 window sum: the op builds window tables for those rows, and
-    the result matches the step-by-step reference and the CPU op; without the loop (the
-    window tables withheld, so the series serve those elements) it would not."""
+    catchup_element_loop's fp64 window sum (their v lies between the series' bounds), and
+    the result matches the step-by-step reference and the CPU op; without the loop (turned
+    off, so the series serve those elements) it would not."""
     from lvopt import reference
     from lvopt.triton import sparse_rows as S
 
@@ -224,14 +224,15 @@ def test_windowed_loop_elements(gen, monkeypatch):
     ids = torch.tensor([1, 4, 0, 2])
     vals = torch.randn(4, d, generator=gen)
     rows = torch.unique(ids)
-    _, info, wa = S._exact_tables("t", p, v, rows, last, h, q, hyper.reshape(-1).tolist(), base, e, w, T - 1,
-                                  torch.device("cpu"))
-    loop_len = dict(zip(rows.tolist(), info[:, 2].tolist()))
-    assert loop_len[1] > 0 and loop_len[4] > 0 and loop_len[0] == 0 and loop_len[2] == 0
+    cr = S.catchup_scalars(last, rows, h, q, hyper, base, e, w, T - 1).cpu()
+    vr = v[rows]
+    mid = (~(vr >= cr[:, 11:12]) & ~(vr <= cr[:, 12:13])).any(1)
+    has_loop = dict(zip(rows.tolist(), mid.tolist()))
+    assert has_loop[1] and has_loop[4] and not has_loop[0] and not has_loop[2]
 
     def run(dev, fn):
         pp, mm, vv = (t.clone().to(dev) for t in (p, m, v))
-        ss, ll = step.clone(), last.clone()
+        ss, ll = step.clone(), last.clone().to(dev)
         fn(pp, ids.to(dev), vals.to(dev), mm, vv, ss, ll, h, q, hyper, base, e, w, True)
         return pp.cpu()
 
@@ -245,14 +246,7 @@ def test_windowed_loop_elements(gen, monkeypatch):
         assert abs(float(tri[r, c]) - float(ref[r, c])) <= 4e-6 * abs(float(ref[r, c])) + 1e-7
     assert _ulps(tri, cpu) <= 4 and rel_err(tri, ref) < 1e-5
 
-    real = S._exact_tables
-
-    def no_loop(*a, **k):
-        cr, info, wa = real(*a, **k)
-        info[:, 2] = 0
-        return cr, info, wa
-
-    monkeypatch.setattr(S, "_exact_tables", no_loop)
+    monkeypatch.setattr(S, "WINDOW_LOOP", False)
     wrong = run(DEV, _ops().sparse_adamw_)
     err = max(abs(float(wrong[r, c]) - float(ref[r, c])) for r, c in mids)
     assert err > 1e-5 * max(abs(float(ref[r, c])) for r, c in mids)

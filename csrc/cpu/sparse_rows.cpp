@@ -215,6 +215,45 @@ void catchup_row(T* p, const float* g, float* m, float* v, int64_t d, const Cloc
 
 // Every row of the plan must have a last_step in [hist_base, target] and the history must
 // cover the target step.
+// With an error word (check_sparse_error): whether the op must write nothing, because the word
+// is already set or an id lies outside the table (then recorded in the word, with the ids'
+// range). The ids are read once more here; the word's protocol is for the device backends,
+// and the CPU op follows it so that every backend has one contract.
+bool stop_for_error(const std::optional<at::Tensor>& error, const at::Tensor& indices,
+                    int64_t num_rows) {
+  if (!error.has_value()) return false;
+  int64_t* e = error->data_ptr<int64_t>();
+  if (e[0] != 0) return true;
+  TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kLong && indices.dim() == 1,
+              "lvopt: indices must be a 1-D int64 CPU tensor, got ", indices.scalar_type(), " ",
+              indices.sizes());
+  const at::Tensor idx = indices.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t n = idx.numel();
+  if (n == 0) return false;
+  int64_t lo = ip[0], hi = ip[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, ip[i]);
+    hi = std::max(hi, ip[i]);
+  }
+  if (lo >= 0 && hi < num_rows) return false;
+  e[0] = kErrIds;
+  e[1] = lo;
+  e[2] = hi;
+  return true;
+}
+
+// With an error word: whether a touched row's last_step lies outside [ck.base, target] (then
+// kErrClock is recorded); without one, check_rows_clock raises instead.
+bool rows_clock_bad(const RowPlan& plan, const int64_t* last, const Clock& ck, int64_t target,
+                    const std::optional<at::Tensor>& error) {
+  if (!error.has_value()) return false;
+  bool bad = target < ck.base || target - ck.base >= ck.hist_rows;
+  for (int64_t r : plan.rows) bad = bad || last[r] < ck.base || last[r] > target;
+  if (bad) error->data_ptr<int64_t>()[0] |= kErrClock;
+  return bad;
+}
+
 void check_rows_clock(const char* op, const RowPlan& plan, const int64_t* last, const Clock& ck,
                       int64_t target) {
   int64_t lo = target, hi = ck.base;
@@ -320,10 +359,14 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
                    const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
                    const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
-                   bool exact, const std::optional<at::Tensor>& stats) {
+                   bool exact, const std::optional<at::Tensor>& stats,
+                   const std::optional<at::Tensor>& error) {
   const char* op = "lvopt::sparse_adamw_";
   check_sparse_adamw_args(op, c10::DeviceType::CPU, param, indices, values, exp_avg, exp_avg_sq, step,
                           hyper, stats);
+  check_sparse_error(op, error, param);
+  if (stats.has_value()) stats->zero_();
+  if (stop_for_error(error, indices, param.size(0))) return;
   const RowPlan plan = plan_rows(op, indices, param.size(0));
   const double t = read_step(step) + 1.0;
   Clock ck{};
@@ -331,6 +374,7 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
   if (exact) {
     ck = check_sparse_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
     last = last_step.data_ptr<int64_t>();
+    if (rows_clock_bad(plan, last, ck, static_cast<int64_t>(t) - 1, error)) return;
     check_rows_clock(op, plan, last, ck, static_cast<int64_t>(t) - 1);
   }
   double* st = stats.has_value() ? stats->data_ptr<double>() : nullptr;
@@ -397,13 +441,17 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
 void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& exp_avg,
                      const at::Tensor& exp_avg_sq, const at::Tensor& step,
                      const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
-                     const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window) {
+                     const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
+                     const std::optional<at::Tensor>& error) {
   const char* op = "lvopt::sparse_catchup_";
   check_sparse_table(op, c10::DeviceType::CPU, param, exp_avg, exp_avg_sq, step, hyper);
+  check_sparse_error(op, error, param);
+  if (stop_for_error(error, indices, param.size(0))) return;
   const RowPlan plan = plan_rows(op, indices, param.size(0));
   const Clock ck = check_sparse_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
   int64_t* last = last_step.data_ptr<int64_t>();
   const int64_t c = static_cast<int64_t>(read_step(step));
+  if (rows_clock_bad(plan, last, ck, c, error)) return;
   check_rows_clock(op, plan, last, ck, c);
   const int64_t d = param.size(1);
   float* m_all = exp_avg.data_ptr<float>();

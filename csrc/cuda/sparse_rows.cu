@@ -1,48 +1,60 @@
-// Sparse embedding rows on CUDA (DESIGN.md section 2): lvopt::coalesce_rows, sparse_adamw_
-// (lazy and exact) and sparse_catchup_, with the semantics and checks of the CPU kernels
-// (csrc/cpu/sparse_rows.cpp; the checks are lvopt/sparse_args.h, shared with them).
+// Sparse embedding rows on CUDA (docs/design.md, "Sparse embedding rows"): lvopt::coalesce_rows,
+// sparse_adamw_ (lazy and exact) and sparse_catchup_, with the semantics and checks of the CPU
+// kernels (csrc/cpu/sparse_rows.cpp; the argument checks are lvopt/sparse_args.h, shared).
 //
-// Plan (the model is FBGEMM's row-wise backward: sort the ids, one block per distinct row):
-//  * The ids are sorted by a stable sort (at::sort, stable=true) and run-length encoded
-//    (unique_consecutive): rows[u] and the input positions perm[offsets[u] .. offsets[u+1])
-//    of its duplicates, in input order.
-//  * One block per distinct row. Each thread owns fixed columns of the row (16-byte vectors
-//    when the row and every gradient row are aligned), sums that row's gradient rows in input
-//    order in fp32 and applies math.h's per-element step: the bits of an element depend on
-//    neither the block schedule nor the number of SMs, and equal the CPU kernel's for rows
-//    given at most kRun = 32 times. A longer run (a frequent token) is first cut into pieces
-//    of 32 rows summed by blocks of their own, as FBGEMM splits long segments, so that one
-//    row does not serialise the step; its sum is then the in-order sum of its pieces.
-//  * Exact mode: a first kernel (one thread per distinct row) snapshots each row's last step and
-//    computes its catch-up scalars (sparse_clock.h Clock::row, fp64, on the device copy of the
-//    step history). The row kernel catches behind rows up by the series (math.h), after a scan
-//    of the row's v; a row with an element that needs the exact windowed loop (rare) is left
-//    to a third kernel that does it element by element (Clock::term in fp64). The fp64 code
-//    stays out of the streaming kernel, whose register count stays that of a plain AdamW row.
-//  * stats (track=True): per-row fp64 sums by the block's fixed tree, then one warp adds the
-//    rows in a fixed lane order (deterministic, no atomics).
+// The host path of a step reads no device memory and its launches and grid sizes depend only
+// on N (the number of ids), never on the data (the plan of FBGEMM's table-batched embedding
+// backward), so the step can be captured in a CUDA graph for a fixed N. Per call, in order:
+//
+//   launch                       grid                what
+//   at::aminmax                  (reduction)         the ids' range, on the device
+//   setup_kernel                 1 thread            error word (ids out of range), the step
+//                                                    count read from the device, AdamCoef,
+//                                                    the target step, the history coverage
+//   at::arange + CUB radix sort  (CUB)               ids sorted stably on ceil(log2 V) bits,
+//                                                    perm = input positions in that order
+//   memset + CUB run-length enc. (CUB)               distinct rows, counts, run count U (device)
+//   CUB exclusive sum            (CUB)               offsets[0..U] of each row's run
+//   piece_table_kernel           N threads           rows given > kRun times: pieces of kRun
+//                                                    rows, numbered by one device counter
+//   partial_sums_kernel          N/16 + 1 blocks     each piece's sum, in input order
+//   catchup_scalars_kernel       N threads (exact)   per row: last step, catch-up scalars
+//                                                    (sparse_clock.h, fp64), clock check
+//   sparse_rows_kernel           N blocks            one block per distinct row
+//   loop_rows_kernel             N blocks (exact)    rows with elements for the exact loop
+//   row_stats_kernel             1 warp (track)      telemetry sums, in row order
+//   finish_kernel                1 thread            step count += 1 unless the word is set
+//
+// Every kernel past the plan reads the run count U (and the loop count) on the device and its
+// blocks past it return at once. The error word (sparse_args.h, check_sparse_error) is set on
+// the device and every kernel that writes checks it first, so a bad batch writes nothing; the
+// caller reads it back when it chooses (lvopt/sparse.py). Without an error word (a direct call
+// of the op) the op raises, which needs host reads of the ids' range and of the touched rows'
+// last steps: those sites are marked "host read:" and are the only ones the static scan of
+// tests/test_sync_free.py allows.
+//
+// Per element (unchanged): one block per distinct row. Each thread owns fixed columns of the
+// row (16-byte vectors when the row and every gradient row are aligned), sums that row's
+// gradient rows in input order in fp32 and applies math.h's per-element step: the bits of an
+// element depend on neither the block schedule nor the number of SMs, and equal the CPU
+// kernel's for rows given at most kRun = 32 times; a longer run is summed in pieces of 32 rows
+// by blocks of their own, then the pieces in order. Exact mode: behind rows catch up by the
+// series (math.h) after a scan of the row's v; a row with an element that needs the exact
+// windowed loop (rare) is left to loop_rows_kernel (Clock::term in fp64).
+//
 // Bytes: 4*N*d of gradient rows read (N ids) plus 24*U*d for p, m, v of the U distinct rows
-// (fp32), the CPU kernel's count; plus the sort of N int64 ids.
-// Host synchronisations: the id range check, the distinct-row count, and in exact mode the
-// touched rows' last_step range: a sparse step sizes its launch from the data (as
-// torch.optim.SparseAdam's coalesce() does), so it is not CUDA-graph capturable.
-#include <ATen/TensorOperators.h>
+// (fp32), plus the sort of N int64 ids (~3 passes over 16*N bytes for V = 2^18).
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/arange.h>
-#include <ATen/ops/cat.h>
-#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/index_select.h>
-#include <ATen/ops/floor_divide.h>
 #include <ATen/ops/nonzero.h>
-#include <ATen/ops/repeat_interleave.h>
-#include <ATen/ops/sort.h>
-#include <ATen/ops/stack.h>
-#include <ATen/ops/unique_consecutive.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_run_length_encode.cuh>
+#include <cub/device/device_scan.cuh>
 
 #include <tuple>
 
@@ -54,43 +66,6 @@ namespace lvopt {
 namespace cuda {
 namespace {
 
-// The distinct rows of the ids (sorted), the start of each row's run in perm (U + 1 entries),
-// and perm: input positions sorted stably by id.
-struct DevicePlan {
-  at::Tensor rows, offsets, perm;
-  int64_t u = 0;
-};
-
-// Raises, naming the first offending position, when an id is negative or >= num_rows (one
-// host read of the ids' range; the position only on the error path).
-void check_id_range(const char* op, const at::Tensor& idx, int64_t num_rows) {
-  if (idx.numel() == 0) return;
-  const auto [lo, hi] = at::aminmax(idx);
-  const at::Tensor range = at::stack({lo, hi}).cpu();
-  const int64_t mn = range.data_ptr<int64_t>()[0], mx = range.data_ptr<int64_t>()[1];
-  if (mn < 0) {
-    const int64_t pos = at::nonzero(idx < 0)[0][0].item<int64_t>();
-    TORCH_CHECK(false, op, ": negative index ", idx[pos].item<int64_t>(), " at position ", pos);
-  }
-  if (mx >= num_rows) {
-    const int64_t pos = at::nonzero(idx >= num_rows)[0][0].item<int64_t>();
-    TORCH_CHECK(false, op, ": index ", idx[pos].item<int64_t>(), " at position ", pos,
-                " is out of range for a table of ", num_rows, " rows");
-  }
-}
-
-DevicePlan plan_rows(const at::Tensor& idx) {
-  DevicePlan plan;
-  const auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  plan.perm = std::get<1>(sorted);
-  const auto runs = at::unique_consecutive(std::get<0>(sorted), /*return_inverse=*/false,
-                                           /*return_counts=*/true);
-  plan.rows = std::get<0>(runs);
-  plan.u = plan.rows.numel();
-  plan.offsets = at::cat({at::zeros({1}, idx.options()), at::cumsum(std::get<2>(runs), 0)});
-  return plan;
-}
-
 // A row given more than kRun times (the head of a Zipf batch: the most frequent id of 16,384
 // Zipf(1.1) draws comes ~1,500 times) would make its block read its gradient rows one after
 // the other while the rest of the grid has long finished. Its run is cut into pieces of kRun
@@ -99,31 +74,36 @@ DevicePlan plan_rows(const at::Tensor& idx) {
 // kernel's (one sequential sum) for every row given at most kRun times.
 constexpr int64_t kRun = 32;
 
-struct RunSplit {
-  at::Tensor start;  // [U]: first piece of each long row (rows given <= kRun times: unused)
-  at::Tensor owner;  // [parts]: the distinct row of each piece
-  at::Tensor sums;   // [parts, d] fp32
-  int64_t parts = 0;
+// The most pieces N ids can make: a run of c > kRun rows makes ceil(c / kRun) <= c / 16
+// pieces, so at most N / 16 in all (the partial sums' buffer: 1/16 of the gradient values).
+inline int64_t max_pieces(int64_t n) { return n > kRun ? n / 16 + 1 : 0; }
+
+// What every kernel of one call reads: written by setup_kernel.
+struct StepInfo {
+  AdamCoef coef;     // the step's coefficients (sparse_adamw_)
+  int64_t target;    // exact: rows are brought current to this step first
+  int64_t new_last;  // exact: every touched row's last step afterwards
 };
 
-// One host read (the number of pieces), to size the pieces' launch and buffer.
-RunSplit split_long_runs(const DevicePlan& plan, int64_t d) {
-  RunSplit out;
-  if (plan.u == 0) return out;
-  const at::Tensor counts = plan.offsets.slice(0, 1) - plan.offsets.slice(0, 0, plan.u);
-  const at::Tensor pieces = at::where(counts > kRun, at::floor_divide(counts + (kRun - 1), kRun),
-                                      at::zeros_like(counts));
-  const at::Tensor ends = at::cumsum(pieces, 0);
-  out.parts = ends[plan.u - 1].item<int64_t>();
-  if (out.parts == 0) return out;
-  out.start = ends - pieces;
-  // Row k repeated pieces[k] times. (Spelled with arange as the repeated tensor: the one-tensor
-  // form at::repeat_interleave(pieces, parts) binds to the (self, int repeats) overload and
-  // repeats the piece counts themselves, which sent pieces to the wrong rows.)
-  out.owner = at::arange(plan.u, counts.options()).repeat_interleave(pieces, /*dim=*/0, out.parts);
-  out.sums = at::empty({out.parts, d}, plan.rows.options().dtype(at::kFloat));
-  return out;
-}
+// Where the step count and the hyperparameter row are: on the device (read by setup_kernel:
+// nothing is read on the host, and a captured graph reads the current values at each replay)
+// or on the host (values passed by value).
+struct StepSource {
+  const float* step_f32 = nullptr;   // device counter, one of the two, or neither
+  const double* step_f64 = nullptr;
+  double step_host = 0.0;
+  const double* hyper_dev = nullptr;  // device row [kHyperCols], or nullptr
+  double hyper_host[kHyperCols] = {0, 0, 0, 0, 0, 0};
+};
+
+// The plan of one call on the device: ids sorted (perm: input positions in sorted order,
+// duplicates in input order), the distinct rows, each row's run [offsets[k], offsets[k+1]),
+// the run count U, and the long runs' pieces. Sizes depend on N only.
+struct DevicePlan {
+  at::Tensor sorted, perm, rows, counts, offsets, num_runs, pieces, part_start, owner, partials;
+  int64_t n = 0;
+  int64_t max_parts = 0;
+};
 
 // Pointers of one launch (the kernels' arguments).
 template <typename T>
@@ -133,12 +113,13 @@ struct RowArgs {
   float* v;
   const T* vals;     // [N, d] gradient rows as given (nullptr: catch-up only)
   const int64_t* rows, *offsets, *perm;
-  const float* partials;      // [parts, d] sums of kRun gradient rows each (long runs only)
-  const int64_t* part_start;  // [U] first partial of a row given more than kRun times
+  const int64_t* num_runs;    // U, on the device
+  const float* partials;      // [max_parts, d] sums of kRun gradient rows each (long runs only)
+  const int64_t* part_start;  // [N] first partial of a row given more than kRun times
   int64_t* last;     // last_step (exact mode), else nullptr
+  int64_t* err;      // the error word: nonzero -> write nothing
+  const StepInfo* info;
   int64_t d;
-  int64_t target;    // exact: bring rows current to this step (the step before the update)
-  int64_t new_last;  // exact: last_step after the call
   bool vec;          // every row start (table and gradient rows) is 16-byte aligned
 };
 
@@ -195,13 +176,16 @@ __device__ __forceinline__ void piece_columns(const RowArgs<T>& a, int64_t lo, i
   }
 }
 
+// One block per piece q of a long run (the grid covers max_pieces(N); blocks past the device
+// counter return): the sum of its (at most kRun) gradient rows, in input order, into sums[q].
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     partial_sums_kernel(const RowArgs<T> a, const int64_t* __restrict__ owner,
-                        const int64_t* __restrict__ start, float* __restrict__ sums) {
+                        const int64_t* __restrict__ count, float* __restrict__ sums) {
   const int64_t q = blockIdx.x;
+  if (q >= *count || a.err[0] != 0) return;
   const int64_t k = owner[q];
-  const int64_t lo = a.offsets[k] + (q - start[k]) * kRun;
+  const int64_t lo = a.offsets[k] + (q - a.part_start[k]) * kRun;
   const int64_t hi = min(lo + kRun, a.offsets[k + 1]);
   constexpr int N = VecWidth<T>::value;
   float* out = sums + q * a.d;
@@ -282,18 +266,79 @@ __device__ __forceinline__ bool row_needs_loop(const RowArgs<T>& a, int64_t k, c
   return __syncthreads_or(mid) != 0;
 }
 
-// Exact mode, one thread per distinct row k: its last step s (a snapshot: the row kernel moves
-// the clock) and, when the row is behind, its catch-up scalars (sparse_clock.h, fp64 on the
-// device copy of the history). A kernel of its own, so that the fp64 exp/pow code does not
-// raise the register count of the streaming kernel.
+// One thread per distinct row k (the grid covers N): a row given more than kRun times gets
+// ceil(count / kRun) consecutive pieces, numbered from one device counter (the pieces of one
+// row are consecutive and in order; which row gets which numbers is the schedule's, and no
+// result depends on it).
+__global__ void piece_table_kernel(const int64_t* __restrict__ offsets,
+                                   const int64_t* __restrict__ num_runs,
+                                   int64_t* __restrict__ part_start, int64_t* __restrict__ owner,
+                                   unsigned long long* __restrict__ count) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= *num_runs) return;
+  const int64_t c = offsets[k + 1] - offsets[k];
+  if (c <= kRun) return;
+  const int64_t n = (c + kRun - 1) / kRun;
+  const int64_t first = static_cast<int64_t>(atomicAdd(count, static_cast<unsigned long long>(n)));
+  part_start[k] = first;
+  for (int64_t j = 0; j < n; ++j) owner[first + j] = k;
+}
+
+// One thread: the error word for the ids' range (when the range was taken: n_ids > 0), the
+// step count (read where it lives), the target step and the step's coefficients, and in exact
+// mode the history's coverage of the target.
+__global__ void setup_kernel(StepSource src, const int64_t* __restrict__ id_min,
+                             const int64_t* __restrict__ id_max, int64_t num_rows, bool step_op,
+                             bool exact, int64_t hist_base, int64_t hist_rows,
+                             int64_t* __restrict__ err, StepInfo* __restrict__ info) {
+  if (id_min != nullptr && err[0] == 0) {
+    const int64_t lo = *id_min, hi = *id_max;
+    if (lo < 0 || hi >= num_rows) {
+      err[0] = kErrIds;
+      err[1] = lo;
+      err[2] = hi;
+    }
+  }
+  const double s = src.step_f32 != nullptr   ? static_cast<double>(*src.step_f32)
+                   : src.step_f64 != nullptr ? *src.step_f64
+                                             : src.step_host;
+  const double t = step_op ? s + 1.0 : s;
+  const int64_t target = static_cast<int64_t>(step_op ? t - 1.0 : t);
+  info->target = target;
+  info->new_last = static_cast<int64_t>(t);
+  if (exact && (target < hist_base || target - hist_base >= hist_rows)) err[0] |= kErrClock;
+  if (step_op) {
+    const double* row = src.hyper_dev != nullptr ? src.hyper_dev : src.hyper_host;
+    info->coef = make_adam_coef(row, t);
+  }
+}
+
+// One thread: the step count advances unless the call wrote nothing.
+__global__ void finish_kernel(float* step_f32, double* step_f64, const int64_t* __restrict__ err) {
+  if (err[0] != 0) return;
+  if (step_f32 != nullptr) *step_f32 += 1.0f;
+  if (step_f64 != nullptr) *step_f64 += 1.0;
+}
+
+// Exact mode, one thread per distinct row k (the grid covers N): its last step s (a snapshot:
+// the row kernel moves the clock), the clock check (s within [base, target], else kErrClock),
+// and, when the row is behind, its catch-up scalars (sparse_clock.h, fp64 on the device copy of
+// the history). A kernel of its own, so that the fp64 exp/pow code does not raise the register
+// count of the streaming kernel.
 __global__ void __launch_bounds__(128)
-    catchup_scalars_kernel(const int64_t* __restrict__ rows, const int64_t* __restrict__ last,
-                           int64_t u, const Clock ck, int64_t target,
+    catchup_scalars_kernel(const int64_t* __restrict__ rows, const int64_t* __restrict__ num_runs,
+                           const int64_t* __restrict__ last, const Clock ck,
+                           const StepInfo* __restrict__ info, int64_t* __restrict__ err,
                            int64_t* __restrict__ row_last, CatchupRow* __restrict__ row_cr) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= u) return;
+  if (k >= *num_runs || err[0] != 0) return;
+  const int64_t target = info->target;
   const int64_t s = last[rows[k]];
   row_last[k] = s;
+  if (s < ck.base || s > target) {
+    atomicOr(reinterpret_cast<unsigned long long*>(err), static_cast<unsigned long long>(kErrClock));
+    return;
+  }
   if (s < target) row_cr[k] = ck.row(s, target);
 }
 
@@ -306,19 +351,20 @@ struct ExactRows {
   int64_t* loop_rows;
 };
 
-// One block per distinct row k: sparse_adamw_ (kStep) or sparse_catchup_ (!kStep; exact only).
-// A behind row with an element that needs the exact loop is left untouched and appended to the
-// loop list (its order there is the schedule's; each listed row is then done by one block of
-// loop_rows_kernel, so the bits do not depend on it).
+// One block per distinct row k (the grid covers N): sparse_adamw_ (kStep) or sparse_catchup_
+// (!kStep; exact only). A behind row with an element that needs the exact loop is left
+// untouched and appended to the loop list (its order there is the schedule's; each listed row
+// is then done by one block of loop_rows_kernel, so the bits do not depend on it).
 template <typename T, bool kExact, bool kStep, bool kTrack>
 __global__ void __launch_bounds__(kThreads)
-    sparse_rows_kernel(const RowArgs<T> a, const AdamCoef c, const ExactRows ex,
-                       double* __restrict__ row_stats) {
+    sparse_rows_kernel(const RowArgs<T> a, const ExactRows ex, double* __restrict__ row_stats) {
   const int64_t k = blockIdx.x;
+  if (k >= *a.num_runs || a.err[0] != 0) return;
+  const int64_t target = a.info->target;
   bool behind = false;
   CatchupRow cr{};
   if constexpr (kExact) {
-    behind = ex.last[k] < a.target;
+    behind = ex.last[k] < target;
     if (!kStep && !behind) return;  // a catch-up of a current row: nothing to do
     if (behind) {
       cr = ex.cr[k];
@@ -328,6 +374,8 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  AdamCoef c{};
+  if constexpr (kStep) c = a.info->coef;
   double sums[2] = {0.0, 0.0};
   constexpr int N = VecWidth<T>::value;
   int64_t done = 0;
@@ -338,33 +386,36 @@ __global__ void __launch_bounds__(kThreads)
   row_columns<T, 1, kStep, kTrack>(a, k, done, a.d, behind, cr, c, sums);
   if constexpr (kTrack) block_sum_to<2>(sums, row_stats + 2 * k);
   if constexpr (kExact) {
-    if (threadIdx.x == 0) a.last[a.rows[k]] = a.new_last;
+    if (threadIdx.x == 0) a.last[a.rows[k]] = a.info->new_last;
   }
 }
 
 // The rows sparse_rows_kernel listed, one block each, element by element: the series where
 // they serve, the exact windowed loop (fp64, Clock::term on the device history) where not,
-// then the step. Launched with one block per distinct row; blocks past the list's end return.
+// then the step. The grid covers N; blocks past the list's end return.
 template <typename T, bool kStep, bool kTrack>
 __global__ void __launch_bounds__(kThreads)
-    loop_rows_kernel(const RowArgs<T> a, const AdamCoef c, const ExactRows ex, const Clock ck,
+    loop_rows_kernel(const RowArgs<T> a, const ExactRows ex, const Clock ck,
                      double* __restrict__ row_stats) {
-  if (static_cast<int32_t>(blockIdx.x) >= *ex.loop_count) return;
+  if (static_cast<int32_t>(blockIdx.x) >= *ex.loop_count || a.err[0] != 0) return;
   const int64_t k = ex.loop_rows[blockIdx.x];
   const int64_t s = ex.last[k];
+  const int64_t target = a.info->target;
   const CatchupRow cr = ex.cr[k];
   const int64_t r = a.rows[k];
   T* p = a.p + r * a.d;
   float* m = a.m + r * a.d;
   float* v = a.v + r * a.d;
   const int64_t lo = kStep ? a.offsets[k] : 0, hi = kStep ? a.offsets[k + 1] : 0;
-  const auto term = [&](int64_t j, double& w, double& aj) { ck.term(s, a.target, s + 1 + j, w, aj); };
+  AdamCoef c{};
+  if constexpr (kStep) c = a.info->coef;
+  const auto term = [&](int64_t j, double& w, double& aj) { ck.term(s, target, s + 1 + j, w, aj); };
   double sums[2] = {0.0, 0.0};
   for (int64_t j = threadIdx.x; j < a.d; j += kThreads) {
     float pi = load_one(p, j), mi = m[j], vi = v[j];
     const float w0 = pi;
     if (!catchup_element(pi, mi, vi, cr)) {
-      catchup_element_loop(pi, mi, vi, cr, ck.window_end(s, a.target) - s, term);
+      catchup_element_loop(pi, mi, vi, cr, ck.window_end(s, target) - s, term);
     }
     if constexpr (kStep) {
       float g[1];
@@ -377,14 +428,16 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (kTrack) track(w0, stored_value(p, pi), sums);
   }
   if constexpr (kTrack) block_sum_to<2>(sums, row_stats + 2 * k);
-  if (threadIdx.x == 0) a.last[r] = a.new_last;
+  if (threadIdx.x == 0) a.last[r] = a.info->new_last;
 }
 
 // One warp: stats = the per-row sums added by lane (row % 32) in row order, then the fixed
-// xor tree of warp_sum.
-__global__ void row_stats_kernel(const double* __restrict__ row_stats, int64_t u,
-                                 double* __restrict__ stats) {
+// xor tree of warp_sum. Rows past U contribute nothing; a call that wrote nothing leaves zeros.
+__global__ void row_stats_kernel(const double* __restrict__ row_stats,
+                                 const int64_t* __restrict__ num_runs,
+                                 const int64_t* __restrict__ err, double* __restrict__ stats) {
   double x[2] = {0.0, 0.0};
+  const int64_t u = err[0] != 0 ? 0 : *num_runs;
   for (int64_t k = threadIdx.x; k < u; k += 32) {
     x[0] += row_stats[2 * k];
     x[1] += row_stats[2 * k + 1];
@@ -416,12 +469,86 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) coalesce_kernel(const RowArgs<T> a, T* __restrict__ out) {
   constexpr int N = VecWidth<T>::value;
   const int64_t k = blockIdx.x;
+  if (k >= *a.num_runs) return;
   int64_t done = 0;
   if (a.vec) {
     done = a.d / N * N;
     coalesce_columns<T, N>(a, k, out, 0, done);
   }
   coalesce_columns<T, 1>(a, k, out, done, a.d);
+}
+
+// ----- host side: no host reads except at the sites marked "host read:" ----------------------
+
+unsigned grid_of(int64_t n, int64_t per_block) {
+  const int64_t g = (n + per_block - 1) / per_block;
+  TORCH_CHECK(g <= INT32_MAX, "lvopt: ", n, " ids are more than one launch can cover");
+  return static_cast<unsigned>(g > 0 ? g : 1);
+}
+
+// CUB's two-call protocol: the temporary storage's size first (a host computation, no device
+// access), then the call on storage from torch's caching allocator.
+template <typename Call>
+void cub_call(const at::Tensor& like, Call&& call) {
+  size_t bytes = 0;
+  C10_CUDA_CHECK(call(nullptr, bytes));
+  const at::Tensor tmp = at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
+  C10_CUDA_CHECK(call(tmp.data_ptr(), bytes));
+}
+
+int key_bits(int64_t num_rows) {
+  int bits = 1;
+  while (bits < 63 && (int64_t{1} << bits) < num_rows) ++bits;
+  return bits;
+}
+
+// The plan of N ids (see DevicePlan): radix sort of the ids on the bits num_rows needs (stable:
+// duplicates keep their input order), run-length encoding, offsets, and the long runs' piece
+// table. Ids outside [0, num_rows) make a meaningless plan; the error word stops every kernel
+// that would use it.
+DevicePlan plan_rows(const at::Tensor& idx, int64_t num_rows, int64_t d, cudaStream_t stream) {
+  DevicePlan plan;
+  const int64_t n = idx.numel();
+  plan.n = n;
+  const auto opt = idx.options();
+  plan.sorted = at::empty({n}, opt);
+  plan.perm = at::empty({n}, opt);
+  plan.rows = at::empty({n}, opt);
+  plan.counts = at::zeros({n + 1}, opt);
+  plan.offsets = at::empty({n + 1}, opt);
+  plan.num_runs = at::zeros({1}, opt);
+  if (n == 0) return plan;
+  TORCH_CHECK(n <= INT32_MAX, "lvopt: more than 2^31 - 1 ids in one call");
+  const int items = static_cast<int>(n);
+  const at::Tensor iota = at::arange(n, opt);
+  const int bits = key_bits(num_rows);
+  cub_call(idx, [&](void* tmp, size_t& bytes) {
+    return cub::DeviceRadixSort::SortPairs(tmp, bytes, idx.data_ptr<int64_t>(), plan.sorted.data_ptr<int64_t>(),
+                                           iota.data_ptr<int64_t>(), plan.perm.data_ptr<int64_t>(), items,
+                                           0, bits, stream);
+  });
+  cub_call(idx, [&](void* tmp, size_t& bytes) {
+    return cub::DeviceRunLengthEncode::Encode(tmp, bytes, plan.sorted.data_ptr<int64_t>(),
+                                              plan.rows.data_ptr<int64_t>(), plan.counts.data_ptr<int64_t>(),
+                                              plan.num_runs.data_ptr<int64_t>(), items, stream);
+  });
+  // counts past U are the zeros they were made with: offsets[U] = N.
+  cub_call(idx, [&](void* tmp, size_t& bytes) {
+    return cub::DeviceScan::ExclusiveSum(tmp, bytes, plan.counts.data_ptr<int64_t>(),
+                                         plan.offsets.data_ptr<int64_t>(), items + 1, stream);
+  });
+  plan.max_parts = max_pieces(n);
+  if (plan.max_parts > 0) {
+    plan.pieces = at::zeros({1}, opt);
+    plan.part_start = at::empty({n}, opt);
+    plan.owner = at::empty({plan.max_parts}, opt);
+    plan.partials = at::empty({plan.max_parts, d}, opt.dtype(at::kFloat));
+    piece_table_kernel<<<grid_of(n, 128), 128, 0, stream>>>(
+        plan.offsets.data_ptr<int64_t>(), plan.num_runs.data_ptr<int64_t>(), plan.part_start.data_ptr<int64_t>(),
+        plan.owner.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(plan.pieces.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return plan;
 }
 
 bool aligned16_ptr(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15u) == 0; }
@@ -437,31 +564,100 @@ bool rows_vectorisable(const void* p, const void* m, const void* v, const void* 
 }
 
 template <typename T>
-RowArgs<T> row_args(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                    const at::Tensor* vals, const DevicePlan& plan, int64_t* last) {
+RowArgs<T> plan_args(const DevicePlan& plan, int64_t* err, const StepInfo* info, int64_t d) {
   RowArgs<T> a{};
-  a.p = reinterpret_cast<T*>(param.data_ptr());
-  a.m = exp_avg.data_ptr<float>();
-  a.v = exp_avg_sq.data_ptr<float>();
-  a.vals = vals != nullptr ? reinterpret_cast<const T*>(vals->data_ptr()) : nullptr;
   a.rows = plan.rows.data_ptr<int64_t>();
   a.offsets = plan.offsets.data_ptr<int64_t>();
   a.perm = plan.perm.data_ptr<int64_t>();
-  a.last = last;
-  a.d = param.size(1);
-  a.vec = rows_vectorisable<T>(a.p, a.m, a.v, a.vals, a.d);
+  a.num_runs = plan.num_runs.data_ptr<int64_t>();
+  if (plan.max_parts > 0) {
+    a.partials = plan.partials.data_ptr<float>();
+    a.part_start = plan.part_start.data_ptr<int64_t>();
+  }
+  a.err = err;
+  a.info = info;
+  a.d = d;
   return a;
 }
 
-// Points the launch at the pieces of its long runs and sums them (before the row kernel).
+// Sums the pieces of the long runs (before the row kernel).
 template <typename T>
-void sum_long_runs(RowArgs<T>& a, const RunSplit& split, cudaStream_t stream) {
-  if (split.parts == 0) return;
-  a.partials = split.sums.data_ptr<float>();
-  a.part_start = split.start.data_ptr<int64_t>();
-  partial_sums_kernel<T><<<static_cast<unsigned>(split.parts), kThreads, 0, stream>>>(
-      a, split.owner.data_ptr<int64_t>(), split.start.data_ptr<int64_t>(), split.sums.data_ptr<float>());
+void sum_long_runs(const RowArgs<T>& a, const DevicePlan& plan, cudaStream_t stream) {
+  if (plan.max_parts == 0) return;
+  partial_sums_kernel<T><<<grid_of(plan.max_parts, 1), kThreads, 0, stream>>>(
+      a, plan.owner.data_ptr<int64_t>(), plan.pieces.data_ptr<int64_t>(), plan.partials.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Raises, naming the first offending position, when an id is negative or >= num_rows. Only
+// for a call without an error word (which then wants an exception).
+void raise_for_ids(const char* op, const at::Tensor& idx, int64_t num_rows) {
+  if (idx.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(idx);
+  // host read: the ids' range, for a call that raises (no error word given).
+  const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
+  if (mn < 0) {
+    // host read: the first offending position, on the error path of a call that raises.
+    const int64_t pos = at::nonzero(idx < 0)[0][0].item<int64_t>();
+    TORCH_CHECK(false, op, ": negative index ", idx[pos].item<int64_t>(), " at position ", pos);
+  }
+  if (mx >= num_rows) {
+    // host read: the first offending position, on the error path of a call that raises.
+    const int64_t pos = at::nonzero(idx >= num_rows)[0][0].item<int64_t>();
+    TORCH_CHECK(false, op, ": index ", idx[pos].item<int64_t>(), " at position ", pos,
+                " is out of range for a table of ", num_rows, " rows");
+  }
+}
+
+// The step count and hyperparameters where they live (StepSource).
+StepSource step_source(const at::Tensor& step, const at::Tensor& hyper) {
+  StepSource src;
+  if (step.device().is_cpu()) {
+    // host read: a step counter on the host (CPU memory; no device access).
+    src.step_host = read_step(step);
+  } else if (step.scalar_type() == at::kFloat) {
+    src.step_f32 = step.data_ptr<float>();
+  } else {
+    src.step_f64 = step.data_ptr<double>();
+  }
+  if (hyper.device().is_cpu()) {
+    for (int i = 0; i < kHyperCols; ++i) src.hyper_host[i] = hyper.data_ptr<double>()[i];
+  } else {
+    src.hyper_dev = hyper.data_ptr<double>();
+  }
+  return src;
+}
+
+// The error word of the call: the caller's, or a zeroed scratch word for a call that raises.
+at::Tensor error_word(const std::optional<at::Tensor>& error, const at::Tensor& like) {
+  return error.has_value() ? *error : at::zeros({3}, like.options().dtype(at::kLong));
+}
+
+// Queues the ids' range check and setup_kernel; returns the StepInfo buffer.
+at::Tensor setup(const at::Tensor& idx, int64_t num_rows, const StepSource& src, bool step_op, bool exact,
+                 int64_t hist_base, int64_t hist_rows, const at::Tensor& err, cudaStream_t stream) {
+  const at::Tensor info = at::empty({static_cast<int64_t>((sizeof(StepInfo) + 7) / 8)}, err.options());
+  at::Tensor lo, hi;
+  if (idx.numel() > 0) std::tie(lo, hi) = at::aminmax(idx);
+  setup_kernel<<<1, 1, 0, stream>>>(src, idx.numel() > 0 ? lo.data_ptr<int64_t>() : nullptr,
+                                    idx.numel() > 0 ? hi.data_ptr<int64_t>() : nullptr, num_rows, step_op, exact,
+                                    hist_base, hist_rows, err.data_ptr<int64_t>(),
+                                    reinterpret_cast<StepInfo*>(info.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return info;
+}
+
+// The touched rows' last_step range checked against the clock, for a call that raises.
+void raise_for_clock(const char* op, const at::Tensor& last_step, const at::Tensor& idx, const Clock& ck,
+                     int64_t target) {
+  int64_t lo = target, hi = ck.base;
+  if (idx.numel() > 0) {
+    const auto [mn, mx] = at::aminmax(last_step.index_select(0, idx));
+    // host read: the rows' last steps, for a call that raises (no error word given).
+    lo = mn.item<int64_t>();
+    hi = mx.item<int64_t>();
+  }
+  check_sparse_rows_clock(op, lo, hi, ck, target);
 }
 
 std::tuple<at::Tensor, at::Tensor> coalesce_rows_cuda(const at::Tensor& indices,
@@ -480,157 +676,185 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows_cuda(const at::Tensor& indices,
               values.sizes());
   const c10::cuda::CUDAGuard guard(indices.device());
   const at::Tensor idx = indices.contiguous();
-  check_id_range(op, idx, num_rows);
+  raise_for_ids(op, idx, num_rows);
   const at::Tensor vals = values.contiguous();
-  const DevicePlan plan = plan_rows(idx);
   const int64_t d = vals.size(1);
-  at::Tensor out = at::empty({plan.u, d}, vals.options());
-  if (plan.u == 0 || d == 0) return {plan.rows, out};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const RunSplit split = split_long_runs(plan, d);
-  // The table is the output here: its pointer stands in for p, m and v in the alignment test.
+  const DevicePlan plan = plan_rows(idx, num_rows, d, stream);
+  // host read: the number of distinct rows sizes coalesce_rows' outputs (a data-dependent shape,
+  // as torch's coalesce() has); the optimizer's step does not call this op on a GPU.
+  const int64_t u = idx.numel() == 0 ? 0 : plan.num_runs.item<int64_t>();
+  at::Tensor out = at::empty({u, d}, vals.options());
+  const at::Tensor rows = plan.rows.slice(0, 0, u);
+  if (u == 0 || d == 0) return {rows, out};
+  const at::Tensor err = at::zeros({3}, idx.options());
   const auto launch = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    RowArgs<T> a{};
+    RowArgs<T> a = plan_args<T>(plan, err.data_ptr<int64_t>(), nullptr, d);
     a.vals = reinterpret_cast<const T*>(vals.data_ptr());
-    a.rows = plan.rows.data_ptr<int64_t>();
-    a.offsets = plan.offsets.data_ptr<int64_t>();
-    a.perm = plan.perm.data_ptr<int64_t>();
-    a.d = d;
+    // The table is the output here: its pointer stands in for p, m and v in the alignment test.
     a.vec = rows_vectorisable<T>(out.data_ptr(), out.data_ptr(), out.data_ptr(), a.vals, d);
-    sum_long_runs(a, split, stream);
-    coalesce_kernel<T><<<static_cast<unsigned>(plan.u), kThreads, 0, stream>>>(
-        a, reinterpret_cast<T*>(out.data_ptr()));
+    sum_long_runs(a, plan, stream);
+    coalesce_kernel<T><<<grid_of(u, 1), kThreads, 0, stream>>>(a, reinterpret_cast<T*>(out.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (vals.scalar_type() == at::kFloat) launch(static_cast<float*>(nullptr));
   else launch(static_cast<uint16_t*>(nullptr));
-  return {plan.rows, out};
+  return {rows, out};
 }
 
-// The exact-mode clock on the device: hist and qpow copied there when given on the host.
+// The per-row inputs of exact mode (ExactRows) and the tensors that hold them, sized by N.
+struct ExactState {
+  at::Tensor last, cr, loop;  // [N] int64; [N] CatchupRow; [1 + N] int64 (count, rows)
+  ExactRows rows{};
+};
+
+ExactState exact_state(const at::Tensor& last_step, const DevicePlan& plan, const Clock& ck,
+                       const at::Tensor& info, const at::Tensor& err, cudaStream_t stream) {
+  ExactState out;
+  const int64_t n = plan.n;
+  out.last = at::empty({n}, last_step.options());
+  out.cr = at::empty({n * static_cast<int64_t>(sizeof(CatchupRow))}, last_step.options().dtype(at::kByte));
+  out.loop = at::zeros({n + 1}, last_step.options());
+  out.rows.last = out.last.data_ptr<int64_t>();
+  out.rows.cr = reinterpret_cast<const CatchupRow*>(out.cr.data_ptr());
+  out.rows.loop_count = reinterpret_cast<int32_t*>(out.loop.data_ptr<int64_t>());
+  out.rows.loop_rows = out.loop.data_ptr<int64_t>() + 1;
+  catchup_scalars_kernel<<<grid_of(n, 128), 128, 0, stream>>>(
+      plan.rows.data_ptr<int64_t>(), plan.num_runs.data_ptr<int64_t>(), last_step.data_ptr<int64_t>(), ck,
+      reinterpret_cast<const StepInfo*>(info.data_ptr()), err.data_ptr<int64_t>(), out.last.data_ptr<int64_t>(),
+      reinterpret_cast<CatchupRow*>(out.cr.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// The row kernel, then (exact mode) the loop kernel for the rows it listed; both over N blocks.
+template <typename T, bool kExact, bool kStep, bool kTrack>
+void launch_rows(const RowArgs<T>& a, const Clock& ck, const ExactRows& ex, double* row_stats, int64_t n,
+                 cudaStream_t stream) {
+  sparse_rows_kernel<T, kExact, kStep, kTrack><<<grid_of(n, 1), kThreads, 0, stream>>>(a, ex, row_stats);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (kExact) {
+    loop_rows_kernel<T, kStep, kTrack><<<grid_of(n, 1), kThreads, 0, stream>>>(a, ex, ck, row_stats);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// The clock on the device: hist and qpow must be there already (lvopt/sparse.py's RowClock keeps
+// a device mirror); host tables are copied for a direct call of the op.
 struct DeviceClock {
   Clock ck{};
-  at::Tensor hist, qpow;  // keep the device copies alive until the launch is queued
+  at::Tensor hist, qpow;
 };
 
 DeviceClock device_clock(const Clock& host_view, const at::Tensor& hist, const at::Tensor& qpow,
                          const c10::Device dev) {
   DeviceClock out;
-  out.hist = hist.device() == dev ? hist : hist.to(dev);
-  out.qpow = qpow.device() == dev ? qpow : qpow.to(dev);
+  // host copy: tables given on the host (a direct call; the optimizer keeps device mirrors).
+  out.hist = hist.device() == dev ? hist : hist.to(dev, /*non_blocking=*/true);
+  out.qpow = qpow.device() == dev ? qpow : qpow.to(dev, /*non_blocking=*/true);
   out.ck = host_view;
   out.ck.hist = out.hist.data_ptr<double>();
   out.ck.qpow = out.qpow.data_ptr<double>();
   return out;
 }
 
-// The touched rows' last_step range (one host read), checked against the clock.
-void check_rows_clock(const char* op, const at::Tensor& last_step, const DevicePlan& plan,
-                      const Clock& ck, int64_t target) {
-  int64_t lo = target, hi = ck.base;
-  if (plan.u > 0) {
-    const auto [mn, mx] = at::aminmax(at::index_select(last_step, 0, plan.rows));
-    const at::Tensor range = at::stack({mn, mx}).cpu();
-    lo = range.data_ptr<int64_t>()[0];
-    hi = range.data_ptr<int64_t>()[1];
-  }
-  check_sparse_rows_clock(op, lo, hi, ck, target);
+// Checks of hyper for the device path: its layout always; its values when it is on the host
+// (a device row was checked where it was built: lvopt/optim.py).
+void check_hyper_layout(const char* op, const at::Tensor& param, const at::Tensor& hyper) {
+  TORCH_CHECK(hyper.defined() && (hyper.device().is_cpu() || hyper.device() == param.device()) &&
+                  hyper.scalar_type() == at::kDouble && hyper.dim() == 2 && hyper.size(0) == 1 &&
+                  hyper.size(1) == kHyperCols && hyper.is_contiguous(),
+              op, ": hyper must be a contiguous float64 tensor of shape [1, ", static_cast<int>(kHyperCols),
+              "] on the CPU or ", param.device(), ", got ", hyper.scalar_type(), " ", hyper.sizes());
 }
 
-// The per-row inputs of exact mode (ExactRows) and the tensors that hold them.
-struct ExactState {
-  at::Tensor last, cr, loop;  // [u] int64; [u] CatchupRow; [1 + u] int64 (count, rows)
-  ExactRows rows{};
-};
-
-ExactState exact_state(const at::Tensor& last_step, const DevicePlan& plan, const Clock& ck,
-                       int64_t target, cudaStream_t stream) {
-  ExactState out;
-  out.last = at::empty({plan.u}, last_step.options());
-  out.cr = at::empty({plan.u * static_cast<int64_t>(sizeof(CatchupRow))},
-                     last_step.options().dtype(at::kByte));
-  out.loop = at::zeros({plan.u + 1}, last_step.options());
-  out.rows.last = out.last.data_ptr<int64_t>();
-  out.rows.cr = reinterpret_cast<const CatchupRow*>(out.cr.data_ptr());
-  out.rows.loop_count = reinterpret_cast<int32_t*>(out.loop.data_ptr<int64_t>());
-  out.rows.loop_rows = out.loop.data_ptr<int64_t>() + 1;
-  catchup_scalars_kernel<<<static_cast<unsigned>((plan.u + 127) / 128), 128, 0, stream>>>(
-      plan.rows.data_ptr<int64_t>(), last_step.data_ptr<int64_t>(), plan.u, ck, target,
-      out.last.data_ptr<int64_t>(), reinterpret_cast<CatchupRow*>(out.cr.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-// The row kernel, then (exact mode) the loop kernel for the rows it listed.
-template <typename T, bool kExact, bool kStep, bool kTrack>
-void launch_rows(const RowArgs<T>& a, const Clock& ck, const AdamCoef& c, const ExactRows& ex,
-                 double* row_stats, int64_t u, cudaStream_t stream) {
-  sparse_rows_kernel<T, kExact, kStep, kTrack><<<static_cast<unsigned>(u), kThreads, 0, stream>>>(
-      a, c, ex, row_stats);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if constexpr (kExact) {
-    loop_rows_kernel<T, kStep, kTrack><<<static_cast<unsigned>(u), kThreads, 0, stream>>>(
-        a, c, ex, ck, row_stats);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+// The hyper row's values as check_sparse_table wants them: a host row is checked there; a device
+// row (lazy mode, e.g. under CUDA-graph capture with a tensor lr) was checked where it was built
+// and stands in with a valid placeholder, as its values are read by setup_kernel only.
+at::Tensor host_checkable_hyper(const at::Tensor& hyper) {
+  if (hyper.device().is_cpu()) return hyper;
+  return at::empty({1, kHyperCols}, hyper.options().device(c10::kCPU)).fill_(0.5);
 }
 
 void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& values,
                        const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
                        const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
                        const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
-                       bool exact, const std::optional<at::Tensor>& stats) {
+                       bool exact, const std::optional<at::Tensor>& stats,
+                       const std::optional<at::Tensor>& error) {
   const char* op = "lvopt::sparse_adamw_";
+  check_hyper_layout(op, param, hyper);
   check_sparse_adamw_args(op, c10::DeviceType::CUDA, param, indices, values, exp_avg, exp_avg_sq, step,
-                          hyper, stats);
+                          host_checkable_hyper(hyper), stats);
+  check_sparse_error(op, error, param);
+  // Exact mode's clock (Clock::row) takes beta1, beta2 and eps on the host, from the row.
+  TORCH_CHECK(!exact || hyper.device().is_cpu(), op, ": exact mode takes the hyper row on the CPU");
   const c10::cuda::CUDAGuard guard(param.device());
-  const at::Tensor idx = indices.contiguous();
-  check_id_range(op, idx, param.size(0));
-  const DevicePlan plan = plan_rows(idx);
-  const double t = read_step(step) + 1.0;
-  const int64_t ti = static_cast<int64_t>(t);
-  DeviceClock dck;
-  if (exact) {
-    const Clock host_view =
-        check_sparse_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
-    check_rows_clock(op, last_step, plan, host_view, ti - 1);
-    dck = device_clock(host_view, hist, qpow, param.device());
-  }
-  // Every check has passed: from here on, writes.
-  write_step(step, t);
-  if (stats.has_value()) stats->zero_();
-  if (plan.u == 0 || param.size(1) == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const AdamCoef coef = make_adam_coef(hyper.data_ptr<double>(), t);
-  const at::Tensor vals = values.contiguous();
-  at::Tensor row_stats;
-  double* rs = nullptr;
-  if (stats.has_value()) {
-    row_stats = at::empty({plan.u, 2}, param.options().dtype(at::kDouble));
-    rs = row_stats.data_ptr<double>();
-  }
-  const ExactState xs = exact ? exact_state(last_step, plan, dck.ck, ti - 1, stream) : ExactState{};
-  const RunSplit split = split_long_runs(plan, param.size(1));
-  const auto run = [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    RowArgs<T> a = row_args<T>(param, exp_avg, exp_avg_sq, &vals, plan,
-                               exact ? last_step.data_ptr<int64_t>() : nullptr);
-    a.target = ti - 1;
-    a.new_last = ti;
-    sum_long_runs(a, split, stream);
-    if (exact) {
-      if (rs) launch_rows<T, true, true, true>(a, dck.ck, coef, xs.rows, rs, plan.u, stream);
-      else launch_rows<T, true, true, false>(a, dck.ck, coef, xs.rows, rs, plan.u, stream);
-    } else {
-      if (rs) launch_rows<T, false, true, true>(a, dck.ck, coef, xs.rows, rs, plan.u, stream);
-      else launch_rows<T, false, true, false>(a, dck.ck, coef, xs.rows, rs, plan.u, stream);
+  const at::Tensor idx = indices.contiguous();
+  const int64_t d = param.size(1);
+  if (!error.has_value()) raise_for_ids(op, idx, param.size(0));
+  Clock host_view{};
+  if (exact) {
+    host_view = check_sparse_clock(op, param, last_step, hist, qpow, host_checkable_hyper(hyper), hist_base, epoch,
+                                   window);
+    if (!error.has_value()) {
+      // host read: the step count, for a call that raises (no error word given).
+      const int64_t target = static_cast<int64_t>(read_step(step));
+      raise_for_clock(op, last_step, idx, host_view, target);
     }
-  };
-  if (param.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
-  else run(static_cast<uint16_t*>(nullptr));
-  if (rs != nullptr) {
-    row_stats_kernel<<<1, 32, 0, stream>>>(rs, plan.u, stats->data_ptr<double>());
+  }
+  const at::Tensor err = error_word(error, param);
+  const StepSource src = step_source(step, hyper);
+  const at::Tensor info =
+      setup(idx, param.size(0), src, /*step_op=*/true, exact, hist_base, exact ? hist.size(0) : 0, err, stream);
+  DeviceClock dck;
+  if (exact) dck = device_clock(host_view, hist, qpow, param.device());
+  if (stats.has_value()) stats->zero_();
+  if (step.device().is_cpu()) write_step(step, src.step_host + 1.0);  // a host counter: not gated
+  const int64_t n = idx.numel();
+  if (n > 0 && d > 0) {
+    const DevicePlan plan = plan_rows(idx, param.size(0), d, stream);
+    const at::Tensor vals = values.contiguous();
+    at::Tensor row_stats;
+    double* rs = nullptr;
+    if (stats.has_value()) {
+      row_stats = at::zeros({n, 2}, param.options().dtype(at::kDouble));
+      rs = row_stats.data_ptr<double>();
+    }
+    const ExactState xs = exact ? exact_state(last_step, plan, dck.ck, info, err, stream) : ExactState{};
+    const StepInfo* ip = reinterpret_cast<const StepInfo*>(info.data_ptr());
+    const auto run = [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      RowArgs<T> a = plan_args<T>(plan, err.data_ptr<int64_t>(), ip, d);
+      a.p = reinterpret_cast<T*>(param.data_ptr());
+      a.m = exp_avg.data_ptr<float>();
+      a.v = exp_avg_sq.data_ptr<float>();
+      a.vals = reinterpret_cast<const T*>(vals.data_ptr());
+      a.last = exact ? last_step.data_ptr<int64_t>() : nullptr;
+      a.vec = rows_vectorisable<T>(a.p, a.m, a.v, a.vals, d);
+      sum_long_runs(a, plan, stream);
+      if (exact) {
+        if (rs) launch_rows<T, true, true, true>(a, dck.ck, xs.rows, rs, n, stream);
+        else launch_rows<T, true, true, false>(a, dck.ck, xs.rows, rs, n, stream);
+      } else {
+        if (rs) launch_rows<T, false, true, true>(a, dck.ck, xs.rows, rs, n, stream);
+        else launch_rows<T, false, true, false>(a, dck.ck, xs.rows, rs, n, stream);
+      }
+    };
+    if (param.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+    else run(static_cast<uint16_t*>(nullptr));
+    if (rs != nullptr) {
+      row_stats_kernel<<<1, 32, 0, stream>>>(rs, plan.num_runs.data_ptr<int64_t>(), err.data_ptr<int64_t>(),
+                                            stats->data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if (!step.device().is_cpu()) {
+    finish_kernel<<<1, 1, 0, stream>>>(src.step_f32 != nullptr ? step.data_ptr<float>() : nullptr,
+                                       src.step_f64 != nullptr ? step.data_ptr<double>() : nullptr,
+                                       err.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -639,29 +863,41 @@ void sparse_catchup_cuda(const at::Tensor& param, const at::Tensor& indices,
                          const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                          const at::Tensor& step, const at::Tensor& last_step, const at::Tensor& hist,
                          const at::Tensor& qpow, const at::Tensor& hyper, int64_t hist_base,
-                         int64_t epoch, int64_t window) {
+                         int64_t epoch, int64_t window, const std::optional<at::Tensor>& error) {
   const char* op = "lvopt::sparse_catchup_";
-  check_sparse_table(op, c10::DeviceType::CUDA, param, exp_avg, exp_avg_sq, step, hyper);
+  check_hyper_layout(op, param, hyper);
+  check_sparse_table(op, c10::DeviceType::CUDA, param, exp_avg, exp_avg_sq, step, host_checkable_hyper(hyper));
   check_sparse_indices(op, indices, param);
+  check_sparse_error(op, error, param);
+  TORCH_CHECK(hyper.device().is_cpu(), op, ": takes the hyper row on the CPU (its clock's betas and eps)");
   const c10::cuda::CUDAGuard guard(param.device());
-  const at::Tensor idx = indices.contiguous();
-  check_id_range(op, idx, param.size(0));
-  const Clock host_view =
-      check_sparse_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
-  const DevicePlan plan = plan_rows(idx);
-  const int64_t c = static_cast<int64_t>(read_step(step));
-  check_rows_clock(op, last_step, plan, host_view, c);
-  if (plan.u == 0 || param.size(1) == 0) return;
-  const DeviceClock dck = device_clock(host_view, hist, qpow, param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const ExactState xs = exact_state(last_step, plan, dck.ck, c, stream);
+  const at::Tensor idx = indices.contiguous();
+  const Clock host_view =
+      check_sparse_clock(op, param, last_step, hist, qpow, host_checkable_hyper(hyper), hist_base, epoch, window);
+  if (!error.has_value()) {
+    raise_for_ids(op, idx, param.size(0));
+    // host read: the step count, for a call that raises (no error word given).
+    raise_for_clock(op, last_step, idx, host_view, static_cast<int64_t>(read_step(step)));
+  }
+  const int64_t n = idx.numel(), d = param.size(1);
+  const at::Tensor err = error_word(error, param);
+  const at::Tensor info = setup(idx, param.size(0), step_source(step, hyper), /*step_op=*/false, true, hist_base,
+                                hist.size(0), err, stream);
+  if (n == 0 || d == 0) return;
+  const DeviceClock dck = device_clock(host_view, hist, qpow, param.device());
+  const DevicePlan plan = plan_rows(idx, param.size(0), d, stream);
+  const ExactState xs = exact_state(last_step, plan, dck.ck, info, err, stream);
+  const StepInfo* ip = reinterpret_cast<const StepInfo*>(info.data_ptr());
   const auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    RowArgs<T> a = row_args<T>(param, exp_avg, exp_avg_sq, nullptr, plan,
-                               last_step.data_ptr<int64_t>());
-    a.target = c;
-    a.new_last = c;
-    launch_rows<T, true, false, false>(a, dck.ck, AdamCoef{}, xs.rows, nullptr, plan.u, stream);
+    RowArgs<T> a = plan_args<T>(plan, err.data_ptr<int64_t>(), ip, d);
+    a.p = reinterpret_cast<T*>(param.data_ptr());
+    a.m = exp_avg.data_ptr<float>();
+    a.v = exp_avg_sq.data_ptr<float>();
+    a.last = last_step.data_ptr<int64_t>();
+    a.vec = rows_vectorisable<T>(a.p, a.m, a.v, nullptr, d);
+    launch_rows<T, true, false, false>(a, dck.ck, xs.rows, nullptr, n, stream);
   };
   if (param.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
   else run(static_cast<uint16_t*>(nullptr));

@@ -1,58 +1,68 @@
-"""Triton sparse embedding rows (DESIGN.md section 2): lvopt_triton::coalesce_rows,
-lvopt_triton::sparse_adamw_ and lvopt_triton::sparse_catchup_, the signatures and in-place
-semantics of the lvopt ops of csrc/cpu/sparse_rows.cpp (csrc/register.cpp).
+"""Triton sparse embedding rows (docs/design.md, "Sparse embedding rows"):
+lvopt_triton::coalesce_rows, lvopt_triton::sparse_adamw_ and lvopt_triton::sparse_catchup_, the
+signatures and in-place semantics of the lvopt ops of csrc/cpu/sparse_rows.cpp
+(csrc/register.cpp), and the plan of the CUDA op (csrc/cuda/sparse_rows.cu).
 
-Host side of each op: the CPU op's argument checks and messages, all before anything is
-written; a stable sort of the indices (duplicates keep their input order) and
-unique_consecutive give the distinct rows, sorted, with each row's span of input positions.
-Kernels: one program per distinct row, looping over width tiles; a row's gradient is the sum
-of its value rows in input order in fp32 (fused into the update kernel, as the CPU op does:
-the summed gradient is not rounded to bf16 before the update).
+Host side of a step with an error word (the optimizer's call): no host read of device memory
+and launches whose grids depend on N (the number of ids) only, never on the data:
 
-Per element the math is math.h's, in the same order of fp32 operations, with IEEE square root
-and division (tl.sqrt_rn / tl.div_rn) and no FMA contraction (enable_fp_fusion=False):
-adamw_element with make_adam_coef's coefficients (_common.advance_steps, as the fused op), and
-in exact mode catchup_element_fast, and catchup_element_loop's fp64 sum over the window for
-the elements whose v lies between rev_v and fwd_v.
+  torch.aminmax          the ids' range, on the device
+  _setup_kernel          1 program: the error word (ids out of range, the history's
+                         coverage), the step count read on the device, the step's fp32
+                         coefficients (make_adam_coef of math.h: fp64, integer powers by
+                         squaring), the target step
+  torch.sort (stable)    ids sorted, perm = input positions in that order
+  _runs_kernel           N programs: run starts (sorted[i] != sorted[i-1]) as 0/1
+  torch.cumsum           run number of each sorted position; the run count U is its last
+                         entry, on the device
+  _offsets_kernel        N programs: rows[run] and offsets[run] of each run's first position
+  _scalars_kernel        N programs (exact): each row's last step, the clock check, and its
+                         catch-up scalars (sparse_clock.h Clock::row, fp64)
+  sparse_rows_kernel     N programs, one per distinct row; programs past U return
+  _stats_kernel          1 program (track): the rows' telemetry sums in row order
+  _finish_kernel         1 program: step count += 1 unless the error word is set
 
-Exact mode's per-row catch-up scalars (CatchupRow) are computed on the host in fp64 with torch
-ops, for all behind rows at once, exactly as Clock::row (csrc/include/lvopt/sparse_clock.h: epoch loop, series
-sums, window bounds); torch's exp/pow may differ from libm's in the last fp64 bit, which
-changes an fp32-rounded scalar only rarely (tests allow 4 fp32 ulps against the CPU op in
-exact mode; on the tests' inputs the bits were identical). Rows
-with loop elements are found by a host-side pass over the behind rows' v (one extra read of v
-of those rows, and a synchronisation); only for those rows are the window's w_j, a_j built
-(fp64, on the host) and uploaded, and the kernel runs the masked fp64 loop over the window on
-the tiles that hold such elements.
+Without an error word (a direct call) the op raises for bad ids or a stale clock, with the CPU
+op's messages, which needs host reads (_raise_for_indices, _raise_for_clock).
 
-On a GPU the host side synchronises (index range checks, the step value, last_step of the
-rows, the loop-row pass) and builds each loop row's window table with a few torch ops per row
-(rare rows, ~1e-5 of elements at unit-scale gradients); the kernels themselves are
-synchronisation-free. Unlike the CUDA kernel, a row given many times (a frequent token) is
-summed by its own program alone; cutting long runs into pieces, as csrc/cuda/sparse_rows.cu
-does, is left for when it can be timed on a GPU.
+Kernels: one program per distinct row, looping over width tiles; a row's gradient is the sum of
+its value rows in input order in fp32 (fused into the update kernel, as the CPU op does: the
+summed gradient is not rounded to bf16 before the update). Per element the math is math.h's,
+in the same order of fp32 operations, with IEEE square root and division (tl.sqrt_rn /
+tl.div_rn) and no FMA contraction (enable_fp_fusion=False): adamw_element, and in exact mode
+catchup_element_fast, and for the elements whose v lies between rev_v and fwd_v
+catchup_element_loop's fp64 sum over the window, its terms computed in the kernel from the
+history (Clock::term). The catch-up scalars are computed on the device in fp64 (exp, and
+integer powers by squaring where Clock::row calls pow): they may differ from the CPU op's libm
+values in the last fp64 bit, which changes an fp32-rounded scalar only rarely (tests allow 4
+fp32 ulps against the CPU op in exact mode). Unlike the CUDA kernel, a row given many times (a
+frequent token) is summed by its own program alone.
 """
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, WEIGHT_DECAY
+from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
 from . import _common as C
 from .fused_adamw import _coef, _store_param, _store_state, _track_sums, adamw_math, launch_options
 
 # History table layout (csrc/include/lvopt/math.h HistCol, lvopt/sparse.py).
 H_LOGPI, H_U, H_SQRTBC2, H_SERIES = 2, 3, 4, 5
 HIST_SERIES, HIST_COLS = 8, 13
-SERIES_LIMIT = 1e2  # sparse_rows.cpp kSeriesLimit
+SERIES_LIMIT = 1e2  # csrc/include/lvopt/sparse_clock.h kSeriesLimit
 # Columns of the per-row catch-up table (CatchupRow): P, b1k, b2k, M0..M3, N1..N4, fwd_v, rev_v.
 CR_COLS = 13
-# Per-row int64 info: behind (0/1), offset of its w/a window in the fp64 table, window length.
-INFO_COLS = 3
+# The error word (csrc/include/lvopt/sparse_args.h).
+ERR_IDS, ERR_CLOCK = 1, 2
+# Whether the row kernel runs catchup_element_loop for the elements between the series (a test
+# turns it off to show that those elements need it).
+WINDOW_LOOP = True
 
 
 def _width_block(d: int, exact: bool = False) -> int:
@@ -70,6 +80,22 @@ def _aligned(d: int, dtype: torch.dtype, *ts) -> bool:
     """Every row of every tensor starts 16-byte aligned (rows of 16-byte multiples)."""
     return (d * (2 if dtype == torch.bfloat16 else 4)) % 16 == 0 and d % 4 == 0 and all(
         t.data_ptr() % 16 == 0 for t in ts)
+
+
+def _bits(x: float) -> int:
+    """The fp64 bit pattern of x as an int64, for a kernel to bitcast back (Triton passes
+    Python floats as fp32)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _f32(x: float) -> float:
+    """x rounded to fp32 (as static_cast<float>)."""
+    return struct.unpack("<f", struct.pack("<f", float(x)))[0]
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """Every launch of this module goes through here (a test records them on fake tensors)."""
+    kernel[grid](*args, **kwargs)
 
 
 # ----- kernels ---------------------------------------------------------------------------------
@@ -121,10 +147,166 @@ def coalesce_kernel(vals_ptr, perm_ptr, offsets_ptr, out_ptr, d, ALIGNED: tl.con
     _store_param(row + offs, acc, mask, True)
 
 
+
 @triton.jit
-def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, loop_off, loop_len, wa_ptr, BLOCK_D: tl.constexpr):
-    """math.h catchup_element_fast, and catchup_element_loop for the tile's elements with v
-    between rev_v and fwd_v (when the row has a window table: loop_len > 0)."""
+def _f64(bits):
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _powi(b, n):
+    """b**n for fp64 b and an integer n >= 0, by squaring (a few fp64 ulps from libm's pow)."""
+    r = b * 0.0 + 1.0
+    x = b
+    e = n
+    while e > 0:
+        if e % 2 == 1:
+            r = r * x
+        x = x * x
+        e = e // 2
+    return r
+
+
+@triton.jit
+def _setup_kernel(step_ptr, lo_ptr, hi_ptr, err_ptr, info_ptr, coef_ptr, n_ids, num_rows, hist_base, hist_rows,
+                  lr_b, b1_b, b2_b, wd_b, eps_b, sign, STEP_OP: tl.constexpr, EXACT: tl.constexpr):
+    """One program: the error word for the ids' range, the step count, info = (target step,
+    new last step), and the step's coefficients [9] (fused_adamw._coef's layout)."""
+    if n_ids > 0:
+        lo = tl.load(lo_ptr)
+        hi = tl.load(hi_ptr)
+        if tl.load(err_ptr) == 0:
+            if (lo < 0) | (hi >= num_rows):
+                tl.store(err_ptr, 1)
+                tl.store(err_ptr + 1, lo)
+                tl.store(err_ptr + 2, hi)
+    s = tl.load(step_ptr).to(tl.float64)
+    if STEP_OP:
+        t = s + 1.0
+        target = (t - 1.0).to(tl.int64)
+    else:
+        t = s
+        target = t.to(tl.int64)
+    tl.store(info_ptr, target)
+    tl.store(info_ptr + 1, t.to(tl.int64))
+    if EXACT:
+        if (target < hist_base) | (target - hist_base >= hist_rows):
+            tl.atomic_or(err_ptr, 2)
+    if STEP_OP:
+        lr = _f64(lr_b)
+        b1 = _f64(b1_b)
+        b2 = _f64(b2_b)
+        ti = t.to(tl.int64)
+        bc1 = 1.0 - _powi(b1, ti)
+        bc2 = 1.0 - _powi(b2, ti)
+        tl.store(coef_ptr + 0, b1.to(tl.float32))
+        tl.store(coef_ptr + 1, (1.0 - b1).to(tl.float32))
+        tl.store(coef_ptr + 2, b2.to(tl.float32))
+        tl.store(coef_ptr + 3, (1.0 - b2).to(tl.float32))
+        tl.store(coef_ptr + 4, (1.0 - lr * _f64(wd_b)).to(tl.float32))
+        tl.store(coef_ptr + 5, (lr / bc1).to(tl.float32))
+        tl.store(coef_ptr + 6, (1.0 / tl.sqrt(bc2)).to(tl.float32))
+        tl.store(coef_ptr + 7, _f64(eps_b).to(tl.float32))
+        tl.store(coef_ptr + 8, sign)
+    else:
+        tl.store(coef_ptr + 7, _f64(eps_b).to(tl.float32))
+
+
+@triton.jit
+def _finish_kernel(step_ptr, err_ptr):
+    """One program: the step count advances unless the call wrote nothing."""
+    if tl.load(err_ptr) == 0:
+        tl.store(step_ptr, tl.load(step_ptr) + 1)
+
+
+@triton.jit
+def _runs_kernel(sorted_ptr, starts_ptr, n, BLOCK: tl.constexpr):
+    """starts[i] = 1 where sorted position i begins a run of equal ids."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n
+    x = tl.load(sorted_ptr + i, mask=inside, other=0)
+    prev = tl.load(sorted_ptr + i - 1, mask=inside & (i > 0), other=0)
+    new = (i == 0) | (x != prev)
+    tl.store(starts_ptr + i, new.to(tl.int64), mask=inside)
+
+
+@triton.jit
+def _offsets_kernel(sorted_ptr, starts_ptr, run_ptr, rows_ptr, offsets_ptr, num_runs_ptr, n, BLOCK: tl.constexpr):
+    """For each run's first position i: rows[run] = sorted[i], offsets[run] = i; offsets[U] = n
+    (run = the inclusive count of run starts up to i, minus one)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n
+    new = tl.load(starts_ptr + i, mask=inside, other=0) != 0
+    run = tl.load(run_ptr + i, mask=inside, other=1) - 1
+    x = tl.load(sorted_ptr + i, mask=inside, other=0)
+    tl.store(rows_ptr + run, x, mask=inside & new)
+    tl.store(offsets_ptr + run, i.to(tl.int64), mask=inside & new)
+    last = i == n - 1
+    tl.store(offsets_ptr + run + 1, (i + 1).to(tl.int64), mask=inside & last)
+    tl.store(num_runs_ptr + i * 0, run + 1, mask=inside & last)
+
+
+@triton.jit
+def _scalars_kernel(rows_ptr, num_runs_ptr, last_ptr, info_ptr, err_ptr, hist_ptr, qpow_ptr, row_last_ptr, cr_ptr,
+                    base, epoch, window, qcols, b1_b, b2_b, eps_b):
+    """Exact mode, one program per distinct row k (programs past U return): its last step s,
+    the clock check (s in [base, target], else ERR_CLOCK), and when it is behind its catch-up
+    scalars (sparse_clock.h Clock::row, fp64) into cr[k]."""
+    k = tl.program_id(0)
+    if k < tl.load(num_runs_ptr):
+        if tl.load(err_ptr) == 0:
+            c = tl.load(info_ptr)
+            s = tl.load(last_ptr + tl.load(rows_ptr + k))
+            tl.store(row_last_ptr + k, s)
+            if (s < base) | (s > c):
+                tl.atomic_or(err_ptr, 2)
+            elif s < c:
+                b1 = _f64(b1_b)
+                b2 = _f64(b2_b)
+                eps = _f64(eps_b)
+                log_pi_c = tl.load(hist_ptr + (c - base) * 13 + 2)
+                P = tl.exp(log_pi_c - tl.load(hist_ptr + (s - base) * 13 + 2))
+                b1k = _powi(b1, c - s)
+                b2k = _powi(b2, c - s)
+                i8 = tl.arange(0, 8)
+                S = tl.zeros((8,), tl.float64)
+                yend = tl.minimum(c, s + window)
+                fwd_v = tl.full([], float("inf"), tl.float32)
+                rev_v = tl.full([], float("inf"), tl.float32)
+                if yend > s:
+                    b = base + epoch * ((s - base) // epoch)
+                    x = s
+                    while x < yend:
+                        ye = tl.minimum(b + epoch, yend)
+                        scale = tl.exp(log_pi_c - tl.load(hist_ptr + (b - base) * 13 + 2))
+                        hy = tl.load(hist_ptr + (ye - base) * 13 + 5 + i8)
+                        hx = tl.load(hist_ptr + (x - base) * 13 + 5 + i8)
+                        if x <= b:
+                            hx = hx * 0.0
+                        q = tl.load(qpow_ptr + i8 * qcols + (b - s) + epoch)
+                        S = S + scale * q * (hy - hx)
+                        x = ye
+                        b = b + epoch
+                    a_min = tl.load(hist_ptr + (s + 1 - base) * 13 + 4) / tl.sqrt(b2)
+                    a_max = tl.load(hist_ptr + (yend - base) * 13 + 4) / tl.sqrt(_powi(b2, yend - s))
+                    fwd = 100.0 * eps * a_max
+                    rev = eps * a_min / 100.0
+                    fwd_v = (fwd * fwd).to(tl.float32)
+                    rev_v = (rev * rev).to(tl.float32)
+                out = cr_ptr + k * 13
+                tl.store(out + 0, P.to(tl.float32))
+                tl.store(out + 1, b1k.to(tl.float32))
+                tl.store(out + 2, b2k.to(tl.float32))
+                tl.store(out + 3 + i8, S.to(tl.float32))
+                tl.store(out + 11, fwd_v)
+                tl.store(out + 12, rev_v)
+
+
+@triton.jit
+def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols,
+                  LOOP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """math.h catchup_element_fast, and catchup_element_loop (terms from Clock::term, fp64) for
+    the tile's elements with v between rev_v and fwd_v."""
     P = tl.load(cr_ptr + 0)
     b1k = tl.load(cr_ptr + 1)
     b2k = tl.load(cr_ptr + 2)
@@ -149,7 +331,7 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, loop_off, loop_len, wa_ptr, BL
     rev = (mi * inv_eps) * (N1 - x * (N2 - x * (N3 - x * N4)))
     upd = tl.where(vi >= fwd_v, fwd, rev)
     p_new = pi * P - upd
-    if loop_len > 0:
+    if LOOP:
         mid = (~(vi >= fwd_v)) & (~(vi <= rev_v)) & mask  # NaN v counts as mid, as in the CPU kernel's passes
         if tl.sum(mid.to(tl.int32), axis=0) > 0:
             # fp64 sqrt and / are IEEE (sqrt.rn.f64, div.rn.f64). catchup_element_loop's r = 0
@@ -158,9 +340,13 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, loop_off, loop_len, wa_ptr, BL
             rd = tl.sqrt(vi.to(tl.float64))
             e64 = ceps.to(tl.float64) / rd
             acc = tl.zeros((BLOCK_D,), tl.float64)
-            for j in range(0, loop_len):
-                wj = tl.load(wa_ptr + loop_off + j)
-                aj = tl.load(wa_ptr + loop_off + loop_len + j)
+            log_pi_c = tl.load(hist_ptr + (c - base) * 13 + 2)
+            yend = tl.minimum(c, s + window)
+            for j in range(s + 1, yend + 1):
+                h = hist_ptr + (j - base) * 13
+                q0 = tl.load(qpow_ptr + (j - s) + epoch)
+                wj = tl.exp(log_pi_c - tl.load(h + 2)) * tl.load(h + 3) * q0
+                aj = tl.load(h + 4) * tl.load(qpow_ptr + qcols + (j - s) + epoch) / q0
                 acc = acc + wj / (1.0 + e64 * aj)
             acc = acc * (mi.to(tl.float64) / rd)
             p_new = tl.where(mid, pi * P - acc.to(tl.float32), p_new)
@@ -168,9 +354,9 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, loop_off, loop_len, wa_ptr, BL
 
 
 @triton.jit
-def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, cr_ptr, ceps, behind,
-              loop_off, loop_len, wa_ptr, HAS_GRAD: tl.constexpr, EXACT: tl.constexpr, ALIGNED: tl.constexpr,
-              MASKED: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, cr_ptr, ceps, behind, s, c,
+              hist_ptr, qpow_ptr, base, epoch, window, qcols, HAS_GRAD: tl.constexpr, EXACT: tl.constexpr,
+              ALIGNED: tl.constexpr, MASKED: tl.constexpr, LOOP: tl.constexpr, BLOCK_D: tl.constexpr):
     """One tile of a row: [exact: catch-up if behind], [AdamW step], stores; returns the tile's
     fp64 (sum W^2, sum dW^2) (unused values cost nothing)."""
     pi = _load(p + offs, mask, MASKED).to(tl.float32)
@@ -178,8 +364,9 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, 
     vi = _load(v + offs, mask, MASKED)
     w0 = pi
     if EXACT:
-        if behind != 0:
-            pi, mi, vi = _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, loop_off, loop_len, wa_ptr, BLOCK_D)
+        if behind:
+            pi, mi, vi = _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base, epoch,
+                                       window, qcols, LOOP, BLOCK_D)
     if HAS_GRAD:
         b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, 0)
         gi = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED)
@@ -190,53 +377,80 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, 
 
 
 @triton.jit
-def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offsets_ptr, coef_ptr,
-                       cr_ptr, info_ptr, wa_ptr, partial_ptr, d, HAS_GRAD: tl.constexpr,
-                       EXACT: tl.constexpr, TRACK: tl.constexpr, ALIGNED: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    """One distinct row per program: [exact: catch-up if behind] then [HAS_GRAD: AdamW step
-    with the row's summed gradient]; TRACK: the row's fp64 (sum W^2, sum dW^2), tiles added in
-    order. Full tiles unmasked (16-byte vectors when ALIGNED), then a masked tail."""
+def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offsets_ptr, num_runs_ptr, err_ptr,
+                       info_ptr, coef_ptr, row_last_ptr, last_ptr, cr_ptr, hist_ptr, qpow_ptr, partial_ptr, d, base, epoch,
+                       window, qcols, HAS_GRAD: tl.constexpr, EXACT: tl.constexpr, TRACK: tl.constexpr,
+                       ALIGNED: tl.constexpr, LOOP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One distinct row per program (programs past U, or all of them when the error word is
+    set, return): [exact: catch-up if behind] then [HAS_GRAD: AdamW step with the row's summed
+    gradient]; TRACK: the row's fp64 (sum W^2, sum dW^2), tiles added in order. Full tiles
+    unmasked (16-byte vectors when ALIGNED), then a masked tail. Exact mode: the row's last
+    step becomes the step's."""
     k = tl.program_id(0)
-    r = tl.load(rows_ptr + k)
-    base = r * d
-    p = p_ptr + base
-    m = m_ptr + base
-    v = v_ptr + base
-    if ALIGNED:
-        p = tl.multiple_of(p, 16)
-        m = tl.multiple_of(m, 16)
-        v = tl.multiple_of(v, 16)
-    g_lo = 0
-    g_hi = 0
-    if HAS_GRAD:
-        g_lo = tl.load(offsets_ptr + k)
-        g_hi = tl.load(offsets_ptr + k + 1)
-    ceps = tl.load(coef_ptr + 7)
-    behind = 0
-    loop_off = 0
-    loop_len = 0
-    if EXACT:
-        behind = tl.load(info_ptr + k * 3 + 0)
-        loop_off = tl.load(info_ptr + k * 3 + 1)
-        loop_len = tl.load(info_ptr + k * 3 + 2)
-    cr = cr_ptr + k * 13
-    ww = tl.sum(tl.zeros((BLOCK_D,), tl.float64), axis=0)
-    dd = ww
-    full = d // BLOCK_D
-    for t in range(0, full):
-        offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
-        a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, offs < d, coef_ptr, cr, ceps, behind,
-                         loop_off, loop_len, wa_ptr, HAS_GRAD, EXACT, ALIGNED, False, BLOCK_D)
-        if TRACK:
-            ww += a
-            dd += b
-    offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
-    a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, offs < d, coef_ptr, cr, ceps, behind,
-                     loop_off, loop_len, wa_ptr, HAS_GRAD, EXACT, ALIGNED, True, BLOCK_D)
-    if TRACK:
-        tl.store(partial_ptr + 2 * k + 0, ww + a)
-        tl.store(partial_ptr + 2 * k + 1, dd + b)
+    if k < tl.load(num_runs_ptr):
+        if tl.load(err_ptr) == 0:
+            r = tl.load(rows_ptr + k)
+            base_off = r * d
+            p = p_ptr + base_off
+            m = m_ptr + base_off
+            v = v_ptr + base_off
+            if ALIGNED:
+                p = tl.multiple_of(p, 16)
+                m = tl.multiple_of(m, 16)
+                v = tl.multiple_of(v, 16)
+            g_lo = 0
+            g_hi = 0
+            if HAS_GRAD:
+                g_lo = tl.load(offsets_ptr + k)
+                g_hi = tl.load(offsets_ptr + k + 1)
+            ceps = tl.load(coef_ptr + 7)
+            c = tl.load(info_ptr)
+            s = c
+            if EXACT:
+                s = tl.load(row_last_ptr + k)
+            behind = s < c
+            # A catch-up of a row already current has nothing to do.
+            if (behind.to(tl.int32) + HAS_GRAD) > 0:
+                cr = cr_ptr + k * 13
+                ww = tl.sum(tl.zeros((BLOCK_D,), tl.float64), axis=0)
+                dd = ww
+                full = d // BLOCK_D
+                for t in range(0, full):
+                    offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
+                    a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, offs < d, coef_ptr, cr,
+                                     ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols,
+                                     HAS_GRAD, EXACT, ALIGNED, False, LOOP, BLOCK_D)
+                    if TRACK:
+                        ww += a
+                        dd += b
+                offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
+                a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, offs < d, coef_ptr, cr, ceps,
+                                 behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, HAS_GRAD, EXACT,
+                                 ALIGNED, True, LOOP, BLOCK_D)
+                if TRACK:
+                    tl.store(partial_ptr + 2 * k + 0, ww + a)
+                    tl.store(partial_ptr + 2 * k + 1, dd + b)
+                if EXACT:
+                    # The row kernel reads each row's last step from the snapshot (row_last), so
+                    # this write races with no read.
+                    tl.store(last_ptr + r, tl.load(info_ptr + 1))
+
+
+@triton.jit
+def _stats_kernel(partial_ptr, num_runs_ptr, err_ptr, stats_ptr, n, BLOCK: tl.constexpr):
+    """One program: stats = the rows' sums in row order, BLOCK rows at a time (a fixed order:
+    deterministic); zeros when the call wrote nothing."""
+    u = tl.load(num_runs_ptr)
+    u = tl.where(tl.load(err_ptr) == 0, u, 0)
+    acc0 = tl.zeros((BLOCK,), tl.float64)
+    acc1 = tl.zeros((BLOCK,), tl.float64)
+    for start in range(0, n, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        inside = k < u
+        acc0 += tl.load(partial_ptr + 2 * k, mask=inside, other=0.0)
+        acc1 += tl.load(partial_ptr + 2 * k + 1, mask=inside, other=0.0)
+    tl.store(stats_ptr, tl.sum(acc0, axis=0))
+    tl.store(stats_ptr + 1, tl.sum(acc1, axis=0))
 
 
 # ----- host side: checks (csrc/cpu/sparse_rows.cpp's, same messages) ----------------------------
@@ -249,11 +463,15 @@ def _param_device_ok(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or (t.device.type == "cpu" and C.interpreting())
 
 
-def _check_indices(op: str, indices: torch.Tensor, num_rows: int, dev) -> None:
+def _check_index_layout(op: str, indices: torch.Tensor, dev) -> None:
     if not (isinstance(indices, torch.Tensor) and indices.dtype == torch.int64 and indices.dim() == 1
             and (indices.device.type == "cpu" or indices.device == dev)):
         _fail(f"{op}: indices must be a 1-D int64 tensor on the CPU or the param's device, got "
               f"{getattr(indices, 'dtype', None)} {list(getattr(indices, 'shape', []))}")
+
+
+def _raise_for_indices(op: str, indices: torch.Tensor, num_rows: int) -> None:
+    """The raising form of the index check (a call without an error word): host reads."""
     if indices.numel():
         neg = indices < 0
         if bool(neg.any()):
@@ -264,17 +482,6 @@ def _check_indices(op: str, indices: torch.Tensor, num_rows: int, dev) -> None:
             pos = int(big.nonzero()[0])
             _fail(f"{op}: index {int(indices[pos])} at position {pos} is out of range for a table of "
                   f"{num_rows} rows")
-
-
-def _plan(indices: torch.Tensor, dev):
-    """(rows, perm, offsets) on ``dev``: the sorted distinct rows, the input positions sorted
-    stably by row (duplicates in input order), and each row's span [offsets[k], offsets[k+1])."""
-    idx = indices.to(dev)
-    sorted_idx, perm = torch.sort(idx, stable=True)
-    rows, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
-    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return rows, perm.contiguous(), offsets
 
 
 def _check_table(op, param, exp_avg, exp_avg_sq, step, hyper) -> list:
@@ -293,12 +500,12 @@ def _check_table(op, param, exp_avg, exp_avg_sq, step, hyper) -> list:
                   f"shape {list(param.shape)}, got {t.dtype} {list(t.shape)}")
     if not (step.numel() == 1 and step.dtype in (torch.float32, torch.float64)
             and (step.device.type == "cpu" or step.device == param.device)):
-        _fail(f"{op}: step must be a one-element float32/float64 CPU tensor")
+        _fail(f"{op}: step must be a one-element float32/float64 tensor on the CPU or the param's device")
     if not (hyper.device.type == "cpu" and hyper.dtype == torch.float64 and hyper.dim() == 2
             and tuple(hyper.shape) == (1, HYPER_COLS) and hyper.is_contiguous()):
         _fail(f"{op}: hyper must be a contiguous CPU float64 tensor of shape [1, {HYPER_COLS}], got "
               f"{hyper.dtype} {list(hyper.shape)}")
-    row = hyper.reshape(-1).tolist()
+    row = hyper.tolist()[0]
     if not (math.isfinite(row[LR]) and row[LR] >= 0.0):
         _fail(f"{op}: lr must be finite and >= 0, got {row[LR]}")
     if not (0.0 <= row[BETA1] < 1.0):
@@ -315,9 +522,9 @@ def _check_table(op, param, exp_avg, exp_avg_sq, step, hyper) -> list:
 def _check_clock(op, param, last_step, hist, qpow, row, hist_base, epoch, window) -> None:
     n = param.shape[0]
     if not (last_step.dtype == torch.int64 and last_step.dim() == 1 and last_step.shape[0] == n
-            and last_step.is_contiguous() and (last_step.device.type == "cpu" or last_step.device == param.device)):
-        _fail(f"{op}: last_step must be a contiguous int64 CPU tensor of shape [{n}], got {last_step.dtype} "
-              f"{list(last_step.shape)}")
+            and last_step.is_contiguous() and last_step.device == param.device):
+        _fail(f"{op}: last_step must be a contiguous int64 tensor of shape [{n}] on the param's device, got "
+              f"{last_step.dtype} {list(last_step.shape)} on {last_step.device}")
     if not (hist.dtype == torch.float64 and hist.dim() == 2 and hist.shape[1] == HIST_COLS and hist.shape[0] >= 1
             and hist.is_contiguous()):
         _fail(f"{op}: hist must be a contiguous float64 CPU tensor of shape [steps, {HIST_COLS}], got "
@@ -343,100 +550,97 @@ def _check_rows_clock(op, last_rows: torch.Tensor, rows: torch.Tensor, hist_base
               f"(stale clock state?)")
 
 
-# ----- host side: exact-mode catch-up scalars (sparse_rows.cpp Clock::row) -----------------------
-
-def _catchup_scalars(hist, qpow, base, epoch, window, b1, b2, eps32, s, c):
-    """fp64 CatchupRow scalars [R, CR_COLS] for rows last current at s (int64 [R], CPU) brought
-    to c (int64 [R]), as Clock::row computes them."""
-    H = hist
-    logpi = H[:, H_LOGPI]
-    lpc = logpi[c - base]
-    k_all = (c - s).to(torch.float64)
-    P = torch.exp(lpc - logpi[s - base])
-    b1k = torch.pow(torch.tensor(b1, dtype=torch.float64), k_all)
-    b2k = torch.pow(torch.tensor(b2, dtype=torch.float64), k_all)
-    yend = torch.minimum(c, s + window)
-    has = yend > s
-    S = torch.zeros(s.numel(), HIST_SERIES, dtype=torch.float64)
-    b = base + epoch * torch.div(s - base, epoch, rounding_mode="floor")
-    x = s.clone()
-    qT = qpow.t()
-    while True:
-        act = x < yend
-        if not bool(act.any()):
-            break
-        ye = torch.minimum(b + epoch, yend)
-        # Rows already done (act false) keep their sums; their indices are clamped in range.
-        bs = torch.where(act, b, s)
-        scale = torch.exp(lpc - logpi[bs - base])
-        hy = H[torch.where(act, ye, s) - base, H_SERIES:]
-        hx = torch.where((x > b).unsqueeze(1), H[torch.where(act, x, s) - base, H_SERIES:], torch.zeros(()))
-        q = qT[(bs - s) + epoch]
-        S = torch.where(act.unsqueeze(1), S + scale.unsqueeze(1) * q * (hy - hx), S)
-        x = torch.where(act, ye, x)
-        b = torch.where(act, b + epoch, b)
-    s1 = torch.minimum(s + 1, c)
-    a_min = H[s1 - base, H_SQRTBC2] / math.sqrt(b2)
-    a_max = H[yend - base, H_SQRTBC2] * torch.pow(torch.tensor(b2, dtype=torch.float64),
-                                                   -0.5 * (yend - s).to(torch.float64))
-    fwd = SERIES_LIMIT * eps32 * a_max
-    rev = eps32 * a_min / SERIES_LIMIT
-    inf = torch.full_like(fwd, math.inf)
-    fwd_v = torch.where(has, fwd * fwd, inf)
-    rev_v = torch.where(has, rev * rev, inf)
-    return torch.cat([P[:, None], b1k[:, None], b2k[:, None], S, fwd_v[:, None], rev_v[:, None]], 1)
 
 
-def _window_weights(hist, qpow, base, epoch, window, s: int, c: int):
-    """w_j, a_j (fp64) of the window s+1 .. min(c, s+window) (Clock::row's loop tables)."""
-    yend = min(c, s + window)
-    j = torch.arange(s + 1, yend + 1)
-    h = hist[j - base]
-    k = (j - s) + epoch
-    lpc = hist[c - base, H_LOGPI]
-    w = torch.exp(lpc - h[:, H_LOGPI]) * h[:, H_U] * qpow[0, k]
-    a = h[:, H_SQRTBC2] * qpow[1, k] / qpow[0, k]
-    return w, a
+# ----- host side: the plan and the launches (no host reads) -------------------------------------
+
+BLOCK_N = 128  # ids per program of the plan kernels
 
 
-def _exact_tables(op, param, exp_avg_sq, rows, last_step, hist, qpow, row, base, epoch, window, target, dev):
-    """(cr [U, CR_COLS] fp32, info [U, INFO_COLS] int64, wa fp64) on ``dev`` for the plan's rows
-    brought current to ``target``: CatchupRow scalars and behind flags per row, and the window
-    tables (w_j then a_j per row, at info's offset) of the rows that have loop elements. ``op``
-    names the op (unused: every check has been made by the caller)."""
-    rows_h = rows.to(last_step.device)
-    last = last_step[rows_h].cpu()
-    hist_c, qpow_c = hist.cpu(), qpow.cpu()
-    u = rows.numel()
-    behind = last < target
-    cr = torch.zeros(u, CR_COLS, dtype=torch.float32)
-    info = torch.zeros(u, INFO_COLS, dtype=torch.int64)
-    wa = torch.zeros(1, dtype=torch.float64)
-    bidx = behind.nonzero().reshape(-1)
-    if bidx.numel():
-        eps32 = float(torch.tensor(row[EPS], dtype=torch.float32))
-        s = last[bidx]
-        c = torch.full_like(s, target)
-        sc = _catchup_scalars(hist_c, qpow_c, base, epoch, window, row[BETA1], row[BETA2], eps32, s, c)
-        crb = sc.to(torch.float32)
-        cr[bidx] = crb
-        info[bidx, 0] = 1
-        # Rows with elements between rev_v and fwd_v need the window loop (catchup_element_loop).
-        vb = exp_avg_sq.index_select(0, rows[bidx.to(rows.device)])
-        fv, rv = crb[:, 11].to(dev).unsqueeze(1), crb[:, 12].to(dev).unsqueeze(1)
-        mid = ~(vb >= fv) & ~(vb <= rv)
-        loop_rows = mid.any(1).nonzero().reshape(-1).cpu().tolist()
-        parts, off = [], 0
-        for kb in loop_rows:
-            w, a = _window_weights(hist_c, qpow_c, base, epoch, window, int(s[kb]), target)
-            n = w.numel()
-            info[bidx[kb], 1] = off
-            info[bidx[kb], 2] = n
-            parts += [w, a]
-            off += 2 * n
-        if parts:
-            wa = torch.cat(parts)
-    return cr.to(dev), info.to(dev), wa.to(dev)
+def _grid(n: int, per: int = 1) -> tuple:
+    return (max(1, (n + per - 1) // per),)
+
+
+def _plan(idx: torch.Tensor):
+    """(perm, rows, offsets, num_runs) of N ids on their device, sized by N: the input positions
+    sorted stably by id (duplicates in input order), the distinct rows (the first U entries),
+    each row's span [offsets[k], offsets[k+1]) of perm, and U as a one-element device tensor."""
+    n = idx.numel()
+    dev = idx.device
+    sorted_idx, perm = torch.sort(idx, stable=True)
+    starts = torch.empty(n, dtype=torch.int64, device=dev)
+    rows = torch.empty(n, dtype=torch.int64, device=dev)
+    offsets = torch.empty(n + 1, dtype=torch.int64, device=dev)
+    num_runs = torch.zeros(1, dtype=torch.int64, device=dev)
+    if n:
+        launch(_runs_kernel, _grid(n, BLOCK_N), sorted_idx, starts, n, BLOCK=BLOCK_N)
+        run = torch.cumsum(starts, 0)
+        launch(_offsets_kernel, _grid(n, BLOCK_N), sorted_idx, starts, run, rows, offsets, num_runs, n,
+               BLOCK=BLOCK_N)
+    return perm.contiguous(), rows, offsets, num_runs
+
+
+def _setup(idx, num_rows, step, row, err, step_op: bool, exact: bool, hist_base: int, hist_rows: int):
+    """(info [2] int64, coef [9] fp32) on the device: see _setup_kernel."""
+    dev = idx.device
+    info = torch.empty(2, dtype=torch.int64, device=dev)
+    coef = torch.zeros(9, dtype=torch.float32, device=dev)
+    n = idx.numel()
+    if n:
+        lo, hi = torch.aminmax(idx)
+    else:
+        lo = hi = info
+    launch(_setup_kernel, (1,), step, lo, hi, err, info, coef, n, num_rows, hist_base, hist_rows,
+           _bits(row[LR]), _bits(row[BETA1]), _bits(row[BETA2]), _bits(row[WEIGHT_DECAY]), _bits(row[EPS]),
+           -1.0 if row[MAXIMIZE] else 1.0, STEP_OP=step_op, EXACT=exact)
+    return info, coef
+
+
+def _device_step(step: torch.Tensor, dev) -> torch.Tensor:
+    """The step counter as the kernels read it: on the device (a host counter, in a direct call
+    of the op, is copied: then it is advanced on the host)."""
+    return step if step.device == dev else step.to(dev)
+
+
+def _rows_launch(param, vals, exp_avg, exp_avg_sq, plan, err, info, coef, clock, partial, has_grad, exact, track,
+                 hist_base, epoch, window):
+    """The exact-mode scalars kernel, then the row kernel, over N programs each."""
+    perm, rows, offsets, num_runs = plan
+    n = rows.numel()
+    dev = param.device
+    d = param.shape[1]
+    last_step, hist, qpow, b1, b2, eps32 = clock if exact else (None,) * 6
+    if exact:
+        row_last = torch.empty(n, dtype=torch.int64, device=dev)
+        cr = torch.empty(n, CR_COLS, dtype=torch.float32, device=dev)
+        qcols = qpow.shape[1]
+        launch(_scalars_kernel, _grid(n), rows, num_runs, last_step, info, err, hist, qpow, row_last, cr,
+               hist_base, epoch, window, qcols, _bits(b1), _bits(b2), _bits(eps32))
+    else:
+        row_last = last_step = cr = hist = qpow = info
+        qcols = 0
+    launch(sparse_rows_kernel, _grid(n), param, exp_avg, exp_avg_sq, vals, rows, perm, offsets, num_runs, err, info,
+           coef, row_last, last_step, cr, hist, qpow, partial, d, hist_base, epoch, window, qcols,
+           HAS_GRAD=has_grad, EXACT=exact, TRACK=track, LOOP=WINDOW_LOOP,
+           ALIGNED=_aligned(d, param.dtype, param, vals, exp_avg, exp_avg_sq), BLOCK_D=_width_block(d, exact),
+           **launch_options())
+
+
+def _error_word(error, dev):
+    return error if error is not None else torch.zeros(3, dtype=torch.int64, device=dev)
+
+
+def _check_error(op, error, param):
+    if error is not None and not (error.dtype == torch.int64 and error.numel() == 3 and error.is_contiguous()
+                                  and error.device == param.device):
+        _fail(f"{op}: error must be a contiguous three-element int64 tensor on {param.device}, got "
+              f"{error.dtype} {list(error.shape)} on {error.device}")
+
+
+def _raise_for_clock(op, last_step, indices, hist_base, hist_rows, target):
+    """The raising form of the clock check (a call without an error word): host reads."""
+    rows = torch.unique(indices.to(last_step.device))
+    _check_rows_clock(op, last_step[rows], rows, hist_base, hist_rows, target)
 
 
 # ----- the ops ---------------------------------------------------------------------------------
@@ -451,15 +655,20 @@ def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, num_rows: int) ->
         _fail(f"{op}: values must be a float32/bfloat16 tensor of shape [{indices.numel()}, width] on a "
               f"Triton device, got {values.dtype} {list(values.shape)}")
     dev = values.device
-    _check_indices(op, indices, num_rows, dev)
-    rows, perm, offsets = _plan(indices, dev)
+    _check_index_layout(op, indices, dev)
+    _raise_for_indices(op, indices, num_rows)
+    idx = indices.to(dev)
+    perm, rows, offsets, num_runs = _plan(idx)
+    # host read: the number of distinct rows sizes the outputs (a data-dependent shape, as
+    # torch's coalesce() has); the optimizer's step does not call this op on a GPU.
+    u = int(num_runs[0]) if idx.numel() else 0
     vals = values.contiguous()
     d = vals.shape[1]
-    out = torch.empty((rows.numel(), d), dtype=vals.dtype, device=dev)
-    if rows.numel() and d:
-        coalesce_kernel[(rows.numel(),)](vals, perm, offsets, out, d, ALIGNED=_aligned(d, vals.dtype, vals, out),
-                                         BLOCK_D=_width_block(d), **launch_options())
-    return rows, out
+    out = torch.empty((u, d), dtype=vals.dtype, device=dev)
+    if u and d:
+        launch(coalesce_kernel, (u,), vals, perm, offsets, out, d, ALIGNED=_aligned(d, vals.dtype, vals, out),
+               BLOCK_D=_width_block(d), **launch_options())
+    return rows[:u].clone(), out
 
 
 @coalesce_rows.register_fake
@@ -468,21 +677,20 @@ def _(indices, values, num_rows):
     return indices.new_empty((u,)), values.new_empty((u, values.shape[1]))
 
 
-def _launch(param, vals, exp_avg, exp_avg_sq, rows, perm, offsets, coef, cr, info, wa, partial,
-            has_grad, exact, track):
-    d = param.shape[1]
-    sparse_rows_kernel[(rows.numel(),)](param, exp_avg, exp_avg_sq, vals, rows, perm, offsets, coef, cr, info,
-                                        wa, partial, d, HAS_GRAD=has_grad, EXACT=exact, TRACK=track,
-                                        ALIGNED=_aligned(d, param.dtype, param, vals, exp_avg, exp_avg_sq),
-                                        BLOCK_D=_width_block(d, exact), **launch_options())
-
-
 @torch.library.custom_op("lvopt_triton::sparse_adamw_",
-                         mutates_args=("param", "exp_avg", "exp_avg_sq", "step", "last_step", "stats"))
+                         mutates_args=("param", "exp_avg", "exp_avg_sq", "step", "last_step", "stats", "error"))
 def sparse_adamw_(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, exp_avg: torch.Tensor,
                   exp_avg_sq: torch.Tensor, step: torch.Tensor, last_step: torch.Tensor, hist: torch.Tensor,
                   qpow: torch.Tensor, hyper: torch.Tensor, hist_base: int, epoch: int, window: int, exact: bool,
-                  stats: Optional[torch.Tensor] = None) -> None:
+                  stats: Optional[torch.Tensor] = None, error: Optional[torch.Tensor] = None) -> None:
+    sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base,
+                      epoch, window, exact, stats, error)
+
+
+def sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base,
+                      epoch, window, exact, stats=None, error=None) -> None:
+    """The body of lvopt_triton::sparse_adamw_ (callable on fake tensors, for the tests that
+    show the host path reads nothing from the device)."""
     op = "lvopt::sparse_adamw_"
     row = _check_table(op, param, exp_avg, exp_avg_sq, step, hyper)
     if not (values.device == param.device and values.dim() == 2 and values.shape[0] == indices.numel()
@@ -491,72 +699,102 @@ def sparse_adamw_(param: torch.Tensor, indices: torch.Tensor, values: torch.Tens
     if values.dtype != param.dtype:
         _fail(f"{op}: values have dtype {values.dtype} but param has {param.dtype}")
     dev = param.device
-    _check_indices(op, indices, param.shape[0], dev)
-    rows, perm, offsets = _plan(indices, dev)
-    t = float(step) + 1.0
-    ti = int(t)
-    if exact:
-        _check_clock(op, param, last_step, hist, qpow, row, hist_base, epoch, window)
-        _check_rows_clock(op, last_step[rows.to(last_step.device)], rows, hist_base, hist.shape[0], ti - 1)
+    _check_index_layout(op, indices, dev)
+    _check_error(op, error, param)
     if stats is not None and not (stats.dtype == torch.float64 and stats.numel() == 2 and stats.is_contiguous()
                                   and stats.device == dev):
         _fail(f"{op}: stats must be a contiguous two-element float64 tensor on the param's device, got "
               f"{stats.dtype} {list(stats.shape)} on {stats.device}")
-    if exact and rows.numel():
-        cr, info, wa = _exact_tables(op, param, exp_avg_sq, rows, last_step, hist, qpow, row, hist_base, epoch,
-                                     window, ti - 1, dev)
-    else:
-        cr = info = wa = torch.zeros(1, dtype=torch.float64, device=dev)
-    # Every check has passed: from here on, writes.
-    coef = C.advance_steps([step], hyper, dev, unit_step=False)
-    u = rows.numel()
+    if exact:
+        _check_clock(op, param, last_step, hist, qpow, row, hist_base, epoch, window)
+    if error is None:
+        _raise_for_indices(op, indices, param.shape[0])
+        if exact:
+            # host read: the step count, for a call that raises (no error word given).
+            _raise_for_clock(op, last_step, indices, hist_base, hist.shape[0], int(float(step)))
+    # Every check that raises has passed: from here on, the device decides.
+    idx = indices.to(dev)
+    err = _error_word(error, dev)
+    dstep = _device_step(step, dev)
+    info, coef = _setup(idx, param.shape[0], dstep, row, err, True, exact, hist_base, hist.shape[0] if exact else 0)
+    n = idx.numel()
     track = stats is not None
-    partial = torch.zeros(max(u, 1), 2, dtype=torch.float64, device=dev)
-    if u and param.shape[1]:
-        _launch(param, values.contiguous(), exp_avg, exp_avg_sq, rows, perm, offsets, coef, cr, info, wa,
-                partial, True, bool(exact), track)
-    if exact and u:
-        last_step[rows.to(last_step.device)] = ti
-    if track:
-        # Rows in row order (torch's fixed reduction of a fixed-size tensor): deterministic.
-        stats.view(-1).copy_(partial[:u].sum(0) if u else torch.zeros(2, dtype=torch.float64, device=dev))
+    d = param.shape[1]
+    if n and d:
+        plan = _plan(idx)
+        partial = torch.empty(n, 2, dtype=torch.float64, device=dev) if track else info
+        clock = (last_step, hist.to(dev), qpow.to(dev), row[BETA1], row[BETA2], _f32(row[EPS])) if exact else None
+        _rows_launch(param, values.contiguous(), exp_avg, exp_avg_sq, plan, err, info, coef, clock, partial, True,
+                     bool(exact), track, hist_base, epoch, window)
+        if track:
+            launch(_stats_kernel, (1,), partial, plan[3], err, stats, n, BLOCK=64)
+    elif track:
+        stats.zero_()
+    launch(_finish_kernel, (1,), dstep, err)
+    if dstep is not step:
+        step.copy_(dstep)
 
 
 @sparse_adamw_.register_fake
 def _(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch, window,
-      exact, stats=None):
+      exact, stats=None, error=None):
     return None
 
 
 @torch.library.custom_op("lvopt_triton::sparse_catchup_",
-                         mutates_args=("param", "exp_avg", "exp_avg_sq", "last_step"))
+                         mutates_args=("param", "exp_avg", "exp_avg_sq", "last_step", "error"))
 def sparse_catchup_(param: torch.Tensor, indices: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                     step: torch.Tensor, last_step: torch.Tensor, hist: torch.Tensor, qpow: torch.Tensor,
-                    hyper: torch.Tensor, hist_base: int, epoch: int, window: int) -> None:
+                    hyper: torch.Tensor, hist_base: int, epoch: int, window: int,
+                    error: Optional[torch.Tensor] = None) -> None:
+    sparse_catchup_impl(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch,
+                        window, error)
+
+
+def sparse_catchup_impl(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch,
+                        window, error=None) -> None:
+    """The body of lvopt_triton::sparse_catchup_ (see sparse_adamw_impl)."""
     op = "lvopt::sparse_catchup_"
     row = _check_table(op, param, exp_avg, exp_avg_sq, step, hyper)
     dev = param.device
-    _check_indices(op, indices, param.shape[0], dev)
+    _check_index_layout(op, indices, dev)
+    _check_error(op, error, param)
     _check_clock(op, param, last_step, hist, qpow, row, hist_base, epoch, window)
-    rows, _, _ = _plan(indices, dev)
-    c = int(float(step))
-    _check_rows_clock(op, last_step[rows.to(last_step.device)], rows, hist_base, hist.shape[0], c)
-    # Rows already current are skipped.
-    behind = (last_step[rows.to(last_step.device)] < c).to(dev)
-    rows = rows[behind]
-    if not rows.numel():
+    if error is None:
+        _raise_for_indices(op, indices, param.shape[0])
+        # host read: the step count, for a call that raises (no error word given).
+        _raise_for_clock(op, last_step, indices, hist_base, hist.shape[0], int(float(step)))
+    idx = indices.to(dev)
+    err = _error_word(error, dev)
+    info, coef = _setup(idx, param.shape[0], _device_step(step, dev), row, err, False, True, hist_base,
+                        hist.shape[0])
+    if not (idx.numel() and param.shape[1]):
         return
-    cr, info, wa = _exact_tables(op, param, exp_avg_sq, rows, last_step, hist, qpow, row, hist_base, epoch,
-                                 window, c, dev)
-    dummy = torch.zeros(2, dtype=torch.int64, device=dev)
-    coef = torch.zeros(9, dtype=torch.float32, device=dev)
-    coef[7] = float(torch.tensor(row[EPS], dtype=torch.float32))
-    if param.shape[1]:
-        _launch(param, param, exp_avg, exp_avg_sq, rows, dummy, dummy, coef, cr, info, wa,
-                torch.zeros(2, dtype=torch.float64, device=dev), False, True, False)
-    last_step[rows.to(last_step.device)] = c
+    plan = _plan(idx)
+    clock = (last_step, hist.to(dev), qpow.to(dev), row[BETA1], row[BETA2], _f32(row[EPS]))
+    _rows_launch(param, param, exp_avg, exp_avg_sq, plan, err, info, coef, clock, info, False, True, False,
+                 hist_base, epoch, window)
 
 
 @sparse_catchup_.register_fake
-def _(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch, window):
+def _(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch, window,
+      error=None):
     return None
+
+
+def catchup_scalars(last_step, rows, hist, qpow, hyper, hist_base, epoch, window, target):
+    """The catch-up scalars [len(rows), CR_COLS] (fp32: P, b1k, b2k, M0..M3, N1..N4, fwd_v,
+    rev_v) of ``rows`` brought from their last steps to ``target``, as the exact-mode kernels
+    compute them (for tests and inspection; rows already current hold garbage)."""
+    dev = last_step.device
+    row = hyper.tolist()[0]
+    rows = rows.to(dev)
+    n = rows.numel()
+    err = torch.zeros(3, dtype=torch.int64, device=dev)
+    info = torch.tensor([target, target], dtype=torch.int64, device=dev)
+    num_runs = torch.tensor([n], dtype=torch.int64, device=dev)
+    row_last = torch.empty(n, dtype=torch.int64, device=dev)
+    cr = torch.zeros(n, CR_COLS, dtype=torch.float32, device=dev)
+    launch(_scalars_kernel, _grid(n), rows, num_runs, last_step, info, err, hist.to(dev), qpow.to(dev), row_last, cr,
+           hist_base, epoch, window, qpow.shape[1], _bits(row[BETA1]), _bits(row[BETA2]), _bits(_f32(row[EPS])))
+    return cr

@@ -104,6 +104,26 @@ inline void check_sparse_adamw_args(const char* op, c10::DeviceType kernel, cons
   check_sparse_stats(op, stats, param);
 }
 
+// The optional `error` word of sparse_adamw_ / sparse_catchup_ (lvopt/sparse.py, CHECK_IDS): a
+// contiguous int64 tensor [3] on the table's device, {code, min id, max id}. When given, the op
+// raises for nothing that depends on the data: if the word is already set it writes nothing;
+// ids outside the table set {kErrIds, min, max} and a row whose last_step lies outside the
+// history sets kErrClock, and then nothing is written either. The word is read back by the
+// caller when it chooses (lazily on a GPU: no host synchronisation in the step).
+constexpr int64_t kErrIds = 1;
+constexpr int64_t kErrClock = 2;
+
+inline void check_sparse_error(const char* op, const std::optional<at::Tensor>& error,
+                               const at::Tensor& param) {
+  if (!error.has_value()) return;
+  const at::Tensor& e = *error;
+  TORCH_CHECK(e.defined() && e.device() == param.device() && e.scalar_type() == at::kLong &&
+                  e.numel() == 3 && e.is_contiguous(),
+              op, ": error must be a contiguous three-element int64 tensor on ", param.device(),
+              ", got ", e.defined() ? e.scalar_type() : at::kLong, " ",
+              e.defined() ? e.sizes() : at::IntArrayRef{});
+}
+
 // The step count (read on the host; a device counter is copied back).
 inline double read_step(const at::Tensor& step) {
   const at::Tensor s = step.device().is_cpu() ? step : step.cpu();
