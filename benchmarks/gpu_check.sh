@@ -65,7 +65,7 @@ if has tests; then
   # crash in one leaves the others' results.
   for f in ${TEST_FILES:-tests/test_cuda_kernels.py tests/test_cuda_sparse_rows.py \
       tests/test_triton_fused_adamw.py tests/test_triton_fused_adamh.py \
-      tests/test_triton_sparse_rows.py tests/test_optim.py tests/test_bench.py}; do
+      tests/test_triton_sparse_rows.py tests/test_sync_free.py tests/test_optim.py tests/test_bench.py}; do
     timeout ${TEST_TIMEOUT:-150} $PY -m pytest -v --tb=short -rfE -p no:cacheprovider "$f" \
       > "$OUT/pytest_$(basename "$f" .py).log" 2>&1
     echo "$f: rc=$? $(tail -1 "$OUT/pytest_$(basename "$f" .py).log")"

@@ -207,6 +207,8 @@ def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tenso
         if rows.numel() and (int(last.min()) < hist_base or int(last.max()) > t - 1):
             if error is not None:
                 error[0] |= ERR_CLOCK
+                if stats is not None:
+                    stats.zero_()
                 return
             raise RuntimeError(f"{op}: a row's last_step is outside [{hist_base}, {t - 1}]")
         if t - 1 - hist_base >= hist.shape[0]:

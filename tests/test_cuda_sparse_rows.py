@@ -165,3 +165,112 @@ def test_optimizer_on_cuda_matches_cpu(gen, mode, module):
         results.append([t.detach().cpu() for t in (emb.weight, head.weight)])
     for a, b in zip(*results):
         assert rel_err(a, b) < 1e-5
+
+
+# ----- sync-free, capturable, deterministic (issue 15) --------------------------------------------
+
+def _sparse_training(backend, mode, dtype=torch.float32, steps=6, V=3000, d=64, N=512, seed=0, sync_check=False):
+    """lvopt.nn.Embedding trained alone (sparse rows only) for ``steps`` steps; with sync_check
+    every step after the first runs under torch.cuda.set_sync_debug_mode("error"), forward,
+    backward, step and the final flush included."""
+    g = torch.Generator().manual_seed(seed)
+    emb = lvopt.nn.Embedding(V, d, padding_idx=0, device=DEV, dtype=dtype)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(V, d, generator=g).to(dtype))
+    opt = lvopt.AdamW([{"params": emb.parameters(), "sparse_mode": mode}], lr=1e-2, weight_decay=0.1,
+                      backend=backend)
+    batches = [torch.randint(0, V, (N,), generator=g).to(DEV) for _ in range(steps)]
+    for i, ids in enumerate(batches):
+        if sync_check and i >= 1:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            emb(ids).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i == steps - 1:
+                opt.flush()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return emb.weight.detach().clone(), opt
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_step_makes_no_synchronisation(backend, mode, dtype):
+    w, _ = _sparse_training(backend, mode, dtype, sync_check=True)
+    assert torch.isfinite(w.float()).all()
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_sparse_training_is_bit_identical_across_runs(backend, mode):
+    a, _ = _sparse_training(backend, mode)
+    b, _ = _sparse_training(backend, mode)
+    assert torch.equal(a, b)
+
+
+def test_sync_free_step_equals_cpu():
+    """The deferred-check (error word) path of the CUDA op against the CPU kernel."""
+    a, _ = _sparse_training("cuda", "exact")
+    g = torch.Generator().manual_seed(0)
+    V, d, N = 3000, 64, 512
+    emb = lvopt.nn.Embedding(V, d, padding_idx=0)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(V, d, generator=g))
+    opt = lvopt.AdamW([{"params": emb.parameters(), "sparse_mode": "exact"}], lr=1e-2, weight_decay=0.1)
+    for ids in [torch.randint(0, V, (N,), generator=g) for _ in range(6)]:
+        emb(ids).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    opt.flush()
+    assert rel_err(a.cpu(), emb.weight.detach()) < 1e-5
+
+
+def test_lazy_step_captured_in_a_cuda_graph_equals_eager():
+    """The lazy sparse step (step count and hyperparameters on the device, an error word) in a
+    CUDA graph for a fixed N: replays with new ids and values, and an lr changed in the device
+    hyper row between replays, equal the eager op call by call."""
+    V, d, N = 2000, 64, 256
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.randn(V, d, generator=g).to(DEV)
+    batches = [(torch.randint(0, V, (N,), generator=g).to(DEV), torch.randn(N, d, generator=g).to(DEV))
+               for _ in range(5)]
+    lrs = [1e-2, 1e-2, 5e-3, 5e-3, 2e-3]
+
+    def state():
+        return [p0.clone(), torch.zeros(V, d, device=DEV), torch.zeros(V, d, device=DEV),
+                torch.zeros((), device=DEV)]
+
+    none_i, none_f = torch.empty(0, dtype=torch.int64, device=DEV), torch.empty(0, dtype=torch.float64, device=DEV)
+    eager = state()
+    err_e = torch.zeros(3, dtype=torch.int64, device=DEV)
+    for (ids, vals), lr in zip(batches, lrs):
+        hyper = torch.tensor([[lr, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+        torch.ops.lvopt.sparse_adamw_(eager[0], ids, vals, eager[1], eager[2], eager[3], none_i, none_f, none_f,
+                                      hyper, 0, 1, 0, False, error=err_e)
+    cap = state()
+    err = torch.zeros(3, dtype=torch.int64, device=DEV)
+    s_ids, s_vals = batches[0][0].clone(), batches[0][1].clone()
+    s_hyper = torch.tensor([[lrs[0], 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph, on copies
+        warm = state()
+        torch.ops.lvopt.sparse_adamw_(warm[0], s_ids, s_vals, warm[1], warm[2], warm[3], none_i, none_f, none_f,
+                                      s_hyper, 0, 1, 0, False, error=err.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.lvopt.sparse_adamw_(cap[0], s_ids, s_vals, cap[1], cap[2], cap[3], none_i, none_f, none_f,
+                                      s_hyper, 0, 1, 0, False, error=err)
+    for (ids, vals), lr in zip(batches, lrs):
+        s_ids.copy_(ids)
+        s_vals.copy_(vals)
+        s_hyper[0, 0] = lr
+        graph.replay()
+    torch.cuda.synchronize()
+    assert err.tolist() == [0, 0, 0] and float(cap[3]) == 5.0
+    for a, b in zip(cap, eager):
+        assert torch.equal(a, b)

@@ -403,3 +403,71 @@ def test_rowclock_device_tables_follow_the_history():
     h, _ = clock.device_tables(dev)
     assert torch.equal(h, clock.hist) and h.shape[0] == 1
     assert clock.op_args()[0] is not None and clock.op_args("cpu")[0].data_ptr() == clock.hist.data_ptr()
+
+
+@needs_native
+@pytest.mark.parametrize("fn", ["native", "reference"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_error_word_instead_of_raising(gen, fn, exact):
+    """With an error word (what the GPU backends are given, lvopt/sparse.py CHECK_IDS) the ops
+    raise for nothing that depends on the data: ids outside the table set [1, min id, max id],
+    a row whose last step is outside the history sets code 2, a word already set stops the call;
+    each time nothing is written (table, moments, step count, last steps, stats)."""
+    adam = torch.ops.lvopt.sparse_adamw_ if fn == "native" else reference.sparse_adamw_
+    catchup = torch.ops.lvopt.sparse_catchup_ if fn == "native" else reference.sparse_catchup_
+    V, d = 6, 4
+    clock = RowClock(0.9, 0.999, 1e-8, 0)
+    clock.append(1, 1e-2, 0.1)
+    h, q, base, e, w = clock.op_args()
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+    stale = torch.zeros(V, dtype=torch.int64)
+    stale[2] = 5
+    cases = [(torch.tensor([0, -3, 2]), torch.zeros(V, dtype=torch.int64), [0, 0, 0], [1, -3, 2]),
+             (torch.tensor([5, 9, 1]), torch.zeros(V, dtype=torch.int64), [0, 0, 0], [1, 1, 9]),
+             (torch.tensor([0, 1]), torch.zeros(V, dtype=torch.int64), [2, 0, 0], [2, 0, 0])]
+    if exact:
+        cases.append((torch.tensor([2, 3]), stale, [0, 0, 0], [2, 0, 0]))
+    for ids, last, word0, word1 in cases:
+        p, m, v = torch.randn(V, d, generator=gen), torch.rand(V, d, generator=gen), torch.rand(V, d, generator=gen)
+        step, stats = torch.tensor(1.0), torch.full((1, 2), 7.0, dtype=torch.float64)
+        err = torch.tensor(word0)
+        before = [t.clone() for t in (p, m, v, step, last)]
+        adam(p, ids, torch.randn(ids.numel(), d, generator=gen), m, v, step, last, h, q, hyper, base, e, w, exact,
+             stats=stats, error=err)
+        assert err.tolist() == word1
+        for a, b in zip((p, m, v, step, last), before):
+            assert torch.equal(a, b)
+        assert stats.abs().sum() == 0.0
+        if exact:
+            err = torch.tensor(word0)
+            catchup(p, ids, m, v, step, last, h, q, hyper, base, e, w, error=err)
+            assert err.tolist() == word1
+            for a, b in zip((p, m, v, step, last), before):
+                assert torch.equal(a, b)
+    # A clean word stays clean and the call writes.
+    err = torch.zeros(3, dtype=torch.int64)
+    p = torch.randn(V, d, generator=gen)
+    p0 = p.clone()
+    adam(p, torch.tensor([1, 4]), torch.randn(2, d, generator=gen), torch.zeros(V, d), torch.zeros(V, d),
+         torch.tensor(1.0), torch.ones(V, dtype=torch.int64), h, q, hyper, base, e, w, exact, error=err)
+    assert err.tolist() == [0, 0, 0] and not torch.equal(p, p0)
+
+
+@needs_native
+def test_opcheck_with_error_word(gen):
+    V, d = 11, 8
+    clock = RowClock(0.9, 0.999, 1e-8, 0)
+    for t in range(1, 4):
+        clock.append(t, 1e-2, 0.1)
+    h, q, base, e, w = clock.op_args()
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+    ids = torch.tensor([3, 1, 3, 7])
+    for exact in (True, False):
+        args = (torch.randn(V, d), ids, torch.randn(4, d), torch.rand(V, d), torch.rand(V, d) + 0.1,
+                torch.tensor(2.0), torch.tensor([0, 1, 2] * 3 + [0, 0]), h, q, hyper, base, e, w, exact)
+        torch.library.opcheck(torch.ops.lvopt.sparse_adamw_.default, args,
+                              {"error": torch.zeros(3, dtype=torch.int64)})
+    torch.library.opcheck(torch.ops.lvopt.sparse_catchup_.default,
+                          (torch.randn(V, d), ids, torch.rand(V, d), torch.rand(V, d) + 0.1, torch.tensor(3.0),
+                           torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w),
+                          {"error": torch.zeros(3, dtype=torch.int64)})

@@ -437,3 +437,71 @@ def test_optimizer_backend_triton_matches_cpu(gen, mode):
         assert torch.equal(a, b)
     else:
         assert _ulps(a, b) <= 8 and rel_err(a, b) < 1e-6
+
+
+@needs_triton_device
+@needs_native
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_optimizer_defers_bad_ids_and_writes_nothing(gen, mode):
+    """backend="triton" checks ids on the device (check_ids="deferred"): a step given an id
+    outside the table writes nothing to that table (rows, moments, step count, last steps), the
+    next step() raises naming the parameter and the ids' range, and training then goes on as if
+    the bad step had not been taken (equal to a run without it). check_ids="sync" raises in
+    the step itself, before anything is written."""
+    import lvopt
+
+    V, d = 20, 40
+    w0 = torch.randn(V, d, generator=gen)
+    batches = [torch.randint(0, V, (6,), generator=gen) for _ in range(5)]
+    tgts = [torch.randn(6, d, generator=gen) for _ in range(5)]
+
+    def make(**kw):
+        emb = torch.nn.Embedding(V, d, sparse=True).to(DEV)
+        with torch.no_grad():
+            emb.weight.copy_(w0)
+        return emb, lvopt.AdamW(emb.parameters(), lr=1e-2, weight_decay=0.1, backend="triton", sparse_mode=mode, **kw)
+
+    def step(emb, opt, ids, tgt):
+        opt.zero_grad()
+        ((emb(ids.to(DEV)) - tgt.to(DEV)) ** 2).sum().backward()
+        opt.step()
+
+    emb, opt = make()
+    clean, copt = make()
+    for i in range(2):
+        step(emb, opt, batches[i], tgts[i])
+        step(clean, copt, batches[i], tgts[i])
+    st = opt.state[emb.weight]
+    snap = [emb.weight.detach().clone()] + [st[k].clone() for k in ("exp_avg", "exp_avg_sq", "step")]
+    if mode == "exact":
+        snap.append(st["last_step"].clone())
+    bad = emb.weight.grad.clone()
+    opt.zero_grad()
+    emb.weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, V + 4, 2]]).to(DEV), torch.randn(3, d).to(DEV),
+                                              (V, d))
+    opt.step()  # queued; nothing written
+    after = [emb.weight.detach()] + [st[k] for k in ("exp_avg", "exp_avg_sq", "step")]
+    if mode == "exact":
+        after.append(st["last_step"])
+    for a, b in zip(after, snap):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=rf"param 0 of group 0 .*row indices in \[1, {V + 4}\], outside \[0, {V}\)"):
+        step(emb, opt, batches[2], tgts[2])
+    del bad
+    for i in range(2, 5):
+        step(emb, opt, batches[i], tgts[i])
+        step(clean, copt, batches[i], tgts[i])
+    if mode == "exact":
+        opt.flush()
+        copt.flush()
+    assert torch.equal(emb.weight.detach(), clean.weight.detach())
+    assert float(opt.state[emb.weight]["step"]) == 5.0
+
+    emb, opt = make(check_ids="sync")
+    step(emb, opt, batches[0], tgts[0])
+    before = emb.weight.detach().clone()
+    opt.zero_grad()
+    emb.weight.grad = torch.sparse_coo_tensor(torch.tensor([[-2, 3]]).to(DEV), torch.randn(2, d).to(DEV), (V, d))
+    with pytest.raises(ValueError, match="negative row index -2"):
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before)
