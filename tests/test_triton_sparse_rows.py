@@ -116,7 +116,7 @@ def _step_all(V, d, dtype, gen, T, exact, ids, tiny=(), stats=False, eps=1e-8, m
     for fn, dev in ((_ops().sparse_adamw_, DEV), (torch.ops.lvopt.sparse_adamw_, "cpu"),
                     (reference.sparse_adamw_, "cpu")):
         pp, mm, vv = (t.clone().to(dev) for t in (p, m, v))
-        ss, ll = step.clone(), last.clone()
+        ss, ll = step.clone(), last.clone().to(dev)
         st = torch.full((1, 2), 7.0, dtype=torch.float64, device=dev) if stats else None
         kw = {} if st is None else {"stats": st}
         if exact:
@@ -124,8 +124,8 @@ def _step_all(V, d, dtype, gen, T, exact, ids, tiny=(), stats=False, eps=1e-8, m
         else:
             fn(pp, ids.to(dev), vals.to(dev), mm, vv, ss, torch.empty(0, dtype=torch.int64), torch.empty(0),
                torch.empty(0), hyper, 0, 1, 0, False, **kw)
-        outs.append((pp.cpu(), mm.cpu(), vv.cpu(), ss, ll, None if st is None else st.cpu()))
-    return (p, m, v, step, last), outs
+        outs.append((pp.cpu(), mm.cpu(), vv.cpu(), ss, ll.cpu(), None if st is None else st.cpu()))
+    return (p, m, v, step, last, vals), outs
 
 
 @needs_triton_device
@@ -505,3 +505,43 @@ def test_optimizer_defers_bad_ids_and_writes_nothing(gen, mode):
     with pytest.raises(ValueError, match="negative row index -2"):
         opt.step()
     assert torch.equal(emb.weight.detach(), before)
+
+
+@needs_triton_device
+@needs_native
+@pytest.mark.parametrize("exact", [False, True])
+def test_long_runs_are_summed_in_pieces(gen, exact):
+    """A row given 77 times (more than RUN = 32) is summed in pieces of 32 rows, then the pieces
+    in order (the CUDA kernel's grouping): its gradient equals that grouping bit for bit, and the
+    step equals the CPU op (a sequential sum) within fp32 rounding; rows given fewer times match
+    the CPU op bit for bit in lazy mode."""
+    from lvopt.triton import sparse_rows as S
+
+    V, d, T = 9, 40, 30
+    ids = torch.cat([torch.full((77,), 4), torch.tensor([1, 7, 1])])[torch.randperm(80, generator=gen)]
+    before, (tri, cpu, ref) = _step_all(V, d, torch.float32, gen, T, exact, ids)
+    # The gradient of row 4 as the pieces sum it: a plain sum of 32-row sums, in input order.
+    vals = before[5]
+    pos = (ids == 4).nonzero().reshape(-1)
+    def in_order(rows):
+        acc = rows[0].clone()
+        for r in rows[1:]:
+            acc = acc + r
+        return acc
+
+    pieces = [in_order(vals[pos[i: i + S.RUN]]) for i in range(0, pos.numel(), S.RUN)]
+    assert len(pieces) == 3
+    assert rel_err(tri[0], cpu[0]) < 1e-5
+    if not exact:
+        others = [r for r in range(V) if r != 4]
+        assert torch.equal(tri[0][others], cpu[0][others])
+        # Row 4 stepped by the CPU op with the pieces' grouping of its gradient: the same bits.
+        g4 = in_order(pieces)
+        assert not torch.equal(g4, in_order(vals[pos]))  # the grouping shows in the bits here
+        p, m, v, step = (t.clone() for t in before[:4])
+        clock = _clock(T)
+        h = clock.op_args()[0]
+        torch.ops.lvopt.sparse_adamw_(p, torch.tensor([4]), g4[None], m, v, step, torch.empty(0, dtype=torch.int64),
+                                      torch.empty(0), torch.empty(0), _hyper(lr=float(h[T, 0]), wd=0.1), 0, 1, 0,
+                                      False)
+        assert torch.equal(tri[0][4], p[4]) and torch.equal(tri[1][4], m[4])

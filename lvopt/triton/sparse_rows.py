@@ -16,6 +16,8 @@ and launches whose grids depend on N (the number of ids) only, never on the data
   torch.cumsum           run number of each sorted position; the run count U is its last
                          entry, on the device
   _offsets_kernel        N programs: rows[run] and offsets[run] of each run's first position
+  _piece_table_kernel,   N programs, N/16 + 1 programs: rows given more than 32 times,
+  _partial_sums_kernel   summed in pieces of 32 rows
   _scalars_kernel        N programs (exact): each row's last step, the clock check, and its
                          catch-up scalars (sparse_clock.h Clock::row, fp64)
   sparse_rows_kernel     N programs, one per distinct row; programs past U return
@@ -35,8 +37,11 @@ catchup_element_loop's fp64 sum over the window, its terms computed in the kerne
 history (Clock::term). The catch-up scalars are computed on the device in fp64 (exp, and
 integer powers by squaring where Clock::row calls pow): they may differ from the CPU op's libm
 values in the last fp64 bit, which changes an fp32-rounded scalar only rarely (tests allow 4
-fp32 ulps against the CPU op in exact mode). Unlike the CUDA kernel, a row given many times (a
-frequent token) is summed by its own program alone.
+fp32 ulps against the CPU op in exact mode). A row given more than RUN = 32 times (the head of a
+Zipf batch) is summed in pieces of 32 rows by programs of their own (_piece_table_kernel numbers
+them from a device counter, _partial_sums_kernel sums them), then the pieces in order: the
+grouping of the CUDA kernel, so rows given at most 32 times match the CPU op's sums bit for bit
+and longer runs match the CUDA op's.
 """
 from __future__ import annotations
 
@@ -124,6 +129,59 @@ def _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED: tl.conste
     for i in range(g_lo + 1, g_hi):
         acc = acc + _load(_value_row(vals_ptr, perm_ptr, i, d, ALIGNED) + offs, mask, MASKED).to(tl.float32)
     return acc
+
+
+@triton.jit
+def _row_grad_tile(vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, ALIGNED: tl.constexpr,
+                   MASKED: tl.constexpr, RUN: tl.constexpr):
+    """A row's gradient at columns offs: a row given at most RUN times sums its value rows in
+    input order (_grad_tile); a longer run adds the sums of its pieces of RUN rows (computed by
+    _partial_sums_kernel, rows part_first, part_first + 1, ... of part_ptr) in order, as the
+    CUDA kernel does: a fixed grouping, so the bits stay deterministic."""
+    if g_hi - g_lo > RUN:
+        n = (g_hi - g_lo + RUN - 1) // RUN
+        acc = _load(part_ptr + part_first * d + offs, mask, MASKED)
+        for c in range(1, n):
+            acc = acc + _load(part_ptr + (part_first + c) * d + offs, mask, MASKED)
+    else:
+        acc = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED)
+    return acc
+
+
+@triton.jit
+def _piece_table_kernel(offsets_ptr, num_runs_ptr, part_start_ptr, owner_ptr, count_ptr, RUN: tl.constexpr):
+    """One program per run k (programs past U return): a row given more than RUN times gets
+    ceil(count / RUN) consecutive piece numbers from one device counter (which row gets which
+    numbers is the schedule's; no result depends on it)."""
+    k = tl.program_id(0)
+    if k < tl.load(num_runs_ptr):
+        c = tl.load(offsets_ptr + k + 1) - tl.load(offsets_ptr + k)
+        if c > RUN:
+            n = (c + RUN - 1) // RUN
+            first = tl.atomic_add(count_ptr, n)
+            tl.store(part_start_ptr + k, first)
+            for j in range(0, n):
+                tl.store(owner_ptr + first + j, k)
+
+
+@triton.jit
+def _partial_sums_kernel(vals_ptr, perm_ptr, offsets_ptr, owner_ptr, part_start_ptr, count_ptr, part_ptr, d,
+                         ALIGNED: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per piece q (programs past the counter return): the fp32 sum of its (at most
+    RUN) value rows in input order, into part[q]."""
+    q = tl.program_id(0)
+    if q < tl.load(count_ptr):
+        k = tl.load(owner_ptr + q)
+        lo = tl.load(offsets_ptr + k) + (q - tl.load(part_start_ptr + k)) * RUN
+        hi = tl.minimum(lo + RUN, tl.load(offsets_ptr + k + 1))
+        out = part_ptr + q.to(tl.int64) * d
+        full = d // BLOCK_D
+        for t in range(0, full):
+            offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
+            tl.store(out + offs, _grad_tile(vals_ptr, perm_ptr, lo, hi, d, offs, None, ALIGNED, False))
+        offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = offs < d
+        tl.store(out + offs, _grad_tile(vals_ptr, perm_ptr, lo, hi, d, offs, mask, ALIGNED, True), mask=mask)
 
 
 @triton.jit
@@ -354,9 +412,10 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base
 
 
 @triton.jit
-def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, cr_ptr, ceps, behind, s, c,
-              hist_ptr, qpow_ptr, base, epoch, window, qcols, HAS_GRAD: tl.constexpr, EXACT: tl.constexpr,
-              ALIGNED: tl.constexpr, MASKED: tl.constexpr, LOOP: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, coef_ptr, cr_ptr, ceps,
+              behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, HAS_GRAD: tl.constexpr,
+              EXACT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, LOOP: tl.constexpr,
+              RUN: tl.constexpr, BLOCK_D: tl.constexpr):
     """One tile of a row: [exact: catch-up if behind], [AdamW step], stores; returns the tile's
     fp64 (sum W^2, sum dW^2) (unused values cost nothing)."""
     pi = _load(p + offs, mask, MASKED).to(tl.float32)
@@ -369,7 +428,8 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, 
                                        window, qcols, LOOP, BLOCK_D)
     if HAS_GRAD:
         b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, 0)
-        gi = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED)
+        gi = _row_grad_tile(vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED,
+                            RUN)
         pi, mi, vi = adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign)
     _store_state(m, v, offs, mask, mi, vi, MASKED)
     _store_param(p + offs, pi, mask, MASKED)
@@ -378,9 +438,10 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, coef_ptr, 
 
 @triton.jit
 def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offsets_ptr, num_runs_ptr, err_ptr,
-                       info_ptr, coef_ptr, row_last_ptr, last_ptr, cr_ptr, hist_ptr, qpow_ptr, partial_ptr, d, base, epoch,
-                       window, qcols, HAS_GRAD: tl.constexpr, EXACT: tl.constexpr, TRACK: tl.constexpr,
-                       ALIGNED: tl.constexpr, LOOP: tl.constexpr, BLOCK_D: tl.constexpr):
+                       info_ptr, coef_ptr, row_last_ptr, last_ptr, cr_ptr, hist_ptr, qpow_ptr, partial_ptr, part_ptr,
+                       part_start_ptr, d, base, epoch, window, qcols, HAS_GRAD: tl.constexpr, EXACT: tl.constexpr,
+                       TRACK: tl.constexpr, ALIGNED: tl.constexpr, LOOP: tl.constexpr, RUN: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     """One distinct row per program (programs past U, or all of them when the error word is
     set, return): [exact: catch-up if behind] then [HAS_GRAD: AdamW step with the row's summed
     gradient]; TRACK: the row's fp64 (sum W^2, sum dW^2), tiles added in order. Full tiles
@@ -400,9 +461,12 @@ def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offset
                 v = tl.multiple_of(v, 16)
             g_lo = 0
             g_hi = 0
+            part_first = 0
             if HAS_GRAD:
                 g_lo = tl.load(offsets_ptr + k)
                 g_hi = tl.load(offsets_ptr + k + 1)
+                if g_hi - g_lo > RUN:
+                    part_first = tl.load(part_start_ptr + k)
             ceps = tl.load(coef_ptr + 7)
             c = tl.load(info_ptr)
             s = c
@@ -417,16 +481,16 @@ def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offset
                 full = d // BLOCK_D
                 for t in range(0, full):
                     offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
-                    a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, offs < d, coef_ptr, cr,
-                                     ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols,
-                                     HAS_GRAD, EXACT, ALIGNED, False, LOOP, BLOCK_D)
+                    a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs,
+                                     offs < d, coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch,
+                                     window, qcols, HAS_GRAD, EXACT, ALIGNED, False, LOOP, RUN, BLOCK_D)
                     if TRACK:
                         ww += a
                         dd += b
                 offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
-                a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, g_lo, g_hi, d, offs, offs < d, coef_ptr, cr, ceps,
-                                 behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, HAS_GRAD, EXACT,
-                                 ALIGNED, True, LOOP, BLOCK_D)
+                a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, offs < d,
+                                 coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols,
+                                 HAS_GRAD, EXACT, ALIGNED, True, LOOP, RUN, BLOCK_D)
                 if TRACK:
                     tl.store(partial_ptr + 2 * k + 0, ww + a)
                     tl.store(partial_ptr + 2 * k + 1, dd + b)
@@ -555,6 +619,13 @@ def _check_rows_clock(op, last_rows: torch.Tensor, rows: torch.Tensor, hist_base
 # ----- host side: the plan and the launches (no host reads) -------------------------------------
 
 BLOCK_N = 128  # ids per program of the plan kernels
+# Rows given more than RUN times are summed in pieces of RUN rows (csrc/cuda/sparse_rows.cu kRun).
+RUN = 32
+
+
+def _max_pieces(n: int) -> int:
+    """The most pieces n ids can make: a run of c > RUN rows makes ceil(c / RUN) <= c / 16."""
+    return n // 16 + 1 if n > RUN else 0
 
 
 def _grid(n: int, per: int = 1) -> tuple:
@@ -619,11 +690,24 @@ def _rows_launch(param, vals, exp_avg, exp_avg_sq, plan, err, info, coef, clock,
     else:
         row_last = last_step = cr = hist = qpow = info
         qcols = 0
+    aligned = _aligned(d, param.dtype, param, vals, exp_avg, exp_avg_sq)
+    part, part_start = info, info
+    pieces = _max_pieces(n) if has_grad else 0
+    if pieces:
+        # Rows given more than RUN times (the head of a Zipf batch) are summed in pieces of RUN
+        # rows by programs of their own (as csrc/cuda/sparse_rows.cu does); the row's program
+        # then adds the pieces in order.
+        count = torch.zeros(1, dtype=torch.int64, device=dev)
+        part_start = torch.empty(n, dtype=torch.int64, device=dev)
+        owner = torch.empty(pieces, dtype=torch.int64, device=dev)
+        part = torch.empty(pieces, d, dtype=torch.float32, device=dev)
+        launch(_piece_table_kernel, _grid(n), offsets, num_runs, part_start, owner, count, RUN=RUN)
+        launch(_partial_sums_kernel, _grid(pieces), vals, perm, offsets, owner, part_start, count, part, d,
+               ALIGNED=aligned, RUN=RUN, BLOCK_D=_width_block(d), **launch_options())
     launch(sparse_rows_kernel, _grid(n), param, exp_avg, exp_avg_sq, vals, rows, perm, offsets, num_runs, err, info,
-           coef, row_last, last_step, cr, hist, qpow, partial, d, hist_base, epoch, window, qcols,
-           HAS_GRAD=has_grad, EXACT=exact, TRACK=track, LOOP=WINDOW_LOOP,
-           ALIGNED=_aligned(d, param.dtype, param, vals, exp_avg, exp_avg_sq), BLOCK_D=_width_block(d, exact),
-           **launch_options())
+           coef, row_last, last_step, cr, hist, qpow, partial, part, part_start, d, hist_base, epoch, window, qcols,
+           HAS_GRAD=has_grad, EXACT=exact, TRACK=track, LOOP=WINDOW_LOOP, RUN=RUN, ALIGNED=aligned,
+           BLOCK_D=_width_block(d, exact), **launch_options())
 
 
 def _error_word(error, dev):
