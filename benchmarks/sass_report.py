@@ -32,7 +32,10 @@ ACHIEVABLE = 0.90          # fraction of peak a streaming kernel reaches
 # loop_rows_kernel (exact sparse rows whose v needs the fp64 windowed loop, ~2e-5 of elements;
 # scalar per element by design, its cost is the loop, not the bytes).
 NON_STREAMING = ("advance_kernel", "finalize_kernel", "stats_kernel", "chunk_sums_kernel", "catchup_scalars_kernel",
-                 "loop_rows_kernel")
+                 "loop_rows_kernel",
+                 # The sparse step's plan and control kernels (ids and counters, O(N) bytes: not
+                 # the rows' data), CUB's among them.
+                 "setup_kernel", "finish_kernel", "piece_table_kernel", "cub", "EmptyKernel")
 # Streaming kernels that only read (the non-finite scans): 128-bit loads, no stores.
 READ_ONLY = ("nonfinite_kernel", "scan_kernel")
 
@@ -194,14 +197,25 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
         for name, c in (("sparse_adamw_kernel", dict(HAS_GRAD=True, EXACT=False, TRACK=False)),
                         ("sparse_adamw_kernel<exact,track>", dict(HAS_GRAD=True, EXACT=True, TRACK=True)),
                         ("sparse_catchup_kernel", dict(HAS_GRAD=False, EXACT=True, TRACK=False))):
-            const = {**c, "ALIGNED": True, "BLOCK_D": 512 if c["EXACT"] else 1024}
+            const = {**c, "ALIGNED": True, "DEFER": c["EXACT"], "LOOP_LIST": False, "SPLIT": c["HAS_GRAD"],
+                     "RUN": S.RUN, "BLOCK_D": 512 if c["EXACT"] else 1024}
             label = name.replace("kernel", f"kernel<{dt}>") if "<" not in name else name.replace("<", f"<{dt},")
             jobs.append((label, S.sparse_rows_kernel,
                          {"p_ptr": f"*{dt}", "m_ptr": "*fp32", "v_ptr": "*fp32", "vals_ptr": f"*{dt}",
-                          "rows_ptr": "*i64", "perm_ptr": "*i64", "offsets_ptr": "*i64", "coef_ptr": "*fp32",
-                          "cr_ptr": "*fp32", "info_ptr": "*i64", "wa_ptr": "*fp64", "partial_ptr": "*fp64",
-                          "d": "i32", **{k: "constexpr" for k in const}}, const,
+                          "rows_ptr": "*i64", "perm_ptr": "*i64", "offsets_ptr": "*i64", "num_runs_ptr": "*i64",
+                          "err_ptr": "*i64", "info_ptr": "*i64", "coef_ptr": "*fp32", "row_last_ptr": "*i64",
+                          "last_ptr": "*i64", "cr_ptr": "*fp32", "hist_ptr": "*fp64", "qpow_ptr": "*fp64",
+                          "partial_ptr": "*fp64", "part_ptr": "*fp32", "part_start_ptr": "*i64",
+                          "loop_ptr": "*i64", "d": "i32",
+                          "base": "i64", "epoch": "i32", "window": "i32", "qcols": "i32",
+                          **{k: "constexpr" for k in const}}, const,
                          {(0,): div16, (1,): div16, (2,): div16, (3,): div16}))
+        # The exact-loop rows (a launch of the same kernel over the rows the first listed).
+        for track in (False, True):
+            c = dict(HAS_GRAD=True, EXACT=True, TRACK=track, ALIGNED=False, DEFER=False, LOOP_LIST=True, SPLIT=True,
+                     RUN=S.RUN, BLOCK_D=256 if dt == "bf16" else 128)
+            jobs.append((f"sparse_loop_rows_kernel<{dt}{',track' if track else ''}>", S.sparse_rows_kernel,
+                         {**jobs[-1][2], **{k: "constexpr" for k in c}}, c, {}))
         const = {"ALIGNED": True, "BLOCK_D": 1024}
         jobs.append((f"coalesce_kernel<{dt}>", S.coalesce_kernel,
                      {"vals_ptr": f"*{dt}", "perm_ptr": "*i64", "offsets_ptr": "*i64", "out_ptr": f"*{dt}",

@@ -85,6 +85,22 @@ struct StepInfo {
   int64_t new_last;  // exact: every touched row's last step afterwards
 };
 
+// The step's coefficients, field by field from global memory into registers (a struct copy
+// through the pointer put the exact-mode row kernel's copy in local memory).
+__device__ __forceinline__ AdamCoef load_coef(const StepInfo* __restrict__ info) {
+  AdamCoef c;
+  c.beta1 = __ldg(&info->coef.beta1);
+  c.one_minus_beta1 = __ldg(&info->coef.one_minus_beta1);
+  c.beta2 = __ldg(&info->coef.beta2);
+  c.one_minus_beta2 = __ldg(&info->coef.one_minus_beta2);
+  c.decay = __ldg(&info->coef.decay);
+  c.step_size = __ldg(&info->coef.step_size);
+  c.inv_bc2_sqrt = __ldg(&info->coef.inv_bc2_sqrt);
+  c.eps = __ldg(&info->coef.eps);
+  c.grad_sign = __ldg(&info->coef.grad_sign);
+  return c;
+}
+
 // Where the step count and the hyperparameter row are: on the device (read by setup_kernel:
 // nothing is read on the host, and a captured graph reads the current values at each replay)
 // or on the host (values passed by value).
@@ -308,8 +324,21 @@ __global__ void setup_kernel(StepSource src, const int64_t* __restrict__ id_min,
   info->new_last = static_cast<int64_t>(t);
   if (exact && (target < hist_base || target - hist_base >= hist_rows)) err[0] |= kErrClock;
   if (step_op) {
-    const double* row = src.hyper_dev != nullptr ? src.hyper_dev : src.hyper_host;
-    info->coef = make_adam_coef(row, t);
+    // The row in registers (indexing the parameter array through a pointer would copy it to
+    // local memory).
+    double row[kHyperCols];
+#pragma unroll
+    for (int i = 0; i < kHyperCols; ++i) row[i] = src.hyper_dev != nullptr ? src.hyper_dev[i] : src.hyper_host[i];
+    const AdamCoef c = make_adam_coef(row, t);
+    info->coef.beta1 = c.beta1;
+    info->coef.one_minus_beta1 = c.one_minus_beta1;
+    info->coef.beta2 = c.beta2;
+    info->coef.one_minus_beta2 = c.one_minus_beta2;
+    info->coef.decay = c.decay;
+    info->coef.step_size = c.step_size;
+    info->coef.inv_bc2_sqrt = c.inv_bc2_sqrt;
+    info->coef.eps = c.eps;
+    info->coef.grad_sign = c.grad_sign;
   }
 }
 
@@ -374,8 +403,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  AdamCoef c{};
-  if constexpr (kStep) c = a.info->coef;
+  const AdamCoef c = kStep ? load_coef(a.info) : AdamCoef{};
   double sums[2] = {0.0, 0.0};
   constexpr int N = VecWidth<T>::value;
   int64_t done = 0;
@@ -407,8 +435,7 @@ __global__ void __launch_bounds__(kThreads)
   float* m = a.m + r * a.d;
   float* v = a.v + r * a.d;
   const int64_t lo = kStep ? a.offsets[k] : 0, hi = kStep ? a.offsets[k + 1] : 0;
-  AdamCoef c{};
-  if constexpr (kStep) c = a.info->coef;
+  const AdamCoef c = kStep ? load_coef(a.info) : AdamCoef{};
   const auto term = [&](int64_t j, double& w, double& aj) { ck.term(s, target, s + 1 + j, w, aj); };
   double sums[2] = {0.0, 0.0};
   for (int64_t j = threadIdx.x; j < a.d; j += kThreads) {

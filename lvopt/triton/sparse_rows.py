@@ -135,16 +135,23 @@ def _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED: tl.conste
 def _row_grad_tile(vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, ALIGNED: tl.constexpr,
                    MASKED: tl.constexpr, RUN: tl.constexpr):
     """A row's gradient at columns offs: a row given at most RUN times sums its value rows in
-    input order (_grad_tile); a longer run adds the sums of its pieces of RUN rows (computed by
-    _partial_sums_kernel, rows part_first, part_first + 1, ... of part_ptr) in order, as the
-    CUDA kernel does: a fixed grouping, so the bits stay deterministic."""
-    if g_hi - g_lo > RUN:
-        n = (g_hi - g_lo + RUN - 1) // RUN
-        acc = _load(part_ptr + part_first * d + offs, mask, MASKED)
-        for c in range(1, n):
-            acc = acc + _load(part_ptr + (part_first + c) * d + offs, mask, MASKED)
-    else:
-        acc = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED)
+    input order (as _grad_tile); a longer run adds the sums of its pieces of RUN rows (computed
+    by _partial_sums_kernel, rows part_first, part_first + 1, ... of part_ptr) in order, as the
+    CUDA kernel does: a fixed grouping, so the bits stay deterministic. Written without an
+    if/else on the run's length (one accumulator, two loops of which one is empty): the merge of
+    two branches' tiles made the bf16 kernel spill."""
+    long = g_hi - g_lo > RUN
+    n_parts = tl.where(long, (g_hi - g_lo + RUN - 1) // RUN, 0)
+    direct_hi = tl.where(long, g_lo, g_hi)
+    first_mask = mask & long if MASKED else long
+    from_part = tl.load(part_ptr + part_first * d + offs, mask=first_mask, other=0.0)
+    from_vals = tl.load(_value_row(vals_ptr, perm_ptr, g_lo, d, ALIGNED) + offs, mask=(mask & (~long)) if MASKED
+                        else ~long, other=0.0).to(tl.float32)
+    acc = tl.where(long, from_part, from_vals)
+    for c in range(1, n_parts):
+        acc = acc + _load(part_ptr + (part_first + c) * d + offs, mask, MASKED)
+    for i in range(g_lo + 1, direct_hi):
+        acc = acc + _load(_value_row(vals_ptr, perm_ptr, i, d, ALIGNED) + offs, mask, MASKED).to(tl.float32)
     return acc
 
 
@@ -415,7 +422,7 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base
 def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, coef_ptr, cr_ptr, ceps,
               behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, HAS_GRAD: tl.constexpr,
               EXACT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, LOOP: tl.constexpr,
-              RUN: tl.constexpr, BLOCK_D: tl.constexpr):
+              SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr):
     """One tile of a row: [exact: catch-up if behind], [AdamW step], stores; returns the tile's
     fp64 (sum W^2, sum dW^2) (unused values cost nothing)."""
     pi = _load(p + offs, mask, MASKED).to(tl.float32)
@@ -428,8 +435,11 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, 
                                        window, qcols, LOOP, BLOCK_D)
     if HAS_GRAD:
         b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, 0)
-        gi = _row_grad_tile(vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED,
-                            RUN)
+        if SPLIT:
+            gi = _row_grad_tile(vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, ALIGNED,
+                                MASKED, RUN)
+        else:
+            gi = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED)
         pi, mi, vi = adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign)
     _store_state(m, v, offs, mask, mi, vi, MASKED)
     _store_param(p + offs, pi, mask, MASKED)
@@ -437,18 +447,48 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, 
 
 
 @triton.jit
+def _row_has_mid(v, d, cr_ptr, BLOCK_D: tl.constexpr):
+    """Whether an element of a behind row's v lies between rev_v and fwd_v (NaN included), so
+    that it needs catchup_element_loop: one read of the row's v (the update's read of it then
+    hits the cache)."""
+    fwd_v = tl.load(cr_ptr + 11)
+    rev_v = tl.load(cr_ptr + 12)
+    n = 0
+    for t in range(0, tl.cdiv(d, BLOCK_D)):
+        offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = offs < d
+        vi = tl.load(v + offs, mask=mask, other=0.0)
+        mid = (~(vi >= fwd_v)) & (~(vi <= rev_v)) & mask
+        n += tl.sum(mid.to(tl.int32), axis=0)
+    return n > 0
+
+
+@triton.jit
 def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offsets_ptr, num_runs_ptr, err_ptr,
                        info_ptr, coef_ptr, row_last_ptr, last_ptr, cr_ptr, hist_ptr, qpow_ptr, partial_ptr, part_ptr,
-                       part_start_ptr, d, base, epoch, window, qcols, HAS_GRAD: tl.constexpr, EXACT: tl.constexpr,
-                       TRACK: tl.constexpr, ALIGNED: tl.constexpr, LOOP: tl.constexpr, RUN: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       part_start_ptr, loop_ptr, d, base, epoch, window, qcols, HAS_GRAD: tl.constexpr,
+                       EXACT: tl.constexpr, TRACK: tl.constexpr, ALIGNED: tl.constexpr, DEFER: tl.constexpr,
+                       LOOP_LIST: tl.constexpr, SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr):
     """One distinct row per program (programs past U, or all of them when the error word is
     set, return): [exact: catch-up if behind] then [HAS_GRAD: AdamW step with the row's summed
     gradient]; TRACK: the row's fp64 (sum W^2, sum dW^2), tiles added in order. Full tiles
     unmasked (16-byte vectors when ALIGNED), then a masked tail. Exact mode: the row's last
-    step becomes the step's."""
-    k = tl.program_id(0)
-    if k < tl.load(num_runs_ptr):
+    step becomes the step's.
+
+    DEFER: a behind row with an element for the exact windowed loop is left untouched and
+    appended to the loop list (loop_ptr: count, then row numbers; its order is the schedule's,
+    and each listed row is then done whole by one program, so no bits depend on it).
+    LOOP_LIST: this launch does the listed rows, with catchup_element_loop for those elements
+    (the fp64 loop lives only in this variant, which keeps the streaming variant at ~96
+    registers and spill-free)."""
+    q = tl.program_id(0)
+    if LOOP_LIST:
+        active = q < tl.load(loop_ptr)
+        k = tl.load(loop_ptr + 1 + q, mask=active, other=0)
+    else:
+        active = q < tl.load(num_runs_ptr)
+        k = q.to(tl.int64)
+    if active:
         if tl.load(err_ptr) == 0:
             r = tl.load(rows_ptr + k)
             base_off = r * d
@@ -461,21 +501,29 @@ def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offset
                 v = tl.multiple_of(v, 16)
             g_lo = 0
             g_hi = 0
-            part_first = 0
+            part_first = tl.full([], 0, tl.int64)
             if HAS_GRAD:
                 g_lo = tl.load(offsets_ptr + k)
                 g_hi = tl.load(offsets_ptr + k + 1)
-                if g_hi - g_lo > RUN:
-                    part_first = tl.load(part_start_ptr + k)
+                if SPLIT:
+                    if g_hi - g_lo > RUN:
+                        part_first = tl.load(part_start_ptr + k)
             ceps = tl.load(coef_ptr + 7)
             c = tl.load(info_ptr)
             s = c
             if EXACT:
                 s = tl.load(row_last_ptr + k)
             behind = s < c
+            cr = cr_ptr + k * 13
             # A catch-up of a row already current has nothing to do.
-            if (behind.to(tl.int32) + HAS_GRAD) > 0:
-                cr = cr_ptr + k * 13
+            go = (behind.to(tl.int32) + HAS_GRAD) > 0
+            if DEFER:
+                if behind:
+                    if _row_has_mid(v, d, cr, BLOCK_D):
+                        slot = tl.atomic_add(loop_ptr, 1)
+                        tl.store(loop_ptr + 1 + slot, k)
+                        go = s != s
+            if go:
                 ww = tl.sum(tl.zeros((BLOCK_D,), tl.float64), axis=0)
                 dd = ww
                 full = d // BLOCK_D
@@ -483,14 +531,14 @@ def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offset
                     offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
                     a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs,
                                      offs < d, coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch,
-                                     window, qcols, HAS_GRAD, EXACT, ALIGNED, False, LOOP, RUN, BLOCK_D)
+                                     window, qcols, HAS_GRAD, EXACT, ALIGNED, False, LOOP_LIST, SPLIT, RUN, BLOCK_D)
                     if TRACK:
                         ww += a
                         dd += b
                 offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
                 a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, offs < d,
                                  coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols,
-                                 HAS_GRAD, EXACT, ALIGNED, True, LOOP, RUN, BLOCK_D)
+                                 HAS_GRAD, EXACT, ALIGNED, True, LOOP_LIST, SPLIT, RUN, BLOCK_D)
                 if TRACK:
                     tl.store(partial_ptr + 2 * k + 0, ww + a)
                     tl.store(partial_ptr + 2 * k + 1, dd + b)
@@ -623,6 +671,16 @@ BLOCK_N = 128  # ids per program of the plan kernels
 RUN = 32
 
 
+def _loop_block(dtype: torch.dtype) -> int:
+    """Width tile of the loop-rows launch: one or two elements per thread (the CUDA loop kernel
+    takes one), chosen per dtype from the SASS (benchmarks/sass_report.py): ptxas keeps the
+    fp64 window loop spill-free at 128 for fp32 and at 256 for bf16, and spills one or two
+    values the other way round."""
+    if C.interpreting():
+        return 32
+    return 256 if dtype == torch.bfloat16 else 128
+
+
 def _max_pieces(n: int) -> int:
     """The most pieces n ids can make: a run of c > RUN rows makes ceil(c / RUN) <= c / 16."""
     return n // 16 + 1 if n > RUN else 0
@@ -704,10 +762,18 @@ def _rows_launch(param, vals, exp_avg, exp_avg_sq, plan, err, info, coef, clock,
         launch(_piece_table_kernel, _grid(n), offsets, num_runs, part_start, owner, count, RUN=RUN)
         launch(_partial_sums_kernel, _grid(pieces), vals, perm, offsets, owner, part_start, count, part, d,
                ALIGNED=aligned, RUN=RUN, BLOCK_D=_width_block(d), **launch_options())
-    launch(sparse_rows_kernel, _grid(n), param, exp_avg, exp_avg_sq, vals, rows, perm, offsets, num_runs, err, info,
-           coef, row_last, last_step, cr, hist, qpow, partial, part, part_start, d, hist_base, epoch, window, qcols,
-           HAS_GRAD=has_grad, EXACT=exact, TRACK=track, LOOP=WINDOW_LOOP, RUN=RUN, ALIGNED=aligned,
+    defer = exact and WINDOW_LOOP
+    loop = torch.zeros(n + 1, dtype=torch.int64, device=dev) if defer else info
+    args = (param, exp_avg, exp_avg_sq, vals, rows, perm, offsets, num_runs, err, info, coef, row_last, last_step, cr,
+            hist, qpow, partial, part, part_start, loop, d, hist_base, epoch, window, qcols)
+    flags = dict(HAS_GRAD=has_grad, EXACT=exact, TRACK=track, SPLIT=bool(pieces), RUN=RUN)
+    launch(sparse_rows_kernel, _grid(n), *args, **flags, ALIGNED=aligned, DEFER=defer, LOOP_LIST=False,
            BLOCK_D=_width_block(d, exact), **launch_options())
+    if defer:
+        # The rows the launch above listed, whole, with the exact windowed loop for the elements
+        # between the series (rare: sqrt(v) within a few decades of eps), one or two elements per thread.
+        launch(sparse_rows_kernel, _grid(n), *args, **flags, ALIGNED=False, DEFER=False, LOOP_LIST=True,
+               BLOCK_D=_loop_block(param.dtype), **launch_options())
 
 
 def _error_word(error, dev):
