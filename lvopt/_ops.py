@@ -5,6 +5,9 @@ ops mutate their inputs in place and the only new tensor is AdamH's ``[n, 3]`` f
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 try:
@@ -18,6 +21,33 @@ except ImportError as e:  # reported by build_info() and by backend selection
 
 def native_available() -> bool:
     return _C is not None
+
+
+CPU_ISA_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def check_cpu_isa_env() -> str | None:
+    """The CPU kernels clamp ``LVOPT_CPU_ISA`` to what the hardware has and ignore an unknown
+    value (csrc/cpu/isa.cpp); say so instead of running another level silently. Returns the
+    warning's text (None when the level asked for is the one in use)."""
+    want = os.environ.get("LVOPT_CPU_ISA", "")
+    if not want or _C is None:
+        return None
+    info = _C.build_info()
+    active = info["cpu_isa_active"]
+    if want not in CPU_ISA_LEVELS:
+        msg = f"LVOPT_CPU_ISA={want!r} is not one of {', '.join(CPU_ISA_LEVELS)}: ignored"
+    elif want != active:
+        msg = (f"LVOPT_CPU_ISA={want!r} asks for more than this build and CPU offer (compiled: "
+               f"{info['cpu_isa_compiled']}; hardware: {info['cpu_isa_hardware']})")
+    else:
+        return None
+    msg = f"lvopt: {msg}; the CPU kernels use {active!r} (every level computes the same bits)"
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return msg
+
+
+check_cpu_isa_env()
 
 
 if _C is not None:

@@ -2,12 +2,49 @@
 are brought current (exact sparse mode) before the forward pass reads them."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from . import _backend
 
-__all__ = ["Embedding"]
+__all__ = ["Embedding", "ReferenceCoalesceWarning"]
+
+
+class ReferenceCoalesceWarning(UserWarning):
+    """lvopt.nn.Embedding's backward summed duplicate rows with the pure-PyTorch reference
+    because no native coalesce_rows kernel serves the gradient's device and dtype."""
+
+
+_reference_coalesce_warned: set = set()
+
+
+def _coalesce_rows(flat: Tensor, values: Tensor, v: int) -> tuple:
+    """(sorted distinct rows, their summed gradient rows): lvopt::coalesce_rows where a native
+    kernel serves the device and dtype, else the reference, with a warning once per (device
+    type, dtype, reason) that says why and how to get the native kernel: on a GPU the
+    reference's index_add_ does not sum duplicates in input order, so it is not deterministic."""
+    dev = values.device.type
+    if dev not in ("cpu", "cuda"):
+        why = f"lvopt has no native kernels for device type {dev!r}"
+    elif values.dtype not in (torch.float32, torch.bfloat16):
+        why = f"the native kernels take float32 and bfloat16, not {values.dtype}"
+    else:
+        why = _backend.unavailable_reason(dev)
+        if why is not None and dev == "cuda":
+            why += f"; to get the native kernels, {_backend.NATIVE_CUDA_HOWTO}"
+    if why is None:
+        return torch.ops.lvopt.coalesce_rows(flat, values.contiguous(), v)
+    key = (dev, values.dtype, why)
+    if key not in _reference_coalesce_warned:
+        _reference_coalesce_warned.add(key)
+        warnings.warn(f"lvopt.nn.Embedding: the gradient's duplicate rows are summed by the pure-PyTorch "
+                      f"reference (lvopt.reference.coalesce_rows; on a GPU its order of summation is not "
+                      f"deterministic) because {why}", ReferenceCoalesceWarning, stacklevel=3)
+    from .reference import coalesce_rows
+
+    return coalesce_rows(flat, values, v)
 
 
 class _RowSparseEmbedding(torch.autograd.Function):
@@ -31,13 +68,7 @@ class _RowSparseEmbedding(torch.autograd.Function):
         if ctx.padding_idx is not None:
             keep = flat != ctx.padding_idx
             flat, values = flat[keep], values[keep]
-        native = values.device.type if values.device.type in ("cpu", "cuda") else None
-        if native and values.dtype in (torch.float32, torch.bfloat16) and _backend.unavailable_reason(native) is None:
-            rows, summed = torch.ops.lvopt.coalesce_rows(flat, values.contiguous(), v)
-        else:
-            from .reference import coalesce_rows
-
-            rows, summed = coalesce_rows(flat, values, v)
+        rows, summed = _coalesce_rows(flat, values, v)
         grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed, (v, d), is_coalesced=True)
         return grad, None, None
 
