@@ -119,6 +119,7 @@ def build_info() -> dict:
     info = {
         "version": __import__("lvopt").__version__,
         "torch": torch.__version__,
+        "built_for": _ops.built_for(),
         "native": _ops.native_available(),
         "native_error": _ops.NATIVE_ERROR,
         "cpu_isa_compiled": [],

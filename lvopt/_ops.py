@@ -10,13 +10,36 @@ import warnings
 
 import torch
 
+
+
+def built_for() -> dict:
+    """What lvopt._C was built for (lvopt/_build.py, written by setup.py): version, torch, CUDA.
+    Empty when this source tree was not built by setup.py."""
+    try:
+        from . import _build
+    except ImportError:
+        return {}
+    return dict(version=_build.VERSION, torch=_build.TORCH_VERSION, cuda=_build.CUDA_VERSION)
+
+
+def native_error_message(e: BaseException, built: dict) -> str:
+    """The load error of lvopt._C with both torches named: the extension binds to the torch it
+    was compiled with, and a different one is the usual reason it does not load."""
+    want = built.get("torch") or "unknown (lvopt/_build.py is missing: not built by setup.py)"
+    msg = f"{type(e).__name__}: {e}; lvopt {built.get('version', '')} was built for torch {want}, this is torch {torch.__version__}"
+    if built.get("torch") and built["torch"] != torch.__version__:
+        msg += (f": install torch=={built['torch'].split('+')[0]} (the wheel's requirement), or rebuild lvopt "
+                f"against this torch (make dev, or pip install --no-build-isolation .)")
+    return msg
+
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.lvopt.*)
 
     NATIVE_ERROR: str | None = None
 except ImportError as e:  # reported by build_info() and by backend selection
     _C = None
-    NATIVE_ERROR = f"{type(e).__name__}: {e}"
+    NATIVE_ERROR = native_error_message(e, built_for())
 
 
 def native_available() -> bool:
