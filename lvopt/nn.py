@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import _backend
 
-__all__ = ["Embedding", "ReferenceCoalesceWarning"]
+__all__ = ["Embedding", "ReferenceCoalesceWarning", "sparsify_embeddings"]
 
 
 class ReferenceCoalesceWarning(UserWarning):
@@ -113,3 +113,76 @@ class Embedding(nn.Embedding):
         if ids.dtype != torch.int64:
             ids = ids.long()
         return _RowSparseEmbedding.apply(w, ids, self.padding_idx)
+
+
+def sparsify_embeddings(model: nn.Module) -> dict:
+    """Makes every untied input embedding of ``model`` an :class:`Embedding` (row-sparse
+    gradients), in place; returns ``{name: new module}`` of what it swapped (every name of a
+    module that appears under several).
+
+    Each ``torch.nn.Embedding`` whose weight no other module holds is replaced, at every place
+    the model holds it, by an :class:`Embedding` that keeps *the same* ``Parameter`` object (so
+    device, dtype, values, ``requires_grad``, optimizer references and tying detection are
+    unchanged), ``padding_idx`` and the training flag. Call it before or after building the
+    optimizer. Left as they are:
+
+    * tied embeddings (the weight is also another module's, e.g. an output layer's): their
+      gradient is dense anyway; a :class:`~lvopt.DenseEmbeddingGradWarning` names them;
+    * frozen ones (``requires_grad=False``): no gradient, nothing to gain;
+    * ones that already are an :class:`Embedding`.
+
+    Refused, before anything is swapped (``ValueError``/``TypeError`` naming the module):
+    ``max_norm`` and ``scale_grad_by_freq`` (lvopt's embedding supports neither), a subclass of
+    ``nn.Embedding`` with its own ``forward`` (it would be lost), and forward hooks on the module.
+    """
+    from .optim import DenseEmbeddingGradWarning
+
+    owners: dict = {}  # id(weight) -> ids of the modules holding it
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(mod))
+    names: dict = {}  # id(module) -> every qualified name it has
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+
+    todo, tied = [], []
+    for mod in {id(m): m for m in model.modules()}.values():
+        if not isinstance(mod, nn.Embedding) or isinstance(mod, Embedding):
+            continue
+        where = f"{' = '.join(repr(n or '<model>') for n in names[id(mod)])} ({type(mod).__name__})"
+        if "" in names[id(mod)]:
+            raise TypeError("sparsify_embeddings: the model itself is an nn.Embedding; use "
+                            "lvopt.nn.Embedding.from_embedding(model)")
+        if len(owners.get(id(mod.weight), ())) > 1:
+            tied.append(where)
+            continue
+        if not mod.weight.requires_grad:
+            continue
+        if mod.max_norm is not None or mod.scale_grad_by_freq:
+            raise ValueError(f"sparsify_embeddings: embedding {where} has max_norm={mod.max_norm}, "
+                             f"scale_grad_by_freq={mod.scale_grad_by_freq}; lvopt.nn.Embedding supports "
+                             f"neither. Nothing was swapped")
+        if type(mod).forward is not nn.Embedding.forward:
+            raise TypeError(f"sparsify_embeddings: embedding {where} is a subclass of nn.Embedding with its own "
+                            f"forward, which swapping would lose. Nothing was swapped")
+        if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks:
+            raise TypeError(f"sparsify_embeddings: embedding {where} has hooks registered, which swapping would "
+                            f"lose. Nothing was swapped")
+        todo.append(mod)
+
+    swapped = {}
+    for old in todo:
+        new = Embedding.from_embedding(old)
+        new.train(old.training)
+        for name in names[id(old)]:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, new)
+            swapped[name] = new
+    if tied:
+        warnings.warn(f"lvopt: sparsify_embeddings left {', '.join(tied)} dense: the weight is tied to another "
+                      f"module (most likely the output layer, whose gradient covers all rows), so its gradient "
+                      f"is dense and lvopt.AdamW steps it densely; the row-sparse step applies to untied input "
+                      f"embeddings only", DenseEmbeddingGradWarning, stacklevel=2)
+    return swapped
