@@ -319,7 +319,7 @@ class _FusedAdam(torch.optim.Optimizer):
             st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         if algo == "adamh" and "radius" not in st:
-            # R = ||W_0||_F, recorded at the matrix's first hyperball step (DESIGN.md section 2).
+            # R = ||W_0||_F, recorded at the matrix's first hyperball step (docs/design.md section 2.2).
             st["radius"] = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).cpu()
         return st
 
@@ -513,7 +513,7 @@ class _FusedAdam(torch.optim.Optimizer):
         self._telemetry_hooks[handle.id] = hook
         return handle
 
-    # -- sparse embedding rows (DESIGN.md section 2) ----------------------------------------------
+    # -- sparse embedding rows (docs/design.md section 2.3) ------------------------------------------
     def _sparse_step(self, row: tuple, p: Tensor, backend: str, group: dict) -> Tensor | None:
         """One row-sparse step; returns the telemetry sums (two fp64) when tracking."""
         exact = group.get("sparse_mode", "exact") == "exact"

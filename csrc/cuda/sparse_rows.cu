@@ -1,4 +1,4 @@
-// Sparse embedding rows on CUDA (DESIGN.md section 2): lvopt::coalesce_rows, sparse_adamw_
+// Sparse embedding rows on CUDA (docs/design.md section 2.3; this plan is section 2.3.3): lvopt::coalesce_rows, sparse_adamw_
 // (lazy and exact) and sparse_catchup_, with the semantics and checks of the CPU kernels
 // (csrc/cpu/sparse_rows.cpp; the checks are lvopt/sparse_args.h, shared with them).
 //
