@@ -3,6 +3,7 @@
 Part of the benchmark suite (it ships with it: benchmarks/ in a checkout, lvopt/_bench in a
 wheel), not of the library: the targets change with the benchmark cases, not with lvopt's API.
 """
+
 from __future__ import annotations
 
 # (case, a, b, bound, what the issue asks): met when ms(b) / ms(a) >= bound. "a at least k times
@@ -19,19 +20,46 @@ CLAIMS = [
     ("adamh", "lvopt AdamH", "lvopt AdamW (same matrix)", 1 / 1.6, "AdamH: <= 1.6x the AdamW step"),
     ("sparse_rows", "lvopt exact", "torch SparseAdam", 8.0, "sparse rows: exact >= 8x SparseAdam"),
     ("sparse_rows", "lvopt lazy", "torch SparseAdam", 8.0, "sparse rows: lazy >= 8x SparseAdam"),
-    ("sparse_rows", "lvopt exact", "torch AdamW fused (dense grad)", 25.0, "sparse rows: exact >= 25x fused AdamW on the dense grad"),
-    ("sparse_rows", "lvopt lazy", "torch AdamW fused (dense grad)", 25.0, "sparse rows: lazy >= 25x fused AdamW on the dense grad"),
+    (
+        "sparse_rows",
+        "lvopt exact",
+        "torch AdamW fused (dense grad)",
+        25.0,
+        "sparse rows: exact >= 25x fused AdamW on the dense grad",
+    ),
+    (
+        "sparse_rows",
+        "lvopt lazy",
+        "torch AdamW fused (dense grad)",
+        25.0,
+        "sparse rows: lazy >= 25x fused AdamW on the dense grad",
+    ),
     ("sparse_rows", "lvopt exact", "lvopt lazy", 1 / 1.5, "sparse rows: exact <= 1.5x lazy"),
-    ("sparse_rows", "lvopt exact (lvopt.nn.Embedding grad)", "torch SparseAdam", 8.0,
-     "sparse rows, lvopt.nn.Embedding's merged grad: exact >= 8x SparseAdam"),
-    ("sparse_rows", "lvopt exact (lvopt.nn.Embedding grad)", "torch AdamW fused (dense grad)", 25.0,
-     "sparse rows, lvopt.nn.Embedding's merged grad: exact >= 25x fused AdamW on the dense grad"),
+    (
+        "sparse_rows",
+        "lvopt exact (lvopt.nn.Embedding grad)",
+        "torch SparseAdam",
+        8.0,
+        "sparse rows, lvopt.nn.Embedding's merged grad: exact >= 8x SparseAdam",
+    ),
+    (
+        "sparse_rows",
+        "lvopt exact (lvopt.nn.Embedding grad)",
+        "torch AdamW fused (dense grad)",
+        25.0,
+        "sparse rows, lvopt.nn.Embedding's merged grad: exact >= 25x fused AdamW on the dense grad",
+    ),
 ]
 # (case, contender, reference contender's name prefix, minimum GB/s ratio, what the issue asks)
 BANDWIDTH_CLAIMS = [
     ("sparse_rows", "lvopt exact", "lvopt AdamW dense", 0.7, "sparse rows: exact bandwidth >= 70% of dense AdamW's"),
-    ("sparse_rows", "lvopt exact (lvopt.nn.Embedding grad)", "lvopt AdamW dense", 0.7,
-     "sparse rows, merged grad: exact bandwidth >= 70% of dense AdamW's"),
+    (
+        "sparse_rows",
+        "lvopt exact (lvopt.nn.Embedding grad)",
+        "lvopt AdamW dense",
+        0.7,
+        "sparse rows, merged grad: exact bandwidth >= 70% of dense AdamW's",
+    ),
 ]
 
 

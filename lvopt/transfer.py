@@ -49,7 +49,7 @@ __all__ = ["load_sweep", "default_lr_col", "default_eff_col", "Optimum", "optima
 
 # --------------------------------------------------------------------------- sweep table
 
-def load_sweep(source) -> dict:
+def load_sweep(source: str | os.PathLike | list[dict] | dict) -> dict:
     """Reads a sweep into a dict of numpy columns: ``param`` as str, every other column as
     float (empty cells become nan). ``source`` is a CSV path, a list of row dicts, or a dict
     of columns."""
@@ -93,14 +93,14 @@ def _as_sweep(x) -> dict:
     return load_sweep(x)
 
 
-def default_lr_col(sweep) -> str:
+def default_lr_col(sweep: dict) -> str:
     for c in ("lr",) + tuple(f"lr_{r}" for r in ROLES):
         if c in sweep:
             return c
     raise ValueError("sweep has no LR column (lr or lr_<role>)")
 
 
-def default_eff_col(sweep):
+def default_eff_col(sweep: dict) -> str | None:
     for c in ("eff_lr",) + tuple(f"eff_lr_{r}" for r in ROLES):
         if c in sweep and np.all(np.isfinite(sweep[c])) and np.all(sweep[c] > 0):
             return c
@@ -173,8 +173,8 @@ def _fit_window(grid_x, u, y, half_width):
     return float(um - b / (2 * c)), float(c), float(a - b * b / (4 * c)), edge, True
 
 
-def optimal_lrs(sweep, x_col=None, lr_col=None, half_width=2, n_boot=200, conf=0.95,
-                seed=0) -> list:
+def optimal_lrs(sweep: dict | list[dict] | str, x_col: str | None = None, lr_col: str | None = None,
+                half_width: int = 2, n_boot: int = 200, conf: float = 0.95, seed: int = 0) -> list[Optimum]:
     """The optimal ``x_col`` (default: the swept LR column) of every configuration.
 
     The fit window is chosen on the swept LR grid (``lr_col``), so an effective-LR column,
@@ -270,11 +270,11 @@ class LRLaw:
         se = np.sqrt(np.diag(self.cov))
         return {n: (float(b - t * s), float(b + t * s)) for n, b, s in zip(self.names, self.coef, se)}
 
-    def design(self, N, D):
+    def design(self, N: float | np.ndarray, D: float | np.ndarray) -> np.ndarray:
         return _design(np.atleast_1d(np.asarray(N, float)), np.atleast_1d(np.asarray(D, float)),
                        self.kind, self.variables, self.refs, self.cross)[0]
 
-    def predict(self, N, D, conf=None) -> dict:
+    def predict(self, N: float, D: float, conf: float | None = None) -> dict:
         """Point, confidence interval of the law's mean and prediction interval of one new
         configuration's x*, at (N, D)."""
         conf = self.conf if conf is None else conf
@@ -325,8 +325,9 @@ def _ols(X, y):
     return coef
 
 
-def fit_lr_law(optima, kind="linear", variables=None, refs=None, conf=0.95, cross=False,
-               include_unusable=False) -> LRLaw:
+def fit_lr_law(optima: list[Optimum], kind: str = "linear", variables: list[str] | tuple[str, ...] | None = None,
+               refs: dict | None = None, conf: float = 0.95, cross: bool = False,
+               include_unusable: bool = False) -> LRLaw:
     """Fits the optimal-LR law over configurations (one parametrization and one x column).
     ``variables`` defaults to those of N and D that take two or more values. Configurations
     whose optimum is not bracketed by the grid (``edge``) or has no minimum are left out
@@ -389,7 +390,7 @@ def curvature_test(linear: LRLaw, quadratic: LRLaw) -> dict:
     return {"F": float(F), "p": p, "curved": bool(excl), "excludes_zero": excl}
 
 
-def choose_axis(optima, N, D, tol=0.01) -> str:
+def choose_axis(optima: list[Optimum], N: float, D: float, tol: float = 0.01) -> str:
     """Which way to extrapolate to (N, D): along ``"N"`` (a law in N fitted at the sweep D
     nearest the target's) when D is inside the sweep's D range and N is not, along ``"D"``
     in the opposite case, and with the joint law ``"ND"`` otherwise. A variable the sweep
@@ -413,7 +414,7 @@ def choose_axis(optima, N, D, tol=0.01) -> str:
     return "ND"
 
 
-def select_slice(optima, fixed: str, value: float) -> list:
+def select_slice(optima: list[Optimum], fixed: str, value: float) -> list[Optimum]:
     """The optima at the sweep value of ``fixed`` ("N" or "D") nearest ``value`` in log."""
     vals = np.unique([getattr(o, fixed) for o in optima])
     near = vals[np.argmin(np.abs(np.log(vals) - math.log(value)))]
@@ -430,7 +431,8 @@ def _law_for_axis(optima, axis, N, D, kind, conf, refs=None):
 
 # --------------------------------------------------------------------------- metrics
 
-def extrapolation_penalty(law: LRLaw, optima, N, D, conf=None) -> dict:
+def extrapolation_penalty(law: LRLaw, optima: list[Optimum], N: float, D: float,
+                          conf: float | None = None) -> dict:
     """Robustness to extrapolation error. With u = ln x, L(u) ≈ L* + c·(u − u*)², an
     extrapolated optimum with error e costs E[c·e²] = c·E[e²] in loss. ``penalty`` uses the
     law's prediction variance at the target (E[e²] = se_pred²), ``penalty_loso`` the
@@ -464,7 +466,7 @@ class LossLaw:
     s: np.ndarray
     L: np.ndarray
 
-    def __call__(self, s):
+    def __call__(self, s: float | np.ndarray) -> np.ndarray:
         return self.E + self.A * (np.asarray(s, float) / self.ref) ** (-self.alpha)
 
     @property
@@ -479,7 +481,8 @@ class LossLaw:
                 "alpha": self.alpha, "ci": self.ci, "dof": self.dof, "n": int(len(self.s))}
 
 
-def fit_loss_law(optima, var="N", fixed=None, conf=0.95) -> LossLaw:
+def fit_loss_law(optima: list[Optimum], var: str = "N", fixed: float | None = None,
+                 conf: float = 0.95) -> LossLaw:
     """Fits L*(var) for one parametrization, at the sweep value of the other variable nearest
     ``fixed`` (default: its largest)."""
     from scipy.optimize import curve_fit
@@ -507,7 +510,8 @@ def fit_loss_law(optima, var="N", fixed=None, conf=0.95) -> LossLaw:
                    pcov, len(s) - 3, conf, s, L)
 
 
-def asymptotic_penalty(laws: dict, reference=None, at=None, conf=0.95) -> dict:
+def asymptotic_penalty(laws: dict[str, LossLaw], reference: str | None = None, at: float | None = None,
+                       conf: float = 0.95) -> dict:
     """Asymptotic loss penalty of each parametrization against ``reference`` (default: the
     lowest E): ΔE = E_p − E_ref, with interval ±t·sqrt(var E_p + var E_ref) (independent fits,
     t at the smaller dof); with ``at``, also the finite-scale gap L_p(at) − L_ref(at)."""
@@ -535,7 +539,8 @@ def _plt():
     return plt
 
 
-def plot_loss_vs_lr(sweep, optima, path, x_col=None, half_width=2):
+def plot_loss_vs_lr(sweep: dict, optima: list[Optimum], path: str | os.PathLike, x_col: str | None = None,
+                    half_width: int = 2) -> None:
     """Loss against LR for every configuration of one parametrization (panels by D, colours
     by N): seed means, the fitted quadratic over its window, the optimum and its interval."""
     plt = _plt()
@@ -570,7 +575,8 @@ def plot_loss_vs_lr(sweep, optima, path, x_col=None, half_width=2):
     return path
 
 
-def plot_lr_law(laws, optima, path, target=None):
+def plot_lr_law(laws: list[LRLaw], optima: list[Optimum], path: str | os.PathLike,
+                target: dict[str, float] | None = None) -> None:
     """Optimal LR against N (or D when N is fixed) with the fitted laws, and the target's
     extrapolation with its prediction interval."""
     plt = _plt()
@@ -614,7 +620,7 @@ def plot_lr_law(laws, optima, path, target=None):
     return path
 
 
-def plot_loss_laws(loss_laws: dict, path):
+def plot_loss_laws(loss_laws: dict[str, LossLaw], path: str | os.PathLike) -> None:
     """Optimal loss against scale per parametrization, with the fitted E + A·s^(−α)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -649,8 +655,10 @@ def _jsonable(x):
     return x
 
 
-def analyze(sweep, target=None, axis="auto", lr_col=None, eff_col="auto", half_width=2,
-            n_boot=200, conf=0.95, seed=0, loss_var="N", out_dir=None, plots=True) -> dict:
+def analyze(sweep: dict | list[dict] | str, target: dict[str, float] | None = None, axis: str = "auto",
+            lr_col: str | None = None, eff_col: str | None = "auto", half_width: int = 2, n_boot: int = 200,
+            conf: float = 0.95, seed: int = 0, loss_var: str = "N", out_dir: str | os.PathLike | None = None,
+            plots: bool = True) -> dict:
     """Everything the CLI reports, as a JSON-able dict; with ``out_dir``, also writes
     ``summary.json``, ``optima.csv`` and (``plots``) PNGs there."""
     sweep = _as_sweep(sweep)
@@ -748,7 +756,7 @@ def _fmt(x):
     return "nan" if x is None else f"{x:.4g}"
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lvopt transfer", description=(
         "Optimal-LR fits, LR scaling laws and transfer metrics over a sweep CSV "
         "(columns N, D, seed, loss, lr or lr_<role>; optional eff_lr, param, width). "

@@ -1,5 +1,6 @@
 """Nothing falls back silently: each place that once picked another path than asked for now
 raises or warns, and says how to get the path that was wanted (docs/design.md, "Conventions")."""
+
 import types
 import warnings
 
@@ -89,12 +90,19 @@ def test_embedding_backward_warns_without_native_extension(monkeypatch):
         _embedding_grad(torch.float32)
 
 
-@pytest.mark.parametrize("want,active,warns", [
-    ("avx12", "avx512", "not one of"), ("avx512", "avx2", "asks for more"), ("avx2", "avx2", None),
-    ("", "avx512", None)])
+@pytest.mark.parametrize(
+    "want,active,warns",
+    [
+        ("avx12", "avx512", "not one of"),
+        ("avx512", "avx2", "asks for more"),
+        ("avx2", "avx2", None),
+        ("", "avx512", None),
+    ],
+)
 def test_cpu_isa_request_that_is_not_honoured_warns(monkeypatch, want, active, warns):
-    fake = types.SimpleNamespace(build_info=lambda: dict(cpu_isa_active=active, cpu_isa_hardware=active,
-                                                         cpu_isa_compiled="baseline,avx2,avx512"))
+    fake = types.SimpleNamespace(
+        build_info=lambda: dict(cpu_isa_active=active, cpu_isa_hardware=active, cpu_isa_compiled="baseline,avx2,avx512")
+    )
     monkeypatch.setattr(_ops, "_C", fake)
     monkeypatch.setenv("LVOPT_CPU_ISA", want)
     if warns is None:

@@ -1,6 +1,7 @@
 """The package's seams: one version string, an import error that names both torches, and
 `lvopt bench` finding its suite (or saying what to do). The built wheel itself is checked by
 .ci/check_wheel.py (metadata, installed `lvopt bench`)."""
+
 import os
 import re
 

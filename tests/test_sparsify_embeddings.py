@@ -1,6 +1,7 @@
 """lvopt.nn.sparsify_embeddings: the one call that gives a model row-sparse embedding gradients
 (lvopt/nn.py). Swaps untied input embeddings in place, keeping the Parameter objects; leaves
 tied ones dense with a warning; refuses what lvopt.nn.Embedding cannot do, swapping nothing."""
+
 import copy
 import warnings
 
@@ -108,9 +109,18 @@ def _hf():
 def test_hf_llama_untied_matches_dense_adamw():
     tf = _hf()
     torch.manual_seed(2)
-    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = tf.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     dense = tf.LlamaForCausalLM(cfg)
     sparse = copy.deepcopy(dense)
     w = sparse.get_input_embeddings().weight
@@ -139,8 +149,9 @@ def test_hf_llama_untied_matches_dense_adamw():
 
 def test_hf_gpt2_tied_stays_dense_with_warning():
     tf = _hf()
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=4, n_positions=64,
-                                             bos_token_id=0, eos_token_id=0))
+    model = tf.GPT2LMHeadModel(
+        tf.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    )
     wte = model.transformer.wte
     with pytest.warns(lvopt.DenseEmbeddingGradWarning, match="transformer.wte"):
         swapped = lvopt.nn.sparsify_embeddings(model)
