@@ -540,7 +540,7 @@ def _plt():
 
 
 def plot_loss_vs_lr(sweep: dict, optima: list[Optimum], path: str | os.PathLike, x_col: str | None = None,
-                    half_width: int = 2) -> None:
+                    half_width: int = 2) -> str | os.PathLike:
     """Loss against LR for every configuration of one parametrization (panels by D, colours
     by N): seed means, the fitted quadratic over its window, the optimum and its interval."""
     plt = _plt()
@@ -576,7 +576,7 @@ def plot_loss_vs_lr(sweep: dict, optima: list[Optimum], path: str | os.PathLike,
 
 
 def plot_lr_law(laws: list[LRLaw], optima: list[Optimum], path: str | os.PathLike,
-                target: dict[str, float] | None = None) -> None:
+                target: dict[str, float] | None = None) -> str | os.PathLike:
     """Optimal LR against N (or D when N is fixed) with the fitted laws, and the target's
     extrapolation with its prediction interval."""
     plt = _plt()
@@ -620,7 +620,7 @@ def plot_lr_law(laws: list[LRLaw], optima: list[Optimum], path: str | os.PathLik
     return path
 
 
-def plot_loss_laws(loss_laws: dict[str, LossLaw], path: str | os.PathLike) -> None:
+def plot_loss_laws(loss_laws: dict[str, LossLaw], path: str | os.PathLike) -> str | os.PathLike:
     """Optimal loss against scale per parametrization, with the fitted E + A·s^(−α)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
