@@ -90,8 +90,8 @@ def main() -> int:
         with open(os.path.join(target, "_lvopt_ci_base.pth"), "w") as f:
             f.write("\n".join(dict.fromkeys(ours)) + "\n")
         # With its dependencies, offline: torch==<the build's> must be satisfied by what is here.
+        # (pip leaves the lvopt of this environment, outside the scratch one, untouched.)
         run([vpy, "-m", "pip", "install", "-q", "--no-index", "--no-build-isolation", wheel], cwd=cwd)
-        run([vpy, "-m", "pip", "check"], cwd=cwd)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         archs = ";".join(a for a in os.environ.get("LVOPT_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a)
         run([vpy, "-c", CHECK, target, archs], cwd=cwd, env=env)
