@@ -82,7 +82,9 @@ def main() -> int:
         return 1
     wheel = wheels[-1]
     with tempfile.TemporaryDirectory() as venv, tempfile.TemporaryDirectory() as cwd:
-        run([sys.executable, "-m", "venv", venv])
+        # No pip or setuptools of its own: an old ensurepip setuptools would shadow this
+        # environment's and fail torch's own requirements. This pip installs into it (--python).
+        run([sys.executable, "-m", "venv", "--without-pip", venv])
         vpy = os.path.join(venv, "bin", "python")
         target = run([vpy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
         # This environment's packages (torch, triton, matplotlib, ...) behind the scratch one's.
@@ -91,7 +93,8 @@ def main() -> int:
             f.write("\n".join(dict.fromkeys(ours)) + "\n")
         # With its dependencies, offline: torch==<the build's> must be satisfied by what is here.
         # (pip leaves the lvopt of this environment, outside the scratch one, untouched.)
-        run([vpy, "-m", "pip", "install", "-q", "--no-index", "--no-build-isolation", wheel], cwd=cwd)
+        run([sys.executable, "-m", "pip", "--python", vpy, "install", "-q", "--no-index", "--no-build-isolation", wheel],
+            cwd=cwd)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         archs = ";".join(a for a in os.environ.get("LVOPT_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a)
         run([vpy, "-c", CHECK, target, archs], cwd=cwd, env=env)
