@@ -12,8 +12,9 @@ PYTEST_ARGS ?=
 
 .PHONY: experiment dev test bench bench-pytest sanitize native-test clean wheel lint format
 
-# Files the formatters own (ruff format, clang-format): listed in .ci/formatted-files.txt.
-FORMATTED := $(shell grep -v '^[[:space:]]*\(\#\|$$\)' .ci/formatted-files.txt)
+# Files the formatters own (ruff format, clang-format): the files and directories listed in
+# .ci/formatted-files.txt, as git sees them (tracked or new, not ignored: no build outputs).
+FORMATTED := $(shell git ls-files --cached --others --exclude-standard -- $$(grep -v '^[[:space:]]*\(\#\|$$\)' .ci/formatted-files.txt))
 FORMATTED_PY := $(filter %.py,$(FORMATTED))
 FORMATTED_C := $(filter %.cpp %.h %.cu %.cuh,$(FORMATTED))
 

@@ -29,20 +29,47 @@ The package, one subject a module: ``sweep`` (the table), ``optima`` (optimal LR
 (LR scaling laws and the extrapolation metrics), ``loss_laws``, ``plots``, ``analysis`` (all
 of it, as the CLI reports it), ``cli`` (``lvopt transfer``).
 """
+
 from __future__ import annotations
 
 from ..roles import ROLES
 from .analysis import analyze
 from .cli import main
 from .loss_laws import LossLaw, asymptotic_penalty, fit_loss_law
-from .lr_laws import (LRLaw, _law_for_axis, choose_axis, curvature_test, extrapolation_penalty,  # noqa: F401
-                      fit_lr_law, select_slice)
+from .lr_laws import (
+    LRLaw,
+    choose_axis,
+    curvature_test,
+    extrapolation_penalty,
+    fit_lr_law,
+    select_slice,
+)
+from .lr_laws import _law_for_axis as _law_for_axis  # tests fit a law along one axis directly
 from .optima import Optimum, optimal_lrs
 from .plots import plot_loss_laws, plot_loss_vs_lr, plot_lr_law
 from .sweep import REQUIRED, VARIABLES, default_eff_col, default_lr_col, load_sweep
 
-__all__ = ["load_sweep", "default_lr_col", "default_eff_col", "Optimum", "optimal_lrs",
-           "LRLaw", "fit_lr_law", "curvature_test", "choose_axis", "select_slice",
-           "extrapolation_penalty", "LossLaw", "fit_loss_law", "asymptotic_penalty",
-           "plot_loss_vs_lr", "plot_lr_law", "plot_loss_laws", "analyze", "main",
-           "ROLES", "REQUIRED", "VARIABLES"]
+__all__ = [
+    "load_sweep",
+    "default_lr_col",
+    "default_eff_col",
+    "Optimum",
+    "optimal_lrs",
+    "LRLaw",
+    "fit_lr_law",
+    "curvature_test",
+    "choose_axis",
+    "select_slice",
+    "extrapolation_penalty",
+    "LossLaw",
+    "fit_loss_law",
+    "asymptotic_penalty",
+    "plot_loss_vs_lr",
+    "plot_lr_law",
+    "plot_loss_laws",
+    "analyze",
+    "main",
+    "ROLES",
+    "REQUIRED",
+    "VARIABLES",
+]

@@ -1,5 +1,6 @@
 """The whole analysis of a sweep, as the CLI reports it: optima, LR laws and metrics per
 parametrization and x column, loss laws, and the files written (docs/transfer.md)."""
+
 from __future__ import annotations
 
 import csv
@@ -31,10 +32,20 @@ def _jsonable(x):
     return x
 
 
-def analyze(sweep: dict | list[dict] | str, target: dict[str, float] | None = None, axis: str = "auto",
-            lr_col: str | None = None, eff_col: str | None = "auto", half_width: int = 2, n_boot: int = 200,
-            conf: float = 0.95, seed: int = 0, loss_var: str = "N", out_dir: str | os.PathLike | None = None,
-            plots: bool = True) -> dict:
+def analyze(
+    sweep: dict | list[dict] | str,
+    target: dict[str, float] | None = None,
+    axis: str = "auto",
+    lr_col: str | None = None,
+    eff_col: str | None = "auto",
+    half_width: int = 2,
+    n_boot: int = 200,
+    conf: float = 0.95,
+    seed: int = 0,
+    loss_var: str = "N",
+    out_dir: str | os.PathLike | None = None,
+    plots: bool = True,
+) -> dict:
     """Everything the CLI reports, as a JSON-able dict; with ``out_dir``, also writes
     ``summary.json``, ``optima.csv`` and (``plots``) PNGs there."""
     sweep = _as_sweep(sweep)
@@ -58,14 +69,15 @@ def analyze(sweep: dict | list[dict] | str, target: dict[str, float] | None = No
                 tag = f"{p}_{xc}"
                 png.append(plot_loss_vs_lr(sub, opts, os.path.join(out_dir, f"loss_vs_lr_{tag}.png")))
                 if laws:
-                    png.append(plot_lr_law(list(laws.values()), usable, os.path.join(out_dir, f"lr_law_{tag}.png"),
-                                           target))
-        pres["loss_law"] = _loss_law_entry([o for o in all_optima if o.param == p and o.x_col == lr_col],
-                                           loss_var, target, conf, loss_laws, p)
+                    png.append(
+                        plot_lr_law(list(laws.values()), usable, os.path.join(out_dir, f"lr_law_{tag}.png"), target)
+                    )
+        pres["loss_law"] = _loss_law_entry(
+            [o for o in all_optima if o.param == p and o.x_col == lr_col], loss_var, target, conf, loss_laws, p
+        )
         res["params"][p] = pres
     if len(loss_laws) >= 1:
-        res["asymptotic_penalty"] = asymptotic_penalty(loss_laws, at=target[loss_var] if target else None,
-                                                       conf=conf)
+        res["asymptotic_penalty"] = asymptotic_penalty(loss_laws, at=target[loss_var] if target else None, conf=conf)
         if out_dir and plots:
             png.append(plot_loss_laws(loss_laws, os.path.join(out_dir, "loss_law.png")))
     res = _jsonable(res)
@@ -78,9 +90,11 @@ def _laws_entry(opts: list, usable: list, axis: str, target: dict | None, conf: 
     """The report of one parametrization and x column: its optima, the excluded ones, the
     extrapolation axis, the linear and quadratic LR laws (with the target's prediction and
     robustness) and their curvature test. Returns (entry, {kind: LRLaw} of the laws fitted)."""
-    entry = {"optima": [asdict(o) for o in opts],
-             "excluded": [{"N": o.N, "D": o.D, "edge": o.edge, "ok": o.ok} for o in opts if not o.usable],
-             "laws": {}}
+    entry = {
+        "optima": [asdict(o) for o in opts],
+        "excluded": [{"N": o.N, "D": o.D, "edge": o.edge, "ok": o.ok} for o in opts if not o.usable],
+        "laws": {},
+    }
     if target is not None and axis == "auto":
         axis = choose_axis(usable, target["N"], target["D"])
     elif axis == "auto":
@@ -104,8 +118,7 @@ def _laws_entry(opts: list, usable: list, axis: str, target: dict | None, conf: 
     return entry, laws
 
 
-def _loss_law_entry(optima: list, loss_var: str, target: dict | None, conf: float, loss_laws: dict,
-                    param: str) -> dict:
+def _loss_law_entry(optima: list, loss_var: str, target: dict | None, conf: float, loss_laws: dict, param: str) -> dict:
     """The loss law of one parametrization (added to ``loss_laws``), or why it was not fitted."""
     other = "D" if loss_var == "N" else "N"
     try:
@@ -119,8 +132,25 @@ def _write_outputs(out_dir: str | os.PathLike, res: dict, all_optima: list, png:
     """Writes optima.csv and summary.json (with the list of files) to ``out_dir``; returns
     the files written, the PNGs included."""
     path = os.path.join(out_dir, "optima.csv")
-    cols = ["param", "x_col", "N", "D", "width", "x", "ci_lo", "ci_hi", "se_log", "curvature",
-            "loss", "loss_se", "n_seeds", "n_rows", "n_boot", "edge", "ok"]
+    cols = [
+        "param",
+        "x_col",
+        "N",
+        "D",
+        "width",
+        "x",
+        "ci_lo",
+        "ci_hi",
+        "se_log",
+        "curvature",
+        "loss",
+        "loss_se",
+        "n_seeds",
+        "n_rows",
+        "n_boot",
+        "edge",
+        "ok",
+    ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)

@@ -1,5 +1,6 @@
 """Loss laws: L*(s) = E + A·(s/s_ref)^(−α) over the optimal losses of one parametrization, and
 the asymptotic loss penalty between parametrizations (docs/transfer.md)."""
+
 from __future__ import annotations
 
 import math
@@ -35,19 +36,30 @@ class LossLaw:
     def ci(self) -> dict:
         t = _tq(self.conf, self.dof)
         se = np.sqrt(np.diag(self.cov))
-        return {n: (float(b - t * e), float(b + t * e))
-                for n, b, e in zip(("E", "A", "alpha"), (self.E, self.A, self.alpha), se)}
+        return {
+            n: (float(b - t * e), float(b + t * e))
+            for n, b, e in zip(("E", "A", "alpha"), (self.E, self.A, self.alpha), se)
+        }
 
     def summary(self) -> dict:
-        return {"param": self.param, "var": self.var, "ref": self.ref, "E": self.E, "A": self.A,
-                "alpha": self.alpha, "ci": self.ci, "dof": self.dof, "n": int(len(self.s))}
+        return {
+            "param": self.param,
+            "var": self.var,
+            "ref": self.ref,
+            "E": self.E,
+            "A": self.A,
+            "alpha": self.alpha,
+            "ci": self.ci,
+            "dof": self.dof,
+            "n": int(len(self.s)),
+        }
 
 
-def fit_loss_law(optima: list[Optimum], var: str = "N", fixed: float | None = None,
-                 conf: float = 0.95) -> LossLaw:
+def fit_loss_law(optima: list[Optimum], var: str = "N", fixed: float | None = None, conf: float = 0.95) -> LossLaw:
     """Fits L*(var) for one parametrization, at the sweep value of the other variable nearest
     ``fixed`` (default: its largest)."""
     from scipy.optimize import curve_fit
+
     other = "D" if var == "N" else "N"
     opts = [o for o in optima if o.usable]
     if len({o.param for o in opts}) != 1:
@@ -66,14 +78,15 @@ def fit_loss_law(optima: list[Optimum], var: str = "N", fixed: float | None = No
         return E + A * x ** (-a)
 
     p0 = (max(L.min() - 0.5 * np.ptp(L), 0.0), max(np.ptp(L), 1e-6), 0.3)
-    popt, pcov = curve_fit(f, x, L, p0=p0, bounds=([0.0, 0.0, 1e-3], [np.inf, np.inf, 3.0]),
-                           method="trf", maxfev=20000)
-    return LossLaw(opts[0].param, var, ref, float(popt[0]), float(popt[1]), float(popt[2]),
-                   pcov, len(s) - 3, conf, s, L)
+    popt, pcov = curve_fit(f, x, L, p0=p0, bounds=([0.0, 0.0, 1e-3], [np.inf, np.inf, 3.0]), method="trf", maxfev=20000)
+    return LossLaw(
+        opts[0].param, var, ref, float(popt[0]), float(popt[1]), float(popt[2]), pcov, len(s) - 3, conf, s, L
+    )
 
 
-def asymptotic_penalty(laws: dict[str, LossLaw], reference: str | None = None, at: float | None = None,
-                       conf: float = 0.95) -> dict:
+def asymptotic_penalty(
+    laws: dict[str, LossLaw], reference: str | None = None, at: float | None = None, conf: float = 0.95
+) -> dict:
     """Asymptotic loss penalty of each parametrization against ``reference`` (default: the
     lowest E): ΔE = E_p − E_ref, with interval ±t·sqrt(var E_p + var E_ref) (independent fits,
     t at the smaller dof); with ``at``, also the finite-scale gap L_p(at) − L_ref(at)."""

@@ -1,6 +1,7 @@
 """LR scaling laws: ln x*(N, D) fitted over configurations (linear or quadratic in ln N and
 ln D), their curvature test, the extrapolation axis, and the extrapolation penalty
 (docs/transfer.md)."""
+
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ from .optima import Optimum
 
 def _tq(conf, dof):
     from scipy import stats
+
     return float(stats.t.ppf(0.5 + conf / 2, dof)) if dof > 0 else math.inf
 
 
@@ -32,8 +34,8 @@ class LRLaw:
     dof: int
     sigma: float
     r2: float
-    loso: float           # leave-one-scale-out RMS error of ln x*
-    loso_n: int           # held-out predictions behind ``loso``
+    loso: float  # leave-one-scale-out RMS error of ln x*
+    loso_n: int  # held-out predictions behind ``loso``
     conf: float
     N: np.ndarray
     D: np.ndarray
@@ -47,8 +49,14 @@ class LRLaw:
         return {n: (float(b - t * s), float(b + t * s)) for n, b, s in zip(self.names, self.coef, se)}
 
     def design(self, N: float | np.ndarray, D: float | np.ndarray) -> np.ndarray:
-        return _design(np.atleast_1d(np.asarray(N, float)), np.atleast_1d(np.asarray(D, float)),
-                       self.kind, self.variables, self.refs, self.cross)[0]
+        return _design(
+            np.atleast_1d(np.asarray(N, float)),
+            np.atleast_1d(np.asarray(D, float)),
+            self.kind,
+            self.variables,
+            self.refs,
+            self.cross,
+        )[0]
 
     def predict(self, N: float, D: float, conf: float | None = None) -> dict:
         """Point, confidence interval of the law's mean and prediction interval of one new
@@ -57,19 +65,34 @@ class LRLaw:
         X = self.design(N, D)
         m = X @ self.coef
         se_mean = np.sqrt(np.einsum("ij,jk,ik->i", X, self.cov, X))
-        se_pred = np.sqrt(se_mean ** 2 + self.sigma ** 2)
+        se_pred = np.sqrt(se_mean**2 + self.sigma**2)
         t = _tq(conf, self.dof)
         one = np.ndim(N) == 0 and np.ndim(D) == 0
         f = (lambda a: float(a[0])) if one else (lambda a: a)
-        return {"log_x": f(m), "x": f(np.exp(m)), "se_mean": f(se_mean), "se_pred": f(se_pred),
-                "ci": (f(np.exp(m - t * se_mean)), f(np.exp(m + t * se_mean))),
-                "pi": (f(np.exp(m - t * se_pred)), f(np.exp(m + t * se_pred)))}
+        return {
+            "log_x": f(m),
+            "x": f(np.exp(m)),
+            "se_mean": f(se_mean),
+            "se_pred": f(se_pred),
+            "ci": (f(np.exp(m - t * se_mean)), f(np.exp(m + t * se_mean))),
+            "pi": (f(np.exp(m - t * se_pred)), f(np.exp(m + t * se_pred))),
+        }
 
     def summary(self) -> dict:
-        return {"x_col": self.x_col, "kind": self.kind, "variables": list(self.variables),
-                "refs": self.refs, "coef": dict(zip(self.names, map(float, self.coef))),
-                "ci": self.ci, "dof": self.dof, "sigma": self.sigma, "r2": self.r2,
-                "loso": self.loso, "loso_n": self.loso_n, "n_configs": int(len(self.y))}
+        return {
+            "x_col": self.x_col,
+            "kind": self.kind,
+            "variables": list(self.variables),
+            "refs": self.refs,
+            "coef": dict(zip(self.names, map(float, self.coef))),
+            "ci": self.ci,
+            "dof": self.dof,
+            "sigma": self.sigma,
+            "r2": self.r2,
+            "loso": self.loso,
+            "loso_n": self.loso_n,
+            "n_configs": int(len(self.y)),
+        }
 
 
 def _design(N, D, kind, variables, refs, cross=False):
@@ -101,9 +124,15 @@ def _ols(X, y):
     return coef
 
 
-def fit_lr_law(optima: list[Optimum], kind: str = "linear", variables: list[str] | tuple[str, ...] | None = None,
-               refs: dict | None = None, conf: float = 0.95, cross: bool = False,
-               include_unusable: bool = False) -> LRLaw:
+def fit_lr_law(
+    optima: list[Optimum],
+    kind: str = "linear",
+    variables: list[str] | tuple[str, ...] | None = None,
+    refs: dict | None = None,
+    conf: float = 0.95,
+    cross: bool = False,
+    include_unusable: bool = False,
+) -> LRLaw:
     """Fits the optimal-LR law over configurations (one parametrization and one x column).
     ``variables`` defaults to those of N and D that take two or more values. Configurations
     whose optimum is not bracketed by the grid (``edge``) or has no minimum are left out
@@ -131,7 +160,7 @@ def fit_lr_law(optima: list[Optimum], kind: str = "linear", variables: list[str]
     dof = len(y) - p
     rss = float(resid @ resid)
     sigma = math.sqrt(rss / dof) if dof > 0 else math.nan
-    cov = sigma ** 2 * np.linalg.pinv(X.T @ X) if dof > 0 else np.full((p, p), math.inf)
+    cov = sigma**2 * np.linalg.pinv(X.T @ X) if dof > 0 else np.full((p, p), math.inf)
     tss = float(((y - y.mean()) ** 2).sum())
     r2 = 1 - rss / tss if tss > 0 else math.nan
     # leave-one-scale-out: hold out every configuration at one value of one modelled variable
@@ -146,16 +175,18 @@ def fit_lr_law(optima: list[Optimum], kind: str = "linear", variables: list[str]
             b = _ols(X[tr], y[tr])
             errs.append(float(np.mean((X[~tr] @ b - y[~tr]) ** 2)))
     loso = math.sqrt(np.mean(errs)) if errs else math.nan
-    return LRLaw(opts[0].x_col, kind, variables, refs, names, coef, cov, dof, sigma, r2, loso,
-                 len(errs), conf, N, D, y, cross)
+    return LRLaw(
+        opts[0].x_col, kind, variables, refs, names, coef, cov, dof, sigma, r2, loso, len(errs), conf, N, D, y, cross
+    )
 
 
 def curvature_test(linear: LRLaw, quadratic: LRLaw) -> dict:
     """Is the quadratic law needed? The F test of the nested linear law, and whether any
     quadratic coefficient's interval excludes 0."""
     from scipy import stats
-    rss_l = linear.sigma ** 2 * linear.dof
-    rss_q = quadratic.sigma ** 2 * quadratic.dof
+
+    rss_l = linear.sigma**2 * linear.dof
+    rss_q = quadratic.sigma**2 * quadratic.dof
     dp = linear.dof - quadratic.dof
     if quadratic.dof <= 0 or dp <= 0:
         return {"F": math.nan, "p": math.nan, "curved": False, "excludes_zero": []}
@@ -201,12 +232,10 @@ def _law_for_axis(optima, axis, N, D, kind, conf, refs=None):
     if axis == "ND":
         return fit_lr_law(optima, kind, ("N", "D"), refs, conf)
     other = "D" if axis == "N" else "N"
-    return fit_lr_law(select_slice(optima, other, N if other == "N" else D), kind, (axis,),
-                      refs, conf)
+    return fit_lr_law(select_slice(optima, other, N if other == "N" else D), kind, (axis,), refs, conf)
 
 
-def extrapolation_penalty(law: LRLaw, optima: list[Optimum], N: float, D: float,
-                          conf: float | None = None) -> dict:
+def extrapolation_penalty(law: LRLaw, optima: list[Optimum], N: float, D: float, conf: float | None = None) -> dict:
     """Robustness to extrapolation error. With u = ln x, L(u) ≈ L* + c·(u − u*)², an
     extrapolated optimum with error e costs E[c·e²] = c·E[e²] in loss. ``penalty`` uses the
     law's prediction variance at the target (E[e²] = se_pred²), ``penalty_loso`` the
@@ -217,7 +246,12 @@ def extrapolation_penalty(law: LRLaw, optima: list[Optimum], N: float, D: float,
     d = [math.hypot(math.log(o.N / N), math.log(o.D / D)) for o in usable]
     near = usable[int(np.argmin(d))]
     c = near.curvature
-    return {"curvature": c, "curvature_at": {"N": near.N, "D": near.D},
-            "se_pred": pred["se_pred"], "penalty": c * pred["se_pred"] ** 2,
-            "loso": law.loso, "penalty_loso": c * law.loso ** 2 if math.isfinite(law.loso) else math.nan,
-            "penalty_per_factor2": c * math.log(2) ** 2}
+    return {
+        "curvature": c,
+        "curvature_at": {"N": near.N, "D": near.D},
+        "se_pred": pred["se_pred"],
+        "penalty": c * pred["se_pred"] ** 2,
+        "loso": law.loso,
+        "penalty_loso": c * law.loso**2 if math.isfinite(law.loso) else math.nan,
+        "penalty_per_factor2": c * math.log(2) ** 2,
+    }

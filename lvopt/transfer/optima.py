@@ -1,5 +1,6 @@
 """Optimal learning rates: a quadratic fit of loss against ln LR around the best grid point of
 every configuration, with a bootstrap over seeds (docs/transfer.md)."""
+
 from __future__ import annotations
 
 import math
@@ -21,18 +22,18 @@ class Optimum:
     D: float
     width: float
     x_col: str
-    log_x: float          # u* = ln x*
-    x: float              # x*
-    ci: tuple             # bootstrap percentile interval of x*
-    se_log: float         # bootstrap standard deviation of u*
-    curvature: float      # c
-    loss: float           # L*
-    loss_se: float        # bootstrap standard deviation of L*
+    log_x: float  # u* = ln x*
+    x: float  # x*
+    ci: tuple  # bootstrap percentile interval of x*
+    se_log: float  # bootstrap standard deviation of u*
+    curvature: float  # c
+    loss: float  # L*
+    loss_se: float  # bootstrap standard deviation of L*
     n_seeds: int
     n_rows: int
-    n_boot: int           # bootstrap fits with c > 0 (the others have no minimum)
-    edge: bool            # the lowest mean loss is at the end of the LR grid: not bracketed
-    ok: bool              # c > 0 on the full data
+    n_boot: int  # bootstrap fits with c > 0 (the others have no minimum)
+    edge: bool  # the lowest mean loss is at the end of the LR grid: not bracketed
+    ok: bool  # c > 0 on the full data
     roles: dict = field(default_factory=dict)  # optimal per-role LRs implied by x*
 
     @property
@@ -65,8 +66,15 @@ def _fit_window(grid_x, u, y, half_width):
     return float(um - b / (2 * c)), float(c), float(a - b * b / (4 * c)), edge, True
 
 
-def optimal_lrs(sweep: dict | list[dict] | str, x_col: str | None = None, lr_col: str | None = None,
-                half_width: int = 2, n_boot: int = 200, conf: float = 0.95, seed: int = 0) -> list[Optimum]:
+def optimal_lrs(
+    sweep: dict | list[dict] | str,
+    x_col: str | None = None,
+    lr_col: str | None = None,
+    half_width: int = 2,
+    n_boot: int = 200,
+    conf: float = 0.95,
+    seed: int = 0,
+) -> list[Optimum]:
     """The optimal ``x_col`` (default: the swept LR column) of every configuration.
 
     The fit window is chosen on the swept LR grid (``lr_col``), so an effective-LR column,
@@ -85,8 +93,11 @@ def optimal_lrs(sweep: dict | list[dict] | str, x_col: str | None = None, lr_col
         seeds = sweep["seed"][idx]
         ustar, c, lstar, edge, ok = _fit_window(grid, u, y, half_width)
         useeds = np.unique(seeds)
-        groups = [np.flatnonzero(seeds == s) for s in useeds] if len(useeds) > 1 \
+        groups = (
+            [np.flatnonzero(seeds == s) for s in useeds]
+            if len(useeds) > 1
             else [np.asarray([i]) for i in range(len(idx))]
+        )
         bu, bl = [], []
         for _ in range(n_boot):
             pick = np.concatenate([groups[j] for j in rng.integers(len(groups), size=len(groups))])
@@ -114,12 +125,31 @@ def optimal_lrs(sweep: dict | list[dict] | str, x_col: str | None = None, lr_col
             v = sweep[col][idx]
             ratio = v / xr
             if np.all(np.isfinite(ratio)) and np.ptp(ratio) <= 1e-6 * abs(ratio.mean()):
-                roles[r] = float(ratio.mean() * math.exp(ustar))   # swept with x: scales with x*
+                roles[r] = float(ratio.mean() * math.exp(ustar))  # swept with x: scales with x*
             elif np.ptp(v) <= 1e-12 * abs(v.mean()):
-                roles[r] = float(v.mean())                         # held fixed
+                roles[r] = float(v.mean())  # held fixed
             else:
-                roles[r] = None                                   # varied independently
-        out.append(Optimum(str(param), float(N), float(D), float(w) if w >= 0 else math.nan,
-                           x_col, ustar, math.exp(ustar), ci, se_log, c, lstar, loss_se,
-                           len(useeds), len(idx), len(bu), bool(edge), bool(ok), roles))
+                roles[r] = None  # varied independently
+        out.append(
+            Optimum(
+                str(param),
+                float(N),
+                float(D),
+                float(w) if w >= 0 else math.nan,
+                x_col,
+                ustar,
+                math.exp(ustar),
+                ci,
+                se_log,
+                c,
+                lstar,
+                loss_se,
+                len(useeds),
+                len(idx),
+                len(bu),
+                bool(edge),
+                bool(ok),
+                roles,
+            )
+        )
     return out

@@ -1,4 +1,5 @@
 """Plots of a transfer analysis (matplotlib, imported when a plot is drawn)."""
+
 from __future__ import annotations
 
 import math
@@ -13,13 +14,16 @@ from .optima import Optimum
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
-def plot_loss_vs_lr(sweep: dict, optima: list[Optimum], path: str | os.PathLike, x_col: str | None = None,
-                    half_width: int = 2) -> str | os.PathLike:
+def plot_loss_vs_lr(
+    sweep: dict, optima: list[Optimum], path: str | os.PathLike, x_col: str | None = None, half_width: int = 2
+) -> str | os.PathLike:
     """Loss against LR for every configuration of one parametrization (panels by D, colours
     by N): seed means, the fitted quadratic over its window, the optimum and its interval."""
     plt = _plt()
@@ -38,8 +42,7 @@ def plot_loss_vs_lr(sweep: dict, optima: list[Optimum], path: str | os.PathLike,
             ax.scatter(x, y, s=6, color=col, alpha=0.35)
             if o.ok:
                 u = np.linspace(o.log_x - 1.5, o.log_x + 1.5, 50)
-                ax.plot(np.exp(u), o.loss + o.curvature * (u - o.log_x) ** 2, color=col, lw=1.2,
-                        label=f"N={o.N:.3g}")
+                ax.plot(np.exp(u), o.loss + o.curvature * (u - o.log_x) ** 2, color=col, lw=1.2, label=f"N={o.N:.3g}")
                 ax.plot([o.x], [o.loss], "o", color=col, mec="k", ms=5)
                 if all(map(math.isfinite, o.ci)):
                     ax.hlines(o.loss, o.ci[0], o.ci[1], color=col, lw=3, alpha=0.6)
@@ -54,8 +57,9 @@ def plot_loss_vs_lr(sweep: dict, optima: list[Optimum], path: str | os.PathLike,
     return path
 
 
-def plot_lr_law(laws: list[LRLaw], optima: list[Optimum], path: str | os.PathLike,
-                target: dict[str, float] | None = None) -> str | os.PathLike:
+def plot_lr_law(
+    laws: list[LRLaw], optima: list[Optimum], path: str | os.PathLike, target: dict[str, float] | None = None
+) -> str | os.PathLike:
     """Optimal LR against N (or D when N is fixed) with the fitted laws, and the target's
     extrapolation with its prediction interval."""
     plt = _plt()
@@ -74,8 +78,7 @@ def plot_lr_law(laws: list[LRLaw], optima: list[Optimum], path: str | os.PathLik
         xs = [getattr(o, var) for o in sub]
         lo = [o.x - o.ci[0] for o in sub]
         up = [o.ci[1] - o.x for o in sub]
-        ax.errorbar(xs, [o.x for o in sub], yerr=[lo, up], fmt="o", color=col, ms=4,
-                    label=f"{other}={ov:.3g}")
+        ax.errorbar(xs, [o.x for o in sub], yerr=[lo, up], fmt="o", color=col, ms=4, label=f"{other}={ov:.3g}")
         for law, ls in zip(laws, ("--", "-", ":")):
             if var not in law.variables:
                 continue
@@ -85,8 +88,16 @@ def plot_lr_law(laws: list[LRLaw], optima: list[Optimum], path: str | os.PathLik
     if target:
         for law, ls in zip(laws, ("--", "-", ":")):
             p = law.predict(target["N"], target["D"])
-            ax.errorbar([target[var]], [p["x"]], yerr=[[p["x"] - p["pi"][0]], [p["pi"][1] - p["x"]]],
-                        fmt="s", color="k", mfc="none", capsize=3, label=f"target ({law.kind})")
+            ax.errorbar(
+                [target[var]],
+                [p["x"]],
+                yerr=[[p["x"] - p["pi"][0]], [p["pi"][1] - p["x"]]],
+                fmt="s",
+                color="k",
+                mfc="none",
+                capsize=3,
+                label=f"target ({law.kind})",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(var)

@@ -1,6 +1,7 @@
 """The sweep table: loading a sweep (CSV, row dicts or columns) into numpy columns, its LR
 columns, and its configurations (docs/transfer.md; the columns are in lvopt.transfer's
 docstring)."""
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,7 @@ def load_sweep(source: str | os.PathLike | list[dict] | dict) -> dict:
         if k == "param":
             out[k] = np.asarray([str(x) for x in v], dtype=object)
         else:
-            out[k] = np.asarray([float(x) if str(x).strip() != "" else math.nan for x in v],
-                                dtype=np.float64)
+            out[k] = np.asarray([float(x) if str(x).strip() != "" else math.nan for x in v], dtype=np.float64)
     out.setdefault("param", np.asarray(["default"] * n, dtype=object))
     out.setdefault("width", np.full(n, math.nan))
     missing = [c for c in REQUIRED if c not in out]
@@ -53,8 +53,7 @@ def load_sweep(source: str | os.PathLike | list[dict] | dict) -> dict:
 def _as_sweep(x) -> dict:
     """``x`` itself when it is already a loaded sweep (all numpy columns, ``param`` and
     ``width`` present), else ``load_sweep(x)``."""
-    if isinstance(x, dict) and all(isinstance(v, np.ndarray) for v in x.values()) \
-            and "param" in x and "width" in x:
+    if isinstance(x, dict) and all(isinstance(v, np.ndarray) for v in x.values()) and "param" in x and "width" in x:
         return x
     return load_sweep(x)
 
@@ -79,5 +78,6 @@ def _configs(sweep):
     keys = {}
     for i, k in enumerate(zip(sweep["param"], sweep["N"], sweep["D"], w)):
         keys.setdefault(k, []).append(i)
-    return sorted(((k, np.asarray(v)) for k, v in keys.items()),
-                  key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3]))
+    return sorted(
+        ((k, np.asarray(v)) for k, v in keys.items()), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])
+    )
