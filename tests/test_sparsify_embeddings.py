@@ -57,6 +57,7 @@ def test_plain_tree_swaps_untied_keeps_parameters():
         assert lvopt.nn.sparsify_embeddings(m) == {}  # nothing left to swap
 
 
+@needs_native
 def test_plain_tree_gradients_are_sparse_and_the_step_matches_torch():
     torch.manual_seed(1)
     dense = Tree()
@@ -64,7 +65,7 @@ def test_plain_tree_gradients_are_sparse_and_the_step_matches_torch():
     with pytest.warns(lvopt.DenseEmbeddingGradWarning):
         lvopt.nn.sparsify_embeddings(sparse)
     od = torch.optim.AdamW(dense.parameters(), lr=1e-2, weight_decay=0.1)
-    os_ = lvopt.AdamW(sparse.parameters(), lr=1e-2, weight_decay=0.1, backend="reference")
+    os_ = lvopt.AdamW(sparse.parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         ids = torch.randint(0, 50, (2, 6))
         for model, opt in ((dense, od), (sparse, os_)):
@@ -73,9 +74,7 @@ def test_plain_tree_gradients_are_sparse_and_the_step_matches_torch():
         assert sparse.tok.weight.grad.layout == torch.sparse_coo
         assert sparse.tied_in.weight.grad.layout == torch.strided
         od.step()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", lvopt.nn.ReferenceCoalesceWarning)
-            os_.step()
+        os_.step()
     os_.flush()
     for (n, a), b in zip(dense.named_parameters(), sparse.parameters()):
         assert rel_err(b, a) < 1e-5, n
