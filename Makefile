@@ -10,7 +10,13 @@ STAMP_BUILD := $(VENV)/.build-stamp
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: experiment dev test bench bench-pytest sanitize native-test clean wheel
+.PHONY: experiment dev test bench bench-pytest sanitize native-test clean wheel lint format
+
+# Files the formatters own (ruff format, clang-format): the files and directories listed in
+# .ci/formatted-files.txt, as git sees them (tracked or new, not ignored: no build outputs).
+FORMATTED := $(shell git ls-files --cached --others --exclude-standard -- $$(grep -v '^[[:space:]]*\(\#\|$$\)' .ci/formatted-files.txt))
+FORMATTED_PY := $(filter %.py,$(FORMATTED))
+FORMATTED_C := $(filter %.cpp %.h %.cu %.cuh,$(FORMATTED))
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -50,6 +56,17 @@ sanitize: $(STAMP_DEPS)
 	cmake -S . -B build-asan -G Ninja -DLVOPT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build-asan
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ./build-asan/lvopt_native_test
+
+# Lint (pyproject.toml [tool.ruff]) on the whole tree; format check (ruff format, .clang-format)
+# on the files of .ci/formatted-files.txt. `make format` formats those files.
+lint: $(STAMP_DEPS)
+	$(VENV)/bin/ruff check --no-cache .
+	$(if $(FORMATTED_PY),$(VENV)/bin/ruff format --no-cache --check $(FORMATTED_PY))
+	$(if $(FORMATTED_C),$(VENV)/bin/clang-format --dry-run -Werror $(FORMATTED_C))
+
+format: $(STAMP_DEPS)
+	$(if $(FORMATTED_PY),$(VENV)/bin/ruff format --no-cache $(FORMATTED_PY))
+	$(if $(FORMATTED_C),$(VENV)/bin/clang-format -i $(FORMATTED_C))
 
 wheel: $(STAMP_DEPS)
 	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist .

@@ -4,12 +4,21 @@ CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built when this 
 CUDA build (torch.version.cuda) and an nvcc is found, unless LVOPT_NO_CUDA=1; the decision
 never depends on the build machine having a GPU. Architectures come from LVOPT_CUDA_ARCHS
 (default "80;90": SASS for sm_80 and sm_90, PTX embedded for the newest).
+
+The extension binds to the torch it is compiled with, so the package's metadata names that
+torch: install_requires pins ``torch==<this torch>``, and the version carries a local label
+``+cu<CUDA>torch<torch>`` (``+cputorch<torch>`` without CUDA kernels), as xformers' and
+flash-attention's wheels do. lvopt/_build.py (generated here, not in git) records the same for
+lvopt at run time: the import error of an extension that does not load names both torches.
+A wheel also carries the benchmark suite (benchmarks/*.py as lvopt/_bench/) for `lvopt bench`.
 """
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 import torch
 from torch.utils import cpp_extension
@@ -107,14 +116,60 @@ def extensions():
     ]
 
 
+def _base_version():
+    with open(os.path.join(ROOT, "lvopt", "_version.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+TORCH_VERSION = torch.__version__.split("+")[0]  # "2.14.1" of "2.14.1+cu130"
+EXTENSIONS = extensions()
+WITH_CUDA = any(isinstance(e.sources, list) and any(s.endswith(".cu") for s in e.sources) for e in EXTENSIONS)
+CUDA_TAG = "cu" + torch.version.cuda.replace(".", "") if WITH_CUDA else "cpu"
+VERSION = f"{_base_version()}+{CUDA_TAG}torch{TORCH_VERSION}"
+
+
+def _write_build_record():
+    text = (
+        '"""Written by setup.py when lvopt._C was built (not in git): what it was built for."""\n'
+        f"VERSION = {VERSION!r}\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_VERSION = {(torch.version.cuda if WITH_CUDA else None)!r}\n"
+    )
+    path = os.path.join(ROOT, "lvopt", "_build.py")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:  # rewriting an unchanged file would only bump its mtime
+        with open(path, "w") as f:
+            f.write(text)
+
+
+_write_build_record()
+
+
+class BuildPyWithBench(build_py):
+    """build_py that also copies the benchmark suite (benchmarks/*.py) into the built package as
+    lvopt/_bench/, where an installed `lvopt bench` finds it (lvopt/bench.py, suite_dir). An
+    editable install runs from the checkout and reads benchmarks/ itself."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        dest = os.path.join(self.build_lib, "lvopt", "_bench")
+        self.mkpath(dest)
+        for src in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))):
+            self.copy_file(src, os.path.join(dest, os.path.basename(src)))
+
+
 setup(
     name="lvopt",
-    version="0.1.0",
+    version=VERSION,
     description="Fused AdamW/AdamH with sparse embedding rows and the large-vocabulary LR rule",
     packages=find_packages(include=["lvopt", "lvopt.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    # The torch the extension was compiled against: its C++ symbols are what lvopt._C binds to.
+    install_requires=[f"torch=={TORCH_VERSION}"],
+    extras_require={"bench": ["matplotlib", "tqdm"]},
+    ext_modules=EXTENSIONS,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithBench},
     entry_points={"console_scripts": ["lvopt=lvopt.__main__:main"]},
 )

@@ -1,6 +1,6 @@
 """Dense AdamW: lvopt (fp32, bf16) against torch.optim.AdamW fused/foreach and DeepSpeedCPUAdam.
 
-Byte model (DESIGN.md section 4): fp32 28 B/param (read p, g, m, v; write p, m, v); bf16
+Byte model (docs/design.md section 4): fp32 28 B/param (read p, g, m, v; write p, m, v); bf16
 params and grads with fp32 moments 22 B/param; torch's bf16 AdamW keeps bf16 moments, 14 B/param.
 `pytest benchmarks/bench_fused_adamw.py` runs the pytest-benchmark version (LVOPT_BENCH_SIZE).
 """

@@ -150,7 +150,7 @@ def run_dense(dev, bw, cases, file) -> list[dict]:
             if fn is None:
                 print(f"  {label:40s} unavailable: {why}", file=file)
                 continue
-            # AdamH steps the matrices only (DESIGN.md section 2): count their elements.
+            # AdamH steps the matrices only (docs/design.md section 2.2): count their elements.
             count = numel if algo == "adamw" else sum(math.prod(s) for s in shapes if len(s) >= 2)
             if count == 0:
                 print(f"  {label:40s} no matrices in this case", file=file)

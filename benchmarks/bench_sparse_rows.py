@@ -2,7 +2,7 @@
 gradient, lvopt exact / lazy against torch.optim.SparseAdam and torch.optim.AdamW(fused=True) on
 the dense gradient; lvopt's dense AdamW kernel on a 64M tensor gives the bandwidth reference.
 
-Bytes a row-sparse step must move (DESIGN.md section 4): the gradient rows as given (N x d,
+Bytes a row-sparse step must move (docs/design.md section 4): the gradient rows as given (N x d,
 read) plus p, m, v of the U distinct rows read and written: 4*N*d + 24*U*d (fp32). Each timed
 step gets a different batch (a pool of pre-generated batches, cycled after a warm-up), so exact
 mode's rows lag as they do in training. `python benchmarks/bench_sparse_rows.py` prints the

@@ -5,7 +5,7 @@ A *case* is one workload (a parameter list, a gradient) and several *contenders*
 the anchors a user would pick instead). Contenders of a case are timed round-robin, one step
 each per round, so that the machine's noise falls on all of them alike; the statistic is the
 median over rounds. Effective bandwidth counts the bytes the step must move by the case's
-byte model (DESIGN.md section 4), the same for every contender of the case.
+byte model (docs/design.md section 4), the same for every contender of the case.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Static evidence for lvopt's GPU kernels without a GPU (DESIGN.md section 4).
+"""Static evidence for lvopt's GPU kernels without a GPU (docs/design.md section 4).
 
 Compiles the sm_90 builds of the CUDA kernels (the cubins inside the CUDA-built lvopt._C, or
 `nvcc -cubin` of csrc/cuda/*.cu when the extension was built without CUDA) and of the Triton
@@ -283,7 +283,7 @@ def _cuh_constant(name: str) -> int:
 
 
 def predictions() -> list[tuple[str, int, float, int]]:
-    """(case, bytes, predicted ms, CUDA launches) from DESIGN.md section 4's byte counts."""
+    """(case, bytes, predicted ms, CUDA launches) from docs/design.md section 4's byte counts."""
     from math import ceil, prod
 
     TENSORS_PER_LAUNCH = _cuh_constant("kTensorsPerLaunch")
@@ -341,7 +341,7 @@ def render(kernels: list[dict], how: str) -> str:
               "\"Other LDG/STG\" are the per-tensor metadata and coefficient loads and the scalar tail / "
               "misaligned-tensor loops (n not a multiple of the vector width), not the hot loop.", "",
               f"Predicted H100 SXM time from bytes moved: {H100_BW / 1e12:.2f} TB/s HBM3 at "
-              f"{ACHIEVABLE:.0%} achievable = {H100_BW * ACHIEVABLE / 1e12:.2f} TB/s (DESIGN.md section 4). "
+              f"{ACHIEVABLE:.0%} achievable = {H100_BW * ACHIEVABLE / 1e12:.2f} TB/s (docs/design.md section 4). "
               "Launches: the CUDA op's kernel launches (the step-counter/coefficient kernel, then one per "
               "64 tensors of a dtype; AdamH two passes plus the per-tensor finalize); each adds a few "
               "microseconds of launch latency not counted in the byte time.", "",

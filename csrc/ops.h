@@ -9,7 +9,7 @@
 namespace lvopt {
 namespace cpu {
 
-// lvopt::fused_adamw_: AdamW (DESIGN.md section 2) on every tensor, in place.
+// lvopt::fused_adamw_: AdamW (docs/design.md section 2.1) on every tensor, in place.
 // found_inf (optional, one-element float32): when given, the gradients are scanned first; if
 // found_inf is already nonzero or a gradient element is NaN/inf, found_inf becomes 1 and
 // nothing (parameters, moments, step counts) is written. stats (optional, float64 [n, 2]):

@@ -1,8 +1,11 @@
 """lvopt: fused AdamW/AdamH for PyTorch with sparse embedding rows and the large-vocabulary
-(LV) embedding learning-rate rule. See README.md and DESIGN.md."""
-__version__ = "0.1.0"
-
+(LV) embedding learning-rate rule. See README.md and docs/design.md."""
 from . import _ops  # noqa: F401  (loads lvopt._C: registers torch.ops.lvopt.*)
+from ._version import __version__ as _base_version
+
+# The built package's full version, with its +cu<CUDA>torch<torch> label (as torch.__version__
+# carries its own), or lvopt/_version.py's for a source tree that setup.py has not built.
+__version__ = _ops.built_for().get("version", _base_version)
 from . import reference
 from ._backend import BACKENDS, build_info
 from .optim import NONFINITE_POLICIES, AdamH, AdamW, DenseEmbeddingGradWarning, NonFiniteGradientError

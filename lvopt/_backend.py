@@ -3,8 +3,9 @@
 ``"cpu"`` and ``"cuda"`` are the native kernels of lvopt._C (csrc/cpu, csrc/cuda), reached
 through the ``torch.ops.lvopt`` dispatcher; ``"triton"`` the kernels of lvopt/triton;
 ``"reference"`` the pure-PyTorch oracle of lvopt/reference.py. The default for a device is
-the native kernel built for it; if that was not built, the optimizer raises and says which
-backends are available.
+the native kernel built for it; if that was not built, the optimizer raises, says how to get
+the native kernels and which backends are available (an explicit ``backend="triton"`` or
+``"reference"`` is always honoured). Nothing here picks a different backend than asked for.
 """
 from __future__ import annotations
 
@@ -49,16 +50,33 @@ def unavailable_reason(name: str) -> str | None:
 def check_available(name: str) -> None:
     why = unavailable_reason(name)
     if why is not None:
-        avail = [b for b in BACKENDS if unavailable_reason(b) is None]
-        raise RuntimeError(f"lvopt backend {name!r} is not available: {why}. Available here: {avail}")
+        raise RuntimeError(f"lvopt backend {name!r} is not available: {why}. Available here: {available()}")
+
+
+def available() -> list:
+    """The backends that can run in this process (CUDA only with a device)."""
+    return [b for b in BACKENDS if backend_status(b) == "available"]
+
+
+# How to get the native CUDA kernels, for the error of a CUDA default without them.
+NATIVE_CUDA_HOWTO = ("rebuild lvopt with CUDA kernels (`make dev` or `pip install --no-build-isolation -e .` "
+                     "with nvcc on PATH or CUDA_HOME set, torch a CUDA build, LVOPT_NO_CUDA unset), or install "
+                     "a +cu wheel; or choose a backend explicitly: backend='triton' (the Triton kernels, "
+                     "slower than the CUDA ones) or backend='reference'")
 
 
 def default_for(device: torch.device) -> str:
-    """The backend used for tensors on ``device`` when none was requested."""
+    """The backend used for tensors on ``device`` when none was requested: the native kernels
+    for that device. Raises if they were not built: a CPU-only build on a GPU machine must not
+    run the (slower) Triton kernels without being asked to."""
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda":
-        return "cuda" if _native_cuda() else "triton"
+        why = unavailable_reason("cuda")
+        if why is not None:
+            raise RuntimeError(f"lvopt has no native kernels for {device}: {why}. To get them, {NATIVE_CUDA_HOWTO}. "
+                               f"Available here: {available()}")
+        return "cuda"
     raise RuntimeError(f"lvopt has no kernels for device type {device.type!r}; "
                        f"pass backend='reference' to run the pure-PyTorch step")
 
@@ -101,6 +119,7 @@ def build_info() -> dict:
     info = {
         "version": __import__("lvopt").__version__,
         "torch": torch.__version__,
+        "built_for": _ops.built_for(),
         "native": _ops.native_available(),
         "native_error": _ops.NATIVE_ERROR,
         "cpu_isa_compiled": [],
@@ -126,5 +145,17 @@ def build_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    info["backends"] = {b: (unavailable_reason(b) or "available") for b in BACKENDS}
+    info["backends"] = {b: backend_status(b) for b in BACKENDS}
     return info
+
+
+def backend_status(name: str) -> str:
+    """``"available"``; ``"compiled, no device"`` for CUDA kernels built into lvopt._C in a
+    process that sees no CUDA device (they cannot run, nor be ruled out for another machine);
+    else why ``name`` cannot run here."""
+    why = unavailable_reason(name)
+    if why is not None:
+        return why
+    if name == "cuda" and not torch.cuda.is_available():
+        return "compiled, no device"
+    return "available"

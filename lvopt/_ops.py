@@ -5,7 +5,33 @@ ops mutate their inputs in place and the only new tensor is AdamH's ``[n, 3]`` f
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
+
+
+
+def built_for() -> dict:
+    """What lvopt._C was built for (lvopt/_build.py, written by setup.py): version, torch, CUDA.
+    Empty when this source tree was not built by setup.py."""
+    try:
+        from . import _build
+    except ImportError:
+        return {}
+    return dict(version=_build.VERSION, torch=_build.TORCH_VERSION, cuda=_build.CUDA_VERSION)
+
+
+def native_error_message(e: BaseException, built: dict) -> str:
+    """The load error of lvopt._C with both torches named: the extension binds to the torch it
+    was compiled with, and a different one is the usual reason it does not load."""
+    want = built.get("torch") or "unknown (lvopt/_build.py is missing: not built by setup.py)"
+    msg = f"{type(e).__name__}: {e}; lvopt {built.get('version', '')} was built for torch {want}, this is torch {torch.__version__}"
+    if built.get("torch") and built["torch"] != torch.__version__:
+        msg += (f": install torch=={built['torch'].split('+')[0]} (the wheel's requirement), or rebuild lvopt "
+                f"against this torch (make dev, or pip install --no-build-isolation .)")
+    return msg
+
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.lvopt.*)
@@ -13,11 +39,38 @@ try:
     NATIVE_ERROR: str | None = None
 except ImportError as e:  # reported by build_info() and by backend selection
     _C = None
-    NATIVE_ERROR = f"{type(e).__name__}: {e}"
+    NATIVE_ERROR = native_error_message(e, built_for())
 
 
 def native_available() -> bool:
     return _C is not None
+
+
+CPU_ISA_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def check_cpu_isa_env() -> str | None:
+    """The CPU kernels clamp ``LVOPT_CPU_ISA`` to what the hardware has and ignore an unknown
+    value (csrc/cpu/isa.cpp); say so instead of running another level silently. Returns the
+    warning's text (None when the level asked for is the one in use)."""
+    want = os.environ.get("LVOPT_CPU_ISA", "")
+    if not want or _C is None:
+        return None
+    info = _C.build_info()
+    active = info["cpu_isa_active"]
+    if want not in CPU_ISA_LEVELS:
+        msg = f"LVOPT_CPU_ISA={want!r} is not one of {', '.join(CPU_ISA_LEVELS)}: ignored"
+    elif want != active:
+        msg = (f"LVOPT_CPU_ISA={want!r} asks for more than this build and CPU offer (compiled: "
+               f"{info['cpu_isa_compiled']}; hardware: {info['cpu_isa_hardware']})")
+    else:
+        return None
+    msg = f"lvopt: {msg}; the CPU kernels use {active!r} (every level computes the same bits)"
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return msg
+
+
+check_cpu_isa_env()
 
 
 if _C is not None:

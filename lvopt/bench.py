@@ -1,11 +1,12 @@
-"""``python -m lvopt bench``: lvopt side by side with what users would pick instead.
+"""``lvopt bench`` (also ``python -m lvopt bench``): lvopt side by side with what users would
+pick instead.
 
-Runs the benchmark families of ``benchmarks/bench_<op>.py`` (a source checkout is needed: the
-suite lives beside the package, not in it) through their shared harness, measures a copy and
-an in-place stream bandwidth in the same run, and prints one table per case (median ms,
-effective GB/s, fraction of the stream bandwidth, speed-up of lvopt over each anchor), then the
-ratios that lvopt's issues
-promise, each marked as met or missed. Writes ``bench.json`` and ``bench.png`` to ``--out``.
+Runs the benchmark families of the suite (``bench_<op>.py``: benchmarks/ in a source checkout,
+the copy a wheel ships in lvopt/_bench otherwise; see :func:`suite_dir`) through their shared
+harness, measures a copy and an in-place stream bandwidth in the same run, and prints one table
+per case (median ms, effective GB/s, fraction of the stream bandwidth, speed-up of lvopt over
+each anchor), then the ratios that lvopt's issues promise (the suite's claims.py), each marked
+as met or missed. Writes ``bench.json`` and ``bench.png`` to ``--out``.
 """
 from __future__ import annotations
 
@@ -19,52 +20,41 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_DIR = os.path.join(ROOT, "benchmarks")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Where the suite is: the copy a wheel ships (setup.py copies benchmarks/*.py there at build
+# time; a checkout has none), then a source checkout's benchmarks/ (editable install, PYTHONPATH).
+SUITE_DIRS = (os.path.join(HERE, "_bench"), os.path.join(os.path.dirname(HERE), "benchmarks"))
+# Files that identify the suite (a site-packages/benchmarks of another project is not it).
+SUITE_FILES = ("harness.py", "claims.py", "bench_fused_adamw.py")
 # Families in the order the table shows them; each module has cases(size) (harness cases) or
 # run(size) (rows it timed itself).
 FAMILIES = ["bench_fused_adamw", "bench_fused_adamh", "bench_sparse_rows"]
 
-# (case, a, b, bound, what the issue asks): met when ms(b) / ms(a) >= bound. "a at least k times
-# faster than b" is (a, b, k); "a at most k times slower than b" is (a, b, 1/k).
-CLAIMS = [
-    ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1.05, "AdamW one tensor: >= 1.05x torch fused"),
-    ("adamw_1x", "lvopt AdamW", "DeepSpeedCPUAdam", 1.0, "AdamW one tensor: at least as fast as DeepSpeedCPUAdam"),
-    ("adamw_gpt2", "lvopt AdamW", "torch AdamW fused", 1.05, "AdamW GPT-2 list: >= 1.05x torch fused"),
-    ("adamw_gpt2", "lvopt AdamW", "DeepSpeedCPUAdam", 1.0, "AdamW GPT-2 list: at least as fast as DeepSpeedCPUAdam"),
-    ("adamw_bf16", "lvopt AdamW bf16", "lvopt AdamW fp32", 1.15, "bf16: >= 1.15x faster than fp32"),
-    ("adamw_1x", "lvopt AdamW track=True", "lvopt AdamW", 1 / 1.05, "telemetry: track=True costs <= 5% (one tensor)"),
-    ("adamw_gpt2", "lvopt AdamW track=True", "lvopt AdamW", 1 / 1.05, "telemetry: track=True costs <= 5% (GPT-2 list)"),
-    ("adamh", "lvopt AdamH", "eager PyTorch AdamH", 3.0, "AdamH: >= 3x eager PyTorch AdamH"),
-    ("adamh", "lvopt AdamH", "lvopt AdamW (same matrix)", 1 / 1.6, "AdamH: <= 1.6x the AdamW step"),
-    ("sparse_rows", "lvopt exact", "torch SparseAdam", 8.0, "sparse rows: exact >= 8x SparseAdam"),
-    ("sparse_rows", "lvopt lazy", "torch SparseAdam", 8.0, "sparse rows: lazy >= 8x SparseAdam"),
-    ("sparse_rows", "lvopt exact", "torch AdamW fused (dense grad)", 25.0, "sparse rows: exact >= 25x fused AdamW on the dense grad"),
-    ("sparse_rows", "lvopt lazy", "torch AdamW fused (dense grad)", 25.0, "sparse rows: lazy >= 25x fused AdamW on the dense grad"),
-    ("sparse_rows", "lvopt exact", "lvopt lazy", 1 / 1.5, "sparse rows: exact <= 1.5x lazy"),
-    ("sparse_rows", "lvopt exact (lvopt.nn.Embedding grad)", "torch SparseAdam", 8.0,
-     "sparse rows, lvopt.nn.Embedding's merged grad: exact >= 8x SparseAdam"),
-    ("sparse_rows", "lvopt exact (lvopt.nn.Embedding grad)", "torch AdamW fused (dense grad)", 25.0,
-     "sparse rows, lvopt.nn.Embedding's merged grad: exact >= 25x fused AdamW on the dense grad"),
-]
-# (case, contender, reference contender's name prefix, minimum GB/s ratio, what the issue asks)
-BANDWIDTH_CLAIMS = [
-    ("sparse_rows", "lvopt exact", "lvopt AdamW dense", 0.7, "sparse rows: exact bandwidth >= 70% of dense AdamW's"),
-    ("sparse_rows", "lvopt exact (lvopt.nn.Embedding grad)", "lvopt AdamW dense", 0.7,
-     "sparse rows, merged grad: exact bandwidth >= 70% of dense AdamW's"),
-]
+
+def suite_dir() -> str:
+    """The benchmark suite's directory, put first on sys.path (its modules import each other
+    by name). Exits with what to do when there is none."""
+    for d in SUITE_DIRS:
+        if all(os.path.exists(os.path.join(d, f)) for f in SUITE_FILES):
+            if d not in sys.path:
+                sys.path.insert(0, d)
+            return d
+    raise SystemExit(
+        f"lvopt bench: the benchmark suite is not here (looked for {', '.join(SUITE_FILES)} in "
+        f"{' and '.join(SUITE_DIRS)}). It ships in wheels built from the source tree (`make wheel`, "
+        f"or `pip wheel --no-build-isolation .`) and lives in benchmarks/ of a source checkout: "
+        f"install such a wheel, or run `python -m lvopt bench` / `make bench` in a checkout.")
 
 
 def _families(only: set[str] | None):
-    if not os.path.isdir(BENCH_DIR):
-        raise SystemExit(f"lvopt bench needs the source checkout's benchmarks/ directory (looked in {BENCH_DIR})")
-    sys.path.insert(0, BENCH_DIR)
-    mods = []
-    for name in FAMILIES:
-        if not os.path.exists(os.path.join(BENCH_DIR, name + ".py")):
-            continue
-        mods.append(importlib.import_module(name))
-    return mods
+    d = suite_dir()
+    return [importlib.import_module(name) for name in FAMILIES if os.path.exists(os.path.join(d, name + ".py"))]
+
+
+def check_claims(results: list[dict]) -> list[dict]:
+    """The suite's claims (claims.py) checked on ``results``."""
+    suite_dir()
+    return importlib.import_module("claims").check_claims(results)
 
 
 def machine_info() -> dict:
@@ -98,25 +88,6 @@ def format_case(title: str, rows: list[dict], stream_gbps: float) -> str:
         speed = f"{r['ms'] / ours['ms']:.2f}x" if ours is not None and r.get("anchor") else ""
         lines.append(f"  {r['name']:44s} {r['ms']:10.2f} {r['gbps']:9.1f} {100 * r['gbps'] / stream_gbps:7.0f}% {speed:>15s}")
     return "\n".join(lines)
-
-
-def check_claims(results: list[dict]) -> list[dict]:
-    by = {(r["case"], r["name"]): r for r in results if "ms" in r}
-    out = []
-    for case, fast, slow, bound, text in CLAIMS:
-        a, b = by.get((case, fast)), by.get((case, slow))
-        if a is None or b is None:
-            continue
-        ratio = b["ms"] / a["ms"]
-        out.append(dict(claim=text, ratio=ratio, bound=bound, met=ratio >= bound))
-    for case, name, ref_prefix, bound, text in BANDWIDTH_CLAIMS:
-        a = by.get((case, name))
-        ref = next((r for (c, n), r in by.items() if c == case and n.startswith(ref_prefix)), None)
-        if a is None or ref is None:
-            continue
-        ratio = a["gbps"] / ref["gbps"]
-        out.append(dict(claim=text, ratio=ratio, bound=bound, met=ratio >= bound))
-    return out
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -155,17 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300, help="training steps of --e2e")
     args = ap.parse_args(argv)
     if args.e2e:
-        sys.path.insert(0, BENCH_DIR)
+        suite_dir()
         return int(importlib.import_module("bench_e2e").main(["--steps", str(args.steps), "--out", args.out]) or 0)
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
 
     if args.device == "cuda":
-        sys.path.insert(0, BENCH_DIR)
-        try:
-            gpu = importlib.import_module("bench_gpu")
-        except ImportError:
-            print("no GPU benchmark in this checkout (benchmarks/bench_gpu.py)")
+        if not os.path.exists(os.path.join(suite_dir(), "bench_gpu.py")):
+            print(f"lvopt bench: no GPU benchmark (bench_gpu.py) in {suite_dir()}")
             return 2
+        gpu = importlib.import_module("bench_gpu")
         return int(gpu.main(["--size", args.size]) or 0)
 
     mods = _families(only)
@@ -218,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(machine=info, copy_gbps=copy_gbps, stream_gbps=stream_gbps, size=args.size, results=results, claims=claims), f, indent=1)
-    plot(results, os.path.join(args.out, "bench.png"))
-    print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
+    try:
+        plot(results, os.path.join(args.out, "bench.png"))
+        print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
+    except ImportError as e:  # matplotlib is an optional dependency (pip install 'lvopt[bench]')
+        print(f"\nwrote {args.out}/bench.json; no bench.png: {e} (pip install 'lvopt[bench]')")
     return 0
 
 

@@ -2,12 +2,49 @@
 are brought current (exact sparse mode) before the forward pass reads them."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from . import _backend
 
-__all__ = ["Embedding"]
+__all__ = ["Embedding", "ReferenceCoalesceWarning", "sparsify_embeddings"]
+
+
+class ReferenceCoalesceWarning(UserWarning):
+    """lvopt.nn.Embedding's backward summed duplicate rows with the pure-PyTorch reference
+    because no native coalesce_rows kernel serves the gradient's device and dtype."""
+
+
+_reference_coalesce_warned: set = set()
+
+
+def _coalesce_rows(flat: Tensor, values: Tensor, v: int) -> tuple:
+    """(sorted distinct rows, their summed gradient rows): lvopt::coalesce_rows where a native
+    kernel serves the device and dtype, else the reference, with a warning once per (device
+    type, dtype, reason) that says why and how to get the native kernel: on a GPU the
+    reference's index_add_ does not sum duplicates in input order, so it is not deterministic."""
+    dev = values.device.type
+    if dev not in ("cpu", "cuda"):
+        why = f"lvopt has no native kernels for device type {dev!r}"
+    elif values.dtype not in (torch.float32, torch.bfloat16):
+        why = f"the native kernels take float32 and bfloat16, not {values.dtype}"
+    else:
+        why = _backend.unavailable_reason(dev)
+        if why is not None and dev == "cuda":
+            why += f"; to get the native kernels, {_backend.NATIVE_CUDA_HOWTO}"
+    if why is None:
+        return torch.ops.lvopt.coalesce_rows(flat, values.contiguous(), v)
+    key = (dev, values.dtype, why)
+    if key not in _reference_coalesce_warned:
+        _reference_coalesce_warned.add(key)
+        warnings.warn(f"lvopt.nn.Embedding: the gradient's duplicate rows are summed by the pure-PyTorch "
+                      f"reference (lvopt.reference.coalesce_rows; on a GPU its order of summation is not "
+                      f"deterministic) because {why}", ReferenceCoalesceWarning, stacklevel=3)
+    from .reference import coalesce_rows
+
+    return coalesce_rows(flat, values, v)
 
 
 class _RowSparseEmbedding(torch.autograd.Function):
@@ -44,13 +81,7 @@ class _RowSparseEmbedding(torch.autograd.Function):
         if ctx.padding_idx is not None:
             keep = flat != ctx.padding_idx
             flat, values = flat[keep], values[keep]
-        native = values.device.type if values.device.type in ("cpu", "cuda") else None
-        if native and values.dtype in (torch.float32, torch.bfloat16) and _backend.unavailable_reason(native) is None:
-            rows, summed = torch.ops.lvopt.coalesce_rows(flat, values.contiguous(), v)
-        else:
-            from .reference import coalesce_rows
-
-            rows, summed = coalesce_rows(flat, values, v)
+        rows, summed = _coalesce_rows(flat, values, v)
         grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed, (v, d), is_coalesced=True)
         return grad, None, None
 
@@ -95,3 +126,76 @@ class Embedding(nn.Embedding):
         if ids.dtype != torch.int64:
             ids = ids.long()
         return _RowSparseEmbedding.apply(w, ids, self.padding_idx)
+
+
+def sparsify_embeddings(model: nn.Module) -> dict:
+    """Makes every untied input embedding of ``model`` an :class:`Embedding` (row-sparse
+    gradients), in place; returns ``{name: new module}`` of what it swapped (every name of a
+    module that appears under several).
+
+    Each ``torch.nn.Embedding`` whose weight no other module holds is replaced, at every place
+    the model holds it, by an :class:`Embedding` that keeps *the same* ``Parameter`` object (so
+    device, dtype, values, ``requires_grad``, optimizer references and tying detection are
+    unchanged), ``padding_idx`` and the training flag. Call it before or after building the
+    optimizer. Left as they are:
+
+    * tied embeddings (the weight is also another module's, e.g. an output layer's): their
+      gradient is dense anyway; a :class:`~lvopt.DenseEmbeddingGradWarning` names them;
+    * frozen ones (``requires_grad=False``): no gradient, nothing to gain;
+    * ones that already are an :class:`Embedding`.
+
+    Refused, before anything is swapped (``ValueError``/``TypeError`` naming the module):
+    ``max_norm`` and ``scale_grad_by_freq`` (lvopt's embedding supports neither), a subclass of
+    ``nn.Embedding`` with its own ``forward`` (it would be lost), and forward hooks on the module.
+    """
+    from .optim import DenseEmbeddingGradWarning
+
+    owners: dict = {}  # id(weight) -> ids of the modules holding it
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(mod))
+    names: dict = {}  # id(module) -> every qualified name it has
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+
+    todo, tied = [], []
+    for mod in {id(m): m for m in model.modules()}.values():
+        if not isinstance(mod, nn.Embedding) or isinstance(mod, Embedding):
+            continue
+        where = f"{' = '.join(repr(n or '<model>') for n in names[id(mod)])} ({type(mod).__name__})"
+        if "" in names[id(mod)]:
+            raise TypeError("sparsify_embeddings: the model itself is an nn.Embedding; use "
+                            "lvopt.nn.Embedding.from_embedding(model)")
+        if len(owners.get(id(mod.weight), ())) > 1:
+            tied.append(where)
+            continue
+        if not mod.weight.requires_grad:
+            continue
+        if mod.max_norm is not None or mod.scale_grad_by_freq:
+            raise ValueError(f"sparsify_embeddings: embedding {where} has max_norm={mod.max_norm}, "
+                             f"scale_grad_by_freq={mod.scale_grad_by_freq}; lvopt.nn.Embedding supports "
+                             f"neither. Nothing was swapped")
+        if type(mod).forward is not nn.Embedding.forward:
+            raise TypeError(f"sparsify_embeddings: embedding {where} is a subclass of nn.Embedding with its own "
+                            f"forward, which swapping would lose. Nothing was swapped")
+        if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks:
+            raise TypeError(f"sparsify_embeddings: embedding {where} has hooks registered, which swapping would "
+                            f"lose. Nothing was swapped")
+        todo.append(mod)
+
+    swapped = {}
+    for old in todo:
+        new = Embedding.from_embedding(old)
+        new.train(old.training)
+        for name in names[id(old)]:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, new)
+            swapped[name] = new
+    if tied:
+        warnings.warn(f"lvopt: sparsify_embeddings left {', '.join(tied)} dense: the weight is tied to another "
+                      f"module (most likely the output layer, whose gradient covers all rows), so its gradient "
+                      f"is dense and lvopt.AdamW steps it densely; the row-sparse step applies to untied input "
+                      f"embeddings only", DenseEmbeddingGradWarning, stacklevel=2)
+    return swapped

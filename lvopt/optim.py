@@ -281,7 +281,7 @@ class _FusedAdam(torch.optim.Optimizer):
             st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         if algo == "adamh" and "radius" not in st:
-            # R = ||W_0||_F, recorded at the matrix's first hyperball step (DESIGN.md section 2).
+            # R = ||W_0||_F, recorded at the matrix's first hyperball step (docs/design.md section 2.2).
             st["radius"] = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).cpu()
         return st
 

@@ -2,7 +2,7 @@
 ``backend="reference"`` fallback (chosen explicitly, never silently).
 
 Each function has the signature and in-place semantics of the custom op of the same name
-(``torch.ops.lvopt.<name>``) and follows DESIGN.md section 2 literally, one tensor at a time,
+(``torch.ops.lvopt.<name>``) and follows docs/design.md section 2 literally, one tensor at a time,
 in the parameter's precision or fp32, whichever is wider (fp64 parameters give an fp64 oracle).
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def fused_adamh_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
     return stats
 
 
-# ----- sparse embedding rows (DESIGN.md section 2) --------------------------------------------
+# ----- sparse embedding rows (docs/design.md section 2.3) ----------------------------------------
 
 def _check_indices(op: str, indices: Tensor, num_rows: int) -> None:
     if indices.dtype != torch.int64 or indices.dim() != 1:

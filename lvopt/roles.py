@@ -1,5 +1,5 @@
 """Parameter roles: which parameters of a model are input embeddings, the output layer,
-hidden matrices or vectors (DESIGN.md section 3, "Scaling rules").
+hidden matrices or vectors (docs/design.md section 3, "Scaling rules"; docs/scaling.md).
 
 Detection works on any ``nn.Module`` without importing anything model-specific:
 

@@ -148,7 +148,7 @@ class ScalingPlan:
 
     def role_hyperball(self, role: str) -> bool:
         # AdamH: hidden matrices on the hyperball; embeddings, output and vectors on AdamW, as in
-        # the authors' reference runs (DESIGN.md section 2).
+        # the authors' reference runs (docs/design.md section 2.2).
         return self.hyperball and role == "hidden"
 
     def _algorithm(self, e: ParamRole) -> str:

@@ -1,4 +1,4 @@
-"""Exact-mode bookkeeping for sparse embedding rows (DESIGN.md section 2, "Sparse embedding rows").
+"""Exact-mode bookkeeping for sparse embedding rows (docs/design.md sections 2.3.1-2.3.2).
 
 A :class:`RowClock` holds, for one parameter, the per-step history that lets a row last brought
 current at step s be caught up to step c in O(1) per element: per step j the learning rate,

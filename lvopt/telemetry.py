@@ -4,11 +4,11 @@ With ``track=True`` every step's kernels also sum, per tensor, ``||W||^2`` (W be
 and ``||dW||^2`` in the pass they already make (fp64, deterministic order), and the optimizer
 keeps them as :attr:`lvopt.AdamW.telemetry`, a :class:`Telemetry`. The effective learning rate
 of a tensor is ``||dW|| / ||W||``, the step size in normalised weight space
-(DESIGN.md section 3):
+(docs/design.md section 2.5):
 
 * AdamW tensors: ``dW = W_after - W_before`` as stored (bf16 parameters: after rounding).
 * AdamH hyperball matrices: ``dW = -lr * R * u/||u||``, the step on the tangent plane before
-  the retraction to radius R (DESIGN.md section 2), so ``||dW|| = lr * R`` and the effective LR
+  the retraction to radius R (docs/design.md section 2.2), so ``||dW|| = lr * R`` and the effective LR
   equals the scheduled LR by construction; ``||W||`` is measured (it equals R to fp32 rounding).
 * Row-sparse tables: the sums run over the rows the step writes (the touched rows; in exact
   mode ``dW`` includes their catch-up of skipped steps), not the whole table, whose other

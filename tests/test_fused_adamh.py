@@ -1,5 +1,5 @@
 """lvopt::fused_adamh_ (csrc/cpu/fused_adamh.cpp) against the reference, and the reference
-against an fp64 evaluation of DESIGN.md's AdamH."""
+against an fp64 evaluation of docs/design.md's AdamH (section 2.2)."""
 import math
 
 import pytest

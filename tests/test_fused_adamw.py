@@ -1,5 +1,5 @@
 """lvopt::fused_adamw_ (csrc/cpu/fused_adamw.cpp) against the reference (lvopt/reference.py),
-and the reference against an fp64 evaluation of DESIGN.md section 2."""
+and the reference against an fp64 evaluation of docs/design.md section 2.1."""
 import pytest
 import torch
 
@@ -37,7 +37,7 @@ def test_matches_reference(gen, dtype, maximize):
 
 
 def test_reference_matches_fp64_formula(gen):
-    """The fp32 reference against DESIGN.md's AdamW evaluated in fp64 on the same inputs."""
+    """The fp32 reference against the AdamW of docs/design.md section 2.1 evaluated in fp64 on the same inputs."""
     shape = (257, 31)
     p = torch.randn(shape, generator=gen)
     m = 0.1 * torch.randn(shape, generator=gen)

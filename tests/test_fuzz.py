@@ -6,7 +6,7 @@ Every case either raises a clear error -- ValueError/TypeError/RuntimeError whos
 the hyperparameter or the parameter at fault -- with parameters and optimizer state (step
 counts included) untouched and no state created, or it matches the same optimizer on
 backend="reference" within fp32 rounding. Whether a case is valid is decided here, from the
-rules of torch.optim.AdamW and DESIGN.md (lr >= 0, betas in [0, 1), eps > 0, weight_decay >= 0,
+rules of torch.optim.AdamW and docs/design.md (lr >= 0, betas in [0, 1), eps > 0, weight_decay >= 0,
 all finite; no weight decay in hyperball groups; float32/bfloat16 parameters with gradients of
 the same dtype), not by asking lvopt.
 

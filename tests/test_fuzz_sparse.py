@@ -13,7 +13,7 @@ non-contiguous table, of another dtype, a group hyperparameter out of range (NaN
 an unknown sparse_mode, or exact mode's own limits (beta1**2 < beta2, lr*wd < 1) -- with every
 parameter, gradient and state entry (dense neighbours, step counts, exact-mode last_step and
 RowClock history) bit-identical to before the failing step. Which case is invalid is decided
-here from DESIGN.md, not by asking lvopt. (A values block whose width differs from the table's
+here from docs/design.md, not by asking lvopt. (A values block whose width differs from the table's
 cannot be built: torch.sparse_coo_tensor refuses it, check_invariants or not.)
 """
 import math
@@ -220,7 +220,7 @@ def _run(c):
     event(f"{c['mode']}, betas/eps {'change' if len(hyper) > 1 else 'fixed'}")
     event(f"strided gradient: {any(x['strided'] for x in c['steps'])}")
     runs = {}
-    # "dense": exact mode's promise (DESIGN.md section 2) -- after flush(), what dense AdamW with
+    # "dense": exact mode's promise (docs/design.md section 2.3) -- after flush(), what dense AdamW with
     # g = 0 on untouched rows holds. The reference backend runs the same row bookkeeping
     # (RowClock, last_step, flushes) as the native one, so only this run checks that bookkeeping.
     oracle = c["mode"] == "exact" and c["dtype"] == torch.float32 and not c["bad"]

@@ -139,7 +139,7 @@ def resumed(tmp_path_factory):
         model, opt, sched = build(name, 1)
         train(model, opt, sched, range(N))
         # What a training loop that checkpoints does: state_dict() of the live optimizer (for
-        # exact sparse groups this brings every row current, DESIGN.md section 2).
+        # exact sparse groups this brings every row current, docs/design.md section 2.3).
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
                    d / f"{name}.pt")
         # The uninterrupted run: the same objects, continued in this process.

@@ -1,4 +1,4 @@
-"""Parameter roles, width scaling rules and from_model (DESIGN.md section 3; issue 5)."""
+"""Parameter roles, width scaling rules and from_model (docs/design.md section 3; issue 5)."""
 import math
 import warnings
 

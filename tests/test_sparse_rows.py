@@ -1,4 +1,4 @@
-"""Sparse embedding rows (DESIGN.md section 2): lvopt::coalesce_rows, lvopt::sparse_adamw_ and
+"""Sparse embedding rows (docs/design.md section 2.3): lvopt::coalesce_rows, lvopt::sparse_adamw_ and
 lvopt::sparse_catchup_ (csrc/cpu/sparse_rows.cpp) against the reference (lvopt/reference.py);
 the exact mode against dense fp64 AdamW; lazy mode against torch.optim.SparseAdam; the
 optimizer and lvopt.nn.Embedding end to end."""

@@ -1,4 +1,4 @@
-// Fused multi-tensor AdamH on the CPU (DESIGN.md section 2), two passes:
+// Fused multi-tensor AdamH on the CPU (docs/design.md section 2.2), two passes:
 //   pass 1: m, v update; u = (m/bc1)/(sqrt(v)/sqrt(bc2)+eps); sums ||u||^2, <W,u>, ||W||^2
 //           (read W, g, m, v; write m, v: 24 B/param in fp32);
 //   pass 2: W <- a*W - b*u with u recomputed from m, v (read W, m, v; write W: 16 B/param).

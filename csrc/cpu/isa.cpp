@@ -26,8 +26,9 @@ static Isa resolve_isa() {
   if (std::strcmp(env, "baseline") == 0) want = Isa::kBaseline;
   else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
   else if (std::strcmp(env, "avx512") == 0) want = Isa::kAvx512;
-  // An unknown value or a level above the hardware's falls back to the hardware level:
-  // lvopt.build_info() reports the level actually used.
+  // An unknown value or a level above the hardware's gives the hardware level:
+  // lvopt.build_info() reports the level actually used, and importing lvopt warns
+  // (lvopt/_ops.py, check_cpu_isa_env).
   return static_cast<int>(want) < static_cast<int>(hw) ? want : hw;
 }
 

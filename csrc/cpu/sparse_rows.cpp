@@ -1,4 +1,4 @@
-// Sparse embedding rows on the CPU (DESIGN.md section 2): deterministic coalescing of a
+// Sparse embedding rows on the CPU (docs/design.md section 2.3): deterministic coalescing of a
 // row-sparse gradient and the fused lazy / exact AdamW row update.
 //
 // A step moves 28 B per element of each distinct touched row (p, m, v read and written, the

@@ -1,4 +1,4 @@
-// Fused multi-tensor AdamH on CUDA (DESIGN.md section 2), two passes over the data:
+// Fused multi-tensor AdamH on CUDA (docs/design.md section 2.2), two passes over the data:
 //   advance : step counters and per-tensor coefficients (lr = 1 for u), on the device;
 //   pass 1  : m, v update; u = (m/bc1)/(sqrt(v)/sqrt(bc2)+eps); per-chunk fp64 partial sums
 //             (||u||^2, <W,u>, ||W||^2): read W, g, m, v; write m, v (24 B/param in fp32);

@@ -1,4 +1,4 @@
-// Fused multi-tensor AdamW on CUDA (DESIGN.md section 2): one advance launch (step counters,
+// Fused multi-tensor AdamW on CUDA (docs/design.md section 2.1): one advance launch (step counters,
 // bias corrections) and one step launch per dtype per 64 tensors, for all groups at once.
 // Bytes per element: fp32 28 (read p, g, m, v; write p, m, v), bf16 params/grads 20.
 // The per-element math is lvopt::adamw_element of csrc/include/lvopt/math.h, as on the CPU.

@@ -1,4 +1,4 @@
-// Sparse embedding rows on CUDA (docs/design.md, "Sparse embedding rows"): lvopt::coalesce_rows,
+// Sparse embedding rows on CUDA (docs/design.md section 2.3, docs/sparse-rows.md): lvopt::coalesce_rows,
 // sparse_adamw_ (lazy and exact) and sparse_catchup_, with the semantics and checks of the CPU
 // kernels (csrc/cpu/sparse_rows.cpp; the argument checks are lvopt/sparse_args.h, shared).
 //

@@ -1,5 +1,5 @@
 // Native tests of the CPU kernels, without Python: each op against an fp64 evaluation of
-// DESIGN.md section 2 written out here independently, through the dispatcher as Python calls
+// docs/design.md section 2 written out here independently, through the dispatcher as Python calls
 // them. Built by CMakeLists.txt, also with AddressSanitizer/UBSan (make sanitize).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -61,7 +61,7 @@ Lists clone(const Lists& l) {
   return c;
 }
 
-// DESIGN.md AdamW in fp64, in place on fp64 copies.
+// The AdamW of docs/design.md section 2.1 in fp64, in place on fp64 copies.
 void ref_adamw(std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, std::vector<at::Tensor>& m,
                std::vector<at::Tensor>& v, double step, const at::Tensor& hyper) {
   auto h = hyper.accessor<double, 2>();

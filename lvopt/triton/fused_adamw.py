@@ -8,7 +8,7 @@ square root and division (tl.sqrt_rn, tl.div_rn) and no FMA contraction
 chunk_sums_kernel adds each tensor's chunks; with ``found_inf`` (nonfinite="skip"/"raise") the
 gradients are scanned first (reference.stop_for_nonfinite) and nothing is written if one is not
 finite. Registered with
-torch.library.custom_op + register_fake rather than triton_op (DESIGN.md section 3: the fake
+torch.library.custom_op + register_fake rather than triton_op (docs/design.md section 3: the fake
 trace of a triton_op fails for CPU tensors under TRITON_INTERPRET=1, and that is how it is
 tested here).
 """

@@ -1,4 +1,4 @@
-"""Triton sparse embedding rows (docs/design.md, "Sparse embedding rows"):
+"""Triton sparse embedding rows (docs/design.md section 2.3, docs/sparse-rows.md):
 lvopt_triton::coalesce_rows, lvopt_triton::sparse_adamw_ and lvopt_triton::sparse_catchup_, the
 signatures and in-place semantics of the lvopt ops of csrc/cpu/sparse_rows.cpp
 (csrc/register.cpp), and the plan of the CUDA op (csrc/cuda/sparse_rows.cu).

@@ -76,7 +76,7 @@ LVOPT_HD float adam_update(float m, float v, const AdamCoef& c) {
   return c.step_size * m / denom;
 }
 
-// One AdamW element (DESIGN.md section 2): decoupled decay, moments, update.
+// One AdamW element (docs/design.md section 2.1): decoupled decay, moments, update.
 LVOPT_HD void adamw_element(float& p, float g, float& m, float& v, const AdamCoef& c) {
   g = c.grad_sign * g;
   p = p * c.decay;
@@ -85,7 +85,7 @@ LVOPT_HD void adamw_element(float& p, float g, float& m, float& v, const AdamCoe
 }
 
 // AdamH direction u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps): adam_update with lr = 1, because
-// in AdamH the learning rate enters through the norms (DESIGN.md section 2), not per element.
+// in AdamH the learning rate enters through the norms (docs/design.md section 2.2), not per element.
 LVOPT_HD AdamCoef unit_lr(AdamCoef c, const double* row, double step) {
   c.step_size = static_cast<float>(1.0 / (1.0 - pow(row[kBeta1], step)));
   return c;
@@ -128,7 +128,7 @@ enum HistCol : int {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Sparse embedding rows, exact mode (DESIGN.md section 2): bringing a row current.
+// Sparse embedding rows, exact mode (docs/design.md section 2.3.1): bringing a row current.
 //
 // A row last brought current at step s is caught up to step c >= s as if dense AdamW had run
 // with g = 0 on steps s+1..c. With K = c - s, r = sqrt(v), e = eps/r and the per-row fp64

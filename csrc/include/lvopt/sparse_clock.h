@@ -1,4 +1,4 @@
-// Exact-mode sparse rows (DESIGN.md section 2): the per-row catch-up scalars, computed from the
+// Exact-mode sparse rows (docs/design.md sections 2.3.1-2.3.2): the per-row catch-up scalars, computed from the
 // per-step history of lvopt/sparse.py's RowClock, written once for host and device code. The
 // CPU kernel (csrc/cpu/sparse_rows.cpp) calls Clock::row per behind row on a CPU thread; the
 // CUDA kernel (csrc/cuda/sparse_rows.cu) calls it from one thread of the row's block, on the
