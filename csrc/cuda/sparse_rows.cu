@@ -44,6 +44,7 @@
 //
 // Bytes: 4*N*d of gradient rows read (N ids) plus 24*U*d for p, m, v of the U distinct rows
 // (fp32), plus the sort of N int64 ids (~3 passes over 16*N bytes for V = 2^18).
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
