@@ -87,7 +87,8 @@ struct StepInfo {
 };
 
 // The step's coefficients, field by field from global memory into registers (a struct copy
-// through the pointer put the exact-mode row kernel's copy in local memory).
+// through the pointer put the exact-mode row kernel's copy in local memory), handed on by
+// value.
 __device__ __forceinline__ AdamCoef load_coef(const StepInfo* __restrict__ info) {
   AdamCoef c;
   c.beta1 = __ldg(&info->coef.beta1);
@@ -219,8 +220,8 @@ __global__ void __launch_bounds__(kThreads)
 // row kernel launched in exact mode; every element of the row is known to take it) and the step.
 template <typename T, int N, bool kStep, bool kTrack>
 __device__ __forceinline__ void row_columns(const RowArgs<T>& a, int64_t k, int64_t first,
-                                            int64_t end, bool behind, const CatchupRow& cr,
-                                            const AdamCoef& c, double (&sums)[2]) {
+                                            int64_t end, bool behind, const CatchupRow cr,
+                                            const AdamCoef c, double (&sums)[2]) {
   const int64_t r = a.rows[k];
   T* p = a.p + r * a.d;
   float* m = a.m + r * a.d;
@@ -385,8 +386,11 @@ struct ExactRows {
 // (!kStep; exact only). A behind row with an element that needs the exact loop is left
 // untouched and appended to the loop list (its order there is the schedule's; each listed row
 // is then done by one block of loop_rows_kernel, so the bits do not depend on it).
+// (Two blocks per SM as the launch bound: ptxas otherwise held the fp32 exact+track variant to
+// 64 registers and spilled 20 loads' worth to local memory; with it no variant spills, 55-110
+// registers: benchmarks/sass_report.py.)
 template <typename T, bool kExact, bool kStep, bool kTrack>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     sparse_rows_kernel(const RowArgs<T> a, const ExactRows ex, double* __restrict__ row_stats) {
   const int64_t k = blockIdx.x;
   if (k >= *a.num_runs || a.err[0] != 0) return;
@@ -404,6 +408,12 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  if constexpr (kExact) {
+    // The row's new last step, written before its columns (the kernel reads each row's last
+    // step from the snapshot ex.last, so the write races with no read; written last, its value
+    // stayed live across the row and spilled to local memory in the bf16 variant).
+    if (threadIdx.x == 0) a.last[a.rows[k]] = a.info->new_last;
+  }
   const AdamCoef c = kStep ? load_coef(a.info) : AdamCoef{};
   double sums[2] = {0.0, 0.0};
   constexpr int N = VecWidth<T>::value;
@@ -414,9 +424,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   row_columns<T, 1, kStep, kTrack>(a, k, done, a.d, behind, cr, c, sums);
   if constexpr (kTrack) block_sum_to<2>(sums, row_stats + 2 * k);
-  if constexpr (kExact) {
-    if (threadIdx.x == 0) a.last[a.rows[k]] = a.info->new_last;
-  }
 }
 
 // The rows sparse_rows_kernel listed, one block each, element by element: the series where
