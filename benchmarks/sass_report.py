@@ -309,15 +309,18 @@ def predictions() -> list[tuple[str, int, float, int]]:
     # Sparse rows (issue 3's case): V = 262,144, d = 1,024 fp32, N = 16,384 Zipf(1.1) ids with
     # U = 5,030 distinct rows: the N gradient rows read plus p, m, v of the U rows read and
     # written (4*N*d + 24*U*d); exact mode's first read of a behind row's v hits the cache when
-    # the update reads it again. Launches: lvopt's own (row kernel; exact mode adds the per-row
-    # scalars and the loop-row kernel) after torch's stable sort and run-length encoding of the
-    # ids (about 8 more), with 2 (lazy) or 3 (exact) host synchronisations of ~10 us each that
-    # the byte time does not count.
+    # the update reads it again. Launches (csrc/cuda/sparse_rows.cu's header, none sized by the
+    # data, no host synchronisation): aminmax, setup, arange, CUB radix sort (~4 kernels for 18
+    # key bits), memset, CUB run-length encoding (2), CUB exclusive sum (2), piece table, partial
+    # sums, [exact: catch-up scalars], row kernel, [exact: loop rows], finish: 16 lazy, 18 exact,
+    # each a few microseconds of latency that the byte time does not count (docs/sparse-rows.md
+    # predicts ~0.10 ms lazy and ~0.12 ms exact in all). lvopt.nn.Embedding on a GPU hands the
+    # raw ids to the step, so the merged row is for the CPU path's gradient.
     N, U, d = 16384, 5030, 1024
     rows.append(("Sparse rows lazy, V=262,144 d=1,024, 16,384 Zipf ids (5,030 distinct), raw COO grad",
-                 4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 1))
-    rows.append(("Sparse rows exact, same batch", 4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 3))
-    rows.append(("Sparse rows, lvopt.nn.Embedding's merged grad (28*U*d)", 28 * U * d, 28 * U * d / bw * 1e3, 1))
+                 4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 16))
+    rows.append(("Sparse rows exact, same batch", 4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 18))
+    rows.append(("Sparse rows, a coalesced (merged) grad (28*U*d)", 28 * U * d, 28 * U * d / bw * 1e3, 16))
     return rows
 
 
