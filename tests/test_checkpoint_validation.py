@@ -375,3 +375,28 @@ def test_pre_hook_runs_once_before_validation():
     handle.remove()
     assert not opt._optimizer_load_state_dict_pre_hooks
     assert_refused(sd, "adamw", "'step' is -1.0")
+
+
+def test_load_keeps_the_optimizers_own_settings():
+    """load_state_dict changes the state and the param groups only. (It used to reset
+    nonfinite, backend, track, skipped_steps and the telemetry hooks to the constructor's
+    defaults: torch's load goes through __setstate__, which lvopt uses for unpickling; found by
+    tests/test_stateful.py, where a resumed nonfinite="skip" optimizer stepped a NaN gradient.)"""
+    p = nn.Parameter(torch.randn(4, 3))
+    src = lvopt.AdamW([p])
+    p.grad = torch.randn(4, 3)
+    src.step()
+    q = nn.Parameter(torch.randn(4, 3))
+    opt = lvopt.AdamW([q], nonfinite="skip", backend="reference", track=True)
+    seen = []
+    opt.register_telemetry_hook(lambda o, tel: seen.append(tel))
+    q.grad = torch.full((4, 3), math.nan)
+    opt.step()
+    assert opt.skipped_steps == 1
+    opt.load_state_dict(src.state_dict())
+    assert (opt.nonfinite, opt.backend, opt.track, opt.skipped_steps) == ("skip", "reference", True, 1)
+    opt.step()  # the NaN gradient: skipped, not written
+    assert opt.skipped_steps == 2 and bool(torch.isfinite(q).all())
+    q.grad = torch.randn(4, 3)
+    opt.step()
+    assert len(seen) == 1 and float(opt.state[q]["step"]) == 2.0
