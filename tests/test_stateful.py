@@ -1,0 +1,284 @@
+"""Hypothesis stateful test: lvopt.AdamW and lvopt.AdamH through random sequences of operations.
+
+A RuleBasedStateMachine drives three copies of one small model (a dense Linear, an exact-mode
+sparse embedding table -- nn.Embedding(sparse=True) or lvopt.nn.Embedding --, a lazy-mode one,
+and a Linear added later with add_param_group), fp32 or bf16, each with its optimizer
+(nonfinite="skip"):
+
+- ``live``: the native (CPU) optimizer, never reloaded: the uninterrupted run;
+- ``resumed``: the native optimizer that ``save_and_resume`` replaces, with its model, by fresh
+  ones loaded from a torch.save / torch.load(weights_only=True) round trip of their state;
+- ``ref``: the same optimizer on backend="reference" (the pure-PyTorch oracle).
+
+Rules: a step (dense gradients, raw or lvopt-coalesced row-sparse gradients with duplicates
+and empty batches, now and then a dense gradient for the exact table, parameters without a
+gradient), a step with a NaN/inf gradient (skipped), lr / betas / eps changes, flush(),
+save_and_resume (the live run calls state_dict() at the same point, as a run that checkpoints
+does), add_param_group. All three get every operation with the same gradients.
+
+Invariants, after every operation:
+- ``resumed`` is bit for bit ``live`` (parameters; step, exp_avg, exp_avg_sq, radius; skipped
+  steps): a save/load in a fresh optimizer changes nothing;
+- ``live`` matches ``ref`` within fp32 rounding (moments 1e-5 of the tensor's scale; parameters
+  1e-5, or 2e-2 in bf16, where one bf16 ulp of difference persists);
+- a skipped step wrote nothing (checked inside its rule, bit for bit).
+
+Bounded for CI by the "lvopt-stateful" settings profile below: 30 derandomized examples of up
+to 20 operations, no deadline, no example database. Measured on the 2-core CI machine:
+``pytest -q tests/test_stateful.py`` takes about 20 s (LVOPT_STATEFUL_EXAMPLES=N runs N
+examples, e.g. 1000 for a long local search). A failure prints the shrunk sequence of rule calls.
+
+Deliberate breakages tried, each caught (the invariant named failed; the shrunk sequence was
+two to four rules long):
+1. load_state_dict dropping the loaded step count (``st["step"].zero_()`` after loading):
+   resumed == live failed after save_and_resume, step.
+2. state_dict() not flushing (``self.flush()`` removed from ``_FusedAdam.state_dict``): resumed
+   == live failed after step (exact rows), save_and_resume, step.
+3. the skip policy writing moments (``exp_avg`` scaled in ``_skip_step``): the skipped step's
+   bit-for-bit check failed after step, step_nonfinite.
+4. the reference's second moment off by one rounding of (1 - beta2) (``value=1.0 - row[BETA2]``
+   replaced by ``1.0001 - row[BETA2]`` in ``reference._moments``): live == ref failed after one step.
+5. add_param_group losing the new group's hyperparameters on resume (the fresh optimizer built
+   without the group: load_state_dict refused the group count, CheckpointError).
+"""
+import copy
+import io
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from torch import nn
+
+import lvopt
+from conftest import needs_native
+
+V, D, H = 24, 6, 5  # table rows, width, hidden width
+
+settings.register_profile(
+    "lvopt-stateful",
+    max_examples=int(os.environ.get("LVOPT_STATEFUL_EXAMPLES", 30)),
+    stateful_step_count=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],  # no explain phase: shrinks sooner
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+NAMES = ("fc.weight", "fc.bias", "exact.weight", "lazy.weight")
+LATE = ("late.weight", "late.bias")
+BETAS = [(0.9, 0.999), (0.8, 0.99), (0.5, 0.9)]  # all with beta1**2 < beta2 (exact mode's rule)
+
+
+class Model(nn.Module):
+    def __init__(self, dtype, emb_kind, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.exact = lvopt.nn.Embedding(V, D) if emb_kind == "lvopt" else nn.Embedding(V, D, sparse=True)
+        self.lazy = nn.Embedding(V, D, sparse=True)
+        self.fc = nn.Linear(D, H)
+        self.late = nn.Linear(H, 3)
+        self.to(dtype)
+
+
+def make_optimizer(model, algo, backend, late: bool):
+    p = dict(model.named_parameters())
+    if algo == "adamh":
+        groups = [dict(params=[p["fc.weight"], p["fc.bias"]]),  # hyperball: the matrix; the vector takes AdamW
+                  dict(params=[p["exact.weight"]], hyperball=False, weight_decay=0.05),
+                  dict(params=[p["lazy.weight"]], hyperball=False, sparse_mode="lazy")]
+        opt = lvopt.AdamH(groups, lr=1e-2, backend=backend, nonfinite="skip")
+        late_group = dict(params=[p["late.weight"], p["late.bias"]], lr=5e-3)
+    else:
+        groups = [dict(params=[p["fc.weight"], p["fc.bias"]], weight_decay=0.1),
+                  dict(params=[p["exact.weight"]], weight_decay=0.05),
+                  dict(params=[p["lazy.weight"]], weight_decay=0.0, sparse_mode="lazy")]
+        opt = lvopt.AdamW(groups, lr=1e-2, backend=backend, nonfinite="skip")
+        late_group = dict(params=[p["late.weight"], p["late.bias"]], lr=5e-3, weight_decay=0.1)
+    if late:
+        opt.add_param_group(copy.copy(late_group))
+    return opt, late_group
+
+
+def raw(t):
+    """A tensor's bytes, for bit-for-bit comparison (NaN == NaN, -0.0 != 0.0)."""
+    return (t.dtype, tuple(t.shape), t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def close(a, b, tol, what):
+    a, b = a.detach().double(), b.detach().double()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    err = float((a - b).abs().max()) if b.numel() else 0.0
+    assert err <= tol * scale + 1e-30, f"{what}: max difference {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+class Run:
+    """One model and its optimizer."""
+
+    def __init__(self, machine, backend, seed=0):
+        self.backend = backend
+        self.model = Model(machine.dtype, machine.emb_kind, seed)
+        self.opt, self.late_group = make_optimizer(self.model, machine.algo, backend, machine.late)
+
+    def param(self, name):
+        return dict(self.model.named_parameters())[name]
+
+    def state(self):
+        """{name: {key: tensor}} of the step-relevant state (not the exact-mode bookkeeping)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: {k: v for k, v in s.items() if k in ("step", "exp_avg", "exp_avg_sq", "radius")}
+                for p, s in self.opt.state.items() if s}
+
+
+class OptimizerMachine(RuleBasedStateMachine):
+    @initialize(algo=st.sampled_from(["adamw", "adamh"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+                emb_kind=st.sampled_from(["torch", "lvopt"]))
+    def setup(self, algo, dtype, emb_kind):
+        self.algo, self.dtype, self.emb_kind, self.late = algo, dtype, emb_kind, False
+        self.runs = {name: Run(self, backend) for name, backend in
+                     (("live", None), ("resumed", None), ("ref", "reference"))}
+
+    def names(self):
+        return NAMES + (LATE if self.late else ())
+
+    def _gradients(self, seed, ids, with_grad, dense_table, bad=None):
+        """Gives every run the same gradients: dense ones drawn from ``seed``; row-sparse ones
+        from a backward pass through each model's own embedding (the same ids and upstream
+        gradient, so the same gradient; lvopt.nn.Embedding also brings the rows current first)."""
+        g = torch.Generator().manual_seed(seed)
+        upstream = torch.randn(len(ids), D, generator=g)
+        dense = {n: torch.randn(self.runs["live"].param(n).shape, generator=g) for n in self.names()}
+        for run in self.runs.values():
+            run.opt.zero_grad()
+            for n in self.names():
+                if n not in with_grad:
+                    continue
+                p = run.param(n)
+                if n in ("exact.weight", "lazy.weight") and not (dense_table and n == "exact.weight"):
+                    emb = run.model.exact if n == "exact.weight" else run.model.lazy
+                    out = emb(torch.tensor(ids, dtype=torch.int64).reshape(-1))
+                    up = upstream.to(p.dtype)
+                    if bad is not None and bad[0] == n and len(ids):
+                        up = up.clone()
+                        up[0, 0] = bad[1]
+                    out.backward(up)
+                else:
+                    grad = dense[n].to(p.dtype)
+                    if bad is not None and bad[0] == n:
+                        grad[(0,) * grad.dim()] = bad[1]
+                    p.grad = grad
+
+    @rule(seed=st.integers(0, 2**16), ids=st.lists(st.integers(0, V - 1), max_size=12),
+          with_grad=st.sets(st.sampled_from(NAMES + LATE)), dense_table=st.booleans())
+    def step(self, seed, ids, with_grad, dense_table):
+        """A step; ``with_grad`` parameters get a gradient (the others have none and are not
+        stepped); ``dense_table``: the exact table gets a dense gradient (as a tied weight would)."""
+        self._gradients(seed, ids, with_grad, dense_table)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DenseEmbeddingGradWarning, sparse-invariant notes
+            for run in self.runs.values():
+                run.opt.step()
+
+    @rule(seed=st.integers(0, 2**16), ids=st.lists(st.integers(0, V - 1), min_size=1, max_size=12),
+          where=st.sampled_from(NAMES), value=st.sampled_from([math.nan, math.inf, -math.inf]))
+    def step_nonfinite(self, seed, ids, where, value):
+        """A NaN/inf in one gradient: every optimizer skips the step and writes nothing."""
+        self._gradients(seed, ids, set(NAMES) | set(LATE), False, bad=(where, value))
+        for run in self.runs.values():
+            before = ({n: raw(p) for n, p in run.model.named_parameters()},
+                      {n: {k: raw(v) for k, v in s.items()} for n, s in run.state().items()},
+                      {n: raw(s["last_step"]) for n, s in
+                       ((n, run.opt.state.get(run.param(n), {})) for n in self.names()) if "last_step" in s})
+            skipped = run.opt.skipped_steps
+            run.opt.step()
+            after = ({n: raw(p) for n, p in run.model.named_parameters()},
+                     {n: {k: raw(v) for k, v in s.items()} for n, s in run.state().items()},
+                     {n: raw(s["last_step"]) for n, s in
+                      ((n, run.opt.state.get(run.param(n), {})) for n in self.names()) if "last_step" in s})
+            assert run.opt.skipped_steps == skipped + 1
+            assert after == before, f"{run.backend or 'native'}: a skipped step wrote something"
+
+    @rule(group=st.integers(0, 3), lr=st.sampled_from([0.0, 1e-3, 3e-3, 2e-2]), betas=st.sampled_from(BETAS),
+          eps=st.sampled_from([1e-8, 1e-6]))
+    def change_hyperparameters(self, group, lr, betas, eps):
+        """As an LR scheduler (or a hand edit) would; a betas/eps change makes an exact group
+        bring its rows current under the old ones at its next sparse step."""
+        for run in self.runs.values():
+            g = run.opt.param_groups[min(group, len(run.opt.param_groups) - 1)]
+            g["lr"], g["betas"], g["eps"] = lr, betas, eps
+
+    @rule()
+    def flush(self):
+        for run in self.runs.values():
+            run.opt.flush()
+
+    @rule()
+    def save_and_resume(self):
+        """``resumed`` goes through a checkpoint file into a fresh model and optimizer; ``live``
+        and ``ref`` call state_dict() at the same point, as a run that checkpoints does."""
+        self.runs["live"].opt.state_dict()
+        self.runs["ref"].opt.state_dict()
+        old = self.runs["resumed"]
+        buf = io.BytesIO()
+        torch.save({"model": old.model.state_dict(), "opt": old.opt.state_dict()}, buf)
+        buf.seek(0)
+        ck = torch.load(buf, weights_only=True)
+        new = Run(self, None, seed=12345)  # other initial values: the checkpoint must overwrite them
+        new.model.load_state_dict(ck["model"])
+        new.opt.load_state_dict(ck["opt"])
+        new.opt.skipped_steps = old.opt.skipped_steps  # not part of a torch checkpoint
+        self.runs["resumed"] = new
+
+    @precondition(lambda self: not self.late)
+    @rule()
+    def add_param_group(self):
+        self.late = True
+        for run in self.runs.values():
+            run.opt.add_param_group(copy.copy(run.late_group))
+
+    @invariant()
+    def resumed_is_bit_identical_to_uninterrupted(self):
+        live, res = self.runs["live"], self.runs["resumed"]
+        assert res.opt.skipped_steps == live.opt.skipped_steps
+        for n, p in live.model.named_parameters():
+            assert raw(res.param(n)) == raw(p), f"parameter {n} differs from the uninterrupted run"
+        ls, rs = live.state(), res.state()
+        assert set(ls) == set(rs), f"state for {sorted(ls)} vs {sorted(rs)}"
+        for n in ls:
+            assert set(ls[n]) == set(rs[n]), (n, sorted(ls[n]), sorted(rs[n]))
+            for k in ls[n]:
+                assert raw(rs[n][k]) == raw(ls[n][k]), f"state {n}.{k} differs from the uninterrupted run"
+        for a, b in zip(live.opt.param_groups, res.opt.param_groups):
+            assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
+
+    @invariant()
+    def live_matches_reference(self):
+        live, ref = self.runs["live"], self.runs["ref"]
+        assert ref.opt.skipped_steps == live.opt.skipped_steps
+        ptol = 1e-5 if self.dtype == torch.float32 else 2e-2
+        # bf16: the reference rounds a row's summed duplicate gradients to bf16 (coalesce_rows),
+        # the native kernels use the fp32 sum: the moments differ by that rounding (2**-8 of m,
+        # 2**-7 of v).
+        mtol = 1e-5 if self.dtype == torch.float32 else 1e-2
+        for n, p in live.model.named_parameters():
+            close(p, ref.param(n), ptol, f"parameter {n} vs the reference")
+        ls, rs = live.state(), ref.state()
+        assert set(ls) == set(rs)
+        for n in ls:
+            assert set(ls[n]) == set(rs[n]), (n, sorted(ls[n]), sorted(rs[n]))
+            assert float(ls[n]["step"]) == float(rs[n]["step"]), f"{n}.step"
+            for k in ("exp_avg", "exp_avg_sq"):
+                close(ls[n][k], rs[n][k], mtol, f"state {n}.{k} vs the reference")
+            if "radius" in ls[n]:
+                # recorded from the same untouched matrix at its first step
+                assert raw(ls[n]["radius"]) == raw(rs[n]["radius"]), f"state {n}.radius vs the reference"
+
+
+TestOptimizerMachine = needs_native(OptimizerMachine.TestCase)
+TestOptimizerMachine.settings = settings.get_profile("lvopt-stateful")
