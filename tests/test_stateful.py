@@ -73,7 +73,9 @@ settings.register_profile(
 
 NAMES = ("fc.weight", "fc.bias", "exact.weight", "lazy.weight")
 LATE = ("late.weight", "late.bias")
-BETAS = [(0.9, 0.999), (0.8, 0.99), (0.5, 0.9)]  # all with beta1**2 < beta2 (exact mode's rule)
+# All with beta1**2 < beta2 (exact mode's rule); the constructors' default last (Hypothesis
+# favours the first: a change should usually change something).
+BETAS = [(0.8, 0.99), (0.5, 0.9), (0.9, 0.999)]
 
 
 class Model(nn.Module):
@@ -111,6 +113,16 @@ def raw(t):
     return (t.dtype, tuple(t.shape), t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
+def same(a, b, what):
+    """Bit for bit, with a short message (how many elements differ, by how much) if not."""
+    if raw(a) != raw(b):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise AssertionError(f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}")
+        x, y = a.detach().double(), b.detach().double()
+        n = int((x != y).sum())
+        raise AssertionError(f"{what}: {n} of {a.numel()} elements differ, by up to {float((x - y).abs().max()):.3g}")
+
+
 def close(a, b, tol, what):
     a, b = a.detach().double(), b.detach().double()
     scale = float(b.abs().max()) if b.numel() else 0.0
@@ -121,8 +133,9 @@ def close(a, b, tol, what):
 class Run:
     """One model and its optimizer."""
 
-    def __init__(self, machine, backend, seed=0):
+    def __init__(self, machine, backend, seed=0, densify=False):
         self.backend = backend
+        self.densify = densify  # the exact table's sparse gradients are given densely
         self.model = Model(machine.dtype, machine.emb_kind, seed)
         self.opt, self.late_group = make_optimizer(self.model, machine.algo, backend, machine.late)
 
@@ -143,6 +156,7 @@ class OptimizerMachine(RuleBasedStateMachine):
         self.algo, self.dtype, self.emb_kind, self.late = algo, dtype, emb_kind, False
         self.runs = {name: Run(self, backend) for name, backend in
                      (("live", None), ("resumed", None), ("ref", "reference"))}
+        self.runs["dense"] = Run(self, "reference", densify=True)
 
     def names(self):
         return NAMES + (LATE if self.late else ())
@@ -168,6 +182,8 @@ class OptimizerMachine(RuleBasedStateMachine):
                         up = up.clone()
                         up[0, 0] = bad[1]
                     out.backward(up)
+                    if run.densify and n == "exact.weight":
+                        p.grad = p.grad.to_dense()
                 else:
                     grad = dense[n].to(p.dtype)
                     if bad is not None and bad[0] == n:
@@ -175,11 +191,16 @@ class OptimizerMachine(RuleBasedStateMachine):
                     p.grad = grad
 
     @rule(seed=st.integers(0, 2**16), ids=st.lists(st.integers(0, V - 1), max_size=12),
-          with_grad=st.sets(st.sampled_from(NAMES + LATE)), dense_table=st.booleans())
-    def step(self, seed, ids, with_grad, dense_table):
-        """A step; ``with_grad`` parameters get a gradient (the others have none and are not
-        stepped); ``dense_table``: the exact table gets a dense gradient (as a tied weight would)."""
-        self._gradients(seed, ids, with_grad, dense_table)
+          no_grad=st.sets(st.sampled_from(NAMES + LATE)), dense_table=st.booleans(),
+          betas=st.sampled_from([None] + BETAS), lr=st.sampled_from([None, 3e-3, 2e-2, 0.0]))
+    def step(self, seed, ids, no_grad, dense_table, betas, lr):
+        """A step; the ``no_grad`` parameters have no gradient and are not stepped (a small set:
+        most steps step most parameters); ``dense_table``: the exact table gets a dense gradient
+        (as a tied weight would); ``betas``, ``lr``: first set in every group (a schedule), so
+        that changes fall between steps of rows left behind."""
+        if betas is not None or lr is not None:
+            self.change_hyperparameters("all", lr, betas, None)
+        self._gradients(seed, ids, set(NAMES + LATE) - no_grad, dense_table)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DenseEmbeddingGradWarning, sparse-invariant notes
             for run in self.runs.values():
@@ -191,27 +212,35 @@ class OptimizerMachine(RuleBasedStateMachine):
         """A NaN/inf in one gradient: every optimizer skips the step and writes nothing."""
         self._gradients(seed, ids, set(NAMES) | set(LATE), False, bad=(where, value))
         for run in self.runs.values():
-            before = ({n: raw(p) for n, p in run.model.named_parameters()},
-                      {n: {k: raw(v) for k, v in s.items()} for n, s in run.state().items()},
-                      {n: raw(s["last_step"]) for n, s in
-                       ((n, run.opt.state.get(run.param(n), {})) for n in self.names()) if "last_step" in s})
+            before = self._everything(run)
             skipped = run.opt.skipped_steps
             run.opt.step()
-            after = ({n: raw(p) for n, p in run.model.named_parameters()},
-                     {n: {k: raw(v) for k, v in s.items()} for n, s in run.state().items()},
-                     {n: raw(s["last_step"]) for n, s in
-                      ((n, run.opt.state.get(run.param(n), {})) for n in self.names()) if "last_step" in s})
-            assert run.opt.skipped_steps == skipped + 1
-            assert after == before, f"{run.backend or 'native'}: a skipped step wrote something"
+            assert run.opt.skipped_steps == skipped + 1, f"{run.backend or 'native'}: the step was not skipped"
+            after = self._everything(run)
+            assert after.keys() == before.keys()
+            for k in before:
+                same(after[k], before[k], f"{run.backend or 'native'}: a skipped step wrote {k}")
 
-    @rule(group=st.integers(0, 3), lr=st.sampled_from([0.0, 1e-3, 3e-3, 2e-2]), betas=st.sampled_from(BETAS),
-          eps=st.sampled_from([1e-8, 1e-6]))
+    def _everything(self, run):
+        """Clones of every tensor a step may write: parameters, state, exact-mode last_step."""
+        out = {f"parameter {n}": p.detach().clone() for n, p in run.model.named_parameters()}
+        for n in self.names():
+            for k, v in run.opt.state.get(run.param(n), {}).items():
+                if torch.is_tensor(v):
+                    out[f"state {n}.{k}"] = v.clone()
+        return out
+
+    @rule(group=st.sampled_from(["all", 0, 1, 2, 3]), lr=st.sampled_from([3e-3, 2e-2, 0.0, 1e-3]),
+          betas=st.sampled_from(BETAS), eps=st.sampled_from([1e-6, 1e-8]))
     def change_hyperparameters(self, group, lr, betas, eps):
-        """As an LR scheduler (or a hand edit) would; a betas/eps change makes an exact group
-        bring its rows current under the old ones at its next sparse step."""
+        """As an LR scheduler (every group) or a hand edit (one group) would; a betas/eps change
+        makes an exact group bring its rows current under the old ones at its next sparse step."""
         for run in self.runs.values():
-            g = run.opt.param_groups[min(group, len(run.opt.param_groups) - 1)]
-            g["lr"], g["betas"], g["eps"] = lr, betas, eps
+            groups = run.opt.param_groups
+            for g in groups if group == "all" else [groups[min(group, len(groups) - 1)]]:
+                for k, v in (("lr", lr), ("betas", betas), ("eps", eps)):
+                    if v is not None:
+                        g[k] = v
 
     @rule()
     def flush(self):
@@ -222,8 +251,8 @@ class OptimizerMachine(RuleBasedStateMachine):
     def save_and_resume(self):
         """``resumed`` goes through a checkpoint file into a fresh model and optimizer; ``live``
         and ``ref`` call state_dict() at the same point, as a run that checkpoints does."""
-        self.runs["live"].opt.state_dict()
-        self.runs["ref"].opt.state_dict()
+        for name in ("live", "ref", "dense"):
+            self.runs[name].opt.state_dict()
         old = self.runs["resumed"]
         buf = io.BytesIO()
         torch.save({"model": old.model.state_dict(), "opt": old.opt.state_dict()}, buf)
@@ -247,13 +276,13 @@ class OptimizerMachine(RuleBasedStateMachine):
         live, res = self.runs["live"], self.runs["resumed"]
         assert res.opt.skipped_steps == live.opt.skipped_steps
         for n, p in live.model.named_parameters():
-            assert raw(res.param(n)) == raw(p), f"parameter {n} differs from the uninterrupted run"
+            same(res.param(n), p, f"parameter {n}, resumed vs uninterrupted")
         ls, rs = live.state(), res.state()
         assert set(ls) == set(rs), f"state for {sorted(ls)} vs {sorted(rs)}"
         for n in ls:
             assert set(ls[n]) == set(rs[n]), (n, sorted(ls[n]), sorted(rs[n]))
             for k in ls[n]:
-                assert raw(rs[n][k]) == raw(ls[n][k]), f"state {n}.{k} differs from the uninterrupted run"
+                same(rs[n][k], ls[n][k], f"state {n}.{k}, resumed vs uninterrupted")
         for a, b in zip(live.opt.param_groups, res.opt.param_groups):
             assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
 
@@ -261,11 +290,7 @@ class OptimizerMachine(RuleBasedStateMachine):
     def live_matches_reference(self):
         live, ref = self.runs["live"], self.runs["ref"]
         assert ref.opt.skipped_steps == live.opt.skipped_steps
-        ptol = 1e-5 if self.dtype == torch.float32 else 2e-2
-        # bf16: the reference rounds a row's summed duplicate gradients to bf16 (coalesce_rows),
-        # the native kernels use the fp32 sum: the moments differ by that rounding (2**-8 of m,
-        # 2**-7 of v).
-        mtol = 1e-5 if self.dtype == torch.float32 else 1e-2
+        ptol, mtol = self._tolerances()
         for n, p in live.model.named_parameters():
             close(p, ref.param(n), ptol, f"parameter {n} vs the reference")
         ls, rs = live.state(), ref.state()
@@ -277,7 +302,34 @@ class OptimizerMachine(RuleBasedStateMachine):
                 close(ls[n][k], rs[n][k], mtol, f"state {n}.{k} vs the reference")
             if "radius" in ls[n]:
                 # recorded from the same untouched matrix at its first step
-                assert raw(ls[n]["radius"]) == raw(rs[n]["radius"]), f"state {n}.radius vs the reference"
+                same(ls[n]["radius"], rs[n]["radius"], f"state {n}.radius vs the reference")
+
+    @invariant()
+    def exact_rows_match_dense_adamw(self):
+        """Exact mode's promise: every row brought current (last_step == step) holds what dense
+        AdamW with g = 0 on untouched rows holds (the ``dense`` run, stepped step by step)."""
+        live, dense = self.runs["live"], self.runs["dense"]
+        p, q = live.param("exact.weight"), dense.param("exact.weight")
+        st, sq = live.opt.state.get(p, {}), dense.opt.state.get(q, {})
+        assert bool(st) == bool(sq)
+        rows = torch.arange(V)
+        if st:
+            assert float(st["step"]) == float(sq["step"])
+            if "last_step" in st:
+                rows = (st["last_step"] == int(float(st["step"]))).nonzero().reshape(-1)
+            ptol, mtol = self._tolerances()
+            for k in ("exp_avg", "exp_avg_sq"):
+                close(st[k][rows], sq[k][rows], mtol, f"state exact.weight.{k} (current rows) vs dense AdamW")
+        close(p[rows], q[rows], self._tolerances()[0], "exact.weight (current rows) vs dense AdamW")
+
+    def _tolerances(self):
+        """(parameters, moments) relative to the tensor's largest element."""
+        ptol = 1e-5 if self.dtype == torch.float32 else 2e-2
+        # bf16: the reference rounds a row's summed duplicate gradients to bf16 (coalesce_rows),
+        # the native kernels use the fp32 sum: the moments differ by that rounding (2**-8 of m,
+        # 2**-7 of v).
+        mtol = 1e-5 if self.dtype == torch.float32 else 1e-2
+        return ptol, mtol
 
 
 TestOptimizerMachine = needs_native(OptimizerMachine.TestCase)
