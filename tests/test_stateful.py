@@ -57,12 +57,12 @@ from torch import nn
 import lvopt
 from conftest import needs_native
 
-V, D, H = 24, 6, 5  # table rows, width, hidden width
+V, D, H = 16, 6, 5  # table rows, width, hidden width
 
 settings.register_profile(
     "lvopt-stateful",
-    max_examples=int(os.environ.get("LVOPT_STATEFUL_EXAMPLES", 30)),
-    stateful_step_count=20,
+    max_examples=int(os.environ.get("LVOPT_STATEFUL_EXAMPLES", 25)),
+    stateful_step_count=10,
     deadline=None,
     derandomize=True,
     database=None,
@@ -76,6 +76,8 @@ LATE = ("late.weight", "late.bias")
 # All with beta1**2 < beta2 (exact mode's rule); the constructors' default last (Hypothesis
 # favours the first: a change should usually change something).
 BETAS = [(0.8, 0.99), (0.5, 0.9), (0.9, 0.999)]
+IDS = st.lists(st.integers(0, V - 1), max_size=12)  # one batch's token ids: duplicates, often empty
+SEED = st.integers(0, 2**16)                         # the gradient values
 
 
 class Model(nn.Module):
@@ -151,12 +153,32 @@ class Run:
 
 class OptimizerMachine(RuleBasedStateMachine):
     @initialize(algo=st.sampled_from(["adamw", "adamh"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-                emb_kind=st.sampled_from(["torch", "lvopt"]))
-    def setup(self, algo, dtype, emb_kind):
+                emb_kind=st.sampled_from(["torch", "lvopt"]), warmup=st.lists(IDS, min_size=1, max_size=3))
+    def setup(self, algo, dtype, emb_kind, warmup):
+        """The runs, and a few steps (``warmup``: their batches) so that every sequence starts
+        with state and with exact-mode rows left behind."""
         self.algo, self.dtype, self.emb_kind, self.late = algo, dtype, emb_kind, False
         self.runs = {name: Run(self, backend) for name, backend in
                      (("live", None), ("resumed", None), ("ref", "reference"))}
         self.runs["dense"] = Run(self, "reference", densify=True)
+        for i, ids in enumerate(warmup):
+            self._step(i, ids)
+
+    def _step(self, seed, ids, no_grad=frozenset(), dense_table=False):
+        self._gradients(seed, ids, set(NAMES + LATE) - set(no_grad), dense_table)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DenseEmbeddingGradWarning, sparse-invariant notes
+            for run in self.runs.values():
+                run.opt.step()
+
+    def _check_then_step(self, seed, then_ids):
+        """Hypothesis draws a random subset of the rules for each sequence (swarm testing), and
+        many sequences are one rule repeated: so every operation is checked, then followed by a
+        step (batch ``then_ids``) that shows its effect on training."""
+        self.resumed_is_bit_identical_to_uninterrupted()
+        self.live_matches_reference()
+        self.exact_rows_match_dense_adamw()
+        self._step(seed, then_ids)
 
     def names(self):
         return NAMES + (LATE if self.late else ())
@@ -190,23 +212,17 @@ class OptimizerMachine(RuleBasedStateMachine):
                         grad[(0,) * grad.dim()] = bad[1]
                     p.grad = grad
 
-    @rule(seed=st.integers(0, 2**16), ids=st.lists(st.integers(0, V - 1), max_size=12),
-          no_grad=st.sets(st.sampled_from(NAMES + LATE)), dense_table=st.booleans(),
+    @rule(seed=SEED, ids=IDS, no_grad=st.sets(st.sampled_from(NAMES + LATE)), dense_table=st.booleans(),
           betas=st.sampled_from([None] + BETAS), lr=st.sampled_from([None, 3e-3, 2e-2, 0.0]))
     def step(self, seed, ids, no_grad, dense_table, betas, lr):
         """A step; the ``no_grad`` parameters have no gradient and are not stepped (a small set:
         most steps step most parameters); ``dense_table``: the exact table gets a dense gradient
         (as a tied weight would); ``betas``, ``lr``: first set in every group (a schedule), so
         that changes fall between steps of rows left behind."""
-        if betas is not None or lr is not None:
-            self.change_hyperparameters("all", lr, betas, None)
-        self._gradients(seed, ids, set(NAMES + LATE) - no_grad, dense_table)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DenseEmbeddingGradWarning, sparse-invariant notes
-            for run in self.runs.values():
-                run.opt.step()
+        self._set_hyper("all", lr, betas, None)
+        self._step(seed, ids, no_grad, dense_table)
 
-    @rule(seed=st.integers(0, 2**16), ids=st.lists(st.integers(0, V - 1), min_size=1, max_size=12),
+    @rule(seed=SEED, ids=st.lists(st.integers(0, V - 1), min_size=1, max_size=12),
           where=st.sampled_from(NAMES), value=st.sampled_from([math.nan, math.inf, -math.inf]))
     def step_nonfinite(self, seed, ids, where, value):
         """A NaN/inf in one gradient: every optimizer skips the step and writes nothing."""
@@ -231,10 +247,14 @@ class OptimizerMachine(RuleBasedStateMachine):
         return out
 
     @rule(group=st.sampled_from(["all", 0, 1, 2, 3]), lr=st.sampled_from([3e-3, 2e-2, 0.0, 1e-3]),
-          betas=st.sampled_from(BETAS), eps=st.sampled_from([1e-6, 1e-8]))
-    def change_hyperparameters(self, group, lr, betas, eps):
+          betas=st.sampled_from(BETAS), eps=st.sampled_from([1e-6, 1e-8]), seed=SEED, then_ids=IDS)
+    def change_hyperparameters(self, group, lr, betas, eps, seed, then_ids):
         """As an LR scheduler (every group) or a hand edit (one group) would; a betas/eps change
         makes an exact group bring its rows current under the old ones at its next sparse step."""
+        self._set_hyper(group, lr, betas, eps)
+        self._check_then_step(seed, then_ids)
+
+    def _set_hyper(self, group, lr, betas, eps):
         for run in self.runs.values():
             groups = run.opt.param_groups
             for g in groups if group == "all" else [groups[min(group, len(groups) - 1)]]:
@@ -242,13 +262,14 @@ class OptimizerMachine(RuleBasedStateMachine):
                     if v is not None:
                         g[k] = v
 
-    @rule()
-    def flush(self):
+    @rule(seed=SEED, then_ids=IDS)
+    def flush(self, seed, then_ids):
         for run in self.runs.values():
             run.opt.flush()
+        self._check_then_step(seed, then_ids)
 
-    @rule()
-    def save_and_resume(self):
+    @rule(seed=SEED, then_ids=IDS)
+    def save_and_resume(self, seed, then_ids):
         """``resumed`` goes through a checkpoint file into a fresh model and optimizer; ``live``
         and ``ref`` call state_dict() at the same point, as a run that checkpoints does."""
         for name in ("live", "ref", "dense"):
@@ -263,13 +284,15 @@ class OptimizerMachine(RuleBasedStateMachine):
         new.opt.load_state_dict(ck["opt"])
         new.opt.skipped_steps = old.opt.skipped_steps  # not part of a torch checkpoint
         self.runs["resumed"] = new
+        self._check_then_step(seed, then_ids)
 
     @precondition(lambda self: not self.late)
-    @rule()
-    def add_param_group(self):
+    @rule(seed=SEED, then_ids=IDS)
+    def add_param_group(self, seed, then_ids):
         self.late = True
         for run in self.runs.values():
             run.opt.add_param_group(copy.copy(run.late_group))
+        self._check_then_step(seed, then_ids)
 
     @invariant()
     def resumed_is_bit_identical_to_uninterrupted(self):
