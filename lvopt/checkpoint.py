@@ -169,18 +169,22 @@ def _accepted_moment_dtypes(p: Tensor) -> tuple:
 
 
 def _counts(t: Tensor, negative: bool) -> tuple:
-    """(NaN/inf elements, negative elements, smallest value) of ``t``, scanned in pieces; one
-    host synchronisation."""
+    """(NaN/inf elements, negative elements when ``negative``, smallest value) of ``t``. One
+    aminmax pass (NaN propagates through it; no temporaries) and one host synchronisation
+    decide; only a tensor with a problem is scanned again, in pieces, to count."""
     from .optim import _local
 
     flat = _local(t).detach().reshape(-1)
+    lo, hi = torch.stack(torch.aminmax(flat)).tolist()
+    if math.isfinite(lo) and math.isfinite(hi) and not (negative and lo < 0):
+        return 0, 0, lo
     nonfinite = torch.zeros((), dtype=torch.int64, device=flat.device)
     neg = torch.zeros((), dtype=torch.int64, device=flat.device)
     for c in flat.split(_CHUNK):
         nonfinite += (~torch.isfinite(c)).sum()
         if negative:
             neg += (c < 0).sum()
-    nf, ng = (int(v) for v in torch.stack([nonfinite, neg]).tolist())
+    nf, ng = torch.stack([nonfinite, neg]).tolist()
     low = float(flat.float().nan_to_num(nan=0.0).min()) if ng else 0.0
     return nf, ng, low
 
