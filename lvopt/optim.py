@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _backend
+from . import _backend, checkpoint
 from .reference import HYPER_COLS
 from .sparse import CHECK_IDS, ROW_KEYS, SPARSE_MODES, SparseRows
 
@@ -169,8 +169,17 @@ class _FusedAdam(torch.optim.Optimizer):
         bf16 model's fp32 moments to bf16. A torch bf16 checkpoint's moments are widened.
         Every state tensor is a copy: torch would share tensors (the step counts among them)
         with an in-memory ``state_dict`` of a live optimizer, and two optimizers would then
-        advance one counter."""
-        super().load_state_dict(state_dict)
+        advance one counter.
+
+        The checkpoint is validated first (lvopt/checkpoint.py, docs/checkpoints.md): a
+        :class:`lvopt.CheckpointError` names every problem and nothing is changed. Only the
+        state and param_groups change: torch's load goes through ``__setstate__``, which (for
+        unpickling) resets lvopt's own settings, so ``nonfinite``, ``backend``, ``track``,
+        ``skipped_steps`` and the telemetry hooks are put back afterwards."""
+        kept = {k: v for k, v in self.__dict__.items() if k not in ("state", "param_groups")}
+        with checkpoint.validated(self, state_dict) as state_dict:
+            super().load_state_dict(state_dict)
+        self.__dict__.update(kept)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(saved_ids, params):
