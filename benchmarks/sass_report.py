@@ -61,6 +61,7 @@ def nvcc() -> str | None:
 _BOOL_PARAMS = {
     "sparse_rows_kernel": (("lazy", "exact"), ("catchup", "step"), ("", "track")),
     "loop_rows_kernel": (("catchup", "step"), ("", "track")),
+    "adamw_kernel": (("", "track"), ("", "amsgrad")),
 }
 
 
