@@ -370,7 +370,8 @@ class _FusedAdam(torch.optim.Optimizer):
             st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"], memory_format=torch.preserve_format)
         if algo == "adamh" and "radius" not in st:
             # R = ||W_0||_F, recorded at the matrix's first hyperball step (DESIGN.md section 2).
-            st["radius"] = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).cpu()
+            # On the parameter's device for CUDA parameters (read there by the kernels), else the host.
+            st["radius"] = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).to(_step_device(p))
         return st
 
     @torch.no_grad()

@@ -149,7 +149,9 @@ def advance_steps(steps, hyper, device, unit_step: bool, found_inf=None):
         # counter's own dtype).
         torch._foreach_add_(steps, 1)
     elif all(s.device == found_inf.device for s in steps):
-        torch._foreach_add_(steps, (1.0 - found_inf).reshape(()))
+        # The list overload: the scalar-tensor one reads its scalar on the host in fake mode.
+        delta = (1.0 - found_inf).reshape(())
+        torch._foreach_add_(steps, [delta] * len(steps))
     elif bool(found_inf):
         return None
     else:
@@ -166,8 +168,14 @@ def advance_steps(steps, hyper, device, unit_step: bool, found_inf=None):
     return coef.to(torch.float32).contiguous()
 
 
+def ptr(t: torch.Tensor) -> int:
+    """A tensor's address for the launch tables (one indirection, so that a test can give fake
+    tensors, which have no storage, addresses: tests/test_triton_capturable.py)."""
+    return t.data_ptr()
+
+
 def _aligned(*ts) -> bool:
-    return all(t.data_ptr() % 16 == 0 for t in ts)
+    return all(ptr(t) % 16 == 0 for t in ts)
 
 
 # Launch tables by what determines them (every stream's address, each tensor's size and dtype,
@@ -210,9 +218,9 @@ def launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk, vmaxes=None):
     (see _Plan)."""
     vm = vmaxes if vmaxes else [None] * len(params)
     key = (params[0].device if params else None,) + tuple(
-        (p.data_ptr(), m.data_ptr(), v.data_ptr(), 0 if x is None else x.data_ptr(), p.numel(), p.dtype)
+        (ptr(p), ptr(m), ptr(v), 0 if x is None else ptr(x), p.numel(), p.dtype)
         for p, m, v, x in zip(params, exp_avgs, exp_avg_sqs, vm))
-    gptrs = [g.data_ptr() for g in grads]
+    gptrs = [ptr(g) for g in grads]
     plan = _LAUNCH_CACHE.get(key)
     if plan is not None and gptrs != plan.grad_ptrs:
         if any((a % 16 == 0) != al for a, al in zip(gptrs, plan.grad_aligned)):
@@ -246,14 +254,33 @@ def _build_launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk, vmaxes) -
             n = params[i].numel()
             nc = (n + CHUNK - 1) // CHUNK
             x = vmaxes[i]
-            rows.append([params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                         exp_avg_sqs[i].data_ptr(), n, i, first_chunk[i], 0 if x is None else x.data_ptr()])
+            rows.append([ptr(params[i]), ptr(grads[i]), ptr(exp_avgs[i]), ptr(exp_avg_sqs[i]), n, i,
+                         first_chunk[i], 0 if x is None else ptr(x)])
             owner += [r] * nc
             chunk += range(nc)
         meta = torch.tensor([x for row in rows for x in row] + owner + chunk, dtype=torch.int64)
         plan.append((dtype, aligned, _upload(meta, params[idx[0]].device), len(rows), len(owner)))
         cols.append(idx)
-    return _Plan(plan, None, cols, [g.data_ptr() % 16 == 0 for g in grads])
+    return _Plan(plan, None, cols, [ptr(g) % 16 == 0 for g in grads])
+
+
+_CHUNK_TABLES: dict = {}
+
+
+def chunk_table(params, first) -> torch.Tensor:
+    """[n, 2] int64 (first chunk, chunk count) per tensor on the parameters' device, for the
+    per-tensor reductions; cached by the device and the tensors' sizes (one asynchronous upload
+    per layout, not one blocking upload per step)."""
+    key = (params[0].device, tuple(p.numel() for p in params))
+    t = _CHUNK_TABLES.get(key)
+    if t is None:
+        host = torch.tensor([[f, (p.numel() + CHUNK - 1) // CHUNK] for f, p in zip(first, params)],
+                            dtype=torch.int64).reshape(-1, 2)
+        t = _upload(host, params[0].device)
+        if len(_CHUNK_TABLES) >= _LAUNCH_CACHE_SIZE:
+            _CHUNK_TABLES.pop(next(iter(_CHUNK_TABLES)))
+        _CHUNK_TABLES[key] = t
+    return t
 
 
 def first_chunks(params):

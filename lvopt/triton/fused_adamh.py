@@ -182,8 +182,7 @@ def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
     partials = torch.empty(max(total, 1) * 3, **f64)
     stats = torch.empty(n, 3, **f64)
     scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
-    chunks = torch.tensor([[f, (p.numel() + C.CHUNK - 1) // C.CHUNK] for f, p in zip(first, params)],
-                          dtype=torch.int64).to(dev)
+    chunks = C.chunk_table(params, first)
     lr_radius = torch.stack([hyper[:, 0].to(**f64), C.stack_scalars(radii, dev)], 1).contiguous()
     plan = list(C.launches(params, grads, exp_avgs, exp_avg_sqs, first))
     has_found = found_inf is not None

@@ -245,12 +245,20 @@ REDUCE_BLOCK = 64
 
 
 def chunk_table(params, first) -> torch.Tensor:
-    """[n, 2] int64 (first chunk, chunk count) per tensor, on the parameters' device."""
-    return torch.tensor([[f, (p.numel() + C.CHUNK - 1) // C.CHUNK] for f, p in zip(first, params)],
-                        dtype=torch.int64).to(params[0].device)
+    """[n, 2] int64 (first chunk, chunk count) per tensor, on the parameters' device; cached by
+    the tensors' sizes (uploaded once, asynchronously: C.upload)."""
+    return C.chunk_table(params, first)
 
 
-@torch.library.custom_op("lvopt_triton::fused_adamw_",
+# The schema of lvopt::fused_adamw_ (csrc/register.cpp), given explicitly: custom_op cannot infer
+# an optional tensor list (max_exp_avg_sqs) from the annotations.
+_ADAMW_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] steps, Tensor hyper, Tensor(e!)? found_inf=None, Tensor(f!)? stats=None, "
+    "Tensor(g!)[]? max_exp_avg_sqs=None) -> ()")
+
+
+@torch.library.custom_op("lvopt_triton::fused_adamw_", schema=_ADAMW_SCHEMA,
                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf", "stats",
                                        "max_exp_avg_sqs"))
 def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
