@@ -299,3 +299,85 @@ def test_amsgrad_cpu_kernel_matches_reference(gen):
     x = torch.tensor([1.0, float("nan")])
     torch.ops.lvopt.fused_adamw_([p], [g], [m], [v], [s], make_hyper(1), max_exp_avg_sqs=[x])
     assert torch.isnan(x).all()
+
+
+# ----- torch's own AdamW test matrix ---------------------------------------------------------
+
+# Error inputs of torch's OptimizerInfo for AdamW that do not apply to lvopt.AdamW, and why.
+NOT_APPLICABLE = {
+    "lr as Tensor doesn't work with foreach & not capturable":
+        "lvopt ignores foreach (it always fuses) and every step takes a tensor lr (device table)",
+    "betas must be either both floats or both Tensors":
+        "lvopt writes each beta into the hyperparameter table on its own: a float and a tensor mix",
+    r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True":
+        "lvopt ignores foreach; tensor betas are supported on every backend",
+}
+# Applicable error inputs whose message lvopt words its own way (same exception type; the
+# message names the hyperparameter and the value): checked for the type and the name.
+OWN_WORDING = {
+    "Tensor lr must be 1-element": "lr must be a number or a one-element tensor",
+    "beta1 should be between 0 and 1": "invalid beta parameter at index 0: 1.0",
+    "weight_decay should > 0": "invalid weight_decay value -1",
+}
+
+
+def _adamw_info():
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it (requirements-dev.txt)
+    from torch.testing._internal.common_optimizers import optim_db
+
+    return next(o for o in optim_db if o.optim_cls is torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_adamw_matrix_configurations(backend, gen):
+    """Every configuration torch tests AdamW with (OptimizerInfo.optim_inputs_func: default, lr,
+    weight_decay, maximize, amsgrad), each also with capturable=True, against torch.optim.AdamW."""
+    info = _adamw_info()
+    inputs = info.optim_inputs_func(device="cpu", dtype=torch.float32)
+    assert {oi.desc for oi in inputs} >= {"default", "amsgrad", "maximize"}
+    for oi in inputs:
+        for capturable in (False, True):
+            kw = dict(oi.kwargs, capturable=capturable)
+            ps = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(9, 5), (5,)]]
+            qs = [nn.Parameter(p.detach().clone()) for p in ps]
+            a = lvopt.AdamW(ps, backend=backend, **kw)
+            b = torch.optim.AdamW(qs, **{k: v for k, v in kw.items() if k != "capturable"})
+            for k in range(4):
+                for p, q in zip(ps, qs):
+                    p.grad = torch.randn(p.shape, generator=gen) * 0.5 ** k
+                    q.grad = p.grad.clone()
+                a.step()
+                b.step()
+            for p, q in zip(ps, qs):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=f"{oi.desc}, capturable={capturable}")
+            assert set(b.state_dict()["state"][0]) == set(a.state_dict()["state"][0]), oi.desc
+
+
+def test_torch_adamw_matrix_error_inputs():
+    """torch's bad inputs for AdamW (OptimizerInfo.optim_error_inputs_func), each raised (or
+    warned) by lvopt.AdamW with the same exception type, except those in NOT_APPLICABLE."""
+    import re
+    import warnings
+
+    from torch.testing._internal.common_optimizers import OptimizerErrorEnum
+
+    info = _adamw_info()
+    seen = set()
+    for ei in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
+        inp = ei.optimizer_error_input
+        seen.add(inp.desc)
+        if inp.desc in NOT_APPLICABLE:
+            lvopt.AdamW([nn.Parameter(torch.randn(3))], **inp.kwargs)  # accepted
+            continue
+        assert ei.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR, inp.desc
+        params = inp.params if inp.params is not None else [nn.Parameter(torch.randn(3))]
+        regex = OWN_WORDING.get(inp.desc, ei.error_regex)
+        if issubclass(ei.error_type, Warning):
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                lvopt.AdamW(params, **inp.kwargs)
+            assert any(issubclass(x.category, ei.error_type) and re.search(regex, str(x.message)) for x in w), inp.desc
+        else:
+            with pytest.raises(ei.error_type, match=regex):
+                lvopt.AdamW(params, **inp.kwargs)
+    assert set(NOT_APPLICABLE) <= seen and set(OWN_WORDING) <= seen  # the lists name real entries

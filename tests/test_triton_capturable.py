@@ -290,3 +290,22 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
             assert rec.copies and all(kind == "async" for _, _, kind in rec.copies), rec.copies
             assert all(p.device.type == "cuda" for p in ps)
             assert all(opt.state[p]["step"].device.type == "cuda" for p in ps)
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter child (Triton on CPU tensors)")
+def test_bench_gpu_capture_runs_tiny_on_cpu(tmp_path, monkeypatch):
+    """benchmarks/bench_gpu_capture.py (the GPU run's Triton / captured-step check) runs end to
+    end at a tiny size on the CPU and writes its JSON under $OUT."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_gpu_capture
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    rows = bench_gpu_capture.run("cpu", "tiny", iters=2, file=open(os.devnull, "w"))
+    labels = {(r["case"], r["label"]) for r in rows}
+    assert ("64M", "lvopt triton step (eager)") in labels and ("GPT-2 small", "lvopt cpu step (eager)") in labels
+    assert all(r["ms"] > 0 and r["frac"] > 0 for r in rows)
+    assert json.load(open(tmp_path / "bench_gpu_capture.json"))["rows"] == json.loads(json.dumps(rows))
