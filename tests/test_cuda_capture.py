@@ -145,3 +145,64 @@ def test_eager_step_does_not_synchronise(backend, cls, nonfinite, gen):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert all(float(opt.state[p]["step"]) == 4.0 for p in params)
+
+
+# ----- the CUDA ops themselves ----------------------------------------------------------------
+
+@pytest.mark.skipif(not lvopt.build_info()["cuda"], reason="lvopt._C built without CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_amsgrad_matches_reference(gen, dtype):
+    from conftest import assert_bf16_step_close, assert_close_at_list_scale, clone_all, make_hyper, make_state
+    from lvopt import reference
+
+    shapes = [(1,), (33, 17), (3 * 16384 + 5,), (0,), (7, 3)]
+    ps, gs, ms, vs, ss = make_state(shapes, dtype, gen, steps=2)
+    xs = [v * 2 * torch.rand(v.shape, generator=gen) for v in vs]
+    hyper = make_hyper(len(shapes), gen=gen)
+    rp, rg, rm, rv, rs, rx = clone_all(ps, gs, ms, vs, ss, xs)
+    ps, gs, ms, vs, xs = ([t.cuda() for t in lst] for lst in (ps, gs, ms, vs, xs))
+    ss = [s.cuda() for s in ss]
+    before = [p.clone() for p in ps]
+    torch.ops.lvopt.fused_adamw_(ps, gs, ms, vs, ss, hyper.cuda(), max_exp_avg_sqs=xs)
+    reference.fused_adamw_(rp, rg, rm, rv, rs, hyper, max_exp_avg_sqs=rx)
+    assert_close_at_list_scale(xs, rx, 1e-6, "max_exp_avg_sqs")
+    if dtype == torch.float32:
+        assert_close_at_list_scale(ps, rp, 1e-6, "params")
+    else:
+        for p, q, p0 in zip(ps, rp, before):
+            assert_bf16_step_close(p.float(), q.float(), p0.float())
+    torch.library.opcheck(torch.ops.lvopt.fused_adamw_.default, (ps[:2], gs[:2], ms[:2], vs[:2], ss[:2],
+                                                                 hyper[:2].cuda().contiguous()),
+                          {"max_exp_avg_sqs": xs[:2]})
+
+
+@pytest.mark.skipif(not lvopt.build_info()["cuda"], reason="lvopt._C built without CUDA kernels")
+@pytest.mark.parametrize("adamh", [False, True])
+def test_cuda_found_inf_decided_on_the_device(gen, adamh):
+    """Device step counters: a NaN gradient sets the flag, the kernels write nothing, the
+    counters stay, and the op does not synchronise."""
+    from conftest import clone_all, make_hyper, make_state
+
+    ps, gs, ms, vs, ss = make_state([(33, 17), (3 * 16384 + 5,)], torch.float32, gen, steps=2)
+    ps, gs, ms, vs = ([t.cuda() for t in lst] for lst in (ps, gs, ms, vs))
+    ss = [s.cuda() for s in ss]
+    gs[1][7] = float("nan")
+    snap = clone_all(ps, ms, vs, ss)
+    found = torch.zeros(1, device="cuda")
+    hyper = make_hyper(2, wd=0.0 if adamh else 0.1).cuda()
+    radii = [torch.linalg.vector_norm(p, dtype=torch.float64) for p in ps]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if adamh:
+            out = torch.ops.lvopt.fused_adamh_(ps, gs, ms, vs, ss, radii, hyper, found)
+        else:
+            torch.ops.lvopt.fused_adamw_(ps, gs, ms, vs, ss, hyper, found)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(found) == 1.0
+    if adamh:
+        assert not out.any()
+    for lst, old in zip((ps, ms, vs, ss), snap):
+        for t, o in zip(lst, old):
+            assert torch.equal(t, o)

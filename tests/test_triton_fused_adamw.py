@@ -135,7 +135,15 @@ def test_compiles_with_torch_compile(gen):
 
 
 @needs_triton_device
-def test_errors_write_nothing(gen):
+@pytest.mark.parametrize("native", [True, False])
+def test_errors_write_nothing(gen, native, monkeypatch):
+    """The same errors from the native checks (lvopt._C, when built) and the Python ones."""
+    from lvopt.triton import _common as C
+
+    if not native:
+        monkeypatch.setattr(C, "_native_check", lambda: None)
+    elif C._native_check() is None:
+        pytest.skip("lvopt._C not built")
     ps, gs, ms, vs, ss = make_state([(4, 4), (6,)], torch.float32, gen)
     ps, gs, ms, vs = _to((ps, gs, ms, vs), DEV)
     h = make_hyper(2)

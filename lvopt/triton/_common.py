@@ -75,9 +75,31 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
-    """The checks of csrc/cpu/multi_tensor.cpp. hyper may be on the CPU (values checked) or on
-    the parameters' device (shape and dtype only: reading values would synchronise)."""
+def _native_check():
+    from .. import _ops
+
+    return getattr(_ops._C, "check_dense_step_args", None) if _ops.native_available() else None
+
+
+def check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper, max_exp_avg_sqs=None):
+    """The checks of csrc/include/lvopt/step_args.h (and, with max_exp_avg_sqs, AMSGrad's). hyper
+    may be on the CPU (values checked) or on the parameters' device (shape and dtype only:
+    reading values would synchronise). Returns hyper's rows when it is on the CPU, else None.
+    Runs the native checks of lvopt._C when it is built (the same checks and messages, ~20x
+    faster for GPT-2's 148 tensors), else the Python ones below."""
+    native = _native_check()
+    if native is not None and params and params[0].device.type in ("cuda", "cpu"):
+        cuda = params[0].device.type == "cuda"
+        if cuda or interpreting():
+            native(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper,
+                   list(max_exp_avg_sqs) if max_exp_avg_sqs else None, cuda)
+            return hyper.tolist() if hyper.device.type == "cpu" else None
+    rows = _check_step_args_py(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
+    check_amsgrad(op, params, max_exp_avg_sqs)
+    return rows
+
+
+def _check_step_args_py(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
         _fail(f"{op}: tensor lists differ in length (params {n}, grads {len(grads)}, exp_avgs "

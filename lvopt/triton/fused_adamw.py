@@ -266,8 +266,8 @@ def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
                  found_inf: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
                  max_exp_avg_sqs: Optional[List[torch.Tensor]] = None) -> None:
     op = "lvopt::fused_adamw_"
-    C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
-    ams = C.check_amsgrad(op, params, max_exp_avg_sqs)
+    C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper, max_exp_avg_sqs)
+    ams = bool(max_exp_avg_sqs)
     C.check_found_inf(op, found_inf, params)
     if stats is not None:
         C.check_stats(op, stats, params, 2)
