@@ -381,3 +381,34 @@ def test_torch_adamw_matrix_error_inputs():
             with pytest.raises(ei.error_type, match=regex):
                 lvopt.AdamW(params, **inp.kwargs)
     assert set(NOT_APPLICABLE) <= seen and set(OWN_WORDING) <= seen  # the lists name real entries
+
+
+@needs_native
+def test_compiled_step_with_a_sparse_group(gen):
+    """A row-sparse group does not compile into one graph: dynamo cannot wrap a sparse COO
+    gradient (torch.compile's limitation, docs/capturable.md), so fullgraph=True raises; without
+    fullgraph the step graph-breaks there and equals eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    emb, lin = nn.Embedding(50, 8, sparse=True), nn.Linear(8, 3)
+    emb2, lin2 = copy.deepcopy(emb), copy.deepcopy(lin)
+
+    def make(e, l):
+        return lvopt.AdamW([{"params": e.parameters()}, {"params": l.parameters()}], lr=1e-2, backend="cpu")
+
+    opt, eager = make(emb, lin), make(emb2, lin2)
+    ids = [torch.randint(0, 50, (6,), generator=gen) for _ in range(3)]
+    for e, l in ((emb, lin), (emb2, lin2)):
+        l(e(ids[0])).sum().backward()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="sparse"):
+        torch.compile(opt.step, fullgraph=True, backend="eager")()
+    step = torch.compile(opt.step, backend="eager")
+    for k, x in enumerate(ids):
+        if k:
+            for o, e, l in ((opt, emb, lin), (eager, emb2, lin2)):
+                o.zero_grad(set_to_none=True)
+                l(e(x)).sum().backward()
+        step()
+        eager.step()
+    for p, q in zip(list(emb.parameters()) + list(lin.parameters()), list(emb2.parameters()) + list(lin2.parameters())):
+        assert torch.equal(p, q)
