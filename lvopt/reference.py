@@ -48,9 +48,9 @@ def nonfinite_scan_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
 
 def stop_for_nonfinite(found_inf: Tensor | None, grads: Sequence[Tensor]) -> bool:
     """The found_inf protocol of the step ops: when found_inf is given and is already set or a
-    gradient element is NaN/inf, it ends up set and the caller must write nothing. Reading the
-    flag back is one host synchronisation on a GPU (the step counters live on the host).
-    Shared by the reference and the Triton ops."""
+    gradient element is NaN/inf, it ends up set and the caller must write nothing. The reference
+    reads the flag back (one host synchronisation on a GPU); the CPU, CUDA and Triton kernels
+    decide on the flag's own device instead (docs/capturable.md)."""
     if found_inf is None:
         return False
     nonfinite_scan_(grads, found_inf)
