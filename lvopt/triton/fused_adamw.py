@@ -106,36 +106,32 @@ def _stored(x, ptr):
 
 
 @triton.jit
-def adam_moments(gi, mi, vi, b1, omb1, b2, omb2):
-    """math.h adam_moments: torch's order, m = b1*m + (1-b1)*g, v = b2*v + (1-b2)*g*g."""
-    return b1 * mi + omb1 * gi, b2 * vi + omb2 * (gi * gi)
-
-
-@triton.jit
-def adam_update(mi, vi, step_size, inv_bc2, eps):
-    """math.h adam_update: step_size * m / (sqrt(v) * inv_bc2 + eps), IEEE sqrt and division."""
-    return tl.div_rn(step_size * mi, tl.sqrt_rn(vi) * inv_bc2 + eps)
-
-
-@triton.jit
 def adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign):
     """math.h adamw_element on fp32 tiles (the one copy of it in lvopt/triton): decoupled
-    decay, moments, update. Returns (p, m, v)."""
+    decay, torch's moment order, IEEE sqrt and division. Returns (p, m, v)."""
     gi = sign * gi
     pi = pi * decay
-    mi, vi = adam_moments(gi, mi, vi, b1, omb1, b2, omb2)
-    return pi - adam_update(mi, vi, step_size, inv_bc2, eps), mi, vi
+    mi = b1 * mi + omb1 * gi
+    vi = b2 * vi + omb2 * (gi * gi)
+    denom = tl.sqrt_rn(vi) * inv_bc2 + eps
+    pi = pi - tl.div_rn(step_size * mi, denom)
+    return pi, mi, vi
 
 
 @triton.jit
 def adamw_amsgrad_math(pi, gi, mi, vi, xi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign):
     """math.h adamw_amsgrad_element on fp32 tiles: adamw_math with the running maximum xi of v
-    (updated after v) in the denominator. Returns (p, m, v, vmax)."""
+    (updated after v) in the denominator. Returns (p, m, v, vmax). (Written out rather than
+    sharing helpers with adamw_math: reshaping adamw_math moved the register allocation of the
+    sparse-row kernel that inlines it into spills, benchmarks/sass_report.py.)"""
     gi = sign * gi
     pi = pi * decay
-    mi, vi = adam_moments(gi, mi, vi, b1, omb1, b2, omb2)
+    mi = b1 * mi + omb1 * gi
+    vi = b2 * vi + omb2 * (gi * gi)
     xi = amsgrad_max(xi, vi)
-    return pi - adam_update(mi, xi, step_size, inv_bc2, eps), mi, vi, xi
+    denom = tl.sqrt_rn(xi) * inv_bc2 + eps
+    pi = pi - tl.div_rn(step_size * mi, denom)
+    return pi, mi, vi, xi
 
 
 @triton.jit
