@@ -64,6 +64,7 @@ def nvcc() -> str | None:
 _BOOL_PARAMS = {
     "sparse_rows_kernel": (("lazy", "exact"), ("catchup", "step"), ("", "track")),
     "loop_rows_kernel": (("catchup", "step"), ("", "track")),
+    "adamw_kernel": (("", "track"), ("", "amsgrad")),
 }
 
 
@@ -177,17 +178,22 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
     for dt_name, dt in (("fp32", "fp32"), ("bf16", "bf16")):
         const = {"P_DTYPE": getattr(triton.language, {"fp32": "float32", "bf16": "bfloat16"}[dt]),
                  "ALIGNED": True, "CHUNK": C.CHUNK, "BLOCK": C.BLOCK}
-        for track in (False, True):
-            c = {**const, "TRACK": track}
-            jobs.append((f"adamw_kernel<{dt_name}{',track' if track else ''}>", W.adamw_kernel,
-                         {"meta_ptr": "*i64", "coef_ptr": "*fp32", "partial_ptr": "*fp64", "n_tensors": "i32",
-                          **{k: "constexpr" for k in c}}, c, {(0,): div16, (1,): div16, (2,): div16}))
+        for track, ams in ((False, False), (True, False), (False, True)):
+            c = {**const, "TRACK": track, "HAS_FOUND": False, "AMS": ams}
+            label = f"adamw_kernel<{dt_name}{',track' if track else ''}{',amsgrad' if ams else ''}>"
+            jobs.append((label, W.adamw_kernel,
+                         {"meta_ptr": "*i64", "coef_ptr": "*fp32", "partial_ptr": "*fp64", "found_ptr": "*fp32",
+                          "n_tensors": "i32", **{k: "constexpr" for k in c}}, c,
+                         {(0,): div16, (1,): div16, (2,): div16, (3,): div16}))
+        hconst = {**const, "HAS_FOUND": False}
         jobs.append((f"adamh_reduce_kernel<{dt_name}>", H.adamh_reduce_kernel,
-                     {"meta_ptr": "*i64", "coef_ptr": "*fp32", "partial_ptr": "*fp64", "n_tensors": "i32",
-                      **{k: "constexpr" for k in const}}, const, {(0,): div16, (1,): div16, (2,): div16}))
+                     {"meta_ptr": "*i64", "coef_ptr": "*fp32", "partial_ptr": "*fp64", "found_ptr": "*fp32",
+                      "n_tensors": "i32", **{k: "constexpr" for k in hconst}}, hconst,
+                     {(0,): div16, (1,): div16, (2,): div16, (3,): div16}))
         jobs.append((f"adamh_apply_kernel<{dt_name}>", H.adamh_apply_kernel,
-                     {"meta_ptr": "*i64", "coef_ptr": "*fp32", "scale_ptr": "*fp32", "n_tensors": "i32",
-                      **{k: "constexpr" for k in const}}, const, {(0,): div16, (1,): div16, (2,): div16}))
+                     {"meta_ptr": "*i64", "coef_ptr": "*fp32", "scale_ptr": "*fp32", "found_ptr": "*fp32",
+                      "n_tensors": "i32", **{k: "constexpr" for k in hconst}}, hconst,
+                     {(0,): div16, (1,): div16, (2,): div16, (3,): div16}))
     jobs.append(("adamh_finalize_kernel", H.adamh_finalize_kernel,
                  {"partial_ptr": "*fp64", "chunks_ptr": "*i64", "lr_radius_ptr": "*fp64", "stats_ptr": "*fp64",
                   "scale_ptr": "*fp32", "RB": "constexpr"}, {"RB": H.REDUCE_BLOCK}, {}))

@@ -3,6 +3,11 @@
 #include <torch/extension.h>
 
 #include "cpu/isa.h"
+#include "lvopt/step_args.h"
+
+#include <optional>
+#include <string>
+#include <vector>
 
 #ifndef LVOPT_CUDA_ARCHS
 #define LVOPT_CUDA_ARCHS ""
@@ -23,4 +28,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["parallel"] = at::get_parallel_info();
     return d;
   });
+  // The argument checks of the dense step ops (lvopt/step_args.h), for the Triton ops' host path
+  // (lvopt/triton/_common.py): the same checks and messages as the CPU and CUDA kernels, at a
+  // few tens of nanoseconds per tensor instead of microseconds in Python. `cuda`: the kernel's
+  // device type (false: CPU tensors, the Triton interpreter).
+  m.def("check_dense_step_args",
+        [](const std::string& op, const std::vector<at::Tensor>& params,
+           const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
+           const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& steps,
+           const at::Tensor& hyper, const std::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
+           bool cuda) {
+          const lvopt::StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
+          lvopt::check_step_args(op.c_str(), args,
+                                 cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU);
+          if (max_exp_avg_sqs.has_value()) {
+            const std::optional<at::TensorList> x{at::TensorList(*max_exp_avg_sqs)};
+            lvopt::check_amsgrad_args(op.c_str(), args, x);
+          }
+        });
 }

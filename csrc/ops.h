@@ -14,10 +14,13 @@ namespace cpu {
 // found_inf is already nonzero or a gradient element is NaN/inf, found_inf becomes 1 and
 // nothing (parameters, moments, step counts) is written. stats (optional, float64 [n, 2]):
 // receives per tensor the sums of W^2 (before the step) and of (W_after - W_before)^2.
+// max_exp_avg_sqs (optional, float32, one per parameter, laid out like it): AMSGrad, the
+// update divides by the running maximum of exp_avg_sq (math.h adamw_amsgrad_element).
 void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
                   const std::optional<at::Tensor>& found_inf,
-                  const std::optional<at::Tensor>& stats);
+                  const std::optional<at::Tensor>& stats,
+                  std::optional<at::TensorList> max_exp_avg_sqs = std::nullopt);
 
 // lvopt::fused_adamh_: AdamH on every (matrix) tensor, in place, in two passes. Returns the
 // fp64 sums of pass one, [n, 3]: ||u||^2, <W,u>, ||W||^2 per tensor (W before the step);

@@ -9,7 +9,7 @@ TORCH_LIBRARY(lvopt, m) {
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor hyper, Tensor(e!)? found_inf=None, "
-      "Tensor(f!)? stats=None) -> ()");
+      "Tensor(f!)? stats=None, Tensor(g!)[]? max_exp_avg_sqs=None) -> ()");
   m.def(
       "fused_adamh_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] radii, Tensor hyper, "

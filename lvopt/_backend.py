@@ -21,8 +21,26 @@ def _native_cuda() -> bool:
     return _ops.native_available() and bool(_ops._C.build_info()["cuda"])
 
 
+# Answers of unavailable_reason, once per process (what it looks at does not change once triton
+# is imported), so that a step traced by torch.compile finds them in a dict instead of tracing
+# importlib.
+_REASONS: dict = {}
+_TRITON_OPS = None
+
+
 def unavailable_reason(name: str) -> str | None:
     """None if backend ``name`` can run in this process, else why not."""
+    if name in _REASONS:
+        return _REASONS[name]
+    why = _unavailable_reason(name)
+    if name == "triton" and why is None:
+        _REASONS[name] = why  # the others are cheap; a missing triton may be installed later
+    elif name != "triton":
+        _REASONS[name] = why
+    return why
+
+
+def _unavailable_reason(name: str) -> str | None:
     if name == "reference":
         return None
     if name == "cpu":
@@ -51,6 +69,8 @@ def check_available(name: str) -> None:
     why = unavailable_reason(name)
     if why is not None:
         raise RuntimeError(f"lvopt backend {name!r} is not available: {why}. Available here: {available()}")
+    if name == "triton" and _TRITON_OPS is None:
+        _import_triton_ops()  # now, not inside a step that torch.compile traces
 
 
 def available() -> list:
@@ -102,10 +122,15 @@ def ops(name: str):
     if name == "reference":
         return reference
     if name == "triton":
-        import importlib
-
-        return importlib.import_module("lvopt.triton")
+        return _TRITON_OPS
     return torch.ops.lvopt
+
+
+def _import_triton_ops() -> None:
+    global _TRITON_OPS
+    import importlib
+
+    _TRITON_OPS = importlib.import_module("lvopt.triton")
 
 
 def supported_dtypes(name: str) -> tuple:

@@ -76,7 +76,8 @@ check_cpu_isa_env()
 if _C is not None:
 
     @torch.library.register_fake("lvopt::fused_adamw_")
-    def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None, stats=None):
+    def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None, stats=None,
+                          max_exp_avg_sqs=None):
         return None
 
     @torch.library.register_fake("lvopt::nonfinite_scan_")

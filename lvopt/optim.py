@@ -42,42 +42,57 @@ class DenseEmbeddingGradWarning(UserWarning):
     """An lvopt.nn.Embedding weight received a dense gradient and is updated densely."""
 
 
-def _scalar(x: Any, name: str, where: str) -> float:
+def _scalar(x: Any, name: str, where: str, read: bool = True) -> float | Tensor:
+    """A hyperparameter as a float; a one-element tensor is read on the host when ``read``, else
+    returned as it is (the step builds the hyperparameter table from it on its device: no host
+    read, so a CUDA graph or a compiled step keeps following the tensor)."""
     if isinstance(x, Tensor):
         if x.numel() != 1:
             raise ValueError(f"{where}: {name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
-        return float(x)
+        if not x.is_floating_point():
+            raise ValueError(f"{where}: {name} must be a floating-point tensor, got {x.dtype}")
+        return float(x) if read else x
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise ValueError(f"{where}: {name} must be a number, got {type(x).__name__}")
     return float(x)
 
 
-def _check_hyper(group: dict, where: str, hyperball: bool = False) -> tuple:
-    """Validates a group's hyperparameters; returns (lr, beta1, beta2, wd, eps, maximize)."""
-    lr = _scalar(group["lr"], "lr", where)
-    if not math.isfinite(lr) or lr < 0.0:
+def _check_hyper(group: dict, where: str, hyperball: bool = False, read: bool = True) -> tuple:
+    """Validates a group's hyperparameters; returns (lr, beta1, beta2, wd, eps, maximize).
+    With ``read=False`` (every step), tensor-valued hyperparameters are returned as tensors and
+    their values are not checked here (that would be a host read per step): they were checked
+    when the group was added, and the CPU kernel checks the table it receives; on a GPU the
+    values of a tensor that changes later are the user's to keep in range, as with torch."""
+    def num(x, name):
+        return _scalar(x, name, where, read)
+
+    lr = num(group["lr"], "lr")
+    if not isinstance(lr, Tensor) and (not math.isfinite(lr) or lr < 0.0):
         raise ValueError(f"{where}: invalid learning rate lr={lr}: must be finite and >= 0")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    b1, b2 = (_scalar(b, f"betas[{i}]", where) for i, b in enumerate(betas))
+    b1, b2 = (num(b, f"betas[{i}]") for i, b in enumerate(betas))
     for i, b in enumerate((b1, b2)):
-        if not (0.0 <= b < 1.0):
+        if not isinstance(b, Tensor) and not (0.0 <= b < 1.0):
             raise ValueError(f"{where}: invalid beta parameter at index {i}: {b} (must be in [0, 1))")
-    eps = _scalar(group["eps"], "eps", where)
-    if not math.isfinite(eps) or eps <= 0.0:
+    eps = num(group["eps"], "eps")
+    if not isinstance(eps, Tensor) and (not math.isfinite(eps) or eps <= 0.0):
         raise ValueError(f"{where}: invalid epsilon value eps={eps}: must be finite and > 0")
-    wd = _scalar(group["weight_decay"], "weight_decay", where)
-    if not math.isfinite(wd) or wd < 0.0:
+    wd = num(group["weight_decay"], "weight_decay")
+    if not isinstance(wd, Tensor) and (not math.isfinite(wd) or wd < 0.0):
         raise ValueError(f"{where}: invalid weight_decay value {wd}: must be finite and >= 0")
-    if hyperball and wd != 0.0:
+    if hyperball and (isinstance(wd, Tensor) or wd != 0.0):
         raise ValueError(f"{where}: weight_decay={wd} given to a hyperball group; AdamH keeps the "
                          f"norm of hyperball matrices fixed, so they take no weight decay. Set "
                          f"weight_decay=0, or hyperball=False for the group")
-    if group.get("amsgrad", False):
-        raise ValueError(f"{where}: amsgrad=True is not supported by lvopt")
-    if group.get("capturable", False) or group.get("differentiable", False):
-        raise ValueError(f"{where}: capturable/differentiable are not supported by lvopt's CPU step")
+    if hyperball and group.get("amsgrad", False):
+        raise ValueError(f"{where}: amsgrad=True given to a hyperball group; AdamH's hyperball step has "
+                         f"no AMSGrad variant. Use amsgrad=False, or hyperball=False for the group "
+                         f"(AdamW, which supports amsgrad)")
+    if group.get("differentiable", False):
+        raise ValueError(f"{where}: differentiable=True is not supported: lvopt's steps are fused kernels "
+                         f"that autograd does not trace")
     if not group.get("decoupled_weight_decay", True) and wd != 0.0:
         raise ValueError(f"{where}: decoupled_weight_decay=False (Adam with L2, e.g. a torch.optim.Adam "
                          f"checkpoint) is not supported; lvopt implements AdamW's decoupled decay")
@@ -101,9 +116,8 @@ class _FusedAdam(torch.optim.Optimizer):
         if check_ids not in CHECK_IDS:
             raise ValueError(f"check_ids must be one of {CHECK_IDS}, got {check_ids!r}")
         self.check_ids = check_ids
-        #: Steps skipped because a gradient was NaN/inf (nonfinite="skip").
-        self.skipped_steps = 0
         self._init_transient()
+        self.skipped_steps = 0
         if backend is not None:
             if backend not in _backend.BACKENDS:
                 raise ValueError(f"backend must be one of {_backend.BACKENDS} or None, got {backend!r}")
@@ -134,14 +148,32 @@ class _FusedAdam(torch.optim.Optimizer):
                   "check_ids": "deferred"}
 
     def _init_transient(self) -> None:
-        """What neither pickling nor a checkpoint carries: telemetry, its hooks, the flags."""
+        """What neither pickling nor a checkpoint carries: telemetry, its hooks, the flags, the
+        cached hyperparameter tables."""
         #: The last tracked step's norms (track=True), a :class:`lvopt.telemetry.Telemetry`.
         self.telemetry = None
         self._telemetry_hooks: OrderedDict = OrderedDict()  # weakref-able, for RemovableHandle
         self._found_flags: dict = {}
+        self._skip_counts: dict = {}  # device -> skipped steps counted on that device (float64)
+        self._skipped_host = 0
+        self._tables: dict = {}  # batch key -> (the constant part of its rows, the table tensor)
         self._step_number = 0
         #: The row lifecycle of the row-sparse parameters (lvopt/sparse.py).
         self._rows = SparseRows(self)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient was NaN/inf (nonfinite="skip"). A step that decides
+        on the device (no sparse gradients, one device, no FSDP, track=False: the capturable
+        path) counts the skip on the device; reading this property then reads that counter
+        (one host synchronisation on a GPU, only when asked)."""
+        return self._skipped_host + sum(int(c.item()) for c in self._skip_counts.values())
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_host = int(value)
+        for c in self._skip_counts.values():
+            c.zero_()
 
     def __getstate__(self) -> dict:
         # torch pickles defaults, state and param_groups only; keep lvopt's settings too.
@@ -152,16 +184,17 @@ class _FusedAdam(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         own = {k: state.pop(k, default) for k, default in self._OWN_ATTRS.items()}
         super().__setstate__(state)
+        self._init_transient()
         for k, v in own.items():
             setattr(self, k, v)
-        self._init_transient()
         for group in self.param_groups:
             for k, v in chain(_TORCH_GROUP_DEFAULTS.items(), self._group_extra_defaults.items()):
                 group.setdefault(k, v)
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "step" in st and not torch.is_tensor(st["step"]):
-                    st["step"] = torch.tensor(float(st["step"]), dtype=_get_scalar_dtype())
+                    st["step"] = torch.tensor(float(st["step"]), dtype=_get_scalar_dtype(),
+                                              device=_step_device(p))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but moments stay fp32 (and ``radius`` fp64) whatever the parameter dtype:
@@ -189,7 +222,10 @@ class _FusedAdam(torch.optim.Optimizer):
             st = self.state[p]
             if "step" in saved and torch.is_tensor(st.get("step")) and st["step"] is saved["step"]:
                 st["step"] = st["step"].clone()
-            for key in _MOMENTS:
+            if torch.is_tensor(st.get("step")) and st["step"].device != _step_device(p):
+                # A CUDA parameter's step lives on its device (torch's fused/capturable layout).
+                st["step"] = st["step"].to(_step_device(p))
+            for key in _MOMENTS + ("max_exp_avg_sq",):
                 if key in saved:
                     st[key] = saved[key].to(device=p.device, dtype=_moment_dtype(p), copy=True)
             if "radius" in saved:
@@ -255,6 +291,10 @@ class _FusedAdam(torch.optim.Optimizer):
                     raise ValueError(f"{where()}: state '{key}' is missing or does not match the parameter "
                                      f"({None if t is None else (tuple(t.shape), t.dtype, str(t.device))}); was the wrong "
                                      f"state_dict loaded?")
+            t = st.get("max_exp_avg_sq")
+            if t is not None and (t.shape != p.shape or t.device != p.device or t.dtype != _moment_dtype(p)):
+                raise ValueError(f"{where()}: state 'max_exp_avg_sq' does not match the parameter "
+                                 f"({(tuple(t.shape), t.dtype, str(t.device))}); was the wrong state_dict loaded?")
             if "step" not in st:
                 raise ValueError(f"{where()}: state has no 'step'")
             if sparse and not (st["exp_avg"].is_contiguous() and st["exp_avg_sq"].is_contiguous()):
@@ -269,29 +309,40 @@ class _FusedAdam(torch.optim.Optimizer):
         cache: dict = {}
         for gi, group in enumerate(self.param_groups):
             hyperball = self._is_hyperball_group(group)
-            row = _check_hyper(group, f"param group {gi}", hyperball)
+            row = _check_hyper(group, f"param group {gi}", hyperball, read=False)
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 where = functools.partial(self._where, group, gi, pi, p)
                 backend = self._check_param(p, where, group, cache)
                 if p.grad.layout == torch.sparse_coo:
+                    if group.get("amsgrad", False):
+                        raise TypeError(f"{where()}: amsgrad=True with a row-sparse gradient is not supported "
+                                        f"(the sparse-row step has no AMSGrad variant); give this parameter "
+                                        f"dense gradients or put it in a group with amsgrad=False")
                     algo = "sparse"
                 else:
                     algo = "adamh" if hyperball and p.dim() >= 2 else "adamw"
                 items.append((row, p, backend, algo, group, gi, pi))
         return items
 
-    def _init_state(self, p: Tensor, algo: str) -> dict:
+    def _init_state(self, p: Tensor, algo: str, amsgrad: bool = False) -> dict:
         st = self.state[p]
         if not st:
-            st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            # On the parameter's device for CUDA parameters (torch's fused/capturable layout:
+            # the kernels advance it there), on the host otherwise.
+            st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=_step_device(p))
             dt = _moment_dtype(p)
             st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in st:
+            # torch.optim.AdamW(amsgrad=True)'s state: the running maximum of exp_avg_sq (zeros
+            # at the first step, as torch; a group switched to amsgrad later starts from zeros too).
+            st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"], memory_format=torch.preserve_format)
         if algo == "adamh" and "radius" not in st:
             # R = ||W_0||_F, recorded at the matrix's first hyperball step (docs/design.md section 2.2).
-            st["radius"] = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).cpu()
+            # On the parameter's device for CUDA parameters (read there by the kernels), else the host.
+            st["radius"] = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).to(_step_device(p))
         return st
 
     @torch.no_grad()
@@ -311,7 +362,8 @@ class _FusedAdam(torch.optim.Optimizer):
         for row, p, backend, algo, group, gi, pi in items:
             sharded = sharded or _is_dtensor(p)
             if algo == "sparse":
-                sparse_items.append((row, p, backend, group, gi, pi))
+                # The row-sparse step takes its hyperparameters as host numbers.
+                sparse_items.append((_host_row(row), p, backend, group, gi, pi))
                 continue
             if "last_step" in self.state.get(p, {}):
                 to_flush.append((p, backend))
@@ -324,15 +376,20 @@ class _FusedAdam(torch.optim.Optimizer):
                     DenseEmbeddingGradWarning, stacklevel=2)
             if not self.state.get(p):
                 created.append(p)
-            st = self._init_state(p, algo)
+            amsgrad = algo == "adamw" and bool(group.get("amsgrad", False))
+            st = self._init_state(p, algo, amsgrad)
+            if st["step"].device != _step_device(p):
+                # A host counter of a CUDA parameter (an old pickle or checkpoint): onto the
+                # device once, as torch.compile does for torch's optimizers.
+                st["step"] = st["step"].to(_step_device(p))
             # FSDP2 shards (DTensors) step their local shard: AdamW is elementwise.
             local = _local(p)
             work = local if _dense(local) else local.detach().contiguous()
-            b = batches[(backend, p.device, algo)]
+            b = batches[(backend, p.device, algo, amsgrad)]
             b["params"].append(work)
             b["orig"].append(local)
             b["grads"].append(_like(_local(p.grad), work))
-            for key in _MOMENTS:
+            for key in _MOMENTS + (("max_exp_avg_sq",) if amsgrad else ()):
                 if _local(st[key]).stride() != work.stride():
                     st[key] = _like(st[key], work)
                 b[key].append(_local(st[key]))
@@ -343,35 +400,52 @@ class _FusedAdam(torch.optim.Optimizer):
                 b["radii"].append(st["radius"])
         order = list(batches)
         fused_check = None
+        found = None  # the device flag of a step that decides about non-finite values on the device
         if self.nonfinite != "propagate":
-            fused_check = self._check_nonfinite(batches, order, sparse_items, bool(to_flush), sharded)
-            if fused_check is _SKIP:
-                return self._skip_step(created, items, loss)
-            if fused_check is not None:
-                # The batch that scans its gradients inside its own op runs first: if it finds a
-                # non-finite value, nothing else has been written yet.
+            if self._decides_on_device(order, sparse_items, to_flush, sharded):
+                # Every op gets the flag and writes nothing when it is set; the batches after the
+                # first are scanned into it before anything runs, the first scans its own
+                # gradients inside its op. No host read (nonfinite="raise" reads it at the end).
+                found = self._found_for(order[0][1])
+                fused_check = max(order, key=lambda k: sum(t.numel() for t in batches[k]["params"]))
                 order.remove(fused_check)
+                for key in order:
+                    _backend.ops(key[0]).nonfinite_scan_(batches[key]["grads"], found)
                 order.insert(0, fused_check)
+            else:
+                fused_check = self._check_nonfinite(batches, order, sparse_items, bool(to_flush), sharded)
+                if fused_check is _SKIP:
+                    return self._skip_step(created, items, loss)
+                if fused_check is not None:
+                    # The batch that scans its gradients inside its own op runs first: if it finds a
+                    # non-finite value, nothing else has been written yet.
+                    order.remove(fused_check)
+                    order.insert(0, fused_check)
         for p, backend in to_flush:
             self._rows.flush_param(p, backend)
             self._rows.drop(p)
         tracked: list = []
         for key in order:
-            backend, device, algo = key
+            backend, device, algo, amsgrad = key
             b = batches[key]
             fns = _backend.ops(backend)
-            hyper = torch.tensor(b["rows"], dtype=torch.float64).reshape(-1, HYPER_COLS)
-            found = self._found_for(device) if key == fused_check else None
+            hyper = b["hyper"] = self._hyper_table(key, b["rows"], _table_device_for(backend, device))
+            if found is not None:
+                flag = found
+            else:
+                flag = self._found_for(device) if key == fused_check else None
             if algo == "adamh":
-                extra = {} if found is None else {"found_inf": found}
+                extra = {} if flag is None else {"found_inf": flag}
                 sums = fns.fused_adamh_(b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"],
                                         b["radii"], hyper, **extra)
             else:
                 sums = self._new_stats(len(b["params"]), device) if self.track else None
-                extra = {k: v for k, v in (("found_inf", found), ("stats", sums)) if v is not None}
+                extra = {k: v for k, v in (("found_inf", flag), ("stats", sums)) if v is not None}
+                if amsgrad:
+                    extra["max_exp_avg_sqs"] = b["max_exp_avg_sq"]
                 fns.fused_adamw_(b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"], hyper,
                                  **extra)
-            if found is not None and bool(found):
+            if found is None and flag is not None and bool(flag):
                 # The fused scan found a non-finite gradient: the op wrote nothing, and nothing
                 # ran before it.
                 return self._skip_step(created, items, loss)
@@ -380,6 +454,16 @@ class _FusedAdam(torch.optim.Optimizer):
                     p.copy_(work)
             if self.track:
                 tracked.append((algo, b, sums))
+        if found is not None:
+            if self.nonfinite == "raise":
+                if bool(found):  # the one host read of nonfinite="raise"
+                    return self._skip_step(created, items, loss)
+            else:
+                counts = self._skip_counts.get(found.device)
+                if counts is None:
+                    counts = self._skip_counts[found.device] = torch.zeros((), dtype=torch.float64,
+                                                                           device=found.device)
+                counts.add_(found.reshape(()))
         for row, p, backend, group, gi, pi in sparse_items:
             sums = self._rows.step(row, p, backend, group, self.track)
             if self.track:
@@ -388,6 +472,64 @@ class _FusedAdam(torch.optim.Optimizer):
         if self.track:
             self._record(tracked)
         return loss
+
+    def _decides_on_device(self, order: list, sparse_items: list, to_flush: list, sharded: bool) -> bool:
+        """Whether a nonfinite="skip"/"raise" step decides on the device, with no host read (what
+        a CUDA graph or torch.compile needs): dense batches on one device, no sparse-row step or
+        exact-mode flush (they read the host), no FSDP shards (the ranks' flags are all-reduced
+        first) and no telemetry (a skipped tracked step records nothing). A step that decides on
+        the device counts a skip on the device (:attr:`skipped_steps`) and keeps the zero state
+        of parameters it stepped for the first time (torch's fused Adam does the same with
+        found_inf); the other path drops it."""
+        return (bool(order) and not sparse_items and not to_flush and not sharded and not self.track
+                and len({k[1] for k in order}) == 1)
+
+    def _hyper_table(self, key: tuple, rows: list, device: torch.device) -> Tensor:
+        """The batch's [n, HYPER_COLS] float64 hyperparameter table on ``device``, built without a
+        blocking copy and reused across steps: the table of a batch is cached with its rows'
+        Python-number values and rewritten in place only when one changes (for a CUDA table,
+        from pinned memory, asynchronously: a captured graph keeps reading the same tensor).
+        Tensor-valued hyperparameters (a tensor lr) are written into their column on the
+        table's device every step, never read on the host."""
+        n = len(rows)
+        has_tensor = False
+        consts = []
+        for r in rows:
+            c = tuple(None if isinstance(x, Tensor) else x for x in r)
+            has_tensor = has_tensor or None in c
+            consts.append(c)
+        values = [[0.0 if x is None else x for x in c] for c in consts]
+        if torch.compiler.is_compiling():
+            table = torch.tensor(values, dtype=torch.float64, device=device).reshape(n, HYPER_COLS)
+        else:
+            ent = self._tables.get(key)
+            if ent is not None and ent[0] == consts and ent[1].device == device:
+                table = ent[1]
+            else:
+                host = torch.tensor(values, dtype=torch.float64).reshape(n, HYPER_COLS)
+                cuda = device.type == "cuda"
+                if cuda:
+                    host = host.pin_memory()
+                if ent is not None and ent[1].shape == host.shape and ent[1].device == device:
+                    table = ent[1]
+                    table.copy_(host, non_blocking=cuda)
+                else:
+                    table = host.to(device, non_blocking=True) if cuda else host
+                self._tables[key] = (consts, table)
+        if has_tensor:
+            for j in range(HYPER_COLS):
+                i = 0
+                while i < n:
+                    x = rows[i][j]
+                    if not isinstance(x, Tensor):
+                        i += 1
+                        continue
+                    k = i + 1
+                    while k < n and rows[k][j] is x:
+                        k += 1
+                    table[i:k, j].copy_(x.reshape(()))
+                    i = k
+        return table
 
     # -- non-finite gradients and telemetry -------------------------------------------------------
     def _found_for(self, device: torch.device) -> Tensor:
@@ -417,7 +559,7 @@ class _FusedAdam(torch.optim.Optimizer):
 
         for key in order:
             if key != fused:
-                backend, device, _ = key
+                backend, device = key[:2]
                 _backend.ops(backend).nonfinite_scan_(batches[key]["grads"], flag(device))
         for row, p, backend, group, gi, pi in sparse_items:
             _backend.ops(backend).nonfinite_scan_([p.grad._values()], flag(p.device))
@@ -463,7 +605,7 @@ class _FusedAdam(torch.optim.Optimizer):
                 entries.append(Entry(gi, pi, name, group.get("role"), algo))
             if algo == "adamh":
                 # (||u||^2, <W,u>, ||W||^2) -> (||W||^2, (lr R)^2): the tangent step has norm lr*R.
-                lr = torch.tensor([r[0] for r in b["rows"]], dtype=torch.float64, device=sums.device)
+                lr = b["hyper"][:, 0].to(device=sums.device, dtype=torch.float64)
                 radius = torch.stack([r.to(sums.device, torch.float64).reshape(()) for r in b["radii"]])
                 sums = torch.stack([sums[:, 2], (lr * radius) ** 2], dim=1)
             parts.append(sums.reshape(-1, 2))
@@ -512,6 +654,23 @@ class _FusedAdam(torch.optim.Optimizer):
         return sd
 
 
+def _step_device(p: Tensor) -> torch.device:
+    """Where a parameter's step counter lives: its CUDA device (the kernels advance it there,
+    with no host read: capturable), or the host."""
+    return p.device if p.device.type == "cuda" else torch.device("cpu")
+
+
+def _table_device_for(backend: str, device: torch.device) -> torch.device:
+    """Where a dense batch's hyperparameter table goes: the parameters' device for the CUDA and
+    Triton kernels (they read it there), the host for the CPU kernels and the reference."""
+    return device if backend in ("cuda", "triton") else torch.device("cpu")
+
+
+def _host_row(row: tuple) -> tuple:
+    """A hyperparameter row as host numbers (tensor values read: the row-sparse step's form)."""
+    return tuple(float(x) for x in row)
+
+
 def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
@@ -549,10 +708,20 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
 class AdamW(_FusedAdam):
     r"""AdamW with fused kernels; a drop-in for ``torch.optim.AdamW``.
 
-    Same constructor arguments, param groups, LR schedulers, ``zero_grad``, ``maximize`` and
-    ``state_dict`` as torch.optim.AdamW (``foreach`` and ``fused`` are accepted and ignored:
-    lvopt always fuses; ``amsgrad``, ``capturable`` and ``differentiable`` are refused).
-    Parameters may be float32 or bfloat16; moments are float32.
+    Same constructor arguments, param groups, LR schedulers, ``zero_grad``, ``maximize``,
+    ``amsgrad`` (state ``max_exp_avg_sq``, fused like the rest; not for row-sparse gradients)
+    and ``state_dict`` as torch.optim.AdamW (``foreach`` and ``fused`` are accepted and ignored:
+    lvopt always fuses; ``differentiable`` is refused). Parameters may be float32 or bfloat16;
+    moments are float32.
+
+    ``capturable`` is accepted and changes nothing, because every step is capturable already
+    (torch.compile sets it on the groups): a CUDA parameter's ``step`` lives on its device and
+    the CUDA and Triton kernels advance it there and compute the bias corrections there; the
+    per-tensor hyperparameter table is a device tensor rewritten (asynchronously, from pinned
+    memory) only when a value changes; ``lr`` (or any hyperparameter) may be a one-element
+    tensor, written into the table on the device every step and never read on the host (its
+    value is checked once, when the group is added). So ``opt.step()`` can be captured in a CUDA
+    graph and replayed, and ``torch.compile(opt.step, fullgraph=True)`` traces it.
 
     ``backend``: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``; default: the native
     kernels for the parameters' device. See :func:`lvopt.build_info`.
@@ -568,8 +737,14 @@ class AdamW(_FusedAdam):
     writes nothing (parameters, moments, step counts and sparse-row bookkeeping stay bit for bit
     as they were) and :attr:`skipped_steps` counts it. ``"raise"``: nothing is written and
     :class:`NonFiniteGradientError` names every parameter with a non-finite gradient. The check
-    is one read of the gradients inside the step op (about +14% of an fp32 AdamW step's bytes;
-    on CUDA, plus one host synchronisation to decide whether the step counters advance).
+    is one read of the gradients inside the step op (about +14% of an fp32 AdamW step's bytes).
+    For dense gradients on one device (without ``track``), "skip" is decided on the device, as
+    torch's fused Adam does with found_inf: the kernels see the flag, write nothing and leave the
+    step counters as they were, and the skip is counted on the device; :attr:`skipped_steps`
+    reads that counter when asked (one host synchronisation then, none per step). The state a
+    skipped first step created stays (zeros, step 0: the same next step). "raise" reads the
+    flag once per step on the host, by nature. Steps with row-sparse gradients, FSDP2 shards,
+    several devices or ``track=True`` read the flag on the host before writing, as before.
 
     ``track``: with ``True`` the kernels also return per-tensor ||W|| and ||dW|| (effective
     LR ||dW||/||W||) from the pass they already make: :attr:`telemetry` after each step, and

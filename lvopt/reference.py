@@ -48,9 +48,9 @@ def nonfinite_scan_(tensors: Sequence[Tensor], found_inf: Tensor) -> None:
 
 def stop_for_nonfinite(found_inf: Tensor | None, grads: Sequence[Tensor]) -> bool:
     """The found_inf protocol of the step ops: when found_inf is given and is already set or a
-    gradient element is NaN/inf, it ends up set and the caller must write nothing. Reading the
-    flag back is one host synchronisation on a GPU (the step counters live on the host).
-    Shared by the reference and the Triton ops."""
+    gradient element is NaN/inf, it ends up set and the caller must write nothing. The reference
+    reads the flag back (one host synchronisation on a GPU); the CPU, CUDA and Triton kernels
+    decide on the flag's own device instead (docs/capturable.md)."""
     if found_inf is None:
         return False
     nonfinite_scan_(grads, found_inf)
@@ -65,16 +65,23 @@ def _square_sums(before: Tensor, after: Tensor) -> tuple:
 
 def fused_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                  exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], hyper: Tensor,
-                 found_inf: Tensor | None = None, stats: Tensor | None = None) -> None:
+                 found_inf: Tensor | None = None, stats: Tensor | None = None,
+                 max_exp_avg_sqs: Sequence[Tensor] | None = None) -> None:
     """AdamW, as torch.optim.AdamW (decoupled weight decay), on every tensor in place.
     ``found_inf``: see :func:`stop_for_nonfinite`; ``stats`` ([n, 2] fp64) receives per tensor
-    the sums of W^2 (before the step) and of (W_after - W_before)^2, W as stored."""
+    the sums of W^2 (before the step) and of (W_after - W_before)^2, W as stored.
+    ``max_exp_avg_sqs`` (AMSGrad, torch's amsgrad=True): the running maximum of exp_avg_sq,
+    updated after it, divides the update instead of exp_avg_sq."""
     if stats is not None:
         stats.zero_()
+    vmaxes = list(max_exp_avg_sqs) if max_exp_avg_sqs else [None] * len(params)
+    if len(vmaxes) != len(params):
+        raise RuntimeError(f"lvopt::fused_adamw_: max_exp_avg_sqs has {len(vmaxes)} tensors, params has "
+                           f"{len(params)} (pass one per parameter for amsgrad, or none)")
     if stop_for_nonfinite(found_inf, grads):
         return
-    for i, (p, g, m, v, step, row) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps,
-                                                    hyper.tolist())):
+    for i, (p, g, m, v, vmax, step, row) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, vmaxes, steps,
+                                                          hyper.tolist())):
         before = p.clone() if stats is not None else None
         bc1, bc2 = _advance(step, row)
         dt = _compute_dtype(p)
@@ -82,6 +89,9 @@ def fused_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
         w = p.to(dt)
         w.mul_(1.0 - row[LR] * row[WEIGHT_DECAY])
         _moments(g, m, v, row)
+        if vmax is not None:
+            torch.maximum(vmax, v, out=vmax)
+            v = vmax
         denom = (v.sqrt() / math.sqrt(bc2)).add_(row[EPS])
         w.addcdiv_(m.to(dt), denom.to(dt), value=-row[LR] / bc1)
         p.copy_(w)

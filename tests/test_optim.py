@@ -300,8 +300,8 @@ def test_constructor_errors():
         lvopt.AdamW([p], eps=0.0)
     with pytest.raises(ValueError, match="epsilon"):
         lvopt.AdamW([p], eps=float("inf"))
-    with pytest.raises(ValueError, match="amsgrad"):
-        lvopt.AdamW([p], amsgrad=True)
+    with pytest.raises(ValueError, match="differentiable=True is not supported"):
+        lvopt.AdamW([p], differentiable=True)
     with pytest.raises(ValueError, match="hyperball group"):
         lvopt.AdamH([p], weight_decay=0.1)
     lvopt.AdamH([p], weight_decay=0.1, hyperball=False)

@@ -82,9 +82,10 @@ def test_misaligned_views_take_the_unhinted_launch(gen):
 
 @needs_triton_device
 def test_launch_tables_are_reused_only_for_the_same_tensors(gen):
-    """Launch tables are cached by every stream's address and each tensor's size and dtype: the
-    same tensors reuse them (no rebuild, no upload), any other tensor gets its own, and a step
-    through a reused table still matches the reference."""
+    """Launch tables are cached by the parameters' and moments' addresses, sizes and dtypes, not
+    by the gradients' (zero_grad(set_to_none=True) re-allocates those): new gradients reuse the
+    tables with their address column rewritten in place; another parameter or moment gets its
+    own tables; steps through reused tables still match the reference."""
     from lvopt import reference
     from lvopt.triton import _common as C
 
@@ -93,13 +94,17 @@ def test_launch_tables_are_reused_only_for_the_same_tensors(gen):
     first = C.first_chunks(ps)[0]
     plan = C.launches(ps, gs, ms, vs, first)
     assert C.launches(ps, gs, ms, vs, first) is plan
-    other = [gs[0], gs[1].clone()]  # one stream at another address
-    plan2 = C.launches(ps, other, ms, vs, first)
-    assert plan2 is not plan and not torch.equal(plan2[0][2], plan[0][2])
-    assert all(torch.equal(a[2], b[2]) for a, b in zip(C._build_launches(ps, other, ms, vs, first), plan2))
+    other = [gs[0], gs[1].clone()]  # a gradient at another address: same tables, new column
+    meta = plan[0][2]
+    assert C.launches(ps, other, ms, vs, first) is plan and plan[0][2] is meta
+    assert torch.equal(C._build_launches(ps, other, ms, vs, first, [None, None]).launches[0][2], meta)
+    plan3 = C.launches(ps, gs, [ms[0], ms[1].clone()], vs, first)  # a moment elsewhere: new tables
+    assert plan3 is not plan and not torch.equal(plan3[0][2], plan[0][2])
     r = clone_all([p.cpu() for p in ps], [g.cpu() for g in gs], [m.cpu() for m in ms], [v.cpu() for v in vs], ss)
     hyper = make_hyper(2, gen=gen)
-    for _ in range(3):  # the second and third steps run from the cached tables
+    for k in range(3):  # the second and third steps run from the cached tables, with new gradients
+        gs = [g.clone() * (k + 1) for g in gs]
+        r[1] = [g.cpu() for g in gs]
         _ops().fused_adamw_(ps, gs, ms, vs, ss, hyper)
         reference.fused_adamw_(*r, hyper)
     for p, q in zip(ps, r[0]):
@@ -130,7 +135,15 @@ def test_compiles_with_torch_compile(gen):
 
 
 @needs_triton_device
-def test_errors_write_nothing(gen):
+@pytest.mark.parametrize("native", [True, False])
+def test_errors_write_nothing(gen, native, monkeypatch):
+    """The same errors from the native checks (lvopt._C, when built) and the Python ones."""
+    from lvopt.triton import _common as C
+
+    if not native:
+        monkeypatch.setattr(C, "_native_check", lambda: None)
+    elif C._native_check() is None:
+        pytest.skip("lvopt._C not built")
     ps, gs, ms, vs, ss = make_state([(4, 4), (6,)], torch.float32, gen)
     ps, gs, ms, vs = _to((ps, gs, ms, vs), DEV)
     h = make_hyper(2)

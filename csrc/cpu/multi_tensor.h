@@ -72,6 +72,23 @@ LVOPT_ALWAYS_INLINE void adamw_span(T* __restrict p, const G* __restrict g, floa
   }
 }
 
+// adamw_span with AMSGrad: the running maximum vmax of v (fp32, laid out like m and v) is
+// read and written too (+8 B/element).
+template <typename T>
+LVOPT_ALWAYS_INLINE void adamw_span_ams(T* __restrict p, const T* __restrict g, float* __restrict m,
+                                        float* __restrict v, float* __restrict vmax, int64_t n,
+                                        const AdamCoef& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    float pi = load_elem(p, i);
+    float mi = m[i], vi = v[i], xi = vmax[i];
+    adamw_amsgrad_element(pi, load_elem(g, i), mi, vi, xi, c);
+    m[i] = mi;
+    v[i] = vi;
+    vmax[i] = xi;
+    store_elem(p, i, pi);
+  }
+}
+
 // Telemetry lanes: like AdamH's reductions, element i of a span sums into lane i mod 16 and
 // the lanes are added in order, so the bits do not depend on the ISA (the dense step's lanes
 // take fp32 partials of 16 squares first, below; the sparse rows' lanes are fp64 throughout).
@@ -81,14 +98,20 @@ constexpr int kTrackLanes = 16;
 // (W_after - W_before)^2 over the span, W as stored: fp32 partials of 16 squares per lane,
 // then fp64 lanes (below). The telemetry of `track=True`; the
 // untracked loop above stays the hot path.
-template <typename T, typename G>
+template <typename T, typename G, bool kAms = false>
 LVOPT_ALWAYS_INLINE void adamw_tracked_element(T* __restrict p, const G* __restrict g,
                                                float* __restrict m, float* __restrict v,
                                                int64_t i, const AdamCoef& c, float& ww,
-                                               float& dd) {
+                                               float& dd, float* __restrict vmax = nullptr) {
   const float w0 = load_elem(p, i);
   float pi = w0, mi = m[i], vi = v[i];
-  adamw_element(pi, load_elem(g, i), mi, vi, c);
+  if constexpr (kAms) {
+    float xi = vmax[i];
+    adamw_amsgrad_element(pi, load_elem(g, i), mi, vi, xi, c);
+    vmax[i] = xi;
+  } else {
+    adamw_element(pi, load_elem(g, i), mi, vi, c);
+  }
   m[i] = mi;
   v[i] = vi;
   store_elem(p, i, pi);
@@ -102,10 +125,11 @@ LVOPT_ALWAYS_INLINE void adamw_tracked_element(T* __restrict p, const G* __restr
 // few fp32 vector operations per 16 elements.
 constexpr int64_t kTrackBlock = 16 * kTrackLanes;
 
-template <typename T, typename G>
+template <typename T, typename G, bool kAms = false>
 LVOPT_ALWAYS_INLINE void adamw_span_tracked(T* __restrict p, const G* __restrict g,
                                             float* __restrict m, float* __restrict v, int64_t n,
-                                            const AdamCoef& c, double* __restrict out) {
+                                            const AdamCoef& c, double* __restrict out,
+                                            float* __restrict vmax = nullptr) {
   double ww[kTrackLanes] = {}, dd[kTrackLanes] = {};
   int64_t i = 0;
   for (; i + kTrackBlock <= n; i += kTrackBlock) {
@@ -115,7 +139,7 @@ LVOPT_ALWAYS_INLINE void adamw_span_tracked(T* __restrict p, const G* __restrict
       // inlined loop no longer knows; without it the compiler re-checks aliasing every 16.
 #pragma GCC ivdep
       for (int l = 0; l < kTrackLanes; ++l) {
-        adamw_tracked_element(p, g, m, v, i + j + l, c, fw[l], fd[l]);
+        adamw_tracked_element<T, G, kAms>(p, g, m, v, i + j + l, c, fw[l], fd[l], vmax);
       }
     }
     for (int l = 0; l < kTrackLanes; ++l) {
@@ -125,7 +149,7 @@ LVOPT_ALWAYS_INLINE void adamw_span_tracked(T* __restrict p, const G* __restrict
   }
   float fw[kTrackLanes] = {}, fd[kTrackLanes] = {};
   for (int l = 0; i < n; ++i, l = (l + 1) % kTrackLanes) {
-    adamw_tracked_element(p, g, m, v, i, c, fw[l], fd[l]);
+    adamw_tracked_element<T, G, kAms>(p, g, m, v, i, c, fw[l], fd[l], vmax);
   }
   double s_ww = 0.0, s_dd = 0.0;
   for (int l = 0; l < kTrackLanes; ++l) {

@@ -22,6 +22,7 @@ __global__ void __launch_bounds__(kThreads)
     adamh_reduce_kernel(const __grid_constant__ LaunchTable tab, const TensorState* __restrict__ st,
                         double* __restrict__ partials) {
   const TensorEntry& e = tab.t[find_entry(tab, blockIdx.x)];
+  if (st[e.index].skip) return;  // found_inf was set: nothing written (finalize writes zeros)
   const int64_t chunk = blockIdx.x - e.block_start;
   const int64_t begin = chunk * kChunk;
   const int64_t n = min(kChunk, e.numel - begin);
@@ -76,6 +77,7 @@ __global__ void adamh_finalize_kernel(TensorState* __restrict__ st,
   TensorState& s = st[blockIdx.x];
   double x[3];
   sum_chunk_partials<3>(s, partials, x);
+  if (s.skip) x[0] = x[1] = x[2] = 0.0;  // skipped: no chunk wrote partials; a = 1, b = 0
   const double uu = x[0], wu = x[1], ww = x[2];
   if (threadIdx.x == 0) {
     double* out = stats + 3 * static_cast<int64_t>(blockIdx.x);
@@ -95,6 +97,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = static_cast<int64_t>(blockIdx.x - e.block_start) * kChunk;
   const int64_t n = min(kChunk, e.numel - begin);
   const TensorState& s = st[e.index];
+  if (s.skip) return;
   const AdamCoef c = s.coef;
   const float a = s.scale_a, b = s.scale_b;
   T* __restrict__ p = static_cast<T*>(e.p) + begin;
@@ -138,7 +141,8 @@ at::Tensor fused_adamh_cuda(at::TensorList params, at::TensorList grads, at::Ten
     return at::empty({static_cast<int64_t>(n), 3}, params[0].options().dtype(at::kDouble)).zero_();
   }
   at::Tensor hyper_dev;
-  at::Tensor st_buf = advance_steps(args, radii, /*unit_step=*/true, first, stream, &hyper_dev);
+  at::Tensor st_buf =
+      advance_steps(args, radii, /*unit_step=*/true, first, stream, &hyper_dev, found_inf);
   auto* st = reinterpret_cast<TensorState*>(st_buf.data_ptr());
   const auto f64 = params[0].options().dtype(at::kDouble);
   // Every chunk's slot is written by pass 1, so no zero fill is needed.

@@ -3,7 +3,9 @@
 // Bytes per element: fp32 28 (read p, g, m, v; write p, m, v), bf16 params/grads 20.
 // The per-element math is lvopt::adamw_element of csrc/include/lvopt/math.h, as on the CPU.
 // found_inf (nonfinite="skip"/"raise"): a scan launch over the gradients first (+4 B/element
-// fp32), then one host read of the flag (multi_tensor.cuh, stop_for_nonfinite).
+// fp32); the advance kernel reads the flag on the device and a set flag makes every kernel
+// leave its tensor alone (multi_tensor.cuh, stop_for_nonfinite; a host read only for host
+// step counters). max_exp_avg_sqs (AMSGrad): the kAms instances, +8 B/element.
 // stats (track=True): the step kernel's kTrack instance also sums W^2 and (dW)^2 per chunk
 // (deterministic block tree), and one warp per tensor adds its chunks.
 #include <torch/library.h>
@@ -14,11 +16,13 @@ namespace lvopt {
 namespace cuda {
 namespace {
 
-template <typename T, bool kTrack>
+template <typename T, bool kTrack, bool kAms>
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(const __grid_constant__ LaunchTable tab, const TensorState* __restrict__ st,
                  double* __restrict__ partials) {
   const TensorEntry& e = tab.t[find_entry(tab, blockIdx.x)];
+  // A skipped step (found_inf set): the whole block leaves; adamw_stats_kernel writes zeros.
+  if (st[e.index].skip) return;
   const int64_t chunk = blockIdx.x - e.block_start;
   const int64_t begin = chunk * kChunk;
   const int64_t n = min(kChunk, e.numel - begin);
@@ -27,24 +31,31 @@ __global__ void __launch_bounds__(kThreads)
   const T* __restrict__ g = static_cast<const T*>(e.g) + begin;
   float* __restrict__ m = e.m + begin;
   float* __restrict__ v = e.v + begin;
+  float* __restrict__ x = kAms ? e.vmax + begin : nullptr;
   constexpr int N = VecWidth<T>::value;
   double sums[2] = {0.0, 0.0};  // kTrack: W_before^2, (W_after - W_before)^2
   int64_t done = 0;
-  if (aligned16(p, g, m, v)) {
+  if (aligned16(p, g, m, v) && (!kAms || aligned16(x, x, x, x))) {
     done = n / N * N;
     for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < done; i += kThreads * N) {
-      float pf[N], gf[N], mf[N], vf[N], w0[N];
+      float pf[N], gf[N], mf[N], vf[N], w0[N], xf[N];
       load_vec(p + i, pf);
       load_vec(g + i, gf);
       load_f32<N>(m + i, mf);
       load_f32<N>(v + i, vf);
+      if constexpr (kAms) load_f32<N>(x + i, xf);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         if constexpr (kTrack) w0[k] = pf[k];
-        adamw_element(pf[k], gf[k], mf[k], vf[k], c);
+        if constexpr (kAms) {
+          adamw_amsgrad_element(pf[k], gf[k], mf[k], vf[k], xf[k], c);
+        } else {
+          adamw_element(pf[k], gf[k], mf[k], vf[k], c);
+        }
       }
       store_f32<N>(m + i, mf);
       store_f32<N>(v + i, vf);
+      if constexpr (kAms) store_f32<N>(x + i, xf);
       store_vec(p + i, pf);
       if constexpr (kTrack) {
 #pragma unroll
@@ -57,7 +68,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
     const float w0 = load_one(p, i);
     float pi = w0, mi = m[i], vi = v[i];
-    adamw_element(pi, load_one(g, i), mi, vi, c);
+    if constexpr (kAms) {
+      float xi = x[i];
+      adamw_amsgrad_element(pi, load_one(g, i), mi, vi, xi, c);
+      x[i] = xi;
+    } else {
+      adamw_element(pi, load_one(g, i), mi, vi, c);
+    }
     m[i] = mi;
     v[i] = vi;
     store_one(p, i, pi);
@@ -71,6 +88,7 @@ __global__ void adamw_stats_kernel(const TensorState* __restrict__ st,
                                    const double* __restrict__ partials, double* __restrict__ stats) {
   double x[2];
   sum_chunk_partials<2>(st[blockIdx.x], partials, x);
+  if (st[blockIdx.x].skip) x[0] = x[1] = 0.0;  // no chunk wrote its partials
   if (threadIdx.x == 0) {
     stats[2 * static_cast<int64_t>(blockIdx.x)] = x[0];
     stats[2 * static_cast<int64_t>(blockIdx.x) + 1] = x[1];
@@ -79,20 +97,31 @@ __global__ void adamw_stats_kernel(const TensorState* __restrict__ st,
 
 template <typename T, bool kTrack>
 void launch_adamw(const StepArgs& args, at::ScalarType dtype, const std::vector<int32_t>& first,
-                  const TensorState* state, double* partials, cudaStream_t stream) {
-  for_each_launch(args, dtype, first, [&](const LaunchTable& tab) {
-    adamw_kernel<T, kTrack><<<tab.blocks, kThreads, 0, stream>>>(tab, state, partials);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+                  const TensorState* state, double* partials, cudaStream_t stream,
+                  at::TensorList vmax) {
+  for_each_launch(
+      args, dtype, first,
+      [&](const LaunchTable& tab) {
+        if (vmax.empty()) {
+          adamw_kernel<T, kTrack, false><<<tab.blocks, kThreads, 0, stream>>>(tab, state, partials);
+        } else {
+          adamw_kernel<T, kTrack, true><<<tab.blocks, kThreads, 0, stream>>>(tab, state, partials);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      },
+      vmax);
 }
 
 void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& hyper,
                       const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& stats) {
+                      const std::optional<at::Tensor>& stats,
+                      std::optional<at::TensorList> max_exp_avg_sqs) {
   const char* op = "lvopt::fused_adamw_";
   const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
   check_step_args(op, args);
+  const at::TensorList vmax =
+      ::lvopt::check_amsgrad_args(op, args, max_exp_avg_sqs) ? *max_exp_avg_sqs : at::TensorList{};
   check_found_inf(op, found_inf, args);
   const int64_t n = static_cast<int64_t>(params.size());
   if (stats.has_value()) {
@@ -112,19 +141,21 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   if (stats.has_value()) stats->zero_();
   if (stop_for_nonfinite(args, first, found_inf, stream)) return;
   at::Tensor hyper_dev;
-  const at::Tensor st = advance_steps(args, {}, /*unit_step=*/false, first, stream, &hyper_dev);
+  const at::Tensor st =
+      advance_steps(args, {}, /*unit_step=*/false, first, stream, &hyper_dev, found_inf);
   const auto* state = reinterpret_cast<const TensorState*>(st.data_ptr());
   if (!stats.has_value()) {
-    launch_adamw<float, false>(args, at::kFloat, first, state, nullptr, stream);
-    launch_adamw<uint16_t, false>(args, at::kBFloat16, first, state, nullptr, stream);
+    launch_adamw<float, false>(args, at::kFloat, first, state, nullptr, stream, vmax);
+    launch_adamw<uint16_t, false>(args, at::kBFloat16, first, state, nullptr, stream, vmax);
     return;
   }
   // Every chunk's slot is written by its block, so no zero fill is needed.
   at::Tensor partials =
       at::empty({std::max<int64_t>(total_chunks, 1) * 2}, params[0].options().dtype(at::kDouble));
-  launch_adamw<float, true>(args, at::kFloat, first, state, partials.data_ptr<double>(), stream);
+  launch_adamw<float, true>(args, at::kFloat, first, state, partials.data_ptr<double>(), stream,
+                            vmax);
   launch_adamw<uint16_t, true>(args, at::kBFloat16, first, state, partials.data_ptr<double>(),
-                               stream);
+                               stream, vmax);
   adamw_stats_kernel<<<static_cast<unsigned>(n), 32, 0, stream>>>(
       state, partials.data_ptr<double>(), stats->data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -44,7 +44,9 @@ constexpr int kThreads = 256;
 // (about 31 per SM on an H100, so the last wave is a small fraction of the step), and 16
 // float4 iterations per thread. A multiple of 8, so chunk starts keep 16-byte alignment.
 constexpr int64_t kChunk = 16384;
-constexpr int kTensorsPerLaunch = 64;
+// 60 entries of 64 bytes keep a LaunchTable under the 4 KiB argument limit (64 entries did
+// before AMSGrad's vmax pointer grew an entry from 56 to 64 bytes).
+constexpr int kTensorsPerLaunch = 60;
 constexpr int kAdvancePerLaunch = 112;
 
 struct TensorEntry {
@@ -52,6 +54,7 @@ struct TensorEntry {
   const void* g;
   float* m;
   float* v;
+  float* vmax;          // AMSGrad's running maximum of v (nullptr without amsgrad)
   int64_t numel;
   int32_t block_start;  // first block of this tensor in its launch
   int32_t chunk_start;  // global index of its first chunk (AdamH partial sums)
@@ -74,6 +77,10 @@ struct TensorState {
   float scale_a, scale_b;  // AdamH pass 2: W <- a*W - b*u (written by the finalize kernel)
   double lr, radius;
   int32_t first_chunk, n_chunks;
+  // 1 when found_inf was set before the step (nonfinite="skip"/"raise"): every kernel of the
+  // step leaves this tensor alone and its step counter was not advanced.
+  int32_t skip;
+  int32_t pad_;
 };
 
 enum : int32_t { kStepF32 = 0, kStepF64 = 1, kStepHost = 2, kRadiusDevice = 0, kRadiusHost = 4 };
@@ -101,23 +108,27 @@ static_assert(sizeof(AdvanceTable) <= 4096, "kernel arguments are limited to 4 K
 // Increments device step counters (float32 as the CPU kernel does: s += 1 in the counter's
 // precision) and derives each tensor's coefficients in fp64 with the shared math.
 // static: this header is included by several translation units.
+// With found_inf (device flag of nonfinite="skip"/"raise", set by the scan launched before),
+// a set flag leaves every device counter as it is and marks every tensor skipped: the decision
+// is taken here, on the device, with no host read (capturable).
 static __global__ void advance_kernel(const __grid_constant__ AdvanceTable tab,
                                const double* __restrict__ hyper, TensorState* __restrict__ st,
-                               bool unit_step) {
+                               bool unit_step, const float* __restrict__ found) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= tab.count) return;
   const AdvanceSlot& s = tab.s[i];
+  const bool skip = found != nullptr && *found != 0.0f;
   double step;
   const int32_t step_kind = s.kind & 3;
   if (step_kind == kStepF32) {
     float* sp = static_cast<float*>(s.step.ptr);
     const float x = *sp + 1.0f;
-    *sp = x;
+    if (!skip) *sp = x;
     step = x;
   } else if (step_kind == kStepF64) {
     double* sp = static_cast<double*>(s.step.ptr);
     const double x = *sp + 1.0;
-    *sp = x;
+    if (!skip) *sp = x;
     step = x;
   } else {
     step = s.step.value;
@@ -134,6 +145,8 @@ static __global__ void advance_kernel(const __grid_constant__ AdvanceTable tab,
   out.radius = (s.kind & kRadiusHost) ? s.radius.value : (s.radius.ptr ? *s.radius.ptr : 0.0);
   out.first_chunk = s.first_chunk;
   out.n_chunks = s.n_chunks;
+  out.skip = skip ? 1 : 0;
+  out.pad_ = 0;
   st[t] = out;
 }
 
@@ -340,7 +353,8 @@ inline std::vector<int32_t> first_chunks(at::TensorList params, int64_t* total) 
 // ones, and returns the device TensorState array (n entries) and the device hyper table.
 inline at::Tensor advance_steps(const StepArgs& a, at::TensorList radii, bool unit_step,
                                 const std::vector<int32_t>& first, cudaStream_t stream,
-                                at::Tensor* hyper_dev) {
+                                at::Tensor* hyper_dev,
+                                const std::optional<at::Tensor>& found_inf = std::nullopt) {
   const int64_t n = static_cast<int64_t>(a.params.size());
   const auto dev = a.params[0].device();
   *hyper_dev = a.hyper.device().is_cpu() ? a.hyper.to(dev, at::kDouble, /*non_blocking=*/true)
@@ -385,7 +399,7 @@ inline at::Tensor advance_steps(const StepArgs& a, at::TensorList radii, bool un
     }
     advance_kernel<<<(tab.count + 127) / 128, 128, 0, stream>>>(
         tab, hyper_dev->data_ptr<double>(), reinterpret_cast<TensorState*>(st.data_ptr()),
-        unit_step);
+        unit_step, found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return st;
@@ -395,7 +409,7 @@ inline at::Tensor advance_steps(const StepArgs& a, at::TensorList radii, bool un
 // per table, in tensor order.
 template <typename Launch>
 void for_each_launch(const StepArgs& a, at::ScalarType dtype, const std::vector<int32_t>& first,
-                     const Launch& launch) {
+                     const Launch& launch, at::TensorList vmax = {}) {
   LaunchTable tab{};
   int64_t blocks = 0;
   auto flush = [&]() {
@@ -415,6 +429,7 @@ void for_each_launch(const StepArgs& a, at::ScalarType dtype, const std::vector<
     e.g = a.grads[i].data_ptr();
     e.m = a.exp_avgs[i].data_ptr<float>();
     e.v = a.exp_avg_sqs[i].data_ptr<float>();
+    e.vmax = vmax.empty() ? nullptr : vmax[i].data_ptr<float>();
     e.numel = p.numel();
     e.block_start = static_cast<int32_t>(blocks);
     e.chunk_start = first[i];
@@ -435,9 +450,11 @@ inline void check_found_inf(const char* op, const std::optional<at::Tensor>& fou
               f.scalar_type(), " ", f.sizes(), " on ", f.device());
 }
 
-// nonfinite="skip"/"raise": scans every gradient into found_inf on the device, then reads it
-// back. That read is the step's one host synchronisation: lvopt keeps step counters on the
-// host (as torch.optim does without capturable=True), and they advance only if the step runs.
+// nonfinite="skip"/"raise": scans every gradient into found_inf on the device. With every step
+// counter on the device (lvopt.optim keeps them there for CUDA parameters), nothing is read
+// back: the advance kernel sees the flag and marks the step skipped (TensorState::skip), and
+// returns false. Only when a counter lives on the host (an old checkpoint's layout) is the flag
+// read back, one host synchronisation, since a host counter can only advance from the host.
 // Returns true when the step must write nothing (found_inf was set, here or by an earlier op).
 inline bool stop_for_nonfinite(const StepArgs& a, const std::vector<int32_t>& first,
                                const std::optional<at::Tensor>& found_inf, cudaStream_t stream) {
@@ -451,7 +468,9 @@ inline bool stop_for_nonfinite(const StepArgs& a, const std::vector<int32_t>& fi
     nonfinite_kernel<uint16_t><<<tab.blocks, kThreads, 0, stream>>>(tab, found);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return found_inf->item<float>() != 0.0f;
+  bool host_step = false;
+  for (const at::Tensor& s : a.steps) host_step = host_step || s.device().is_cpu();
+  return host_step && found_inf->item<float>() != 0.0f;
 }
 
 }  // namespace cuda

@@ -114,9 +114,10 @@ void test_adamw(at::ScalarType dt, bool maximize) {
                        .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                    at::TensorList, const at::Tensor&,
                                    const std::optional<at::Tensor>&,
-                                   const std::optional<at::Tensor>&)>();
+                                   const std::optional<at::Tensor>&,
+                                   std::optional<at::TensorList>)>();
   for (int step = 3; step <= 5; ++step) {
-    op.call(s[0], s[1], s[2], s[3], s[4], hyper, std::nullopt, std::nullopt);
+    op.call(s[0], s[1], s[2], s[3], s[4], hyper, std::nullopt, std::nullopt, std::nullopt);
     ref_adamw(rp, s[1], rm, rv, step, hyper);
   }
   const double tol = dt == at::kFloat ? 1e-5 : 2e-2;

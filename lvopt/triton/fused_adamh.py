@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import stop_for_nonfinite
 from . import _common as C
 from .fused_adamw import _TL_DTYPE, _coef, _load_tensor, _store_param, _store_state, launch_options
 
@@ -47,9 +46,11 @@ def _reduce_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, step_size, inv_bc2,
 
 
 @triton.jit
-def adamh_reduce_kernel(meta_ptr, coef_ptr, partial_ptr, n_tensors, P_DTYPE: tl.constexpr,
-                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    p, g, m, v, n, index, gchunk = _load_tensor(meta_ptr, n_tensors, P_DTYPE, ALIGNED, CHUNK)
+def adamh_reduce_kernel(meta_ptr, coef_ptr, partial_ptr, found_ptr, n_tensors, P_DTYPE: tl.constexpr,
+                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                        HAS_FOUND: tl.constexpr = False):
+    p, g, m, v, n, index, gchunk = _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE, ALIGNED, CHUNK,
+                                                HAS_FOUND)
     b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, index)
     uu = tl.zeros((), tl.float64)
     wu = tl.zeros((), tl.float64)
@@ -123,9 +124,11 @@ def _apply_tile(p, m, v, offs, mask, a, b, step_size, inv_bc2, eps, MASKED: tl.c
 
 
 @triton.jit
-def adamh_apply_kernel(meta_ptr, coef_ptr, scale_ptr, n_tensors, P_DTYPE: tl.constexpr,
-                       ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    p, g, m, v, n, index, _ = _load_tensor(meta_ptr, n_tensors, P_DTYPE, ALIGNED, CHUNK)
+def adamh_apply_kernel(meta_ptr, coef_ptr, scale_ptr, found_ptr, n_tensors, P_DTYPE: tl.constexpr,
+                       ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                       HAS_FOUND: tl.constexpr = False):
+    p, g, m, v, n, index, _ = _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE, ALIGNED, CHUNK,
+                                           HAS_FOUND)
     b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, index)
     a = tl.load(scale_ptr + 2 * index)
     b = tl.load(scale_ptr + 2 * index + 1)
@@ -167,27 +170,33 @@ def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
     n = len(params)
     if n == 0:
         return hyper.new_zeros((0, 3))
-    if stop_for_nonfinite(found_inf, grads):
-        return torch.zeros(n, 3, device=params[0].device, dtype=torch.float64)
+    # found_inf: decided on the device, as in fused_adamw_ (a set flag: every program of the
+    # three kernels reads and writes nothing but zero sums; a = 1, b = 0).
+    C.scan_found(found_inf, grads)
     dev = params[0].device
-    coef = C.advance_steps(steps, hyper, dev, unit_step=True)
+    coef = C.advance_steps(steps, hyper, dev, unit_step=True, found_inf=found_inf)
+    if coef is None:
+        return torch.zeros(n, 3, device=dev, dtype=torch.float64)
     first, total = C.first_chunks(params)
     f64 = dict(device=dev, dtype=torch.float64)
     partials = torch.empty(max(total, 1) * 3, **f64)
     stats = torch.empty(n, 3, **f64)
     scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
-    chunks = torch.tensor([[f, (p.numel() + C.CHUNK - 1) // C.CHUNK] for f, p in zip(first, params)],
-                          dtype=torch.int64).to(dev)
+    chunks = C.chunk_table(params, first)
     lr_radius = torch.stack([hyper[:, 0].to(**f64), C.stack_scalars(radii, dev)], 1).contiguous()
     plan = list(C.launches(params, grads, exp_avgs, exp_avg_sqs, first))
+    has_found = found_inf is not None
+    flag = found_inf if has_found else coef
     for dtype, aligned, meta, n_tensors, n_programs in plan:
-        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
-                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), **launch_options())
+        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
+                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
+                                           **launch_options())
     adamh_finalize_kernel[(n,)](partials, chunks, lr_radius, stats, scales, RB=REDUCE_BLOCK,
                                 **launch_options())
     for dtype, aligned, meta, n_tensors, n_programs in plan:
-        adamh_apply_kernel[(n_programs,)](meta, coef, scales, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
-                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), **launch_options())
+        adamh_apply_kernel[(n_programs,)](meta, coef, scales, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
+                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
+                                          **launch_options())
     return stats
 
 

@@ -6,8 +6,10 @@ square root and division (tl.sqrt_rn, tl.div_rn) and no FMA contraction
 (enable_fp_fusion=False), so a compiled kernel gives the CPU kernel's bits. With ``stats``
 (track=True) the TRACK instance also sums W^2 and (dW)^2 per chunk (fp64, fixed order) and
 chunk_sums_kernel adds each tensor's chunks; with ``found_inf`` (nonfinite="skip"/"raise") the
-gradients are scanned first (reference.stop_for_nonfinite) and nothing is written if one is not
-finite. Registered with
+gradients are scanned first into the flag on the device, the step counters advance by
+1 - found_inf, and the kernels read the flag: a set flag makes every program write nothing, with
+no host read. With ``max_exp_avg_sqs`` (AMSGrad) the AMS instance keeps the running maximum of
+v (math.h adamw_amsgrad_element; table column 7 holds its address). Registered with
 torch.library.custom_op + register_fake rather than triton_op (docs/design.md section 3: the fake
 trace of a triton_op fails for CPU tensors under TRITON_INTERPRET=1, and that is how it is
 tested here).
@@ -20,14 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import stop_for_nonfinite
 from . import _common as C
 
 
 @triton.jit
-def _load_tensor(meta_ptr, n_tensors, P_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                 CHUNK: tl.constexpr):
-    """The (tensor, chunk) of this program: pointers to its chunk, its length and indices."""
+def _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                 CHUNK: tl.constexpr, HAS_FOUND: tl.constexpr):
+    """The (tensor, chunk) of this program: pointers to its chunk, its length and indices.
+    With HAS_FOUND, a set found_inf flag (nonfinite="skip"/"raise") makes the length 0: the
+    program reads and writes nothing (the decision is taken on the device)."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     owner = tl.load(meta_ptr + n_tensors * 8 + pid)
@@ -47,7 +50,22 @@ def _load_tensor(meta_ptr, n_tensors, P_DTYPE: tl.constexpr, ALIGNED: tl.constex
     first = tl.load(row + 6)
     begin = chunk * CHUNK
     n = tl.minimum(numel - begin, CHUNK)
+    if HAS_FOUND:
+        n = tl.where(tl.load(found_ptr) != 0.0, 0, n)
     return p + begin, g + begin, m + begin, v + begin, n, index, first + chunk
+
+
+@triton.jit
+def _load_vmax(meta_ptr, n_tensors, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
+    """AMSGrad's running-maximum pointer of this program's chunk (table column 7)."""
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    owner = tl.load(meta_ptr + n_tensors * 8 + pid)
+    chunk = tl.load(meta_ptr + n_tensors * 8 + n_programs + pid)
+    x = tl.load(meta_ptr + owner * 8 + 7).to(tl.pointer_type(tl.float32), bitcast=True)
+    if ALIGNED:
+        x = tl.multiple_of(x, 16)
+    return x + chunk * CHUNK
 
 
 @triton.jit
@@ -101,6 +119,28 @@ def adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, ep
 
 
 @triton.jit
+def adamw_amsgrad_math(pi, gi, mi, vi, xi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign):
+    """math.h adamw_amsgrad_element on fp32 tiles: adamw_math with the running maximum xi of v
+    (updated after v) in the denominator. Returns (p, m, v, vmax). (Written out rather than
+    sharing helpers with adamw_math: reshaping adamw_math moved the register allocation of the
+    sparse-row kernel that inlines it into spills, benchmarks/sass_report.py.)"""
+    gi = sign * gi
+    pi = pi * decay
+    mi = b1 * mi + omb1 * gi
+    vi = b2 * vi + omb2 * (gi * gi)
+    xi = amsgrad_max(xi, vi)
+    denom = tl.sqrt_rn(xi) * inv_bc2 + eps
+    pi = pi - tl.div_rn(step_size * mi, denom)
+    return pi, mi, vi, xi
+
+
+@triton.jit
+def amsgrad_max(xi, vi):
+    """math.h amsgrad_max: max(vmax, v), a NaN in either propagating (as torch.maximum)."""
+    return tl.where((xi != xi) | (xi >= vi), xi, vi)
+
+
+@triton.jit
 def _store_state(m, v, offs, mask, mi, vi, MASKED: tl.constexpr):
     if MASKED:
         tl.store(m + offs, mi, mask=mask)
@@ -111,8 +151,8 @@ def _store_state(m, v, offs, mask, mi, vi, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _adamw_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign,
-                MASKED: tl.constexpr):
+def _adamw_tile(p, g, m, v, x, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign,
+                MASKED: tl.constexpr, AMS: tl.constexpr):
     """One tile of AdamW; returns W before and after (fp32; unused values cost nothing)."""
     if MASKED:
         pi = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
@@ -124,9 +164,24 @@ def _adamw_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, decay, step_size, in
         gi = tl.load(g + offs).to(tl.float32)
         mi = tl.load(m + offs)
         vi = tl.load(v + offs)
+    xi = vi
+    if AMS:
+        if MASKED:
+            xi = tl.load(x + offs, mask=mask, other=0.0)
+        else:
+            xi = tl.load(x + offs)
     w0 = pi
-    pi, mi, vi = adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign)
+    if AMS:
+        pi, mi, vi, xi = adamw_amsgrad_math(pi, gi, mi, vi, xi, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
+                                            eps, sign)
+    else:
+        pi, mi, vi = adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign)
     _store_state(m, v, offs, mask, mi, vi, MASKED)
+    if AMS:
+        if MASKED:
+            tl.store(x + offs, xi, mask=mask)
+        else:
+            tl.store(x + offs, xi)
     _store_param(p + offs, pi, mask, MASKED)
     return w0, pi
 
@@ -143,26 +198,30 @@ def _track_sums(w0, w1, p, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def adamw_kernel(meta_ptr, coef_ptr, partial_ptr, n_tensors, P_DTYPE: tl.constexpr,
+def adamw_kernel(meta_ptr, coef_ptr, partial_ptr, found_ptr, n_tensors, P_DTYPE: tl.constexpr,
                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                 TRACK: tl.constexpr):
-    p, g, m, v, n, index, chunk = _load_tensor(meta_ptr, n_tensors, P_DTYPE, ALIGNED, CHUNK)
+                 TRACK: tl.constexpr, HAS_FOUND: tl.constexpr = False, AMS: tl.constexpr = False):
+    p, g, m, v, n, index, chunk = _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE, ALIGNED, CHUNK,
+                                               HAS_FOUND)
+    x = m
+    if AMS:
+        x = _load_vmax(meta_ptr, n_tensors, ALIGNED, CHUNK)
     b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, index)
     ww = tl.sum(tl.zeros((BLOCK,), tl.float64), axis=0)  # an fp64 scalar 0
     dd = ww
     full = n // BLOCK
     for t in range(0, full):
         offs = t * BLOCK + tl.arange(0, BLOCK)
-        w0, w1 = _adamw_tile(p, g, m, v, offs, None, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
-                             eps, sign, False)
+        w0, w1 = _adamw_tile(p, g, m, v, x, offs, None, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
+                             eps, sign, False, AMS)
         if TRACK:
             a, b = _track_sums(w0, w1, p + offs, None, False)
             ww += a
             dd += b
     offs = full * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    w0, w1 = _adamw_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
-                         eps, sign, True)
+    w0, w1 = _adamw_tile(p, g, m, v, x, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
+                         eps, sign, True, AMS)
     if TRACK:
         # Tile sums in tile order (tl.sum's fixed tree within a tile): deterministic.
         a, b = _track_sums(w0, w1, p + offs, mask, True)
@@ -199,37 +258,57 @@ REDUCE_BLOCK = 64
 
 
 def chunk_table(params, first) -> torch.Tensor:
-    """[n, 2] int64 (first chunk, chunk count) per tensor, on the parameters' device."""
-    return torch.tensor([[f, (p.numel() + C.CHUNK - 1) // C.CHUNK] for f, p in zip(first, params)],
-                        dtype=torch.int64).to(params[0].device)
+    """[n, 2] int64 (first chunk, chunk count) per tensor, on the parameters' device; cached by
+    the tensors' sizes (uploaded once, asynchronously: C.upload)."""
+    return C.chunk_table(params, first)
 
 
-@torch.library.custom_op("lvopt_triton::fused_adamw_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf", "stats"))
+# The schema of lvopt::fused_adamw_ (csrc/register.cpp), given explicitly: custom_op cannot infer
+# an optional tensor list (max_exp_avg_sqs) from the annotations.
+_ADAMW_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] steps, Tensor hyper, Tensor(e!)? found_inf=None, Tensor(f!)? stats=None, "
+    "Tensor(g!)[]? max_exp_avg_sqs=None) -> ()")
+
+
+@torch.library.custom_op("lvopt_triton::fused_adamw_", schema=_ADAMW_SCHEMA,
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf", "stats",
+                                       "max_exp_avg_sqs"))
 def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                  exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], hyper: torch.Tensor,
-                 found_inf: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None) -> None:
+                 found_inf: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
+                 max_exp_avg_sqs: Optional[List[torch.Tensor]] = None) -> None:
     op = "lvopt::fused_adamw_"
-    C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
+    C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper, max_exp_avg_sqs)
+    ams = bool(max_exp_avg_sqs)
     C.check_found_inf(op, found_inf, params)
     if stats is not None:
         C.check_stats(op, stats, params, 2)
         stats.zero_()
-    if not params or stop_for_nonfinite(found_inf, grads):
+    if not params:
         return
+    # found_inf: the scan sets the flag on the device and the kernels read it there (a set flag
+    # makes every program write nothing); nothing is read on the host.
+    C.scan_found(found_inf, grads)
     dev = params[0].device
-    coef = C.advance_steps(steps, hyper, dev, unit_step=False)
+    coef = C.advance_steps(steps, hyper, dev, unit_step=False, found_inf=found_inf)
+    if coef is None:
+        return  # host step counters and a set flag: read on the host (advance_steps)
     first, total = C.first_chunks(params)
     track = stats is not None
     partials = torch.empty(max(total, 1) * 2 if track else 1, device=dev, dtype=torch.float64)
-    for dtype, aligned, meta, n_tensors, n_programs in C.launches(params, grads, exp_avgs, exp_avg_sqs, first):
-        adamw_kernel[(n_programs,)](meta, coef, partials, n_tensors, P_DTYPE=_TL_DTYPE[dtype], ALIGNED=aligned,
-                                    CHUNK=C.CHUNK, BLOCK=C.block(), TRACK=track, **launch_options())
+    has_found = found_inf is not None
+    flag = found_inf if has_found else coef
+    for dtype, aligned, meta, n_tensors, n_programs in C.launches(params, grads, exp_avgs, exp_avg_sqs, first,
+                                                                  max_exp_avg_sqs if ams else None):
+        adamw_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
+                                    ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), TRACK=track,
+                                    HAS_FOUND=has_found, AMS=ams, **launch_options())
     if track:
         chunk_sums_kernel[(len(params),)](partials, chunk_table(params, first), stats, COLS=2, RB=REDUCE_BLOCK,
                                           **launch_options())
 
 
 @fused_adamw_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None, stats=None):
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None, stats=None, max_exp_avg_sqs=None):
     return None

@@ -84,6 +84,21 @@ LVOPT_HD void adamw_element(float& p, float g, float& m, float& v, const AdamCoe
   p = p - adam_update(m, v, c);
 }
 
+// AMSGrad (torch.optim.AdamW(amsgrad=True)): the update divides by the running maximum of
+// the second moment, vmax = max(vmax, v) taken after v's update, instead of by v. A NaN in
+// either operand propagates, as torch.maximum does.
+LVOPT_HD float amsgrad_max(float vmax, float v) { return (vmax != vmax || vmax >= v) ? vmax : v; }
+
+// One AMSGrad AdamW element: adamw_element with the running maximum in the denominator.
+LVOPT_HD void adamw_amsgrad_element(float& p, float g, float& m, float& v, float& vmax,
+                                    const AdamCoef& c) {
+  g = c.grad_sign * g;
+  p = p * c.decay;
+  adam_moments(g, m, v, c);
+  vmax = amsgrad_max(vmax, v);
+  p = p - adam_update(m, vmax, c);
+}
+
 // AdamH direction u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps): adam_update with lr = 1, because
 // in AdamH the learning rate enters through the norms (docs/design.md section 2.2), not per element.
 LVOPT_HD AdamCoef unit_lr(AdamCoef c, const double* row, double step) {

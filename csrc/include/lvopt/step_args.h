@@ -8,6 +8,7 @@
 #include <c10/core/DeviceType.h>
 
 #include <cmath>
+#include <optional>
 
 #include "lvopt/math.h"
 
@@ -88,6 +89,21 @@ inline void check_step_args(const char* op, const StepArgs& a, c10::DeviceType k
                 op, ": steps[", i,
                 "] must be a one-element float32/float64 tensor on the CPU or the parameters' device");
   }
+}
+
+// AMSGrad's running maxima of v (fused_adamw_'s max_exp_avg_sqs): absent or empty for plain
+// AdamW, else one fp32 tensor per parameter laid out like it. Returns whether AMSGrad is on.
+inline bool check_amsgrad_args(const char* op, const StepArgs& a,
+                               const std::optional<at::TensorList>& max_exp_avg_sqs) {
+  if (!max_exp_avg_sqs.has_value() || max_exp_avg_sqs->empty()) return false;
+  const size_t n = a.params.size();
+  TORCH_CHECK(max_exp_avg_sqs->size() == n, op, ": max_exp_avg_sqs has ",
+              max_exp_avg_sqs->size(), " tensors, params has ", n,
+              " (pass one per parameter for amsgrad, or none)");
+  for (size_t i = 0; i < n; ++i) {
+    check_same_layout(op, "max_exp_avg_sqs", i, (*max_exp_avg_sqs)[i], a.params[i], at::kFloat);
+  }
+  return true;
 }
 
 // AdamH's extra arguments: one radius per tensor (host or the parameters' device; host values
