@@ -53,7 +53,7 @@ def roles_by_name(entries):
 
 
 def group_lr(opt, role):
-    (g,) = [g for g in opt.param_groups if g["role"] == role]
+    (g,) = [g for g in opt.param_groups if g["role"] == role and g.get("table") != "small"]
     return g["lr"]
 
 
