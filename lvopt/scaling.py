@@ -298,8 +298,33 @@ def scaling_plan(model: nn.Module, *, lr, base_width, rule: str = "lv", width=No
     default, vectors 0); default: the optimizer's default. Under AdamH hidden matrices are on
     the hyperball and take no weight decay. ``optimizer``: the optimizer class the plan is for
     (the default weight decay, the hyperball groups, the table's algorithm column).
+
+    ``output_multiplier``: ``True`` if the model's forward pass multiplies the logits by
+    base_width/width (muP's multiplier form, e.g. :func:`apply_output_multiplier` or the ``mup``
+    package's MuReadout): the output layer's LR is then not width-scaled (alpha 0), as the
+    ``mup`` package does. ``None`` (default): look for such a multiplier and refuse to combine
+    one with an output alpha other than 0 (the read-out would be scaled twice); ``False``: the
+    model has none (no check).
+
+    ``adam_like``: the rules' exponents are for Adam-type optimizers (per-coordinate normalised
+    updates). ``optimizer`` classes whose name (or a base class's) does not contain "adam" or
+    "lion" are refused for every rule but ``sp`` unless ``adam_like=True`` says otherwise.
+
+    Embedding tables other than the token embedding with fewer than ``LV_MIN_RATIO * width``
+    rows (position tables, token types) are not vocabularies: they keep muP's input-weight
+    exponent under ``lv`` (and ignore ``embedding_exponent``), in their own param group.
     """
     alpha = exponents(rule, embedding_exponent)
+    if optimizer is not None and any(a != 0 for a in alpha.values()) and not _is_adam_like(optimizer) \
+            and adam_like is not True:
+        raise ValueError(
+            f"rule {rule!r} gives Adam's exponents (Tensor Programs V, Table 3, Adam column), but "
+            f"{getattr(optimizer, '__name__', optimizer)!r} does not look like an Adam-type optimizer. "
+            f"For SGD muP's exponents differ (embedding -1, hidden 0, output 1 in lvopt's convention); "
+            f"pass rule='sp' with your own per-role lr, or adam_like=True if the optimizer normalises "
+            f"its update per coordinate as Adam does")
+    if output_multiplier not in (None, True, False):
+        raise ValueError(f"output_multiplier must be True, False or None, got {output_multiplier!r}")
     if width is None:
         width = model_width(model)
         if width is None:
