@@ -1,11 +1,16 @@
-"""LV-rule sweep on a real corpus: a tiny decoder-only LM, BPE vocabularies of several sizes,
+"""LV-rule sweep on a real corpus (issue 8's sweep, kept as the second check; its results are in
+issue8/, run before the corrections of issue 16: the read-out was scaled twice, AdamH's hidden
+LR took AdamW's exponent). This version has both corrections; its default preset has not been
+rerun (experiments/lv_rule/REPORT.md).
+
+The sweep: a tiny decoder-only LM, BPE vocabularies of several sizes,
 hidden LR at its muP scaling, embedding LR on a 2^(k/2) grid, several seeds, two optimizer
 variants (AdamW everywhere; AdamH on hidden matrices with AdamW on embedding/output/vectors).
 
 Resumable: every finished run is appended to ``runs.csv``; runs already there are skipped.
 
-    python experiments/lv_rule/run.py                 # default sweep
-    python experiments/lv_rule/run.py --preset smoke  # a few seconds
+    python experiments/lv_rule/corpus.py                 # issue 8's default sweep, corrected
+    python experiments/lv_rule/corpus.py --preset smoke  # a few seconds
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ PRESETS = {
 }
 BASE_WIDTH = 32
 EMB_LR0 = 0.02          # centre of the embedding-LR grid: lr_emb = EMB_LR0 * 2**(k/2)
-HIDDEN_LR0 = {"adamw": 1e-2, "adamh": 0.05}   # hidden/output LR at BASE_WIDTH; scaled by BASE_WIDTH/width
+HIDDEN_LR0 = {"adamw": 1e-2, "adamh": 0.05}   # hidden/output LR at BASE_WIDTH (AdamW x BASE_WIDTH/width,
+                                              # AdamH's hyperball x (BASE_WIDTH/width)^(1/2))
 FIELDS = ["optim", "width", "V", "seed", "k", "lr_embedding", "lr_hidden", "N", "D", "steps",
           "train_loss", "loss", "seconds"]
 
@@ -116,8 +122,10 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """Pre-LN decoder; untied embedding (init N(0,1)) and zero-initialised readout with the
-    muP 1/m output multiplier; hidden matrices N(0, 1/fan_in)."""
+    """Pre-LN decoder; untied embedding (init N(0,1)) and zero-initialised readout (muP, Tensor
+    Programs V Table 3: the output LR scaled by 1/m through the `output` role; issue 8's version
+    also multiplied the logits by 1/m, which scaled the read-out twice); hidden matrices
+    N(0, 1/fan_in)."""
 
     def __init__(self, V, d, layers, seq):
         super().__init__()
@@ -131,13 +139,12 @@ class TinyLM(nn.Module):
             for lin in (b.qkv, b.proj, b.fc1, b.fc2):
                 nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
         nn.init.zeros_(self.lm_head.weight)
-        self.out_mult = BASE_WIDTH / d
 
     def forward(self, idx):
         x = self.embedding(idx) + self.pos[: idx.shape[1]]
         for b in self.blocks:
             x = b(x)
-        return self.lm_head(self.ln_f(x)) * self.out_mult
+        return self.lm_head(self.ln_f(x))
 
 
 # ---------------------------------------------------------------------------- one run
@@ -207,7 +214,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--corpus", default=DEFAULT_CORPUS)
-    ap.add_argument("--out", default=os.path.join(HERE, "runs.csv"))
+    ap.add_argument("--out", default=os.path.join(HERE, "runs_corpus.csv"))
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
     ap.add_argument("--max-chars", type=int, default=3_000_000, help="use only this many corpus characters")
     ap.add_argument("--threads", type=int, default=1)
