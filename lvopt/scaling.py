@@ -568,7 +568,7 @@ class CoordCheck:
             for t in range(self.steps + 1):
                 y = self.sizes[q][:, t]
                 if np.all(y > 0):
-                    ax.plot(self.widths, y, "o-", ms=3, label=f"t={t}")
+                    ax.plot(self.widths, y, "o-", ms=3, color=f"C{t % 10}", label=f"t={t}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
             ax.set_title(f"{q}\n{'pass' if self.passed[q] else 'FAIL'} (worst slope dev {self.worst(q):+.2f})",
@@ -576,7 +576,9 @@ class CoordCheck:
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=6)
+        from matplotlib.lines import Line2D
+        fig.legend([Line2D([], [], color=f"C{t % 10}", marker="o", ms=3) for t in range(self.steps + 1)],
+                   [f"step {t}" for t in range(self.steps + 1)], loc="lower right", fontsize=6, ncol=self.steps + 1)
         if title:
             fig.suptitle(title, fontsize=9)
         fig.tight_layout()

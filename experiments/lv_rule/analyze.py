@@ -51,15 +51,18 @@ def nominal_hidden(rows, optim, width):
     return max(c, key=c.get)
 
 
-def cells(rows):
-    """{(optim, V, width): dict(lr_hidden, ks, seeds, L (seeds x ks) loss matrix, lr(k))}"""
+def cells(rows, min_ks=3):
+    """{(optim, V, width, lr_hidden): dict(lr_hidden, nominal, ks, seeds, L (seeds x ks), lr)} for
+    every hidden LR that has an embedding-LR grid of at least ``min_ks`` points."""
     out = {}
-    keys = sorted({(r["optim"], r["V"], r["width"]) for r in rows})
-    for o, V, w in keys:
-        h = nominal_hidden(rows, o, w)
-        sel = [r for r in rows if (r["optim"], r["V"], r["width"]) == (o, V, w) and abs(r["lr_hidden"] / h - 1) < 1e-6]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["optim"], r["V"], r["width"], round(r["lr_hidden"], 12))].append(r)
+    for (o, V, w, h), sel in sorted(groups.items()):
         ks = sorted({r["k"] for r in sel})
         seeds = sorted({r["seed"] for r in sel})
+        if len(ks) < min_ks:
+            continue
         L = np.full((len(seeds), len(ks)), np.nan)
         lr = {}
         for r in sel:
@@ -67,7 +70,10 @@ def cells(rows):
             lr[r["k"]] = r["lr_embedding"]
         ok = ~np.isnan(L).any(0)          # keep grid points that every seed has
         ks = [k for k, m in zip(ks, ok) if m]
-        out[(o, V, w)] = dict(lr_hidden=h, ks=ks, seeds=seeds, L=L[:, ok], lr=[lr[k] for k in ks])
+        if len(ks) < min_ks:
+            continue
+        out[(o, V, w, h)] = dict(lr_hidden=h, nominal=abs(h / nominal_hidden(rows, o, w) - 1) < 1e-6, ks=ks,
+                                 seeds=seeds, L=L[:, ok], lr=[lr[k] for k in ks])
     return out
 
 
@@ -100,128 +106,166 @@ def ols(x, y):
     return float(coef[1]), [math.nan, math.nan]
 
 
+def _cell_optimum(c, rng, n_boot):
+    m = c["L"].mean(0)
+    x, br, i = optimum(c["ks"], c["lr"], m)
+    # Noise of the seed-mean curve: the seed x LR interaction (a seed's common offset, shared by
+    # its whole curve since its batches are the same at every LR, does not move the optimum).
+    # Parametric bootstrap: observed means + N(0, sigma^2 / S) per grid point.
+    S, L = len(c["seeds"]), c["L"]
+    r = L - L.mean(1, keepdims=True) - L.mean(0, keepdims=True) + L.mean()
+    dof = (S - 1) * (L.shape[1] - 1)
+    sig = math.sqrt(float((r ** 2).sum()) / dof / S) if dof > 0 else 0.0
+    c["boot"] = np.asarray([optimum(c["ks"], c["lr"], m + rng.normal(0.0, sig, m.shape))[0] for _ in range(n_boot)])
+    c["opt"], c["bracketed"], c["best_loss"] = x, br, float(m[i])
+    c["best_loss_se"] = float(L[:, i].std(ddof=1) / math.sqrt(S)) if S > 1 else math.nan
+
+
+def _row(o, V, w, c, series):
+    return dict(series=series, optim=o, V=V, width=w, opt_lr_embedding=2 ** c["opt"],
+                ci=[2 ** float(np.quantile(c["boot"], 0.025)), 2 ** float(np.quantile(c["boot"], 0.975))],
+                lr_hidden=c["lr_hidden"], log2_ratio=c["opt"] - math.log2(c["lr_hidden"]), bracketed=c["bracketed"],
+                best_loss=c["best_loss"], best_loss_se=c["best_loss_se"], n_seeds=len(c["seeds"]),
+                grid=[c["ks"][0], c["ks"][-1]], n_grid=len(c["ks"]))
+
+
+def _slopes(table, C, series):
+    """s, e and their intervals per (optim, V) over the rows of one series; the bootstrap draws."""
+    fits, draws, groups = [], {}, defaultdict(list)
+    for t in table:
+        if t["series"] == series:
+            groups[(t["optim"], t["V"])].append(t)
+    for (o, V), ts in sorted(groups.items()):
+        ts.sort(key=lambda t: t["width"])
+        if len(ts) < 2:
+            continue
+        ws = [t["width"] for t in ts]
+        lx = np.log2(ws)
+        xc = lx - lx.mean()
+        s, ci_t = ols(lx, [t["log2_ratio"] for t in ts])
+        e, _ = ols(lx, [math.log2(t["opt_lr_embedding"]) for t in ts])
+        B = np.stack([C[t["_key"]]["boot"] - math.log2(t["lr_hidden"]) for t in ts], 1)
+        sb = (B - B.mean(1, keepdims=True)) @ xc / float(xc @ xc)
+        draws[(o, V)] = dict(zip(ws, B.T))
+        losses = [t["best_loss"] for t in ts]
+        fits.append(dict(series=series, optim=o, V=V, widths=ws, s=s, ci_t=ci_t,
+                         ci_boot=[float(np.quantile(sb, 0.025)), float(np.quantile(sb, 0.975))],
+                         e=e, all_bracketed=all(t["bracketed"] for t in ts),
+                         wider_is_better=all(a > b for a, b in zip(losses, losses[1:])), best_losses=losses,
+                         log2_lr_hidden=[math.log2(t["lr_hidden"]) for t in ts]))
+    diffs = []
+    for o in sorted({k[0] for k in draws}):
+        Vs = sorted(V for (oo, V) in draws if oo == o)
+        for Vl in Vs[1:]:
+            common = sorted(set(draws[(o, Vs[0])]) & set(draws[(o, Vl)]))
+            if len(common) < 2:
+                continue
+            lx = np.log2(common)
+            xc = lx - lx.mean()
+
+            def sl(V):
+                ts = {t["width"]: t for t in table if (t["series"], t["optim"], t["V"]) == (series, o, V)}
+                y = np.array([ts[w]["log2_ratio"] for w in common])
+                B = np.stack([draws[(o, V)][w] for w in common], 1)
+                return float((y - y.mean()) @ xc / float(xc @ xc)), (B - B.mean(1, keepdims=True)) @ xc / float(xc @ xc)
+            s0, b0 = sl(Vs[0])
+            s1, b1 = sl(Vl)
+            d = b0 - b1
+            diffs.append(dict(series=series, optim=o, V_small=Vs[0], V_large=Vl, widths=common, ds=s0 - s1,
+                              ci_boot=[float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))]))
+    return fits, diffs
+
+
+def hidden_grid(rows, C):
+    """Per (optim, V, width): seed-mean loss against the hidden LR at the best embedding grid
+    point of the muP-hidden grid, and the vertex of a quadratic in log2(hidden LR)."""
+    out = []
+    for (o, V, w, h), c in C.items():
+        if not c["nominal"]:
+            continue
+        k0 = c["ks"][int(np.argmin(c["L"].mean(0)))]
+        by = defaultdict(list)
+        for r in rows:
+            if (r["optim"], r["V"], r["width"], r["k"]) == (o, V, w, k0):
+                by[round(r["lr_hidden"] / h, 6)].append(r["loss"])
+        fs = sorted(f for f in by if len(by[f]) == len(c["seeds"]))
+        if len(fs) < 3:
+            continue
+        m = np.array([np.mean(by[f]) for f in fs])
+        x, br, i = optimum(None, [h * f for f in fs], m)
+        out.append(dict(optim=o, V=V, width=w, k=k0, factors=fs, loss=[float(v) for v in m],
+                        best=fs[i], vertex_factor=2 ** x / h, opt_lr_hidden=2 ** x, bracketed=i > 0 and i < len(fs) - 1))
+    return out
+
+
 def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
     rows = load(csv_path)
     C = cells(rows)
     rng = np.random.default_rng(seed)
+    for c in C.values():
+        _cell_optimum(c, rng, n_boot)
     table = []
-    for (o, V, w), c in C.items():
-        if len(c["ks"]) < 3:
-            continue
-        m = c["L"].mean(0)
-        x, br, i = optimum(c["ks"], c["lr"], m)
-        # Noise of the seed-mean curve: the seed x LR interaction (a seed's common offset, shared
-        # by its whole curve since its batches are the same at every LR, does not move the
-        # optimum). Parametric bootstrap: observed means + N(0, sigma^2 / S) per grid point.
-        S = len(c["seeds"])
-        L = c["L"]
-        r = L - L.mean(1, keepdims=True) - L.mean(0, keepdims=True) + L.mean()
-        dof = (S - 1) * (L.shape[1] - 1)
-        sig = math.sqrt(float((r ** 2).sum()) / dof / S) if dof > 0 else 0.0
-        boots = [optimum(c["ks"], c["lr"], m + rng.normal(0.0, sig, m.shape))[0] for _ in range(n_boot)]
-        c["boot"] = np.asarray(boots)
-        c["opt"] = x
-        table.append(dict(optim=o, V=V, width=w, opt_lr_embedding=2 ** x, ci=[2 ** float(np.quantile(boots, 0.025)),
-                          2 ** float(np.quantile(boots, 0.975))], lr_hidden=c["lr_hidden"],
-                          log2_ratio=x - math.log2(c["lr_hidden"]), bracketed=br, best_loss=float(m[i]),
-                          best_loss_se=float(c["L"][:, i].std(ddof=1) / math.sqrt(S)) if S > 1 else math.nan,
-                          n_seeds=S, grid=[c["ks"][0], c["ks"][-1]], n_grid=len(c["ks"])))
-    # slopes per (optim, V), with the seed bootstrap shared across V for the difference
-    fits, groups = [], defaultdict(list)
-    for t in table:
-        groups[(t["optim"], t["V"])].append(t)
-    boot_s = {}
-    for (o, V), ts in sorted(groups.items()):
-        ts.sort(key=lambda t: t["width"])
-        ws = [t["width"] for t in ts]
-        if len(ws) < 2:
-            continue
-        lx = np.log2(ws)
-        y = [t["log2_ratio"] for t in ts]
-        s, ci_t = ols(lx, y)
-        e, _ = ols(lx, [math.log2(t["opt_lr_embedding"]) for t in ts])
-        B = np.stack([C[(o, V, w)]["boot"] - math.log2(C[(o, V, w)]["lr_hidden"]) for w in ws], 1)  # n_boot x W
-        xc = lx - lx.mean()
-        sb = (B - B.mean(1, keepdims=True)) @ xc / float(xc @ xc)
-        boot_s[(o, V)] = (ws, sb)
-        losses = [t["best_loss"] for t in ts]
-        fits.append(dict(optim=o, V=V, widths=ws, s=s, ci_t=ci_t,
-                         ci_boot=[float(np.quantile(sb, 0.025)), float(np.quantile(sb, 0.975))],
-                         e=e, all_bracketed=all(t["bracketed"] for t in ts),
-                         wider_is_better=all(a > b for a, b in zip(losses, losses[1:])),
-                         best_losses=losses))
-    def s_over(o, V, ws):
-        lx = np.log2(ws)
-        xc = lx - lx.mean()
-        y = np.array([C[(o, V, w)]["opt"] - math.log2(C[(o, V, w)]["lr_hidden"]) for w in ws])
-        B = np.stack([C[(o, V, w)]["boot"] - math.log2(C[(o, V, w)]["lr_hidden"]) for w in ws], 1)
-        return float((y - y.mean()) @ xc / float(xc @ xc)), (B - B.mean(1, keepdims=True)) @ xc / float(xc @ xc)
-
-    diffs = []
-    for o in sorted({k[0] for k in boot_s}):
-        Vs = sorted(V for (oo, V) in boot_s if oo == o)
-        for Vl in Vs[1:]:
-            common = sorted(set(boot_s[(o, Vs[0])][0]) & set(boot_s[(o, Vl)][0]))
-            if len(common) < 2:
-                continue
-            s0, b0 = s_over(o, Vs[0], common)
-            s1, b1 = s_over(o, Vl, common)
-            d = b0 - b1
-            diffs.append(dict(optim=o, V_small=Vs[0], V_large=Vl, widths=common, ds=s0 - s1,
-                              ci_boot=[float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))]))
-    hidden = hidden_check(rows, C, table)
+    for (o, V, w, h), c in C.items():
+        if c["nominal"]:
+            table.append({**_row(o, V, w, c, "mup_hidden"), "_key": (o, V, w, h)})
+    # the refined series: per (optim, V, width) the hidden LR, among those with a full embedding
+    # grid (>= 5 points), whose embedding optimum has the lowest loss
+    best = {}
+    for (o, V, w, h), c in C.items():
+        if len(c["ks"]) >= 5 and ((o, V, w) not in best or c["best_loss"] < C[best[(o, V, w)]]["best_loss"]):
+            best[(o, V, w)] = (o, V, w, h)
+    refined = {k for k, key in best.items() if any(not C[kk]["nominal"] for kk in C if kk[:3] == k)}
+    for (o, V, w), key in sorted(best.items()):
+        if (o, V, w) in refined:
+            table.append({**_row(o, V, w, C[key], "refined"), "_key": key})
+    fits, diffs = _slopes(table, C, "mup_hidden")
+    f2, d2 = _slopes(table, C, "refined")
+    fits, diffs = fits + f2, diffs + d2
+    hidden = hidden_grid(rows, C)
+    hfits = []   # slope of the hidden optimum (muP: -1 for AdamW, -1/2 for AdamH's hyperball)
+    for o, V in sorted({(h["optim"], h["V"]) for h in hidden}):
+        hs = sorted((h for h in hidden if (h["optim"], h["V"]) == (o, V)), key=lambda h: h["width"])
+        if len(hs) >= 2:
+            sl, ci = ols(np.log2([h["width"] for h in hs]), np.log2([h["opt_lr_hidden"] for h in hs]))
+            hfits.append(dict(optim=o, V=V, widths=[h["width"] for h in hs], slope=sl, ci_t=ci))
     os.makedirs(out_dir, exist_ok=True)
-    res = dict(optima=table, slopes=fits, delta_s=diffs, hidden_check=hidden)
+    res = dict(optima=[{k: v for k, v in t.items() if k != "_key"} for t in table], slopes=fits, delta_s=diffs, hidden_grid=hidden, hidden_slopes=hfits)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)
-    md = ["| optim | V | width | opt emb LR [95% CI] | hidden LR | log2(ratio) | bracketed | grid k | best loss ± se |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    md = ["| series | optim | V | width | opt emb LR [95% CI] | hidden LR | log2(ratio) | bracketed | grid k | best loss ± se |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        md.append(f"| {r['optim']} | {r['V']} | {r['width']} | {r['opt_lr_embedding']:.3g} "
+        md.append(f"| {r['series']} | {r['optim']} | {r['V']} | {r['width']} | {r['opt_lr_embedding']:.3g} "
                   f"[{r['ci'][0]:.3g}, {r['ci'][1]:.3g}] | {r['lr_hidden']:.3g} | {r['log2_ratio']:.2f} | "
                   f"{'yes' if r['bracketed'] else 'NO'} | {r['grid'][0]}..{r['grid'][1]} | "
                   f"{r['best_loss']:.4f} ± {r['best_loss_se']:.4f} |")
-    md += ["", "| optim | V | widths | s | 95% CI (bootstrap) | 95% CI (t, residuals) | e = slope of opt emb LR | all bracketed | wider better |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    md += ["", "| series | optim | V | widths | s | 95% CI (bootstrap) | 95% CI (t, residuals) | e = slope of opt emb LR | all bracketed | wider better |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for f_ in fits:
-        md.append(f"| {f_['optim']} | {f_['V']} | {f_['widths']} | {f_['s']:.2f} | [{f_['ci_boot'][0]:.2f}, "
+        md.append(f"| {f_['series']} | {f_['optim']} | {f_['V']} | {f_['widths']} | {f_['s']:.2f} | [{f_['ci_boot'][0]:.2f}, "
                   f"{f_['ci_boot'][1]:.2f}] | [{f_['ci_t'][0]:.2f}, {f_['ci_t'][1]:.2f}] | {f_['e']:.2f} | "
                   f"{'yes' if f_['all_bracketed'] else 'NO'} | {'yes' if f_['wider_is_better'] else 'NO'} |")
-    md += ["", "| optim | V small | V large | widths | Δs | 95% CI (bootstrap) |", "|---|---|---|---|---|---|"]
+    md += ["", "| series | optim | V small | V large | widths | Δs | 95% CI (bootstrap) |", "|---|---|---|---|---|---|---|"]
     for d in diffs:
-        md.append(f"| {d['optim']} | {d['V_small']} | {d['V_large']} | {d['widths']} | {d['ds']:.2f} | "
+        md.append(f"| {d['series']} | {d['optim']} | {d['V_small']} | {d['V_large']} | {d['widths']} | {d['ds']:.2f} | "
                   f"[{d['ci_boot'][0]:.2f}, {d['ci_boot'][1]:.2f}] |")
     if hidden:
-        md += ["", "Hidden-LR check (seed-mean loss at the best embedding grid point, hidden LR x 1/2, x 1, x 2):", "",
-               "| optim | V | width | k | loss x1/2 | loss x1 | loss x2 | best |", "|---|---|---|---|---|---|---|---|"]
+        md += ["", "Hidden LR at the best embedding grid point of the muP-hidden grid (seed-mean loss per factor "
+               "of the muP hidden LR; vertex of a quadratic in log2 LR):", "",
+               "| optim | V | width | k | factor: loss | best | vertex factor | interior |", "|---|---|---|---|---|---|---|---|"]
         for h in hidden:
-            md.append(f"| {h['optim']} | {h['V']} | {h['width']} | {h['k']} | {h['loss'][0]:.4f} | {h['loss'][1]:.4f} | "
-                      f"{h['loss'][2]:.4f} | x{h['best']:g} |")
+            fl = ", ".join(f"x{f:.3g}: {l:.4f}" for f, l in zip(h["factors"], h["loss"]))
+            md.append(f"| {h['optim']} | {h['V']} | {h['width']} | {h['k']} | {fl} | x{h['best']:.3g} | "
+                      f"x{h['vertex_factor']:.2f} | {'yes' if h['bracketed'] else 'NO'} |")
+        md += ["", "| optim | V | widths | slope of log2 optimal hidden LR vs log2 width | 95% CI (t) |", "|---|---|---|---|---|"]
+        for h in hfits:
+            md.append(f"| {h['optim']} | {h['V']} | {h['widths']} | {h['slope']:.2f} | [{h['ci_t'][0]:.2f}, {h['ci_t'][1]:.2f}] |")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     if plots:
         _plots(C, table, fits, out_dir)
     print("\n".join(md))
     return res
-
-
-def hidden_check(rows, C, table):
-    out = []
-    for t in table:
-        o, V, w = t["optim"], t["V"], t["width"]
-        c = C[(o, V, w)]
-        h = c["lr_hidden"]
-        by = defaultdict(dict)
-        for r in rows:
-            if (r["optim"], r["V"], r["width"]) == (o, V, w):
-                f = round(r["lr_hidden"] / h, 6)
-                by[(r["k"], f)][r["seed"]] = r["loss"]
-        ks = {k for (k, f) in by if f in (0.5, 2.0)}
-        for k in sorted(ks):
-            if all((k, f) in by for f in (0.5, 1.0, 2.0)):
-                ls = [float(np.mean(list(by[(k, f)].values()))) for f in (0.5, 1.0, 2.0)]
-                out.append(dict(optim=o, V=V, width=w, k=k, loss=ls, best=(0.5, 1.0, 2.0)[int(np.argmin(ls))]))
-    return out
 
 
 def _plots(C, table, fits, out_dir):
@@ -231,38 +275,42 @@ def _plots(C, table, fits, out_dir):
     params = sorted({(t["optim"], t["V"]) for t in table})
     fig, axes = plt.subplots(1, len(params), figsize=(3.6 * len(params), 3.3), squeeze=False)
     for ax, (o, V) in zip(axes[0], params):
-        for t in sorted((t for t in table if (t["optim"], t["V"]) == (o, V)), key=lambda t: t["width"]):
-            c = C[(o, V, t["width"])]
+        for t in sorted((t for t in table if (t["optim"], t["V"], t["series"]) == (o, V, "mup_hidden")),
+                        key=lambda t: t["width"]):
+            c = C[t["_key"]]
             line, = ax.plot(c["lr"], c["L"].mean(0), "o-", ms=3, label=f"width {t['width']}")
             ax.axvline(t["opt_lr_embedding"], ls=":", lw=0.8, color=line.get_color())
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{o}, V={V}", fontsize=9)
+        ax.set_title(f"{o}, V={V} (muP hidden LR)", fontsize=8)
         ax.set_xlabel("embedding LR")
         ax.set_ylabel("loss (seed mean)")
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "loss_vs_emb_lr.png"), dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.4, 3.8))
-    for (o, V) in params:
-        ts = sorted((t for t in table if (t["optim"], t["V"]) == (o, V)), key=lambda t: t["width"])
-        f_ = next((f for f in fits if (f["optim"], f["V"]) == (o, V)), None)
-        if f_ is None:
-            continue
-        w = np.array([t["width"] for t in ts])
-        y = np.array([math.log2(t["opt_lr_embedding"]) for t in ts])
-        lo = y - np.log2([t["ci"][0] for t in ts])
-        hi = np.log2([t["ci"][1] for t in ts]) - y
-        ax.errorbar(w, y, yerr=[lo, hi], fmt="o-" if o == "adamw" else "s--", capsize=3, ms=4,
-                    label=f"{o} V={V}: e={f_['e']:.2f}, s={f_['s']:.2f}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("width")
-    ax.set_ylabel("log2 optimal embedding LR")
-    ax.set_title("muP predicts a flat line (e = 0); LV e = -1/2 at V >> width", fontsize=8)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "opt_emb_lr_vs_width.png"), dpi=100)
-    plt.close(fig)
+    for what, ylab, fname in (("e", "log2 optimal embedding LR", "opt_emb_lr_vs_width.png"),
+                              ("s", "log2(optimal embedding LR / hidden LR)", "ratio_vs_width.png")):
+        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+        for f_ in fits:
+            ts = sorted((t for t in table if (t["series"], t["optim"], t["V"]) == (f_["series"], f_["optim"], f_["V"])),
+                        key=lambda t: t["width"])
+            w = np.array([t["width"] for t in ts])
+            y = np.array([math.log2(t["opt_lr_embedding"]) for t in ts])
+            lo = y - np.log2([t["ci"][0] for t in ts])
+            hi = np.log2([t["ci"][1] for t in ts]) - y
+            if what == "s":
+                y = y - np.log2([t["lr_hidden"] for t in ts])
+            ax.errorbar(w, y, yerr=[lo, hi], fmt=("o-" if f_["optim"] == "adamw" else "s-") if f_["series"] == "mup_hidden"
+                        else ("o--" if f_["optim"] == "adamw" else "s--"), capsize=3, ms=4,
+                        label=f"{f_['optim']} V={f_['V']} {f_['series']}: e={f_['e']:.2f}, s={f_['s']:.2f}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("width")
+        ax.set_ylabel(ylab)
+        ax.set_title("AdamW: muP predicts e = 0, s = 1; LV (V >> width) e = -1/2, s = 1/2", fontsize=8)
+        ax.legend(fontsize=5)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, fname), dpi=100)
+        plt.close(fig)
 
 
 def main(argv=None):

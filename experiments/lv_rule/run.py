@@ -10,7 +10,10 @@ K x d read-out, no output multiplier. LRs come from ``lvopt.scaling.from_model(.
 rule="mup", base_width=32)``: hidden and output x 32/width (AdamW) or, for AdamH's hyperball
 matrices, x (32/width)^(1/2); the embedding LR is swept on a sqrt(2) grid, extended until
 every optimum has two grid points on each side. At the best embedding LR the hidden LR is
-then moved by 2^(+-1) (the hidden-LR check per width).
+then moved by 2^(+-1) (the hidden-LR check per width) and, for AdamW, swept on a sqrt(2) grid
+until its best point is interior, with the embedding-LR grid redone at that hidden LR (the
+refinement: the optimal ratio of the two optima, not only of the embedding optimum at muP's
+hidden LR).
 
 Resumable: every finished run is appended to ``runs.csv`` and skipped next time; the grid
 extensions are decided from the rows already there, so a restarted sweep continues where it
@@ -56,9 +59,10 @@ PRESETS = {
         dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256]),
         dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256], hidden_check=True),
         dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256]),
-        dict(optims=["adamw"], vocabs=[16, 65536], widths=[512]),
-        dict(optims=["adamw"], vocabs=[1024], widths=[32, 64, 128, 256]),
+        dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256], refine=True),
+        dict(optims=["adamw"], vocabs=[1024], widths=[32, 64, 128, 256], refine=True),
         dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256], hidden_check=True),
+        dict(optims=["adamw"], vocabs=[16, 65536], widths=[512], refine=True),
     ]),
     "smoke": dict(steps=6, batch=64, seeds=[0], parts=[
         dict(optims=["adamw"], vocabs=[16], widths=[16], ks=[0, 2]),
@@ -229,27 +233,48 @@ class Sweep:
         ls = [self.ensure(optim, width, V, s, k, hf) for s in seeds]
         return float(np.mean([x if math.isfinite(x) else 1e9 for x in ls]))
 
-    def config(self, optim, width, V, seeds, ks=None, hidden_check=False):
-        """Bracket the optimum: grid extended until the best seed-mean has 2 points each side."""
-        if ks is not None:
-            for k in ks:
-                self.mean_loss(optim, width, V, k, seeds)
-            return
-        c = centre_k(width)
-        grid = {k: self.mean_loss(optim, width, V, k, seeds) for k in range(c - 2, c + 3)}
+    def emb_grid(self, optim, width, V, seeds, centre, hf=1.0):
+        """Embedding-LR grid at hidden factor hf, extended until the best seed-mean has two grid
+        points on each side; returns {k: mean loss}."""
+        grid = {k: self.mean_loss(optim, width, V, k, seeds, hf) for k in range(centre - 2, centre + 3)}
         for _ in range(12):
             best = min(grid, key=grid.get)
             lo, hi = min(grid), max(grid)
             if best - lo < 2:
-                grid[lo - 1] = self.mean_loss(optim, width, V, lo - 1, seeds)
+                grid[lo - 1] = self.mean_loss(optim, width, V, lo - 1, seeds, hf)
             elif hi - best < 2:
-                grid[hi + 1] = self.mean_loss(optim, width, V, hi + 1, seeds)
+                grid[hi + 1] = self.mean_loss(optim, width, V, hi + 1, seeds, hf)
             else:
                 break
+        return grid
+
+    def config(self, optim, width, V, seeds, ks=None, hidden_check=False, refine=False):
+        """The embedding-LR optimum at the muP hidden LR (bracketed); then optionally the hidden-LR
+        check (x 2^-1, x 2 at the best embedding point) or the refinement: the hidden LR on a
+        sqrt(2) grid at the best embedding point, extended until its best point is interior, and
+        the embedding-LR grid again at that hidden LR."""
+        if ks is not None:
+            for k in ks:
+                self.mean_loss(optim, width, V, k, seeds)
+            return
+        grid = self.emb_grid(optim, width, V, seeds, centre_k(width))
+        best = min(grid, key=grid.get)
         if hidden_check:
-            best = min(grid, key=grid.get)
             for hf in (0.5, 2.0):
                 self.mean_loss(optim, width, V, best, seeds, hf)
+        if refine:
+            hg = {j: self.mean_loss(optim, width, V, best, seeds, 2 ** (j / 2)) for j in range(-2, 3)}
+            for _ in range(6):
+                jb = min(hg, key=hg.get)
+                if jb == min(hg):
+                    hg[jb - 1] = self.mean_loss(optim, width, V, best, seeds, 2 ** ((jb - 1) / 2))
+                elif jb == max(hg):
+                    hg[jb + 1] = self.mean_loss(optim, width, V, best, seeds, 2 ** ((jb + 1) / 2))
+                else:
+                    break
+            jb = min(hg, key=hg.get)
+            if jb != 0:
+                self.emb_grid(optim, width, V, seeds, best, 2 ** (jb / 2))
 
 
 def main(argv=None):
@@ -272,7 +297,8 @@ def main(argv=None):
             for o in part["optims"]:
                 for V in part["vocabs"]:
                     for w in part["widths"]:
-                        sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False))
+                        sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False),
+                                  part.get("refine", False))
         print(f"lv_rule: done, {sw.n_new} new runs", flush=True)
         return 0
     finally:
