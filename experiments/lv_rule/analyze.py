@@ -214,14 +214,34 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
     for (o, V, w, h), c in C.items():
         if len(c["ks"]) >= 5 and ((o, V, w) not in best or c["best_loss"] < C[best[(o, V, w)]]["best_loss"]):
             best[(o, V, w)] = (o, V, w, h)
-    refined = {k for k, key in best.items() if any(not C[kk]["nominal"] for kk in C if kk[:3] == k)}
+    hidden = hidden_grid(rows, C)
+    # refined: the configurations whose hidden LR was swept (>= 5 points, interior best)
+    refined = {(h["optim"], h["V"], h["width"]) for h in hidden if len(h["factors"]) >= 5 and h["bracketed"]}
     for (o, V, w), key in sorted(best.items()):
         if (o, V, w) in refined:
             table.append({**_row(o, V, w, C[key], "refined"), "_key": key})
     fits, diffs = _slopes(table, C, "mup_hidden")
     f2, d2 = _slopes(table, C, "refined")
     fits, diffs = fits + f2, diffs + d2
-    hidden = hidden_grid(rows, C)
+    # transfer penalty: the embedding LR each rule carries from the narrowest width's optimum
+    # (muP: unchanged; LV: x (w/w0)^-1/2), and the seed-mean loss there (linear in log2 LR
+    # between grid points; outside the grid: the loss at the nearest end, a lower bound)
+    transfer = []
+    for t0 in table:
+        if t0["series"] != "mup_hidden":
+            continue
+        ts = sorted((t for t in table if (t["series"], t["optim"], t["V"]) == ("mup_hidden", t0["optim"], t0["V"])),
+                    key=lambda t: t["width"])
+        if t0 is not ts[0]:
+            continue
+        for t in ts[1:]:
+            c = C[t["_key"]]
+            x, m = np.log2(c["lr"]), c["L"].mean(0)
+            for rule, e in (("mup", 0.0), ("lv", -0.5)):
+                lr = t0["opt_lr_embedding"] * (t["width"] / t0["width"]) ** e
+                inside = x[0] <= math.log2(lr) <= x[-1]
+                transfer.append(dict(optim=t["optim"], V=t["V"], width=t["width"], rule=rule, lr=lr,
+                                     penalty=float(np.interp(math.log2(lr), x, m)) - t["best_loss"], inside=inside))
     hfits = []   # slope of the hidden optimum (muP: -1 for AdamW, -1/2 for AdamH's hyperball)
     for o, V in sorted({(h["optim"], h["V"]) for h in hidden}):
         hs = sorted((h for h in hidden if (h["optim"], h["V"]) == (o, V)), key=lambda h: h["width"])
@@ -229,7 +249,7 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
             sl, ci = ols(np.log2([h["width"] for h in hs]), np.log2([h["opt_lr_hidden"] for h in hs]))
             hfits.append(dict(optim=o, V=V, widths=[h["width"] for h in hs], slope=sl, ci_t=ci))
     os.makedirs(out_dir, exist_ok=True)
-    res = dict(optima=[{k: v for k, v in t.items() if k != "_key"} for t in table], slopes=fits, delta_s=diffs, hidden_grid=hidden, hidden_slopes=hfits)
+    res = dict(transfer=transfer, optima=[{k: v for k, v in t.items() if k != "_key"} for t in table], slopes=fits, delta_s=diffs, hidden_grid=hidden, hidden_slopes=hfits)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)
     md = ["| series | optim | V | width | opt emb LR [95% CI] | hidden LR | log2(ratio) | bracketed | grid k | best loss ± se |",
@@ -260,6 +280,14 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
         md += ["", "| optim | V | widths | slope of log2 optimal hidden LR vs log2 width | 95% CI (t) |", "|---|---|---|---|---|"]
         for h in hfits:
             md.append(f"| {h['optim']} | {h['V']} | {h['widths']} | {h['slope']:.2f} | [{h['ci_t'][0]:.2f}, {h['ci_t'][1]:.2f}] |")
+    if transfer:
+        md += ["", "Transfer penalty: loss at the embedding LR each rule carries from the narrowest width's "
+               "optimum, minus the best loss (muP hidden LR; '>=' where that LR is off the grid):", "",
+               "| optim | V | width | muP: LR, penalty | LV: LR, penalty |", "|---|---|---|---|---|"]
+        for (o, V, w) in sorted({(t["optim"], t["V"], t["width"]) for t in transfer}):
+            cell = {t["rule"]: t for t in transfer if (t["optim"], t["V"], t["width"]) == (o, V, w)}
+            fm = lambda t: f"{t['lr']:.3g}, {'' if t['inside'] else '>= '}{t['penalty']:.4f}"  # noqa: E731
+            md.append(f"| {o} | {V} | {w} | {fm(cell['mup'])} | {fm(cell['lv'])} |")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     if plots:
