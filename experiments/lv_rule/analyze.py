@@ -216,7 +216,14 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
             best[(o, V, w)] = (o, V, w, h)
     hidden = hidden_grid(rows, C)
     # refined: the configurations whose hidden LR was swept (>= 5 points, interior best)
-    refined = {(h["optim"], h["V"], h["width"]) for h in hidden if len(h["factors"]) >= 5 and h["bracketed"]}
+    # and that have an embedding grid at the best hidden LR of that sweep (AdamH's hidden LR was
+    # swept without one: its hidden optimum is reported, not a refined ratio)
+    nom = {k[:3]: k[3] for k, c in C.items() if c["nominal"]}
+    def has_grid(o, V, w, f):
+        hb = nom[(o, V, w)] * f
+        return any(k[:3] == (o, V, w) and abs(k[3] / hb - 1) < 1e-4 and len(c["ks"]) >= 5 for k, c in C.items())
+    refined = {(h["optim"], h["V"], h["width"]) for h in hidden if len(h["factors"]) >= 5 and h["bracketed"]
+               and has_grid(h["optim"], h["V"], h["width"], h["best"])}
     for (o, V, w), key in sorted(best.items()):
         if (o, V, w) in refined:
             table.append({**_row(o, V, w, C[key], "refined"), "_key": key})

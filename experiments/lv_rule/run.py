@@ -62,7 +62,7 @@ PRESETS = {
         dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256], refine=True),
         dict(optims=["adamw"], vocabs=[1024], widths=[32, 64, 128, 256], refine=True),
         dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256], hidden_check=True),
-        dict(optims=["adamw"], vocabs=[16, 65536], widths=[512], refine=True),
+        dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256], refine="hidden"),
     ]),
     "smoke": dict(steps=6, batch=64, seeds=[0], parts=[
         dict(optims=["adamw"], vocabs=[16], widths=[16], ks=[0, 2]),
@@ -273,7 +273,7 @@ class Sweep:
                 else:
                     break
             jb = min(hg, key=hg.get)
-            if jb != 0:
+            if jb != 0 and refine != "hidden":     # "hidden": the hidden-LR grid only
                 self.emb_grid(optim, width, V, seeds, best, 2 ** (jb / 2))
 
 
