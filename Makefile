@@ -74,10 +74,12 @@ wheel: $(STAMP_DEPS)
 clean:
 	rm -rf build build-native build-asan dist *.egg-info lvopt/_C*.so $(STAMP_BUILD)
 
-# LV-rule experiment (experiments/lv_rule, issue #8): the default sweep (resumable; CPU, one
-# thread) then its analysis. Not part of `make test` or CI.
+# LV-rule experiment (experiments/lv_rule, issues #8 and #16): the coordinate check of the
+# sweep's model, the controlled synthetic sweep (resumable; CPU, one thread), then its analysis.
+# Not part of `make test` or CI. The real-corpus sweep of issue 8 is experiments/lv_rule/corpus.py.
 experiment: $(STAMP_BUILD)
-	test -d /usr/share/vim/vim90/doc || (apt-get update -q && apt-get install -y -q vim-runtime)
 	$(VPY) -m pip install -q -r experiments/lv_rule/requirements.txt
+	$(VPY) experiments/lv_rule/coord.py --V 16
+	$(VPY) experiments/lv_rule/coord.py --V 65536
 	$(VPY) experiments/lv_rule/run.py
 	$(VPY) experiments/lv_rule/analyze.py

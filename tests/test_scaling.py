@@ -53,7 +53,7 @@ def roles_by_name(entries):
 
 
 def group_lr(opt, role):
-    (g,) = [g for g in opt.param_groups if g["role"] == role]
+    (g,) = [g for g in opt.param_groups if g["role"] == role and g.get("table") != "small"]
     return g["lr"]
 
 
@@ -315,6 +315,136 @@ def test_apply_output_multiplier():
     for h in handles:
         h.remove()
     torch.testing.assert_close(model(ids), ref)
+
+
+def test_output_multiplier_with_scaled_output_role_is_refused():
+    """A logit multiplier and an output-role alpha != 0 scale the read-out twice (issue 16)."""
+    model = TinyLM(d=64)
+    handles = lvopt.apply_output_multiplier(model, base_width=16)
+    for rule in ("mup", "lv"):
+        with pytest.raises(ValueError, match="scaled\\s+twice"):
+            lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule=rule)
+    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="mup", output_multiplier=True)
+    assert group_lr(opt, "output") == 1e-3 and group_lr(opt, "hidden") == pytest.approx(1e-3 / 4)
+    lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="sp")   # alpha 0: nothing scaled twice
+    for h in handles:
+        h.remove()
+    lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="mup")  # multiplier gone: accepted
+    model.out_mult = 16 / 64                                            # issue-8 run.py's form
+    with pytest.raises(ValueError, match="out_mult"):
+        lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="mup")
+    lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="mup", output_multiplier=False)
+    with pytest.raises(ValueError, match="output_multiplier must be"):
+        lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, output_multiplier="yes")
+
+
+def test_non_adam_optimizer_is_refused():
+    model = TinyLM(d=64)
+    with pytest.raises(ValueError, match="SGD.*Adam-type"):
+        from_model(torch.optim.SGD, model, lr=1e-3, base_width=16, rule="mup")
+    from_model(torch.optim.SGD, model, lr=1e-3, base_width=16, rule="sp")          # no exponents
+    from_model(torch.optim.SGD, model, lr=1e-3, base_width=16, rule="mup", adam_like=True)
+    for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, lvopt.AdamH):
+        from_model(cls, model, lr=1e-3, base_width=16, rule="mup")
+
+
+def test_hyperball_hidden_exponent_is_one_half():
+    """AdamH's hyperball matrices move each entry by lr*R/||u|| ~ lr/sqrt(n): muP's 1/n per-entry
+    step needs lr ~ n^-1/2 (the coordinate check below measures it)."""
+    model = TinyLM(vocab=4096, d=128)
+    for rule, a in (("mup", 0.5), ("lv", 0.5), ("sp", 0.0)):
+        opt = lvopt.AdamH.from_model(model, lr=1e-3, base_width=32, rule=rule)
+        assert group_lr(opt, "hidden") == pytest.approx(1e-3 * 4 ** -a, rel=1e-12)
+        assert opt.scaling_plan.role_alpha("hidden") == a
+        assert group_lr(opt, "output") == pytest.approx(1e-3 * 4 ** -RULES[rule]["output"], rel=1e-12)
+    assert "hidden: 0.5" in opt.scaling_plan.table().splitlines()[0] or rule == "sp"
+    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="mup")   # AdamW keeps alpha 1
+    assert group_lr(opt, "hidden") == pytest.approx(1e-3 / 4, rel=1e-12)
+
+
+def test_position_table_keeps_mup_exponent_under_lv():
+    model = TinyLM(vocab=4096, d=128, ctx=64)      # token table 32x width, position table 0.5x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # 4096 >= 16 * 128: no vocabulary warning
+        opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="lv")
+    emb = {g.get("table"): g for g in opt.param_groups if g["role"] == "embedding"}
+    assert emb["vocabulary"]["param_names"] == ["tok.weight"] and emb["small"]["param_names"] == ["pos.weight"]
+    assert emb["vocabulary"]["lr"] == pytest.approx(1e-3 * 4 ** -0.5, rel=1e-12)
+    assert emb["small"]["lr"] == 1e-3
+    assert "small table, alpha 0" in opt.scaling_plan.table()
+    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="mup")   # same exponent: one group
+    assert [g.get("table") for g in opt.param_groups if g["role"] == "embedding"] == [None]
+
+
+def test_vocabulary_warning_threshold():
+    from lvopt.scaling import LV_MIN_RATIO
+    assert LV_MIN_RATIO == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lvopt.AdamW.from_model(TinyLM(vocab=512, d=32), lr=1e-3, base_width=16)    # 16x: fine
+    with pytest.warns(UserWarning, match="vocabulary 496 < 16 x width 32"):
+        lvopt.AdamW.from_model(TinyLM(vocab=496, d=32), lr=1e-3, base_width=16)
+
+
+# -- coordinate check --------------------------------------------------------------------------------
+class CoordMLP(nn.Module):
+    """Embedding (N(0,1)) -> two hidden matrices (N(0, 1/fan_in)) -> zero-initialised read-out: muP."""
+    V, K = 512, 16
+
+    def __init__(self, d, sp_head=False):
+        super().__init__()
+        self.emb = nn.Embedding(self.V, d)
+        self.fc1, self.fc2 = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(d, self.K, bias=False)
+        nn.init.normal_(self.emb.weight)
+        nn.init.normal_(self.fc1.weight, std=d ** -0.5)
+        nn.init.normal_(self.fc2.weight, std=(2 / d) ** 0.5)
+        if sp_head:
+            nn.init.normal_(self.head.weight, std=d ** -0.5)
+        else:
+            nn.init.zeros_(self.head.weight)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(self.emb(x))))))
+
+
+def _coord(**kw):
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randint(0, CoordMLP.V, (64,), generator=g), torch.randint(0, CoordMLP.K, (64,), generator=g))
+    kw.setdefault("model_fn", CoordMLP)
+    return lvopt.scaling.coord_check(widths=[32, 64, 128, 256], data=data, steps=3, seeds=(0,),
+                                     overrides={"head.weight": "output"}, **kw)
+
+
+def test_coord_check_passes_mup_and_the_corrected_rules_and_fails_sp(tmp_path):
+    res = {
+        "mup adamw": _coord(lr=1e-2, rule="mup", weight_decay=0.0),
+        "lv adamw": _coord(lr=1e-2, rule="lv", weight_decay=0.0),
+        "mup adamh": _coord(lr={"embedding": 1e-2, "hidden": 0.02, "output": 1e-2}, rule="mup",
+                            optimizer=lvopt.AdamH, weight_decay=0.0),
+        "lv adamh": _coord(lr={"embedding": 1e-2, "hidden": 0.02, "output": 1e-2}, rule="lv",
+                           optimizer=lvopt.AdamH, weight_decay=0.0),
+    }
+    for name, r in res.items():
+        assert r.ok, f"{name}\n{r.table()}"
+        assert abs(r.worst("update:hidden")) < 0.2 and abs(r.worst("update:output")) < 0.2, f"{name}\n{r}"
+    assert res["lv adamw"].expected["update:embedding"] == -0.5
+    # the wrong rules: SP with Adam at one fixed LR; AdamH's hyperball with muP's AdamW exponent 1
+    sp = _coord(model_fn=lambda d: CoordMLP(d, sp_head=True), lr=1e-2, rule="sp", weight_decay=0.0)
+    assert not sp.ok and not sp.passed["update:hidden"] and sp.worst("update:hidden") > 0.5, sp.table()
+    assert not sp.roles()["hidden"]
+
+    def adamh_alpha1(m, w):
+        return lvopt.AdamH([{"params": [m.emb.weight], "lr": 1e-2, "hyperball": False},
+                            {"params": [m.fc1.weight, m.fc2.weight], "lr": 0.02 * 32 / w},
+                            {"params": [m.head.weight], "lr": 1e-2 * 32 / w, "hyperball": False}])
+    wrong = _coord(opt_fn=adamh_alpha1)
+    assert not wrong.passed["update:hidden"] and wrong.worst("update:hidden") < -0.4, wrong.table()
+    assert wrong.passed["update:output"]
+    res["mup adamw"].plot(str(tmp_path / "coord.png"))
+    assert (tmp_path / "coord.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="two distinct"):
+        lvopt.scaling.coord_check(CoordMLP, [32], data=None, lr=1e-2)
 
 
 def test_mup_output_init():

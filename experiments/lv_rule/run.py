@@ -1,274 +1,308 @@
-"""LV-rule sweep on a real corpus: a tiny decoder-only LM, BPE vocabularies of several sizes,
-hidden LR at its muP scaling, embedding LR on a 2^(k/2) grid, several seeds, two optimizer
-variants (AdamW everywhere; AdamH on hidden matrices with AdamW on embedding/output/vectors).
+"""LV-rule sweep on a controlled synthetic task in which the vocabulary changes and the task does not.
 
-Resumable: every finished run is appended to ``runs.csv``; runs already there are skipped.
+The task: K = 8 hidden classes follow a fixed Markov chain (transition matrix T, the same for
+every V). Class c emits one of V/K tokens with Zipf(1) frequencies. The model sees one token
+and predicts the class of the next one, so the best achievable loss is the mean entropy of
+T's rows whatever V is; V changes only how many embedding rows must be learned and how
+rarely each is seen. The model is a muP MLP: token embedding (N(0, 1), sparse rows,
+``lvopt.nn.Embedding``) -> two hidden d x d matrices (N(0, 1/d), ReLU) -> a zero-initialised
+K x d read-out, no output multiplier. LRs come from ``lvopt.scaling.from_model(...,
+rule="mup", base_width=32)``: hidden and output x 32/width (AdamW) or, for AdamH's hyperball
+matrices, x (32/width)^(1/2); the embedding LR is swept on a sqrt(2) grid, extended until
+every optimum has two grid points on each side. At the best embedding LR the hidden LR is
+then moved by 2^(+-1) (the hidden-LR check per width) and, for AdamW, swept on a sqrt(2) grid
+until its best point is interior, with the embedding-LR grid redone at that hidden LR (the
+refinement: the optimal ratio of the two optima, not only of the embedding optimum at muP's
+hidden LR).
 
-    python experiments/lv_rule/run.py                 # default sweep
+Resumable: every finished run is appended to ``runs.csv`` and skipped next time; the grid
+extensions are decided from the rows already there, so a restarted sweep continues where it
+stopped.
+
+    python experiments/lv_rule/run.py                 # default sweep (~60-75 min, one core)
     python experiments/lv_rule/run.py --preset smoke  # a few seconds
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import glob
-import hashlib
 import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the worktree's lvopt first
 import lvopt  # noqa: E402
 from lvopt.scaling import from_model  # noqa: E402
 
-DEFAULT_CORPUS = "/usr/share/vim/vim90/doc"   # Debian package vim-runtime (Vim license)
-
-PRESETS = {
-    # The default sweep (~65-70 min on this 2-core CPU, one thread): 450 steps x 8 x 32 tokens per
-    # run, the same for every config; AdamW at widths 32-256 and AdamH at 32-128, embedding LR
-    # 0.32-5.12 (k = 8..16) and, for V = 128 whose optima sit lower, 0.08-0.23 (k = 4..7).
-    # A preset is a grid, or a list of grids ("parts") whose runs are all done.
-    "default": dict(vocabs=[128, 4096], seeds=[0, 1], steps=450, batch=8, seq=32, layers=2, parts=[
-        dict(optims=["adamw"], widths=[32, 64, 128, 256], ks=list(range(8, 17))),
-        dict(optims=["adamh"], widths=[32, 64, 128], ks=list(range(8, 17))),
-        dict(optims=["adamw"], widths=[32, 64, 128, 256], ks=[4, 5, 6, 7], vocabs=[128]),
-        dict(optims=["adamh"], widths=[32, 64, 128], ks=[4, 5, 6, 7], vocabs=[128]),
-    ]),
-    # The first, shorter sweep (150 steps, widths 32-128; results in runs_150steps.csv).
-    "quick": dict(widths=[32, 64, 128], vocabs=[128, 4096], seeds=[0, 1], ks=[6, 7, 8, 9, 10, 11, 12, 13, 14],
-                  optims=["adamw", "adamh"], steps=150, batch=8, seq=32, layers=2),
-    "smoke": dict(widths=[32], vocabs=[128], seeds=[0], ks=[0, 2], optims=["adamw"],
-                  steps=4, batch=4, seq=32, layers=1),
-}
+K = 16                # hidden classes
+ZIPF = 1.0            # within-class token frequencies ~ 1 / rank**ZIPF
+TASK_SEED = 20261130  # the Markov chain: fixed, shared by every V, width and seed
 BASE_WIDTH = 32
-EMB_LR0 = 0.02          # centre of the embedding-LR grid: lr_emb = EMB_LR0 * 2**(k/2)
-HIDDEN_LR0 = {"adamw": 1e-2, "adamh": 0.05}   # hidden/output LR at BASE_WIDTH; scaled by BASE_WIDTH/width
+EMB_LR0 = 0.01        # embedding LR grid: EMB_LR0 * 2**(k/2)
+HIDDEN_LR0 = {"adamw": 1.6e-2, "adamh": 0.02}   # hidden and output LR at BASE_WIDTH
+OUTPUT_LR0 = 8e-3
+EVAL_N = 8192
 FIELDS = ["optim", "width", "V", "seed", "k", "lr_embedding", "lr_hidden", "N", "D", "steps",
           "train_loss", "loss", "seconds"]
 
-
-# ---------------------------------------------------------------------------- data
-
-def read_corpus(corpus_dir: str, max_chars: int | None = None):
-    files = sorted(glob.glob(os.path.join(corpus_dir, "*.txt")))
-    if not files:
-        raise SystemExit(f"no *.txt in {corpus_dir}; install Debian's vim-runtime or pass --corpus")
-    train, val = [], []
-    for f in files:   # split by file: ~10% of files (by name hash) are validation
-        text = open(f, encoding="utf-8", errors="replace").read()
-        (val if int(hashlib.md5(os.path.basename(f).encode()).hexdigest(), 16) % 10 == 0 else train).append(text)
-    tr, va = "\n".join(train), "\n".join(val)
-    if max_chars:
-        tr, va = tr[:max_chars], va[:max_chars // 5]
-    return tr, va
-
-
-def tokenize(corpus_dir, V, cache, max_chars=None):
-    """BPE (Hugging Face tokenizers, byte level) trained on the training split; ids cached."""
-    os.makedirs(cache, exist_ok=True)
-    tag = f"V{V}_{max_chars or 'all'}"
-    p = os.path.join(cache, tag + ".npz")
-    if os.path.exists(p):
-        z = np.load(p)
-        return z["train"], z["val"]
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    tr, va = read_corpus(corpus_dir, max_chars)
-    # character-level BPE (rare characters -> [UNK]) so that V can be as small as ~100
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=V, min_frequency=2, show_progress=False,
-                                  special_tokens=["[UNK]"], limit_alphabet=min(V // 2, 96))
-    chunks = tr.split("\n\n")
-    tok.train_from_iterator(chunks, trainer=trainer)
-    tok.save(os.path.join(cache, tag + ".json"))
-    enc = lambda s: np.asarray([i for e in tok.encode_batch([c + "\n\n" for c in s.split("\n\n")])
-                                for i in e.ids], dtype=np.int32)
-    t, v = enc(tr), enc(va)
-    assert tok.get_vocab_size() <= V and t.max() < V, (tok.get_vocab_size(), V)
-    np.savez(p, train=t, val=v)
-    return t, v
+PRESETS = {
+    # parts are done in order; within a part, config by config (all seeds), so that a partial
+    # sweep holds complete configurations.
+    "default": dict(steps=300, batch=1024, seeds=[0, 1, 2], parts=[
+        dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256]),
+        dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256], hidden_check=True),
+        dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256]),
+        dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256], refine=True),
+        dict(optims=["adamw"], vocabs=[1024], widths=[32, 64, 128, 256], refine=True),
+        dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256], hidden_check=True),
+        dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256], refine="hidden"),
+    ]),
+    "smoke": dict(steps=6, batch=64, seeds=[0], parts=[
+        dict(optims=["adamw"], vocabs=[16], widths=[16], ks=[0, 2]),
+    ]),
+}
 
 
-# ---------------------------------------------------------------------------- model
+# ---------------------------------------------------------------------------- task
 
-class Block(nn.Module):
-    def __init__(self, d, heads):
+class Task:
+    """The synthetic language at vocabulary ``V`` (a multiple of K)."""
+
+    def __init__(self, V: int):
+        if V % K:
+            raise ValueError(f"V must be a multiple of K={K}, got {V}")
+        self.V, self.per = V, V // K
+        g = torch.Generator().manual_seed(TASK_SEED)
+        # Rows of T: squared Exp(1) draws, normalised; the same for every V.
+        x = -torch.log(torch.rand(K * K, K, generator=g, dtype=torch.float64))  # Exp(1) = Gamma(1)
+        x = x ** 2                                                              # sharper rows
+        self.T = (x / x.sum(1, keepdim=True))      # row c1 * K + c2: next class after classes c1, c2
+        self.bayes = float(-(self.T * self.T.log()).sum(1).mean())              # classes uniform
+        p = 1.0 / torch.arange(1, self.per + 1, dtype=torch.float64) ** ZIPF
+        self.cdf = (p / p.sum()).cumsum(0)
+        self.cdf[-1] = 1.0
+        self.T32, self.Tcdf = self.T.float(), self.T.cumsum(1)
+        self.Tcdf[:, -1] = 1.0
+
+    def sample(self, n: int, g: torch.Generator):
+        """(tokens (n, 2), context rows of T (n,), next classes (n,)) of n independent draws:
+        two classes, one token of each, then the next class. Token id = class + K * rank."""
+        c = torch.randint(0, K, (n, 2), generator=g)
+        r = torch.searchsorted(self.cdf, torch.rand(n, 2, generator=g, dtype=torch.float64))
+        r = r.clamp_max(self.per - 1)
+        row = c[:, 0] * K + c[:, 1]
+        y = torch.searchsorted(self.Tcdf[row], torch.rand(n, 1, generator=g, dtype=torch.float64)).squeeze(1)
+        return c + K * r, row, y.clamp_max(K - 1)
+
+    def eval_set(self):
+        g = torch.Generator().manual_seed(999)
+        x, c, _ = self.sample(EVAL_N, g)
+        return x, self.T32[c]          # exact next-class distributions: the loss is Bayes + KL
+
+
+class MLP(nn.Module):
+    def __init__(self, V: int, d: int):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
-        self.heads = heads
+        self.embedding = lvopt.nn.Embedding(V, d)
+        self.fc1 = nn.Linear(2 * d, d, bias=False)
+        self.fc2 = nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(d, K, bias=False)
+        nn.init.normal_(self.embedding.weight, std=1.0)
+        nn.init.normal_(self.fc1.weight, std=(2 * d) ** -0.5)
+        nn.init.normal_(self.fc2.weight, std=(2.0 / d) ** 0.5)   # after a ReLU
+        nn.init.zeros_(self.head.weight)
 
     def forward(self, x):
-        B, T, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, T, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        h = torch.relu(self.fc1(self.embedding(x).flatten(-2)))
+        return self.head(torch.relu(self.fc2(h)))
 
 
-class TinyLM(nn.Module):
-    """Pre-LN decoder; untied embedding (init N(0,1)) and zero-initialised readout with the
-    muP 1/m output multiplier; hidden matrices N(0, 1/fan_in)."""
-
-    def __init__(self, V, d, layers, seq):
-        super().__init__()
-        self.embedding = nn.Embedding(V, d)
-        self.pos = nn.Parameter(torch.zeros(seq, d))
-        self.blocks = nn.ModuleList(Block(d, max(1, d // 32)) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, V, bias=False)
-        nn.init.normal_(self.embedding.weight, std=1.0)
-        for b in self.blocks:
-            for lin in (b.qkv, b.proj, b.fc1, b.fc2):
-                nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
-        nn.init.zeros_(self.lm_head.weight)
-        self.out_mult = BASE_WIDTH / d
-
-    def forward(self, idx):
-        x = self.embedding(idx) + self.pos[: idx.shape[1]]
-        for b in self.blocks:
-            x = b(x)
-        return self.lm_head(self.ln_f(x)) * self.out_mult
+def make_optimizer(model, optim, lr_e, hidden_factor=1.0, rule="mup"):
+    opt_cls = lvopt.AdamH if optim == "adamh" else lvopt.AdamW
+    lrs = {"embedding": lr_e, "hidden": HIDDEN_LR0[optim] * hidden_factor, "output": OUTPUT_LR0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # V < width at V = 16: the warning is the point of the V axis
+        return from_model(opt_cls, model, lr=lrs, base_width=BASE_WIDTH, rule=rule, weight_decay=0.0,
+                          overrides={"head.weight": "output"}, allow_smaller_width=True)
 
 
 # ---------------------------------------------------------------------------- one run
 
-def batches(ids, steps, batch, seq, seed):
-    """The token windows of every step, fixed by the seed alone (shared across configs)."""
-    g = np.random.default_rng(1000 + seed)
-    starts = g.integers(0, len(ids) - seq - 1, size=(steps, batch))
-    return starts
-
-
-def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, layers):
+def run_one(task, ev, optim, width, seed, k, steps, batch, hidden_factor=1.0):
     torch.manual_seed(seed)
-    model = TinyLM(V, width, layers, seq)
+    model = MLP(task.V, width)
     lr_e = EMB_LR0 * 2 ** (k / 2)
-    h0 = HIDDEN_LR0[optim]
-    opt_cls = lvopt.AdamH if optim == "adamh" else lvopt.AdamW
-    lrs = {"embedding": lr_e, "hidden": h0, "output": HIDDEN_LR0["adamw"], "vector": HIDDEN_LR0["adamw"]}
-    wd = {"embedding": 0.0, "hidden": 0.0, "output": 0.0, "vector": 0.0}
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = from_model(opt_cls, model, lr=lrs, base_width=BASE_WIDTH, rule="mup",
-                         weight_decay=wd, overrides={"lm_head.weight": "output", "pos": "vector"},
-                         allow_smaller_width=True)
-    lr_h = opt.scaling_plan.role_lr("hidden")
-    assert abs(opt.scaling_plan.role_lr("embedding") - lr_e) < 1e-12
+    opt = make_optimizer(model, optim, lr_e, hidden_factor)
+    plan = opt.scaling_plan
+    lr_h = plan.role_lr("hidden")
+    alpha_h = 0.5 if optim == "adamh" else 1.0     # the corrected rule (lvopt.scaling.HYPERBALL_HIDDEN)
+    assert abs(lr_h - HIDDEN_LR0[optim] * hidden_factor * (BASE_WIDTH / width) ** alpha_h) < 1e-12 * lr_h
+    assert plan.role_lr("embedding") == lr_e
     base = [g["lr"] for g in opt.param_groups]
-    starts = batches(ids_tr, steps, batch, seq, seed)
-    t_ids = torch.from_numpy(ids_tr.astype(np.int64))
-    ar = torch.arange(seq + 1)
+    g = torch.Generator().manual_seed(1000 + seed)      # the batches depend on the seed only
     warm = max(1, steps // 10)
+    ce = nn.functional.cross_entropy
     t0 = time.time()
     tl = []
     for s in range(steps):
         f = min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-        for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * f
-        w = t_ids[torch.from_numpy(starts[s]).unsqueeze(1) + ar]
-        logits = model(w[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, V), w[:, 1:].reshape(-1))
+        for grp, b in zip(opt.param_groups, base):
+            grp["lr"] = b * f
+        x, _, y = task.sample(batch, g)
+        loss = ce(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         tl.append(loss.item())
         if not math.isfinite(tl[-1]):
             break
-    # validation: fixed windows, same for every config of this V
-    g = np.random.default_rng(7)
-    vs = g.integers(0, len(ids_va) - seq - 1, size=min(64, max(8, len(ids_va) // seq)))
-    v_ids = torch.from_numpy(ids_va.astype(np.int64))
     with torch.no_grad():
-        vl = []
-        for i in range(0, len(vs), 16):
-            w = v_ids[torch.from_numpy(vs[i:i + 16]).unsqueeze(1) + ar]
-            vl.append(F.cross_entropy(model(w[:, :-1]).reshape(-1, V), w[:, 1:].reshape(-1)).item())
-    val = float(np.mean(vl)) if all(math.isfinite(x) for x in tl) else math.nan
+        ex, et = ev
+        val = float(-(et * torch.log_softmax(model(ex), 1)).sum(1).mean())
+    if not all(math.isfinite(v) for v in tl):
+        val = math.nan
     N = sum(p.numel() for p in model.parameters())
-    return dict(optim=optim, width=width, V=V, seed=seed, k=k, lr_embedding=lr_e, lr_hidden=lr_h, N=N,
-                D=steps * batch * seq, steps=steps, train_loss=float(np.mean(tl[-max(1, steps // 10):])),
+    return dict(optim=optim, width=width, V=task.V, seed=seed, k=k, lr_embedding=lr_e, lr_hidden=lr_h, N=N,
+                D=steps * batch, steps=steps, train_loss=float(np.mean(tl[-max(1, steps // 10):])),
                 loss=val, seconds=round(time.time() - t0, 2))
 
 
 # ---------------------------------------------------------------------------- sweep
 
+def centre_k(width: int) -> int:
+    """First guess of the best k: half-way between muP (no drift) and LV (lr_emb ~ width^-1/2)."""
+    return 10 - round(0.5 * math.log2(width / BASE_WIDTH))
+
+
+def nominal_hidden(optim, width):
+    return HIDDEN_LR0[optim] * (BASE_WIDTH / width) ** (0.5 if optim == "adamh" else 1.0)
+
+
+class Sweep:
+    def __init__(self, out, P):
+        self.out, self.P = out, P
+        self.rows = []
+        if os.path.exists(out) and os.path.getsize(out) > 0:
+            with open(out, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+        self.tasks, self.evs = {}, {}
+        self.t_start, self.n_new = time.time(), 0
+
+    def task(self, V):
+        if V not in self.tasks:
+            self.tasks[V] = Task(V)
+            self.evs[V] = self.tasks[V].eval_set()
+        return self.tasks[V], self.evs[V]
+
+    def find(self, optim, width, V, seed, k, hf):
+        lr_h = nominal_hidden(optim, width) * hf
+        for r in self.rows:
+            if (r["optim"], int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"]), int(r["steps"])) == \
+                    (optim, width, V, seed, k, self.P["steps"]) and abs(float(r["lr_hidden"]) / lr_h - 1) < 1e-6:
+                return r
+        return None
+
+    def ensure(self, optim, width, V, seed, k, hf=1.0):
+        r = self.find(optim, width, V, seed, k, hf)
+        if r is not None:
+            return float(r["loss"])
+        task, ev = self.task(V)
+        r = run_one(task, ev, optim, width, seed, k, self.P["steps"], self.P["batch"], hf)
+        new = not os.path.exists(self.out) or os.path.getsize(self.out) == 0
+        with open(self.out, "a", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                wr.writeheader()
+            wr.writerow(r)
+        self.rows.append({k_: str(v) for k_, v in r.items()})
+        self.n_new += 1
+        el = time.time() - self.t_start
+        print(f"[{self.n_new}] {optim} width={width} V={V} seed={seed} k={k} lr_emb={r['lr_embedding']:.4g} "
+              f"lr_hid={r['lr_hidden']:.3g} loss={r['loss']:.4f} (bayes {task.bayes:.4f}) "
+              f"({r['seconds']:.1f}s, elapsed {el / 60:.1f} min)", flush=True)
+        return float(r["loss"])
+
+    def mean_loss(self, optim, width, V, k, seeds, hf=1.0):
+        ls = [self.ensure(optim, width, V, s, k, hf) for s in seeds]
+        return float(np.mean([x if math.isfinite(x) else 1e9 for x in ls]))
+
+    def emb_grid(self, optim, width, V, seeds, centre, hf=1.0):
+        """Embedding-LR grid at hidden factor hf, extended until the best seed-mean has two grid
+        points on each side; returns {k: mean loss}."""
+        grid = {k: self.mean_loss(optim, width, V, k, seeds, hf) for k in range(centre - 2, centre + 3)}
+        for _ in range(12):
+            best = min(grid, key=grid.get)
+            lo, hi = min(grid), max(grid)
+            if best - lo < 2:
+                grid[lo - 1] = self.mean_loss(optim, width, V, lo - 1, seeds, hf)
+            elif hi - best < 2:
+                grid[hi + 1] = self.mean_loss(optim, width, V, hi + 1, seeds, hf)
+            else:
+                break
+        return grid
+
+    def config(self, optim, width, V, seeds, ks=None, hidden_check=False, refine=False):
+        """The embedding-LR optimum at the muP hidden LR (bracketed); then optionally the hidden-LR
+        check (x 2^-1, x 2 at the best embedding point) or the refinement: the hidden LR on a
+        sqrt(2) grid at the best embedding point, extended until its best point is interior, and
+        the embedding-LR grid again at that hidden LR."""
+        if ks is not None:
+            for k in ks:
+                self.mean_loss(optim, width, V, k, seeds)
+            return
+        grid = self.emb_grid(optim, width, V, seeds, centre_k(width))
+        best = min(grid, key=grid.get)
+        if hidden_check:
+            for hf in (0.5, 2.0):
+                self.mean_loss(optim, width, V, best, seeds, hf)
+        if refine:
+            hg = {j: self.mean_loss(optim, width, V, best, seeds, 2 ** (j / 2)) for j in range(-2, 3)}
+            for _ in range(6):
+                jb = min(hg, key=hg.get)
+                if jb == min(hg):
+                    hg[jb - 1] = self.mean_loss(optim, width, V, best, seeds, 2 ** ((jb - 1) / 2))
+                elif jb == max(hg):
+                    hg[jb + 1] = self.mean_loss(optim, width, V, best, seeds, 2 ** ((jb + 1) / 2))
+                else:
+                    break
+            jb = min(hg, key=hg.get)
+            if jb != 0 and refine != "hidden":     # "hidden": the hidden-LR grid only
+                self.emb_grid(optim, width, V, seeds, best, 2 ** (jb / 2))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    ap.add_argument("--corpus", default=DEFAULT_CORPUS)
     ap.add_argument("--out", default=os.path.join(HERE, "runs.csv"))
-    ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
-    ap.add_argument("--max-chars", type=int, default=3_000_000, help="use only this many corpus characters")
     ap.add_argument("--threads", type=int, default=1)
-    for key in ("widths", "vocabs", "seeds", "ks"):
-        ap.add_argument(f"--{key}", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    ap.add_argument("--optims", type=lambda s: s.split(","), default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
+    ap.add_argument("--parts", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="only these parts of the preset (0-based)")
     a = ap.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads)
     try:
-        return _sweep(a)
+        P = PRESETS[a.preset]
+        sw = Sweep(a.out, P)
+        print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
+        for i, part in enumerate(P["parts"]):
+            if a.parts is not None and i not in a.parts:
+                continue
+            for o in part["optims"]:
+                for V in part["vocabs"]:
+                    for w in part["widths"]:
+                        sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False),
+                                  part.get("refine", False))
+        print(f"lv_rule: done, {sw.n_new} new runs", flush=True)
+        return 0
     finally:
         torch.set_num_threads(threads)  # leave the caller's setting as it was (tests call main)
-
-
-def _sweep(a) -> int:
-    P = dict(PRESETS[a.preset])
-    for key in ("widths", "vocabs", "seeds", "ks", "optims", "steps"):
-        if getattr(a, key) is not None:
-            P[key] = getattr(a, key)
-            P.pop("parts", None)   # an explicit grid replaces the preset's parts
-    done = set()
-    if os.path.exists(a.out):
-        with open(a.out, newline="") as f:
-            for r in csv.DictReader(f):
-                done.add((r["optim"], int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"]), int(r["steps"])))
-    # order: seed-major within each part, so that a partial sweep has complete first-seed grids
-    todo = []
-    for part in P.get("parts", [{}]):
-        G = {**P, **part}
-        todo += [(o, w, V, s, k) for s in G["seeds"] for V in G["vocabs"] for o in G["optims"]
-                 for w in G["widths"] for k in G["ks"]
-                 if (o, w, V, s, k, P["steps"]) not in done and (o, w, V, s, k) not in todo]
-    P["vocabs"] = sorted({t[2] for t in todo} | set(P.get("vocabs", [])))
-    total = len(todo) + sum(1 for d in done if d[5] == P["steps"])
-    print(f"lv_rule: {len(todo)} runs to do, {total - len(todo)} already in {a.out}", flush=True)
-    if a.dry_run:
-        for t in todo:
-            print(t)
-        return 0
-    data = {V: tokenize(a.corpus, V, a.cache, a.max_chars) for V in sorted(set(P["vocabs"]))}
-    for V, (t, v) in data.items():
-        print(f"lv_rule: V={V}: {len(t)} train tokens, {len(v)} val tokens", flush=True)
-    new = not os.path.exists(a.out) or os.path.getsize(a.out) == 0
-    t_start = time.time()
-    with open(a.out, "a", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            wr.writeheader()
-        for i, (o, w, V, s, k) in enumerate(todo):
-            r = run_one(P, *data[V], o, w, V, s, k, P["steps"], P["batch"], P["seq"], P["layers"])
-            wr.writerow(r)
-            f.flush()
-            el = time.time() - t_start
-            eta = el / (i + 1) * (len(todo) - i - 1)
-            print(f"[{i + 1}/{len(todo)}] {o} width={w} V={V} seed={s} k={k} lr_emb={r['lr_embedding']:.4g} "
-                  f"val={r['loss']:.4f} ({r['seconds']:.1f}s)  elapsed {el / 60:.1f} min, ETA {eta / 60:.1f} min",
-                  flush=True)
-    return 0
 
 
 if __name__ == "__main__":
