@@ -357,6 +357,8 @@ inline at::Tensor advance_steps(const StepArgs& a, at::TensorList radii, bool un
                                 const std::optional<at::Tensor>& found_inf = std::nullopt) {
   const int64_t n = static_cast<int64_t>(a.params.size());
   const auto dev = a.params[0].device();
+  // host copy: a hyper table given on the host (a direct call of the op); the optimizer passes
+  // its cached device table (lvopt/optim.py), so a step makes no copy here.
   *hyper_dev = a.hyper.device().is_cpu() ? a.hyper.to(dev, at::kDouble, /*non_blocking=*/true)
                                          : a.hyper;
   at::Tensor st = at::empty({n * static_cast<int64_t>(sizeof(TensorState))},
