@@ -52,7 +52,7 @@ Deliberate breakages tried (each applied alone, the file run as above); every on
    ``self.__dict__.update(kept)`` removed): "the step was not skipped" after setup,
    save_and_resume, step_nonfinite.
 6. exact mode not bringing rows current when betas change (the betas/eps clause removed from
-   ``_sparse_step``): "state exact.weight.exp_avg (current rows) vs dense AdamW" after setup,
+   the exact-mode sparse step's ``clock is not None and (not exact or ...)`` test): "state exact.weight.exp_avg (current rows) vs dense AdamW" after setup,
    change_hyperparameters; also "resumed vs uninterrupted" after a betas change and a resume.
 Before the step-after-every-operation structure, breakages 2 and 6 went unnoticed in 30 examples.
 """
