@@ -370,19 +370,23 @@ class SparseRows:
         """One row-sparse step; returns the telemetry sums (two fp64) when tracking."""
         opt = self.opt
         exact = group.get("sparse_mode", "exact") == "exact"
+        fresh = not opt.state.get(p)
         st = opt._init_state(p, "adamw")
         clock = st.get("row_clock")
         lr, b1, b2, wd, eps, _ = row
+        known = 0 if fresh else None  # the step count, where the host knows it without a read
         if clock is not None and (not exact or (clock.beta1, clock.beta2, clock.eps) != (b1, b2, eps)):
             # The closed form assumes fixed betas and eps since each row's last step: bring every
             # row current under the old ones first.
             self.flush_param(p, backend)
+            known = clock.last_step
             self.drop(p)
             clock = None
         if exact and clock is None:
-            # The one host read of the step count: when the clock starts (the first exact step of
-            # this table, or after a change of betas/eps); from then on the clock counts.
-            t0 = int(float(st["step"]))
+            # The step count at which the clock starts: 0 for a new table, the old clock's after
+            # a change of betas/eps; else (the first exact step after a checkpoint was loaded or
+            # after dense steps of this table) one host read, once.
+            t0 = known if known is not None else int(float(st["step"]))
             clock = st["row_clock"] = RowClock(b1, b2, eps, t0)
             st["last_step"] = torch.full((p.shape[0],), t0, dtype=torch.int64, device=p.device)
             p._lvopt_row_owner = weakref.ref(opt)

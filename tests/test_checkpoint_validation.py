@@ -237,7 +237,7 @@ def test_row_clock_refused():
     ("betas", (0.9,), "betas must be a pair"),
     ("eps", 0.0, "invalid epsilon value eps=0.0"),
     ("weight_decay", -0.1, "invalid weight_decay value -0.1"),
-    ("amsgrad", True, "amsgrad"),
+    ("differentiable", True, "differentiable"),
     ("sparse_mode", "fast", "sparse_mode must be one of"),
 ])
 def test_bad_group_hyperparameters(key, value, expected):

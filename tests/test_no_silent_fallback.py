@@ -13,10 +13,12 @@ from conftest import needs_native
 
 
 def _no_native_cuda(monkeypatch):
+    monkeypatch.setattr(_backend, "_REASONS", {})  # the per-process answers of unavailable_reason
     monkeypatch.setattr(_backend, "_native_cuda", lambda: False)
 
 
 def _native_cuda(monkeypatch):
+    monkeypatch.setattr(_backend, "_REASONS", {})
     monkeypatch.setattr(_backend, "_native_cuda", lambda: True)
     monkeypatch.setattr(_ops, "native_available", lambda: True)
 
