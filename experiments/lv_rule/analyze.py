@@ -222,8 +222,13 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
     def has_grid(o, V, w, f):
         hb = nom[(o, V, w)] * f
         return any(k[:3] == (o, V, w) and abs(k[3] / hb - 1) < 1e-4 and len(c["ks"]) >= 5 for k, c in C.items())
-    refined = {(h["optim"], h["V"], h["width"]) for h in hidden if len(h["factors"]) >= 5 and h["bracketed"]
-               and has_grid(h["optim"], h["V"], h["width"], h["best"])}
+    swept = {(h["optim"], h["V"], h["width"]) for h in hidden if len(h["factors"]) >= 5 and h["bracketed"]}
+    # an optimizer/V counts only if every swept width has its embedding grid at the best hidden LR
+    complete = {(o, V) for (o, V, w) in swept
+                if all(has_grid(h["optim"], h["V"], h["width"], h["best"]) for h in hidden
+                       if (h["optim"], h["V"]) == (o, V) and (h["optim"], h["V"], h["width"]) in swept)
+                and any(not C[k]["nominal"] and k[:2] == (o, V) for k in C if len(C[k]["ks"]) >= 5)}
+    refined = {k for k in swept if k[:2] in complete}
     for (o, V, w), key in sorted(best.items()):
         if (o, V, w) in refined:
             table.append({**_row(o, V, w, C[key], "refined"), "_key": key})
