@@ -37,6 +37,11 @@ go() {
   echo "== $1 ($(left) s left)"
 }
 
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA device here, nothing to settle (GPU_CHECK_SMOKE=1 runs the steps anyway, to check the script)"
+  [[ -n "${GPU_CHECK_SMOKE:-}" ]] || exit 0
+fi
+
 {
   date -u
   nvidia-smi -L
