@@ -13,7 +13,6 @@ import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from itertools import chain
 from typing import Iterator
 
 import torch

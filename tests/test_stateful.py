@@ -62,7 +62,6 @@ import math
 import os
 import warnings
 
-import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st

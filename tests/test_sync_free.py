@@ -14,7 +14,6 @@ launches the same kernels for every batch of N ids, proven without a GPU:
 On a GPU, tests/test_cuda_sparse_rows.py and test_triton_sparse_rows.py also run the steps
 under torch.cuda.set_sync_debug_mode("error") and capture them in a CUDA graph.
 """
-import os
 import re
 from pathlib import Path
 
@@ -164,7 +163,7 @@ def _triton_launches(ids_list, exact, monkeypatch):
     lists = []
     for ids in ids_list:
         calls = []
-        monkeypatch.setattr(S, "launch", lambda kernel, grid, *a, **k: calls.append((kernel.fn.__name__, grid)))
+        monkeypatch.setattr(S, "launch", lambda kernel, grid, *a, calls=calls, **k: calls.append((kernel.fn.__name__, grid)))
         with FakeTensorMode(allow_non_fake_inputs=True):
             V, d = 40, 16
             p = torch.zeros(V, d, device="cuda")

@@ -5,7 +5,6 @@ opt.step (fullgraph) and of a whole training step equal to eager, and, on fake C
 blocking copy after the first step. On CUDA tensors with a GPU, else on CPU tensors under
 TRITON_INTERPRET=1 in a child pytest (tests/_triton_support.py)."""
 import copy
-import weakref
 
 import pytest
 import torch
