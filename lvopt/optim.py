@@ -508,7 +508,7 @@ class _FusedAdam(torch.optim.Optimizer):
             else:
                 host = torch.tensor(values, dtype=torch.float64).reshape(n, HYPER_COLS)
                 cuda = device.type == "cuda"
-                if cuda and torch.cuda.is_available():  # (not on fake CUDA tensors without a GPU)
+                if cuda:
                     host = host.pin_memory()
                 if ent is not None and ent[1].shape == host.shape and ent[1].device == device:
                     table = ent[1]

@@ -175,7 +175,7 @@ class RowClock:
         no blocking copy once the tables are pinned (from the second call on a CUDA device)."""
         m = self._mirror
         if m is None or m["device"] != device:
-            if device.type == "cuda" and torch.cuda.is_available() and not self._pin:
+            if device.type == "cuda" and not self._pin:
                 self._pin = True
                 self._buf = self._buf.pin_memory()
                 self.qpow = self.qpow.pin_memory()

@@ -41,14 +41,23 @@ def _triton_installed():
 
 class HostTraffic(TorchDispatchMode):
     """Records the ops that move data between host and device: copies from a CPU tensor into a
-    device tensor (blocking unless non_blocking=True) and device-to-host copies."""
+    device tensor (blocking unless non_blocking=True from pinned memory: from pageable memory
+    CUDA copies synchronously) and device-to-host copies. Answers pin_memory (not implemented
+    for fake tensors) by marking the tensor pinned."""
 
     def __init__(self):
         super().__init__()
+        self.pinned = {}  # id -> tensor (kept alive, so that ids stay unique)
+        self.reset()
+
+    def reset(self):
         self.blocking_uploads, self.downloads, self.ops = [], [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._pin_memory.default:
+            self.pinned[id(args[0])] = args[0]
+            return args[0]
         name = str(func.overloadpacket.__name__)
         self.ops.append(name)
         if name in ("_local_scalar_dense", "item") and args[0].device.type != "cpu":
@@ -58,7 +67,8 @@ class HostTraffic(TorchDispatchMode):
             dst_dev = args[0].device if name == "copy_" else kwargs.get("device", src.device)
             dst_dev = torch.device(dst_dev) if dst_dev is not None else src.device
             nb = bool(args[2] if name == "copy_" and len(args) > 2 else kwargs.get("non_blocking", False))
-            if src.device.type == "cpu" and dst_dev.type == "cuda" and not nb:
+            pinned = id(src) in self.pinned or (src._base is not None and id(src._base) in self.pinned)
+            if src.device.type == "cpu" and dst_dev.type == "cuda" and not (nb and pinned):
                 self.blocking_uploads.append(name)
             if src.device.type == "cuda" and dst_dev.type == "cpu":
                 self.downloads.append(name)
@@ -95,8 +105,9 @@ def _fake_training(backend, mode, dtype, steps=4):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        one_step()
         with rec:
+            one_step()
+            rec.reset()
             for _ in range(steps - 1):
                 one_step()
             opt.flush()
@@ -143,8 +154,9 @@ def test_a_host_read_is_caught():
         with rec:
             x.copy_(torch.ones(4))
             x.cpu()
-            x.copy_(torch.ones(4), non_blocking=True)
-        assert rec.blocking_uploads == ["copy_"] and rec.downloads == ["_to_copy"]
+            x.copy_(torch.ones(4), non_blocking=True)  # from pageable memory: blocking too
+            x.copy_(torch.ones(4).pin_memory(), non_blocking=True)
+        assert rec.blocking_uploads == ["copy_", "copy_"] and rec.downloads == ["_to_copy"]
 
 
 # ----- the Triton ops' bodies on fake tensors: the launch list depends on N only -------------------

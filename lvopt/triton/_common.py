@@ -214,9 +214,7 @@ def _upload(host: torch.Tensor, device) -> torch.Tensor:
     caching host allocator keeps the pinned block until the copy has run)."""
     if device.type != "cuda":
         return host.to(device)
-    if torch.cuda.is_available():  # (not on fake CUDA tensors without a GPU)
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class _Plan:
