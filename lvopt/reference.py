@@ -13,6 +13,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+# The error word of the sparse ops (csrc/include/lvopt/sparse_args.h, check_sparse_error).
+from .sparse import ERR_CLOCK, ERR_IDS
+
 # Columns of the per-tensor hyperparameter table (csrc/include/lvopt/math.h, HyperCol).
 LR, BETA1, BETA2, WEIGHT_DECAY, EPS, MAXIMIZE = range(6)
 HYPER_COLS = 6
@@ -150,8 +153,6 @@ def _check_indices(op: str, indices: Tensor, num_rows: int) -> None:
                                f"table of {num_rows} rows")
 
 
-# The error word of the sparse ops (csrc/include/lvopt/sparse_args.h, check_sparse_error).
-ERR_IDS, ERR_CLOCK = 1, 2
 
 
 def _stop_for_error(error: Tensor | None, indices: Tensor, num_rows: int) -> bool:

@@ -316,7 +316,7 @@ class SparseRows:
         """Whether ids are checked on the host before the step: for the host backends (cpu,
         reference: no synchronisation to save), or with check_ids="sync"; else (cuda, triton) on
         the device, deferred."""
-        return backend not in ("cuda", "triton") or getattr(self.opt, "check_ids", "deferred") == "sync"
+        return not _device_tables(backend) or getattr(self.opt, "check_ids", "deferred") == "sync"
 
     def _error_for(self, p: torch.Tensor, backend: str) -> _PendingError | None:
         if self.checks_on_host(backend):
@@ -396,7 +396,7 @@ class SparseRows:
             st["step"] = st["step"].to(p.device)
         g = p.grad
         fns = _backend_ops(backend)
-        hyper = _hyper_row(row, p.device if _device_tables(backend) else None)
+        hyper = _hyper_row(row)
         sums = torch.zeros(1, 2, dtype=torch.float64, device=p.device) if track else None
         extra = {} if sums is None else {"stats": sums}
         err = self._error_for(p, backend)
@@ -411,15 +411,13 @@ class SparseRows:
             hist, qpow, base, epoch, window = clock.op_args(p.device if _device_tables(backend) else None)
             fns.sparse_adamw_(p.data, idx, vals, st["exp_avg"], st["exp_avg_sq"], st["step"], st["last_step"],
                               hist, qpow, hyper, base, epoch, window, True, **extra)
-            if err is not None:
-                err.arm()
         else:
             empty = torch.empty(0, dtype=torch.float64, device=p.device)
             fns.sparse_adamw_(p.data, idx, vals, st["exp_avg"], st["exp_avg_sq"], st["step"],
                               torch.empty(0, dtype=torch.int64, device=p.device), empty, empty, hyper, 0, 1, 0,
                               False, **extra)
-            if err is not None:
-                err.arm()
+        if err is not None:
+            err.arm()
         return sums
 
     def _every_row(self, p: torch.Tensor) -> torch.Tensor:
@@ -438,15 +436,14 @@ class SparseRows:
     def catchup_rows(self, p: torch.Tensor, rows: torch.Tensor, backend: str) -> None:
         st = self.opt.state[p]
         clock = st["row_clock"]
-        dev = p.device if _device_tables(backend) else None
-        hist, qpow, base, epoch, window = clock.op_args(dev)
-        hyper = _hyper_row((0.0, clock.beta1, clock.beta2, 0.0, clock.eps, 0.0), dev)
+        hist, qpow, base, epoch, window = clock.op_args(p.device if _device_tables(backend) else None)
         extra = {}
         err = self._error_for(p, backend)
         if err is not None:
             extra["error"] = err.word
         _backend_ops(backend).sparse_catchup_(p.data, rows, st["exp_avg"], st["exp_avg_sq"], st["step"],
-                                              st["last_step"], hist, qpow, hyper, base, epoch, window, **extra)
+                                              st["last_step"], hist, qpow, clock.hyper(), base, epoch, window,
+                                              **extra)
         if err is not None:
             err.arm()
 
@@ -475,7 +472,7 @@ class SparseRows:
         if ids.device != param.device:
             ids = ids.to(param.device, non_blocking=True)
         backend = self.opt._backend_for(param.device)[0]
-        if self.checks_on_host(backend) and backend in ("cuda", "triton") and ids.numel():
+        if self.checks_on_host(backend) and _device_tables(backend) and ids.numel():
             lo, hi = (int(x) for x in torch.aminmax(ids))
             if lo < 0 or hi >= param.shape[0]:
                 raise ValueError(f"{self._name(param)}: catch_up ids span [{lo}, {hi}], outside "
@@ -490,8 +487,8 @@ def _backend_ops(backend: str):
 
 
 @_host_tables
-def _hyper_row(row: tuple, device: torch.device | None = None) -> torch.Tensor:
-    """The [1, 6] fp64 hyperparameter row of a sparse op, on the host: the CUDA op passes its
-    values to the kernels by value and the Triton op builds its coefficients on the device from
-    them, so no copy to the device (and no host read) is needed."""
+def _hyper_row(row: tuple) -> torch.Tensor:
+    """The [1, 6] fp64 hyperparameter row of a sparse step, on the host for every backend: the
+    CUDA op passes its values to the kernels by value and the Triton op builds its coefficients
+    on the device from them, so no copy to the device (and no host read) is needed."""
     return torch.tensor([row], dtype=torch.float64)

@@ -156,7 +156,9 @@ print(lvopt.build_info()["cpu_isa_active"], [x.view(torch.int32).long().sum().it
 
 
 @needs_native
-def test_opcheck(gen):
+@pytest.mark.parametrize("word", [False, True], ids=["raising", "error word"])
+def test_opcheck(gen, word):
+    kw = {"error": torch.zeros(3, dtype=torch.int64)} if word else {}
     V, d = 11, 8
     clock = RowClock(0.9, 0.999, 1e-8, 0)
     for t in range(1, 4):
@@ -167,10 +169,10 @@ def test_opcheck(gen):
     for exact in (True, False):
         args = (torch.randn(V, d), ids, torch.randn(4, d), torch.rand(V, d), torch.rand(V, d) + 0.1,
                 torch.tensor(2.0), torch.tensor([0, 1, 2] * 3 + [0, 0]), h, q, hyper, base, e, w, exact)
-        torch.library.opcheck(torch.ops.lvopt.sparse_adamw_.default, args)
+        torch.library.opcheck(torch.ops.lvopt.sparse_adamw_.default, args, kw)
     torch.library.opcheck(torch.ops.lvopt.sparse_catchup_.default,
                           (torch.randn(V, d), ids, torch.rand(V, d), torch.rand(V, d) + 0.1, torch.tensor(3.0),
-                           torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w))
+                           torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w), kw)
     torch.library.opcheck(torch.ops.lvopt.coalesce_rows.default, (ids, torch.randn(4, d), V),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -452,22 +454,3 @@ def test_error_word_instead_of_raising(gen, fn, exact):
          torch.tensor(1.0), torch.ones(V, dtype=torch.int64), h, q, hyper, base, e, w, exact, error=err)
     assert err.tolist() == [0, 0, 0] and not torch.equal(p, p0)
 
-
-@needs_native
-def test_opcheck_with_error_word(gen):
-    V, d = 11, 8
-    clock = RowClock(0.9, 0.999, 1e-8, 0)
-    for t in range(1, 4):
-        clock.append(t, 1e-2, 0.1)
-    h, q, base, e, w = clock.op_args()
-    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
-    ids = torch.tensor([3, 1, 3, 7])
-    for exact in (True, False):
-        args = (torch.randn(V, d), ids, torch.randn(4, d), torch.rand(V, d), torch.rand(V, d) + 0.1,
-                torch.tensor(2.0), torch.tensor([0, 1, 2] * 3 + [0, 0]), h, q, hyper, base, e, w, exact)
-        torch.library.opcheck(torch.ops.lvopt.sparse_adamw_.default, args,
-                              {"error": torch.zeros(3, dtype=torch.int64)})
-    torch.library.opcheck(torch.ops.lvopt.sparse_catchup_.default,
-                          (torch.randn(V, d), ids, torch.rand(V, d), torch.rand(V, d) + 0.1, torch.tensor(3.0),
-                           torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w),
-                          {"error": torch.zeros(3, dtype=torch.int64)})

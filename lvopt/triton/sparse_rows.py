@@ -63,8 +63,7 @@ HIST_SERIES, HIST_COLS = 8, 13
 SERIES_LIMIT = 1e2  # csrc/include/lvopt/sparse_clock.h kSeriesLimit
 # Columns of the per-row catch-up table (CatchupRow): P, b1k, b2k, M0..M3, N1..N4, fwd_v, rev_v.
 CR_COLS = 13
-# The error word (csrc/include/lvopt/sparse_args.h).
-ERR_IDS, ERR_CLOCK = 1, 2
+# The error word's codes (lvopt/sparse.py ERR_IDS = 1, ERR_CLOCK = 2) are literals in the kernels.
 # Whether the row kernel runs catchup_element_loop for the elements between the series (a test
 # turns it off to show that those elements need it).
 WINDOW_LOOP = True
