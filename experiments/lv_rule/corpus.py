@@ -20,7 +20,7 @@ This version:
 Resumable: every finished run is appended to ``runs_corpus.csv`` (the columns of runs.csv) and
 skipped next time; the grid extensions are decided from the rows already there.
 
-    python experiments/lv_rule/corpus.py                 # the corrected sweep (~60 min, one core)
+    python experiments/lv_rule/corpus.py                 # the corrected sweep (~65 min, one shared core)
     python experiments/lv_rule/analyze.py experiments/lv_rule/runs_corpus.csv \
         --out experiments/lv_rule/results_corpus
     python experiments/lv_rule/corpus.py --preset smoke  # a few seconds
@@ -59,7 +59,8 @@ PRESETS = {
         dict(optims=["adamw"], vocabs=[128], widths=[16, 32, 64, 128]),
         dict(optims=["adamw"], vocabs=[4096, 128], widths=[16, 128], hidden_check=True),
         dict(optims=["adamw"], vocabs=[4096, 128], widths=[32, 64], hidden_check=True),
-        dict(optims=["adamw"], vocabs=[4096, 128], widths=[256]),
+        dict(optims=["adamw"], vocabs=[128], widths=[256]),
+        dict(optims=["adamw"], vocabs=[4096], widths=[256]),
         dict(optims=["adamh"], vocabs=[4096, 128], widths=[16, 32, 64, 128]),
     ]),
     # Issue 8's sweep (450 steps x 8 x 32 tokens, two seeds, fixed grids), now with the corrected
