@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _backend, checkpoint
+from . import _backend, _memory, checkpoint
 from .reference import HYPER_COLS
 from .sparse import CHECK_IDS, ROW_KEYS, SPARSE_MODES, SparseRows
 
@@ -333,12 +333,13 @@ class _FusedAdam(torch.optim.Optimizer):
             # the kernels advance it there), on the host otherwise.
             st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=_step_device(p))
             dt = _moment_dtype(p)
-            st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            # CPU moments on transparent huge pages (lvopt/_memory.py): values as torch.zeros_like.
+            st["exp_avg"] = _memory.zeros(p, dt)
+            st["exp_avg_sq"] = _memory.zeros(p, dt)
         if amsgrad and "max_exp_avg_sq" not in st:
             # torch.optim.AdamW(amsgrad=True)'s state: the running maximum of exp_avg_sq (zeros
             # at the first step, as torch; a group switched to amsgrad later starts from zeros too).
-            st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"], memory_format=torch.preserve_format)
+            st["max_exp_avg_sq"] = _memory.zeros(st["exp_avg_sq"], st["exp_avg_sq"].dtype)
         if algo == "adamh" and "radius" not in st:
             # R = ||W_0||_F, recorded at the matrix's first hyperball step (docs/design.md section 2.2).
             # On the parameter's device for CUDA parameters (read there by the kernels), else the host.
