@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from . import _backend, checkpoint
-from .reference import HYPER_COLS
+from ._layout import HYPER_COLS
 from .sparse import CHECK_IDS, ROW_KEYS, SPARSE_MODES, SparseRows
 
 # Keys torch.optim.AdamW keeps in every param group. lvopt keeps them too, so that a torch

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lvopt
-from lvopt.reference import HYPER_COLS
+from lvopt._layout import HYPER_COLS
 
 NATIVE = lvopt.build_info()["native"]
 needs_native = pytest.mark.skipif(not NATIVE, reason="lvopt._C not built")
