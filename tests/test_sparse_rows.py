@@ -13,7 +13,14 @@ from torch import nn
 import lvopt
 from lvopt import reference
 from lvopt.sparse import RowClock
-from conftest import needs_native, rel_err, run_python
+from conftest import IN_TRITON_CHILD, needs_native, rel_err, run_python, run_triton_child
+
+if not IN_TRITON_CHILD:
+
+    def test_triton_in_interpreter_child():
+        """The Triton cases of the backend-parametrised tests here (test_opcheck); the rest of the
+        Triton sparse-row tests are tests/test_triton_sparse_rows.py's."""
+        run_triton_child(__file__)
 
 
 def _zipf_ids(n, v, gen, a=1.1):
@@ -155,25 +162,38 @@ print(lvopt.build_info()["cpu_isa_active"], [x.view(torch.int32).long().sum().it
     assert best[1] == lower[1]
 
 
-@needs_native
+# Width of the opcheck tables: 40 under the Triton interpreter (32-wide tiles: one full, one
+# masked tail), 8 for the native kernels.
+OPCHECK_WIDTH = {"cpu": 8, "triton": 40, "cuda": 8}
+
+
 @pytest.mark.parametrize("word", [False, True], ids=["raising", "error word"])
-def test_opcheck(gen, word):
-    kw = {"error": torch.zeros(3, dtype=torch.int64)} if word else {}
-    V, d = 11, 8
+def test_opcheck(backend, gen, word):
+    """opcheck of the three sparse-row ops on every backend; the table, ids, values and moments
+    on the backend's device, step, hist, qpow and hyper on the host (as lvopt.optim passes them),
+    last_step and the error word on the table's device for the native ops."""
+    dev = backend.device
+    host_last = backend.name == "triton"
+    kw = {"error": torch.zeros(3, dtype=torch.int64, device=dev)} if word else {}
+    V, d = 11, OPCHECK_WIDTH[backend.name]
     clock = RowClock(0.9, 0.999, 1e-8, 0)
     for t in range(1, 4):
         clock.append(t, 1e-2, 0.1)
     h, q, base, e, w = clock.op_args()
     hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
-    ids = torch.tensor([3, 1, 3, 7])
+    ids = torch.tensor([3, 1, 3, 7], device=dev)
     for exact in (True, False):
-        args = (torch.randn(V, d), ids, torch.randn(4, d), torch.rand(V, d), torch.rand(V, d) + 0.1,
-                torch.tensor(2.0), torch.tensor([0, 1, 2] * 3 + [0, 0]), h, q, hyper, base, e, w, exact)
-        torch.library.opcheck(torch.ops.lvopt.sparse_adamw_.default, args, kw)
-    torch.library.opcheck(torch.ops.lvopt.sparse_catchup_.default,
-                          (torch.randn(V, d), ids, torch.rand(V, d), torch.rand(V, d) + 0.1, torch.tensor(3.0),
-                           torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w), kw)
-    torch.library.opcheck(torch.ops.lvopt.coalesce_rows.default, (ids, torch.randn(4, d), V),
+        last = torch.tensor([0, 1, 2] * 3 + [0, 0])
+        args = (torch.randn(V, d, device=dev), ids, torch.randn(4, d, device=dev), torch.rand(V, d, device=dev),
+                torch.rand(V, d, device=dev) + 0.1, torch.tensor(2.0), last if host_last else last.to(dev),
+                h, q, hyper, base, e, w, exact)
+        torch.library.opcheck(backend.op("sparse_adamw_"), args, kw)
+    last = torch.zeros(V, dtype=torch.int64)
+    torch.library.opcheck(backend.op("sparse_catchup_"),
+                          (torch.randn(V, d, device=dev), ids, torch.rand(V, d, device=dev),
+                           torch.rand(V, d, device=dev) + 0.1, torch.tensor(3.0), last if host_last else last.to(dev),
+                           h, q, hyper, base, e, w), kw)
+    torch.library.opcheck(backend.op("coalesce_rows"), (ids, torch.randn(4, d, device=dev), V),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -359,25 +359,6 @@ def test_errors_write_nothing(gen):
 
 
 @needs_triton_device
-def test_opcheck(gen):
-    V, d = 11, 40
-    clock = _clock(3)
-    h, q, base, e, w = clock.op_args()
-    hyper = _hyper()
-    ids = torch.tensor([3, 1, 3, 7]).to(DEV)
-    for exact in (True, False):
-        args = (torch.randn(V, d).to(DEV), ids, torch.randn(4, d).to(DEV), torch.rand(V, d).to(DEV),
-                (torch.rand(V, d) + 0.1).to(DEV), torch.tensor(2.0), torch.tensor([0, 1, 2] * 3 + [0, 0]), h, q,
-                hyper, base, e, w, exact)
-        torch.library.opcheck(torch.ops.lvopt_triton.sparse_adamw_.default, args)
-    torch.library.opcheck(torch.ops.lvopt_triton.sparse_catchup_.default,
-                          (torch.randn(V, d).to(DEV), ids, torch.rand(V, d).to(DEV), (torch.rand(V, d) + 0.1).to(DEV),
-                           torch.tensor(3.0), torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w))
-    torch.library.opcheck(torch.ops.lvopt_triton.coalesce_rows.default, (ids, torch.randn(4, d).to(DEV), V),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
-@needs_triton_device
 def test_sparse_adamw_compiles_with_torch_compile(gen):
     """The custom op and its fake kernel trace under torch.compile (fullgraph); same bits."""
     V, d, T = 9, 40, 20
