@@ -4,6 +4,7 @@ side (the optimizer, the reference, the Triton kernels' host code, the tests) ta
 Each block names the C++ declaration it mirrors; tests/test_layout.py parses the headers and
 checks that every value here equals its C++ counterpart, so a change on one side fails there.
 """
+
 from __future__ import annotations
 
 # Columns of one row of the per-tensor hyperparameter table (float64, [n_tensors, HYPER_COLS]):
@@ -28,12 +29,22 @@ ERR_IDS, ERR_CLOCK = 1, 2
 
 # Python name -> (header under csrc/include/lvopt/, C++ name), for tests/test_layout.py.
 CPP_NAMES = {
-    "LR": ("math.h", "kLr"), "BETA1": ("math.h", "kBeta1"), "BETA2": ("math.h", "kBeta2"),
-    "WEIGHT_DECAY": ("math.h", "kWeightDecay"), "EPS": ("math.h", "kEps"),
-    "MAXIMIZE": ("math.h", "kMaximize"), "HYPER_COLS": ("math.h", "kHyperCols"),
-    "H_LR": ("math.h", "kHLr"), "H_DECAY": ("math.h", "kHDecay"), "H_LOGPI": ("math.h", "kHLogPi"),
-    "H_U": ("math.h", "kHU"), "H_SQRTBC2": ("math.h", "kHSqrtBc2"), "H_SERIES": ("math.h", "kHSeries"),
-    "HIST_SERIES": ("math.h", "kHistSeries"), "HIST_COLS": ("math.h", "kHistCols"),
+    "LR": ("math.h", "kLr"),
+    "BETA1": ("math.h", "kBeta1"),
+    "BETA2": ("math.h", "kBeta2"),
+    "WEIGHT_DECAY": ("math.h", "kWeightDecay"),
+    "EPS": ("math.h", "kEps"),
+    "MAXIMIZE": ("math.h", "kMaximize"),
+    "HYPER_COLS": ("math.h", "kHyperCols"),
+    "H_LR": ("math.h", "kHLr"),
+    "H_DECAY": ("math.h", "kHDecay"),
+    "H_LOGPI": ("math.h", "kHLogPi"),
+    "H_U": ("math.h", "kHU"),
+    "H_SQRTBC2": ("math.h", "kHSqrtBc2"),
+    "H_SERIES": ("math.h", "kHSeries"),
+    "HIST_SERIES": ("math.h", "kHistSeries"),
+    "HIST_COLS": ("math.h", "kHistCols"),
     "SERIES_LIMIT": ("sparse_clock.h", "kSeriesLimit"),
-    "ERR_IDS": ("sparse_args.h", "kErrIds"), "ERR_CLOCK": ("sparse_args.h", "kErrClock"),
+    "ERR_IDS": ("sparse_args.h", "kErrIds"),
+    "ERR_CLOCK": ("sparse_args.h", "kErrClock"),
 }

@@ -4,6 +4,7 @@ problem. Every check runs before a step writes anything; the ops check again wha
 (csrc/include/lvopt/step_args.h and sparse_args.h, lvopt/triton/_common.py). lvopt/checkpoint.py
 judges a checkpoint's hyperparameters by the same :func:`check_hyper`.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,6 +53,7 @@ def check_hyper(group: dict, where: str, hyperball: bool = False, read: bool = T
     their values are not checked here (that would be a host read per step): they were checked
     when the group was added, and the CPU kernel checks the table it receives; on a GPU the
     values of a tensor that changes later are the user's to keep in range, as with torch."""
+
     def num(x, name):
         return scalar(x, name, where, read)
 
@@ -72,27 +74,41 @@ def check_hyper(group: dict, where: str, hyperball: bool = False, read: bool = T
     if not isinstance(wd, Tensor) and (not math.isfinite(wd) or wd < 0.0):
         raise ValueError(f"{where}: invalid weight_decay value {wd}: must be finite and >= 0")
     if hyperball and (isinstance(wd, Tensor) or wd != 0.0):
-        raise ValueError(f"{where}: weight_decay={wd} given to a hyperball group; AdamH keeps the "
-                         f"norm of hyperball matrices fixed, so they take no weight decay. Set "
-                         f"weight_decay=0, or hyperball=False for the group")
+        raise ValueError(
+            f"{where}: weight_decay={wd} given to a hyperball group; AdamH keeps the "
+            f"norm of hyperball matrices fixed, so they take no weight decay. Set "
+            f"weight_decay=0, or hyperball=False for the group"
+        )
     if hyperball and group.get("amsgrad", False):
-        raise ValueError(f"{where}: amsgrad=True given to a hyperball group; AdamH's hyperball step has "
-                         f"no AMSGrad variant. Use amsgrad=False, or hyperball=False for the group "
-                         f"(AdamW, which supports amsgrad)")
+        raise ValueError(
+            f"{where}: amsgrad=True given to a hyperball group; AdamH's hyperball step has "
+            f"no AMSGrad variant. Use amsgrad=False, or hyperball=False for the group "
+            f"(AdamW, which supports amsgrad)"
+        )
     if group.get("differentiable", False):
-        raise ValueError(f"{where}: differentiable=True is not supported: lvopt's steps are fused kernels "
-                         f"that autograd does not trace")
+        raise ValueError(
+            f"{where}: differentiable=True is not supported: lvopt's steps are fused kernels "
+            f"that autograd does not trace"
+        )
     if not group.get("decoupled_weight_decay", True) and wd != 0.0:
-        raise ValueError(f"{where}: decoupled_weight_decay=False (Adam with L2, e.g. a torch.optim.Adam "
-                         f"checkpoint) is not supported; lvopt implements AdamW's decoupled decay")
+        raise ValueError(
+            f"{where}: decoupled_weight_decay=False (Adam with L2, e.g. a torch.optim.Adam "
+            f"checkpoint) is not supported; lvopt implements AdamW's decoupled decay"
+        )
     mode = group.get("sparse_mode", "exact")
     if mode not in SPARSE_MODES:
         raise ValueError(f"{where}: sparse_mode must be one of {SPARSE_MODES}, got {mode!r}")
     return lr, b1, b2, wd, eps, 1.0 if group["maximize"] else 0.0
 
 
-def check_param(p: Tensor, where: Callable[[], str], hyperball_group: bool, backend_for: Callable,
-                check_sparse_grad: Callable, state: dict | None) -> str:
+def check_param(
+    p: Tensor,
+    where: Callable[[], str],
+    hyperball_group: bool,
+    backend_for: Callable,
+    check_sparse_grad: Callable,
+    state: dict | None,
+) -> str:
     """Checks one parameter and its gradient and state and returns its backend's name.
     ``where()`` names the parameter in an error (built only when one is raised);
     ``hyperball_group``: whether its group is an AdamH hyperball group; ``backend_for(device)``
@@ -102,23 +118,30 @@ def check_param(p: Tensor, where: Callable[[], str], hyperball_group: bool, back
     g = p.grad
     sparse = g.layout == torch.sparse_coo
     if g.layout != torch.strided and not sparse:
-        raise TypeError(f"{where()}: got a {g.layout} gradient; lvopt takes dense gradients and "
-                        f"row-sparse torch.sparse_coo gradients")
+        raise TypeError(
+            f"{where()}: got a {g.layout} gradient; lvopt takes dense gradients and "
+            f"row-sparse torch.sparse_coo gradients"
+        )
     if is_dtensor(p):
         if sparse:
-            raise TypeError(f"{where()}: a row-sparse gradient of a sharded (DTensor) parameter is not "
-                            f"supported; keep the embedding out of fully_shard or give it dense gradients")
+            raise TypeError(
+                f"{where()}: a row-sparse gradient of a sharded (DTensor) parameter is not "
+                f"supported; keep the embedding out of fully_shard or give it dense gradients"
+            )
         if hyperball_group and p.dim() >= 2:
-            raise TypeError(f"{where()}: AdamH cannot step a sharded (FSDP2 DTensor) matrix: its norms "
-                            f"||u||, <W,u>, ||W|| and the radius span all shards, which would need an "
-                            f"all-reduce between the two passes; put this parameter in a group with "
-                            f"hyperball=False (AdamW), or do not shard it")
+            raise TypeError(
+                f"{where()}: AdamH cannot step a sharded (FSDP2 DTensor) matrix: its norms "
+                f"||u||, <W,u>, ||W|| and the radius span all shards, which would need an "
+                f"all-reduce between the two passes; put this parameter in a group with "
+                f"hyperball=False (AdamW), or do not shard it"
+            )
     backend, dtypes, device_ok = backend_for(p.device)
     if not device_ok:
         raise TypeError(f"{where()}: backend {backend!r} cannot step tensors on {p.device}")
     if p.dtype not in dtypes:
-        raise TypeError(f"{where()}: unsupported dtype {p.dtype}; backend {backend!r} supports "
-                        f"{', '.join(str(d) for d in dtypes)}")
+        raise TypeError(
+            f"{where()}: unsupported dtype {p.dtype}; backend {backend!r} supports {', '.join(str(d) for d in dtypes)}"
+        )
     if g.dtype != p.dtype:
         raise TypeError(f"{where()}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
     if g.device != p.device:
@@ -132,13 +155,17 @@ def check_param(p: Tensor, where: Callable[[], str], hyperball_group: bool, back
         for key in MOMENTS:
             t = st.get(key)
             if t is None or t.shape != p.shape or t.device != p.device or t.dtype != moment_dtype(p):
-                raise ValueError(f"{where()}: state '{key}' is missing or does not match the parameter "
-                                 f"({None if t is None else (tuple(t.shape), t.dtype, str(t.device))}); was the wrong "
-                                 f"state_dict loaded?")
+                raise ValueError(
+                    f"{where()}: state '{key}' is missing or does not match the parameter "
+                    f"({None if t is None else (tuple(t.shape), t.dtype, str(t.device))}); was the wrong "
+                    f"state_dict loaded?"
+                )
         t = st.get("max_exp_avg_sq")
         if t is not None and (t.shape != p.shape or t.device != p.device or t.dtype != moment_dtype(p)):
-            raise ValueError(f"{where()}: state 'max_exp_avg_sq' does not match the parameter "
-                             f"({(tuple(t.shape), t.dtype, str(t.device))}); was the wrong state_dict loaded?")
+            raise ValueError(
+                f"{where()}: state 'max_exp_avg_sq' does not match the parameter "
+                f"({(tuple(t.shape), t.dtype, str(t.device))}); was the wrong state_dict loaded?"
+            )
         if "step" not in st:
             raise ValueError(f"{where()}: state has no 'step'")
         if sparse and not (st["exp_avg"].is_contiguous() and st["exp_avg_sq"].is_contiguous()):
@@ -149,9 +176,11 @@ def check_param(p: Tensor, where: Callable[[], str], hyperball_group: bool, back
 def check_sparse_amsgrad(group: dict, where: Callable[[], str]) -> None:
     """A row-sparse gradient in an amsgrad group: the sparse-row step has no AMSGrad variant."""
     if group.get("amsgrad", False):
-        raise TypeError(f"{where()}: amsgrad=True with a row-sparse gradient is not supported "
-                        f"(the sparse-row step has no AMSGrad variant); give this parameter "
-                        f"dense gradients or put it in a group with amsgrad=False")
+        raise TypeError(
+            f"{where()}: amsgrad=True with a row-sparse gradient is not supported "
+            f"(the sparse-row step has no AMSGrad variant); give this parameter "
+            f"dense gradients or put it in a group with amsgrad=False"
+        )
 
 
 def where(group: dict, gi: int, pi: int, p: Tensor) -> str:

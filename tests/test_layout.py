@@ -1,5 +1,6 @@
 """lvopt/_layout.py mirrors the native headers: every constant there equals its C++ counterpart
 (parsed from csrc/include/lvopt/*.h), and the Python side takes the layout from that one module."""
+
 import pathlib
 import re
 
@@ -43,8 +44,11 @@ def test_layout_has_one_home():
     Triton host code import it; nothing declares its own copy)."""
     names = "|".join(sorted(_layout.CPP_NAMES, key=len, reverse=True))
     pattern = re.compile(rf"^\s*(?:{names})(?:\s*,\s*(?:{names}))*\s*=", re.M)
-    offenders = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "lvopt").rglob("*.py"))
-                 if p.name != "_layout.py" and pattern.search(p.read_text())]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "lvopt").rglob("*.py"))
+        if p.name != "_layout.py" and pattern.search(p.read_text())
+    ]
     assert offenders == []
 
 
