@@ -98,13 +98,19 @@ def run_triton_child(path):
     and this process has imported it already. Nothing to do where a GPU runs them here."""
     if torch.cuda.is_available():
         pytest.skip("a GPU runs the Triton cases in this process")
+    run_under_interpreter(path, "-m", "triton")
+
+
+def run_under_interpreter(path, *pytest_args):
+    """Runs the test file ``path`` (with ``pytest_args``) in a child pytest under TRITON_INTERPRET=1
+    and asserts that it passed."""
     try:
         import triton  # noqa: F401
     except ImportError:
         pytest.skip("triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(path), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "triton", path],
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args, path],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-3000:]
