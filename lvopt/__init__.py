@@ -8,7 +8,8 @@ from ._version import __version__ as _base_version
 __version__ = _ops.built_for().get("version", _base_version)
 from . import reference
 from ._backend import BACKENDS, build_info, cpu_isa_levels, set_cpu_isa
-from .optim import NONFINITE_POLICIES, AdamH, AdamW, DenseEmbeddingGradWarning, NonFiniteGradientError
+from ._validate import NONFINITE_POLICIES
+from .optim import AdamH, AdamW, DenseEmbeddingGradWarning, NonFiniteGradientError
 from . import checkpoint, nn, sparse, telemetry  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 
