@@ -213,7 +213,7 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
                           "last_ptr": "*i64", "cr_ptr": "*fp32", "hist_ptr": "*fp64", "qpow_ptr": "*fp64",
                           "partial_ptr": "*fp64", "part_ptr": "*fp32", "part_start_ptr": "*i64",
                           "loop_ptr": "*i64", "d": "i32",
-                          "base": "i64", "epoch": "i32", "window": "i32", "qcols": "i32",
+                          "base": "i64", "epoch": "i32", "window": "i32", "qcols": "i32", "ring": "i64",
                           **{k: "constexpr" for k in const}}, const,
                          {(0,): div16, (1,): div16, (2,): div16, (3,): div16}))
         # The exact-loop rows (a launch of the same kernel over the rows the first listed).
