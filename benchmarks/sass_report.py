@@ -204,7 +204,7 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
                         ("sparse_adamw_kernel<exact,track>", dict(HAS_GRAD=True, EXACT=True, TRACK=True)),
                         ("sparse_catchup_kernel", dict(HAS_GRAD=False, EXACT=True, TRACK=False))):
             const = {**c, "ALIGNED": True, "DEFER": c["EXACT"], "LOOP_LIST": False, "SPLIT": c["HAS_GRAD"],
-                     "RUN": S.RUN, "BLOCK_D": 512 if c["EXACT"] else 1024}
+                     "RUN": S.RUN, "BLOCK_D": 512 if c["EXACT"] else 1024, "RING": False}
             label = name.replace("kernel", f"kernel<{dt}>") if "<" not in name else name.replace("<", f"<{dt},")
             jobs.append((label, S.sparse_rows_kernel,
                          {"p_ptr": f"*{dt}", "m_ptr": "*fp32", "v_ptr": "*fp32", "vals_ptr": f"*{dt}",
@@ -219,7 +219,7 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
         # The exact-loop rows (a launch of the same kernel over the rows the first listed).
         for track in (False, True):
             c = dict(HAS_GRAD=True, EXACT=True, TRACK=track, ALIGNED=False, DEFER=False, LOOP_LIST=True, SPLIT=True,
-                     RUN=S.RUN, BLOCK_D=256 if dt == "bf16" else 128)
+                     RUN=S.RUN, BLOCK_D=256 if dt == "bf16" else 128, RING=False)
             jobs.append((f"sparse_loop_rows_kernel<{dt}{',track' if track else ''}>", S.sparse_rows_kernel,
                          {**jobs[-1][2], **{k: "constexpr" for k in c}}, c, {}))
         const = {"ALIGNED": True, "BLOCK_D": 1024}

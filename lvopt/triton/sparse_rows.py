@@ -436,8 +436,17 @@ def _scalars_kernel(rows_ptr, num_runs_ptr, last_ptr, info_ptr, err_ptr, hist_pt
 
 
 @triton.jit
+def _hrow(j, base, ring, RING: tl.constexpr):
+    """The history row of step j: j - base, modulo the ring's rows with a ring history (a
+    constexpr, so that the kernels without one compile as they did)."""
+    if RING:
+        return (j - base) % ring
+    return j - base
+
+
+@triton.jit
 def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, ring,
-                  LOOP: tl.constexpr, BLOCK_D: tl.constexpr):
+                  LOOP: tl.constexpr, BLOCK_D: tl.constexpr, RING: tl.constexpr):
     """math.h catchup_element_fast, and catchup_element_loop (terms from Clock::term, fp64) for
     the tile's elements with v between rev_v and fwd_v."""
     P = tl.load(cr_ptr + 0)
@@ -473,10 +482,10 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base
             rd = tl.sqrt(vi.to(tl.float64))
             e64 = ceps.to(tl.float64) / rd
             acc = tl.zeros((BLOCK_D,), tl.float64)
-            log_pi_c = tl.load(hist_ptr + ((c - base) % ring) * 13 + 2)
+            log_pi_c = tl.load(hist_ptr + _hrow(c, base, ring, RING) * 13 + 2)
             yend = tl.minimum(c, s + window)
             for j in range(s + 1, yend + 1):
-                h = hist_ptr + ((j - base) % ring) * 13
+                h = hist_ptr + _hrow(j, base, ring, RING) * 13
                 q0 = tl.load(qpow_ptr + (j - s) + epoch)
                 wj = tl.exp(log_pi_c - tl.load(h + 2)) * tl.load(h + 3) * q0
                 aj = tl.load(h + 4) * tl.load(qpow_ptr + qcols + (j - s) + epoch) / q0
@@ -490,7 +499,7 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base
 def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, coef_ptr, cr_ptr, ceps,
               behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, ring, HAS_GRAD: tl.constexpr,
               EXACT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, LOOP: tl.constexpr,
-              SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr):
+              SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr, RING: tl.constexpr):
     """One tile of a row: [exact: catch-up if behind], [AdamW step], stores; returns the tile's
     fp64 (sum W^2, sum dW^2) (unused values cost nothing)."""
     pi = _load(p + offs, mask, MASKED).to(tl.float32)
@@ -500,7 +509,7 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, 
     if EXACT:
         if behind:
             pi, mi, vi = _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base, epoch,
-                                       window, qcols, ring, LOOP, BLOCK_D)
+                                       window, qcols, ring, LOOP, BLOCK_D, RING)
     if HAS_GRAD:
         b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, 0)
         if SPLIT:
@@ -536,7 +545,8 @@ def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offset
                        info_ptr, coef_ptr, row_last_ptr, last_ptr, cr_ptr, hist_ptr, qpow_ptr, partial_ptr, part_ptr,
                        part_start_ptr, loop_ptr, d, base, epoch, window, qcols, ring, HAS_GRAD: tl.constexpr,
                        EXACT: tl.constexpr, TRACK: tl.constexpr, ALIGNED: tl.constexpr, DEFER: tl.constexpr,
-                       LOOP_LIST: tl.constexpr, SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr):
+                       LOOP_LIST: tl.constexpr, SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr,
+                       RING: tl.constexpr = False):
     """One distinct row per program (programs past U, or all of them when the error word is
     set, return): [exact: catch-up if behind] then [HAS_GRAD: AdamW step with the row's summed
     gradient]; TRACK: the row's fp64 (sum W^2, sum dW^2), tiles added in order. Full tiles
@@ -600,14 +610,14 @@ def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offset
                     a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs,
                                      offs < d, coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch,
                                      window, qcols, ring, HAS_GRAD, EXACT, ALIGNED, False, LOOP_LIST, SPLIT, RUN,
-                                     BLOCK_D)
+                                     BLOCK_D, RING)
                     if TRACK:
                         ww += a
                         dd += b
                 offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
                 a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, offs < d,
                                  coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols,
-                                 ring, HAS_GRAD, EXACT, ALIGNED, True, LOOP_LIST, SPLIT, RUN, BLOCK_D)
+                                 ring, HAS_GRAD, EXACT, ALIGNED, True, LOOP_LIST, SPLIT, RUN, BLOCK_D, RING)
                 if TRACK:
                     tl.store(partial_ptr + 2 * k + 0, ww + a)
                     tl.store(partial_ptr + 2 * k + 1, dd + b)
@@ -874,7 +884,7 @@ def _rows_launch(param, vals, exp_avg, exp_avg_sq, plan, err, info, coef, clock,
     loop = torch.zeros(n + 1, dtype=torch.int64, device=dev) if defer else info
     args = (param, exp_avg, exp_avg_sq, vals, rows, perm, offsets, num_runs, err, info, coef, row_last, last_step, cr,
             hist, qpow, partial, part, part_start, loop, d, hist_base, epoch, window, qcols, ring)
-    flags = dict(HAS_GRAD=has_grad, EXACT=exact, TRACK=track, SPLIT=bool(pieces), RUN=RUN)
+    flags = dict(HAS_GRAD=has_grad, EXACT=exact, TRACK=track, SPLIT=bool(pieces), RUN=RUN, RING=ring != NO_RING)
     launch(sparse_rows_kernel, _grid(n), *args, **flags, ALIGNED=aligned, DEFER=defer, LOOP_LIST=False,
            BLOCK_D=_width_block(d, exact), **launch_options())
     if defer:
