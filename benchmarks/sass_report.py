@@ -321,12 +321,20 @@ def predictions() -> list[tuple[str, int, float, int]]:
     # sums, [exact: catch-up scalars], row kernel, [exact: loop rows], finish: 16 lazy, 18 exact,
     # each a few microseconds of latency that the byte time does not count (docs/sparse-rows.md
     # predicts ~0.10 ms lazy and ~0.12 ms exact in all). lvopt.nn.Embedding on a GPU hands the
-    # raw ids to the step, so the merged row is for the CPU path's gradient.
+    # raw ids to the step, so the merged row is for the CPU path's gradient or a coalesce()d one:
+    # its ids are flagged coalesced, and the plan is two aranges and a fill instead of the sort,
+    # encoding, scan and piece table (8 launches lazy). A capturable exact step (RingClock) adds
+    # the sweep's slice of ceil(V / 2000) = 132 rows: five small torch ops for its ids and one
+    # coalesced catch-up (aminmax, setup, 2 aranges, fill, scalars, rows, loop rows: 8), and up
+    # to 24 B per element of those rows when they are behind.
     N, U, d = 16384, 5030, 1024
     rows.append(("Sparse rows lazy, V=262,144 d=1,024, 16,384 Zipf ids (5,030 distinct), raw COO grad",
                  4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 16))
     rows.append(("Sparse rows exact, same batch", 4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 18))
-    rows.append(("Sparse rows, a coalesced (merged) grad (28*U*d)", 28 * U * d, 28 * U * d / bw * 1e3, 16))
+    rows.append(("Sparse rows, a coalesced (merged) grad (28*U*d)", 28 * U * d, 28 * U * d / bw * 1e3, 8))
+    slice_bytes = 24 * 132 * d
+    rows.append(("Sparse rows exact, capturable (+ the sweep's slice, at most)", 4 * N * d + 24 * U * d + slice_bytes,
+                 (4 * N * d + 24 * U * d + slice_bytes) / bw * 1e3, 18 + 5 + 8))
     return rows
 
 

@@ -739,7 +739,7 @@ class AdamW(_FusedAdam):
     checkpointed); ``"lazy"`` leaves untouched rows alone (SparseAdam with decoupled decay).
     With ``capturable=True`` (a group key) on the cuda and triton backends the sparse step keeps
     its hyperparameters and exact mode's history on the device and is capturable in a CUDA graph
-    (docs/sparse-rows.md, "CUDA graphs"); ``sparse_sweep_period`` (a group key, default 2000 for
+    (docs/sparse-rows.md, "CUDA graphs"); ``sparse_sweep_period`` (a group key, default 1999 for
     the default betas) bounds how many steps a row may lag there.
 
     ``nonfinite``: what a step does when a gradient holds NaN or inf. ``"propagate"`` (default,
