@@ -16,6 +16,7 @@ docs/sparse-rows.md "CUDA graphs"), proven without a GPU:
 
 On a GPU, tests/test_cuda_capture.py captures the exact step in a CUDA graph for real.
 """
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -66,10 +67,16 @@ def _fake_capturable_training(backend, dtype, steps, period=3, betas=(0.3, 0.5))
         V, d, N = 50, 16, 24
         emb = lvopt.nn.Embedding(V, d, padding_idx=3, device="cuda", dtype=dtype)
         lin = torch.nn.Linear(d, 3, device="cuda", dtype=dtype)
-        opt = lvopt.AdamW([{"params": [emb.weight], "sparse_mode": "exact", "capturable": True,
-                            "sparse_sweep_period": period},
-                           {"params": list(lin.parameters())}], lr=1e-2, betas=betas, weight_decay=0.1,
-                          backend=backend)
+        opt = lvopt.AdamW(
+            [
+                {"params": [emb.weight], "sparse_mode": "exact", "capturable": True, "sparse_sweep_period": period},
+                {"params": list(lin.parameters())},
+            ],
+            lr=1e-2,
+            betas=betas,
+            weight_decay=0.1,
+            backend=backend,
+        )
         rec = AllTraffic()
 
         def one_step():
@@ -87,8 +94,15 @@ def _fake_capturable_training(backend, dtype, steps, period=3, betas=(0.3, 0.5))
             for _ in range(steps - 1):
                 rec.reset()
                 one_step()
-                per_step.append((list(rec.ops), list(rec.lvopt_calls), list(rec.uploads), list(rec.downloads),
-                                 list(rec.blocking_uploads)))
+                per_step.append(
+                    (
+                        list(rec.ops),
+                        list(rec.lvopt_calls),
+                        list(rec.uploads),
+                        list(rec.downloads),
+                        list(rec.blocking_uploads),
+                    )
+                )
         clock = opt.state[emb.weight]["row_clock"]
     return per_step, clock
 
@@ -146,8 +160,7 @@ def test_coalesced_gradient_is_flagged_for_the_gpu_op():
         with rec:
             for coalesced in (True, False):
                 ids = torch.tensor([[1, 4, 9]]).to("cuda", non_blocking=True)
-                w.grad = torch.sparse_coo_tensor(ids, torch.ones(3, d, device="cuda"), (V, d),
-                                                 is_coalesced=coalesced)
+                w.grad = torch.sparse_coo_tensor(ids, torch.ones(3, d, device="cuda"), (V, d), is_coalesced=coalesced)
                 opt.step()
             opt.flush()
     flags = [dict(host).get("flags", 0) for _, host in rec.lvopt_calls]
@@ -183,8 +196,23 @@ def test_host_ops_take_the_coalesced_flag_and_refuse_a_ring(impl, gen):
         assert torch.equal(a, b)
     p, last, step = p0.clone(), last0.clone(), torch.tensor(3.0)
     with pytest.raises(RuntimeError, match="ring history"):
-        fn(p, ids, vals, torch.zeros(V, d), torch.zeros(V, d), step, last, hist, qpow, hyper, base, epoch, window,
-           True, flags=2)
+        fn(
+            p,
+            ids,
+            vals,
+            torch.zeros(V, d),
+            torch.zeros(V, d),
+            step,
+            last,
+            hist,
+            qpow,
+            hyper,
+            base,
+            epoch,
+            window,
+            True,
+            flags=2,
+        )
     assert torch.equal(p, p0) and torch.equal(last, last0) and float(step) == 3.0
 
 
@@ -209,8 +237,25 @@ def _triton_plan_ops(coalesced, monkeypatch):
         none_f = torch.empty(0, dtype=torch.float64, device="cuda")
         rec = AllTraffic()
         with rec:
-            S.sparse_adamw_impl(p, idx, vals, m, v, step, none_i, none_f, none_f, hyper, 0, 1, 0, False, None, err,
-                                1 if coalesced else 0)
+            S.sparse_adamw_impl(
+                p,
+                idx,
+                vals,
+                m,
+                v,
+                step,
+                none_i,
+                none_f,
+                none_f,
+                hyper,
+                0,
+                1,
+                0,
+                False,
+                None,
+                err,
+                1 if coalesced else 0,
+            )
     return rec.ops, calls
 
 
@@ -221,11 +266,14 @@ def test_triton_coalesced_plan_has_no_sort(monkeypatch):
     ops0, launches0 = _triton_plan_ops(False, monkeypatch)
     assert "sort" in ops0 and "_runs_kernel" in launches0 and "cumsum" in ops0  # the test can tell
     assert "sort" not in ops and "cumsum" not in ops
-    assert "_runs_kernel" not in launches and "_offsets_kernel" not in launches and "_piece_table_kernel" not in launches
+    assert (
+        "_runs_kernel" not in launches and "_offsets_kernel" not in launches and "_piece_table_kernel" not in launches
+    )
     assert "sparse_rows_kernel" in launches
 
 
 # ----- a simulated capture and replay under the Triton interpreter ---------------------------------
+
 
 class StepRecorder(TorchDispatchMode):
     """Records every aten op of a step (func, args, kwargs, outputs) and, through the patched
@@ -287,9 +335,14 @@ def _grads(V, d, steps, gen):
 
 
 def _capturable_opt(w, capturable=True, period=4):
-    return lvopt.AdamW([{"params": [w], "sparse_mode": "exact", "capturable": capturable,
-                         "sparse_sweep_period": period}], lr=2e-2, betas=(0.3, 0.5), eps=1e-3,
-                       weight_decay=0.1, backend="triton")
+    return lvopt.AdamW(
+        [{"params": [w], "sparse_mode": "exact", "capturable": capturable, "sparse_sweep_period": period}],
+        lr=2e-2,
+        betas=(0.3, 0.5),
+        eps=1e-3,
+        weight_decay=0.1,
+        backend="triton",
+    )
 
 
 @pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter child (test_interpreter_child)")
@@ -332,7 +385,7 @@ def test_simulated_capture_replays_the_eager_ring_steps(monkeypatch):
         cap.step()
     monkeypatch.setattr(S, "launch", lambda kernel, grid, *a, **k: pytest.fail("a replay runs no host code"))
     assert sum(e[0] == "launch" for e in rec.entries) >= 8
-    for ids, vals in grads[warm + 1:]:
+    for ids, vals in grads[warm + 1 :]:
         static._indices()[0].copy_(ids)
         static._values().copy_(vals)
         rec.replay()
@@ -376,18 +429,53 @@ def test_ring_refuses_a_row_the_ring_has_lost():
     err = torch.zeros(3, dtype=torch.int64)
     hyper = torch.tensor([[1e-2, 0.3, 0.5, 0.1, 1e-3, 0.0]], dtype=torch.float64)
     for t in range(clock.ring):  # only row 0 is stepped: row 1 stays at step 0
-        S.sparse_adamw_impl(p, torch.tensor([0]), torch.ones(1, d), m, v, step, last, hist, qpow, hyper, base,
-                            epoch, window, True, None, err, 2)
+        S.sparse_adamw_impl(
+            p,
+            torch.tensor([0]),
+            torch.ones(1, d),
+            m,
+            v,
+            step,
+            last,
+            hist,
+            qpow,
+            hyper,
+            base,
+            epoch,
+            window,
+            True,
+            None,
+            err,
+            2,
+        )
     assert err.tolist() == [0, 0, 0] and float(step) == clock.ring
     before = [x.clone() for x in (p, m, v, last)]
-    S.sparse_adamw_impl(p, torch.tensor([1]), torch.ones(1, d), m, v, step, last, hist, qpow, hyper, base, epoch,
-                        window, True, None, err, 2)
+    S.sparse_adamw_impl(
+        p,
+        torch.tensor([1]),
+        torch.ones(1, d),
+        m,
+        v,
+        step,
+        last,
+        hist,
+        qpow,
+        hyper,
+        base,
+        epoch,
+        window,
+        True,
+        None,
+        err,
+        2,
+    )
     assert err.tolist()[0] == 2 and float(step) == clock.ring
     for a, b in zip(before, (p, m, v, last)):
         assert torch.equal(a, b)
 
 
 if not IN_CHILD:
+
     @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU tests/test_cuda_capture.py captures for real")
     def test_interpreter_child():
         run_file_under_interpreter(__file__)
