@@ -167,7 +167,7 @@ def run_sparse_capture(dev, bw, size, iters, file=sys.stdout) -> list[dict]:
             r = dict(case=name, label=f"{tag} (eager)", ms=eager, bytes=nbytes, frac=nbytes / (eager * 1e-3) / bw)
             rows.append(r)
             print(f"  {r['label']:44s} {eager:8.3f} ms  {r['frac']:6.1%} of copy", file=file)
-            if capturable:
+            if capturable and dev.type == "cuda":
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(s):
