@@ -7,8 +7,8 @@ Measured, per rank:
   owned elsewhere 8 (its id) + 4d (its gradient row), and 4d per row sent back to a rank that
   asked for it. DDP's sparse all-reduce (gloo: an all-gather of each rank's coalesced gradient)
   sends U(8 + 4d) to each of the P - 1 others (the model; DDP has no counter);
-- peak memory (the peak resident set, ``ru_maxrss``, above the process's resident set after
-  ``init_process_group``), each configuration in its own processes, against the table and
+- peak memory (the peak resident set, ``ru_maxrss``, above the resident set after a warm-up
+  with a small table through the same code), each configuration in its own processes, against the table and
   optimizer state (weight, exp_avg, exp_avg_sq fp32 and exact mode's int64 last_step a row);
 - the step time (forward, backward, lvopt.AdamW exact step), both configurations built in the
   same processes and stepped alternately, median over the steps after a warm-up.
@@ -18,6 +18,7 @@ the times say what the CPU work and gloo's copies cost here, not what an interco
 
     python benchmarks/bench_sharded_embedding.py [--world 2] [--rows 262144] [--dim 64] [--ids 8192]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,17 @@ def worker(args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out = {}
     try:
-        base = _rss_kb()
         if args.task == "memory":
+            # A small table through the same code first (steps, flush), so that the baseline
+            # holds what the first use of each op pages in (libtorch's code, gloo's buffers),
+            # not only the imports: what is measured is then what grows with the table.
+            small = argparse.Namespace(**{**vars(args), "rows": 4096, "ids": 256})
+            _, model, opt = _build(args.which, small)
+            for t in range(3):
+                _step(model, opt, _batch(small, rank, t, "uniform"), torch.ones(small.ids, args.dim))
+            opt.flush()
+            del model, opt
+            base = _rss_kb()
             emb, model, opt = _build(args.which, args)
             for t in range(args.steps):
                 _step(model, opt, _batch(args, rank, t, "uniform"), torch.ones(args.ids, args.dim))
@@ -117,8 +127,12 @@ def worker(args) -> None:
                         times[w].append(time.perf_counter() - t0)
                 warm = args.steps // 5
                 sent = {k: (v - sent0[k]) / args.steps for k, v in built["sharded"][0].bytes_sent.items()}
-                out[dist_name] = dict(ms={w: 1e3 * statistics.median(x[warm:]) for w, x in times.items()},
-                                      sent=sent, distinct=distinct / args.steps, off=off / args.steps)
+                out[dist_name] = dict(
+                    ms={w: 1e3 * statistics.median(x[warm:]) for w, x in times.items()},
+                    sent=sent,
+                    distinct=distinct / args.steps,
+                    off=off / args.steps,
+                )
         path = os.path.join(args.out, f"{args.task}-{args.which}-{rank}.pt")
         torch.save(out, path)
     finally:
@@ -129,11 +143,35 @@ def _launch(args, task: str, which: str) -> list:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, WORLD_SIZE=str(args.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--task", task, "--which", which, "--out", args.out,
-           "--world", str(args.world), "--rows", str(args.rows), "--dim", str(args.dim), "--ids", str(args.ids),
-           "--steps", str(args.steps)]
+    env = dict(
+        os.environ,
+        WORLD_SIZE=str(args.world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--task",
+        task,
+        "--which",
+        which,
+        "--out",
+        args.out,
+        "--world",
+        str(args.world),
+        "--rows",
+        str(args.rows),
+        "--dim",
+        str(args.dim),
+        "--ids",
+        str(args.ids),
+        "--steps",
+        str(args.steps),
+    ]
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r))) for r in range(args.world)]
     for p in procs:
         if p.wait() != 0:
@@ -160,10 +198,14 @@ def main() -> None:
         args.out = tmp
         mem = {w: _launch(args, "memory", w) for w in ("sharded", "ddp")}
         timed = _launch(args, "time", "both")
-    print(f"P = {p} gloo processes on one machine; V = {v}, d = {d}, {args.ids} ids per rank per step, "
-          f"lvopt.AdamW exact, fp32, {args.steps} steps\n")
-    print("| ids | distinct ids per rank | owned elsewhere | sent per rank per step (measured) | byte model | "
-          "DDP sparse all-reduce (model) | sharded step | DDP step | sharded / DDP |")
+    print(
+        f"P = {p} gloo processes on one machine; V = {v}, d = {d}, {args.ids} ids per rank per step, "
+        f"lvopt.AdamW exact, fp32, {args.steps} steps\n"
+    )
+    print(
+        "| ids | distinct ids per rank | owned elsewhere | sent per rank per step (measured) | byte model | "
+        "DDP sparse all-reduce (model) | sharded step | DDP step | sharded / DDP |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in ("uniform", "zipf"):
         rs = [r[name] for r in timed]
@@ -175,10 +217,14 @@ def main() -> None:
         ddp = u * (8 + 4 * d) * (p - 1)
         ms_s = statistics.mean(r["ms"]["sharded"] for r in rs)
         ms_d = statistics.mean(r["ms"]["ddp"] for r in rs)
-        detail = ", ".join(f"{k} {statistics.mean(r['sent'][k] for r in rs) / 1e3:.1f} kB" for k in
-                           ("meta", "ids", "rows", "grads"))
-        print(f"| {name} | {u:.0f} | {off:.0f} | {sent / 1e6:.3f} MB ({detail}) | {model / 1e6:.3f} MB | "
-              f"{ddp / 1e6:.3f} MB | {ms_s:.1f} ms | {ms_d:.1f} ms | {ms_s / ms_d:.2f} |")
+        detail = ", ".join(
+            f"{k} {statistics.mean(r['sent'][k] for r in rs) / 1e3:.1f} kB" for k in ("meta", "ids", "rows", "grads")
+        )
+        each = " / ".join(f"{sum(r['sent'].values()) / 1e6:.3f}" for r in rs)
+        print(
+            f"| {name} | {u:.0f} | {off:.0f} | {sent / 1e6:.3f} MB (ranks {each}; {detail}) | {model / 1e6:.3f} MB | "
+            f"{ddp / 1e6:.3f} MB | {ms_s:.1f} ms | {ms_d:.1f} ms | {ms_s / ms_d:.2f} |"
+        )
     state_full = v * d * 12 + v * 8
     rows_local = -(-v // p)
     state_local = rows_local * d * 12 + rows_local * 8

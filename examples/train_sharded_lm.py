@@ -12,6 +12,7 @@ On GPUs pass ``--backend nccl`` (one process per GPU): the code is the same, the
 backend is the only difference. The data are synthetic: a Markov chain over the vocabulary in
 which every token has 4 likely successors, so the loss falls from ln(V) towards ln(4) ~ 1.4.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ class Body(nn.Module):
     def __init__(self, vocab: int, dim: int):
         super().__init__()
         self.pos = nn.Parameter(torch.randn(256, dim) * 0.02)
-        self.block = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=4 * dim, dropout=0.0,
-                                                batch_first=True, norm_first=True)
+        self.block = nn.TransformerEncoderLayer(
+            dim, nhead=4, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, vocab)
 
@@ -60,8 +62,12 @@ def batch(step: int, rank: int, args) -> torch.Tensor:
 def checkpoint_state(emb, emb_opt, body, body_opt) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"emb": emb.state_dict(), "emb_optim": emb.optim_state_dict(emb_opt),
-            "body": get_model_state_dict(body), "body_optim": get_optimizer_state_dict(body, body_opt)}
+    return {
+        "emb": emb.state_dict(),
+        "emb_optim": emb.optim_state_dict(emb_opt),
+        "body": get_model_state_dict(body),
+        "body_optim": get_optimizer_state_dict(body, body_opt),
+    }
 
 
 def train(args) -> None:
@@ -71,7 +77,9 @@ def train(args) -> None:
 
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.backend == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.backend == "nccl" else torch.device("cpu")
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(0)  # the same Body on every rank
@@ -91,8 +99,11 @@ def train(args) -> None:
         set_optimizer_state_dict(body, body_opt, state["body_optim"])
         start = int(state["step"])
     if rank == 0:
-        print(f"{world} ranks; embedding rows per rank: {emb.weight.shape[0]} of {args.vocab}; "
-              f"steps {start}..{start + args.steps}; ln(V) = {math.log(args.vocab):.2f}", flush=True)
+        print(
+            f"{world} ranks; embedding rows per rank: {emb.weight.shape[0]} of {args.vocab}; "
+            f"steps {start}..{start + args.steps}; ln(V) = {math.log(args.vocab):.2f}",
+            flush=True,
+        )
     for step in range(start, start + args.steps):
         ids = batch(step, rank, args).to(device)
         logits = ddp_body(emb(ids[:, :-1]))
@@ -138,8 +149,10 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, WORLD_SIZE=str(args.world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    procs = [subprocess.Popen([sys.executable, *sys.argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(args.world)]
+    procs = [
+        subprocess.Popen([sys.executable, *sys.argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+        for r in range(args.world)
+    ]
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"a rank failed (exit codes {codes})")

@@ -25,6 +25,7 @@ same for gloo (CPU) and NCCL (CUDA); only the process group's backend differs. T
 of an all-to-all must be known on the host, so a step reads the counts on the host once (a GPU
 synchronisation per forward, as in every row-wise sharded embedding).
 """
+
 from __future__ import annotations
 
 import math
@@ -85,7 +86,7 @@ class _ShardedLookup(torch.autograd.Function):
         if route.keep is not None:
             rows, vals = rows[route.keep], vals[route.keep]
         rows, vals = _coalesce_rows(rows, vals, v_local)
-        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), vals, (v_local, d), is_coalesced=True)
+        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), vals, (v_local, d), is_coalesced=True, check_invariants=False)
         return grad, None, None
 
 
@@ -117,27 +118,47 @@ class ShardedEmbedding(nn.Module):
     which saves them on P ranks and loads them on any other number (see docs/distributed.md).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
-                 max_norm: float | None = None, scale_grad_by_freq: bool = False, process_group=None,
-                 grad_reduction: str = "mean", seed: int | None = None, _weight: Tensor | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        max_norm: float | None = None,
+        scale_grad_by_freq: bool = False,
+        process_group=None,
+        grad_reduction: str = "mean",
+        seed: int | None = None,
+        _weight: Tensor | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if max_norm is not None or scale_grad_by_freq:
-            raise NotImplementedError("lvopt.nn.ShardedEmbedding supports neither max_norm nor scale_grad_by_freq "
-                                      f"(got max_norm={max_norm}, scale_grad_by_freq={scale_grad_by_freq})")
+            raise NotImplementedError(
+                "lvopt.nn.ShardedEmbedding supports neither max_norm nor scale_grad_by_freq "
+                f"(got max_norm={max_norm}, scale_grad_by_freq={scale_grad_by_freq})"
+            )
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("lvopt.nn.ShardedEmbedding needs an initialised torch.distributed process group "
-                               "(torch.distributed.init_process_group)")
+            raise RuntimeError(
+                "lvopt.nn.ShardedEmbedding needs an initialised torch.distributed process group "
+                "(torch.distributed.init_process_group)"
+            )
         if int(num_embeddings) <= 0 or int(embedding_dim) <= 0:
-            raise ValueError(f"lvopt.nn.ShardedEmbedding: num_embeddings and embedding_dim must be positive, got "
-                             f"{num_embeddings} x {embedding_dim}")
+            raise ValueError(
+                f"lvopt.nn.ShardedEmbedding: num_embeddings and embedding_dim must be positive, got "
+                f"{num_embeddings} x {embedding_dim}"
+            )
         if grad_reduction not in GRAD_REDUCTIONS:
-            raise ValueError(f"lvopt.nn.ShardedEmbedding: grad_reduction must be one of {GRAD_REDUCTIONS}, got "
-                             f"{grad_reduction!r}")
+            raise ValueError(
+                f"lvopt.nn.ShardedEmbedding: grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}"
+            )
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"lvopt.nn.ShardedEmbedding: padding_idx {padding_idx} is outside "
-                                 f"[-{num_embeddings}, {num_embeddings})")
+                raise ValueError(
+                    f"lvopt.nn.ShardedEmbedding: padding_idx {padding_idx} is outside "
+                    f"[-{num_embeddings}, {num_embeddings})"
+                )
             padding_idx %= num_embeddings
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         self.padding_idx = padding_idx
@@ -155,10 +176,12 @@ class ShardedEmbedding(nn.Module):
         local = torch.empty((self.row_end - self.row_start, self.embedding_dim), device=device, dtype=dtype)
         if _weight is not None:
             if tuple(_weight.shape) != (self.num_embeddings, self.embedding_dim):
-                raise ValueError(f"lvopt.nn.ShardedEmbedding: _weight has shape {tuple(_weight.shape)}, expected "
-                                 f"{(self.num_embeddings, self.embedding_dim)}")
+                raise ValueError(
+                    f"lvopt.nn.ShardedEmbedding: _weight has shape {tuple(_weight.shape)}, expected "
+                    f"{(self.num_embeddings, self.embedding_dim)}"
+                )
             with torch.no_grad():
-                local.copy_(_weight[self.row_start:self.row_end])
+                local.copy_(_weight[self.row_start : self.row_end])
         else:
             self._init_rows(local, seed)
         self.weight = nn.Parameter(local)
@@ -178,7 +201,7 @@ class ShardedEmbedding(nn.Module):
             gen = torch.Generator().manual_seed(seed + chunk)
             rows = torch.randn((hi - lo, self.embedding_dim), generator=gen)
             a, b = max(lo, self.row_start), min(hi, self.row_end)
-            local[a - self.row_start:b - self.row_start].copy_(rows[a - lo:b - lo])
+            local[a - self.row_start : b - self.row_start].copy_(rows[a - lo : b - lo])
         if self.padding_idx is not None and self.row_start <= self.padding_idx < self.row_end:
             local[self.padding_idx - self.row_start].zero_()
 
@@ -210,8 +233,10 @@ class ShardedEmbedding(nn.Module):
         offenders = [(s, m[2], m[3]) for s, m in enumerate(got) if m[1]]
         if offenders:
             where = ", ".join(f"rank {s} [{a}, {b}]" for s, a, b in offenders)
-            raise ValueError(f"lvopt.nn.ShardedEmbedding: ids outside [0, {v}) (num_embeddings) on {where}; "
-                             f"refused on every rank before anything was looked up, exchanged or written")
+            raise ValueError(
+                f"lvopt.nn.ShardedEmbedding: ids outside [0, {v}) (num_embeddings) on {where}; "
+                f"refused on every rank before anything was looked up, exchanged or written"
+            )
         r.send = [int(x) for x in meta[:, 0].tolist()]
         r.recv = [m[0] for m in got]
         ids = torch.empty(sum(r.recv), dtype=torch.int64, device=dev)
@@ -236,8 +261,10 @@ class ShardedEmbedding(nn.Module):
         return out.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        s = (f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.row_start}, {self.row_end}) of rank "
-             f"{self.rank}/{self.world_size}")
+        s = (
+            f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.row_start}, {self.row_end}) of rank "
+            f"{self.rank}/{self.world_size}"
+        )
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
         return s
@@ -269,9 +296,10 @@ class ShardedEmbedding(nn.Module):
         from torch.distributed.tensor import DTensor, Shard
 
         shape = (self.num_embeddings, *local.shape[1:])
-        stride = tuple(int(math.prod(shape[i + 1:])) for i in range(len(shape)))
-        return DTensor.from_local(local, self.device_mesh(), [Shard(0)], run_check=False, shape=torch.Size(shape),
-                                  stride=stride)
+        stride = tuple(int(math.prod(shape[i + 1 :])) for i in range(len(shape)))
+        return DTensor.from_local(
+            local, self.device_mesh(), [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride
+        )
 
     def _local_of(self, value, name: str) -> Tensor:
         """This rank's block of a saved table: a DTensor's local shard when it is laid out as
@@ -282,19 +310,23 @@ class ShardedEmbedding(nn.Module):
         if hasattr(value, "to_local") and hasattr(value, "placements"):
             from torch.distributed.tensor import Shard
 
-            if (tuple(value.placements) == (Shard(0),) and value.device_mesh.size() == self.world_size
-                    and value.to_local().shape[0] == self.row_end - self.row_start):
+            if (
+                tuple(value.placements) == (Shard(0),)
+                and value.device_mesh.size() == self.world_size
+                and value.to_local().shape[0] == self.row_end - self.row_start
+            ):
                 return value.to_local()
             value = value.full_tensor()
-        return value[self.row_start:self.row_end]
+        return value[self.row_start : self.row_end]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.flush()
         w = self.weight if keep_vars else self.weight.detach()
         destination[prefix + "weight"] = self._sharded(w)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + "weight"
         if key not in state_dict:
             if strict:
@@ -321,12 +353,16 @@ class ShardedEmbedding(nn.Module):
         dict to :meth:`load_optim_state_dict`."""
         p = self.weight
         if not any(q is p for g in optimizer.param_groups for q in g["params"]):
-            raise ValueError("lvopt.nn.ShardedEmbedding.optim_state_dict: the optimizer does not hold this "
-                             "embedding's weight")
+            raise ValueError(
+                "lvopt.nn.ShardedEmbedding.optim_state_dict: the optimizer does not hold this embedding's weight"
+            )
         self.flush()
         st = optimizer._init_state(p, "adamw")
-        return {"exp_avg": self._sharded(st["exp_avg"]), "exp_avg_sq": self._sharded(st["exp_avg_sq"]),
-                "step": st["step"]}
+        return {
+            "exp_avg": self._sharded(st["exp_avg"]),
+            "exp_avg_sq": self._sharded(st["exp_avg_sq"]),
+            "step": st["step"],
+        }
 
     @torch.no_grad()
     def load_optim_state_dict(self, optimizer, state: dict) -> None:

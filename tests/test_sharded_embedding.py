@@ -14,6 +14,7 @@
 
 The three launches together run in about 20 s.
 """
+
 import os
 import socket
 import subprocess
@@ -81,6 +82,7 @@ def optimizer(emb_weight, head, mode):
 
 # ----- one process: the reference -------------------------------------------------------------
 
+
 def one_process_training(mode: str) -> dict:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -93,8 +95,12 @@ def one_process_training(mode: str) -> dict:
             opt.step()
         opt.flush()
         st = opt.state[emb.weight]
-        return dict(weight=emb.weight.detach().clone(), exp_avg=st["exp_avg"].clone(),
-                    exp_avg_sq=st["exp_avg_sq"].clone(), head={k: v.detach().clone() for k, v in head.state_dict().items()})
+        return dict(
+            weight=emb.weight.detach().clone(),
+            exp_avg=st["exp_avg"].clone(),
+            exp_avg_sq=st["exp_avg_sq"].clone(),
+            head={k: v.detach().clone() for k, v in head.state_dict().items()},
+        )
     finally:
         torch.set_num_threads(n)
 
@@ -115,23 +121,33 @@ def one_process_checkpoint_run(mode: str) -> dict:
             opt.step()
         opt.flush()
         st = opt.state[emb.weight]
-        return dict(weight=emb.weight.detach().clone(), exp_avg=st["exp_avg"].clone(), exp_avg_sq=st["exp_avg_sq"].clone(),
-                    step=float(st["step"]))
+        return dict(
+            weight=emb.weight.detach().clone(),
+            exp_avg=st["exp_avg"].clone(),
+            exp_avg_sq=st["exp_avg_sq"].clone(),
+            step=float(st["step"]),
+        )
     finally:
         torch.set_num_threads(n)
 
 
 # ----- the worker processes --------------------------------------------------------------------
 
+
 def _share(t_ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     k = G // world
-    return t_ids[rank * k:(rank + 1) * k]
+    return t_ids[rank * k : (rank + 1) * k]
 
 
 def _local_state(emb, opt) -> dict:
     st = opt.state[emb.weight]
-    return dict(weight=emb.weight.detach().clone(), exp_avg=st["exp_avg"].clone(), exp_avg_sq=st["exp_avg_sq"].clone(),
-                step=float(st["step"]), rows=(emb.row_start, emb.row_end))
+    return dict(
+        weight=emb.weight.detach().clone(),
+        exp_avg=st["exp_avg"].clone(),
+        exp_avg_sq=st["exp_avg_sq"].clone(),
+        step=float(st["step"]),
+        rows=(emb.row_start, emb.row_end),
+    )
 
 
 def _train(mode: str, rank: int, world: int) -> dict:
@@ -158,7 +174,9 @@ def _train(mode: str, rank: int, world: int) -> dict:
             res["bad_unchanged"] = {k: torch.equal(before[k], after[k]) for k in ("weight", "exp_avg", "exp_avg_sq")}
             res["bad_unchanged"]["step"] = before["step"] == after["step"]
             res["bad_unchanged"]["no_grad"] = all(p.grad is None for p in [emb.weight, *head.parameters()])
-            res["bad_unchanged"]["head"] = all(torch.equal(a, b.detach()) for a, b in zip(before_head, head.parameters()))
+            res["bad_unchanged"]["head"] = all(
+                torch.equal(a, b.detach()) for a, b in zip(before_head, head.parameters())
+            )
         opt.zero_grad()
         lm_loss(emb, head, _share(batch(t), rank, world)).backward()
         for p in head.parameters():
@@ -184,7 +202,7 @@ def _ckpt_steps(emb, opt, rank, world, steps):
     for t in steps:
         opt.zero_grad()
         k = G // world
-        (emb(_share(batch(t), rank, world)) * dyadic_target(t)[rank * k:(rank + 1) * k]).sum().backward()
+        (emb(_share(batch(t), rank, world)) * dyadic_target(t)[rank * k : (rank + 1) * k]).sum().backward()
         opt.step()
 
 
@@ -221,7 +239,10 @@ def _bad_arguments() -> dict:
         ("scale_grad_by_freq", lambda: lvopt.nn.ShardedEmbedding(V, D, scale_grad_by_freq=True)),
         ("grad_reduction", lambda: lvopt.nn.ShardedEmbedding(V, D, grad_reduction="avg")),
         ("float_ids", lambda: lvopt.nn.ShardedEmbedding(V, D, seed=0)(torch.zeros(3))),
-        ("bad_state", lambda: lvopt.nn.ShardedEmbedding(V, D, seed=0).load_state_dict({"weight": torch.zeros(V + 1, D)})),
+        (
+            "bad_state",
+            lambda: lvopt.nn.ShardedEmbedding(V, D, seed=0).load_state_dict({"weight": torch.zeros(V + 1, D)}),
+        ),
     ):
         try:
             fn()
@@ -229,6 +250,23 @@ def _bad_arguments() -> dict:
         except Exception as e:  # recorded, asserted on by the tests
             errs[name] = (type(e).__name__, str(e))
     return errs
+
+
+def _empty_batch(rank: int) -> dict:
+    """Rank 0 has no ids this step: it still takes part (an empty tensor), and rank 1's rows
+    come back and are stepped."""
+    emb = lvopt.nn.ShardedEmbedding(V, D, _weight=full_table())
+    opt = optimizer(emb.weight, None, "exact")
+    ids = torch.zeros(0, 3, dtype=torch.int64) if rank == 0 else torch.tensor([[3, 200, 3]])
+    before = emb.weight.detach().clone()
+    out = emb(ids)
+    out.sum().backward()
+    opt.step()
+    return dict(
+        shape=tuple(out.shape),
+        rows=out.detach().clone(),
+        changed=(emb.weight.detach() != before).any(1).nonzero().flatten() + emb.row_start,
+    )
 
 
 def worker(out_dir: str, ckpt_dir: str) -> None:
@@ -244,6 +282,7 @@ def worker(out_dir: str, ckpt_dir: str) -> None:
         res["checkpoint"] = {mode: _checkpoint(mode, rank, world, ckpt_dir) for mode in MODES}
         if world == 2:
             res["bad_arguments"] = _bad_arguments()
+            res["empty_batch"] = _empty_batch(rank)
             emb = lvopt.nn.ShardedEmbedding(V, D, seed=7)
             res["default_init"] = emb.weight.detach().clone()
         if world == 1:
@@ -260,12 +299,26 @@ def _free_port() -> int:
 
 
 def _launch(world: int, out_dir, ckpt_dir) -> list:
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    )
     code = f"import test_sharded_embedding as t; t.worker({str(out_dir)!r}, {str(ckpt_dir)!r})"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     logs = []
     try:
         for p in procs:
@@ -292,8 +345,12 @@ def runs(tmp_path_factory):
 
 def _gather(ranks: list, section: str, mode: str, key: str) -> torch.Tensor:
     parts = [r[section][mode] for r in ranks]
-    assert [p["rows"] for p in parts] == [(a, b) for a, b in zip(
-        lvopt.distributed.shard_bounds(V, len(ranks))[:-1], lvopt.distributed.shard_bounds(V, len(ranks))[1:])]
+    assert [p["rows"] for p in parts] == [
+        (a, b)
+        for a, b in zip(
+            lvopt.distributed.shard_bounds(V, len(ranks))[:-1], lvopt.distributed.shard_bounds(V, len(ranks))[1:]
+        )
+    ]
     return torch.cat([p[key] for p in parts])
 
 
@@ -313,11 +370,15 @@ def test_training_matches_one_process(runs, mode, world):
     ranks = runs[world]
     errs = {k: _rel(_gather(ranks, "train", mode, k), ref[k]) for k in ("weight", "exp_avg", "exp_avg_sq")}
     errs["head"] = max(_rel(r["train"][mode]["head"][k], ref["head"][k]) for r in ranks for k in ref["head"])
-    print(f"{mode}, {world} ranks vs one process after {STEPS} steps: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    print(
+        f"{mode}, {world} ranks vs one process after {STEPS} steps: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+    )
     assert max(errs.values()) < 1e-5, errs
     assert all(r["train"][mode]["step"] == STEPS for r in ranks)
     assert ranks[0]["train"][mode]["grad_layout"] == "torch.sparse_coo" and all(
-        r["train"][mode]["grad_rows_distinct_sorted"] for r in ranks)
+        r["train"][mode]["grad_rows_distinct_sorted"] for r in ranks
+    )
 
 
 @needs_native
@@ -353,6 +414,14 @@ def test_default_init_is_the_same_for_any_number_of_ranks(runs):
     one = runs[1][0]["default_init"]
     assert two.shape == (V, D) and torch.equal(two, one)
     assert float(one.std()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_rank_with_no_ids_takes_part(runs):
+    r0, r1 = (r["empty_batch"] for r in runs[2])
+    assert r0["shape"] == (0, 3, D) and r1["shape"] == (1, 3, D)
+    w = full_table()
+    assert torch.equal(r1["rows"][0], w[[3, 200, 3]])
+    assert r0["changed"].tolist() == [3] and r1["changed"].tolist() == [200]  # rows 3 (rank 0's), 200 (rank 1's)
 
 
 def test_bad_arguments_refused(runs):
