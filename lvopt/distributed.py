@@ -208,7 +208,7 @@ class ShardedEmbedding(nn.Module):
     # -- communication ------------------------------------------------------------------------
     def _all_to_all(self, out: Tensor, inp: Tensor, out_splits: list, in_splits: list, kind: str) -> None:
         dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.process_group)
-        per_row = inp[0].numel() * inp.element_size() if inp.dim() > 1 else inp.element_size()
+        per_row = math.prod(inp.shape[1:]) * inp.element_size()
         self.bytes_sent[kind] += per_row * (sum(in_splits) - in_splits[self.rank])
 
     def _route(self, flat: Tensor) -> _Route:
