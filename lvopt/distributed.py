@@ -22,8 +22,9 @@ backward
 
 Everything goes through ``torch.distributed`` collectives on the weight's device: the code is the
 same for gloo (CPU) and NCCL (CUDA); only the process group's backend differs. The split sizes
-of an all-to-all must be known on the host, so a step reads the counts on the host once (a GPU
-synchronisation per forward, as in every row-wise sharded embedding).
+of an all-to-all must be known on the host, so a forward reads the counts and the ranks' verdicts
+on the host once, after the first exchange (and ``torch.unique`` sizes its output by the data):
+on a GPU two synchronisations per forward, as in every row-wise sharded embedding.
 """
 
 from __future__ import annotations
@@ -217,19 +218,23 @@ class ShardedEmbedding(nn.Module):
         p, v = self.world_size, self.num_embeddings
         dev = self.weight.device
         flat = flat.to(dev)
-        n = flat.numel()
-        lo, hi = (int(x) for x in torch.aminmax(flat)) if n else (0, -1)
-        bad = n > 0 and (lo < 0 or hi >= v)
         r = _Route()
         r.uniq, r.inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        # [count for that rank, bad, lo, hi] per destination, built on the device; the split sizes
+        # and every rank's verdict come to the host in one read, after the exchange.
         meta = torch.zeros((p, 4), dtype=torch.int64, device=dev)
-        if not bad:
-            bounds = torch.tensor(self.bounds, dtype=torch.int64, device=dev)
-            meta[:, 0] = torch.searchsorted(r.uniq, bounds).diff()
-        meta[:, 1], meta[:, 2], meta[:, 3] = int(bad), lo, hi
+        bounds = torch.tensor(self.bounds, dtype=torch.int64, device=dev)
+        meta[:, 0] = torch.searchsorted(r.uniq, bounds).diff()
+        if r.uniq.numel():
+            lo, hi = r.uniq[0], r.uniq[-1]
+            meta[:, 1] = ((lo < 0) | (hi >= v)).to(torch.int64)
+            meta[:, 2], meta[:, 3] = lo, hi
+        else:
+            meta[:, 3] = -1
         got = torch.empty_like(meta)
         self._all_to_all(got, meta, [1] * p, [1] * p, "meta")
-        got = got.tolist()  # the split sizes, on the host (one read per forward)
+        host = torch.cat([meta[:, 0], got.reshape(-1)]).tolist()  # the one host read of a forward
+        got = [host[p + 4 * s : p + 4 * s + 4] for s in range(p)]
         offenders = [(s, m[2], m[3]) for s, m in enumerate(got) if m[1]]
         if offenders:
             where = ", ".join(f"rank {s} [{a}, {b}]" for s, a, b in offenders)
@@ -237,7 +242,7 @@ class ShardedEmbedding(nn.Module):
                 f"lvopt.nn.ShardedEmbedding: ids outside [0, {v}) (num_embeddings) on {where}; "
                 f"refused on every rank before anything was looked up, exchanged or written"
             )
-        r.send = [int(x) for x in meta[:, 0].tolist()]
+        r.send = host[:p]
         r.recv = [m[0] for m in got]
         ids = torch.empty(sum(r.recv), dtype=torch.int64, device=dev)
         self._all_to_all(ids, r.uniq, r.recv, r.send, "ids")
