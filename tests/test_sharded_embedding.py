@@ -162,7 +162,9 @@ def _train(mode: str, rank: int, world: int) -> dict:
         if t == BAD_STEP:
             bad = _share(batch(t), rank, world).clone()
             if rank == world - 1:
-                bad[0, 1] = V  # one id out of range, on one rank only
+                bad[0, 1] = V  # one id out of range, on one rank only (and a negative one on rank 0 of 4)
+            if world == 4 and rank == 0:
+                bad[1, 2] = -3
             opt.zero_grad()
             before = _local_state(emb, opt)
             before_head = [p.detach().clone() for p in head.parameters()]
@@ -393,6 +395,8 @@ def test_out_of_range_ids_refused_on_every_rank(runs, mode, world):
         res = r["train"][mode]
         assert res["bad_error"] is not None and f"rank {world - 1} [" in res["bad_error"], res["bad_error"]
         assert f"outside [0, {V})" in res["bad_error"] and "every rank" in res["bad_error"]
+        assert f", {V}]" in res["bad_error"]  # the offending rank's range
+        assert ("rank 0 [-3, " in res["bad_error"]) == (world == 4), res["bad_error"]
         assert all(res["bad_unchanged"].values()), res["bad_unchanged"]
 
 
