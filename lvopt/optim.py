@@ -61,7 +61,7 @@ class _FusedAdam(torch.optim.Optimizer):
     @classmethod
     def from_model(cls, model: torch.nn.Module, **kwargs):
         """An optimizer for ``model`` whose groups carry per-role learning rates scaled by a
-        width rule (``"lv"``, ``"mup"``, ``"sp"``, ...): see :func:`lvopt.scaling.from_model`."""
+        width rule (``"mup"``, the default; ``"lv"``, ``"sp"``, ...): see :func:`lvopt.scaling.from_model`."""
         from .scaling import from_model
 
         return from_model(cls, model, **kwargs)
