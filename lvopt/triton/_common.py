@@ -21,6 +21,7 @@ import math
 import os
 
 import torch
+import triton.language as tl
 
 from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY, nonfinite_scan_
 
@@ -194,6 +195,20 @@ def ptr(t: torch.Tensor) -> int:
     """A tensor's address for the launch tables (one indirection, so that a test can give fake
     tensors, which have no storage, addresses: tests/test_triton_capturable.py)."""
     return t.data_ptr()
+
+
+_PTR = ptr
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def ptrs(ts) -> list:
+    """The addresses of ``ts``, in one C-level pass (map over Tensor.data_ptr), or through
+    ``ptr`` when a test has replaced it."""
+    return list(map(_DATA_PTR if ptr is _PTR else ptr, ts))
+
+
+# Triton element types of the parameter dtypes.
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 
 def _aligned(*ts) -> bool:
