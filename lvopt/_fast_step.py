@@ -141,6 +141,7 @@ class FastStep:
         """One step, or False (nothing written) when the full step must run instead."""
         if (
             not direct_ok()
+            or opt.track
             or opt.param_groups is not self.groups
             or len(self.groups) != self.n_groups
             or opt.state is not self.state
@@ -160,7 +161,7 @@ class FastStep:
             changed.append(c != consts)
         grads = list(map(_GRAD, self.flat))
         if not all(map(isinstance, grads, _TENSORS)) or not all(map(_IS_CONTIGUOUS, grads)):
-            return False  # a missing, sparse, strided or subclassed gradient: the full step decides
+            return False  # a missing, sparse or strided gradient: the full step decides
         if self.idle and set(map(type, map(_GRAD, self.idle))) != _NONE:
             return False  # a parameter without a gradient at the last full step has one now
         for gi, c in enumerate(changed):
@@ -180,7 +181,8 @@ class FastStep:
                 b.plan.scan(found)
         for b, gb, table in zip(self.batches, picked, tables):
             if b.algo == "adamh":
-                self.run_adamh(b.plan, b.params, gb, b.steps, b.radii, table, found, scanned=True)
+                sums = b.plan.buffer("adamh_stats", (b.n, 3), torch.float64)  # not read: track=False
+                self.run_adamh(b.plan, b.params, gb, b.steps, b.radii, table, found, sums, scanned=True)
             else:
                 self.run_adamw(b.plan, b.params, gb, b.steps, table, found, scanned=True)
         torch._C._increment_version(self.flat)

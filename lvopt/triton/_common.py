@@ -10,10 +10,13 @@ Addresses are cast to pointers in the kernel; tensors whose four streams are 16-
 get tl.multiple_of hints, so the compiled kernel uses 128-bit loads and stores (see
 benchmarks/sass_report.py), the rest a launch without hints.
 
-Coefficients: the step counters are incremented with torch ops on their own device, and the
-bias corrections are computed from them in fp64 on the kernels' device, exactly as
-make_adam_coef of csrc/include/lvopt/math.h does, then rounded once to fp32. With a device
-hyper table and device step counters nothing waits for the device.
+Coefficients: lvopt/triton/_plan.py's setup kernel advances the step counters and computes the
+bias corrections from them in fp64 on the device, as make_adam_coef of
+csrc/include/lvopt/math.h does, rounded once to fp32. advance_steps below does the same with
+torch ops, for counters the kernel cannot reach (host counters of CUDA parameters, mixed
+dtypes). With a device hyper table and device step counters nothing waits for the device.
+The launch tables are held, with the rest of a step's device state, by a
+_plan.DensePlan per list of tensors.
 """
 from __future__ import annotations
 
