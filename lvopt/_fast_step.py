@@ -23,7 +23,6 @@ counter) is active: those need the custom ops, which the full step calls.
 
 from __future__ import annotations
 
-import itertools
 import operator
 
 import torch
@@ -31,7 +30,6 @@ from torch import Tensor
 
 _GRAD = operator.attrgetter("grad")
 _IS_CONTIGUOUS = Tensor.is_contiguous
-_TENSORS = itertools.repeat(Tensor)
 _NONE = {type(None)}
 
 
@@ -160,8 +158,11 @@ class FastStep:
             rows.append(row)
             changed.append(c != consts)
         grads = list(map(_GRAD, self.flat))
-        if not all(map(isinstance, grads, _TENSORS)) or not all(map(_IS_CONTIGUOUS, grads)):
-            return False  # a missing, sparse or strided gradient: the full step decides
+        try:
+            if not all(map(_IS_CONTIGUOUS, grads)):  # (a sparse tensor is not contiguous)
+                return False  # a sparse or strided gradient: the full step decides
+        except TypeError:
+            return False  # a missing gradient (None): the full step decides
         if self.idle and set(map(type, map(_GRAD, self.idle))) != _NONE:
             return False  # a parameter without a gradient at the last full step has one now
         for gi, c in enumerate(changed):
