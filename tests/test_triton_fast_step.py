@@ -243,3 +243,30 @@ def test_host_work_per_step_does_not_grow_with_tensors(monkeypatch, cls_name, ca
             opt.step()
         assert full.n > c.n + 10 * n  # the full step does per-tensor work; the count sees it
     assert counts[12] == counts[120], counts
+
+
+@needs_triton_device
+@pytest.mark.parametrize("found", [None, 0.0, 1.0])
+def test_counters_the_setup_kernel_cannot_take_use_torch_ops(gen, found):
+    """Step counters of mixed dtypes (an fp64 one among fp32 ones) get no step table: the plan
+    advances them and computes the coefficients with torch ops (C.advance_steps), and the op
+    still equals the reference; with a set found_inf nothing is written."""
+    from conftest import assert_close_at_list_scale, make_hyper, make_state
+
+    import lvopt.triton as T
+    from lvopt import reference
+    from lvopt.triton import _plan as P
+
+    ps, gs, ms, vs, ss = make_state([(33, 17), (7,)], torch.float32, gen, steps=3)
+    ss[1] = ss[1].double()
+    ps, gs, ms, vs, ss = ([t.to(DEV) for t in lst] for lst in (ps, gs, ms, vs, ss))
+    hyper = make_hyper(2, gen=gen)
+    r = [[t.cpu().clone() for t in lst] for lst in (ps, gs, ms, vs, ss)]
+    flag = None if found is None else torch.full((1,), found, device=DEV)
+    assert P.plan_for(ps, gs, ms, vs, ss).step_tab is None
+    T.fused_adamw_(ps, gs, ms, vs, ss, hyper.to(DEV), *(() if flag is None else (flag,)))
+    rflag = None if found is None else torch.full((1,), found)
+    reference.fused_adamw_(*r, hyper, rflag)
+    for got, ref, what in zip((ps, ms, vs), (r[0], r[2], r[3]), ("params", "exp_avgs", "exp_avg_sqs")):
+        assert_close_at_list_scale([t.cpu() for t in got], ref, 1e-6, what)
+    assert [float(s) for s in ss] == ([3.0, 3.0] if found == 1.0 else [4.0, 4.0])

@@ -26,7 +26,7 @@ import os
 import torch
 import triton.language as tl
 
-from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY, nonfinite_scan_
+from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
 
 # Elements per program (a multiple of BLOCK) and per tile. 16 Ki elements per program, as in
 # the CUDA kernels; a 1024-element tile is 8 elements per thread with 4 warps: two float4 of
@@ -153,13 +153,6 @@ def stack_scalars(ts, device) -> torch.Tensor:
     if len({t.device for t in ts}) == 1:
         return torch.stack([t.reshape(()) for t in ts]).to(device=device, dtype=torch.float64)
     return torch.stack([t.reshape(()).to(device=device, dtype=torch.float64) for t in ts])
-
-
-def scan_found(found_inf, grads) -> None:
-    """nonfinite="skip"/"raise": sets found_inf on its device when a gradient is not finite (no
-    host read; the kernels read the flag)."""
-    if found_inf is not None:
-        nonfinite_scan_(grads, found_inf)
 
 
 def advance_steps(steps, hyper, device, unit_step: bool, found_inf=None):
