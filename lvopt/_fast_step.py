@@ -114,7 +114,7 @@ def _consts(row) -> tuple:
 
 class FastStep:
     def __init__(self, opt, flat, idle, batches, plan_module):
-        from .optim import _check_hyper
+        from ._validate import check_hyper as _check_hyper
 
         self._check_hyper = _check_hyper
         self.P = plan_module

@@ -5,7 +5,7 @@ They are torch.library custom ops in the ``lvopt_triton`` namespace (torch.ops.l
 with fake kernels, so torch.compile traces them. On CPU tensors they run only under
 TRITON_INTERPRET=1 (set before triton is imported), which is how they are tested without a GPU.
 """
-from ..reference import nonfinite_scan_  # torch reductions: any device, no synchronisation
+from ._common import nonfinite_scan_  # torch reductions: any device, no synchronisation
 from .fused_adamh import fused_adamh_
 from .fused_adamw import fused_adamw_
 from .sparse_rows import coalesce_rows, sparse_adamw_, sparse_catchup_
