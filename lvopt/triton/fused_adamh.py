@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from .fused_adamw import _TL_DTYPE, _coef, _load_tensor, _store_param, _store_state, launch_options
+from . import _plan as P
+from .fused_adamw import _coef, _load_tensor, _store_param, _store_state, launch_options
 
 # Chunk partial sums added per step of the finalize kernel's loop.
 REDUCE_BLOCK = 64
@@ -76,8 +77,12 @@ def adamh_reduce_kernel(meta_ptr, coef_ptr, partial_ptr, found_ptr, n_tensors, P
 
 
 @triton.jit
-def adamh_finalize_kernel(partial_ptr, chunks_ptr, lr_radius_ptr, stats_ptr, scale_ptr,
-                          RB: tl.constexpr):
+def adamh_finalize_kernel(partial_ptr, chunks_ptr, hyper_ptr, radius_ptr, stats_ptr, scale_ptr,
+                          RB: tl.constexpr, RADIUS_TABLE: tl.constexpr):
+    """Adds tensor i's chunk partials and computes its scales (a, b). lr is column 0 of row i
+    of the hyperparameter table; the radius is read at the address radius_ptr[i]
+    (RADIUS_TABLE: the plan's table of the radii's addresses) or is radius_ptr[i] (a vector of
+    the radii, when they are not on the device)."""
     i = tl.program_id(0)
     first = tl.load(chunks_ptr + 2 * i)
     count = tl.load(chunks_ptr + 2 * i + 1)
@@ -98,8 +103,11 @@ def adamh_finalize_kernel(partial_ptr, chunks_ptr, lr_radius_ptr, stats_ptr, sca
     tl.store(stats_ptr + 3 * i + 1, wu)
     tl.store(stats_ptr + 3 * i + 2, ww)
     # hyperball_scales (csrc/include/lvopt/math.h), in fp64.
-    lr = tl.load(lr_radius_ptr + 2 * i)
-    radius = tl.load(lr_radius_ptr + 2 * i + 1)
+    lr = tl.load(hyper_ptr + 6 * i)
+    if RADIUS_TABLE:
+        radius = tl.load(tl.load(radius_ptr + i).to(tl.pointer_type(tl.float64), bitcast=True))
+    else:
+        radius = tl.load(radius_ptr + i)
     s = tl.where(uu > 0.0, lr * radius / tl.sqrt(tl.maximum(uu, 1e-300)), 0.0)
     norm2 = ww - 2.0 * s * wu + s * s * uu
     ok = norm2 > 0.0
@@ -167,36 +175,50 @@ def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
     rows = C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
     _check_radii(op, params, radii, rows)
     C.check_found_inf(op, found_inf, params)
-    n = len(params)
-    if n == 0:
+    if not params:
         return hyper.new_zeros((0, 3))
-    # found_inf: decided on the device, as in fused_adamw_ (a set flag: every program of the
-    # three kernels reads and writes nothing but zero sums; a = 1, b = 0).
-    C.scan_found(found_inf, grads)
-    dev = params[0].device
-    coef = C.advance_steps(steps, hyper, dev, unit_step=True, found_inf=found_inf)
-    if coef is None:
-        return torch.zeros(n, 3, device=dev, dtype=torch.float64)
-    first, total = C.first_chunks(params)
+    plan = P.plan_for(params, grads, exp_avgs, exp_avg_sqs, steps, radii=radii)
+    return run(plan, params, grads, steps, radii, hyper, found_inf)
+
+
+def run(plan, params, grads, steps, radii, hyper, found_inf=None, stats=None, scanned=False) -> torch.Tensor:
+    """One AdamH step through ``plan`` (lvopt/triton/_plan.py, pointed at ``grads``), the
+    arguments checked; returns the per-tensor sums (into ``stats`` when given, else a new
+    tensor). A fixed number of host operations and launches whatever the number of tensors:
+    with found_inf the scan (decided on the device, as in fused_adamw.run: a set flag makes
+    every program of the three kernels read and write nothing but zero sums; a = 1, b = 0),
+    the setup kernel, the reduce launches, the finalize kernel (lr from the hyperparameter
+    table, each radius read through the plan's address table), the apply launches. ``params``,
+    ``steps`` and ``radii`` are used only where the plan has no device table for them."""
+    opts, blk = launch_options(), C.block()
+    n = plan.n
+    dev = plan.device
     f64 = dict(device=dev, dtype=torch.float64)
-    partials = torch.empty(max(total, 1) * 3, **f64)
-    stats = torch.empty(n, 3, **f64)
-    scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
-    chunks = C.chunk_table(params, first)
-    lr_radius = torch.stack([hyper[:, 0].to(**f64), C.stack_scalars(radii, dev)], 1).contiguous()
-    plan = list(C.launches(params, grads, exp_avgs, exp_avg_sqs, first))
+    if hyper.device != plan.device:
+        hyper = C._upload(hyper, plan.device)  # a host table given to the op (the optimizer's is on the device)
+    if found_inf is not None and not scanned:  # scanned: the caller scanned every plan of its step first
+        plan.scan(found_inf)
+    coef = plan.advance(steps, hyper, unit_step=True, found_inf=found_inf)
+    if coef is None:
+        return torch.zeros(n, 3, **f64)
+    partials = plan.buffer("adamh_partials", max(plan.total, 1) * 3, torch.float64)
+    if stats is None:
+        stats = torch.empty(n, 3, **f64)
+    scales = plan.buffer("adamh_scales", (n, 2), torch.float32)
+    table = plan.radius_tab is not None
+    radius = plan.radius_tab if table else C.stack_scalars(radii, dev)
     has_found = found_inf is not None
     flag = found_inf if has_found else coef
-    for dtype, aligned, meta, n_tensors, n_programs in plan:
-        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
-                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
-                                           **launch_options())
-    adamh_finalize_kernel[(n,)](partials, chunks, lr_radius, stats, scales, RB=REDUCE_BLOCK,
-                                **launch_options())
-    for dtype, aligned, meta, n_tensors, n_programs in plan:
-        adamh_apply_kernel[(n_programs,)](meta, coef, scales, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
-                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
-                                          **launch_options())
+    for dtype, aligned, meta, n_tensors, n_programs in plan.tables.launches:
+        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=C.TL_DTYPE[dtype],
+                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=blk, HAS_FOUND=has_found,
+                                           **opts)
+    adamh_finalize_kernel[(n,)](partials, plan.chunks(params), hyper, radius, stats, scales, RB=REDUCE_BLOCK,
+                                RADIUS_TABLE=table, **opts)
+    for dtype, aligned, meta, n_tensors, n_programs in plan.tables.launches:
+        adamh_apply_kernel[(n_programs,)](meta, coef, scales, flag, n_tensors, P_DTYPE=C.TL_DTYPE[dtype],
+                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=blk, HAS_FOUND=has_found,
+                                          **opts)
     return stats
 
 
