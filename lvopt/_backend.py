@@ -232,7 +232,7 @@ def _cpu_hugepages() -> str:
 
     mode = _memory.thp_mode()
     if not _memory.ENABLED:
-        return "off (LVOPT_CPU_HUGEPAGES=0)"
+        return "off (the default; LVOPT_CPU_HUGEPAGES=1 turns it on)"
     if mode in ("always", "madvise"):
         return f"on (kernel THP mode {mode!r})"
     return "off (no transparent huge pages in this kernel)" if mode is None else f"off (kernel THP mode {mode!r})"

@@ -219,7 +219,7 @@ class _FusedAdam(torch.optim.Optimizer):
             # the kernels advance it there), on the host otherwise.
             st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=_step_device(p))
             dt = _moment_dtype(p)
-            # CPU moments on transparent huge pages (lvopt/_memory.py): values as torch.zeros_like.
+            # torch.zeros_like, on transparent huge pages with LVOPT_CPU_HUGEPAGES=1 (lvopt/_memory.py).
             st["exp_avg"] = _memory.zeros(p, dt)
             st["exp_avg_sq"] = _memory.zeros(p, dt)
         if amsgrad and "max_exp_avg_sq" not in st:

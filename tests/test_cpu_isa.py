@@ -163,6 +163,7 @@ def _vm_flags(addr: int) -> str:
 def test_cpu_moments_are_marked_for_huge_pages(monkeypatch):
     from lvopt import _memory
 
+    monkeypatch.setattr(_memory, "ENABLED", True)
     p = torch.nn.Parameter(torch.randn(3 << 20))  # 12 MiB
     p.grad = torch.randn_like(p)
     opt = lvopt.AdamW([p], lr=1e-3)
