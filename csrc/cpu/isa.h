@@ -47,30 +47,13 @@ std::string compiled_isas();
 #define LVOPT_X86_DISPATCH 0
 #endif
 
-// Defines NAME(args) that runs BODY_FN(args) compiled for the active ISA. BODY_FN must be an
-// LVOPT_ALWAYS_INLINE function (or template instance) so that it is compiled inside each
-// target-specific wrapper.
-#if LVOPT_X86_DISPATCH
-#define LVOPT_ISA_DISPATCH(NAME, SIGNATURE, ARGS, BODY_FN)                              \
-  static void NAME##_baseline SIGNATURE { BODY_FN ARGS; }                              \
-  LVOPT_TARGET_AVX2 static void NAME##_avx2 SIGNATURE { BODY_FN ARGS; }                \
-  LVOPT_TARGET_AVX512 static void NAME##_avx512 SIGNATURE { BODY_FN ARGS; }            \
-  static void NAME SIGNATURE {                                                         \
-    switch (::lvopt::cpu::active_isa()) {                                              \
-      case ::lvopt::cpu::Isa::kAvx512: NAME##_avx512 ARGS; return;                     \
-      case ::lvopt::cpu::Isa::kAvx2: NAME##_avx2 ARGS; return;                         \
-      default: NAME##_baseline ARGS; return;                                           \
-    }                                                                                  \
-  }
-#else
-#define LVOPT_ISA_DISPATCH(NAME, SIGNATURE, ARGS, BODY_FN) \
-  static void NAME SIGNATURE { BODY_FN ARGS; }
-#endif
-
-// LVOPT_ISA_DISPATCH with a body template that takes <..., kFma>: true at the AVX2 and AVX-512
-// levels (which have fused multiply-add), false at baseline, where std::fma would be a libm call.
-// For sums whose products are exact (see add_exact_product), a fused multiply-add gives the same
-// bits as a multiply then an add, so the levels still agree bit for bit.
+// Defines NAME(args) that runs a body compiled for the active ISA: BODY_NO_FMA(args) at baseline,
+// BODY_FMA(args) at AVX2 and AVX-512 (which have fused multiply-add; at baseline std::fma would be
+// a libm call). The bodies must be LVOPT_ALWAYS_INLINE functions (or template instances) so that
+// they are compiled inside each target-specific wrapper. LVOPT_ISA_DISPATCH passes one body for
+// all levels; a body template taking <..., kFma> uses it only for sums whose products are exact
+// (see add_exact_product), where a fused multiply-add gives the bits of a multiply then an add,
+// so the levels still agree bit for bit.
 #if LVOPT_X86_DISPATCH
 #define LVOPT_ISA_DISPATCH_FMA(NAME, SIGNATURE, ARGS, BODY_NO_FMA, BODY_FMA)           \
   static void NAME##_baseline SIGNATURE { BODY_NO_FMA ARGS; }                          \
@@ -87,6 +70,8 @@ std::string compiled_isas();
 #define LVOPT_ISA_DISPATCH_FMA(NAME, SIGNATURE, ARGS, BODY_NO_FMA, BODY_FMA) \
   static void NAME SIGNATURE { BODY_NO_FMA ARGS; }
 #endif
+#define LVOPT_ISA_DISPATCH(NAME, SIGNATURE, ARGS, BODY_FN) \
+  LVOPT_ISA_DISPATCH_FMA(NAME, SIGNATURE, ARGS, BODY_FN, BODY_FN)
 
 namespace lvopt {
 namespace cpu {
