@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lvopt import reference
+import _adamh_split as split
 from conftest import clone_all, make_hyper, make_state, needs_native, rel_err
 
 SHAPES = [(33, 17), (300, 257), (2, 3, 5), (1, 70000), (0, 4)]
@@ -129,3 +130,36 @@ def test_errors_write_nothing(gen):
     for lst, old in zip((ps, ms, vs, ss), before):
         for t, o in zip(lst, old):
             assert torch.equal(t, o)
+
+
+# ----- the two passes as two ops (sharded matrices: the sums are all-reduced in between) --------
+
+def _split_ops(name):
+    return torch.ops.lvopt if name == "cpu" else reference
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpu", marks=needs_native), "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_ops_equal_the_single_call(gen, name, dtype):
+    split.split_equals_single_call(_split_ops(name), "cpu", dtype, gen, exact=name == "cpu")
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpu", marks=needs_native), "reference"])
+@pytest.mark.parametrize("dim,parts", [(0, 2), (0, 4), (1, 2), (1, 4)])
+def test_shards_with_summed_sums_take_the_unsharded_step(gen, name, dim, parts):
+    split.sharded_sums_give_the_unsharded_step(_split_ops(name), "cpu", dim, parts, gen)
+
+
+@pytest.mark.parametrize("name", [pytest.param("cpu", marks=needs_native), "reference"])
+def test_split_ops_nonfinite_write_nothing(gen, name):
+    split.nonfinite_writes_nothing(_split_ops(name), "cpu", gen)
+
+
+@needs_native
+def test_split_ops_opcheck(gen):
+    split.opcheck(torch.ops.lvopt, "cpu", gen)
+
+
+@needs_native
+def test_split_ops_errors_write_nothing(gen):
+    split.errors_write_nothing(torch.ops.lvopt, "cpu", gen)

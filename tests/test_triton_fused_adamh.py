@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from _triton_support import IN_CHILD, run_file_under_interpreter, triton_device
+import _adamh_split as split
 from conftest import clone_all, make_hyper, make_state, rel_err
 
 DEV = triton_device()
@@ -127,3 +128,32 @@ def test_errors_write_nothing(gen):
     for lst, old in zip((ps, ms, vs, ss), before):
         for t, o in zip(lst, old):
             assert torch.equal(t, o)
+
+
+# ----- the two passes as two ops (sharded matrices: the sums are all-reduced in between) --------
+
+@needs_triton_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_ops_equal_the_single_call(gen, dtype):
+    split.split_equals_single_call(_ops(), DEV, dtype, gen, exact=True, shapes=SHAPES)
+
+
+@needs_triton_device
+@pytest.mark.parametrize("dim,parts", [(0, 4), (1, 2)])
+def test_shards_with_summed_sums_take_the_unsharded_step(gen, dim, parts):
+    split.sharded_sums_give_the_unsharded_step(_ops(), DEV, dim, parts, gen, steps=2)
+
+
+@needs_triton_device
+def test_split_ops_nonfinite_write_nothing(gen):
+    split.nonfinite_writes_nothing(_ops(), DEV, gen)
+
+
+@needs_triton_device
+def test_split_ops_opcheck(gen):
+    split.opcheck(torch.ops.lvopt_triton, DEV, gen)
+
+
+@needs_triton_device
+def test_split_ops_errors_write_nothing(gen):
+    split.errors_write_nothing(_ops(), DEV, gen)

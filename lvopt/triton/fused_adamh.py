@@ -2,6 +2,8 @@
 of lvopt::fused_adamh_. Three kernels, as the CUDA version: pass 1 updates m, v and writes
 per-chunk fp64 partial sums (||u||^2, <W,u>, ||W||^2); a finalize kernel adds each tensor's
 partials and computes the scales (math.h's hyperball_scales); pass 2 applies W <- a*W - b*u.
+fused_adamh_reduce_ and fused_adamh_apply_ are the two passes as two ops (sharded tensors:
+the sums are all-reduced in between; lvopt/optim.py).
 Deterministic: every sum runs in a fixed order (tile sums by tl.sum's fixed tree, tiles and
 chunks in index order); no atomics.
 """
@@ -97,6 +99,11 @@ def adamh_finalize_kernel(partial_ptr, chunks_ptr, lr_radius_ptr, stats_ptr, sca
     tl.store(stats_ptr + 3 * i + 0, uu)
     tl.store(stats_ptr + 3 * i + 1, wu)
     tl.store(stats_ptr + 3 * i + 2, ww)
+    _store_scales(i, uu, wu, ww, lr_radius_ptr, scale_ptr)
+
+
+@triton.jit
+def _store_scales(i, uu, wu, ww, lr_radius_ptr, scale_ptr):
     # hyperball_scales (csrc/include/lvopt/math.h), in fp64.
     lr = tl.load(lr_radius_ptr + 2 * i)
     radius = tl.load(lr_radius_ptr + 2 * i + 1)
@@ -107,6 +114,14 @@ def adamh_finalize_kernel(partial_ptr, chunks_ptr, lr_radius_ptr, stats_ptr, sca
     b = tl.where(ok, a * s, 0.0)
     tl.store(scale_ptr + 2 * i + 0, a.to(tl.float32))
     tl.store(scale_ptr + 2 * i + 1, b.to(tl.float32))
+
+
+@triton.jit
+def adamh_scales_kernel(sums_ptr, lr_radius_ptr, scale_ptr):
+    """The scales of pass 2 from sums given to fused_adamh_apply_ (one program per tensor)."""
+    i = tl.program_id(0)
+    _store_scales(i, tl.load(sums_ptr + 3 * i + 0), tl.load(sums_ptr + 3 * i + 1),
+                  tl.load(sums_ptr + 3 * i + 2), lr_radius_ptr, scale_ptr)
 
 
 @triton.jit
@@ -140,6 +155,22 @@ def adamh_apply_kernel(meta_ptr, coef_ptr, scale_ptr, found_ptr, n_tensors, P_DT
     _apply_tile(p, m, v, offs, offs < n, a, b, step_size, inv_bc2, eps, True)
 
 
+def _check_no_weight_decay(op, rows):
+    for i, r in enumerate(rows or ()):
+        if r[3] != 0.0:
+            raise RuntimeError(f"{op}: weight_decay of tensor {i} must be 0 (hyperball steps have no "
+                               f"weight decay)")
+
+
+def _check_sums(op, params, sums):
+    n = len(params)
+    if (sums.dtype != torch.float64 or tuple(sums.shape) != (n, 3) or not sums.is_contiguous()
+            or (params and sums.device != params[0].device)):
+        raise RuntimeError(f"{op}: sums must be a contiguous float64 tensor of shape [{n}, 3] on the "
+                           f"parameters' device (fused_adamh_reduce_'s result), got {sums.dtype} "
+                           f"{list(sums.shape)} on {sums.device}")
+
+
 def _check_radii(op, params, radii, rows):
     n = len(params)
     if len(radii) != n:
@@ -153,9 +184,41 @@ def _check_radii(op, params, radii, rows):
             x = float(r)
             if not (x == x and abs(x) != float("inf") and x >= 0.0):
                 raise RuntimeError(f"{op}: radii[{i}] must be finite and >= 0, got {x}")
-        if rows is not None and rows[i][3] != 0.0:
-            raise RuntimeError(f"{op}: weight_decay of tensor {i} must be 0 (hyperball steps have no "
-                               f"weight decay)")
+    _check_no_weight_decay(op, rows)
+
+
+def _reduce_pass(params, grads, exp_avgs, exp_avg_sqs, coef, radii, hyper, found_inf):
+    """Pass 1 and the finalize kernel: the sums [n, 3] and the scales [n, 2] (radii None: the
+    reduce op alone, whose scales are not used)."""
+    n = len(params)
+    dev = params[0].device
+    first, total = C.first_chunks(params)
+    f64 = dict(device=dev, dtype=torch.float64)
+    partials = torch.empty(max(total, 1) * 3, **f64)
+    stats = torch.empty(n, 3, **f64)
+    scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
+    chunks = C.chunk_table(params, first)
+    radius = C.stack_scalars(radii, dev) if radii is not None else torch.zeros(n, **f64)
+    lr_radius = torch.stack([hyper[:, 0].to(**f64), radius], 1).contiguous()
+    plan = list(C.launches(params, grads, exp_avgs, exp_avg_sqs, first))
+    has_found = found_inf is not None
+    flag = found_inf if has_found else coef
+    for dtype, aligned, meta, n_tensors, n_programs in plan:
+        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
+                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
+                                           **launch_options())
+    adamh_finalize_kernel[(n,)](partials, chunks, lr_radius, stats, scales, RB=REDUCE_BLOCK,
+                                **launch_options())
+    return stats, scales, plan
+
+
+def _apply_pass(plan, coef, scales, found_inf):
+    has_found = found_inf is not None
+    flag = found_inf if has_found else coef
+    for dtype, aligned, meta, n_tensors, n_programs in plan:
+        adamh_apply_kernel[(n_programs,)](meta, coef, scales, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
+                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
+                                          **launch_options())
 
 
 @torch.library.custom_op("lvopt_triton::fused_adamh_",
@@ -177,26 +240,8 @@ def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
     coef = C.advance_steps(steps, hyper, dev, unit_step=True, found_inf=found_inf)
     if coef is None:
         return torch.zeros(n, 3, device=dev, dtype=torch.float64)
-    first, total = C.first_chunks(params)
-    f64 = dict(device=dev, dtype=torch.float64)
-    partials = torch.empty(max(total, 1) * 3, **f64)
-    stats = torch.empty(n, 3, **f64)
-    scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
-    chunks = C.chunk_table(params, first)
-    lr_radius = torch.stack([hyper[:, 0].to(**f64), C.stack_scalars(radii, dev)], 1).contiguous()
-    plan = list(C.launches(params, grads, exp_avgs, exp_avg_sqs, first))
-    has_found = found_inf is not None
-    flag = found_inf if has_found else coef
-    for dtype, aligned, meta, n_tensors, n_programs in plan:
-        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
-                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
-                                           **launch_options())
-    adamh_finalize_kernel[(n,)](partials, chunks, lr_radius, stats, scales, RB=REDUCE_BLOCK,
-                                **launch_options())
-    for dtype, aligned, meta, n_tensors, n_programs in plan:
-        adamh_apply_kernel[(n_programs,)](meta, coef, scales, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
-                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
-                                          **launch_options())
+    stats, scales, plan = _reduce_pass(params, grads, exp_avgs, exp_avg_sqs, coef, radii, hyper, found_inf)
+    _apply_pass(plan, coef, scales, found_inf)
     return stats
 
 
@@ -205,3 +250,65 @@ def _(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper, found_inf=None)
     if params:
         return params[0].new_empty((len(params), 3), dtype=torch.float64)
     return hyper.new_empty((0, 3))
+
+
+@torch.library.custom_op("lvopt_triton::fused_adamh_reduce_",
+                         mutates_args=("exp_avgs", "exp_avg_sqs", "steps", "found_inf"))
+def fused_adamh_reduce_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                        exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], hyper: torch.Tensor,
+                        found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pass 1 of fused_adamh_ alone (lvopt::fused_adamh_reduce_): advances the counters,
+    updates m and v, returns the sums [n, 3]; no parameter is written."""
+    op = "lvopt::fused_adamh_reduce_"
+    rows = C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
+    _check_no_weight_decay(op, rows)
+    C.check_found_inf(op, found_inf, params)
+    n = len(params)
+    if n == 0:
+        return hyper.new_zeros((0, 3))
+    C.scan_found(found_inf, grads)
+    dev = params[0].device
+    coef = C.advance_steps(steps, hyper, dev, unit_step=True, found_inf=found_inf)
+    if coef is None:
+        return torch.zeros(n, 3, device=dev, dtype=torch.float64)
+    return _reduce_pass(params, grads, exp_avgs, exp_avg_sqs, coef, None, hyper, found_inf)[0]
+
+
+@fused_adamh_reduce_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None):
+    if params:
+        return params[0].new_empty((len(params), 3), dtype=torch.float64)
+    return hyper.new_empty((0, 3))
+
+
+@torch.library.custom_op("lvopt_triton::fused_adamh_apply_", mutates_args=("params",))
+def fused_adamh_apply_(params: List[torch.Tensor], exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor],
+                       steps: List[torch.Tensor], radii: List[torch.Tensor], hyper: torch.Tensor, sums: torch.Tensor,
+                       found_inf: Optional[torch.Tensor] = None) -> None:
+    """Pass 2 of fused_adamh_ alone (lvopt::fused_adamh_apply_): W <- a*W - b*u, the scales from
+    ``sums`` (the whole tensors' ||u||^2, <W,u>, ||W||^2) and the radii, u from m, v and the
+    counters as fused_adamh_reduce_ left them. A set found_inf (read only) writes nothing."""
+    op = "lvopt::fused_adamh_apply_"
+    # Pass 2 reads no gradient: the parameters stand in for them in the shared checks.
+    rows = C.check_step_args(op, params, params, exp_avgs, exp_avg_sqs, steps, hyper)
+    _check_radii(op, params, radii, rows)
+    _check_sums(op, params, sums)
+    C.check_found_inf(op, found_inf, params)
+    n = len(params)
+    if n == 0:
+        return
+    dev = params[0].device
+    coef = C.advance_steps(steps, hyper, dev, unit_step=True, found_inf=found_inf, advance=False)
+    if coef is None:
+        return
+    f64 = dict(device=dev, dtype=torch.float64)
+    lr_radius = torch.stack([hyper[:, 0].to(**f64), C.stack_scalars(radii, dev)], 1).contiguous()
+    scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
+    adamh_scales_kernel[(n,)](sums, lr_radius, scales, **launch_options())
+    first, _ = C.first_chunks(params)
+    _apply_pass(list(C.launches(params, params, exp_avgs, exp_avg_sqs, first)), coef, scales, found_inf)
+
+
+@fused_adamh_apply_.register_fake
+def _(params, exp_avgs, exp_avg_sqs, steps, radii, hyper, sums, found_inf=None):
+    return None
