@@ -22,6 +22,7 @@ sharded step moves 1/P of the bytes of an unsharded one, plus one small collecti
     python benchmarks/bench_distributed_adamh.py [--world 2] [--layers 8] [--width 1024]
         [--shard-dim 0] [--rounds 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,21 +93,44 @@ def worker(args) -> None:
         ts.append(timed(opt_s, count=True))
         tw.append(timed(opt_w))
     n = sum(1 for p in sharded.parameters() if p.dim() >= 2)
+    bare = []  # the collective alone: what the sharded step adds beyond its local work
+    for _ in range(args.rounds):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(torch.zeros(n, 3, dtype=torch.float64))
+        bare.append(time.perf_counter() - t0)
     numel = sum(p.numel() for p in whole.parameters())
     local = sum(p.to_local().numel() for p in sharded.parameters())
     per_step = calls[: len(calls) // args.rounds]
-    out = [rank, statistics.median(ts), statistics.median(tw), first_calls, per_step, n, numel, local]
+    out = [
+        rank,
+        statistics.median(ts),
+        statistics.median(tw),
+        first_calls,
+        per_step,
+        n,
+        numel,
+        local,
+        statistics.median(bare),
+    ]
     gathered = [None] * args.world
     dist.all_gather_object(gathered, out)
     if rank == 0:
-        print(f"{args.world} gloo processes on one machine, {args.layers} matrices {args.width}x{args.width} fp32 "
-              f"({numel / 1e6:.1f} M parameters), Shard({args.shard_dim}), {args.rounds} rounds, medians:")
-        print("rank  sharded AdamH step  unsharded AdamH step  ratio  local elements")
-        for r, s, w, _, _, _, _, loc in gathered:
-            print(f"{r:>4}  {s * 1e3:>15.2f} ms  {w * 1e3:>17.2f} ms  {w / s:>5.2f}x  {loc:>10d} of {numel}")
+        print(
+            f"{args.world} gloo processes on one machine, {args.layers} matrices {args.width}x{args.width} fp32 "
+            f"({numel / 1e6:.1f} M parameters), Shard({args.shard_dim}), {args.rounds} rounds, medians:"
+        )
+        print("rank  sharded AdamH step  unsharded AdamH step  ratio  local elements  bare all-reduce of the sums")
+        for r, s, w, _, _, _, _, loc, b in gathered:
+            print(
+                f"{r:>4}  {s * 1e3:>15.2f} ms  {w * 1e3:>17.2f} ms  {w / s:>5.2f}x  {loc:>8d} of {numel}"
+                f"  {b * 1e3:>8.3f} ms"
+            )
         print(f"optimizer all-reduces, first step: {first_calls} bytes (radii 8*n = {8 * n}, sums 24*n = {24 * n})")
-        print(f"optimizer all-reduces per later step: {per_step} bytes (model: one call, 24*n = {24 * n}); "
-              f"unsharded AdamH: none")
+        print(
+            f"optimizer all-reduces per later step: {per_step} bytes (model: one call, 24*n = {24 * n}); "
+            f"unsharded AdamH: none"
+        )
     dist.destroy_process_group()
 
 
@@ -129,11 +153,29 @@ def main(argv=None) -> None:
         worker(args)
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--world", str(args.world), "--layers",
-           str(args.layers), "--width", str(args.width), "--shard-dim", str(args.shard_dim), "--rounds",
-           str(args.rounds)]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--world",
+        str(args.world),
+        "--layers",
+        str(args.layers),
+        "--width",
+        str(args.width),
+        "--shard-dim",
+        str(args.shard_dim),
+        "--rounds",
+        str(args.rounds),
+    ]
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r))) for r in range(args.world)]
     rcs = [p.wait() for p in procs]
     if any(rcs):

@@ -13,6 +13,7 @@ at a matrix's first step: one all-reduce of the local ||W_0||^2 of every new sha
 Nothing here depends on the backend of the process group: the same code runs on gloo (CPU
 tensors) and NCCL (CUDA tensors), the sums living where the kernels put them.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -41,17 +42,21 @@ def shard_group(p: Tensor, where: Callable[[], str]):
         if isinstance(pl, Shard):
             dims.append(i)
         elif not isinstance(pl, Replicate):
-            raise TypeError(f"{where()}: AdamH cannot step a hyperball matrix with a {type(pl).__name__} "
-                            f"placement ({pl}; placements {tuple(p.placements)}): its local values are not "
-                            f"elements of the matrix; only Shard and Replicate placements are supported. "
-                            f"Redistribute the parameter, or put it in a group with hyperball=False (AdamW)")
+            raise TypeError(
+                f"{where()}: AdamH cannot step a hyperball matrix with a {type(pl).__name__} "
+                f"placement ({pl}; placements {tuple(p.placements)}): its local values are not "
+                f"elements of the matrix; only Shard and Replicate placements are supported. "
+                f"Redistribute the parameter, or put it in a group with hyperball=False (AdamW)"
+            )
     if not dims:
         return None
     if len(dims) > 1:
-        raise TypeError(f"{where()}: AdamH steps a hyperball matrix sharded along one mesh dimension; "
-                        f"this one is sharded along mesh dimensions {dims} (placements "
-                        f"{tuple(p.placements)}); shard it along one dimension (FSDP2, HSDP), or put it in a "
-                        f"group with hyperball=False (AdamW)")
+        raise TypeError(
+            f"{where()}: AdamH steps a hyperball matrix sharded along one mesh dimension; "
+            f"this one is sharded along mesh dimensions {dims} (placements "
+            f"{tuple(p.placements)}); shard it along one dimension (FSDP2, HSDP), or put it in a "
+            f"group with hyperball=False (AdamW)"
+        )
     return p.device_mesh.get_group(mesh_dim=dims[0])
 
 
@@ -70,10 +75,12 @@ def hyperball_group(sharded: Iterable[tuple[Tensor, Callable[[], str]]]):
             group, first = g, where
             ranks = _dist().get_process_group_ranks(g)
         elif g is not group and _dist().get_process_group_ranks(g) != ranks:
-            raise ValueError(f"{where()}: sharded over the ranks {_dist().get_process_group_ranks(g)}, "
-                             f"but {first()} is sharded over the ranks {ranks}; lvopt.AdamH all-reduces the "
-                             f"sums of all sharded hyperball matrices of a step in one collective, over one "
-                             f"group: shard them over the same ranks, or step them with separate optimizers")
+            raise ValueError(
+                f"{where()}: sharded over the ranks {_dist().get_process_group_ranks(g)}, "
+                f"but {first()} is sharded over the ranks {ranks}; lvopt.AdamH all-reduces the "
+                f"sums of all sharded hyperball matrices of a step in one collective, over one "
+                f"group: shard them over the same ranks, or step them with separate optimizers"
+            )
     return group, ids
 
 
@@ -108,6 +115,6 @@ def all_reduce_sums(sums: list[Tensor], group) -> list[Tensor]:
         return [total]
     out, i = [], 0
     for s in sums:
-        out.append(total[i:i + s.shape[0]].to(s.device).contiguous())
+        out.append(total[i : i + s.shape[0]].to(s.device).contiguous())
         i += s.shape[0]
     return out

@@ -2,6 +2,7 @@
 the CPU kernel's tests (test_fused_adamh.py, also run on the reference) and the Triton
 kernel's (test_triton_fused_adamh.py): ``ops`` is torch.ops.lvopt, lvopt.reference or
 lvopt.triton, ``dev`` the parameters' device."""
+
 import pytest
 import torch
 
@@ -18,13 +19,15 @@ def _to(lists, dev):
     return [[t.to(dev) for t in lst] for lst in lists]
 
 
-def split_equals_single_call(ops, dev, dtype, gen, exact: bool, shapes=SHAPES):
+def split_equals_single_call(ops, dev, dtype, gen, exact: bool, shapes=SHAPES, state_dev="cpu"):
     """reduce then apply (no sums changed in between) is fused_adamh_: bit for bit where both
-    run the same kernels (``exact``), else within fp32 rounding."""
+    run the same kernels (``exact``), else within fp32 rounding. ``state_dev``: where the step
+    counters, radii and hyper table live (the host, or a GPU's device state)."""
     ps, gs, ms, vs, ss = make_state(shapes, dtype, gen, steps=2)
-    radii = _radii(ps)
-    hyper = make_hyper(len(shapes), wd=0.0, gen=gen)
-    ps, gs, ms, vs = _to((ps, gs, ms, vs), dev)
+    radii = [r.to(state_dev) for r in _radii(ps)]
+    hyper = make_hyper(len(shapes), wd=0.0, gen=gen).to(state_dev)
+    ps, gs, ms, vs, ss = _to((ps, gs, ms, vs, ss), dev)
+    ss = [s.to(state_dev) for s in ss]
     a = clone_all(ps, gs, ms, vs, ss)
     for it in range(3):
         stats = ops.fused_adamh_(ps, gs, ms, vs, ss, radii, hyper)
@@ -76,13 +79,14 @@ def sharded_sums_give_the_unsharded_step(ops, dev, dim: int, parts: int, gen, st
         assert all(float(s) == float(t) for s, t in zip(rk[4], ss))
 
 
-def nonfinite_writes_nothing(ops, dev, gen):
+def nonfinite_writes_nothing(ops, dev, gen, state_dev="cpu"):
     """found_inf: a non-finite gradient stops pass 1 (flag set, zero sums, nothing written, no
     counter advanced); pass 2 given a set flag writes nothing."""
     ps, gs, ms, vs, ss = make_state([(5, 7), (11, 2)], torch.float32, gen, steps=1)
     radii = _radii(ps)
     hyper = make_hyper(2, wd=0.0)
     ps, gs, ms, vs = _to((ps, gs, ms, vs), dev)
+    ss = [s.to(state_dev) for s in ss]
     gs[1][3, 1] = float("nan")
     found = torch.zeros(1, device=dev)
     before = clone_all(ps, ms, vs, ss)
@@ -114,8 +118,11 @@ def errors_write_nothing(ops, dev, gen):
     f64 = dict(dtype=torch.float64, device=dev)
     cases = [
         ("weight_decay of tensor 0", ops.fused_adamh_reduce_, (ps, gs, ms, vs, ss, make_hyper(2, wd=0.1))),
-        ("weight_decay of tensor 0", ops.fused_adamh_apply_,
-         (ps, ms, vs, ss, radii, make_hyper(2, wd=0.1), torch.ones(2, 3, **f64))),
+        (
+            "weight_decay of tensor 0",
+            ops.fused_adamh_apply_,
+            (ps, ms, vs, ss, radii, make_hyper(2, wd=0.1), torch.ones(2, 3, **f64)),
+        ),
         ("sums must be", ops.fused_adamh_apply_, (ps, ms, vs, ss, radii, ok, torch.ones(3, 3, **f64))),
         ("sums must be", ops.fused_adamh_apply_, (ps, ms, vs, ss, radii, ok, torch.ones(2, 3, device=dev))),
         ("radii has 1 tensors", ops.fused_adamh_apply_, (ps, ms, vs, ss, radii[:1], ok, torch.ones(2, 3, **f64))),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lvopt
+import _adamh_split as split
 from lvopt import reference
 from conftest import (assert_bf16_step_close, assert_close_at_list_scale, clone_all, make_hyper, make_state,
                       rel_err, restart_reference_from)
@@ -117,3 +118,29 @@ def test_opcheck(gen):
     ps, gs, ms, vs = _cuda((ps, gs, ms, vs))
     torch.library.opcheck(torch.ops.lvopt.fused_adamw_.default, (ps, gs, ms, vs, ss, make_hyper(2)))
     torch.library.opcheck(torch.ops.lvopt.fused_adamh_.default, (ps, gs, ms, vs, ss, radii, make_hyper(2, wd=0.0)))
+
+
+# ----- AdamH's two passes as two ops (sharded matrices; tests/_adamh_split.py) ------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_dev", ["cpu", "cuda"])
+def test_adamh_split_ops_equal_the_single_call(gen, dtype, state_dev):
+    split.split_equals_single_call(torch.ops.lvopt, "cuda", dtype, gen, exact=True, state_dev=state_dev)
+
+
+@pytest.mark.parametrize("dim,parts", [(0, 4), (1, 2)])
+def test_adamh_shards_with_summed_sums_take_the_unsharded_step(gen, dim, parts):
+    split.sharded_sums_give_the_unsharded_step(torch.ops.lvopt, "cuda", dim, parts, gen)
+
+
+@pytest.mark.parametrize("state_dev", ["cpu", "cuda"])
+def test_adamh_split_ops_nonfinite_write_nothing(gen, state_dev):
+    split.nonfinite_writes_nothing(torch.ops.lvopt, "cuda", gen, state_dev=state_dev)
+
+
+def test_adamh_split_ops_opcheck(gen):
+    split.opcheck(torch.ops.lvopt, "cuda", gen)
+
+
+def test_adamh_split_ops_errors_write_nothing(gen):
+    split.errors_write_nothing(torch.ops.lvopt, "cuda", gen)

@@ -11,6 +11,7 @@ processes that this test starts itself, each against an unsharded AdamH it runs 
 - Layouts AdamH cannot step are refused on every rank before anything is written: matrices
   sharded over different groups of ranks, a 2-D sharded matrix, a Partial placement.
 """
+
 import os
 import socket
 import subprocess
@@ -78,9 +79,14 @@ def _equal_to_unsharded(shard_dim: int) -> dict:
     ref = lvopt.AdamH(plain.parameters(), lr=2e-2)
     named = dict(model.named_parameters())
     matrices = [k for k, p in named.items() if p.dim() == 2]
-    res = dict(placements={k: str(p.placements) for k, p in named.items()},
-               local_shapes={k: tuple(p.to_local().shape) for k, p in named.items()},
-               max_rel=0.0, norm_err=0.0, radius_err=0.0, calls=[])
+    res = dict(
+        placements={k: str(p.placements) for k, p in named.items()},
+        local_shapes={k: tuple(p.to_local().shape) for k, p in named.items()},
+        max_rel=0.0,
+        norm_err=0.0,
+        radius_err=0.0,
+        calls=[],
+    )
     for t in range(STEPS):
         x = _batch(t)  # the same batch on every rank: FSDP2's averaged gradient is the full one
         opt.zero_grad()
@@ -117,8 +123,11 @@ def _skip_agreed(rank: int) -> dict:
         model[0].weight.grad.to_local()[0, 0] = float("nan")
     before = [p.to_local().clone() for p in model.parameters()]
     opt.step()
-    skipped = dict(skipped=opt.skipped_steps, state=len(opt.state),
-                   unchanged=all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters())))
+    skipped = dict(
+        skipped=opt.skipped_steps,
+        state=len(opt.state),
+        unchanged=all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters())),
+    )
     opt.zero_grad()
     _loss(model, _batch(1)).backward()
     opt.step()  # the next, finite step runs everywhere
@@ -144,22 +153,44 @@ def _refusals(rank: int) -> dict:
             opt.step()
             cases[name] = None
         except Exception as e:  # recorded, asserted on by the tests
-            cases[name] = (type(e).__name__, str(e), all(torch.equal(b, p.to_local()) for b, p in
-                                                         zip(before, params)), len(opt.state))
+            cases[name] = (
+                type(e).__name__,
+                str(e),
+                all(torch.equal(b, p.to_local()) for b, p in zip(before, params)),
+                len(opt.state),
+            )
 
     gen = torch.Generator().manual_seed(5)
     w, g = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
     mesh1 = init_device_mesh("cpu", (world,))
-    attempt("partial", [(DTensor.from_local(w.clone(), mesh1, [Partial()], run_check=False),
-                         DTensor.from_local(g.clone(), mesh1, [Partial()], run_check=False))])
+    attempt(
+        "partial",
+        [
+            (
+                DTensor.from_local(w.clone(), mesh1, [Partial()], run_check=False),
+                DTensor.from_local(g.clone(), mesh1, [Partial()], run_check=False),
+            )
+        ],
+    )
     if world == 4:
         mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b"))
-        attempt("two_mesh_dims", [(distribute_tensor(w, mesh2, [Shard(0), Shard(1)]),
-                                   distribute_tensor(g, mesh2, [Shard(0), Shard(1)]))])
-        attempt("mixed_groups", [(distribute_tensor(w, mesh2, [Shard(0), Replicate()]),
-                                  distribute_tensor(g, mesh2, [Shard(0), Replicate()])),
-                                 (distribute_tensor(w, mesh2, [Replicate(), Shard(0)]),
-                                  distribute_tensor(g, mesh2, [Replicate(), Shard(0)]))])
+        attempt(
+            "two_mesh_dims",
+            [(distribute_tensor(w, mesh2, [Shard(0), Shard(1)]), distribute_tensor(g, mesh2, [Shard(0), Shard(1)]))],
+        )
+        attempt(
+            "mixed_groups",
+            [
+                (
+                    distribute_tensor(w, mesh2, [Shard(0), Replicate()]),
+                    distribute_tensor(g, mesh2, [Shard(0), Replicate()]),
+                ),
+                (
+                    distribute_tensor(w, mesh2, [Replicate(), Shard(0)]),
+                    distribute_tensor(g, mesh2, [Replicate(), Shard(0)]),
+                ),
+            ],
+        )
         # HSDP's layout (replicated over "a", sharded over "b"): supported, one group.
         p = nn.Parameter(distribute_tensor(w, mesh2, [Replicate(), Shard(1)]))
         p.grad = distribute_tensor(g, mesh2, [Replicate(), Shard(1)])
@@ -199,11 +230,26 @@ def run_ranks(world: int, out_dir) -> list:
     children import this checkout's lvopt (its root goes first on their path)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(lvopt.__file__)))
     path = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), root])
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=path)
+    env = dict(
+        os.environ,
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=path,
+    )
     code = f"import test_fsdp_adamh; test_fsdp_adamh.worker({str(out_dir)!r})"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     logs = []
     try:
         for p in procs:
@@ -232,8 +278,10 @@ def test_sharded_adamh_equals_unsharded(ranks, shard_dim):
         r = res[f"shard{shard_dim}"]
         assert r["placements"]["0.weight"] == f"(Shard(dim={shard_dim}),)", r["placements"]
         assert r["moment_type"] == "DTensor" and r["radius_type"] == "Tensor"
-        print(f"{world} ranks, Shard({shard_dim}): max |sharded - unsharded| / max|W| over {STEPS} steps "
-              f"{r['max_rel']:.1e}; | ||W||/R - 1 | {r['norm_err']:.1e}; R vs unsharded {r['radius_err']:.1e}")
+        print(
+            f"{world} ranks, Shard({shard_dim}): max |sharded - unsharded| / max|W| over {STEPS} steps "
+            f"{r['max_rel']:.1e}; | ||W||/R - 1 | {r['norm_err']:.1e}; R vs unsharded {r['radius_err']:.1e}"
+        )
         assert r["max_rel"] < 1e-6
         assert r["norm_err"] < 1e-6  # the radius is kept: ||W|| = R after every step
         assert r["radius_err"] < 1e-12  # R is the whole matrix's ||W_0||
@@ -267,8 +315,10 @@ def test_unsupported_layouts_are_refused_on_every_rank_before_writing(ranks):
     world, results = ranks
     expected = {"partial": ("TypeError", "a Partial placement")}
     if world == 4:
-        expected.update(two_mesh_dims=("TypeError", "sharded along mesh dimensions [0, 1]"),
-                        mixed_groups=("ValueError", "sharded over the ranks"))
+        expected.update(
+            two_mesh_dims=("TypeError", "sharded along mesh dimensions [0, 1]"),
+            mixed_groups=("ValueError", "sharded over the ranks"),
+        )
     for res in results:
         for name, (etype, words) in expected.items():
             got = res["refusals"][name]
