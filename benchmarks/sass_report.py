@@ -31,7 +31,7 @@ ACHIEVABLE = 0.90          # fraction of peak a streaming kernel reaches
 # Kernels that stream nothing: per-tensor / per-row scalars, reductions of partial sums, and
 # loop_rows_kernel (exact sparse rows whose v needs the fp64 windowed loop, ~2e-5 of elements;
 # scalar per element by design, its cost is the loop, not the bytes).
-NON_STREAMING = ("advance_kernel", "finalize_kernel", "stats_kernel", "chunk_sums_kernel", "catchup_scalars_kernel",
+NON_STREAMING = ("advance_kernel", "finalize_kernel", "scales_kernel", "stats_kernel", "chunk_sums_kernel", "catchup_scalars_kernel",
                  "loop_rows_kernel",
                  # The sparse step's plan and control kernels (ids and counters, O(N) bytes: not
                  # the rows' data), CUB's among them.
@@ -197,6 +197,8 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
     jobs.append(("adamh_finalize_kernel", H.adamh_finalize_kernel,
                  {"partial_ptr": "*fp64", "chunks_ptr": "*i64", "lr_radius_ptr": "*fp64", "stats_ptr": "*fp64",
                   "scale_ptr": "*fp32", "RB": "constexpr"}, {"RB": H.REDUCE_BLOCK}, {}))
+    jobs.append(("adamh_scales_kernel", H.adamh_scales_kernel,
+                 {"sums_ptr": "*fp64", "lr_radius_ptr": "*fp64", "scale_ptr": "*fp32"}, {}, {}))
     # Sparse embedding rows: one program per distinct row, 1024-wide tiles of rows whose width
     # is a multiple of 16 bytes (ALIGNED: what a 768-wide fp32/bf16 table gets).
     for dt in ("fp32", "bf16"):
