@@ -4,7 +4,8 @@ processes that this test starts itself, each against an unsharded AdamH it runs 
 - Shard(0) (FSDP2's default, with an uneven and on 4 ranks an empty shard) and Shard(1)
   (``shard_placement_fn``; FSDP2 shards other dims only evenly): 20 steps equal
   to the unsharded AdamH within 1e-6 of each tensor's largest element, the radius R = ||W_0|| of
-  the whole matrix, and ||W|| = R after every step.
+  the whole matrix, and ||W|| = R after every step; resumed halfway from the optimizer's
+  state_dict into a new optimizer.
 - The optimizer's communication: one all-reduce per step of [n, 3] fp64 sums (24 bytes per
   sharded matrix), plus one of n fp64 values at the matrices' first step (the radii).
 - nonfinite="skip": a NaN in one rank's gradient shard skips the step on every rank.
@@ -89,6 +90,12 @@ def _equal_to_unsharded(shard_dim: int) -> dict:
     )
     for t in range(STEPS):
         x = _batch(t)  # the same batch on every rank: FSDP2's averaged gradient is the full one
+        if t == STEPS // 2:
+            # Resume halfway from the optimizer's state_dict (local DTensor moments, radius and
+            # step as plain tensors) into a new optimizer: the steps go on as if uninterrupted.
+            saved = opt.state_dict()
+            opt = lvopt.AdamH(model.parameters(), lr=2e-2)
+            opt.load_state_dict(saved)
         opt.zero_grad()
         _loss(model, x).backward()
         with _Counter() as c:
