@@ -32,8 +32,28 @@ def _contenders(shapes, groups=None, dtype=torch.float32, track=False):
         *extra,
         Contender("torch AdamW fused", optimizer_step(lambda ps: torch.optim.AdamW(ps, fused=True, **kw), shapes, dtype, groups)),
         Contender("torch AdamW foreach", optimizer_step(lambda ps: torch.optim.AdamW(ps, foreach=True, **kw), shapes, dtype, groups)),
-        Contender("DeepSpeedCPUAdam", optimizer_step(lambda ps: deepspeed_adam()(ps, adamw_mode=True, **kw), shapes, dtype, groups)),
+        Contender("DeepSpeedCPUAdam", optimizer_step(lambda ps: deepspeed_adam()(ps, adamw_mode=True, **kw), shapes, dtype, groups),
+                  per_isa=lambda isa: optimizer_step(lambda ps: deepspeed_adam(isa)(ps, adamw_mode=True, **kw),
+                                                     shapes, dtype, groups)),
     ]
+
+
+def _small_pages(cls, params, **kw):
+    """An optimizer whose CPU moments are allocated without transparent huge pages (its state is
+    created by its first step, so every step runs with lvopt/_memory.py switched off)."""
+    from lvopt import _memory
+
+    opt = cls(params, **kw)
+    step = opt.step
+
+    def small_pages_step(*args, **kwargs):
+        was, _memory.ENABLED = _memory.ENABLED, False
+        try:
+            return step(*args, **kwargs)
+        finally:
+            _memory.ENABLED = was
+    opt.step = small_pages_step
+    return opt
 
 
 def cases(size: str = "default") -> list[Case]:
@@ -46,6 +66,9 @@ def cases(size: str = "default") -> list[Case]:
         Contender("lvopt AdamW bf16", optimizer_step(lambda ps: lvopt.AdamW(ps, **kw), [(n,)], torch.bfloat16), anchor=False),
         Contender("lvopt AdamW fp32", optimizer_step(lambda ps: lvopt.AdamW(ps, **kw), [(n,)]), anchor=False, bytes=28 * n),
         Contender("torch AdamW fused bf16", optimizer_step(lambda ps: torch.optim.AdamW(ps, fused=True, **kw), [(n,)], torch.bfloat16), bytes=14 * n),
+        # lvopt's CPU moments on 4 KiB pages (lvopt/_memory.py off): what huge pages buy.
+        Contender("lvopt AdamW bf16 (4 KiB pages)", optimizer_step(lambda ps: _small_pages(lvopt.AdamW, ps, **kw), [(n,)], torch.bfloat16),
+                  anchor=False),
     ]
     return [
         Case("adamw_1x", f"AdamW fp32, one tensor of {n / 2**20:.0f}Mi params", 28 * n, _contenders([(n,)], track=True)),

@@ -95,7 +95,7 @@ def _state(shapes, dtype, device):
 def _lvopt_step(backend, shapes, dtype, device, algo):
     import lvopt
     from lvopt import _backend
-    from lvopt.reference import HYPER_COLS
+    from lvopt._layout import HYPER_COLS
 
     if _backend.unavailable_reason(backend):
         return None, _backend.unavailable_reason(backend)

@@ -52,8 +52,10 @@ def _time_steps(opt, p, grads, warmup, reps):
     return statistics.median(ts) * 1e3
 
 
-def run(size: str = "default") -> list[dict]:
-    """Rows of the side-by-side table: name, ms (median step), gbps (effective), bytes."""
+def run(size: str = "default", isa_levels: list[str] | None = None) -> list[dict]:
+    """Rows of the side-by-side table: name, ms (median step), gbps (effective), bytes.
+    ``isa_levels``: time each lvopt row once per CPU ISA level (named "name [level]", the levels
+    of one row back to back on the same batches); the anchors once."""
     cfg = SIZES[size]
     V, d = cfg["V"], cfg["d"]
     gen = torch.Generator().manual_seed(0)
@@ -66,32 +68,46 @@ def run(size: str = "default") -> list[dict]:
     def add(name, ms, nbytes, **extra):
         rows.append(dict(name=name, ms=ms, gbps=nbytes / ms / 1e6, bytes=nbytes, **extra))
 
-    for name, make in [
+    def levels(name):
+        """(row name, ISA level or None) for each timing of ``name``."""
+        if isa_levels is None or not name.startswith("lvopt"):
+            return [(name, None)]
+        return [(f"{name} [{lv}]", lv) for lv in isa_levels]
+
+    def timed(opt, p, batches, warmup, reps, level):
+        if level is None:
+            return _time_steps(opt, p, batches, warmup, reps)
+        with lvopt.set_cpu_isa(level):
+            return _time_steps(opt, p, batches, warmup, reps)
+
+    for base, make in [
         ("lvopt exact", lambda ps: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1)),
         ("lvopt lazy", lambda ps: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1, sparse_mode="lazy")),
         ("torch SparseAdam", lambda ps: torch.optim.SparseAdam(ps, lr=1e-3)),
     ]:
-        p = torch.nn.Parameter(torch.randn(V, d, generator=gen))
-        opt = make([p])
-        ms = _time_steps(opt, p, grads, cfg["warmup"], cfg["reps"])
-        add(name, ms, sparse_bytes, distinct_rows=U)
-        del p, opt
-        gc.collect()
+        for name, level in levels(base):
+            p = torch.nn.Parameter(torch.randn(V, d, generator=gen))
+            opt = make([p])
+            ms = timed(opt, p, grads, cfg["warmup"], cfg["reps"], level)
+            add(name, ms, sparse_bytes, distinct_rows=U)
+            del p, opt
+            gc.collect()
 
     # The same steps on the gradients lvopt.nn.Embedding produces: duplicates already summed in
     # its backward (U rows instead of N), so the step reads 4*U*d gradient bytes, not 4*N*d.
     merged = [torch.sparse_coo_tensor(*(lambda c: (c._indices(), c._values()))(g.coalesce()), (V, d),
                                       is_coalesced=True) for g in grads]
     merged_bytes = int(28 * U * d)
-    for name, make in [
+    for base, make in [
         ("lvopt exact (lvopt.nn.Embedding grad)", lambda ps: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1)),
         ("lvopt lazy (lvopt.nn.Embedding grad)", lambda ps: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1, sparse_mode="lazy")),
     ]:
-        p = torch.nn.Parameter(torch.randn(V, d, generator=gen))
-        opt = make([p])
-        add(name, _time_steps(opt, p, merged, cfg["warmup"], cfg["reps"]), merged_bytes, distinct_rows=U)
-        del p, opt
-        gc.collect()
+        for name, level in levels(base):
+            p = torch.nn.Parameter(torch.randn(V, d, generator=gen))
+            opt = make([p])
+            add(name, timed(opt, p, merged, cfg["warmup"], cfg["reps"], level), merged_bytes, distinct_rows=U)
+            del p, opt
+            gc.collect()
     del merged
 
     # Dense AdamW on the dense gradient of the same batch: 28 B x V x d.
@@ -105,9 +121,11 @@ def run(size: str = "default") -> list[dict]:
     # The dense lvopt AdamW kernel on a flat tensor: the bandwidth reference.
     n = cfg["dense_n"]
     p = torch.nn.Parameter(torch.randn(n, generator=gen))
-    opt = lvopt.AdamW([p], lr=1e-3, weight_decay=0.1)
-    add(f"lvopt AdamW dense ({n >> 20}M fp32, reference bandwidth)",
-        _time_steps(opt, p, [torch.randn(n, generator=gen)], 2, max(3, cfg["reps"] // 2)), 28 * n)
+    dense_grad = [torch.randn(n, generator=gen)]
+    for name, level in levels(f"lvopt AdamW dense ({n >> 20}M fp32, reference bandwidth)"):
+        opt = lvopt.AdamW([p], lr=1e-3, weight_decay=0.1)
+        add(name, timed(opt, p, dense_grad, 2, max(3, cfg["reps"] // 2), level), 28 * n)
+        del opt
     return rows
 
 

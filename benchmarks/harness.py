@@ -27,6 +27,9 @@ class Contender:
     make: Callable[[], Callable[[], None]]  # builds the state, returns one step
     anchor: bool = True  # False for lvopt's own rows
     bytes: float | None = None  # overrides the case's byte count (e.g. a different dtype)
+    # An anchor whose own kernels are chosen per CPU ISA (DeepSpeedCPUAdam): level -> make,
+    # for `lvopt bench --isa all`. lvopt's rows need none (lvopt.set_cpu_isa switches them).
+    per_isa: Callable[[str], Callable[[], Callable[[], None]]] | None = None
 
 
 @dataclass
@@ -158,14 +161,92 @@ def run_case(case: Case, rounds: int, warmup: int = 2, progress=None, alone: boo
     return results
 
 
-def deepspeed_adam():
-    """DeepSpeedCPUAdam, or an ImportError that says how to get it."""
+ISA_SUFFIX = " [{}]"
+
+
+def at_isa(step: Callable[[], None], level: str) -> Callable[[], None]:
+    """``step`` with lvopt's CPU kernels at ISA ``level`` (lvopt.set_cpu_isa around it)."""
+    import lvopt
+
+    def run():
+        with lvopt.set_cpu_isa(level):
+            step()
+    return run
+
+
+def expand_isa(case: Case, levels: list[str]) -> Case:
+    """``case`` with one copy of each lvopt contender per ISA level (named "name [level]") and of
+    each anchor that has ``per_isa`` builds; other anchors once. All copies are alive and timed
+    round-robin, so the levels are compared side by side in the same minutes."""
+    out = []
+    for c in case.contenders:
+        if not c.anchor:
+            out += [Contender(c.name + ISA_SUFFIX.format(lv), (lambda c=c, lv=lv: at_isa(c.make(), lv)),
+                              anchor=False, bytes=c.bytes) for lv in levels]
+        elif c.per_isa is not None:
+            out += [Contender(c.name + ISA_SUFFIX.format(lv), c.per_isa(lv), bytes=c.bytes) for lv in levels]
+        else:
+            out.append(c)
+    return Case(case.name, case.title, case.bytes, out, case.notes)
+
+
+def deepspeed_adam(isa: str | None = None):
+    """DeepSpeedCPUAdam, or an ImportError that says how to get it.
+
+    ``isa``: the level DeepSpeed's own kernels are compiled for. DeepSpeed builds its CPU Adam
+    once per machine with -march=native and -D__AVX512__ or -D__AVX256__ from the CPU flags;
+    ``isa="avx2"`` on an AVX-512 machine returns a class whose instances use a second build of
+    the same sources with -march=haswell -D__AVX256__ (DeepSpeed's AVX2 kernels), so an
+    AVX2-capped lvopt is compared with what DeepSpeed runs on an AVX2-only machine."""
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
     except Exception as e:  # deepspeed missing, or its CPU op failed to build
         raise ImportError(f"DeepSpeedCPUAdam unavailable ({type(e).__name__}); "
                           f"install the bench extra: pip install -r requirements-bench.txt") from None
-    return DeepSpeedCPUAdam
+    if isa is None or isa == _deepspeed_native_isa():
+        return DeepSpeedCPUAdam
+    if isa != "avx2":
+        raise ImportError(f"no DeepSpeedCPUAdam build for ISA {isa!r} (DeepSpeed has AVX-512, AVX2 and scalar kernels; "
+                          f"this bench builds the AVX2 one)")
+    module = _deepspeed_avx2_module()
+
+    class DeepSpeedCPUAdamAVX2(DeepSpeedCPUAdam):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            self.ds_opt_adam.destroy_adam(self.opt_id)
+            self.ds_opt_adam = module
+            g = self.defaults
+            module.create_adam(self.opt_id, g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"],
+                               self.adam_w_mode, False)
+    return DeepSpeedCPUAdamAVX2
+
+
+def _deepspeed_native_isa() -> str:
+    import lvopt
+
+    return "avx512" if lvopt.build_info()["cpu_isa_hardware"] == "avx512" else "avx2"
+
+
+_DS_AVX2 = []
+
+
+def _deepspeed_avx2_module():
+    if not _DS_AVX2:
+        from deepspeed.ops.op_builder.cpu.cpu_adam import CPUAdamBuilder
+
+        class CPUAdamAVX2Builder(CPUAdamBuilder):
+            NAME = "cpu_adam_avx2"
+
+            def absolute_name(self):
+                return f"deepspeed.ops.adam.{self.NAME}_op"
+
+            def cpu_arch(self):
+                return "-march=haswell"
+
+            def simd_width(self):
+                return "-D__AVX256__"
+        _DS_AVX2.append(CPUAdamAVX2Builder().load())
+    return _DS_AVX2[0]
 
 
 def optimizer_step(opt_factory, shapes, dtype=torch.float32, groups=None):

@@ -28,6 +28,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["parallel"] = at::get_parallel_info();
     return d;
   });
+  // lvopt.set_cpu_isa: the level the CPU kernels run at from now on (csrc/cpu/isa.h).
+  m.def("set_cpu_isa", [](const std::string& name) {
+    lvopt::cpu::Isa want;
+    if (!lvopt::cpu::parse_isa(name.c_str(), &want)) {
+      throw pybind11::value_error("lvopt.set_cpu_isa: unknown CPU ISA level '" + name +
+                                  "'; the levels are 'baseline', 'avx2', 'avx512'");
+    }
+    const lvopt::cpu::Isa hw = lvopt::cpu::hardware_isa();
+    if (static_cast<int>(want) > static_cast<int>(hw)) {
+      throw pybind11::value_error("lvopt.set_cpu_isa: '" + name + "' is above this CPU's level '" +
+                                  lvopt::cpu::isa_name(hw) + "'");
+    }
+    return std::string(lvopt::cpu::isa_name(lvopt::cpu::set_active_isa(want)));
+  });
   // The argument checks of the dense step ops (lvopt/step_args.h), for the Triton ops' host path
   // (lvopt/triton/_common.py): the same checks and messages as the CPU and CUDA kernels, at a
   // few tens of nanoseconds per tensor instead of microseconds in Python. `cuda`: the kernel's

@@ -7,13 +7,14 @@ from ._version import __version__ as _base_version
 # carries its own), or lvopt/_version.py's for a source tree that setup.py has not built.
 __version__ = _ops.built_for().get("version", _base_version)
 from . import reference
-from ._backend import BACKENDS, build_info
-from .optim import NONFINITE_POLICIES, AdamH, AdamW, DenseEmbeddingGradWarning, NonFiniteGradientError
+from ._backend import BACKENDS, build_info, cpu_isa_levels, set_cpu_isa
+from ._validate import NONFINITE_POLICIES
+from .optim import AdamH, AdamW, DenseEmbeddingGradWarning, NonFiniteGradientError
 from . import checkpoint, nn, sparse, telemetry  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 
 __all__ = ["AdamW", "AdamH", "CheckpointError", "DenseEmbeddingGradWarning", "NonFiniteGradientError",
-           "NONFINITE_POLICIES", "checkpoint", "telemetry", "nn", "sparse", "build_info", "reference", "BACKENDS",
+           "NONFINITE_POLICIES", "checkpoint", "telemetry", "nn", "sparse", "build_info", "cpu_isa_levels", "set_cpu_isa", "reference", "BACKENDS",
            "__version__"]
 from . import roles, scaling  # noqa: E402
 from .roles import ROLES, TiedWeightsWarning, detect_roles  # noqa: E402

@@ -150,6 +150,7 @@ def build_info() -> dict:
         "cpu_isa_compiled": [],
         "cpu_isa_hardware": None,
         "cpu_isa_active": None,
+        "cpu_hugepages": _cpu_hugepages(),
         "cuda": False,
         "cuda_archs": [],
         "parallel": None,
@@ -184,3 +185,54 @@ def backend_status(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         return "compiled, no device"
     return "available"
+
+
+def cpu_isa_levels() -> list[str]:
+    """The CPU ISA levels the native kernels can run at on this machine, lowest first (those
+    compiled into lvopt._C, up to the hardware's level); empty without the native build."""
+    if not _ops.native_available():
+        return []
+    native = _ops._C.build_info()
+    order = ["baseline", "avx2", "avx512"]
+    hw = order.index(native["cpu_isa_hardware"])
+    return [i for i in order if i in native["cpu_isa_compiled"].split(",") and order.index(i) <= hw]
+
+
+class set_cpu_isa:
+    """Runs lvopt's CPU kernels at ISA ``level`` (``"baseline"``, ``"avx2"``, ``"avx512"``) from
+    now on, in this process, as ``LVOPT_CPU_ISA=level`` does at start-up; every level computes
+    the same bits, so only the speed changes. Also a context manager that restores the previous
+    level on exit::
+
+        with lvopt.set_cpu_isa("avx2"):
+            opt.step()
+
+    Raises ValueError for an unknown level or one above this CPU's (``build_info()``'s
+    ``cpu_isa_hardware``), RuntimeError without the native build."""
+
+    def __init__(self, level: str):
+        if not _ops.native_available():
+            raise RuntimeError(f"lvopt.set_cpu_isa: the native CPU kernels are not built ({_ops.NATIVE_ERROR})")
+        self.previous = _ops._C.build_info()["cpu_isa_active"]
+        self.level = _ops._C.set_cpu_isa(str(level))
+
+    def __enter__(self) -> "set_cpu_isa":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ops._C.set_cpu_isa(self.previous)
+
+    def __repr__(self) -> str:
+        return f"lvopt.set_cpu_isa({self.level!r})"
+
+
+def _cpu_hugepages() -> str:
+    """Whether lvopt's CPU moments get transparent huge pages (lvopt/_memory.py), and why not."""
+    from . import _memory
+
+    mode = _memory.thp_mode()
+    if not _memory.ENABLED:
+        return "off (LVOPT_CPU_HUGEPAGES=0)"
+    if mode in ("always", "madvise"):
+        return f"on (kernel THP mode {mode!r})"
+    return "off (no transparent huge pages in this kernel)" if mode is None else f"off (kernel THP mode {mode!r})"

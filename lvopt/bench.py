@@ -51,10 +51,42 @@ def _families(only: set[str] | None):
     return [importlib.import_module(name) for name in FAMILIES if os.path.exists(os.path.join(d, name + ".py"))]
 
 
-def check_claims(results: list[dict]) -> list[dict]:
-    """The suite's claims (claims.py) checked on ``results``."""
+def check_claims(results: list[dict], levels: list[str] | None = None) -> list[dict]:
+    """The suite's claims (claims.py) checked on ``results``; with ISA ``levels`` (rows named
+    "name [level]", see --isa), once per level on that level's rows and the shared anchors,
+    each claim marked with its level."""
     suite_dir()
-    return importlib.import_module("claims").check_claims(results)
+    check = importlib.import_module("claims").check_claims
+    if not levels:
+        return check(results)
+    out = []
+    for lv in levels:
+        tag = f" [{lv}]"
+        tagged = [f" [{x}]" for x in levels]
+        view = [dict(r, name=r["name"][: -len(tag)]) if r["name"].endswith(tag) else r
+                for r in results if r["name"].endswith(tag) or not any(r["name"].endswith(t) for t in tagged)]
+        out += [dict(c, claim=f"{c['claim']} [{lv}]", isa=lv) for c in check(view)]
+    return out
+
+
+def isa_levels(spec: str) -> list[str]:
+    """The levels of ``--isa``: [] for the default (the level in use), every level from avx2 up
+    that this CPU has for ``all`` (baseline too where it is the only one), or the listed ones,
+    refused with what this CPU has when it lacks one."""
+    if not spec:
+        return []
+    import lvopt
+
+    have = lvopt.cpu_isa_levels()
+    if not have:
+        raise SystemExit(f"lvopt bench --isa: the native CPU kernels are not built ({lvopt.build_info()['native_error']})")
+    if spec == "all":
+        return [lv for lv in have if lv != "baseline"] or have
+    want = [s.strip() for s in spec.split(",") if s.strip()]
+    missing = [lv for lv in want if lv not in have]
+    if missing:
+        raise SystemExit(f"lvopt bench --isa: {', '.join(missing)} not available on this CPU (it has {', '.join(have)})")
+    return want
 
 
 def machine_info() -> dict:
@@ -124,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e", action="store_true",
                     help="end-to-end mode: train a small large-vocabulary LM with torch.optim.AdamW and lvopt")
     ap.add_argument("--steps", type=int, default=300, help="training steps of --e2e")
+    ap.add_argument("--isa", default="",
+                    help="CPU ISA levels of lvopt's kernels: 'all' (avx2 and avx512, those this CPU has) or a "
+                         "comma-separated list (baseline,avx2,avx512); each lvopt row (and DeepSpeedCPUAdam) is "
+                         "timed at each level side by side, and the claims are checked per level. Default: the "
+                         "level in use (LVOPT_CPU_ISA or the CPU's best)")
     args = ap.parse_args(argv)
     if args.e2e:
         suite_dir()
@@ -137,9 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         gpu = importlib.import_module("bench_gpu")
         return int(gpu.main(["--size", args.size]) or 0)
 
+    levels = isa_levels(args.isa)
     mods = _families(only)
     harness = importlib.import_module("harness")
     info = machine_info()
+    if levels:
+        info["cpu_isa"] = ",".join(levels)
     print(f"lvopt bench: {info['processor']}, {info['cores']} cores, torch {info['torch']}, "
           f"{info['threads']} threads, CPU ISA {info['cpu_isa']}, size={args.size}", flush=True)
     copy_gbps = harness.copy_bandwidth()
@@ -150,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     cases, runners = [], []
     for m in mods:
         if hasattr(m, "cases"):
-            cases += [c for c in m.cases(args.size) if only is None or c.name in only]
+            cases += [harness.expand_isa(c, levels) if levels else c
+                      for c in m.cases(args.size) if only is None or c.name in only]
         elif hasattr(m, "run") and (only is None or getattr(m, "CASE", "sparse_rows") in only):
             runners.append(m)
     try:
@@ -173,13 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     for m in runners:
         name = getattr(m, "CASE", "sparse_rows")
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows = [dict(r, case=name, anchor=r.get("anchor", not str(r["name"]).startswith("lvopt"))) for r in m.run(args.size)]
+        out = m.run(args.size, isa_levels=levels) if levels else m.run(args.size)
+        rows = [dict(r, case=name, anchor=r.get("anchor", not str(r["name"]).startswith("lvopt"))) for r in out]
         results += rows
         tables.append(format_case(getattr(m, "TITLE", name), rows, stream_gbps))
     for t in tables:
         print(t)
 
-    claims = check_claims(results)
+    claims = check_claims(results, levels)
     if claims:
         print("\nWhat the issues ask, measured in this run:")
         for c in claims:

@@ -18,6 +18,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from . import _validate
+
 __all__ = ["CheckpointError", "problems", "validated"]
 
 # Keys every parameter state of AdamW/AdamH must carry once it is not empty.
@@ -26,7 +28,7 @@ REQUIRED_KEYS = ("step", "exp_avg", "exp_avg_sq")
 # have defaults, filled in by __setstate__ on load).
 REQUIRED_HYPER = ("lr", "betas", "eps", "weight_decay", "maximize")
 # An otherwise valid group, into which one saved hyperparameter at a time is put to name every
-# bad one (the optimizer's own rules, optim._check_hyper, decide; nothing is re-implemented).
+# bad one (the optimizer's own rules, _validate.check_hyper, decide; nothing is re-implemented).
 _GOOD_GROUP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False)
 # Value scans go through a moment in pieces of this many elements (bounded temporaries).
 _CHUNK = 1 << 22
@@ -77,8 +79,6 @@ def validated(opt: torch.optim.Optimizer, state_dict) -> Iterator[dict]:
 
 def problems(opt: torch.optim.Optimizer, state_dict: Mapping) -> list:
     """Every problem of ``state_dict`` as a checkpoint for ``opt`` (empty: it may be loaded)."""
-    from .optim import _check_hyper  # lazy: optim imports this module
-
     missing = [k for k in ("state", "param_groups") if k not in state_dict]
     if missing:
         return [f"the checkpoint has no {' and no '.join(repr(k) for k in missing)} (expected what "
@@ -104,7 +104,7 @@ def problems(opt: torch.optim.Optimizer, state_dict: Mapping) -> list:
                        f"{len(group['params'])} in the optimizer")
             mapped = False
         else:
-            out += _group_problems(saved, f"param group {gi}", opt._is_hyperball_group(saved), _check_hyper)
+            out += _group_problems(saved, f"param group {gi}", opt._is_hyperball_group(saved), _validate.check_hyper)
     if not mapped:
         return out
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
@@ -120,7 +120,7 @@ def problems(opt: torch.optim.Optimizer, state_dict: Mapping) -> list:
 
 def _group_problems(saved: Mapping, where: str, hyperball: bool, check) -> list:
     """The hyperparameter problems of one saved group, by the optimizer's own rules (``check``
-    is optim._check_hyper, which stops at the first problem: each saved hyperparameter is then
+    is lvopt/_validate.py check_hyper, which stops at the first problem: each saved hyperparameter is then
     tried alone in an otherwise valid group, so that every bad one is named)."""
     out = [f"{where}: missing hyperparameter '{k}'" for k in REQUIRED_HYPER if k not in saved]
     try:

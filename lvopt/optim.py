@@ -8,19 +8,21 @@ groups. State names and layout are torch.optim.AdamW's (``step``, ``exp_avg``,
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections import OrderedDict, defaultdict
 from itertools import chain
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _backend, _shards, checkpoint
-from .reference import HYPER_COLS
-from .sparse import CHECK_IDS, ROW_KEYS, SPARSE_MODES, SparseRows
+from . import _backend, _memory, _shards, _validate, checkpoint
+from ._layout import HYPER_COLS
+from ._validate import MOMENTS as _MOMENTS
+from ._validate import is_dtensor as _is_dtensor
+from ._validate import moment_dtype as _moment_dtype
+from .sparse import ROW_KEYS, SparseRows
 
 # Keys torch.optim.AdamW keeps in every param group. lvopt keeps them too, so that a torch
 # AdamW can load an lvopt checkpoint (its __setstate__ would otherwise default
@@ -28,9 +30,6 @@ from .sparse import CHECK_IDS, ROW_KEYS, SPARSE_MODES, SparseRows
 _TORCH_GROUP_DEFAULTS = dict(amsgrad=False, foreach=None, capturable=False, differentiable=False,
                              fused=None, decoupled_weight_decay=True)
 
-_MOMENTS = ("exp_avg", "exp_avg_sq")
-
-NONFINITE_POLICIES = ("propagate", "skip", "raise")
 _SKIP = object()
 
 
@@ -42,66 +41,6 @@ class DenseEmbeddingGradWarning(UserWarning):
     """An lvopt.nn.Embedding weight received a dense gradient and is updated densely."""
 
 
-def _scalar(x: Any, name: str, where: str, read: bool = True) -> float | Tensor:
-    """A hyperparameter as a float; a one-element tensor is read on the host when ``read``, else
-    returned as it is (the step builds the hyperparameter table from it on its device: no host
-    read, so a CUDA graph or a compiled step keeps following the tensor)."""
-    if isinstance(x, Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{where}: {name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{where}: {name} must be a floating-point tensor, got {x.dtype}")
-        return float(x) if read else x
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ValueError(f"{where}: {name} must be a number, got {type(x).__name__}")
-    return float(x)
-
-
-def _check_hyper(group: dict, where: str, hyperball: bool = False, read: bool = True) -> tuple:
-    """Validates a group's hyperparameters; returns (lr, beta1, beta2, wd, eps, maximize).
-    With ``read=False`` (every step), tensor-valued hyperparameters are returned as tensors and
-    their values are not checked here (that would be a host read per step): they were checked
-    when the group was added, and the CPU kernel checks the table it receives; on a GPU the
-    values of a tensor that changes later are the user's to keep in range, as with torch."""
-    def num(x, name):
-        return _scalar(x, name, where, read)
-
-    lr = num(group["lr"], "lr")
-    if not isinstance(lr, Tensor) and (not math.isfinite(lr) or lr < 0.0):
-        raise ValueError(f"{where}: invalid learning rate lr={lr}: must be finite and >= 0")
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    b1, b2 = (num(b, f"betas[{i}]") for i, b in enumerate(betas))
-    for i, b in enumerate((b1, b2)):
-        if not isinstance(b, Tensor) and not (0.0 <= b < 1.0):
-            raise ValueError(f"{where}: invalid beta parameter at index {i}: {b} (must be in [0, 1))")
-    eps = num(group["eps"], "eps")
-    if not isinstance(eps, Tensor) and (not math.isfinite(eps) or eps <= 0.0):
-        raise ValueError(f"{where}: invalid epsilon value eps={eps}: must be finite and > 0")
-    wd = num(group["weight_decay"], "weight_decay")
-    if not isinstance(wd, Tensor) and (not math.isfinite(wd) or wd < 0.0):
-        raise ValueError(f"{where}: invalid weight_decay value {wd}: must be finite and >= 0")
-    if hyperball and (isinstance(wd, Tensor) or wd != 0.0):
-        raise ValueError(f"{where}: weight_decay={wd} given to a hyperball group; AdamH keeps the "
-                         f"norm of hyperball matrices fixed, so they take no weight decay. Set "
-                         f"weight_decay=0, or hyperball=False for the group")
-    if hyperball and group.get("amsgrad", False):
-        raise ValueError(f"{where}: amsgrad=True given to a hyperball group; AdamH's hyperball step has "
-                         f"no AMSGrad variant. Use amsgrad=False, or hyperball=False for the group "
-                         f"(AdamW, which supports amsgrad)")
-    if group.get("differentiable", False):
-        raise ValueError(f"{where}: differentiable=True is not supported: lvopt's steps are fused kernels "
-                         f"that autograd does not trace")
-    if not group.get("decoupled_weight_decay", True) and wd != 0.0:
-        raise ValueError(f"{where}: decoupled_weight_decay=False (Adam with L2, e.g. a torch.optim.Adam "
-                         f"checkpoint) is not supported; lvopt implements AdamW's decoupled decay")
-    mode = group.get("sparse_mode", "exact")
-    if mode not in SPARSE_MODES:
-        raise ValueError(f"{where}: sparse_mode must be one of {SPARSE_MODES}, got {mode!r}")
-    return lr, b1, b2, wd, eps, 1.0 if group["maximize"] else 0.0
-
-
 class _FusedAdam(torch.optim.Optimizer):
     """Shared machinery of lvopt.AdamW and lvopt.AdamH."""
 
@@ -109,21 +48,14 @@ class _FusedAdam(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, backend: str | None, nonfinite: str = "propagate",
                  track: bool = False, check_ids: str = "deferred"):
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        _validate.check_settings(nonfinite, check_ids, backend)
         self.nonfinite = nonfinite
         self.track = bool(track)
-        if check_ids not in CHECK_IDS:
-            raise ValueError(f"check_ids must be one of {CHECK_IDS}, got {check_ids!r}")
         self.check_ids = check_ids
         self._init_transient()
         self.skipped_steps = 0
-        if backend is not None:
-            if backend not in _backend.BACKENDS:
-                raise ValueError(f"backend must be one of {_backend.BACKENDS} or None, got {backend!r}")
-            _backend.check_available(backend)
         self.backend = backend
-        _check_hyper(defaults, "defaults", hyperball=self._is_hyperball_group(defaults))
+        _validate.check_hyper(defaults, "defaults", hyperball=self._is_hyperball_group(defaults))
         super().__init__(params, defaults)
 
     @classmethod
@@ -142,7 +74,7 @@ class _FusedAdam(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyper(group, f"param group {len(self.param_groups) - 1}", self._is_hyperball_group(group))
+        _validate.check_hyper(group, f"param group {len(self.param_groups) - 1}", self._is_hyperball_group(group))
 
     _OWN_ATTRS = {"backend": None, "nonfinite": "propagate", "track": False, "skipped_steps": 0,
                   "check_ids": "deferred"}
@@ -233,11 +165,7 @@ class _FusedAdam(torch.optim.Optimizer):
                                                   dtype=torch.float64, copy=True)
 
     # -- the step -------------------------------------------------------------------------------
-    @staticmethod
-    def _where(group: dict, gi: int, pi: int, p: Tensor) -> str:
-        names = group.get("param_names")
-        name = f" '{names[pi]}'" if names is not None and pi < len(names) else ""
-        return f"param {pi}{name} of group {gi} (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
+    _where = staticmethod(_validate.where)
 
     def _backend_for(self, device: torch.device, cache: dict | None = None) -> tuple:
         """(backend name, its dtypes) for tensors on ``device``; ``cache`` keeps one step's answers
@@ -252,49 +180,12 @@ class _FusedAdam(torch.optim.Optimizer):
         return out
 
     def _check_param(self, p: Tensor, where, group: dict | None = None, cache: dict | None = None) -> str:
-        """Checks one parameter and its gradient and state; ``where()`` names the parameter in
-        an error (built only when one is raised)."""
-        g = p.grad
-        sparse = g.layout == torch.sparse_coo
-        if g.layout != torch.strided and not sparse:
-            raise TypeError(f"{where()}: got a {g.layout} gradient; lvopt takes dense gradients and "
-                            f"row-sparse torch.sparse_coo gradients")
-        if _is_dtensor(p):
-            if sparse:
-                raise TypeError(f"{where()}: a row-sparse gradient of a sharded (DTensor) parameter is not "
-                                f"supported; keep the embedding out of fully_shard or give it dense gradients")
-        backend, dtypes, device_ok = self._backend_for(p.device, cache)
-        if not device_ok:
-            raise TypeError(f"{where()}: backend {backend!r} cannot step tensors on {p.device}")
-        if p.dtype not in dtypes:
-            raise TypeError(f"{where()}: unsupported dtype {p.dtype}; backend {backend!r} supports "
-                            f"{', '.join(str(d) for d in dtypes)}")
-        if g.dtype != p.dtype:
-            raise TypeError(f"{where()}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
-        if g.device != p.device:
-            raise TypeError(f"{where()}: gradient is on {g.device}, parameter on {p.device}")
-        if g.shape != p.shape:
-            raise ValueError(f"{where()}: gradient shape {tuple(g.shape)} differs from the parameter's")
-        if sparse:
-            self._rows.check_grad(p, g, backend, group, where,
-                                  group is not None and self._is_hyperball_group(group))
-        st = self.state.get(p)
-        if st:
-            for key in _MOMENTS:
-                t = st.get(key)
-                if t is None or t.shape != p.shape or t.device != p.device or t.dtype != _moment_dtype(p):
-                    raise ValueError(f"{where()}: state '{key}' is missing or does not match the parameter "
-                                     f"({None if t is None else (tuple(t.shape), t.dtype, str(t.device))}); was the wrong "
-                                     f"state_dict loaded?")
-            t = st.get("max_exp_avg_sq")
-            if t is not None and (t.shape != p.shape or t.device != p.device or t.dtype != _moment_dtype(p)):
-                raise ValueError(f"{where()}: state 'max_exp_avg_sq' does not match the parameter "
-                                 f"({(tuple(t.shape), t.dtype, str(t.device))}); was the wrong state_dict loaded?")
-            if "step" not in st:
-                raise ValueError(f"{where()}: state has no 'step'")
-            if sparse and not (st["exp_avg"].is_contiguous() and st["exp_avg_sq"].is_contiguous()):
-                raise ValueError(f"{where()}: a row-sparse step needs contiguous moments")
-        return backend
+        """Checks one parameter and its gradient and state (lvopt/_validate.py check_param); ``where()``
+        names the parameter in an error (built only when one is raised)."""
+        hyperball = group is not None and self._is_hyperball_group(group)
+        return _validate.check_param(
+            p, where, hyperball, lambda device: self._backend_for(device, cache),
+            lambda g, backend: self._rows.check_grad(p, g, backend, group, where, hyperball), self.state.get(p))
 
     def _collect(self):
         """Every parameter with a gradient, validated, as (hyper row, p, backend, algorithm,
@@ -304,17 +195,14 @@ class _FusedAdam(torch.optim.Optimizer):
         cache: dict = {}
         for gi, group in enumerate(self.param_groups):
             hyperball = self._is_hyperball_group(group)
-            row = _check_hyper(group, f"param group {gi}", hyperball, read=False)
+            row = _validate.check_hyper(group, f"param group {gi}", hyperball, read=False)
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 where = functools.partial(self._where, group, gi, pi, p)
                 backend = self._check_param(p, where, group, cache)
                 if p.grad.layout == torch.sparse_coo:
-                    if group.get("amsgrad", False):
-                        raise TypeError(f"{where()}: amsgrad=True with a row-sparse gradient is not supported "
-                                        f"(the sparse-row step has no AMSGrad variant); give this parameter "
-                                        f"dense gradients or put it in a group with amsgrad=False")
+                    _validate.check_sparse_amsgrad(group, where)
                     algo = "sparse"
                 else:
                     algo = "adamh" if hyperball and p.dim() >= 2 else "adamw"
@@ -328,12 +216,13 @@ class _FusedAdam(torch.optim.Optimizer):
             # the kernels advance it there), on the host otherwise.
             st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=_step_device(p))
             dt = _moment_dtype(p)
-            st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            # CPU moments on transparent huge pages (lvopt/_memory.py): values as torch.zeros_like.
+            st["exp_avg"] = _memory.zeros(p, dt)
+            st["exp_avg_sq"] = _memory.zeros(p, dt)
         if amsgrad and "max_exp_avg_sq" not in st:
             # torch.optim.AdamW(amsgrad=True)'s state: the running maximum of exp_avg_sq (zeros
             # at the first step, as torch; a group switched to amsgrad later starts from zeros too).
-            st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"], memory_format=torch.preserve_format)
+            st["max_exp_avg_sq"] = _memory.zeros(st["exp_avg_sq"], st["exp_avg_sq"].dtype)
         if algo == "adamh" and "radius" not in st:
             # R = ||W_0||_F, recorded at the matrix's first hyperball step (docs/design.md section 2.2).
             # On the parameter's device for CUDA parameters (read there by the kernels), else the host.
@@ -700,18 +589,9 @@ def _host_row(row: tuple) -> tuple:
     return tuple(float(x) for x in row)
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
-
-
 def _local(t: Tensor) -> Tensor:
     """The local shard of an FSDP2 DTensor (sharing its storage), or ``t`` itself."""
     return t.to_local() if _is_dtensor(t) else t
-
-
-def _moment_dtype(p: Tensor) -> torch.dtype:
-    """Moments are fp32 for fp32 and bf16 parameters (fp64 for the fp64 reference oracle)."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _dense(t: Tensor) -> bool:

@@ -13,12 +13,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-# The error word of the sparse ops (csrc/include/lvopt/sparse_args.h, check_sparse_error).
-from .sparse import ERR_CLOCK, ERR_IDS
-
-# Columns of the per-tensor hyperparameter table (csrc/include/lvopt/math.h, HyperCol).
-LR, BETA1, BETA2, WEIGHT_DECAY, EPS, MAXIMIZE = range(6)
-HYPER_COLS = 6
+# The hyperparameter table's columns and the sparse ops' error codes (lvopt/_layout.py).
+from ._layout import BETA1, BETA2, EPS, ERR_CLOCK, ERR_IDS, LR, MAXIMIZE, WEIGHT_DECAY
 
 
 def _compute_dtype(p: Tensor) -> torch.dtype:

@@ -20,10 +20,9 @@ import weakref
 
 import torch
 
-# Columns of the history table (csrc/include/lvopt/math.h, HistCol).
-H_LR, H_DECAY, H_LOGPI, H_U, H_SQRTBC2, H_SERIES = 0, 1, 2, 3, 4, 5
-HIST_SERIES = 8
-HIST_COLS = 13
+# Columns of the history table and the error word's codes (lvopt/_layout.py, from math.h's HistCol
+# and sparse_args.h).
+from ._layout import ERR_CLOCK, H_DECAY, H_LOGPI, H_SERIES, H_SQRTBC2, HIST_COLS, HIST_SERIES
 
 
 def _host_tables(fn):
@@ -210,8 +209,6 @@ SPARSE_BACKENDS = ("cpu", "cuda", "triton", "reference")
 # flush() or state_dict()) or "sync" (on the host before anything is written: one
 # synchronisation per sparse parameter and step). On the CPU ids are always checked at once.
 CHECK_IDS = ("deferred", "sync")
-# Error codes the sparse ops set in their ``error`` tensor (csrc/include/lvopt/sparse_args.h).
-ERR_IDS, ERR_CLOCK = 1, 2
 
 
 def _device_tables(backend: str) -> bool:

@@ -1,7 +1,6 @@
-"""Checks of AdamH's two passes as two ops (fused_adamh_reduce_, fused_adamh_apply_), shared by
-the CPU kernel's tests (test_fused_adamh.py, also run on the reference) and the Triton
-kernel's (test_triton_fused_adamh.py): ``ops`` is torch.ops.lvopt, lvopt.reference or
-lvopt.triton, ``dev`` the parameters' device."""
+"""Checks of AdamH's two passes as two ops (fused_adamh_reduce_, fused_adamh_apply_), called by
+tests/test_fused_adamh.py on every backend and on the reference: ``ops`` is torch.ops.lvopt,
+lvopt.triton or lvopt.reference, ``dev`` the parameters' device."""
 
 import pytest
 import torch

@@ -6,10 +6,114 @@ import pytest
 import torch
 
 import lvopt
-from lvopt.reference import HYPER_COLS
+from lvopt._layout import HYPER_COLS
 
 NATIVE = lvopt.build_info()["native"]
 needs_native = pytest.mark.skipif(not NATIVE, reason="lvopt._C not built")
+IN_TRITON_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton: the Triton backend's case of a per-op-family test; without a GPU "
+                                       "it runs in a child pytest under TRITON_INTERPRET=1 (run_triton_child)")
+
+
+class Backend:
+    """One backend of the per-op-family tests (tests/test_<op>.py): its name, the device its
+    kernels are tested on, and its ops. ``cpu``: the native CPU kernels (torch.ops.lvopt) on CPU
+    tensors. ``triton``: lvopt.triton's ops (torch.ops.lvopt_triton) on CUDA tensors, or on CPU
+    tensors in the interpreter child. ``cuda``: the native CUDA kernels on CUDA tensors."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name, self.device = name, device
+
+    def __repr__(self):
+        return f"Backend({self.name!r}, {self.device})"
+
+    @property
+    def ops(self):
+        """The op functions: ``backend.ops.fused_adamw_(...)``."""
+        if self.name == "triton":
+            import lvopt.triton
+
+            return lvopt.triton
+        return torch.ops.lvopt
+
+    def op(self, name: str):
+        """The op's OpOverload, for torch.library.opcheck."""
+        namespace = torch.ops.lvopt_triton if self.name == "triton" else torch.ops.lvopt
+        if self.name == "triton":
+            import lvopt.triton  # noqa: F401  (registers torch.ops.lvopt_triton.*)
+        return getattr(namespace, name).default
+
+    def to(self, lists):
+        """Lists of tensors moved to the backend's device."""
+        return [[t.to(self.device) for t in lst] for lst in lists]
+
+
+def _cuda_kernels() -> bool:
+    return torch.cuda.is_available() and bool(lvopt.build_info()["cuda"])
+
+
+needs_cuda_kernels = pytest.mark.skipif(not _cuda_kernels(), reason="needs a CUDA device")
+
+
+@pytest.fixture(params=["cpu", pytest.param("triton", marks=pytest.mark.triton), "cuda"])
+def backend(request):
+    """The backend a per-op-family test runs on (torchao's style: one test body, every backend).
+    Without a GPU the Triton case is skipped here and run by the file's run_triton_child test in
+    a child pytest under the interpreter (`-m triton`), where only the Triton cases are selected."""
+    return _backend_named(request.param)
+
+
+@pytest.fixture(params=[pytest.param("triton", marks=pytest.mark.triton)])
+def triton_backend(request):
+    """The Triton backend alone, for tests of its own machinery (launch tables, its Python checks)."""
+    return _backend_named(request.param)
+
+
+def _backend_named(name: str) -> Backend:
+    if name == "cpu":
+        if not NATIVE:
+            pytest.skip("lvopt._C not built")
+        return Backend("cpu", torch.device("cpu"))
+    if name == "cuda":
+        if not _cuda_kernels():
+            pytest.skip("needs a CUDA device")
+        return Backend("cuda", torch.device("cuda"))
+    if IN_TRITON_CHILD:
+        return Backend("triton", torch.device("cpu"))
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU: the Triton case runs in the interpreter child (test_triton_in_interpreter_child)")
+    return Backend("triton", torch.device("cuda"))
+
+
+def run_triton_child(path):
+    """Runs the Triton cases (marker ``triton``) of the test file ``path`` in a child pytest under
+    TRITON_INTERPRET=1, on CPU tensors: the interpreter must be chosen before triton is imported,
+    and this process has imported it already. Nothing to do where a GPU runs them here."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs the Triton cases in this process")
+    run_under_interpreter(path, "-m", "triton")
+
+
+def run_under_interpreter(path, *pytest_args):
+    """Runs the test file ``path`` (with ``pytest_args``) in a child pytest under TRITON_INTERPRET=1
+    and asserts that it passed."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(path), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args, path],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-3000:]
 
 
 def make_hyper(n, lr=1e-2, betas=(0.9, 0.999), wd=0.1, eps=1e-8, maximize=False, gen=None):

@@ -13,7 +13,14 @@ from torch import nn
 import lvopt
 from lvopt import reference
 from lvopt.sparse import RowClock
-from conftest import needs_native, rel_err, run_python
+from conftest import IN_TRITON_CHILD, needs_native, rel_err, run_python, run_triton_child
+
+if not IN_TRITON_CHILD:
+
+    def test_triton_in_interpreter_child():
+        """The Triton cases of the backend-parametrised tests here (coalescing, errors, opcheck); the
+        rest of the Triton sparse-row tests are tests/test_triton_sparse_rows.py's."""
+        run_triton_child(__file__)
 
 
 def _zipf_ids(n, v, gen, a=1.1):
@@ -92,31 +99,67 @@ def test_reference_exact_matches_dense_fp64(gen):
     assert rel_err(p, P) < 1e-12 and rel_err(m, M) < 1e-12
 
 
-@needs_native
+# (ids, rows, width) per backend: empty, one row, many duplicates, ids spread over a large table,
+# the full row set (64 of 64, a permutation); the interpreter takes few, with widths around its
+# 32-wide tiles; on CUDA also rows given more than 32 times (summed in pieces).
+COALESCE_CASES = {
+    "cpu": [(0, 5, 19), (1, 1, 19), (300, 7, 19), (5000, 100000, 19), (64, 64, 19)],
+    "triton": [(0, 5, 40), (1, 1, 40), (37, 7, 130), (12, 100000, 45)],
+    "cuda": [(0, 5, 8), (1, 1, 8), (300, 7, 19), (5000, 100000, 64), (64, 64, 8), (3000, 3, 40)],
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_coalesce_rows(gen, dtype):
-    for n, V in [(0, 5), (1, 1), (300, 7), (5000, 100000), (64, 64)]:
+def test_coalesce_rows(backend, gen, dtype):
+    """The distinct rows in order and their summed values. Against the reference (fp32 sums; on
+    CUDA an fp64 evaluation, for its runs summed in pieces), and on the Triton and CUDA backends
+    against the CPU op: the same bits for rows given at most 32 times (the same in-order fp32
+    sum); CUDA twice: deterministic."""
+    dev = backend.device
+    for n, V, d in COALESCE_CASES[backend.name]:
         ids = torch.randint(0, V, (n,), generator=gen)
-        if n == 64:
+        if n == V == 64:
             ids = torch.randperm(64, generator=gen)  # the full row set
-        vals = torch.randn(n, 19, generator=gen).to(dtype)
-        rows, summed = torch.ops.lvopt.coalesce_rows(ids, vals, V)
+        vals = torch.randn(n, d, generator=gen)
+        if backend.name == "triton":
+            vals = vals * torch.logspace(-3, 3, d)
+        vals = vals.to(dtype)
+        rows, summed = backend.ops.coalesce_rows(ids.to(dev), vals.to(dev), V)
         rr, rs = reference.coalesce_rows(ids, vals, V)
-        assert torch.equal(rows, rr) and torch.equal(rows, torch.unique(ids))
-        assert summed.dtype == dtype and summed.shape == (rows.numel(), 19)
-        if n:
-            assert rel_err(summed, rs) < (1e-6 if dtype == torch.float32 else 1e-2)
+        assert rows.device.type == dev.type
+        assert torch.equal(rows.cpu(), rr) and torch.equal(rr, torch.unique(ids))
+        assert summed.dtype == dtype and summed.shape == (rr.numel(), d)
+        if backend.name != "cpu":
+            cr, cs = torch.ops.lvopt.coalesce_rows(ids, vals, V)
+            short = torch.bincount(ids, minlength=V)[cr] <= 32
+            assert torch.equal(summed.cpu()[short], cs[short])
+        if backend.name == "cuda":
+            assert torch.equal(summed, backend.ops.coalesce_rows(ids.to(dev), vals.to(dev), V)[1])
+            if n:
+                exact = reference.coalesce_rows(ids, vals.double(), V)[1]  # fp64 sums
+                assert rel_err(summed.cpu().double(), exact) < (5e-6 if dtype == torch.float32 else 1e-2)
+        elif n:
+            assert rel_err(summed.cpu(), rs) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
-@needs_native
-def test_coalesce_is_deterministic_and_in_input_order(gen):
-    ids = torch.zeros(1000, dtype=torch.int64)
-    vals = torch.randn(1000, 3, generator=gen) * torch.logspace(-8, 8, 1000).unsqueeze(1)
-    _, s = torch.ops.lvopt.coalesce_rows(ids, vals, 1)
-    acc = torch.zeros(3)
-    for i in range(1000):
+# Duplicates of one row: 1000 on the CPU; 40 under the interpreter; on CUDA 32 (longer runs are
+# summed in pieces there, see test_coalesce_rows).
+IN_ORDER_N = {"cpu": 1000, "triton": 40, "cuda": 32}
+
+
+def test_coalesce_sums_duplicates_in_input_order(backend, gen):
+    """A row given many times is the in-order fp32 sum of its values (values over 16 decades, so
+    any other order gives other bits), and -0.0 + 0.0 + ... keeps the first value's sign rules."""
+    n = IN_ORDER_N[backend.name]
+    ids = torch.zeros(n, dtype=torch.int64)
+    vals = torch.randn(n, 3, generator=gen) * torch.logspace(-8, 8, n).unsqueeze(1)
+    vals[0, 0] = -0.0
+    vals[1:, 0] = 0.0
+    _, s = backend.ops.coalesce_rows(ids.to(backend.device), vals.to(backend.device), 1)
+    acc = vals[0].clone()
+    for i in range(1, n):
         acc = acc + vals[i]
-    assert torch.equal(s[0], acc)
+    assert torch.equal(s[0].cpu(), acc)
 
 
 @needs_native
@@ -155,32 +198,44 @@ print(lvopt.build_info()["cpu_isa_active"], [x.view(torch.int32).long().sum().it
     assert best[1] == lower[1]
 
 
-@needs_native
+# Width of the opcheck tables: 40 under the Triton interpreter (32-wide tiles: one full, one
+# masked tail), 8 for the native kernels.
+OPCHECK_WIDTH = {"cpu": 8, "triton": 40, "cuda": 8}
+
+
 @pytest.mark.parametrize("word", [False, True], ids=["raising", "error word"])
-def test_opcheck(gen, word):
-    kw = {"error": torch.zeros(3, dtype=torch.int64)} if word else {}
-    V, d = 11, 8
+def test_opcheck(backend, gen, word):
+    """opcheck of the three sparse-row ops on every backend; the table, ids, values and moments
+    on the backend's device, step, hist, qpow and hyper on the host (as lvopt.optim passes them),
+    last_step and the error word on the table's device for the native ops."""
+    dev = backend.device
+    host_last = backend.name == "triton"
+    kw = {"error": torch.zeros(3, dtype=torch.int64, device=dev)} if word else {}
+    V, d = 11, OPCHECK_WIDTH[backend.name]
     clock = RowClock(0.9, 0.999, 1e-8, 0)
     for t in range(1, 4):
         clock.append(t, 1e-2, 0.1)
     h, q, base, e, w = clock.op_args()
     hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
-    ids = torch.tensor([3, 1, 3, 7])
+    ids = torch.tensor([3, 1, 3, 7], device=dev)
     for exact in (True, False):
-        args = (torch.randn(V, d), ids, torch.randn(4, d), torch.rand(V, d), torch.rand(V, d) + 0.1,
-                torch.tensor(2.0), torch.tensor([0, 1, 2] * 3 + [0, 0]), h, q, hyper, base, e, w, exact)
-        torch.library.opcheck(torch.ops.lvopt.sparse_adamw_.default, args, kw)
-    torch.library.opcheck(torch.ops.lvopt.sparse_catchup_.default,
-                          (torch.randn(V, d), ids, torch.rand(V, d), torch.rand(V, d) + 0.1, torch.tensor(3.0),
-                           torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w), kw)
-    torch.library.opcheck(torch.ops.lvopt.coalesce_rows.default, (ids, torch.randn(4, d), V),
+        last = torch.tensor([0, 1, 2] * 3 + [0, 0])
+        args = (torch.randn(V, d, device=dev), ids, torch.randn(4, d, device=dev), torch.rand(V, d, device=dev),
+                torch.rand(V, d, device=dev) + 0.1, torch.tensor(2.0), last if host_last else last.to(dev),
+                h, q, hyper, base, e, w, exact)
+        torch.library.opcheck(backend.op("sparse_adamw_"), args, kw)
+    last = torch.zeros(V, dtype=torch.int64)
+    torch.library.opcheck(backend.op("sparse_catchup_"),
+                          (torch.randn(V, d, device=dev), ids, torch.rand(V, d, device=dev),
+                           torch.rand(V, d, device=dev) + 0.1, torch.tensor(3.0), last if host_last else last.to(dev),
+                           h, q, hyper, base, e, w), kw)
+    torch.library.opcheck(backend.op("coalesce_rows"), (ids, torch.randn(4, d, device=dev), V),
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@needs_native
-@pytest.mark.parametrize("fn", ["native", "reference"])
-def test_op_errors_write_nothing(gen, fn):
-    f = torch.ops.lvopt.sparse_adamw_ if fn == "native" else reference.sparse_adamw_
+def test_reference_errors_write_nothing():
+    """The reference's own checks of ids and values (the backends': test_errors_write_nothing)."""
+    f = reference.sparse_adamw_
     V, d = 6, 4
     clock = RowClock(0.9, 0.999, 1e-8, 0)
     clock.append(1, 1e-2, 0.1)
@@ -197,6 +252,90 @@ def test_op_errors_write_nothing(gen, fn):
             f(p, ids, vals, m, v, step, last, h, q, hyper, base, e, w, True)
         for a, b in zip((p, m, v, step, last), before):
             assert torch.equal(a, b)
+
+
+# A row whose last_step lies outside the history: Triton names the row ("row 1 has last_step"),
+# the CPU op does not ("a row has last_step 8, outside [0, 4]").
+STALE_ROW = "(row 1|a row) has last_step"
+# The error cases the CUDA op is known to raise (its checks are sparse_args.h's, as the CPU op's;
+# the rest of the list has not been run on a GPU).
+CUDA_ERROR_CASES = ("negative index -1 at position 1", "index 6 at position 1 is out of range")
+
+
+def test_errors_write_nothing(backend, gen):
+    """Every argument error of sparse_adamw_ (and of sparse_catchup_ and coalesce_rows): the same
+    message on every backend (sparse_args.h; Triton's Python checks say the same), raised before
+    anything is written."""
+    dev = backend.device
+    V, d, T = 6, 40 if backend.name == "triton" else 4, 5
+    clock = RowClock(0.9, 0.999, 1e-8, 0)
+    for t in range(1, T + 1):
+        clock.append(t, 1e-2 * (0.55 + 0.45 * math.cos(t / 37.0)), 0.1)
+    h, q, base, e, w = clock.op_args()
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+
+    def bad(col, val):
+        out = hyper.clone()
+        out[0, col] = val
+        return out
+
+    p, m, v = torch.randn(V, d, generator=gen).to(dev), torch.rand(V, d).to(dev), torch.rand(V, d).to(dev)
+    step = torch.tensor(float(T - 1))
+    last = torch.randint(0, T, (V,), generator=gen)
+    if backend.name == "cuda":
+        last = last.to(dev)
+    vals = torch.randn(2, d).to(dev)
+    ids = torch.tensor([0, 1]).to(dev)
+
+    def A(**kw):
+        return {**dict(param=p, indices=ids, values=vals, exp_avg=m, exp_avg_sq=v, step=step, last_step=last,
+                       hist=h, qpow=q, hyper=hyper, hist_base=base, epoch=e, window=w, exact=True), **kw}
+
+    stale = last.clone()
+    stale[1] = T + 3
+    cases = [
+        ("negative index -1 at position 1", A(indices=torch.tensor([0, -1]).to(dev))),
+        ("index 6 at position 1 is out of range", A(indices=torch.tensor([0, 6]).to(dev))),
+        ("indices must be a 1-D int64", A(indices=torch.tensor([0, 1], dtype=torch.int32).to(dev))),
+        ("values must have shape", A(values=torch.randn(2, d + 1).to(dev))),
+        ("values must have shape", A(values=torch.randn(3, d).to(dev))),
+        ("values have dtype", A(values=vals.double())),
+        ("param has dtype", A(param=p.double(), values=vals.double())),
+        ("exp_avg_sq must be", A(exp_avg_sq=v[:, :-1].contiguous())),
+        ("step must be", A(step=torch.tensor([1.0, 2.0]))),
+        ("hyper must be", A(hyper=hyper.float())),
+        ("lr must be finite", A(hyper=bad(0, -1.0))),
+        ("beta1 must be in", A(hyper=bad(1, 1.0))),
+        ("beta2 must be in", A(hyper=bad(2, -0.5))),
+        ("eps must be finite", A(hyper=bad(4, 0.0))),
+        ("weight_decay must be finite", A(hyper=bad(3, math.nan))),
+        ("last_step must be", A(last_step=last[:-1].contiguous())),
+        ("hist must be", A(hist=h[:, :5].contiguous())),
+        ("qpow must be", A(qpow=q[:, :-1].contiguous())),
+        (STALE_ROW, A(last_step=stale)),
+        ("hist covers steps", A(step=torch.tensor(float(T + 2)))),
+        ("stats must be", A(stats=torch.zeros(3, dtype=torch.float64, device=dev))),
+    ]
+    if backend.name == "cuda":
+        cases = [c for c in cases if c[0] in CUDA_ERROR_CASES]
+        cases.append(("last_step must be a contiguous int64 tensor", A(last_step=last.cpu())))
+    snap = [t.clone() for t in (p, m, v, step, last)]
+    for pattern, kw in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            backend.ops.sparse_adamw_(**kw)
+        for a, b in zip((p, m, v, step, last), snap):
+            assert torch.equal(a, b), pattern
+    if backend.name != "cuda":
+        with pytest.raises(RuntimeError, match="index 6 at position 0"):
+            backend.ops.sparse_catchup_(p, torch.tensor([6]).to(dev), m, v, step, last, h, q, hyper, base, e, w)
+        with pytest.raises(RuntimeError, match=STALE_ROW):
+            backend.ops.sparse_catchup_(p, torch.tensor([1]).to(dev), m, v, step, stale, h, q, hyper, base, e, w)
+        with pytest.raises(RuntimeError, match="num_rows must be"):
+            backend.ops.coalesce_rows(ids, vals, -1)
+        with pytest.raises(RuntimeError, match="values must be a float32/bfloat16"):
+            backend.ops.coalesce_rows(ids, vals.double(), V)
+    for a, b in zip((p, m, v, step, last), snap):
+        assert torch.equal(a, b)
 
 
 # ----- the optimizer ---------------------------------------------------------------------------

@@ -68,38 +68,6 @@ def _to(ts):
 
 # ----- coalesce_rows -------------------------------------------------------------------------------
 
-@needs_triton_device
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_coalesce_rows_matches_cpu_bitwise(gen, dtype):
-    from lvopt import reference
-
-    for n, V, d in [(0, 5, 40), (1, 1, 40), (37, 7, 130), (12, 100000, 45)]:
-        ids = torch.randint(0, V, (n,), generator=gen)
-        vals = (torch.randn(n, d, generator=gen) * torch.logspace(-3, 3, d)).to(dtype)
-        rows, summed = _ops().coalesce_rows(ids.to(DEV), vals.to(DEV), V)
-        cr, cs = torch.ops.lvopt.coalesce_rows(ids, vals, V)
-        rr, rs = reference.coalesce_rows(ids, vals, V)
-        assert torch.equal(rows.cpu(), cr) and torch.equal(rows.cpu(), rr)
-        assert summed.dtype == dtype and summed.shape == (cr.numel(), d)
-        assert torch.equal(summed.cpu(), cs)  # same order of fp32 additions, same rounding
-        if n:
-            assert rel_err(summed.cpu(), rs) < (1e-6 if dtype == torch.float32 else 1e-2)
-
-
-@needs_triton_device
-def test_coalesce_sums_duplicates_in_input_order(gen):
-    ids = torch.zeros(40, dtype=torch.int64)
-    vals = torch.randn(40, 3, generator=gen) * torch.logspace(-8, 8, 40).unsqueeze(1)
-    vals[0, 0] = -0.0
-    vals[1:, 0] = 0.0
-    _, s = _ops().coalesce_rows(ids.to(DEV), vals.to(DEV), 1)
-    acc = vals[0].clone()
-    for i in range(1, 40):
-        acc = acc + vals[i]
-    assert torch.equal(s[0].cpu(), acc)
-
-
 # ----- sparse_adamw_ -------------------------------------------------------------------------------
 
 def _step_all(V, d, dtype, gen, T, exact, ids, tiny=(), stats=False, eps=1e-8, maximize=False):
@@ -299,83 +267,6 @@ def test_catchup_skips_current_rows(gen):
 
 
 # ----- errors, opcheck ---------------------------------------------------------------------------
-
-@needs_triton_device
-def test_errors_write_nothing(gen):
-    V, d, T = 6, 40, 5
-    clock = _clock(T)
-    h, q, base, e, w = clock.op_args()
-    hyper = _hyper()
-    bad = lambda col, val: _hyper().index_put_((torch.tensor([0]), torch.tensor([col])), torch.tensor(val,  # noqa
-                                                dtype=torch.float64))
-    p, m, v, step, last = _state(V, d, torch.float32, gen, T)
-    p, m, v = _to((p, m, v))
-    vals = torch.randn(2, d).to(DEV)
-    ids = torch.tensor([0, 1]).to(DEV)
-    A = lambda **kw: {**dict(param=p, indices=ids, values=vals, exp_avg=m, exp_avg_sq=v, step=step,  # noqa
-                             last_step=last, hist=h, qpow=q, hyper=hyper, hist_base=base, epoch=e, window=w,
-                             exact=True), **kw}
-    stale = last.clone()
-    stale[1] = T + 3
-    cases = [
-        ("negative index -1 at position 1", A(indices=torch.tensor([0, -1]).to(DEV))),
-        ("index 6 at position 1 is out of range", A(indices=torch.tensor([0, 6]).to(DEV))),
-        ("indices must be a 1-D int64", A(indices=torch.tensor([0, 1], dtype=torch.int32).to(DEV))),
-        ("values must have shape", A(values=torch.randn(2, d + 1).to(DEV))),
-        ("values must have shape", A(values=torch.randn(3, d).to(DEV))),
-        ("values have dtype", A(values=vals.double())),
-        ("param has dtype", A(param=p.double(), values=vals.double())),
-        ("exp_avg_sq must be", A(exp_avg_sq=v[:, :-1].contiguous())),
-        ("step must be", A(step=torch.tensor([1.0, 2.0]))),
-        ("hyper must be", A(hyper=hyper.float())),
-        ("lr must be finite", A(hyper=bad(0, -1.0))),
-        ("beta1 must be in", A(hyper=bad(1, 1.0))),
-        ("beta2 must be in", A(hyper=bad(2, -0.5))),
-        ("eps must be finite", A(hyper=bad(4, 0.0))),
-        ("weight_decay must be finite", A(hyper=bad(3, math.nan))),
-        ("last_step must be", A(last_step=last[:-1].contiguous())),
-        ("hist must be", A(hist=h[:, :5].contiguous())),
-        ("qpow must be", A(qpow=q[:, :-1].contiguous())),
-        ("row 1 has last_step", A(last_step=stale)),
-        ("hist covers steps", A(step=torch.tensor(float(T + 2)))),
-        ("stats must be", A(stats=torch.zeros(3, dtype=torch.float64, device=DEV))),
-    ]
-    snap = [t.clone() for t in (p, m, v, step, last)]
-    for pattern, kw in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            _ops().sparse_adamw_(**kw)
-        for a, b in zip((p, m, v, step, last), snap):
-            assert torch.equal(a, b), pattern
-    with pytest.raises(RuntimeError, match="index 6 at position 0"):
-        _ops().sparse_catchup_(p, torch.tensor([6]).to(DEV), m, v, step, last, h, q, hyper, base, e, w)
-    with pytest.raises(RuntimeError, match="row 1 has last_step"):
-        _ops().sparse_catchup_(p, torch.tensor([1]).to(DEV), m, v, step, stale, h, q, hyper, base, e, w)
-    with pytest.raises(RuntimeError, match="num_rows must be"):
-        _ops().coalesce_rows(ids, vals, -1)
-    with pytest.raises(RuntimeError, match="values must be a float32/bfloat16"):
-        _ops().coalesce_rows(ids, vals.double(), V)
-    for a, b in zip((p, m, v, step, last), snap):
-        assert torch.equal(a, b)
-
-
-@needs_triton_device
-def test_opcheck(gen):
-    V, d = 11, 40
-    clock = _clock(3)
-    h, q, base, e, w = clock.op_args()
-    hyper = _hyper()
-    ids = torch.tensor([3, 1, 3, 7]).to(DEV)
-    for exact in (True, False):
-        args = (torch.randn(V, d).to(DEV), ids, torch.randn(4, d).to(DEV), torch.rand(V, d).to(DEV),
-                (torch.rand(V, d) + 0.1).to(DEV), torch.tensor(2.0), torch.tensor([0, 1, 2] * 3 + [0, 0]), h, q,
-                hyper, base, e, w, exact)
-        torch.library.opcheck(torch.ops.lvopt_triton.sparse_adamw_.default, args)
-    torch.library.opcheck(torch.ops.lvopt_triton.sparse_catchup_.default,
-                          (torch.randn(V, d).to(DEV), ids, torch.rand(V, d).to(DEV), (torch.rand(V, d) + 0.1).to(DEV),
-                           torch.tensor(3.0), torch.zeros(V, dtype=torch.int64), h, q, hyper, base, e, w))
-    torch.library.opcheck(torch.ops.lvopt_triton.coalesce_rows.default, (ids, torch.randn(4, d).to(DEV), V),
-                          test_utils=("test_schema", "test_faketensor"))
-
 
 @needs_triton_device
 def test_sparse_adamw_compiles_with_torch_compile(gen):

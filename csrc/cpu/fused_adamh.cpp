@@ -17,7 +17,7 @@ namespace {
 
 constexpr int kLanes = 16;
 
-template <typename T>
+template <typename T, bool kFma>
 LVOPT_ALWAYS_INLINE void adamh_reduce_span(const T* __restrict p, const T* __restrict g,
                                            float* __restrict m, float* __restrict v, int64_t n,
                                            const AdamCoef& c, double* __restrict out) {
@@ -31,9 +31,9 @@ LVOPT_ALWAYS_INLINE void adamh_reduce_span(const T* __restrict p, const T* __res
       v[i + l] = vi;
       const double u = adam_update(mi, vi, c);
       const double w = load_elem(p, i + l);
-      uu[l] += u * u;
-      wu[l] += w * u;
-      ww[l] += w * w;
+      uu[l] = add_exact_product<kFma>(uu[l], u, u);
+      wu[l] = add_exact_product<kFma>(wu[l], w, u);
+      ww[l] = add_exact_product<kFma>(ww[l], w, w);
     }
   }
   for (int l = 0; i < n; ++i, ++l) {
@@ -43,9 +43,9 @@ LVOPT_ALWAYS_INLINE void adamh_reduce_span(const T* __restrict p, const T* __res
     v[i] = vi;
     const double u = adam_update(mi, vi, c);
     const double w = load_elem(p, i);
-    uu[l] += u * u;
-    wu[l] += w * u;
-    ww[l] += w * w;
+    uu[l] = add_exact_product<kFma>(uu[l], u, u);
+    wu[l] = add_exact_product<kFma>(wu[l], w, u);
+    ww[l] = add_exact_product<kFma>(ww[l], w, w);
   }
   double s_uu = 0.0, s_wu = 0.0, s_ww = 0.0;
   for (int l = 0; l < kLanes; ++l) {
@@ -68,14 +68,16 @@ LVOPT_ALWAYS_INLINE void adamh_apply_span(T* __restrict p, const float* __restri
   }
 }
 
-LVOPT_ISA_DISPATCH(adamh_reduce_f32,
-                   (const float* p, const float* g, float* m, float* v, int64_t n,
-                    const AdamCoef& c, double* out),
-                   (p, g, m, v, n, c, out), adamh_reduce_span<float>)
-LVOPT_ISA_DISPATCH(adamh_reduce_bf16,
-                   (const uint16_t* p, const uint16_t* g, float* m, float* v, int64_t n,
-                    const AdamCoef& c, double* out),
-                   (p, g, m, v, n, c, out), adamh_reduce_span<uint16_t>)
+LVOPT_ISA_DISPATCH_FMA(adamh_reduce_f32,
+                       (const float* p, const float* g, float* m, float* v, int64_t n,
+                        const AdamCoef& c, double* out),
+                       (p, g, m, v, n, c, out), (adamh_reduce_span<float, false>),
+                       (adamh_reduce_span<float, true>))
+LVOPT_ISA_DISPATCH_FMA(adamh_reduce_bf16,
+                       (const uint16_t* p, const uint16_t* g, float* m, float* v, int64_t n,
+                        const AdamCoef& c, double* out),
+                       (p, g, m, v, n, c, out), (adamh_reduce_span<uint16_t, false>),
+                       (adamh_reduce_span<uint16_t, true>))
 LVOPT_ISA_DISPATCH(adamh_apply_f32,
                    (float* p, const float* m, const float* v, int64_t n, const AdamCoef& c,
                     float a, float b),

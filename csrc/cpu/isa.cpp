@@ -1,5 +1,6 @@
 #include "isa.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -23,18 +24,42 @@ static Isa resolve_isa() {
   const char* env = std::getenv("LVOPT_CPU_ISA");
   if (env == nullptr || *env == '\0') return hw;
   Isa want = hw;
-  if (std::strcmp(env, "baseline") == 0) want = Isa::kBaseline;
-  else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
-  else if (std::strcmp(env, "avx512") == 0) want = Isa::kAvx512;
+  parse_isa(env, &want);
   // An unknown value or a level above the hardware's gives the hardware level:
   // lvopt.build_info() reports the level actually used, and importing lvopt warns
   // (lvopt/_ops.py, check_cpu_isa_env).
   return static_cast<int>(want) < static_cast<int>(hw) ? want : hw;
 }
 
+// -1 until the first call resolves LVOPT_CPU_ISA; set_active_isa overrides it. Every dispatch
+// reads it once per call (a relaxed load): the levels compute the same bits, so a step that
+// overlaps a switch is still exact, only partly at the other speed.
+static std::atomic<int> g_active{-1};
+
 Isa active_isa() {
-  static const Isa isa = resolve_isa();
+  int v = g_active.load(std::memory_order_relaxed);
+  if (v < 0) {
+    int expected = -1;
+    g_active.compare_exchange_strong(expected, static_cast<int>(resolve_isa()),
+                                     std::memory_order_relaxed);
+    v = g_active.load(std::memory_order_relaxed);
+  }
+  return static_cast<Isa>(v);
+}
+
+Isa set_active_isa(Isa want) {
+  const Isa hw = hardware_isa();
+  const Isa isa = static_cast<int>(want) < static_cast<int>(hw) ? want : hw;
+  g_active.store(static_cast<int>(isa), std::memory_order_relaxed);
   return isa;
+}
+
+bool parse_isa(const char* name, Isa* out) {
+  if (std::strcmp(name, "baseline") == 0) *out = Isa::kBaseline;
+  else if (std::strcmp(name, "avx2") == 0) *out = Isa::kAvx2;
+  else if (std::strcmp(name, "avx512") == 0) *out = Isa::kAvx512;
+  else return false;
+  return true;
 }
 
 const char* isa_name(Isa isa) {

@@ -14,9 +14,15 @@ namespace cpu {
 
 enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// The best level this CPU supports, capped by the LVOPT_CPU_ISA environment variable
-// ("baseline", "avx2", "avx512") when it is set; read once per process.
+// The level the kernels run at: the best this CPU supports, capped by the LVOPT_CPU_ISA
+// environment variable ("baseline", "avx2", "avx512") when it is set (read at the first
+// call), or the last set_active_isa.
 Isa active_isa();
+// Runs the kernels at `want` from now on, capped at the hardware's level; returns the level
+// set. All levels give the same bits, so this only changes speed (the bench's --isa all).
+Isa set_active_isa(Isa want);
+// "baseline", "avx2", "avx512" -> *out; false for any other name.
+bool parse_isa(const char* name, Isa* out);
 // The best level this CPU supports, ignoring the environment.
 Isa hardware_isa();
 const char* isa_name(Isa isa);
@@ -60,3 +66,40 @@ std::string compiled_isas();
 #define LVOPT_ISA_DISPATCH(NAME, SIGNATURE, ARGS, BODY_FN) \
   static void NAME SIGNATURE { BODY_FN ARGS; }
 #endif
+
+// LVOPT_ISA_DISPATCH with a body template that takes <..., kFma>: true at the AVX2 and AVX-512
+// levels (which have fused multiply-add), false at baseline, where std::fma would be a libm call.
+// For sums whose products are exact (see add_exact_product), a fused multiply-add gives the same
+// bits as a multiply then an add, so the levels still agree bit for bit.
+#if LVOPT_X86_DISPATCH
+#define LVOPT_ISA_DISPATCH_FMA(NAME, SIGNATURE, ARGS, BODY_NO_FMA, BODY_FMA)           \
+  static void NAME##_baseline SIGNATURE { BODY_NO_FMA ARGS; }                          \
+  LVOPT_TARGET_AVX2 static void NAME##_avx2 SIGNATURE { BODY_FMA ARGS; }               \
+  LVOPT_TARGET_AVX512 static void NAME##_avx512 SIGNATURE { BODY_FMA ARGS; }           \
+  static void NAME SIGNATURE {                                                         \
+    switch (::lvopt::cpu::active_isa()) {                                              \
+      case ::lvopt::cpu::Isa::kAvx512: NAME##_avx512 ARGS; return;                     \
+      case ::lvopt::cpu::Isa::kAvx2: NAME##_avx2 ARGS; return;                         \
+      default: NAME##_baseline ARGS; return;                                           \
+    }                                                                                  \
+  }
+#else
+#define LVOPT_ISA_DISPATCH_FMA(NAME, SIGNATURE, ARGS, BODY_NO_FMA, BODY_FMA) \
+  static void NAME SIGNATURE { BODY_NO_FMA ARGS; }
+#endif
+
+namespace lvopt {
+namespace cpu {
+// acc + a * b where a * b is exact in fp64 (a and b widened from fp32: 24 + 24 significand bits
+// fit in 53): with kFma one fused multiply-add, which rounds once like the add alone, so both
+// forms give the same bits; the fused form is one instruction instead of two.
+template <bool kFma>
+LVOPT_ALWAYS_INLINE double add_exact_product(double acc, double a, double b) {
+  if constexpr (kFma) {
+    return __builtin_fma(a, b, acc);
+  } else {
+    return acc + a * b;
+  }
+}
+}  // namespace cpu
+}  // namespace lvopt

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY, nonfinite_scan_
+from .._layout import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
 
 # Elements per program (a multiple of BLOCK) and per tile. 16 Ki elements per program, as in
 # the CUDA kernels; a 1024-element tile is 8 elements per thread with 4 warps: two float4 of
@@ -149,6 +149,17 @@ def stack_scalars(ts, device) -> torch.Tensor:
     if len({t.device for t in ts}) == 1:
         return torch.stack([t.reshape(()) for t in ts]).to(device=device, dtype=torch.float64)
     return torch.stack([t.reshape(()).to(device=device, dtype=torch.float64) for t in ts])
+
+
+def nonfinite_scan_(tensors, found_inf) -> None:
+    """The Triton backend's ``nonfinite_scan_``: sets found_inf to 1 when an element of ``tensors``
+    is NaN or infinite, with one fused reduction per tensor on its device (isfinite, all, then a
+    masked fill of the flag): no host read, so the step that follows decides on the device. Its
+    own code, not the reference's, so that the reference (the oracle of the tests) never checks
+    itself."""
+    for t in tensors:
+        if t.numel():
+            found_inf.masked_fill_(torch.isfinite(t).all().logical_not(), 1.0)
 
 
 def scan_found(found_inf, grads) -> None:

@@ -53,17 +53,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
+from .._layout import BETA1, BETA2, EPS, HIST_COLS, HIST_SERIES, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
 from . import _common as C
 from .fused_adamw import _coef, _store_param, _store_state, _track_sums, adamw_math, launch_options
 
-# History table layout (csrc/include/lvopt/math.h HistCol, lvopt/sparse.py).
-H_LOGPI, H_U, H_SQRTBC2, H_SERIES = 2, 3, 4, 5
-HIST_SERIES, HIST_COLS = 8, 13
-SERIES_LIMIT = 1e2  # csrc/include/lvopt/sparse_clock.h kSeriesLimit
+# The kernels spell the history table's layout as literals (a row is 13 columns: log Pi at 2,
+# sqrt(bc2) at 4, the series from 5) and the series limit as 100.0: lvopt/_layout.py's HIST_COLS,
+# H_LOGPI, H_U, H_SQRTBC2, H_SERIES and SERIES_LIMIT (math.h HistCol, sparse_clock.h kSeriesLimit).
 # Columns of the per-row catch-up table (CatchupRow): P, b1k, b2k, M0..M3, N1..N4, fwd_v, rev_v.
 CR_COLS = 13
-# The error word's codes (lvopt/sparse.py ERR_IDS = 1, ERR_CLOCK = 2) are literals in the kernels.
+# The error word's codes (lvopt/_layout.py ERR_IDS = 1, ERR_CLOCK = 2) are literals in the kernels.
 # Whether the row kernel runs catchup_element_loop for the elements between the series (a test
 # turns it off to show that those elements need it).
 WINDOW_LOOP = True
