@@ -76,7 +76,7 @@ clean:
 
 # LV-rule experiment (experiments/lv_rule, issues #8 and #16): the coordinate check of the
 # sweep's model, the controlled synthetic sweep (resumable; CPU, one thread), then its analysis.
-# Not part of `make test` or CI. The real-corpus sweep of issue 8 is experiments/lv_rule/corpus.py.
+# Not part of `make test` or CI. The real-corpus sweep (second check) is experiments/lv_rule/corpus.py.
 experiment: $(STAMP_BUILD)
 	$(VPY) -m pip install -q -r experiments/lv_rule/requirements.txt
 	$(VPY) experiments/lv_rule/coord.py --V 16

@@ -6,7 +6,10 @@
   predicts the eager gap to be mostly host time);
 * a whole lvopt.AdamW(backend="cuda").step() on GPT-2 small captured in a CUDA graph and
   replayed, as a fraction of copy (target: >= 90%), next to the same step eager and to
-  torch.optim.AdamW(fused=True, capturable=True) captured the same way.
+  torch.optim.AdamW(fused=True, capturable=True) captured the same way;
+* the sparse step of issue 15's standard batch in a capturable group (exact mode's history on
+  the device), eager and replayed from a CUDA graph, on both backends, next to the default
+  exact step (the ratio eager/captured is the host time a graph removes).
 
 "% of copy" divides the bytes the step must move (28 B/param for fp32 AdamW: read p, g, m, v;
 write p, m, v) by the median time and by the bandwidth of a 1 GiB device copy measured in the
@@ -66,7 +69,7 @@ def _captured_ms(opt, device, iters):
     return _time_ms(graph.replay, device, warmup=3, iters=iters)
 
 
-def run(device: str = "cuda", size: str = "default", iters: int = 20, file=sys.stdout) -> list[dict]:
+def run(device: str = "cuda", size: str = "default", iters: int = 20, file=sys.stdout, only: str = "all") -> list[dict]:
     import lvopt
     from lvopt import _backend
 
@@ -84,7 +87,10 @@ def run(device: str = "cuda", size: str = "default", iters: int = 20, file=sys.s
         rows.append(r)
 
     native = "cuda" if dev.type == "cuda" else "cpu"
-    for case, shapes in _sizes(size).items():
+    if dev.type == "cuda" and only in ("all", "sparse"):
+        # First: the sparse step's captured exact mode is the newer claim (issue 15).
+        rows += run_sparse_capture(dev, bw, size, iters, file)
+    for case, shapes in (_sizes(size).items() if only in ("all", "dense") else ()):
         n = sum(torch.Size(s).numel() for s in shapes)
         for backend in (native, "triton"):
             why = _backend.unavailable_reason(backend)
@@ -120,13 +126,79 @@ def run(device: str = "cuda", size: str = "default", iters: int = 20, file=sys.s
     return rows
 
 
+def run_sparse_capture(dev, bw, size, iters, file=sys.stdout) -> list[dict]:
+    """The sparse step of issue 15's standard batch (V = 262,144, d = 1,024, 16,384 Zipf ids,
+    raw COO) in a capturable group (capturable=True: the exact history on the device,
+    lvopt/sparse.py RingClock), eager and replayed from a CUDA graph, per backend and mode,
+    next to the default (host-history) exact step. Each call gets the next batch of a pool,
+    copied untimed into the static gradient the graph reads."""
+    import lvopt
+    from lvopt import _backend
+    from bench_gpu import SPARSE, zipf_pool
+
+    cfg = SPARSE["default" if size == "default" else "small"]
+    V, d = cfg["V"], cfg["d"]
+    gen = torch.Generator().manual_seed(0)
+    pool = zipf_pool(cfg, dev, gen)
+    U = sum(g.coalesce()._nnz() for g in pool) / len(pool)
+    nbytes = int(4 * cfg["n"] * d + 24 * U * d)
+    name = f"sparse V={V} d={d} n={cfg['n']}"
+    print(f"\n{name} ({U:.0f} distinct), raw COO; byte model {nbytes / 1e9:.3f} GB", file=file)
+    rows = []
+    for backend in ("cuda", "triton"):
+        if _backend.unavailable_reason(backend) is not None:
+            print(f"  lvopt {backend}: unavailable", file=file)
+            continue
+        for mode, capturable in (("exact", False), ("exact", True), ("lazy", True)):
+            p = torch.nn.Parameter(torch.randn(V, d, generator=gen).to(dev))
+            p.grad = torch.sparse_coo_tensor(pool[0]._indices().clone(), pool[0]._values().clone(), (V, d),
+                                             check_invariants=False)
+            ids, vals = p.grad._indices(), p.grad._values()  # the static gradient the graph reads
+            opt = lvopt.AdamW([{"params": [p], "sparse_mode": mode, "capturable": capturable}], lr=1e-3,
+                              weight_decay=0.1, backend=backend)
+
+            def refill(i, ids=ids, vals=vals):
+                g = pool[i % len(pool)]
+                ids.copy_(g._indices())
+                vals.copy_(g._values())
+
+            tag = f"lvopt {backend} {mode}{' capturable' if capturable else ''}"
+            eager = _time_ms(opt.step, dev, warmup=2 * len(pool), iters=iters, before=refill)
+            r = dict(case=name, label=f"{tag} (eager)", ms=eager, bytes=nbytes, frac=nbytes / (eager * 1e-3) / bw)
+            rows.append(r)
+            print(f"  {r['label']:44s} {eager:8.3f} ms  {r['frac']:6.1%} of copy", file=file)
+            if capturable and dev.type == "cuda":
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    opt.step()
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    opt.step()
+                ms = _time_ms(graph.replay, dev, warmup=2 * len(pool), iters=iters, before=refill)
+                r = dict(case=name, label=f"{tag}, captured", ms=ms, bytes=nbytes, frac=nbytes / (ms * 1e-3) / bw,
+                         eager_over_captured=eager / ms)
+                rows.append(r)
+                print(f"  {r['label']:44s} {ms:8.3f} ms  {r['frac']:6.1%} of copy  (eager {eager / ms:.2f}x)",
+                      file=file)
+                err = opt._rows._errors[id(p)][1].word.tolist()
+                if err[0]:
+                    print(f"  {tag}: error word {err} after the replays (a failed replay)", file=file)
+                del graph
+            del opt, p
+            _sync(dev)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Triton and captured CUDA AdamW steps against a device copy")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", default="default", choices=("default", "tiny"))
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--only", default="all", choices=("all", "dense", "sparse"))
     args = ap.parse_args(argv)
-    run(args.device, args.size, args.iters)
+    run(args.device, args.size, args.iters, only=args.only)
     return 0
 
 

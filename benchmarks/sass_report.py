@@ -206,7 +206,7 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
                         ("sparse_adamw_kernel<exact,track>", dict(HAS_GRAD=True, EXACT=True, TRACK=True)),
                         ("sparse_catchup_kernel", dict(HAS_GRAD=False, EXACT=True, TRACK=False))):
             const = {**c, "ALIGNED": True, "DEFER": c["EXACT"], "LOOP_LIST": False, "SPLIT": c["HAS_GRAD"],
-                     "RUN": S.RUN, "BLOCK_D": 512 if c["EXACT"] else 1024}
+                     "RUN": S.RUN, "BLOCK_D": 512 if c["EXACT"] else 1024, "RING": False}
             label = name.replace("kernel", f"kernel<{dt}>") if "<" not in name else name.replace("<", f"<{dt},")
             jobs.append((label, S.sparse_rows_kernel,
                          {"p_ptr": f"*{dt}", "m_ptr": "*fp32", "v_ptr": "*fp32", "vals_ptr": f"*{dt}",
@@ -215,13 +215,13 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
                           "last_ptr": "*i64", "cr_ptr": "*fp32", "hist_ptr": "*fp64", "qpow_ptr": "*fp64",
                           "partial_ptr": "*fp64", "part_ptr": "*fp32", "part_start_ptr": "*i64",
                           "loop_ptr": "*i64", "d": "i32",
-                          "base": "i64", "epoch": "i32", "window": "i32", "qcols": "i32",
+                          "base": "i64", "epoch": "i32", "window": "i32", "qcols": "i32", "ring": "i64",
                           **{k: "constexpr" for k in const}}, const,
                          {(0,): div16, (1,): div16, (2,): div16, (3,): div16}))
         # The exact-loop rows (a launch of the same kernel over the rows the first listed).
         for track in (False, True):
             c = dict(HAS_GRAD=True, EXACT=True, TRACK=track, ALIGNED=False, DEFER=False, LOOP_LIST=True, SPLIT=True,
-                     RUN=S.RUN, BLOCK_D=256 if dt == "bf16" else 128)
+                     RUN=S.RUN, BLOCK_D=256 if dt == "bf16" else 128, RING=False)
             jobs.append((f"sparse_loop_rows_kernel<{dt}{',track' if track else ''}>", S.sparse_rows_kernel,
                          {**jobs[-1][2], **{k: "constexpr" for k in c}}, c, {}))
         const = {"ALIGNED": True, "BLOCK_D": 1024}
@@ -323,12 +323,20 @@ def predictions() -> list[tuple[str, int, float, int]]:
     # sums, [exact: catch-up scalars], row kernel, [exact: loop rows], finish: 16 lazy, 18 exact,
     # each a few microseconds of latency that the byte time does not count (docs/sparse-rows.md
     # predicts ~0.10 ms lazy and ~0.12 ms exact in all). lvopt.nn.Embedding on a GPU hands the
-    # raw ids to the step, so the merged row is for the CPU path's gradient.
+    # raw ids to the step, so the merged row is for the CPU path's gradient or a coalesce()d one:
+    # its ids are flagged coalesced, and the plan is two aranges and a fill instead of the sort,
+    # encoding, scan and piece table (8 launches lazy). A capturable exact step (RingClock) adds
+    # the sweep's slice of ceil(V / 2000) = 132 rows: five small torch ops for its ids and one
+    # coalesced catch-up (aminmax, setup, 2 aranges, fill, scalars, rows, loop rows: 8), and up
+    # to 24 B per element of those rows when they are behind.
     N, U, d = 16384, 5030, 1024
     rows.append(("Sparse rows lazy, V=262,144 d=1,024, 16,384 Zipf ids (5,030 distinct), raw COO grad",
                  4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 16))
     rows.append(("Sparse rows exact, same batch", 4 * N * d + 24 * U * d, (4 * N * d + 24 * U * d) / bw * 1e3, 18))
-    rows.append(("Sparse rows, a coalesced (merged) grad (28*U*d)", 28 * U * d, 28 * U * d / bw * 1e3, 16))
+    rows.append(("Sparse rows, a coalesced (merged) grad (28*U*d)", 28 * U * d, 28 * U * d / bw * 1e3, 8))
+    slice_bytes = 24 * 132 * d
+    rows.append(("Sparse rows exact, capturable (+ the sweep's slice, at most)", 4 * N * d + 24 * U * d + slice_bytes,
+                 (4 * N * d + 24 * U * d + slice_bytes) / bw * 1e3, 18 + 5 + 8))
     return rows
 
 

@@ -10,11 +10,12 @@ from . import reference
 from ._backend import BACKENDS, build_info, cpu_isa_levels, set_cpu_isa
 from ._validate import NONFINITE_POLICIES
 from .optim import AdamH, AdamW, DenseEmbeddingGradWarning, NonFiniteGradientError
-from . import checkpoint, nn, sparse, telemetry  # noqa: E402
+from . import checkpoint, nn, distributed, sparse, telemetry  # noqa: E402  (nn before distributed: it imports it)
 from .checkpoint import CheckpointError  # noqa: E402
 
 __all__ = ["AdamW", "AdamH", "CheckpointError", "DenseEmbeddingGradWarning", "NonFiniteGradientError",
-           "NONFINITE_POLICIES", "checkpoint", "telemetry", "nn", "sparse", "build_info", "cpu_isa_levels", "set_cpu_isa", "reference", "BACKENDS",
+           "NONFINITE_POLICIES", "checkpoint", "distributed", "telemetry", "nn", "sparse", "build_info",
+           "cpu_isa_levels", "set_cpu_isa", "reference", "BACKENDS",
            "__version__"]
 from . import roles, scaling  # noqa: E402
 from .roles import ROLES, TiedWeightsWarning, detect_roles  # noqa: E402

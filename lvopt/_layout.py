@@ -27,6 +27,11 @@ SERIES_LIMIT = 1e2
 # csrc/include/lvopt/sparse_args.h, kErrIds and kErrClock.
 ERR_IDS, ERR_CLOCK = 1, 2
 
+# Bits of the sparse ops' ``flags`` argument: csrc/include/lvopt/sparse_args.h, kFlagCoalesced
+# and kFlagRing. SPARSE_COALESCED: the ids are sorted and distinct (the GPU ops skip their sort);
+# SPARSE_RING: ``hist`` is a RingClock's device ring, appended to by the step op.
+SPARSE_COALESCED, SPARSE_RING = 1, 2
+
 # Python name -> (header under csrc/include/lvopt/, C++ name), for tests/test_layout.py.
 CPP_NAMES = {
     "LR": ("math.h", "kLr"),
@@ -47,4 +52,6 @@ CPP_NAMES = {
     "SERIES_LIMIT": ("sparse_clock.h", "kSeriesLimit"),
     "ERR_IDS": ("sparse_args.h", "kErrIds"),
     "ERR_CLOCK": ("sparse_args.h", "kErrClock"),
+    "SPARSE_COALESCED": ("sparse_args.h", "kFlagCoalesced"),
+    "SPARSE_RING": ("sparse_args.h", "kFlagRing"),
 }

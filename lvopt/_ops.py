@@ -110,10 +110,10 @@ if _C is not None:
 
     @torch.library.register_fake("lvopt::sparse_adamw_")
     def _sparse_adamw_fake(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
-                           hist_base, epoch, window, exact, stats=None, error=None):
+                           hist_base, epoch, window, exact, stats=None, error=None, flags=0):
         return None
 
     @torch.library.register_fake("lvopt::sparse_catchup_")
     def _sparse_catchup_fake(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
-                             hist_base, epoch, window, error=None):
+                             hist_base, epoch, window, error=None, flags=0):
         return None

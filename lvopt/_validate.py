@@ -98,6 +98,12 @@ def check_hyper(group: dict, where: str, hyperball: bool = False, read: bool = T
     mode = group.get("sparse_mode", "exact")
     if mode not in SPARSE_MODES:
         raise ValueError(f"{where}: sparse_mode must be one of {SPARSE_MODES}, got {mode!r}")
+    period = group.get("sparse_sweep_period")
+    if period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < 1):
+        raise ValueError(
+            f"{where}: sparse_sweep_period must be a positive int (steps between two catch-ups "
+            f"of a row in a capturable exact-mode group), got {period!r}"
+        )
     return lr, b1, b2, wd, eps, 1.0 if group["maximize"] else 0.0
 
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import _backend
 
-__all__ = ["Embedding", "ReferenceCoalesceWarning", "sparsify_embeddings"]
+__all__ = ["Embedding", "ReferenceCoalesceWarning", "ShardedEmbedding", "sparsify_embeddings"]
 
 
 class ReferenceCoalesceWarning(UserWarning):
@@ -199,3 +199,6 @@ def sparsify_embeddings(model: nn.Module) -> dict:
                       f"is dense and lvopt.AdamW steps it densely; the row-sparse step applies to untied input "
                       f"embeddings only", DenseEmbeddingGradWarning, stacklevel=2)
     return swapped
+
+
+from .distributed import ShardedEmbedding  # noqa: E402  (it builds on _coalesce_rows above)

@@ -256,8 +256,10 @@ class _FusedAdam(torch.optim.Optimizer):
         for row, p, backend, algo, group, gi, pi in items:
             sharded = sharded or _is_dtensor(p)
             if algo == "sparse":
-                # The row-sparse step takes its hyperparameters as host numbers.
-                sparse_items.append((_host_row(row), p, backend, group, gi, pi))
+                # The row-sparse step takes its hyperparameters as host numbers; a capturable
+                # group's as given (its device tensors are copied into a device row, not read).
+                sparse_items.append((row if group.get("capturable") else _host_row(row), p, backend, group, gi,
+                                     pi))
                 continue
             if "last_step" in self.state.get(p, {}):
                 to_flush.append((p, backend))
@@ -640,6 +642,10 @@ class AdamW(_FusedAdam):
     dense AdamW with g = 0 on untouched rows gives, within fp32 rounding (rows catch up when
     touched, read through lvopt.nn.Embedding or :meth:`catch_up`, :meth:`flush`ed or
     checkpointed); ``"lazy"`` leaves untouched rows alone (SparseAdam with decoupled decay).
+    With ``capturable=True`` (a group key) on the cuda and triton backends the sparse step keeps
+    its hyperparameters and exact mode's history on the device and is capturable in a CUDA graph
+    (docs/sparse-rows.md, "CUDA graphs"); ``sparse_sweep_period`` (a group key, default 1999 for
+    the default betas) bounds how many steps a row may lag there.
 
     ``nonfinite``: what a step does when a gradient holds NaN or inf. ``"propagate"`` (default,
     as torch.optim): nothing special, the values flow into the parameters. ``"skip"``: the step

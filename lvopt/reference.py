@@ -240,16 +240,24 @@ def _zero_grad_steps(p: Tensor, m: Tensor, v: Tensor, s: int, c: int, hist: Tens
         p.addcdiv_(m.to(p.dtype), ((v.sqrt() / math.sqrt(bc2)).add_(eps)).to(p.dtype), value=-lr / bc1)
 
 
+def _check_flags(op: str, flags: int) -> None:
+    if flags not in (0, 1):
+        raise RuntimeError(f"{op}: flags {flags}: 1 (coalesced ids) is accepted, a ring history (2) is kept "
+                           f"by the cuda and triton backends only")
+
+
 def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                   step: Tensor, last_step: Tensor, hist: Tensor, qpow: Tensor, hyper: Tensor,
                   hist_base: int, epoch: int, window: int, exact: bool, stats: Tensor | None = None,
-                  error: Tensor | None = None) -> None:
+                  error: Tensor | None = None, flags: int = 0) -> None:
     """One AdamW step of the rows ``indices`` touches (duplicates summed). Lazy: untouched rows
     stay. Exact: each touched row first takes the skipped zero-gradient steps one by one
     (``qpow``, ``epoch`` and ``window`` serve the native closed form and are unused here).
     ``stats`` (two fp64): the sums over the rows written of W^2 before the call (before any
-    catch-up) and of (W_after - W_before)^2."""
+    catch-up) and of (W_after - W_before)^2. ``flags``: 1 (coalesced ids) changes nothing here;
+    a ring history (2) is the cuda and triton backends' (lvopt/sparse.py RingClock)."""
     op = "lvopt::sparse_adamw_"
+    _check_flags(op, flags)
     if _stop_for_error(error, indices, param.shape[0]):
         if stats is not None:
             stats.zero_()
@@ -292,9 +300,10 @@ def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tenso
 
 def sparse_catchup_(param: Tensor, indices: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
                     last_step: Tensor, hist: Tensor, qpow: Tensor, hyper: Tensor, hist_base: int,
-                    epoch: int, window: int, error: Tensor | None = None) -> None:
+                    epoch: int, window: int, error: Tensor | None = None, flags: int = 0) -> None:
     """Brings rows ``indices`` current to ``step`` (exact mode), step by step."""
     op = "lvopt::sparse_catchup_"
+    _check_flags(op, flags)
     if _stop_for_error(error, indices, param.shape[0]):
         return
     _check_indices(op, indices, param.shape[0])

@@ -22,7 +22,8 @@ import torch
 
 # Columns of the history table and the error word's codes (lvopt/_layout.py, from math.h's HistCol
 # and sparse_args.h).
-from ._layout import ERR_CLOCK, H_DECAY, H_LOGPI, H_SERIES, H_SQRTBC2, HIST_COLS, HIST_SERIES
+from ._layout import (ERR_CLOCK, H_DECAY, H_LOGPI, H_SERIES, H_SQRTBC2, HIST_COLS, HIST_SERIES, SPARSE_COALESCED,
+                      SPARSE_RING)
 
 
 def _host_tables(fn):
@@ -196,6 +197,77 @@ class RowClock:
         return torch.tensor([[0.0, self.beta1, self.beta2, 0.0, self.eps, 0.0]], dtype=torch.float64)
 
 
+
+
+class RingClock:
+    """The exact-mode history of a capturable group (``capturable=True``, cuda and triton
+    backends), kept and advanced on the device so that one captured step replays correctly
+    at every later step (docs/sparse-rows.md, "CUDA graphs").
+
+    * The history is a ring of ``ring`` rows on the device: step j is row (j - base) % ring, and
+      ``base`` (the step the clock started at) never moves, so epochs stay aligned to it. The
+      step op appends its step's row itself, in its setup kernel, from the device step counter
+      and the device hyperparameter row (the formula of RowClock.append, in fp64 on the device).
+    * The sweep is spread over the steps: every step first catches up one slice of
+      ``ceil(V / period)`` rows, slice (step mod period) (the last one shifted to end at row
+      V - 1), so every row is brought current at least once every ``period`` steps, and a row
+      never lags more than ``period`` steps. The ring holds ``period + 2 epoch + 2`` steps: a
+      catch-up reads the rows from the start of the row's epoch on, and the op refuses (error
+      code 2) a row whose epoch start the ring has overwritten.
+    * Nothing is decided or uploaded on the host after the clock was made: the host work of a
+      step is the same at every step (what a CUDA graph replays).
+
+    ``log Pi`` is never restarted (RowClock restarts it at each sweep): it accumulates one fp64
+    rounding per step, harmless to the differences the catch-up takes (~1e-12 relative after
+    1e6 steps). The step count is the device counter (fp32, exact to 2**24 steps, torch's
+    convention). The values equal RowClock's to fp64 rounding, not bit for bit (device libm).
+    """
+
+    def __init__(self, beta1: float, beta2: float, eps: float, step: int, num_rows: int, device,
+                 period: int | None = None):
+        host = RowClock(beta1, beta2, eps, step)
+        self.beta1, self.beta2, self.eps = host.beta1, host.beta2, host.eps
+        self.window, self.epoch, self.horizon, self.base = host.window, host.epoch, host.horizon, host.base
+        self.period = max(1, int(period)) if period else max(1, host.horizon // 2)
+        self.ring = self.period + 2 * self.epoch + 2
+        self.num_rows = int(num_rows)
+        self.slice = max(1, min(self.num_rows, -(-self.num_rows // self.period)))
+        device = torch.device(device)
+        table, qpow, self._hyper = _ring_tables(host, self.ring)
+        if device.type == "cuda":
+            table, qpow = table.pin_memory(), qpow.pin_memory()
+        # The one upload of the clock (at its first step), from pinned memory.
+        self.hist = table.to(device, non_blocking=True)
+        self.qpow = qpow.to(device, non_blocking=True)
+        self._offsets = torch.arange(self.slice, dtype=torch.int64, device=device)
+
+    last_step = None  # the host does not count a RingClock's steps
+
+    def op_args(self, device=None) -> tuple:
+        """(hist, qpow, hist_base, epoch, window) for the ops, with flags SPARSE_RING."""
+        return self.hist, self.qpow, self.base, self.epoch, self.window
+
+    def hyper(self) -> torch.Tensor:
+        """A hyperparameter row carrying this clock's betas and eps (what a catch-up uses; a host
+        constant, made once)."""
+        return self._hyper
+
+    def slice_ids(self, step: torch.Tensor) -> torch.Tensor:
+        """The rows this step's share of the sweep brings current (sorted, distinct), computed on
+        the device from the step counter: slice (step mod period) of ceil(V / period) rows."""
+        j = torch.remainder(step.reshape(1), self.period).to(torch.int64)
+        return torch.clamp(j * self.slice, max=self.num_rows - self.slice) + self._offsets
+
+
+@_host_tables
+def _ring_tables(host: RowClock, ring: int) -> tuple:
+    """A RingClock's initial host tables: the ring with the base step's row, qpow, and the
+    catch-up's constant hyper row."""
+    table = torch.zeros(ring, HIST_COLS, dtype=torch.float64)
+    table[0] = host.hist[0]
+    return table, host.qpow.clone(), host.hyper()
+
+
 # ----- the row lifecycle of an optimizer's row-sparse parameters ----------------------------------
 
 SPARSE_MODES = ("exact", "lazy")
@@ -218,6 +290,11 @@ def _device_tables(backend: str) -> bool:
     return backend in ("cuda", "triton")
 
 
+def _on_device(x) -> bool:
+    """A tensor hyperparameter that lives on a device (read there, never on the host)."""
+    return isinstance(x, torch.Tensor) and x.device.type != "cpu"
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
@@ -234,12 +311,19 @@ class _PendingError:
         self.word = torch.zeros(3, dtype=torch.int64, device=device)
         self._host = None
         self._event = None
+        self._direct = False  # armed inside a CUDA-graph capture: read the word itself
         self.armed = False
 
     def arm(self) -> None:
         self.armed = True
         if self.word.device.type != "cuda" or _is_fake(self.word):
             return  # a CPU word (the Triton interpreter) is read directly; fake tensors hold nothing
+        if torch.cuda.is_current_stream_capturing():
+            # A step being captured in a CUDA graph: its replays set the word when they find bad
+            # ids, and no host copy or event of the capture tells when; the word is read
+            # directly (one synchronisation) by the next flush(), state_dict() or eager step().
+            self._direct = True
+            return
         if self._host is None:
             self._host = torch.empty(3, dtype=torch.int64, pin_memory=True)
             self._event = torch.cuda.Event()
@@ -250,8 +334,10 @@ class _PendingError:
         """[code, lo, hi] if an op has run since the last read, else None."""
         if not self.armed or _is_fake(self.word):
             return None
+        if self.word.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # (a step being captured reads nothing; its replays are read later)
         self.armed = False
-        if self._host is None:
+        if self._host is None or self._direct:
             return self.word.tolist()
         self._event.synchronize()
         return self._host.tolist()
@@ -272,6 +358,7 @@ class SparseRows:
         self._opt = weakref.ref(opt)
         self._errors: dict = {}   # id(p) -> (weakref(p), _PendingError)
         self._arange: dict = {}   # id(p) -> (weakref(p), every row index of p, on p's device)
+        self._hyper: dict = {}    # id(p) -> [weakref(p), device hyper row, its host numbers] (capturable)
 
     @property
     def opt(self):
@@ -307,7 +394,11 @@ class SparseRows:
                                      f"{p.shape[0]} rows")
         if group is not None and group.get("sparse_mode", "exact") == "exact":
             b1, b2 = group["betas"]
-            check_exact_hyper(float(b1), float(b2), float(group["lr"]), float(group["weight_decay"]), where())
+            lr, wd = group["lr"], group["weight_decay"]
+            if _on_device(lr) or _on_device(wd):
+                # A device tensor (a captured step's lr) is not read on the host: the betas only.
+                lr = wd = 0.0
+            check_exact_hyper(float(b1), float(b2), float(lr), float(wd), where())
 
     def checks_on_host(self, backend: str) -> bool:
         """Whether ids are checked on the host before the step: for the host backends (cpu,
@@ -338,10 +429,11 @@ class SparseRows:
             err.word.zero_()
             st = opt.state.get(p, {})
             clock = st.get("row_clock")
-            if clock is not None:
+            if isinstance(clock, RowClock):
                 # A step whose op found the error wrote nothing, its step count included; the
                 # clock (which counts on the host) drops the history row it appended. This is the
-                # error path: reading the step count here costs nothing that matters.
+                # error path: reading the step count here costs nothing that matters. (A
+                # RingClock needs nothing: the next step appends the same step's row again.)
                 t = int(float(st["step"]))
                 while clock.last_step > t and clock.n > 1:
                     clock.pop()
@@ -370,11 +462,18 @@ class SparseRows:
         fresh = not opt.state.get(p)
         st = opt._init_state(p, "adamw")
         clock = st.get("row_clock")
+        # A capturable group (capturable=True) on a GPU backend keeps its history on the device
+        # (RingClock) and its hyperparameters in a device row: nothing is decided on the host.
+        capturable = bool(group.get("capturable", False)) and _device_tables(backend)
         lr, b1, b2, wd, eps, _ = row
+        b1, b2, eps = float(b1), float(b2), float(eps)
         known = 0 if fresh else None  # the step count, where the host knows it without a read
-        if clock is not None and (not exact or (clock.beta1, clock.beta2, clock.eps) != (b1, b2, eps)):
+        kind = RingClock if capturable else RowClock
+        if clock is not None and (not exact or (clock.beta1, clock.beta2, clock.eps) != (b1, b2, eps)
+                                  or type(clock) is not kind):
             # The closed form assumes fixed betas and eps since each row's last step: bring every
-            # row current under the old ones first.
+            # row current under the old ones first (and under the old clock, when the group's
+            # capturable setting changed).
             self.flush_param(p, backend)
             known = clock.last_step
             self.drop(p)
@@ -384,7 +483,11 @@ class SparseRows:
             # a change of betas/eps; else (the first exact step after a checkpoint was loaded or
             # after dense steps of this table) one host read, once.
             t0 = known if known is not None else int(float(st["step"]))
-            clock = st["row_clock"] = RowClock(b1, b2, eps, t0)
+            if capturable:
+                clock = RingClock(b1, b2, eps, t0, p.shape[0], p.device, period=group.get("sparse_sweep_period"))
+            else:
+                clock = RowClock(b1, b2, eps, t0)
+            st["row_clock"] = clock
             st["last_step"] = torch.full((p.shape[0],), t0, dtype=torch.int64, device=p.device)
             p._lvopt_row_owner = weakref.ref(opt)
         if _device_tables(backend) and st["step"].device != p.device:
@@ -393,14 +496,28 @@ class SparseRows:
             st["step"] = st["step"].to(p.device)
         g = p.grad
         fns = _backend_ops(backend)
-        hyper = _hyper_row(row)
+        hyper = self._device_hyper(p, row) if capturable else _hyper_row(row)
         sums = torch.zeros(1, 2, dtype=torch.float64, device=p.device) if track else None
         extra = {} if sums is None else {"stats": sums}
         err = self._error_for(p, backend)
         if err is not None:
             extra["error"] = err.word
         idx, vals = g._indices()[0], g._values()
-        if exact:
+        # A coalesced gradient (sorted, distinct rows: torch's flag, set by coalesce() and by
+        # lvopt.nn.Embedding's CPU backward) is not sorted again by the GPU ops.
+        flags = SPARSE_COALESCED if _device_tables(backend) and g.is_coalesced() else 0
+        if flags:
+            extra["flags"] = flags
+        if isinstance(clock, RingClock) and exact:
+            # The sweep, spread over the steps: this step's slice of rows is brought current
+            # first (rows already current return at once), so that no row lags more than
+            # `period` steps and the ring always holds what a catch-up reads.
+            self.catchup_rows(p, clock.slice_ids(st["step"]), backend, coalesced=True)
+            hist, qpow, base, epoch, window = clock.op_args()
+            extra["flags"] = flags | SPARSE_RING
+            fns.sparse_adamw_(p.data, idx, vals, st["exp_avg"], st["exp_avg_sq"], st["step"], st["last_step"],
+                              hist, qpow, hyper, base, epoch, window, True, **extra)
+        elif exact:
             if clock.n > clock.horizon:
                 self.sweep(p, backend)
             t = clock.last_step + 1
@@ -423,6 +540,27 @@ class SparseRows:
             entry = self._arange[id(p)] = (weakref.ref(p), torch.arange(p.shape[0], device=p.device))
         return entry[1]
 
+    def _device_hyper(self, p: torch.Tensor, row: tuple) -> torch.Tensor:
+        """The hyperparameter row of a capturable step, on p's device (the ops read it there, so a
+        replayed graph reads the current values): one tensor per parameter, written only when a
+        number in it changes (from pinned memory, without blocking); a device tensor entry (a
+        tensor lr) is copied into its column on the device at every step, never read on the host."""
+        entry = self._hyper.get(id(p))
+        if entry is None or entry[0]() is not p or entry[1].device != p.device:
+            entry = self._hyper[id(p)] = [weakref.ref(p), torch.zeros(1, len(row), dtype=torch.float64,
+                                                                     device=p.device), None]
+        numbers = tuple(None if _on_device(x) else float(x) for x in row)
+        if numbers != entry[2]:
+            host = _hyper_row(tuple(0.0 if x is None else x for x in numbers))
+            if p.device.type == "cuda":
+                host = host.pin_memory()
+            entry[1].copy_(host, non_blocking=True)
+            entry[2] = numbers
+        for i, x in enumerate(row):
+            if numbers[i] is None:
+                entry[1][0, i].copy_(x.reshape(()))
+        return entry[1]
+
     def sweep(self, p: torch.Tensor, backend: str) -> None:
         """Bounds the history: every row is brought current and the history restarts at the
         current step (once every ``horizon`` steps, before a step appends to a full history, so
@@ -430,7 +568,9 @@ class SparseRows:
         step). No host read: which rows are behind is decided on the device."""
         self.flush_param(p, backend)
 
-    def catchup_rows(self, p: torch.Tensor, rows: torch.Tensor, backend: str) -> None:
+    def catchup_rows(self, p: torch.Tensor, rows: torch.Tensor, backend: str, coalesced: bool = False) -> None:
+        """Brings ``rows`` of ``p`` current (``coalesced``: they are sorted and distinct, so the GPU
+        ops skip their sort)."""
         st = self.opt.state[p]
         clock = st["row_clock"]
         hist, qpow, base, epoch, window = clock.op_args(p.device if _device_tables(backend) else None)
@@ -438,6 +578,10 @@ class SparseRows:
         err = self._error_for(p, backend)
         if err is not None:
             extra["error"] = err.word
+        flags = (SPARSE_RING if isinstance(clock, RingClock) else 0) | (
+            SPARSE_COALESCED if coalesced and _device_tables(backend) else 0)
+        if flags:
+            extra["flags"] = flags
         _backend_ops(backend).sparse_catchup_(p.data, rows, st["exp_avg"], st["exp_avg_sq"], st["step"],
                                               st["last_step"], hist, qpow, clock.hyper(), base, epoch, window,
                                               **extra)
@@ -449,11 +593,12 @@ class SparseRows:
         if "row_clock" not in st:
             return
         clock = st["row_clock"]
-        if clock.n == 1:
+        if isinstance(clock, RowClock) and clock.n == 1:
             return  # nothing stepped since the clock (re)started: every row is current
         backend = backend or self.opt._backend_for(p.device)[0]
-        self.catchup_rows(p, self._every_row(p), backend)
-        clock.reset(clock.last_step)
+        self.catchup_rows(p, self._every_row(p), backend, coalesced=True)
+        if isinstance(clock, RowClock):
+            clock.reset(clock.last_step)  # (a RingClock's history goes on: its base is fixed)
 
     def drop(self, p: torch.Tensor) -> None:
         for key in ROW_KEYS:

@@ -206,3 +206,123 @@ def test_cuda_found_inf_decided_on_the_device(gen, adamh):
     for lst, old in zip((ps, ms, vs, ss), snap):
         for t, o in zip(lst, old):
             assert torch.equal(t, o)
+
+
+# ----- the sparse-row step (capturable=True: lvopt/sparse.py RingClock) -------------------------
+
+def _sparse_batches(V, d, N, steps, gen):
+    out = []
+    for t in range(steps):
+        ids = torch.randint(0, V, (N,), generator=gen)
+        ids[: N // 8] = torch.randint(0, 4, (N // 8,), generator=gen)  # a hot head, as in a Zipf batch
+        out.append((ids.to("cuda"), torch.randn(N, d, generator=gen).to("cuda")))
+    return out
+
+
+def _sparse_opt(w, backend, lr, mode="exact", period=16):
+    return lvopt.AdamW([{"params": [w], "sparse_mode": mode, "capturable": True, "sparse_sweep_period": period}],
+                       lr=lr, weight_decay=0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_sparse_step_captured_replays_equal_eager(backend, mode, gen):
+    """The sparse step (exact: the ring history appended on the device, the sweep's slice each
+    step) captured once and replayed for 3 epochs and more than one trip round the ring (default
+    betas: epoch 129; sweep period 16: a ring of 276 steps), with new ids, values and a tensor lr
+    between replays, equals the same optimizer stepped eagerly, bit for bit; the eager steps
+    run under set_sync_debug_mode("error")."""
+    V, d, N = 4096, 64, 512
+    w0 = torch.randn(V, d, generator=gen).to("cuda")
+    epoch = 129
+    steps = 3 * epoch + 8
+    batches = _sparse_batches(V, d, N, steps, gen)
+    lr = torch.tensor(1e-2, device="cuda", dtype=torch.float64)
+    wa, wb = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    a, b = _sparse_opt(wa, backend, lr, mode), _sparse_opt(wb, backend, 1e-2, mode)
+    wa.grad = torch.sparse_coo_tensor(batches[0][0].unsqueeze(0).clone(), batches[0][1].clone(), (V, d))
+    static_ids, static_vals = wa.grad._indices()[0], wa.grad._values()  # what the replays refill
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for k in range(2):  # warm-up: the state, the clock and its one upload
+            static_ids.copy_(batches[k][0])
+            static_vals.copy_(batches[k][1])
+            a.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a.step()
+    for k in range(2):
+        wb.grad = torch.sparse_coo_tensor(batches[k][0].unsqueeze(0), batches[k][1], (V, d))
+        b.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(2, steps):
+            new_lr = 1e-2 * (0.5 + 0.5 * ((k // 50) % 2))  # a schedule, through the tensor
+            lr.fill_(new_lr)
+            for g in b.param_groups:
+                g["lr"] = new_lr
+            static_ids.copy_(batches[k][0])
+            static_vals.copy_(batches[k][1])
+            graph.replay()
+            wb.grad = torch.sparse_coo_tensor(batches[k][0].unsqueeze(0), batches[k][1], (V, d))
+            b.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    sa, sb = a.state[wa], b.state[wb]
+    assert float(sa["step"]) == float(sb["step"]) == steps
+    if mode == "exact":
+        assert sa["row_clock"].epoch == epoch and steps > sa["row_clock"].ring
+        assert torch.equal(sa["row_clock"].hist, sb["row_clock"].hist)
+        assert torch.equal(sa["last_step"], sb["last_step"])
+    assert a._rows._errors[id(wa)][1].word.tolist() == [0, 0, 0]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(sa[key], sb[key]), key
+    assert torch.equal(wa.detach(), wb.detach())
+    if mode == "exact":
+        # The ring history against the host's (RowClock): the same dense-equivalent result.
+        wc = nn.Parameter(w0.clone())
+        c = lvopt.AdamW([{"params": [wc], "sparse_mode": "exact"}], lr=1e-2, weight_decay=0.1, backend=backend)
+        for k in range(steps):
+            for g in c.param_groups:
+                g["lr"] = 1e-2 * (0.5 + 0.5 * ((k // 50) % 2)) if k >= 2 else 1e-2
+            wc.grad = torch.sparse_coo_tensor(batches[k][0].unsqueeze(0), batches[k][1], (V, d))
+            c.step()
+        b.flush()
+        c.flush()
+        assert float((wb.detach() - wc.detach()).norm() / wc.detach().norm()) < 1e-5
+
+
+@pytest.mark.skipif(not lvopt.build_info()["cuda"], reason="lvopt._C built without CUDA kernels")
+def test_cuda_coalesced_ids_skip_the_sort(gen):
+    """flags bit 1 (coalesced ids): the op launches no CUB radix sort or run-length encoding (a
+    profile of the call), and gives the bits of the sorting path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    V, d, n = 5000, 64, 700
+    ids = torch.randperm(V, generator=gen)[:n].sort().values.to("cuda")
+    vals = torch.randn(n, d, generator=gen).to("cuda")
+    none_i = torch.empty(0, dtype=torch.int64, device="cuda")
+    none_f = torch.empty(0, dtype=torch.float64, device="cuda")
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+    outs = []
+    for flags in (1, 0):
+        p, m, v = torch.randn(V, d, generator=torch.Generator().manual_seed(0)).to("cuda"), \
+            torch.zeros(V, d, device="cuda"), torch.zeros(V, d, device="cuda")
+        step = torch.zeros((), device="cuda")
+        err = torch.zeros(3, dtype=torch.int64, device="cuda")
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.ops.lvopt.sparse_adamw_(p, ids, vals, m, v, step, none_i, none_f, none_f, hyper, 0, 1, 0, False,
+                                          error=err, flags=flags)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        outs.append((names, p, m, v))
+    assert any("RadixSort" in x for x in outs[1][0]), outs[1][0]  # the profile can tell
+    assert not any("RadixSort" in x for x in outs[0][0]), outs[0][0]
+    assert len(outs[0][0]) < len(outs[1][0])
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        assert torch.equal(a, b)

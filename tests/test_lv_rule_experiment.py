@@ -107,3 +107,49 @@ def test_analysis_recovers_a_known_slope(tmp_path):
     (d,) = res["delta_s"]
     assert d["ds"] == pytest.approx(0.5, abs=0.07) and d["ci_boot"][0] < 0.5 < d["ci_boot"][1]
     assert os.path.exists(tmp_path / "res" / "results.md")
+
+
+def test_corpus_adaptive_grid_brackets_every_optimum(tmp_path, monkeypatch):
+    """corpus.py's adaptive sweep (run_one replaced by a known loss surface): the embedding-LR grid
+    is extended until the seed-mean optimum has two grid points on each side, far from a poor
+    first guess too; the first seed alone finds the region (seeds 1 and 2 do not run at the first
+    guess's far points); the hidden check adds x 1/2 and x 2 at the best point; a restarted sweep
+    runs nothing; analyze.py reads the csv back to the optima that were built in."""
+    pytest.importorskip("scipy")
+    cp = _load("corpus")
+    an = _load("analyze")
+    best_k = {16: 9, 32: 14, 64: 17}           # centre guess for V = 4096 is 15: below, at, above
+    calls = []
+
+    def fake_run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, layers, hidden_factor=1.0):
+        calls.append((width, seed, k, hidden_factor))
+        lr_h = cp.nominal_hidden(optim, width) * hidden_factor
+        loss = 5.0 + 0.01 * (k - best_k[width] - 0.3) ** 2 + 0.02 * math.log2(hidden_factor) ** 2 \
+            + 0.003 * seed - 0.05 * math.log2(width)
+        return dict(optim=optim, width=width, V=V, seed=seed, k=k, lr_embedding=cp.EMB_LR0 * 2 ** (k / 2),
+                    lr_hidden=lr_h, N=1, D=steps * batch * seq, steps=steps, train_loss=loss, loss=loss,
+                    seconds=0.0), 100.0
+
+    monkeypatch.setattr(cp, "run_one", fake_run_one)
+    monkeypatch.setattr(cp, "tokenize", lambda *a, **k: (np.zeros(10, np.int32), np.zeros(10, np.int32)))
+    monkeypatch.setitem(cp.PRESETS, "t", dict(seeds=[0, 1, 2], steps=5, batch=2, seq=4, layers=1, parts=[
+        dict(optims=["adamw"], vocabs=[4096], widths=[16, 32, 64], hidden_check=True)]))
+    out = tmp_path / "runs.csv"
+    assert cp.main(["--preset", "t", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == cp.FIELDS and len(rows) == len(calls)
+    for w, kb in best_k.items():
+        full = sorted(k for k in {c[2] for c in calls if c[0] == w and c[3] == 1.0}
+                      if all((w, s, k, 1.0) in calls for s in (0, 1, 2)))
+        assert full[0] <= kb - 2 and full[-1] >= kb + 2 and full == list(range(full[0], full[-1] + 1))
+        assert {(w, s, kb, f) for s in (0, 1, 2) for f in (0.5, 2.0)} <= set(calls)
+    # the first guess (k = 13..17) was off by 6 at width 16: seeds 1 and 2 never ran at k = 17
+    assert (16, 0, 17, 1.0) in calls and (16, 1, 17, 1.0) not in calls
+    n = len(calls)
+    assert cp.main(["--preset", "t", "--out", str(out)]) == 0 and len(calls) == n
+    res = an.analyze(str(out), str(tmp_path / "res"), n_boot=50, plots=False)
+    opt = {t["width"]: t for t in res["optima"] if t["series"] == "mup_hidden"}
+    for w, kb in best_k.items():
+        assert opt[w]["bracketed"]
+        assert math.log2(opt[w]["opt_lr_embedding"] / cp.EMB_LR0) * 2 == pytest.approx(kb + 0.3, abs=0.05)
+    assert {h["width"]: h["best"] for h in res["hidden_grid"]} == {16: 1.0, 32: 1.0, 64: 1.0}

@@ -10,7 +10,9 @@
 //   at::aminmax                  (reduction)         the ids' range, on the device
 //   setup_kernel                 1 thread            error word (ids out of range), the step
 //                                                    count read from the device, AdamCoef,
-//                                                    the target step, the history coverage
+//                                                    the target step, the history coverage,
+//                                                    the clock's betas/eps; with a ring history
+//                                                    (flags & kFlagRing) the step's history row
 //   at::arange + CUB radix sort  (CUB)               ids sorted stably on ceil(log2 V) bits,
 //                                                    perm = input positions in that order
 //   memset + CUB run-length enc. (CUB)               distinct rows, counts, run count U (device)
@@ -18,6 +20,8 @@
 //   piece_table_kernel           N threads           rows given > kRun times: pieces of kRun
 //                                                    rows, numbered by one device counter
 //   partial_sums_kernel          N/16 + 1 blocks     each piece's sum, in input order
+//     (coalesced ids, flags & kFlagCoalesced: the five lines above are two at::arange and one
+//     at::full instead: each id is its own run, no sort, no piece)
 //   catchup_scalars_kernel       N threads (exact)   per row: last step, catch-up scalars
 //                                                    (sparse_clock.h, fp64), clock check
 //   sparse_rows_kernel           N blocks            one block per distinct row
@@ -26,7 +30,10 @@
 //   finish_kernel                1 thread            step count += 1 unless the word is set
 //
 // Every kernel past the plan reads the run count U (and the loop count) on the device and its
-// blocks past it return at once. The error word (sparse_args.h, check_sparse_error) is set on
+// blocks past it return at once. A ring history (kFlagRing: lvopt/sparse.py RingClock, the
+// capturable exact mode) is indexed (step - base) % rows (Clock::ring) and appended by
+// setup_kernel from the device step count and hyper row, so a captured call appends at each
+// replay; catchup_scalars_kernel refuses (kErrClock) a row whose epoch start the ring lost. The error word (sparse_args.h, check_sparse_error) is set on
 // the device and every kernel that writes checks it first, so a bad batch writes nothing; the
 // caller reads it back when it chooses (lvopt/sparse.py). Without an error word (a direct call
 // of the op) the op raises, which needs host reads of the ids' range and of the touched rows'
@@ -84,6 +91,10 @@ struct StepInfo {
   AdamCoef coef;     // the step's coefficients (sparse_adamw_)
   int64_t target;    // exact: rows are brought current to this step first
   int64_t new_last;  // exact: every touched row's last step afterwards
+  // exact: the betas and eps of Clock::row, from the hyper row where it lives (a device row, as
+  // a captured step passes, is read here and nowhere on the host)
+  double clock_beta1, clock_beta2;
+  float clock_eps;
 };
 
 // The step's coefficients, field by field from global memory into registers (a struct copy
@@ -122,6 +133,9 @@ struct DevicePlan {
   int64_t n = 0;
   int64_t max_parts = 0;
 };
+
+// Bits of the ops' `flags` argument (lvopt/sparse.py SPARSE_COALESCED, SPARSE_RING).
+// kFlagCoalesced, kFlagRing: lvopt/sparse_args.h.
 
 // Pointers of one launch (the kernels' arguments).
 template <typename T>
@@ -302,13 +316,48 @@ __global__ void piece_table_kernel(const int64_t* __restrict__ offsets,
   for (int64_t j = 0; j < n; ++j) owner[first + j] = k;
 }
 
-// One thread: the error word for the ids' range (when the range was taken: n_ids > 0), the
-// step count (read where it lives), the target step and the step's coefficients, and in exact
-// mode the history's coverage of the target.
+// Ring history (kFlagRing): the row of step t, from the rows of t - 1 and of t's epoch start and
+// the step's lr and weight decay, as lvopt/sparse.py RowClock.append builds it on the host (fp64;
+// bc2^(h/2) from sqrt and products; libm's last bits may differ from the host's). The ring holds
+// the last ck.ring steps; a row whose epoch start has been overwritten sets kErrClock
+// (catchup_scalars_kernel).
+__device__ void append_history(const Clock& ck, int64_t t, double lr, double wd, double b1, double b2) {
+  double* out = const_cast<double*>(ck.at(t));
+  const double* prev = ck.at(t - 1);
+  const int64_t b = ck.base + ck.epoch * ((t - 1 - ck.base) / ck.epoch);
+  const int64_t k = t - b;
+  const bool inside = t - 1 > b;
+  const double d = 1.0 - lr * wd;
+  const double log_pi = prev[kHLogPi] + log(d);
+  const double bc1 = 1.0 - pow(b1, static_cast<double>(t));
+  const double bc2 = 1.0 - pow(b2, static_cast<double>(t));
+  const double sb = sqrt(bc2);
+  const double scale = exp(ck.at(b)[kHLogPi] - log_pi);
+  const double lb = lr / bc1;
+  // bc2^(h/2) for M_0..M_3 (h = 1..4) and N_1..N_4 (h = 0, -1, -2, -3).
+  const double pw[kHistSeries] = {sb, bc2, bc2 * sb, bc2 * bc2, 1.0, 1.0 / sb, 1.0 / bc2, 1.0 / (bc2 * sb)};
+  double series[kHistSeries];
+#pragma unroll
+  for (int i = 0; i < kHistSeries; ++i) {
+    series[i] = (inside ? prev[kHSeries + i] : 0.0) + lb * pw[i] * ck.qpow[i * ck.qcols + k + ck.epoch] * scale;
+  }
+  out[kHLr] = lr;
+  out[kHDecay] = d;
+  out[kHLogPi] = log_pi;
+  out[kHU] = lb * sb;
+  out[kHSqrtBc2] = sb;
+#pragma unroll
+  for (int i = 0; i < kHistSeries; ++i) out[kHSeries + i] = series[i];
+}
+
+// One thread: the error word for the ids' range (when the range was taken: n_ids > 0), the step
+// count (read where it lives), the target step and the step's coefficients, and in exact mode
+// the clock's betas and eps, the history's coverage of the target and, with a ring history,
+// the step's history row (appended here, so that a captured step appends at each replay).
 __global__ void setup_kernel(StepSource src, const int64_t* __restrict__ id_min,
                              const int64_t* __restrict__ id_max, int64_t num_rows, bool step_op,
-                             bool exact, int64_t hist_base, int64_t hist_rows,
-                             int64_t* __restrict__ err, StepInfo* __restrict__ info) {
+                             bool exact, const Clock ck, int64_t* __restrict__ err,
+                             StepInfo* __restrict__ info) {
   if (id_min != nullptr && err[0] == 0) {
     const int64_t lo = *id_min, hi = *id_max;
     if (lo < 0 || hi >= num_rows) {
@@ -324,13 +373,22 @@ __global__ void setup_kernel(StepSource src, const int64_t* __restrict__ id_min,
   const int64_t target = static_cast<int64_t>(step_op ? t - 1.0 : t);
   info->target = target;
   info->new_last = static_cast<int64_t>(t);
-  if (exact && (target < hist_base || target - hist_base >= hist_rows)) err[0] |= kErrClock;
-  if (step_op) {
-    // The row in registers (indexing the parameter array through a pointer would copy it to
-    // local memory).
-    double row[kHyperCols];
+  // The row in registers (indexing the parameter array through a pointer would copy it to
+  // local memory).
+  double row[kHyperCols];
 #pragma unroll
-    for (int i = 0; i < kHyperCols; ++i) row[i] = src.hyper_dev != nullptr ? src.hyper_dev[i] : src.hyper_host[i];
+  for (int i = 0; i < kHyperCols; ++i) row[i] = src.hyper_dev != nullptr ? src.hyper_dev[i] : src.hyper_host[i];
+  if (exact) {
+    info->clock_beta1 = row[kBeta1];
+    info->clock_beta2 = row[kBeta2];
+    info->clock_eps = static_cast<float>(row[kEps]);
+    const bool covered = ck.ring > 0 ? target >= ck.base : target >= ck.base && target - ck.base < ck.hist_rows;
+    if (!covered) err[0] |= kErrClock;
+    if (step_op && ck.ring > 0 && err[0] == 0) {
+      append_history(ck, target + 1, row[kLr], row[kWeightDecay], row[kBeta1], row[kBeta2]);
+    }
+  }
+  if (step_op) {
     const AdamCoef c = make_adam_coef(row, t);
     info->coef.beta1 = c.beta1;
     info->coef.one_minus_beta1 = c.one_minus_beta1;
@@ -366,11 +424,20 @@ __global__ void __launch_bounds__(128)
   const int64_t target = info->target;
   const int64_t s = last[rows[k]];
   row_last[k] = s;
-  if (s < ck.base || s > target) {
+  // A ring history must still hold the row's epoch start (and not have reused its slot for the
+  // step this call appended).
+  const bool lost = ck.ring > 0 && target + 1 - (ck.base + ck.epoch * ((s - ck.base) / ck.epoch)) >= ck.ring;
+  if (s < ck.base || s > target || lost) {
     atomicOr(reinterpret_cast<unsigned long long*>(err), static_cast<unsigned long long>(kErrClock));
     return;
   }
-  if (s < target) row_cr[k] = ck.row(s, target);
+  if (s < target) {
+    Clock c = ck;
+    c.beta1 = info->clock_beta1;
+    c.beta2 = info->clock_beta2;
+    c.eps = info->clock_eps;
+    row_cr[k] = c.row(s, target);
+  }
 }
 
 // The per-row inputs of exact mode: the snapshot of last_step and the catch-up scalars of each
@@ -541,11 +608,23 @@ int key_bits(int64_t num_rows) {
 // duplicates keep their input order), run-length encoding, offsets, and the long runs' piece
 // table. Ids outside [0, num_rows) make a meaningless plan; the error word stops every kernel
 // that would use it.
-DevicePlan plan_rows(const at::Tensor& idx, int64_t num_rows, int64_t d, cudaStream_t stream) {
+DevicePlan plan_rows(const at::Tensor& idx, int64_t num_rows, int64_t d, cudaStream_t stream,
+                     bool coalesced = false) {
   DevicePlan plan;
   const int64_t n = idx.numel();
   plan.n = n;
   const auto opt = idx.options();
+  if (coalesced) {
+    // Sorted, distinct ids (kFlagCoalesced: a coalesced sparse gradient, a catch-up of every
+    // row): each is its own run, so the plan is known without a sort: three fills, no CUB, no
+    // piece table (no row is given more than once).
+    plan.sorted = idx;
+    plan.rows = idx;
+    plan.perm = at::arange(n, opt);
+    plan.offsets = at::arange(n + 1, opt);
+    plan.num_runs = at::full({1}, n, opt);
+    return plan;
+  }
   plan.sorted = at::empty({n}, opt);
   plan.perm = at::empty({n}, opt);
   plan.rows = at::empty({n}, opt);
@@ -670,13 +749,13 @@ at::Tensor error_word(const std::optional<at::Tensor>& error, const at::Tensor& 
 
 // Queues the ids' range check and setup_kernel; returns the StepInfo buffer.
 at::Tensor setup(const at::Tensor& idx, int64_t num_rows, const StepSource& src, bool step_op, bool exact,
-                 int64_t hist_base, int64_t hist_rows, const at::Tensor& err, cudaStream_t stream) {
+                 const Clock& ck, const at::Tensor& err, cudaStream_t stream) {
   const at::Tensor info = at::empty({static_cast<int64_t>((sizeof(StepInfo) + 7) / 8)}, err.options());
   at::Tensor lo, hi;
   if (idx.numel() > 0) std::tie(lo, hi) = at::aminmax(idx);
   setup_kernel<<<1, 1, 0, stream>>>(src, idx.numel() > 0 ? lo.data_ptr<int64_t>() : nullptr,
                                     idx.numel() > 0 ? hi.data_ptr<int64_t>() : nullptr, num_rows, step_op, exact,
-                                    hist_base, hist_rows, err.data_ptr<int64_t>(),
+                                    ck, err.data_ptr<int64_t>(),
                                     reinterpret_cast<StepInfo*>(info.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return info;
@@ -783,7 +862,7 @@ struct DeviceClock {
 };
 
 DeviceClock device_clock(const Clock& host_view, const at::Tensor& hist, const at::Tensor& qpow,
-                         const c10::Device dev) {
+                         const c10::Device dev, bool ring) {
   DeviceClock out;
   // host copy: tables given on the host (a direct call; the optimizer keeps device mirrors).
   out.hist = hist.device() == dev ? hist : hist.to(dev, /*non_blocking=*/true);
@@ -791,6 +870,7 @@ DeviceClock device_clock(const Clock& host_view, const at::Tensor& hist, const a
   out.ck = host_view;
   out.ck.hist = out.hist.data_ptr<double>();
   out.ck.qpow = out.qpow.data_ptr<double>();
+  out.ck.ring = ring ? out.hist.size(0) : 0;
   return out;
 }
 
@@ -812,19 +892,33 @@ at::Tensor host_checkable_hyper(const at::Tensor& hyper) {
   return at::empty({1, kHyperCols}, hyper.options().device(c10::kCPU)).fill_(0.5);
 }
 
+// The `flags` argument: known bits only; a ring history (kFlagRing) is exact mode's, on the
+// device, with an error word (its coverage is decided on the device, never raised).
+void check_flags(const char* op, int64_t flags, bool exact, const at::Tensor& param, const at::Tensor& hist,
+                 const std::optional<at::Tensor>& error) {
+  TORCH_CHECK((flags & ~(kFlagCoalesced | kFlagRing)) == 0, op, ": flags must be a combination of ",
+              kFlagCoalesced, " (coalesced ids) and ", kFlagRing, " (ring history), got ", flags);
+  if ((flags & kFlagRing) == 0) return;
+  TORCH_CHECK(exact, op, ": flags has the ring-history bit (", kFlagRing, ") but exact is false");
+  TORCH_CHECK(hist.device() == param.device() && hist.size(0) >= 2, op,
+              ": a ring history (flags ", kFlagRing, ") must be on ", param.device(),
+              " with at least 2 rows, got ", hist.sizes(), " on ", hist.device());
+  TORCH_CHECK(error.has_value(), op, ": a ring history (flags ", kFlagRing,
+              ") needs an error word (its coverage is checked on the device)");
+}
+
 void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& values,
                        const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
                        const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
                        const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
                        bool exact, const std::optional<at::Tensor>& stats,
-                       const std::optional<at::Tensor>& error) {
+                       const std::optional<at::Tensor>& error, int64_t flags) {
   const char* op = "lvopt::sparse_adamw_";
   check_hyper_layout(op, param, hyper);
   check_sparse_adamw_args(op, c10::DeviceType::CUDA, param, indices, values, exp_avg, exp_avg_sq, step,
                           host_checkable_hyper(hyper), stats);
   check_sparse_error(op, error, param);
-  // Exact mode's clock (Clock::row) takes beta1, beta2 and eps on the host, from the row.
-  TORCH_CHECK(!exact || hyper.device().is_cpu(), op, ": exact mode takes the hyper row on the CPU");
+  check_flags(op, flags, exact, param, hist, error);
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor idx = indices.contiguous();
@@ -842,15 +936,14 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
   }
   const at::Tensor err = error_word(error, param);
   const StepSource src = step_source(step, hyper);
-  const at::Tensor info =
-      setup(idx, param.size(0), src, /*step_op=*/true, exact, hist_base, exact ? hist.size(0) : 0, err, stream);
   DeviceClock dck;
-  if (exact) dck = device_clock(host_view, hist, qpow, param.device());
+  if (exact) dck = device_clock(host_view, hist, qpow, param.device(), (flags & kFlagRing) != 0);
+  const at::Tensor info = setup(idx, param.size(0), src, /*step_op=*/true, exact, dck.ck, err, stream);
   if (stats.has_value()) stats->zero_();
   if (step.device().is_cpu()) write_step(step, src.step_host + 1.0);  // a host counter: not gated
   const int64_t n = idx.numel();
   if (n > 0 && d > 0) {
-    const DevicePlan plan = plan_rows(idx, param.size(0), d, stream);
+    const DevicePlan plan = plan_rows(idx, param.size(0), d, stream, (flags & kFlagCoalesced) != 0);
     const at::Tensor vals = values.contiguous();
     at::Tensor row_stats;
     double* rs = nullptr;
@@ -898,13 +991,14 @@ void sparse_catchup_cuda(const at::Tensor& param, const at::Tensor& indices,
                          const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                          const at::Tensor& step, const at::Tensor& last_step, const at::Tensor& hist,
                          const at::Tensor& qpow, const at::Tensor& hyper, int64_t hist_base,
-                         int64_t epoch, int64_t window, const std::optional<at::Tensor>& error) {
+                         int64_t epoch, int64_t window, const std::optional<at::Tensor>& error,
+                         int64_t flags) {
   const char* op = "lvopt::sparse_catchup_";
   check_hyper_layout(op, param, hyper);
   check_sparse_table(op, c10::DeviceType::CUDA, param, exp_avg, exp_avg_sq, step, host_checkable_hyper(hyper));
   check_sparse_indices(op, indices, param);
   check_sparse_error(op, error, param);
-  TORCH_CHECK(hyper.device().is_cpu(), op, ": takes the hyper row on the CPU (its clock's betas and eps)");
+  check_flags(op, flags, true, param, hist, error);
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor idx = indices.contiguous();
@@ -917,11 +1011,11 @@ void sparse_catchup_cuda(const at::Tensor& param, const at::Tensor& indices,
   }
   const int64_t n = idx.numel(), d = param.size(1);
   const at::Tensor err = error_word(error, param);
-  const at::Tensor info = setup(idx, param.size(0), step_source(step, hyper), /*step_op=*/false, true, hist_base,
-                                hist.size(0), err, stream);
+  const DeviceClock dck = device_clock(host_view, hist, qpow, param.device(), (flags & kFlagRing) != 0);
+  const at::Tensor info = setup(idx, param.size(0), step_source(step, hyper), /*step_op=*/false, true, dck.ck, err,
+                                stream);
   if (n == 0 || d == 0) return;
-  const DeviceClock dck = device_clock(host_view, hist, qpow, param.device());
-  const DevicePlan plan = plan_rows(idx, param.size(0), d, stream);
+  const DevicePlan plan = plan_rows(idx, param.size(0), d, stream, (flags & kFlagCoalesced) != 0);
   const ExactState xs = exact_state(last_step, plan, dck.ck, info, err, stream);
   const StepInfo* ip = reinterpret_cast<const StepInfo*>(info.data_ptr());
   const auto run = [&](auto* tag) {

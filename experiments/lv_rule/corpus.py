@@ -1,15 +1,28 @@
-"""LV-rule sweep on a real corpus (issue 8's sweep, kept as the second check; its results are in
-issue8/, run before the corrections of issue 16: the read-out was scaled twice, AdamH's hidden
-LR took AdamW's exponent). This version has both corrections; its default preset has not been
-rerun (experiments/lv_rule/REPORT.md).
+"""LV-rule sweep on a real corpus: the second check of issue 16, next to the synthetic sweep
+(run.py). Issue 8's version of this sweep (results in issue8/) could not answer: its read-out
+was scaled twice (a 32/width logit multiplier and the `output` role's 1/m LR), AdamH's
+hyperball matrices took AdamW's hidden exponent 1, a step held 8 x 32 tokens (fewer distinct
+tokens than the width), two seeds, a fixed embedding-LR grid and the hidden LR never checked.
+This version:
 
-The sweep: a tiny decoder-only LM, BPE vocabularies of several sizes,
-hidden LR at its muP scaling, embedding LR on a 2^(k/2) grid, several seeds, two optimizer
-variants (AdamW everywhere; AdamH on hidden matrices with AdamW on embedding/output/vectors).
+- a pre-LN decoder with untied embedding N(0, 1), hidden matrices N(0, 1/fan_in) and a
+  zero-initialised read-out *without* an output multiplier: the read-out is scaled once, by the
+  `output` role's LR (x 32/width under muP);
+- LRs from ``lvopt.scaling.from_model(rule="mup", base_width=32)``: hidden x 32/width for AdamW,
+  x (32/width)^(1/2) for AdamH's hyperball matrices (the corrected exponent), the embedding LR
+  (muP exponent 0) swept on a sqrt(2) grid that is extended until the best seed-mean loss has two
+  grid points on each side (first on seed 0, then on the mean of all seeds);
+- 16 x 64 tokens per step (480-540 distinct tokens per step at V = 4096, more than every width;
+  at V = 128 the whole vocabulary appears in every step);
+- three seeds; the hidden-LR check (hidden LR x 1/2 and x 2 at the best embedding LR) at the
+  widths of the ``hidden_check`` parts.
 
-Resumable: every finished run is appended to ``runs.csv``; runs already there are skipped.
+Resumable: every finished run is appended to ``runs_corpus.csv`` (the columns of runs.csv) and
+skipped next time; the grid extensions are decided from the rows already there.
 
-    python experiments/lv_rule/corpus.py                 # issue 8's default sweep, corrected
+    python experiments/lv_rule/corpus.py                 # the corrected sweep (~65 min, one shared core)
+    python experiments/lv_rule/analyze.py experiments/lv_rule/runs_corpus.csv \
+        --out experiments/lv_rule/results_corpus
     python experiments/lv_rule/corpus.py --preset smoke  # a few seconds
 """
 from __future__ import annotations
@@ -36,26 +49,39 @@ from lvopt.scaling import from_model  # noqa: E402
 DEFAULT_CORPUS = "/usr/share/vim/vim90/doc"   # Debian package vim-runtime (Vim license)
 
 PRESETS = {
-    # The default sweep (~65-70 min on this 2-core CPU, one thread): 450 steps x 8 x 32 tokens per
-    # run, the same for every config; AdamW at widths 32-256 and AdamH at 32-128, embedding LR
-    # 0.32-5.12 (k = 8..16) and, for V = 128 whose optima sit lower, 0.08-0.23 (k = 4..7).
-    # A preset is a grid, or a list of grids ("parts") whose runs are all done.
-    "default": dict(vocabs=[128, 4096], seeds=[0, 1], steps=450, batch=8, seq=32, layers=2, parts=[
-        dict(optims=["adamw"], widths=[32, 64, 128, 256], ks=list(range(8, 17))),
-        dict(optims=["adamh"], widths=[32, 64, 128], ks=list(range(8, 17))),
-        dict(optims=["adamw"], widths=[32, 64, 128, 256], ks=[4, 5, 6, 7], vocabs=[128]),
-        dict(optims=["adamh"], widths=[32, 64, 128], ks=[4, 5, 6, 7], vocabs=[128]),
+    # The corrected sweep. Parts are done in order, configuration by configuration; a part with
+    # ``ks`` runs that fixed grid, otherwise the embedding-LR grid is adaptive (see Sweep.emb_grid).
+    # Widths 16-128 (V/width 32-256 at V = 4096, 1-8 at V = 128); a hidden_check part reuses the
+    # grid already run and adds the hidden LR x 1/2 and x 2 at its best point. Width 256 and AdamH
+    # come last: on a shared 2-core machine the first four parts take about an hour.
+    "default": dict(seeds=[0, 1, 2], steps=160, batch=16, seq=64, layers=2, parts=[
+        dict(optims=["adamw"], vocabs=[4096], widths=[16, 32, 64, 128]),
+        dict(optims=["adamw"], vocabs=[128], widths=[16, 32, 64, 128]),
+        dict(optims=["adamw"], vocabs=[4096, 128], widths=[16, 128], hidden_check=True),
+        dict(optims=["adamw"], vocabs=[4096, 128], widths=[32, 64], hidden_check=True),
+        dict(optims=["adamw"], vocabs=[128], widths=[256]),
+        dict(optims=["adamw"], vocabs=[4096], widths=[256]),
+        dict(optims=["adamh"], vocabs=[4096, 128], widths=[16, 32, 64, 128]),
     ]),
-    # The first, shorter sweep (150 steps, widths 32-128; results in runs_150steps.csv).
-    "quick": dict(widths=[32, 64, 128], vocabs=[128, 4096], seeds=[0, 1], ks=[6, 7, 8, 9, 10, 11, 12, 13, 14],
-                  optims=["adamw", "adamh"], steps=150, batch=8, seq=32, layers=2),
-    "smoke": dict(widths=[32], vocabs=[128], seeds=[0], ks=[0, 2], optims=["adamw"],
-                  steps=4, batch=4, seq=32, layers=1),
+    # Issue 8's sweep (450 steps x 8 x 32 tokens, two seeds, fixed grids), now with the corrected
+    # read-out and AdamH exponent; its results before the corrections are in issue8/.
+    "issue8": dict(seeds=[0, 1], steps=450, batch=8, seq=32, layers=2, parts=[
+        dict(optims=["adamw"], vocabs=[128, 4096], widths=[32, 64, 128, 256], ks=list(range(8, 17))),
+        dict(optims=["adamh"], vocabs=[128, 4096], widths=[32, 64, 128], ks=list(range(8, 17))),
+        dict(optims=["adamw"], vocabs=[128], widths=[32, 64, 128, 256], ks=[4, 5, 6, 7]),
+        dict(optims=["adamh"], vocabs=[128], widths=[32, 64, 128], ks=[4, 5, 6, 7]),
+    ]),
+    "smoke": dict(seeds=[0], steps=4, batch=4, seq=32, layers=1, parts=[
+        dict(optims=["adamw"], vocabs=[128], widths=[32], ks=[0, 2]),
+    ]),
 }
+# first guess of the best k per V (lr_emb = EMB_LR0 * 2**(k/2)); the grid is extended from there
+CENTRE_K = {128: 10, 4096: 15}
 BASE_WIDTH = 32
 EMB_LR0 = 0.02          # centre of the embedding-LR grid: lr_emb = EMB_LR0 * 2**(k/2)
 HIDDEN_LR0 = {"adamw": 1e-2, "adamh": 0.05}   # hidden/output LR at BASE_WIDTH (AdamW x BASE_WIDTH/width,
                                               # AdamH's hyperball x (BASE_WIDTH/width)^(1/2))
+EVAL_WINDOWS = 128      # validation windows (fixed, the same for every config of a V)
 FIELDS = ["optim", "width", "V", "seed", "k", "lr_embedding", "lr_hidden", "N", "D", "steps",
           "train_loss", "loss", "seconds"]
 
@@ -156,21 +182,30 @@ def batches(ids, steps, batch, seq, seed):
     return starts
 
 
-def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, layers):
+def nominal_hidden(optim, width):
+    """The muP hidden LR: AdamW x 32/width, AdamH's hyperball matrices x (32/width)^(1/2)."""
+    return HIDDEN_LR0[optim] * (BASE_WIDTH / width) ** (0.5 if optim == "adamh" else 1.0)
+
+
+def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, layers, hidden_factor=1.0):
     torch.manual_seed(seed)
     model = TinyLM(V, width, layers, seq)
     lr_e = EMB_LR0 * 2 ** (k / 2)
-    h0 = HIDDEN_LR0[optim]
+    h0 = HIDDEN_LR0[optim] * hidden_factor
     opt_cls = lvopt.AdamH if optim == "adamh" else lvopt.AdamW
     lrs = {"embedding": lr_e, "hidden": h0, "output": HIDDEN_LR0["adamw"], "vector": HIDDEN_LR0["adamw"]}
     wd = {"embedding": 0.0, "hidden": 0.0, "output": 0.0, "vector": 0.0}
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")   # V < 16 x width at V = 128: the small-V end is the point
         opt = from_model(opt_cls, model, lr=lrs, base_width=BASE_WIDTH, rule="mup",
                          weight_decay=wd, overrides={"lm_head.weight": "output", "pos": "vector"},
                          allow_smaller_width=True)
     lr_h = opt.scaling_plan.role_lr("hidden")
+    # the corrected rule, checked: hidden x 32/width (AdamW) or x (32/width)^(1/2) (AdamH's
+    # hyperball), output x 32/width, embedding unscaled
+    assert abs(lr_h / (nominal_hidden(optim, width) * hidden_factor) - 1) < 1e-9, (lr_h, optim, width)
+    assert abs(opt.scaling_plan.role_lr("output") / (HIDDEN_LR0["adamw"] * BASE_WIDTH / width) - 1) < 1e-9
     assert abs(opt.scaling_plan.role_lr("embedding") - lr_e) < 1e-12
     base = [g["lr"] for g in opt.param_groups]
     starts = batches(ids_tr, steps, batch, seq, seed)
@@ -178,12 +213,13 @@ def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, la
     ar = torch.arange(seq + 1)
     warm = max(1, steps // 10)
     t0 = time.time()
-    tl = []
+    tl, distinct = [], []
     for s in range(steps):
         f = min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
         w = t_ids[torch.from_numpy(starts[s]).unsqueeze(1) + ar]
+        distinct.append(int(w[:, :-1].unique().numel()))
         logits = model(w[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, V), w[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -192,9 +228,9 @@ def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, la
         tl.append(loss.item())
         if not math.isfinite(tl[-1]):
             break
-    # validation: fixed windows, same for every config of this V
+    # validation: fixed windows, the same for every config of this V
     g = np.random.default_rng(7)
-    vs = g.integers(0, len(ids_va) - seq - 1, size=min(64, max(8, len(ids_va) // seq)))
+    vs = g.integers(0, len(ids_va) - seq - 1, size=min(EVAL_WINDOWS, max(8, len(ids_va) // seq)))
     v_ids = torch.from_numpy(ids_va.astype(np.int64))
     with torch.no_grad():
         vl = []
@@ -203,12 +239,104 @@ def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, la
             vl.append(F.cross_entropy(model(w[:, :-1]).reshape(-1, V), w[:, 1:].reshape(-1)).item())
     val = float(np.mean(vl)) if all(math.isfinite(x) for x in tl) else math.nan
     N = sum(p.numel() for p in model.parameters())
-    return dict(optim=optim, width=width, V=V, seed=seed, k=k, lr_embedding=lr_e, lr_hidden=lr_h, N=N,
-                D=steps * batch * seq, steps=steps, train_loss=float(np.mean(tl[-max(1, steps // 10):])),
-                loss=val, seconds=round(time.time() - t0, 2))
+    r = dict(optim=optim, width=width, V=V, seed=seed, k=k, lr_embedding=lr_e, lr_hidden=lr_h, N=N,
+             D=steps * batch * seq, steps=steps, train_loss=float(np.mean(tl[-max(1, steps // 10):])),
+             loss=val, seconds=round(time.time() - t0, 2))
+    return r, float(np.mean(distinct))
 
 
 # ---------------------------------------------------------------------------- sweep
+
+class _DryRun(Exception):
+    pass
+
+
+class Sweep:
+    """Runs on demand: ``ensure`` returns a finished run's loss from the csv or runs it."""
+
+    def __init__(self, a, P):
+        self.a, self.P, self.out = a, P, a.out
+        self.rows = []
+        if os.path.exists(self.out) and os.path.getsize(self.out) > 0:
+            with open(self.out, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+        self.data = {}
+        self.t_start, self.n_new = time.time(), 0
+
+    def ids(self, V):
+        if V not in self.data:
+            self.data[V] = tokenize(self.a.corpus, V, self.a.cache, self.a.max_chars)
+            t, v = self.data[V]
+            print(f"lv_rule: V={V}: {len(t)} train tokens, {len(v)} val tokens", flush=True)
+        return self.data[V]
+
+    def find(self, optim, width, V, seed, k, hf):
+        lr_h = nominal_hidden(optim, width) * hf
+        for r in self.rows:
+            if (r["optim"], int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"]), int(r["steps"])) == \
+                    (optim, width, V, seed, k, self.P["steps"]) and abs(float(r["lr_hidden"]) / lr_h - 1) < 1e-6:
+                return r
+        return None
+
+    def ensure(self, optim, width, V, seed, k, hf=1.0):
+        r = self.find(optim, width, V, seed, k, hf)
+        if r is not None:
+            return float(r["loss"])
+        if self.a.dry_run:
+            raise _DryRun((optim, width, V, seed, k, hf))
+        P = self.P
+        r, distinct = run_one(P, *self.ids(V), optim, width, V, seed, k, P["steps"], P["batch"], P["seq"],
+                              P["layers"], hf)
+        new = not os.path.exists(self.out) or os.path.getsize(self.out) == 0
+        with open(self.out, "a", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                wr.writeheader()
+            wr.writerow(r)
+        self.rows.append({k_: str(v) for k_, v in r.items()})
+        self.n_new += 1
+        el = time.time() - self.t_start
+        print(f"[{self.n_new}] {optim} width={width} V={V} seed={seed} k={k} lr_emb={r['lr_embedding']:.4g} "
+              f"lr_hid={r['lr_hidden']:.3g} val={r['loss']:.4f} train={r['train_loss']:.4f} "
+              f"distinct/step={distinct:.0f} ({r['seconds']:.1f}s, elapsed {el / 60:.1f} min)", flush=True)
+        return float(r["loss"])
+
+    def mean_loss(self, optim, width, V, k, seeds, hf=1.0):
+        ls = [self.ensure(optim, width, V, s, k, hf) for s in seeds]
+        return float(np.mean([x if math.isfinite(x) else 1e9 for x in ls]))
+
+    def emb_grid(self, optim, width, V, seeds, centre, hf=1.0):
+        """The embedding-LR grid (k = centre-2 .. centre+2 to start), extended one point at a time
+        until the best point has two grid points on each side: first on the first seed alone (cheap
+        while the first guess is off), then on the mean of all seeds. Returns {k: mean loss}."""
+        for ss in ([seeds[0]], seeds) if len(seeds) > 1 else (seeds,):
+            grid = {k: self.mean_loss(optim, width, V, k, ss, hf) for k in range(centre - 2, centre + 3)}
+            for _ in range(12):
+                best = min(grid, key=grid.get)
+                lo, hi = min(grid), max(grid)
+                if best - lo < 2:
+                    grid[lo - 1] = self.mean_loss(optim, width, V, lo - 1, ss, hf)
+                elif hi - best < 2:
+                    grid[hi + 1] = self.mean_loss(optim, width, V, hi + 1, ss, hf)
+                else:
+                    break
+            centre = min(grid, key=grid.get)   # the all-seed pass starts at the first seed's best +- 2
+        return grid
+
+    def config(self, optim, width, V, seeds, ks=None, hidden_check=False):
+        """The embedding-LR optimum at the muP hidden LR (bracketed, or the fixed grid ``ks``);
+        then optionally the hidden-LR check: x 1/2 and x 2 at the best embedding point."""
+        if ks is not None:
+            for s in seeds:
+                for k in ks:
+                    self.ensure(optim, width, V, s, k)
+            return
+        grid = self.emb_grid(optim, width, V, seeds, CENTRE_K[V])
+        best = min(grid, key=grid.get)
+        if hidden_check:
+            for hf in (0.5, 2.0):
+                self.mean_loss(optim, width, V, best, seeds, hf)
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,64 +346,31 @@ def main(argv=None):
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
     ap.add_argument("--max-chars", type=int, default=3_000_000, help="use only this many corpus characters")
     ap.add_argument("--threads", type=int, default=1)
-    for key in ("widths", "vocabs", "seeds", "ks"):
-        ap.add_argument(f"--{key}", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    ap.add_argument("--optims", type=lambda s: s.split(","), default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
+    ap.add_argument("--parts", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="only these parts of the preset (0-based)")
+    ap.add_argument("--dry-run", action="store_true", help="per configuration, the next run the csv does not "
+                    "hold yet (optim, width, V, seed, k, hidden factor); runs nothing")
     a = ap.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads)
     try:
-        return _sweep(a)
+        P = PRESETS[a.preset]
+        sw = Sweep(a, P)
+        print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
+        for i, part in enumerate(P["parts"]):
+            if a.parts is not None and i not in a.parts:
+                continue
+            for o in part["optims"]:
+                for V in part["vocabs"]:
+                    for w in part["widths"]:
+                        try:
+                            sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False))
+                        except _DryRun as e:   # the next run this configuration needs (adaptive grids
+                            print("next:", *e.args, flush=True)   # decide the rest from its loss)
+        print(f"lv_rule: done, {sw.n_new} new runs, {(time.time() - sw.t_start) / 60:.1f} min", flush=True)
+        return 0
     finally:
         torch.set_num_threads(threads)  # leave the caller's setting as it was (tests call main)
-
-
-def _sweep(a) -> int:
-    P = dict(PRESETS[a.preset])
-    for key in ("widths", "vocabs", "seeds", "ks", "optims", "steps"):
-        if getattr(a, key) is not None:
-            P[key] = getattr(a, key)
-            P.pop("parts", None)   # an explicit grid replaces the preset's parts
-    done = set()
-    if os.path.exists(a.out):
-        with open(a.out, newline="") as f:
-            for r in csv.DictReader(f):
-                done.add((r["optim"], int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"]), int(r["steps"])))
-    # order: seed-major within each part, so that a partial sweep has complete first-seed grids
-    todo = []
-    for part in P.get("parts", [{}]):
-        G = {**P, **part}
-        todo += [(o, w, V, s, k) for s in G["seeds"] for V in G["vocabs"] for o in G["optims"]
-                 for w in G["widths"] for k in G["ks"]
-                 if (o, w, V, s, k, P["steps"]) not in done and (o, w, V, s, k) not in todo]
-    P["vocabs"] = sorted({t[2] for t in todo} | set(P.get("vocabs", [])))
-    total = len(todo) + sum(1 for d in done if d[5] == P["steps"])
-    print(f"lv_rule: {len(todo)} runs to do, {total - len(todo)} already in {a.out}", flush=True)
-    if a.dry_run:
-        for t in todo:
-            print(t)
-        return 0
-    data = {V: tokenize(a.corpus, V, a.cache, a.max_chars) for V in sorted(set(P["vocabs"]))}
-    for V, (t, v) in data.items():
-        print(f"lv_rule: V={V}: {len(t)} train tokens, {len(v)} val tokens", flush=True)
-    new = not os.path.exists(a.out) or os.path.getsize(a.out) == 0
-    t_start = time.time()
-    with open(a.out, "a", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            wr.writeheader()
-        for i, (o, w, V, s, k) in enumerate(todo):
-            r = run_one(P, *data[V], o, w, V, s, k, P["steps"], P["batch"], P["seq"], P["layers"])
-            wr.writerow(r)
-            f.flush()
-            el = time.time() - t_start
-            eta = el / (i + 1) * (len(todo) - i - 1)
-            print(f"[{i + 1}/{len(todo)}] {o} width={w} V={V} seed={s} k={k} lr_emb={r['lr_embedding']:.4g} "
-                  f"val={r['loss']:.4f} ({r['seconds']:.1f}s)  elapsed {el / 60:.1f} min, ETA {eta / 60:.1f} min",
-                  flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ and launches whose grids depend on N (the number of ids) only, never on the data
   _stats_kernel          1 program (track): the rows' telemetry sums in row order
   _finish_kernel         1 program: step count += 1 unless the error word is set
 
+flags (the CUDA op's): SPARSE_COALESCED (the ids are sorted and distinct) makes the plan two
+aranges and a fill (no sort, _runs_kernel, cumsum, _offsets_kernel or pieces); SPARSE_RING (a
+RingClock's device ring, lvopt/sparse.py) makes _setup_kernel append the step's history row and
+the kernels index the history modulo its rows. A hyper row on the param's device is read by
+_setup_kernel (HYPER_DEV), so that nothing a replayed launch takes by value changes between
+steps.
+
 Without an error word (a direct call) the op raises for bad ids or a stale clock, with the CPU
 op's messages, which needs host reads (_raise_for_indices, _raise_for_clock).
 
@@ -53,7 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import BETA1, BETA2, EPS, HIST_COLS, HIST_SERIES, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
+from .._layout import (BETA1, BETA2, EPS, HIST_COLS, HIST_SERIES, HYPER_COLS, LR, MAXIMIZE, SPARSE_COALESCED,
+                       SPARSE_RING, WEIGHT_DECAY)
 from . import _common as C
 from .fused_adamw import _coef, _store_param, _store_state, _track_sums, adamw_math, launch_options
 
@@ -63,6 +71,7 @@ from .fused_adamw import _coef, _store_param, _store_state, _track_sums, adamw_m
 # Columns of the per-row catch-up table (CatchupRow): P, b1k, b2k, M0..M3, N1..N4, fwd_v, rev_v.
 CR_COLS = 13
 # The error word's codes (lvopt/_layout.py ERR_IDS = 1, ERR_CLOCK = 2) are literals in the kernels.
+# The ops' flags bits: lvopt/_layout.py SPARSE_COALESCED, SPARSE_RING.
 # Whether the row kernel runs catchup_element_loop for the elements between the series (a test
 # turns it off to show that those elements need it).
 WINDOW_LOOP = True
@@ -231,10 +240,15 @@ def _powi(b, n):
 
 
 @triton.jit
-def _setup_kernel(step_ptr, lo_ptr, hi_ptr, err_ptr, info_ptr, coef_ptr, n_ids, num_rows, hist_base, hist_rows,
-                  lr_b, b1_b, b2_b, wd_b, eps_b, sign, STEP_OP: tl.constexpr, EXACT: tl.constexpr):
+def _setup_kernel(step_ptr, lo_ptr, hi_ptr, err_ptr, info_ptr, coef_ptr, clk_ptr, hyper_ptr, hist_ptr, qpow_ptr,
+                  n_ids, num_rows, hist_base, hist_rows, ring, epoch, qcols, lr_b, b1_b, b2_b, wd_b, eps_b, sign,
+                  STEP_OP: tl.constexpr, EXACT: tl.constexpr, HYPER_DEV: tl.constexpr, RING: tl.constexpr):
     """One program: the error word for the ids' range, the step count, info = (target step,
-    new last step), and the step's coefficients [9] (fused_adamw._coef's layout)."""
+    new last step), the step's coefficients [9] (fused_adamw._coef's layout), and in exact
+    mode clk = (beta1, beta2, eps as fp32) for the scalars kernel and, with a ring history
+    (RING), the step's history row (RowClock.append's formula, fp64; appended here so that a
+    captured step appends at each replay). HYPER_DEV: the hyper row is read at hyper_ptr (a
+    device row), else the *_b arguments carry its values."""
     if n_ids > 0:
         lo = tl.load(lo_ptr)
         hi = tl.load(hi_ptr)
@@ -252,13 +266,35 @@ def _setup_kernel(step_ptr, lo_ptr, hi_ptr, err_ptr, info_ptr, coef_ptr, n_ids, 
         target = t.to(tl.int64)
     tl.store(info_ptr, target)
     tl.store(info_ptr + 1, t.to(tl.int64))
-    if EXACT:
-        if (target < hist_base) | (target - hist_base >= hist_rows):
-            tl.atomic_or(err_ptr, 2)
-    if STEP_OP:
+    if HYPER_DEV:
+        lr = tl.load(hyper_ptr + 0)
+        b1 = tl.load(hyper_ptr + 1)
+        b2 = tl.load(hyper_ptr + 2)
+        wd = tl.load(hyper_ptr + 3)
+        eps = tl.load(hyper_ptr + 4)
+        sgn = tl.where(tl.load(hyper_ptr + 5) != 0.0, -1.0, 1.0).to(tl.float32)
+    else:
         lr = _f64(lr_b)
         b1 = _f64(b1_b)
         b2 = _f64(b2_b)
+        wd = _f64(wd_b)
+        eps = _f64(eps_b)
+        sgn = sign
+    if EXACT:
+        tl.store(clk_ptr, b1)
+        tl.store(clk_ptr + 1, b2)
+        tl.store(clk_ptr + 2, eps.to(tl.float32).to(tl.float64))
+        if RING:
+            if target < hist_base:
+                tl.atomic_or(err_ptr, 2)
+        else:
+            if (target < hist_base) | (target - hist_base >= hist_rows):
+                tl.atomic_or(err_ptr, 2)
+        if RING:
+            if STEP_OP:
+                if tl.load(err_ptr) == 0:
+                    _append_history(hist_ptr, qpow_ptr, target + 1, hist_base, ring, epoch, qcols, lr, wd, b1, b2)
+    if STEP_OP:
         ti = t.to(tl.int64)
         bc1 = 1.0 - _powi(b1, ti)
         bc2 = 1.0 - _powi(b2, ti)
@@ -266,13 +302,43 @@ def _setup_kernel(step_ptr, lo_ptr, hi_ptr, err_ptr, info_ptr, coef_ptr, n_ids, 
         tl.store(coef_ptr + 1, (1.0 - b1).to(tl.float32))
         tl.store(coef_ptr + 2, b2.to(tl.float32))
         tl.store(coef_ptr + 3, (1.0 - b2).to(tl.float32))
-        tl.store(coef_ptr + 4, (1.0 - lr * _f64(wd_b)).to(tl.float32))
+        tl.store(coef_ptr + 4, (1.0 - lr * wd).to(tl.float32))
         tl.store(coef_ptr + 5, (lr / bc1).to(tl.float32))
         tl.store(coef_ptr + 6, (1.0 / tl.sqrt(bc2)).to(tl.float32))
-        tl.store(coef_ptr + 7, _f64(eps_b).to(tl.float32))
-        tl.store(coef_ptr + 8, sign)
+        tl.store(coef_ptr + 7, eps.to(tl.float32))
+        tl.store(coef_ptr + 8, sgn)
     else:
-        tl.store(coef_ptr + 7, _f64(eps_b).to(tl.float32))
+        tl.store(coef_ptr + 7, eps.to(tl.float32))
+
+
+@triton.jit
+def _append_history(hist_ptr, qpow_ptr, t, base, ring, epoch, qcols, lr, wd, b1, b2):
+    """Ring history: the row of step t (csrc/cuda/sparse_rows.cu append_history)."""
+    prev = hist_ptr + ((t - 1 - base) % ring) * 13
+    out = hist_ptr + ((t - base) % ring) * 13
+    b = base + epoch * ((t - 1 - base) // epoch)
+    k = t - b
+    d = 1.0 - lr * wd
+    log_pi = tl.load(prev + 2) + tl.log(d)
+    bc1 = 1.0 - _powi(b1, t)
+    bc2 = 1.0 - _powi(b2, t)
+    sb = tl.sqrt(bc2)
+    scale = tl.exp(tl.load(hist_ptr + ((b - base) % ring) * 13 + 2) - log_pi)
+    lb = lr / bc1
+    i8 = tl.arange(0, 8)
+    # bc2^(h/2) for M_0..M_3 (h = 1..4) and N_1..N_4 (h = 0, -1, -2, -3).
+    pw = tl.where(i8 == 0, sb, tl.where(i8 == 1, bc2, tl.where(i8 == 2, bc2 * sb, tl.where(
+        i8 == 3, bc2 * bc2, tl.where(i8 == 4, 1.0, tl.where(i8 == 5, 1.0 / sb, tl.where(
+            i8 == 6, 1.0 / bc2, 1.0 / (bc2 * sb))))))))
+    qk = tl.load(qpow_ptr + i8 * qcols + k + epoch)
+    prev_s = tl.where(t - 1 > b, tl.load(prev + 5 + i8), 0.0)
+    series = prev_s + lb * pw * qk * scale
+    tl.store(out + 0, lr)
+    tl.store(out + 1, d)
+    tl.store(out + 2, log_pi)
+    tl.store(out + 3, lb * sb)
+    tl.store(out + 4, sb)
+    tl.store(out + 5 + i8, series)
 
 
 @triton.jit
@@ -311,7 +377,7 @@ def _offsets_kernel(sorted_ptr, starts_ptr, run_ptr, rows_ptr, offsets_ptr, num_
 
 @triton.jit
 def _scalars_kernel(rows_ptr, num_runs_ptr, last_ptr, info_ptr, err_ptr, hist_ptr, qpow_ptr, row_last_ptr, cr_ptr,
-                    base, epoch, window, qcols, b1_b, b2_b, eps_b):
+                    clk_ptr, base, epoch, window, qcols, ring):
     """Exact mode, one program per distinct row k (programs past U return): its last step s,
     the clock check (s in [base, target], else ERR_CLOCK), and when it is behind its catch-up
     scalars (sparse_clock.h Clock::row, fp64) into cr[k]."""
@@ -321,14 +387,17 @@ def _scalars_kernel(rows_ptr, num_runs_ptr, last_ptr, info_ptr, err_ptr, hist_pt
             c = tl.load(info_ptr)
             s = tl.load(last_ptr + tl.load(rows_ptr + k))
             tl.store(row_last_ptr + k, s)
-            if (s < base) | (s > c):
+            # A ring history must still hold the row's epoch start (and not have reused its slot
+            # for the step this call appended); ring = 2**62 without one.
+            lost = c + 1 - (base + epoch * ((s - base) // epoch)) >= ring
+            if (s < base) | (s > c) | lost:
                 tl.atomic_or(err_ptr, 2)
             elif s < c:
-                b1 = _f64(b1_b)
-                b2 = _f64(b2_b)
-                eps = _f64(eps_b)
-                log_pi_c = tl.load(hist_ptr + (c - base) * 13 + 2)
-                P = tl.exp(log_pi_c - tl.load(hist_ptr + (s - base) * 13 + 2))
+                b1 = tl.load(clk_ptr)
+                b2 = tl.load(clk_ptr + 1)
+                eps = tl.load(clk_ptr + 2)
+                log_pi_c = tl.load(hist_ptr + ((c - base) % ring) * 13 + 2)
+                P = tl.exp(log_pi_c - tl.load(hist_ptr + ((s - base) % ring) * 13 + 2))
                 b1k = _powi(b1, c - s)
                 b2k = _powi(b2, c - s)
                 i8 = tl.arange(0, 8)
@@ -341,17 +410,17 @@ def _scalars_kernel(rows_ptr, num_runs_ptr, last_ptr, info_ptr, err_ptr, hist_pt
                     x = s
                     while x < yend:
                         ye = tl.minimum(b + epoch, yend)
-                        scale = tl.exp(log_pi_c - tl.load(hist_ptr + (b - base) * 13 + 2))
-                        hy = tl.load(hist_ptr + (ye - base) * 13 + 5 + i8)
-                        hx = tl.load(hist_ptr + (x - base) * 13 + 5 + i8)
+                        scale = tl.exp(log_pi_c - tl.load(hist_ptr + ((b - base) % ring) * 13 + 2))
+                        hy = tl.load(hist_ptr + ((ye - base) % ring) * 13 + 5 + i8)
+                        hx = tl.load(hist_ptr + ((x - base) % ring) * 13 + 5 + i8)
                         if x <= b:
                             hx = hx * 0.0
                         q = tl.load(qpow_ptr + i8 * qcols + (b - s) + epoch)
                         S = S + scale * q * (hy - hx)
                         x = ye
                         b = b + epoch
-                    a_min = tl.load(hist_ptr + (s + 1 - base) * 13 + 4) / tl.sqrt(b2)
-                    a_max = tl.load(hist_ptr + (yend - base) * 13 + 4) / tl.sqrt(_powi(b2, yend - s))
+                    a_min = tl.load(hist_ptr + ((s + 1 - base) % ring) * 13 + 4) / tl.sqrt(b2)
+                    a_max = tl.load(hist_ptr + ((yend - base) % ring) * 13 + 4) / tl.sqrt(_powi(b2, yend - s))
                     fwd = 100.0 * eps * a_max
                     rev = eps * a_min / 100.0
                     fwd_v = (fwd * fwd).to(tl.float32)
@@ -366,8 +435,17 @@ def _scalars_kernel(rows_ptr, num_runs_ptr, last_ptr, info_ptr, err_ptr, hist_pt
 
 
 @triton.jit
-def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols,
-                  LOOP: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hrow(j, base, ring, RING: tl.constexpr):
+    """The history row of step j: j - base, modulo the ring's rows with a ring history (a
+    constexpr, so that the kernels without one compile as they did)."""
+    if RING:
+        return (j - base) % ring
+    return j - base
+
+
+@triton.jit
+def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, ring,
+                  LOOP: tl.constexpr, BLOCK_D: tl.constexpr, RING: tl.constexpr):
     """math.h catchup_element_fast, and catchup_element_loop (terms from Clock::term, fp64) for
     the tile's elements with v between rev_v and fwd_v."""
     P = tl.load(cr_ptr + 0)
@@ -403,10 +481,10 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base
             rd = tl.sqrt(vi.to(tl.float64))
             e64 = ceps.to(tl.float64) / rd
             acc = tl.zeros((BLOCK_D,), tl.float64)
-            log_pi_c = tl.load(hist_ptr + (c - base) * 13 + 2)
+            log_pi_c = tl.load(hist_ptr + _hrow(c, base, ring, RING) * 13 + 2)
             yend = tl.minimum(c, s + window)
             for j in range(s + 1, yend + 1):
-                h = hist_ptr + (j - base) * 13
+                h = hist_ptr + _hrow(j, base, ring, RING) * 13
                 q0 = tl.load(qpow_ptr + (j - s) + epoch)
                 wj = tl.exp(log_pi_c - tl.load(h + 2)) * tl.load(h + 3) * q0
                 aj = tl.load(h + 4) * tl.load(qpow_ptr + qcols + (j - s) + epoch) / q0
@@ -418,9 +496,9 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base
 
 @triton.jit
 def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, coef_ptr, cr_ptr, ceps,
-              behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, HAS_GRAD: tl.constexpr,
+              behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, ring, HAS_GRAD: tl.constexpr,
               EXACT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, LOOP: tl.constexpr,
-              SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr):
+              SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr, RING: tl.constexpr):
     """One tile of a row: [exact: catch-up if behind], [AdamW step], stores; returns the tile's
     fp64 (sum W^2, sum dW^2) (unused values cost nothing)."""
     pi = _load(p + offs, mask, MASKED).to(tl.float32)
@@ -430,7 +508,7 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, 
     if EXACT:
         if behind:
             pi, mi, vi = _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base, epoch,
-                                       window, qcols, LOOP, BLOCK_D)
+                                       window, qcols, ring, LOOP, BLOCK_D, RING)
     if HAS_GRAD:
         b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, 0)
         if SPLIT:
@@ -464,9 +542,10 @@ def _row_has_mid(v, d, cr_ptr, BLOCK_D: tl.constexpr):
 @triton.jit
 def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offsets_ptr, num_runs_ptr, err_ptr,
                        info_ptr, coef_ptr, row_last_ptr, last_ptr, cr_ptr, hist_ptr, qpow_ptr, partial_ptr, part_ptr,
-                       part_start_ptr, loop_ptr, d, base, epoch, window, qcols, HAS_GRAD: tl.constexpr,
+                       part_start_ptr, loop_ptr, d, base, epoch, window, qcols, ring, HAS_GRAD: tl.constexpr,
                        EXACT: tl.constexpr, TRACK: tl.constexpr, ALIGNED: tl.constexpr, DEFER: tl.constexpr,
-                       LOOP_LIST: tl.constexpr, SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr):
+                       LOOP_LIST: tl.constexpr, SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr,
+                       RING: tl.constexpr = False):
     """One distinct row per program (programs past U, or all of them when the error word is
     set, return): [exact: catch-up if behind] then [HAS_GRAD: AdamW step with the row's summed
     gradient]; TRACK: the row's fp64 (sum W^2, sum dW^2), tiles added in order. Full tiles
@@ -529,14 +608,15 @@ def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offset
                     offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
                     a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs,
                                      offs < d, coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch,
-                                     window, qcols, HAS_GRAD, EXACT, ALIGNED, False, LOOP_LIST, SPLIT, RUN, BLOCK_D)
+                                     window, qcols, ring, HAS_GRAD, EXACT, ALIGNED, False, LOOP_LIST, SPLIT, RUN,
+                                     BLOCK_D, RING)
                     if TRACK:
                         ww += a
                         dd += b
                 offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
                 a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, offs < d,
                                  coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols,
-                                 HAS_GRAD, EXACT, ALIGNED, True, LOOP_LIST, SPLIT, RUN, BLOCK_D)
+                                 ring, HAS_GRAD, EXACT, ALIGNED, True, LOOP_LIST, SPLIT, RUN, BLOCK_D, RING)
                 if TRACK:
                     tl.store(partial_ptr + 2 * k + 0, ww + a)
                     tl.store(partial_ptr + 2 * k + 1, dd + b)
@@ -611,10 +691,14 @@ def _check_table(op, param, exp_avg, exp_avg_sq, step, hyper) -> list:
     if not (step.numel() == 1 and step.dtype in (torch.float32, torch.float64)
             and (step.device.type == "cpu" or step.device == param.device)):
         _fail(f"{op}: step must be a one-element float32/float64 tensor on the CPU or the param's device")
-    if not (hyper.device.type == "cpu" and hyper.dtype == torch.float64 and hyper.dim() == 2
-            and tuple(hyper.shape) == (1, HYPER_COLS) and hyper.is_contiguous()):
-        _fail(f"{op}: hyper must be a contiguous CPU float64 tensor of shape [1, {HYPER_COLS}], got "
-              f"{hyper.dtype} {list(hyper.shape)}")
+    if not ((hyper.device.type == "cpu" or hyper.device == param.device) and hyper.dtype == torch.float64
+            and hyper.dim() == 2 and tuple(hyper.shape) == (1, HYPER_COLS) and hyper.is_contiguous()):
+        _fail(f"{op}: hyper must be a contiguous float64 tensor of shape [1, {HYPER_COLS}] on the CPU or the "
+              f"param's device, got {hyper.dtype} {list(hyper.shape)} on {hyper.device}")
+    if hyper.device.type != "cpu":
+        # A device row (a captured step's) is read by the kernels only; it was checked where it was
+        # built (lvopt/optim.py). Valid placeholders stand in for the checks below.
+        return [0.5, 0.5, 0.5, 0.0, 0.5, 0.0]
     row = hyper.tolist()[0]
     if not (math.isfinite(row[LR]) and row[LR] >= 0.0):
         _fail(f"{op}: lr must be finite and >= 0, got {row[LR]}")
@@ -648,6 +732,25 @@ def _check_clock(op, param, last_step, hist, qpow, row, hist_base, epoch, window
               f"{list(qpow.shape)}")
     if not row[BETA2] > 0.0:
         _fail(f"{op}: exact mode needs beta2 > 0")
+
+
+def _check_flags(op, flags, exact, param, hist, error) -> bool:
+    """The ops' ``flags`` (csrc/cuda/sparse_rows.cu check_flags); returns whether the history is
+    a ring."""
+    if flags & ~(SPARSE_COALESCED | SPARSE_RING):
+        _fail(f"{op}: flags must be a combination of {SPARSE_COALESCED} (coalesced ids) and {SPARSE_RING} (ring "
+              f"history), got {flags}")
+    if not flags & SPARSE_RING:
+        return False
+    if not exact:
+        _fail(f"{op}: flags has the ring-history bit ({SPARSE_RING}) but exact is false")
+    if not (hist.device == param.device and hist.shape[0] >= 2):
+        _fail(f"{op}: a ring history (flags {SPARSE_RING}) must be on {param.device} with at least 2 rows, got "
+              f"{list(hist.shape)} on {hist.device}")
+    if error is None:
+        _fail(f"{op}: a ring history (flags {SPARSE_RING}) needs an error word (its coverage is checked on the "
+              f"device)")
+    return True
 
 
 def _check_rows_clock(op, last_rows: torch.Tensor, rows: torch.Tensor, hist_base, hist_rows, target) -> None:
@@ -688,12 +791,17 @@ def _grid(n: int, per: int = 1) -> tuple:
     return (max(1, (n + per - 1) // per),)
 
 
-def _plan(idx: torch.Tensor):
+def _plan(idx: torch.Tensor, coalesced: bool = False):
     """(perm, rows, offsets, num_runs) of N ids on their device, sized by N: the input positions
     sorted stably by id (duplicates in input order), the distinct rows (the first U entries),
-    each row's span [offsets[k], offsets[k+1]) of perm, and U as a one-element device tensor."""
+    each row's span [offsets[k], offsets[k+1]) of perm, and U as a one-element device tensor.
+    ``coalesced`` (flags SPARSE_COALESCED: the ids are sorted and distinct): each id is its own
+    run, and the plan is three fills, with no sort."""
     n = idx.numel()
     dev = idx.device
+    if coalesced:
+        return (torch.arange(n, dtype=torch.int64, device=dev), idx.contiguous(),
+                torch.arange(n + 1, dtype=torch.int64, device=dev), torch.full((1,), n, dtype=torch.int64, device=dev))
     sorted_idx, perm = torch.sort(idx, stable=True)
     starts = torch.empty(n, dtype=torch.int64, device=dev)
     rows = torch.empty(n, dtype=torch.int64, device=dev)
@@ -707,20 +815,30 @@ def _plan(idx: torch.Tensor):
     return perm.contiguous(), rows, offsets, num_runs
 
 
-def _setup(idx, num_rows, step, row, err, step_op: bool, exact: bool, hist_base: int, hist_rows: int):
-    """(info [2] int64, coef [9] fp32) on the device: see _setup_kernel."""
+NO_RING = 1 << 62  # the `ring` of a history that is not one: (j - base) % NO_RING = j - base
+
+
+def _setup(idx, num_rows, step, row, hyper, err, step_op: bool, exact: bool, hist_base: int, hist_rows: int,
+           hist=None, qpow=None, epoch: int = 1, ring: bool = False):
+    """(info [2] int64, coef [9] fp32, clk [3] fp64) on the device: see _setup_kernel. The hyper
+    row is read by the kernel where it lives when it is on the param's device (``hyper``; its
+    host values ``row`` then serve the checks only), else passed by value."""
     dev = idx.device
     info = torch.empty(2, dtype=torch.int64, device=dev)
     coef = torch.zeros(9, dtype=torch.float32, device=dev)
+    clk = torch.zeros(3, dtype=torch.float64, device=dev)
     n = idx.numel()
     if n:
         lo, hi = torch.aminmax(idx)
     else:
         lo = hi = info
-    launch(_setup_kernel, (1,), step, lo, hi, err, info, coef, n, num_rows, hist_base, hist_rows,
+    hyper_dev = hyper.device == dev
+    launch(_setup_kernel, (1,), step, lo, hi, err, info, coef, clk, hyper if hyper_dev else clk,
+           hist if ring else clk, qpow if ring else clk, n, num_rows, hist_base, hist_rows,
+           hist_rows if ring else NO_RING, epoch, qpow.shape[1] if ring else 0,
            _bits(row[LR]), _bits(row[BETA1]), _bits(row[BETA2]), _bits(row[WEIGHT_DECAY]), _bits(row[EPS]),
-           -1.0 if row[MAXIMIZE] else 1.0, STEP_OP=step_op, EXACT=exact)
-    return info, coef
+           -1.0 if row[MAXIMIZE] else 1.0, STEP_OP=step_op, EXACT=exact, HYPER_DEV=hyper_dev, RING=ring)
+    return info, coef, clk
 
 
 def _device_step(step: torch.Tensor, dev) -> torch.Tensor:
@@ -730,25 +848,26 @@ def _device_step(step: torch.Tensor, dev) -> torch.Tensor:
 
 
 def _rows_launch(param, vals, exp_avg, exp_avg_sq, plan, err, info, coef, clock, partial, has_grad, exact, track,
-                 hist_base, epoch, window):
-    """The exact-mode scalars kernel, then the row kernel, over N programs each."""
+                 hist_base, epoch, window, coalesced=False):
+    """The exact-mode scalars kernel, then the row kernel, over N programs each. ``clock``:
+    (last_step, hist, qpow, clk, ring rows or NO_RING)."""
     perm, rows, offsets, num_runs = plan
     n = rows.numel()
     dev = param.device
     d = param.shape[1]
-    last_step, hist, qpow, b1, b2, eps32 = clock if exact else (None,) * 6
+    last_step, hist, qpow, clk, ring = clock if exact else (None, None, None, None, NO_RING)
     if exact:
         row_last = torch.empty(n, dtype=torch.int64, device=dev)
         cr = torch.empty(n, CR_COLS, dtype=torch.float32, device=dev)
         qcols = qpow.shape[1]
-        launch(_scalars_kernel, _grid(n), rows, num_runs, last_step, info, err, hist, qpow, row_last, cr,
-               hist_base, epoch, window, qcols, _bits(b1), _bits(b2), _bits(eps32))
+        launch(_scalars_kernel, _grid(n), rows, num_runs, last_step, info, err, hist, qpow, row_last, cr, clk,
+               hist_base, epoch, window, qcols, ring)
     else:
         row_last = last_step = cr = hist = qpow = info
         qcols = 0
     aligned = _aligned(d, param.dtype, param, vals, exp_avg, exp_avg_sq)
     part, part_start = info, info
-    pieces = _max_pieces(n) if has_grad else 0
+    pieces = _max_pieces(n) if has_grad and not coalesced else 0
     if pieces:
         # Rows given more than RUN times (the head of a Zipf batch) are summed in pieces of RUN
         # rows by programs of their own (as csrc/cuda/sparse_rows.cu does); the row's program
@@ -763,8 +882,8 @@ def _rows_launch(param, vals, exp_avg, exp_avg_sq, plan, err, info, coef, clock,
     defer = exact and WINDOW_LOOP
     loop = torch.zeros(n + 1, dtype=torch.int64, device=dev) if defer else info
     args = (param, exp_avg, exp_avg_sq, vals, rows, perm, offsets, num_runs, err, info, coef, row_last, last_step, cr,
-            hist, qpow, partial, part, part_start, loop, d, hist_base, epoch, window, qcols)
-    flags = dict(HAS_GRAD=has_grad, EXACT=exact, TRACK=track, SPLIT=bool(pieces), RUN=RUN)
+            hist, qpow, partial, part, part_start, loop, d, hist_base, epoch, window, qcols, ring)
+    flags = dict(HAS_GRAD=has_grad, EXACT=exact, TRACK=track, SPLIT=bool(pieces), RUN=RUN, RING=ring != NO_RING)
     launch(sparse_rows_kernel, _grid(n), *args, **flags, ALIGNED=aligned, DEFER=defer, LOOP_LIST=False,
            BLOCK_D=_width_block(d, exact), **launch_options())
     if defer:
@@ -830,13 +949,13 @@ def _(indices, values, num_rows):
 def sparse_adamw_(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, exp_avg: torch.Tensor,
                   exp_avg_sq: torch.Tensor, step: torch.Tensor, last_step: torch.Tensor, hist: torch.Tensor,
                   qpow: torch.Tensor, hyper: torch.Tensor, hist_base: int, epoch: int, window: int, exact: bool,
-                  stats: Optional[torch.Tensor] = None, error: Optional[torch.Tensor] = None) -> None:
+                  stats: Optional[torch.Tensor] = None, error: Optional[torch.Tensor] = None, flags: int = 0) -> None:
     sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base,
-                      epoch, window, exact, stats, error)
+                      epoch, window, exact, stats, error, flags)
 
 
 def sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base,
-                      epoch, window, exact, stats=None, error=None) -> None:
+                      epoch, window, exact, stats=None, error=None, flags=0) -> None:
     """The body of lvopt_triton::sparse_adamw_ (callable on fake tensors, for the tests that
     show the host path reads nothing from the device)."""
     op = "lvopt::sparse_adamw_"
@@ -855,6 +974,7 @@ def sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_st
               f"{stats.dtype} {list(stats.shape)} on {stats.device}")
     if exact:
         _check_clock(op, param, last_step, hist, qpow, row, hist_base, epoch, window)
+    ring = _check_flags(op, flags, exact, param, hist, error)
     if error is None:
         _raise_for_indices(op, indices, param.shape[0])
         if exact:
@@ -864,16 +984,19 @@ def sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_st
     idx = indices.to(dev)
     err = _error_word(error, dev)
     dstep = _device_step(step, dev)
-    info, coef = _setup(idx, param.shape[0], dstep, row, err, True, exact, hist_base, hist.shape[0] if exact else 0)
+    hist_d, qpow_d = (hist.to(dev), qpow.to(dev)) if exact else (None, None)
+    info, coef, clk = _setup(idx, param.shape[0], dstep, row, hyper, err, True, exact, hist_base,
+                             hist.shape[0] if exact else 0, hist_d, qpow_d, epoch, ring)
     n = idx.numel()
     track = stats is not None
     d = param.shape[1]
+    coalesced = bool(flags & SPARSE_COALESCED)
     if n and d:
-        plan = _plan(idx)
+        plan = _plan(idx, coalesced)
         partial = torch.empty(n, 2, dtype=torch.float64, device=dev) if track else info
-        clock = (last_step, hist.to(dev), qpow.to(dev), row[BETA1], row[BETA2], _f32(row[EPS])) if exact else None
+        clock = (last_step, hist_d, qpow_d, clk, hist.shape[0] if ring else NO_RING) if exact else None
         _rows_launch(param, values.contiguous(), exp_avg, exp_avg_sq, plan, err, info, coef, clock, partial, True,
-                     bool(exact), track, hist_base, epoch, window)
+                     bool(exact), track, hist_base, epoch, window, coalesced)
         if track:
             launch(_stats_kernel, (1,), partial, plan[3], err, stats, n, BLOCK=64)
     elif track:
@@ -885,7 +1008,7 @@ def sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_st
 
 @sparse_adamw_.register_fake
 def _(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch, window,
-      exact, stats=None, error=None):
+      exact, stats=None, error=None, flags=0):
     return None
 
 
@@ -894,13 +1017,13 @@ def _(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, 
 def sparse_catchup_(param: torch.Tensor, indices: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                     step: torch.Tensor, last_step: torch.Tensor, hist: torch.Tensor, qpow: torch.Tensor,
                     hyper: torch.Tensor, hist_base: int, epoch: int, window: int,
-                    error: Optional[torch.Tensor] = None) -> None:
+                    error: Optional[torch.Tensor] = None, flags: int = 0) -> None:
     sparse_catchup_impl(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch,
-                        window, error)
+                        window, error, flags)
 
 
 def sparse_catchup_impl(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch,
-                        window, error=None) -> None:
+                        window, error=None, flags=0) -> None:
     """The body of lvopt_triton::sparse_catchup_ (see sparse_adamw_impl)."""
     op = "lvopt::sparse_catchup_"
     row = _check_table(op, param, exp_avg, exp_avg_sq, step, hyper)
@@ -908,25 +1031,28 @@ def sparse_catchup_impl(param, indices, exp_avg, exp_avg_sq, step, last_step, hi
     _check_index_layout(op, indices, dev)
     _check_error(op, error, param)
     _check_clock(op, param, last_step, hist, qpow, row, hist_base, epoch, window)
+    ring = _check_flags(op, flags, True, param, hist, error)
     if error is None:
         _raise_for_indices(op, indices, param.shape[0])
         # host read: the step count, for a call that raises (no error word given).
         _raise_for_clock(op, last_step, indices, hist_base, hist.shape[0], int(float(step)))
     idx = indices.to(dev)
     err = _error_word(error, dev)
-    info, coef = _setup(idx, param.shape[0], _device_step(step, dev), row, err, False, True, hist_base,
-                        hist.shape[0])
+    hist_d, qpow_d = hist.to(dev), qpow.to(dev)
+    info, coef, clk = _setup(idx, param.shape[0], _device_step(step, dev), row, hyper, err, False, True, hist_base,
+                             hist.shape[0], hist_d, qpow_d, epoch, ring)
     if not (idx.numel() and param.shape[1]):
         return
-    plan = _plan(idx)
-    clock = (last_step, hist.to(dev), qpow.to(dev), row[BETA1], row[BETA2], _f32(row[EPS]))
+    coalesced = bool(flags & SPARSE_COALESCED)
+    plan = _plan(idx, coalesced)
+    clock = (last_step, hist_d, qpow_d, clk, hist.shape[0] if ring else NO_RING)
     _rows_launch(param, param, exp_avg, exp_avg_sq, plan, err, info, coef, clock, info, False, True, False,
-                 hist_base, epoch, window)
+                 hist_base, epoch, window, coalesced)
 
 
 @sparse_catchup_.register_fake
 def _(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch, window,
-      error=None):
+      error=None, flags=0):
     return None
 
 
@@ -943,6 +1069,7 @@ def catchup_scalars(last_step, rows, hist, qpow, hyper, hist_base, epoch, window
     num_runs = torch.tensor([n], dtype=torch.int64, device=dev)
     row_last = torch.empty(n, dtype=torch.int64, device=dev)
     cr = torch.zeros(n, CR_COLS, dtype=torch.float32, device=dev)
+    clk = torch.tensor([row[BETA1], row[BETA2], _f32(row[EPS])], dtype=torch.float64, device=dev)
     launch(_scalars_kernel, _grid(n), rows, num_runs, last_step, info, err, hist.to(dev), qpow.to(dev), row_last, cr,
-           hist_base, epoch, window, qpow.shape[1], _bits(row[BETA1]), _bits(row[BETA2]), _bits(_f32(row[EPS])))
+           clk, hist_base, epoch, window, qpow.shape[1], NO_RING)
     return cr

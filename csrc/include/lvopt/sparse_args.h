@@ -113,6 +113,12 @@ inline void check_sparse_adamw_args(const char* op, c10::DeviceType kernel, cons
 constexpr int64_t kErrIds = 1;
 constexpr int64_t kErrClock = 2;
 
+// Bits of the sparse ops' `flags` argument. kFlagCoalesced: the ids are sorted and distinct (a
+// coalesced gradient, a catch-up of listed rows): the GPU ops skip their sort. kFlagRing: `hist`
+// is a device ring the step op appends to (lvopt/sparse.py RingClock; CUDA and Triton only).
+constexpr int64_t kFlagCoalesced = 1;
+constexpr int64_t kFlagRing = 2;
+
 inline void check_sparse_error(const char* op, const std::optional<at::Tensor>& error,
                                const at::Tensor& param) {
   if (!error.has_value()) return;

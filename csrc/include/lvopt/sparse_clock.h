@@ -29,8 +29,15 @@ struct Clock {
   int64_t qcols;
   double beta1, beta2;
   float eps;
+  // 0: hist row i is step base + i (lvopt/sparse.py RowClock). > 0: hist is a ring of `ring`
+  // rows on the device, step j in row (j - base) % ring, appended by the CUDA and Triton step
+  // ops themselves (RingClock, the capturable exact mode); the CPU kernels never get one.
+  int64_t ring = 0;
 
-  LVOPT_HD const double* at(int64_t step) const { return hist + (step - base) * kHistCols; }
+  LVOPT_HD const double* at(int64_t step) const {
+    const int64_t i = step - base;
+    return hist + (ring > 0 ? i % ring : i) * kHistCols;
+  }
 
   // The last step of the window that a catch-up from s to c sums over.
   LVOPT_HD int64_t window_end(int64_t s, int64_t c) const { return c < s + window ? c : s + window; }
