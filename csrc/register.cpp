@@ -3,6 +3,7 @@
 // the same names from csrc/cuda/.
 #include <torch/library.h>
 
+#include "lvopt/sparse_args.h"
 #include "ops.h"
 
 TORCH_LIBRARY(lvopt, m) {
