@@ -87,7 +87,7 @@ if go tests; then
   # crash in one leaves the others' results; TESTS_S is shared among them.
   files=(${TEST_FILES:-tests/test_cuda_sparse_rows.py tests/test_cuda_capture.py tests/test_fused_adamw.py \
       tests/test_fused_adamh.py tests/test_triton_sparse_rows.py tests/test_sparse_capture.py \
-      tests/test_capturable.py tests/test_triton_capturable.py tests/test_sync_free.py \
+      tests/test_capturable.py tests/test_triton_capturable.py tests/test_triton_fast_step.py tests/test_sync_free.py \
       tests/test_optim.py tests/test_bench.py})
   tests_end=$(( $(date +%s) + ${TESTS_S:-150} ))
   for f in "${files[@]}"; do

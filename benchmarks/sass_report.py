@@ -167,6 +167,7 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
     from triton.backends.compiler import GPUTarget
 
     from lvopt.triton import _common as C
+    from lvopt.triton import _plan as P
     from lvopt.triton import fused_adamh as H
     from lvopt.triton import fused_adamw as W
     from lvopt.triton import sparse_rows as S
@@ -195,10 +196,25 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
                       "n_tensors": "i32", **{k: "constexpr" for k in hconst}}, hconst,
                      {(0,): div16, (1,): div16, (2,): div16, (3,): div16}))
     jobs.append(("adamh_finalize_kernel", H.adamh_finalize_kernel,
-                 {"partial_ptr": "*fp64", "chunks_ptr": "*i64", "lr_radius_ptr": "*fp64", "stats_ptr": "*fp64",
-                  "scale_ptr": "*fp32", "RB": "constexpr"}, {"RB": H.REDUCE_BLOCK}, {}))
+                 {"partial_ptr": "*fp64", "chunks_ptr": "*i64", "hyper_ptr": "*fp64", "radius_ptr": "*i64",
+                  "stats_ptr": "*fp64", "scale_ptr": "*fp32", "RB": "constexpr", "RADIUS_TABLE": "constexpr"},
+                 {"RB": H.REDUCE_BLOCK, "RADIUS_TABLE": True}, {}))
     jobs.append(("adamh_scales_kernel", H.adamh_scales_kernel,
-                 {"sums_ptr": "*fp64", "lr_radius_ptr": "*fp64", "scale_ptr": "*fp32"}, {}, {}))
+                 {"sums_ptr": "*fp64", "hyper_ptr": "*fp64", "radius_ptr": "*i64", "scale_ptr": "*fp32",
+                  "RADIUS_TABLE": "constexpr"}, {"RADIUS_TABLE": True}, {}))
+    # The per-step setup (counters and coefficients, SETUP_BLOCK tensors a program) and the
+    # non-finite scan over a launch table (nonfinite="skip"/"raise").
+    for step64 in (False, True):
+        c = {"UNIT_STEP": False, "STEP64": step64, "HAS_FOUND": True, "RB": P.SETUP_BLOCK, "ADVANCE": True}
+        jobs.append((f"adam_setup_kernel<{'fp64' if step64 else 'fp32'} steps>", P.adam_setup_kernel,
+                     {"steps_ptr": "*i64", "hyper_ptr": "*fp64", "coef_ptr": "*fp32", "found_ptr": "*fp32",
+                      "n": "i32", **{k: "constexpr" for k in c}}, c, {}))
+    for dt in ("fp32", "bf16"):
+        c = {"P_DTYPE": getattr(triton.language, {"fp32": "float32", "bf16": "bfloat16"}[dt]), "ALIGNED": True,
+             "CHUNK": C.CHUNK, "BLOCK": C.BLOCK}
+        jobs.append((f"nonfinite_scan_kernel<{dt}>", P.nonfinite_scan_kernel,
+                     {"meta_ptr": "*i64", "found_ptr": "*fp32", "n_tensors": "i32", **{k: "constexpr" for k in c}},
+                     c, {(0,): div16}))
     # Sparse embedding rows: one program per distinct row, 1024-wide tiles of rows whose width
     # is a multiple of 16 bytes (ALIGNED: what a 768-wide fp32/bf16 table gets).
     for dt in ("fp32", "bf16"):

@@ -5,6 +5,10 @@ next-token task. The base LR is the one you would have tuned on a narrow proxy o
 ``--base-width``; ``from_model`` scales it per role to the model's width (read from the
 config) and prints the table of roles and learning rates.
 
+The script passes ``rule="lv"`` explicitly (``--rule``, default ``lv``: the rule it shows);
+the library's default rule is ``mup``, which ``--rule mup`` gives. ``lv`` is an opt-in: the
+sweeps in experiments/lv_rule (REPORT.md) did not support its embedding exponent.
+
     python examples/hf_trainer_lv.py                        # Llama-style, LV rule, AdamW
     python examples/hf_trainer_lv.py --arch gpt2 --optimizer adamh --rule mup
 """

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _backend, _memory, _shards, _validate, checkpoint
+from . import _backend, _fast_step, _memory, _shards, _validate, checkpoint
 from ._layout import HYPER_COLS
 from ._validate import MOMENTS as _MOMENTS
 from ._validate import is_dtensor as _is_dtensor
@@ -61,7 +61,7 @@ class _FusedAdam(torch.optim.Optimizer):
     @classmethod
     def from_model(cls, model: torch.nn.Module, **kwargs):
         """An optimizer for ``model`` whose groups carry per-role learning rates scaled by a
-        width rule (``"lv"``, ``"mup"``, ``"sp"``, ...): see :func:`lvopt.scaling.from_model`."""
+        width rule (``"mup"``, the default; ``"lv"``, ``"sp"``, ...): see :func:`lvopt.scaling.from_model`."""
         from .scaling import from_model
 
         return from_model(cls, model, **kwargs)
@@ -73,6 +73,7 @@ class _FusedAdam(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._fast = None
         group = self.param_groups[-1]
         _validate.check_hyper(group, f"param group {len(self.param_groups) - 1}", self._is_hyperball_group(group))
 
@@ -90,6 +91,7 @@ class _FusedAdam(torch.optim.Optimizer):
         self._skipped_host = 0
         self._tables: dict = {}  # batch key -> (the constant part of its rows, the table tensor)
         self._step_number = 0
+        self._fast = None  # the steady-state Triton step (lvopt/_fast_step.py), built by a full step
         #: The row lifecycle of the row-sparse parameters (lvopt/sparse.py).
         self._rows = SparseRows(self)
 
@@ -145,6 +147,7 @@ class _FusedAdam(torch.optim.Optimizer):
         with checkpoint.validated(self, state_dict) as state_dict:
             super().load_state_dict(state_dict)
         self.__dict__.update(kept)
+        self._fast = None
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(saved_ids, params):
@@ -240,6 +243,9 @@ class _FusedAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._rows.raise_pending()
+        if self._fast is not None and self._fast.run(self):
+            return loss  # the steady-state Triton step (lvopt/_fast_step.py)
+        self._fast = None
         items = self._collect()
         # Sharded (FSDP2) hyperball matrices: their per-tensor sums are all-reduced over one
         # process group between the two passes (lvopt/_shards.py); checked here, before writing.
@@ -391,6 +397,7 @@ class _FusedAdam(torch.optim.Optimizer):
         self._step_number += 1
         if self.track:
             self._record(tracked)
+        self._fast = _fast_step.build(self, batches, items, sparse_items, to_flush, sharded)
         return loss
 
     def _decides_on_device(self, order: list, sparse_items: list, to_flush: list, sharded: bool) -> bool:

@@ -14,6 +14,11 @@ sp_emb   -1        0      0      0      SP with the embedding LR raised by m
 ======== ========= ====== ====== ====== ==========================================
 
 ``embedding_exponent`` replaces the rule's embedding exponent (anything in between).
+
+The default rule is ``mup``: both width sweeps of experiments/lv_rule (REPORT.md) found muP's
+embedding exponent transferring with the smaller loss penalty where V >> width, and neither
+found the embedding optimum falling as width^-1/2. ``lv`` is an explicit opt-in; its embedding
+exponent rests on Hayou & Liu's analysis, not on a measurement in this repository.
 """
 from __future__ import annotations
 
@@ -67,7 +72,7 @@ _OUTPUT_MULT_ATTRS = ("output_mult", "out_mult", "output_multiplier", "logit_mul
 _WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
 
 
-def exponents(rule: str = "lv", embedding_exponent: float | None = None) -> dict:
+def exponents(rule: str = "mup", embedding_exponent: float | None = None) -> dict:
     """alpha per role for ``rule``, with the embedding exponent replaced if given."""
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; rules are {', '.join(RULES)} (or any rule with "
@@ -95,7 +100,7 @@ def _check_width(width, base_width, alpha: dict, allow_smaller_width: bool) -> f
     return m
 
 
-def lr_multipliers(rule: str = "lv", *, width, base_width, embedding_exponent: float | None = None,
+def lr_multipliers(rule: str = "mup", *, width, base_width, embedding_exponent: float | None = None,
                    allow_smaller_width: bool = False) -> dict:
     """The factor m ** (-alpha_role) per role, m = width / base_width."""
     alpha = exponents(rule, embedding_exponent)
@@ -285,7 +290,7 @@ def _found_output_multipliers(model: nn.Module) -> list:
     return found
 
 
-def scaling_plan(model: nn.Module, *, lr, base_width, rule: str = "lv", width=None,
+def scaling_plan(model: nn.Module, *, lr, base_width, rule: str = "mup", width=None,
                  embedding_exponent: float | None = None, weight_decay=None, overrides=None,
                  tied: str | None = None, allow_smaller_width: bool = False,
                  optimizer=None, include_frozen: bool = False, output_multiplier: bool | None = None,
@@ -391,7 +396,7 @@ def scaling_plan(model: nn.Module, *, lr, base_width, rule: str = "lv", width=No
     if rule == "lv" and embedding_exponent is None and vocab is not None and vocab < LV_MIN_RATIO * width:
         warnings.warn(f"lvopt: rule 'lv' with vocabulary {vocab} < {LV_MIN_RATIO} x width {width}: the LV "
                       f"analysis (Hayou & Liu 2025) assumes a vocabulary much larger than the width; as "
-                      f"V/width falls it interpolates towards muP (rule='mup'). Below {LV_MIN_RATIO}x the "
+                      f"V/width falls it interpolates towards muP (rule='mup', the default). Below {LV_MIN_RATIO}x the "
                       f"regime is not established (docs/scaling.md)", UserWarning, stacklevel=_user_stacklevel())
     name = getattr(optimizer, "__name__", "optimizer").lower() if optimizer is not None else "-"
     return ScalingPlan(entries, rule, alpha, float(width), float(base_width), vocab,
@@ -399,13 +404,15 @@ def scaling_plan(model: nn.Module, *, lr, base_width, rule: str = "lv", width=No
                        {r: float(v) for r, v in wds.items()}, hyperball, name, small, float(small_alpha))
 
 
-def from_model(opt_cls, model: nn.Module, *, lr, base_width, rule: str = "lv", width=None,
+def from_model(opt_cls, model: nn.Module, *, lr, base_width, rule: str = "mup", width=None,
                embedding_exponent: float | None = None, weight_decay=None, overrides=None,
                tied: str | None = None, allow_smaller_width: bool = False, verbose: bool = False,
                output_multiplier: bool | None = None, adam_like: bool | None = None, **optimizer_kwargs):
     """``opt_cls(groups, **optimizer_kwargs)`` with one param group per role whose ``lr`` is the
     base LR scaled by ``rule`` from ``base_width`` to the model's ``width``.
 
+    ``rule``: ``"mup"`` (the default), ``"lv"`` (opt-in: the LV embedding exponent, which no
+    measurement here supports; docs/scaling.md), ``"sp"`` or ``"sp_emb"``.
     ``lvopt.AdamW.from_model(model, ...)`` and ``lvopt.AdamH.from_model(model, ...)`` call
     this; any ``torch.optim`` class works as ``opt_cls`` too. The plan (roles, LRs, table) is
     kept on the optimizer as ``optimizer.scaling_plan``; ``verbose=True`` prints its table.

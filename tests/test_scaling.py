@@ -1,4 +1,5 @@
 """Parameter roles, width scaling rules and from_model (docs/design.md section 3; issue 5)."""
+import inspect
 import math
 import warnings
 
@@ -8,7 +9,7 @@ from torch import nn
 
 import lvopt
 from lvopt.roles import TiedWeightsWarning, detect_roles
-from lvopt.scaling import RULES, from_model, lr_multipliers, scaling_plan
+from lvopt.scaling import RULES, exponents, from_model, lr_multipliers, scaling_plan
 
 
 class Block(nn.Module):
@@ -184,6 +185,33 @@ def test_rule_values_exact():
     assert set(RULES) == {"sp", "mup", "lv", "sp_emb"}
 
 
+def test_default_rule_is_mup():
+    """The default rule is mup (both sweeps of experiments/lv_rule measured it transferring better
+    than lv); lv is an explicit opt-in and keeps its embedding exponent 1/2."""
+    for fn in (exponents, lr_multipliers, scaling_plan, from_model):
+        assert inspect.signature(fn).parameters["rule"].default == "mup", fn.__name__
+    model = TinyLM(vocab=4096, d=128)                      # m = 4, V = 32 x width
+    lrs = {"embedding": 4e-3, "hidden": 2e-3, "output": 1e-3, "vector": 3e-3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = lvopt.AdamW.from_model(model, lr=lrs, base_width=32)
+    assert opt.scaling_plan.rule == "mup"
+    assert opt.scaling_plan.role_alpha("embedding") == 0.0
+    assert group_lr(opt, "embedding") == 4e-3             # muP: embedding multiplier 1 at m = 4
+    assert group_lr(opt, "hidden") == pytest.approx(2e-3 / 4, rel=1e-12)
+    assert group_lr(opt, "output") == pytest.approx(1e-3 / 4, rel=1e-12)
+    assert group_lr(opt, "vector") == 3e-3
+    assert lr_multipliers(width=128, base_width=32) == pytest.approx(
+        {"embedding": 1.0, "hidden": 0.25, "output": 0.25, "vector": 1.0})
+    assert exponents() == RULES["mup"]
+    # lv, asked for: the vocabulary table's LR falls as (width / base_width)^-1/2
+    opt = lvopt.AdamW.from_model(model, lr=lrs, base_width=32, rule="lv")
+    assert opt.scaling_plan.role_alpha("embedding") == 0.5
+    assert group_lr(opt, "embedding") == pytest.approx(4e-3 * 4 ** -0.5, rel=1e-12)
+    assert group_lr(opt, "hidden") == pytest.approx(2e-3 / 4, rel=1e-12)
+    assert lr_multipliers("lv", width=512, base_width=32)["embedding"] == pytest.approx(16 ** -0.5, rel=1e-12)
+
+
 def test_weight_decay_defaults_and_mapping():
     model = TinyLM()
     opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32)
@@ -218,7 +246,7 @@ def test_group_lr_drives_the_update():
     is the one the kernel uses, per role."""
     torch.manual_seed(0)
     model = TinyLM(d=128)
-    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, weight_decay=0.0)
+    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="lv", weight_decay=0.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.arange(8).reshape(1, 8)  # rows 0..7 of the token table get gradient
     model(ids).logsumexp(-1).mean().backward()
@@ -291,7 +319,7 @@ def test_table_lists_every_parameter():
 ])
 def test_schedulers_scale_groups_proportionally(make):
     model = TinyLM(d=128)
-    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32)
+    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="lv")
     base = [g["lr"] for g in opt.param_groups]
     assert len(set(base)) == 3  # embedding, hidden (= output), vector differ
     sched = make(opt)
@@ -381,9 +409,12 @@ def test_vocabulary_warning_threshold():
     assert LV_MIN_RATIO == 16
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lvopt.AdamW.from_model(TinyLM(vocab=512, d=32), lr=1e-3, base_width=16)    # 16x: fine
+        lvopt.AdamW.from_model(TinyLM(vocab=512, d=32), lr=1e-3, base_width=16, rule="lv")    # 16x: fine
+        # the warning is about the LV rule: the default rule (mup) and the others stay quiet
+        for kw in ({}, {"rule": "mup"}, {"rule": "sp"}, {"rule": "lv", "embedding_exponent": 0.0}):
+            lvopt.AdamW.from_model(TinyLM(vocab=496, d=32), lr=1e-3, base_width=16, **kw)
     with pytest.warns(UserWarning, match="vocabulary 496 < 16 x width 32"):
-        lvopt.AdamW.from_model(TinyLM(vocab=496, d=32), lr=1e-3, base_width=16)
+        lvopt.AdamW.from_model(TinyLM(vocab=496, d=32), lr=1e-3, base_width=16, rule="lv")
 
 
 # -- coordinate check --------------------------------------------------------------------------------

@@ -216,17 +216,24 @@ def gpt2_shapes(layers=12, d=768, v=50257, ctx=1024):
 
 
 @pytest.mark.skipif(not IN_CHILD, reason="needs triton imported under TRITON_INTERPRET=1 (the child)")
-@pytest.mark.parametrize("cls_name,nonfinite", [("AdamW", "propagate"), ("AdamW", "skip"), ("AdamH", "skip")])
-def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, nonfinite):
-    """GPT-2's 148 tensors as fake CUDA tensors: after the first step, an optimizer step on the
+@pytest.mark.parametrize("cls_name,nonfinite,capturable", [
+    ("AdamW", "propagate", False), ("AdamW", "skip", False), ("AdamW", "propagate", True), ("AdamH", "skip", False),
+    ("AdamH", "propagate", True)])
+def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, nonfinite, capturable):
+    """GPT-2's layout as fake CUDA tensors: after the first step, an optimizer step on the
     Triton backend makes no host read (FakeTensorMode raises on one) and no copy from the host
     at all when the gradients stay where they were (CUDA graphs, zero_grad(set_to_none=False)),
-    and only asynchronous copies from pinned memory (the gradient address column) when they
-    move. The kernel launches are recorded instead of run (fake tensors have no storage)."""
+    and only asynchronous copies from pinned memory (the gradient address column; the table of
+    a changed float lr) when they move. The first step runs the ops' host code (the full step),
+    the later ones the steady-state path (lvopt/_fast_step.py; checked that it is the one that
+    steps), each launching the same kernels every step. The kernel launches are recorded
+    instead of run (fake tensors have no storage)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import lvopt
+    from lvopt import _fast_step
     from lvopt.triton import _common as C
+    from lvopt.triton import _plan as P
     from lvopt.triton import fused_adamh as H
     from lvopt.triton import fused_adamw as W
 
@@ -240,7 +247,8 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
             return lambda *a, **k: launches.append((self.name, grid))
 
     for mod, name in ((W, "adamw_kernel"), (W, "chunk_sums_kernel"), (H, "adamh_reduce_kernel"),
-                      (H, "adamh_finalize_kernel"), (H, "adamh_apply_kernel")):
+                      (H, "adamh_finalize_kernel"), (H, "adamh_apply_kernel"), (P, "adam_setup_kernel"),
+                      (P, "nonfinite_scan_kernel")):
         monkeypatch.setattr(mod, name, Kernel(name))
     addresses = {}  # id -> (tensor, address): the tensors are kept alive, so ids stay unique
     next_address = [1 << 20]
@@ -253,6 +261,10 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
 
     monkeypatch.setattr(C, "ptr", fake_ptr)
     monkeypatch.setattr(C, "_LAUNCH_CACHE", {})  # fake addresses repeat from test to test
+    monkeypatch.setattr(P, "_PLANS", {})
+    # FakeTensorMode is a dispatch mode, under which a step takes the custom ops (the full
+    # step); on a GPU there is none: the steady-state path runs the same host code directly.
+    monkeypatch.setattr(_fast_step, "direct_ok", lambda: True)
     # Under FakeTensorMode the dispatcher would run the ops' fake kernels: call the host code of
     # the Triton ops itself (what runs on a GPU), with the launches recorded above.
     import lvopt.triton as T
@@ -266,7 +278,7 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
             ps = [nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
             cls = getattr(lvopt, cls_name)
             opt = cls([{"params": [p for p in ps if p.dim() >= 2]}, {"params": [p for p in ps if p.dim() < 2]}],
-                      lr=1e-3, backend="triton", nonfinite=nonfinite)
+                      lr=1e-3, backend="triton", nonfinite=nonfinite, capturable=capturable)
             # A device tensor lr (the constructor reads a tensor lr once to check it; a step never).
             opt.param_groups[1]["lr"] = torch.full((), 1e-3, device="cuda")
             grads = [torch.randn(s, device="cuda") for s in shapes]
@@ -274,11 +286,16 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
                 p.grad = g
             opt.step()  # first step: states, tables and their uploads
             rec.copies.clear()
-            n = len(launches)
+            fast = opt._fast
+            assert fast is not None
+            per_step = []
             for _ in range(2):
+                del launches[:]
                 opt.step()  # the same gradients: nothing crosses from the host
+                per_step.append(list(launches))
             assert rec.copies == [], rec.copies
-            assert len(launches) == 3 * n
+            assert per_step[0] == per_step[1] and per_step[0]  # the same launches and grids every step
+            assert opt._fast is fast  # the steady-state path stepped
             for p in ps:
                 p.grad = torch.randn(p.shape, device="cuda")  # re-allocated gradients
             opt.step()
@@ -287,6 +304,7 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
             opt.param_groups[0]["lr"] = 2e-3  # a Python-number lr changed: the table is rewritten
             opt.step()
             assert rec.copies and all(kind == "async" for _, _, kind in rec.copies), rec.copies
+            assert opt._fast is fast
             assert all(p.device.type == "cuda" for p in ps)
             assert all(opt.state[p]["step"].device.type == "cuda" for p in ps)
 

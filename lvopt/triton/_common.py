@@ -10,10 +10,13 @@ Addresses are cast to pointers in the kernel; tensors whose four streams are 16-
 get tl.multiple_of hints, so the compiled kernel uses 128-bit loads and stores (see
 benchmarks/sass_report.py), the rest a launch without hints.
 
-Coefficients: the step counters are incremented with torch ops on their own device, and the
-bias corrections are computed from them in fp64 on the kernels' device, exactly as
-make_adam_coef of csrc/include/lvopt/math.h does, then rounded once to fp32. With a device
-hyper table and device step counters nothing waits for the device.
+Coefficients: lvopt/triton/_plan.py's setup kernel advances the step counters and computes the
+bias corrections from them in fp64 on the device, as make_adam_coef of
+csrc/include/lvopt/math.h does, rounded once to fp32. advance_steps below does the same with
+torch ops, for counters the kernel cannot reach (host counters of CUDA parameters, mixed
+dtypes). With a device hyper table and device step counters nothing waits for the device.
+The launch tables are held, with the rest of a step's device state, by a
+_plan.DensePlan per list of tensors.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import math
 import os
 
 import torch
+import triton.language as tl
 
 from .._layout import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
 
@@ -162,13 +166,6 @@ def nonfinite_scan_(tensors, found_inf) -> None:
             found_inf.masked_fill_(torch.isfinite(t).all().logical_not(), 1.0)
 
 
-def scan_found(found_inf, grads) -> None:
-    """nonfinite="skip"/"raise": sets found_inf on its device when a gradient is not finite (no
-    host read; the kernels read the flag)."""
-    if found_inf is not None:
-        nonfinite_scan_(grads, found_inf)
-
-
 def advance_steps(steps, hyper, device, unit_step: bool, found_inf=None, advance: bool = True):
     """Increments every step counter (in its own dtype, as the CPU kernel) and returns the fp32
     coefficient table [n, COEF_COLS] on ``device`` (math.h's make_adam_coef / unit_lr).
@@ -210,6 +207,20 @@ def ptr(t: torch.Tensor) -> int:
     """A tensor's address for the launch tables (one indirection, so that a test can give fake
     tensors, which have no storage, addresses: tests/test_triton_capturable.py)."""
     return t.data_ptr()
+
+
+_PTR = ptr
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def ptrs(ts) -> list:
+    """The addresses of ``ts``, in one C-level pass (map over Tensor.data_ptr), or through
+    ``ptr`` when a test has replaced it."""
+    return list(map(_DATA_PTR if ptr is _PTR else ptr, ts))
+
+
+# Triton element types of the parameter dtypes.
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 
 def _aligned(*ts) -> bool:

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from .fused_adamw import _TL_DTYPE, _coef, _load_tensor, _store_param, _store_state, launch_options
+from . import _plan as P
+from .fused_adamw import _coef, _load_tensor, _store_param, _store_state, launch_options
 
 # Chunk partial sums added per step of the finalize kernel's loop.
 REDUCE_BLOCK = 64
@@ -78,8 +79,12 @@ def adamh_reduce_kernel(meta_ptr, coef_ptr, partial_ptr, found_ptr, n_tensors, P
 
 
 @triton.jit
-def adamh_finalize_kernel(partial_ptr, chunks_ptr, lr_radius_ptr, stats_ptr, scale_ptr,
-                          RB: tl.constexpr):
+def adamh_finalize_kernel(partial_ptr, chunks_ptr, hyper_ptr, radius_ptr, stats_ptr, scale_ptr,
+                          RB: tl.constexpr, RADIUS_TABLE: tl.constexpr):
+    """Adds tensor i's chunk partials and computes its scales (a, b). lr is column 0 of row i
+    of the hyperparameter table; the radius is read at the address radius_ptr[i]
+    (RADIUS_TABLE: the plan's table of the radii's addresses) or is radius_ptr[i] (a vector of
+    the radii, when they are not on the device)."""
     i = tl.program_id(0)
     first = tl.load(chunks_ptr + 2 * i)
     count = tl.load(chunks_ptr + 2 * i + 1)
@@ -99,14 +104,17 @@ def adamh_finalize_kernel(partial_ptr, chunks_ptr, lr_radius_ptr, stats_ptr, sca
     tl.store(stats_ptr + 3 * i + 0, uu)
     tl.store(stats_ptr + 3 * i + 1, wu)
     tl.store(stats_ptr + 3 * i + 2, ww)
-    _store_scales(i, uu, wu, ww, lr_radius_ptr, scale_ptr)
+    _store_scales(i, uu, wu, ww, hyper_ptr, radius_ptr, scale_ptr, RADIUS_TABLE)
 
 
 @triton.jit
-def _store_scales(i, uu, wu, ww, lr_radius_ptr, scale_ptr):
+def _store_scales(i, uu, wu, ww, hyper_ptr, radius_ptr, scale_ptr, RADIUS_TABLE: tl.constexpr):
     # hyperball_scales (csrc/include/lvopt/math.h), in fp64.
-    lr = tl.load(lr_radius_ptr + 2 * i)
-    radius = tl.load(lr_radius_ptr + 2 * i + 1)
+    lr = tl.load(hyper_ptr + 6 * i)
+    if RADIUS_TABLE:
+        radius = tl.load(tl.load(radius_ptr + i).to(tl.pointer_type(tl.float64), bitcast=True))
+    else:
+        radius = tl.load(radius_ptr + i)
     s = tl.where(uu > 0.0, lr * radius / tl.sqrt(tl.maximum(uu, 1e-300)), 0.0)
     norm2 = ww - 2.0 * s * wu + s * s * uu
     ok = norm2 > 0.0
@@ -117,11 +125,12 @@ def _store_scales(i, uu, wu, ww, lr_radius_ptr, scale_ptr):
 
 
 @triton.jit
-def adamh_scales_kernel(sums_ptr, lr_radius_ptr, scale_ptr):
-    """The scales of pass 2 from sums given to fused_adamh_apply_ (one program per tensor)."""
+def adamh_scales_kernel(sums_ptr, hyper_ptr, radius_ptr, scale_ptr, RADIUS_TABLE: tl.constexpr):
+    """The scales of pass 2 from sums given to fused_adamh_apply_ (one program per tensor; lr
+    and the radius read as in adamh_finalize_kernel)."""
     i = tl.program_id(0)
     _store_scales(i, tl.load(sums_ptr + 3 * i + 0), tl.load(sums_ptr + 3 * i + 1),
-                  tl.load(sums_ptr + 3 * i + 2), lr_radius_ptr, scale_ptr)
+                  tl.load(sums_ptr + 3 * i + 2), hyper_ptr, radius_ptr, scale_ptr, RADIUS_TABLE)
 
 
 @triton.jit
@@ -187,40 +196,6 @@ def _check_radii(op, params, radii, rows):
     _check_no_weight_decay(op, rows)
 
 
-def _reduce_pass(params, grads, exp_avgs, exp_avg_sqs, coef, radii, hyper, found_inf):
-    """Pass 1 and the finalize kernel: the sums [n, 3] and the scales [n, 2] (radii None: the
-    reduce op alone, whose scales are not used)."""
-    n = len(params)
-    dev = params[0].device
-    first, total = C.first_chunks(params)
-    f64 = dict(device=dev, dtype=torch.float64)
-    partials = torch.empty(max(total, 1) * 3, **f64)
-    stats = torch.empty(n, 3, **f64)
-    scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
-    chunks = C.chunk_table(params, first)
-    radius = C.stack_scalars(radii, dev) if radii is not None else torch.zeros(n, **f64)
-    lr_radius = torch.stack([hyper[:, 0].to(**f64), radius], 1).contiguous()
-    plan = list(C.launches(params, grads, exp_avgs, exp_avg_sqs, first))
-    has_found = found_inf is not None
-    flag = found_inf if has_found else coef
-    for dtype, aligned, meta, n_tensors, n_programs in plan:
-        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
-                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
-                                           **launch_options())
-    adamh_finalize_kernel[(n,)](partials, chunks, lr_radius, stats, scales, RB=REDUCE_BLOCK,
-                                **launch_options())
-    return stats, scales, plan
-
-
-def _apply_pass(plan, coef, scales, found_inf):
-    has_found = found_inf is not None
-    flag = found_inf if has_found else coef
-    for dtype, aligned, meta, n_tensors, n_programs in plan:
-        adamh_apply_kernel[(n_programs,)](meta, coef, scales, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
-                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), HAS_FOUND=has_found,
-                                          **launch_options())
-
-
 @torch.library.custom_op("lvopt_triton::fused_adamh_",
                          mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf"))
 def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
@@ -230,19 +205,64 @@ def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
     rows = C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
     _check_radii(op, params, radii, rows)
     C.check_found_inf(op, found_inf, params)
-    n = len(params)
-    if n == 0:
+    if not params:
         return hyper.new_zeros((0, 3))
-    # found_inf: decided on the device, as in fused_adamw_ (a set flag: every program of the
-    # three kernels reads and writes nothing but zero sums; a = 1, b = 0).
-    C.scan_found(found_inf, grads)
-    dev = params[0].device
-    coef = C.advance_steps(steps, hyper, dev, unit_step=True, found_inf=found_inf)
+    plan = P.plan_for(params, grads, exp_avgs, exp_avg_sqs, steps, radii=radii)
+    return run(plan, params, grads, steps, radii, hyper, found_inf)
+
+
+def run(plan, params, grads, steps, radii, hyper, found_inf=None, stats=None, scanned=False) -> torch.Tensor:
+    """One AdamH step through ``plan`` (lvopt/triton/_plan.py, pointed at ``grads``), the
+    arguments checked; returns the per-tensor sums (into ``stats`` when given, else a new
+    tensor). A fixed number of host operations and launches whatever the number of tensors:
+    with found_inf the scan (decided on the device, as in fused_adamw.run: a set flag makes
+    every program of the three kernels read and write nothing but zero sums; a = 1, b = 0),
+    the setup kernel, the reduce launches, the finalize kernel (lr from the hyperparameter
+    table, each radius read through the plan's address table), the apply launches. ``params``,
+    ``steps`` and ``radii`` are used only where the plan has no device table for them."""
+    opts, blk = launch_options(), C.block()
+    n = plan.n
+    dev = plan.device
+    f64 = dict(device=dev, dtype=torch.float64)
+    if hyper.device != plan.device:
+        hyper = C._upload(hyper, plan.device)  # a host table given to the op (the optimizer's is on the device)
+    if found_inf is not None and not scanned:  # scanned: the caller scanned every plan of its step first
+        plan.scan(found_inf)
+    coef = plan.advance(steps, hyper, unit_step=True, found_inf=found_inf)
     if coef is None:
-        return torch.zeros(n, 3, device=dev, dtype=torch.float64)
-    stats, scales, plan = _reduce_pass(params, grads, exp_avgs, exp_avg_sqs, coef, radii, hyper, found_inf)
-    _apply_pass(plan, coef, scales, found_inf)
+        return torch.zeros(n, 3, **f64)
+    if stats is None:
+        stats = torch.empty(n, 3, **f64)
+    scales = plan.buffer("adamh_scales", (n, 2), torch.float32)
+    table = plan.radius_tab is not None
+    radius = plan.radius_tab if table else C.stack_scalars(radii, dev)
+    _reduce_launches(plan, params, coef, hyper, radius, table, stats, scales, found_inf, opts, blk)
+    _apply_launches(plan, coef, scales, found_inf, opts, blk)
     return stats
+
+
+def _reduce_launches(plan, params, coef, hyper, radius, table, stats, scales, found_inf, opts, blk):
+    """Pass 1 (m, v and the chunk partials) and the finalize kernel (the sums into ``stats``,
+    the scales into ``scales``)."""
+    partials = plan.buffer("adamh_partials", max(plan.total, 1) * 3, torch.float64)
+    has_found = found_inf is not None
+    flag = found_inf if has_found else coef
+    for dtype, aligned, meta, n_tensors, n_programs in plan.tables.launches:
+        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=C.TL_DTYPE[dtype],
+                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=blk, HAS_FOUND=has_found,
+                                           **opts)
+    adamh_finalize_kernel[(plan.n,)](partials, plan.chunks(params), hyper, radius, stats, scales,
+                                     RB=REDUCE_BLOCK, RADIUS_TABLE=table, **opts)
+
+
+def _apply_launches(plan, coef, scales, found_inf, opts, blk):
+    """Pass 2: W <- a*W - b*u with the scales [n, 2]."""
+    has_found = found_inf is not None
+    flag = found_inf if has_found else coef
+    for dtype, aligned, meta, n_tensors, n_programs in plan.tables.launches:
+        adamh_apply_kernel[(n_programs,)](meta, coef, scales, flag, n_tensors, P_DTYPE=C.TL_DTYPE[dtype],
+                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=blk, HAS_FOUND=has_found,
+                                          **opts)
 
 
 @fused_adamh_.register_fake
@@ -258,7 +278,9 @@ def fused_adamh_reduce_(params: List[torch.Tensor], grads: List[torch.Tensor], e
                         exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], hyper: torch.Tensor,
                         found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pass 1 of fused_adamh_ alone (lvopt::fused_adamh_reduce_): advances the counters,
-    updates m and v, returns the sums [n, 3]; no parameter is written."""
+    updates m and v, returns the sums [n, 3]; no parameter is written. Through the plan of
+    these tensors (lvopt/triton/_plan.py): the scan, the setup kernel, the reduce launches and
+    the finalize kernel (its scales, from zero radii, are not used)."""
     op = "lvopt::fused_adamh_reduce_"
     rows = C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
     _check_no_weight_decay(op, rows)
@@ -266,12 +288,21 @@ def fused_adamh_reduce_(params: List[torch.Tensor], grads: List[torch.Tensor], e
     n = len(params)
     if n == 0:
         return hyper.new_zeros((0, 3))
-    C.scan_found(found_inf, grads)
-    dev = params[0].device
-    coef = C.advance_steps(steps, hyper, dev, unit_step=True, found_inf=found_inf)
+    plan = P.plan_for(params, grads, exp_avgs, exp_avg_sqs, steps)
+    dev = plan.device
+    f64 = dict(device=dev, dtype=torch.float64)
+    if hyper.device != dev:
+        hyper = C._upload(hyper, dev)
+    if found_inf is not None:
+        plan.scan(found_inf)
+    coef = plan.advance(steps, hyper, unit_step=True, found_inf=found_inf)
     if coef is None:
-        return torch.zeros(n, 3, device=dev, dtype=torch.float64)
-    return _reduce_pass(params, grads, exp_avgs, exp_avg_sqs, coef, None, hyper, found_inf)[0]
+        return torch.zeros(n, 3, **f64)
+    stats = torch.empty(n, 3, **f64)
+    scales = plan.buffer("adamh_scales", (n, 2), torch.float32)
+    _reduce_launches(plan, params, coef, hyper, torch.zeros(n, **f64), False, stats, scales, found_inf,
+                     launch_options(), C.block())
+    return stats
 
 
 @fused_adamh_reduce_.register_fake
@@ -287,9 +318,11 @@ def fused_adamh_apply_(params: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                        found_inf: Optional[torch.Tensor] = None) -> None:
     """Pass 2 of fused_adamh_ alone (lvopt::fused_adamh_apply_): W <- a*W - b*u, the scales from
     ``sums`` (the whole tensors' ||u||^2, <W,u>, ||W||^2) and the radii, u from m, v and the
-    counters as fused_adamh_reduce_ left them. A set found_inf (read only) writes nothing."""
+    counters as fused_adamh_reduce_ left them: the plan's setup kernel reads them without
+    advancing them (increment=False). A set found_inf (read only) writes nothing."""
     op = "lvopt::fused_adamh_apply_"
-    # Pass 2 reads no gradient: the parameters stand in for them in the shared checks.
+    # Pass 2 reads no gradient: the parameters stand in for them in the shared checks and the
+    # plan's gradient column.
     rows = C.check_step_args(op, params, params, exp_avgs, exp_avg_sqs, steps, hyper)
     _check_radii(op, params, radii, rows)
     _check_sums(op, params, sums)
@@ -297,16 +330,19 @@ def fused_adamh_apply_(params: List[torch.Tensor], exp_avgs: List[torch.Tensor],
     n = len(params)
     if n == 0:
         return
-    dev = params[0].device
-    coef = C.advance_steps(steps, hyper, dev, unit_step=True, found_inf=found_inf, advance=False)
+    plan = P.plan_for(params, params, exp_avgs, exp_avg_sqs, steps, radii=radii)
+    dev = plan.device
+    if hyper.device != dev:
+        hyper = C._upload(hyper, dev)
+    coef = plan.advance(steps, hyper, unit_step=True, found_inf=found_inf, increment=False)
     if coef is None:
         return
-    f64 = dict(device=dev, dtype=torch.float64)
-    lr_radius = torch.stack([hyper[:, 0].to(**f64), C.stack_scalars(radii, dev)], 1).contiguous()
-    scales = torch.empty(n, 2, device=dev, dtype=torch.float32)
-    adamh_scales_kernel[(n,)](sums, lr_radius, scales, **launch_options())
-    first, _ = C.first_chunks(params)
-    _apply_pass(list(C.launches(params, params, exp_avgs, exp_avg_sqs, first)), coef, scales, found_inf)
+    table = plan.radius_tab is not None
+    radius = plan.radius_tab if table else C.stack_scalars(radii, dev)
+    opts = launch_options()
+    scales = plan.buffer("adamh_scales", (n, 2), torch.float32)
+    adamh_scales_kernel[(n,)](sums, hyper, radius, scales, RADIUS_TABLE=table, **opts)
+    _apply_launches(plan, coef, scales, found_inf, opts, C.block())
 
 
 @fused_adamh_apply_.register_fake

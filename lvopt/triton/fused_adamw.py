@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from . import _plan as P
 
 
 @triton.jit
@@ -245,7 +246,7 @@ def chunk_sums_kernel(partial_ptr, chunks_ptr, out_ptr, COLS: tl.constexpr, RB: 
     tl.store(out_ptr + COLS * i + cols, tl.sum(acc, axis=0))
 
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+_TL_DTYPE = C.TL_DTYPE
 
 
 def launch_options():
@@ -284,29 +285,43 @@ def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
     C.check_found_inf(op, found_inf, params)
     if stats is not None:
         C.check_stats(op, stats, params, 2)
-        stats.zero_()
     if not params:
+        if stats is not None:
+            stats.zero_()
         return
-    # found_inf: the scan sets the flag on the device and the kernels read it there (a set flag
-    # makes every program write nothing); nothing is read on the host.
-    C.scan_found(found_inf, grads)
-    dev = params[0].device
-    coef = C.advance_steps(steps, hyper, dev, unit_step=False, found_inf=found_inf)
+    plan = P.plan_for(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs if ams else None)
+    run(plan, params, grads, steps, hyper, found_inf, stats)
+
+
+def run(plan, params, grads, steps, hyper, found_inf=None, stats=None, scanned=False) -> None:
+    """One AdamW step through ``plan`` (lvopt/triton/_plan.py: the tables of these tensors,
+    already pointed at ``grads``), the arguments checked. A fixed number of host operations and
+    launches whatever the number of tensors: with found_inf the scan (the flag is set on the
+    device, and the kernels read it: a set flag makes every program write nothing), the setup
+    kernel (counters and coefficients), the update launches, and with stats the per-tensor sums.
+    ``params`` and ``steps`` are used only where the plan has no device table for them (chunk
+    sizes of a first tracked step; host step counters)."""
+    opts, blk = launch_options(), C.block()
+    if hyper.device != plan.device:
+        hyper = C._upload(hyper, plan.device)  # a host table given to the op (the optimizer's is on the device)
+    if stats is not None:
+        stats.zero_()
+    if found_inf is not None and not scanned:  # scanned: the caller scanned every plan of its step first
+        plan.scan(found_inf)
+    coef = plan.advance(steps, hyper, unit_step=False, found_inf=found_inf)
     if coef is None:
-        return  # host step counters and a set flag: read on the host (advance_steps)
-    first, total = C.first_chunks(params)
+        return  # host step counters and a set flag: read on the host (C.advance_steps)
     track = stats is not None
-    partials = torch.empty(max(total, 1) * 2 if track else 1, device=dev, dtype=torch.float64)
+    partials = plan.buffer("adamw_partials", max(plan.total, 1) * 2, torch.float64) if track else coef
     has_found = found_inf is not None
     flag = found_inf if has_found else coef
-    for dtype, aligned, meta, n_tensors, n_programs in C.launches(params, grads, exp_avgs, exp_avg_sqs, first,
-                                                                  max_exp_avg_sqs if ams else None):
-        adamw_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=_TL_DTYPE[dtype],
-                                    ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=C.block(), TRACK=track,
-                                    HAS_FOUND=has_found, AMS=ams, **launch_options())
+    for dtype, aligned, meta, n_tensors, n_programs in plan.tables.launches:
+        adamw_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=C.TL_DTYPE[dtype],
+                                    ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=blk, TRACK=track,
+                                    HAS_FOUND=has_found, AMS=plan.ams, **opts)
     if track:
-        chunk_sums_kernel[(len(params),)](partials, chunk_table(params, first), stats, COLS=2, RB=REDUCE_BLOCK,
-                                          **launch_options())
+        chunk_sums_kernel[(plan.n,)](partials, plan.chunks(params), stats, COLS=2, RB=REDUCE_BLOCK,
+                                     **opts)
 
 
 @fused_adamw_.register_fake
