@@ -31,7 +31,7 @@ ACHIEVABLE = 0.90          # fraction of peak a streaming kernel reaches
 # Kernels that stream nothing: per-tensor / per-row scalars, reductions of partial sums, and
 # loop_rows_kernel (exact sparse rows whose v needs the fp64 windowed loop, ~2e-5 of elements;
 # scalar per element by design, its cost is the loop, not the bytes).
-NON_STREAMING = ("advance_kernel", "finalize_kernel", "stats_kernel", "chunk_sums_kernel", "catchup_scalars_kernel",
+NON_STREAMING = ("advance_kernel", "finalize_kernel", "scales_kernel", "stats_kernel", "chunk_sums_kernel", "catchup_scalars_kernel",
                  "loop_rows_kernel",
                  # The sparse step's plan and control kernels (ids and counters, O(N) bytes: not
                  # the rows' data), CUB's among them.
@@ -199,10 +199,13 @@ def triton_cubins(workdir: str) -> list[tuple[str, str]]:
                  {"partial_ptr": "*fp64", "chunks_ptr": "*i64", "hyper_ptr": "*fp64", "radius_ptr": "*i64",
                   "stats_ptr": "*fp64", "scale_ptr": "*fp32", "RB": "constexpr", "RADIUS_TABLE": "constexpr"},
                  {"RB": H.REDUCE_BLOCK, "RADIUS_TABLE": True}, {}))
+    jobs.append(("adamh_scales_kernel", H.adamh_scales_kernel,
+                 {"sums_ptr": "*fp64", "hyper_ptr": "*fp64", "radius_ptr": "*i64", "scale_ptr": "*fp32",
+                  "RADIUS_TABLE": "constexpr"}, {"RADIUS_TABLE": True}, {}))
     # The per-step setup (counters and coefficients, SETUP_BLOCK tensors a program) and the
     # non-finite scan over a launch table (nonfinite="skip"/"raise").
     for step64 in (False, True):
-        c = {"UNIT_STEP": False, "STEP64": step64, "HAS_FOUND": True, "RB": P.SETUP_BLOCK}
+        c = {"UNIT_STEP": False, "STEP64": step64, "HAS_FOUND": True, "RB": P.SETUP_BLOCK, "ADVANCE": True}
         jobs.append((f"adam_setup_kernel<{'fp64' if step64 else 'fp32'} steps>", P.adam_setup_kernel,
                      {"steps_ptr": "*i64", "hyper_ptr": "*fp64", "coef_ptr": "*fp32", "found_ptr": "*fp32",
                       "n": "i32", **{k: "constexpr" for k in c}}, c, {}))

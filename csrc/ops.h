@@ -29,6 +29,22 @@ at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorL
                         at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList radii,
                         const at::Tensor& hyper, const std::optional<at::Tensor>& found_inf);
 
+// lvopt::fused_adamh_reduce_: pass one of fused_adamh_ alone: advances the step counters,
+// updates m and v and returns the sums [n, 3] of the local tensors (no parameter is written).
+// found_inf as for fused_adamh_. The sums of a sharded tensor are all-reduced over its shards
+// before pass two (lvopt/optim.py), which makes the sharded step the unsharded one.
+at::Tensor fused_adamh_reduce_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_sqs, at::TensorList steps,
+                               const at::Tensor& hyper, const std::optional<at::Tensor>& found_inf);
+
+// lvopt::fused_adamh_apply_: pass two alone: W <- a*W - b*u, the scales from `sums` (float64
+// [n, 3] on the parameters' device: ||u||^2, <W,u>, ||W||^2 of the whole tensors) and the
+// radii, u recomputed from m, v and the step counters as fused_adamh_reduce_ left them. When
+// found_inf (read only) is set, nothing is written.
+void fused_adamh_apply_(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                        at::TensorList steps, at::TensorList radii, const at::Tensor& hyper,
+                        const at::Tensor& sums, const std::optional<at::Tensor>& found_inf);
+
 // lvopt::nonfinite_scan_: sets found_inf (one-element float32) to 1 when an element of
 // `tensors` is NaN or infinite; leaves it otherwise. The pre-scan of a step's other ops.
 void nonfinite_scan_(at::TensorList tensors, const at::Tensor& found_inf);

@@ -15,6 +15,13 @@ TORCH_LIBRARY(lvopt, m) {
       "fused_adamh_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor[] radii, Tensor hyper, "
       "Tensor(e!)? found_inf=None) -> Tensor");
+  m.def(
+      "fused_adamh_reduce_(Tensor[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor hyper, Tensor(e!)? found_inf=None) "
+      "-> Tensor");
+  m.def(
+      "fused_adamh_apply_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "Tensor[] steps, Tensor[] radii, Tensor hyper, Tensor sums, Tensor? found_inf=None) -> ()");
   m.def("nonfinite_scan_(Tensor[] tensors, Tensor(a!) found_inf) -> ()");
   m.def("coalesce_rows(Tensor indices, Tensor values, int num_rows) -> (Tensor, Tensor)");
   m.def(
@@ -64,6 +71,8 @@ void sparse_catchup_cpu(const at::Tensor& param, const at::Tensor& indices, cons
 TORCH_LIBRARY_IMPL(lvopt, CPU, m) {
   m.impl("fused_adamw_", &lvopt::cpu::fused_adamw_);
   m.impl("fused_adamh_", &lvopt::cpu::fused_adamh_);
+  m.impl("fused_adamh_reduce_", &lvopt::cpu::fused_adamh_reduce_);
+  m.impl("fused_adamh_apply_", &lvopt::cpu::fused_adamh_apply_);
   m.impl("nonfinite_scan_", &lvopt::cpu::nonfinite_scan_);
   m.impl("coalesce_rows", &lvopt::cpu::coalesce_rows);
   m.impl("sparse_adamw_", &sparse_adamw_cpu);

@@ -1,7 +1,7 @@
 """Loads the native extension (which registers the ``lvopt::*`` ops) and the ops' fake kernels.
 
 The fake kernels let ``torch.compile`` and ``torch.library.opcheck`` trace the ops: the step
-ops mutate their inputs in place and the only new tensor is AdamH's ``[n, 3]`` fp64 stats.
+ops mutate their inputs in place and the only new tensor is AdamH's ``[n, 3]`` fp64 stats (fused_adamh_ and fused_adamh_reduce_).
 """
 from __future__ import annotations
 
@@ -91,6 +91,16 @@ if _C is not None:
         if params:
             return params[0].new_empty((len(params), 3), dtype=torch.float64)
         return hyper.new_empty((0, 3))
+
+    @torch.library.register_fake("lvopt::fused_adamh_reduce_")
+    def _fused_adamh_reduce_fake(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None):
+        if params:
+            return params[0].new_empty((len(params), 3), dtype=torch.float64)
+        return hyper.new_empty((0, 3))
+
+    @torch.library.register_fake("lvopt::fused_adamh_apply_")
+    def _fused_adamh_apply_fake(params, exp_avgs, exp_avg_sqs, steps, radii, hyper, sums, found_inf=None):
+        return None
 
     @torch.library.register_fake("lvopt::coalesce_rows")
     def _coalesce_rows_fake(indices, values, num_rows):

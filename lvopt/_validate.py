@@ -134,13 +134,6 @@ def check_param(
                 f"{where()}: a row-sparse gradient of a sharded (DTensor) parameter is not "
                 f"supported; keep the embedding out of fully_shard or give it dense gradients"
             )
-        if hyperball_group and p.dim() >= 2:
-            raise TypeError(
-                f"{where()}: AdamH cannot step a sharded (FSDP2 DTensor) matrix: its norms "
-                f"||u||, <W,u>, ||W|| and the radius span all shards, which would need an "
-                f"all-reduce between the two passes; put this parameter in a group with "
-                f"hyperball=False (AdamW), or do not shard it"
-            )
     backend, dtypes, device_ok = backend_for(p.device)
     if not device_ok:
         raise TypeError(f"{where()}: backend {backend!r} cannot step tensors on {p.device}")

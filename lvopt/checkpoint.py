@@ -174,6 +174,8 @@ def _counts(t: Tensor, negative: bool) -> tuple:
     from .optim import _local
 
     flat = _local(t).detach().reshape(-1)
+    if flat.numel() == 0:  # an empty tensor, or a rank's empty shard of an FSDP2 DTensor
+        return 0, 0, 0.0
     lo, hi = torch.stack(torch.aminmax(flat)).tolist()
     if math.isfinite(lo) and math.isfinite(hi) and not (negative and lo < 0):
         return 0, 0, lo

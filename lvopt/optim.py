@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import _backend, _fast_step, _memory, _validate, checkpoint
+from . import _backend, _fast_step, _memory, _shards, _validate, checkpoint
 from ._layout import HYPER_COLS
 from ._validate import MOMENTS as _MOMENTS
 from ._validate import is_dtensor as _is_dtensor
@@ -212,7 +212,7 @@ class _FusedAdam(torch.optim.Optimizer):
                 items.append((row, p, backend, algo, group, gi, pi))
         return items
 
-    def _init_state(self, p: Tensor, algo: str, amsgrad: bool = False) -> dict:
+    def _init_state(self, p: Tensor, algo: str, amsgrad: bool = False, sharded: bool = False) -> dict:
         st = self.state[p]
         if not st:
             # On the parameter's device for CUDA parameters (torch's fused/capturable layout:
@@ -229,7 +229,11 @@ class _FusedAdam(torch.optim.Optimizer):
         if algo == "adamh" and "radius" not in st:
             # R = ||W_0||_F, recorded at the matrix's first hyperball step (docs/design.md section 2.2).
             # On the parameter's device for CUDA parameters (read there by the kernels), else the host.
-            st["radius"] = torch.linalg.vector_norm(p.detach(), dtype=torch.float64).to(_step_device(p))
+            # A sharded matrix: its shard's ||W_0||^2 here, made R by one all-reduce over the
+            # shards of all new matrices (lvopt/_shards.py finish_radii) before the step writes.
+            local = _local(p)
+            st["radius"] = (_shards.local_radius_squared(local, _step_device(local)) if sharded else
+                            torch.linalg.vector_norm(local.detach(), dtype=torch.float64).to(_step_device(p)))
         return st
 
     @torch.no_grad()
@@ -243,12 +247,18 @@ class _FusedAdam(torch.optim.Optimizer):
             return loss  # the steady-state Triton step (lvopt/_fast_step.py)
         self._fast = None
         items = self._collect()
+        # Sharded (FSDP2) hyperball matrices: their per-tensor sums are all-reduced over one
+        # process group between the two passes (lvopt/_shards.py); checked here, before writing.
+        shard_group, shard_ids = _shards.hyperball_group(
+            (p, functools.partial(self._where, group, gi, pi, p))
+            for row, p, backend, algo, group, gi, pi in items if algo == "adamh" and _is_dtensor(p))
         # Nothing has been written so far; from here on, every check has passed.
         batches: dict = defaultdict(lambda: defaultdict(list))
         sparse_items = []
         to_flush = []  # exact-mode tables that got a dense gradient: rows must be current first
         created = []   # parameters whose state this step creates (dropped again if it is skipped)
         sharded = False  # FSDP2 DTensors: the ranks must agree on skipping
+        new_radii = []  # local ||W_0||^2 of sharded matrices stepped for the first time
         for row, p, backend, algo, group, gi, pi in items:
             sharded = sharded or _is_dtensor(p)
             if algo == "sparse":
@@ -269,7 +279,10 @@ class _FusedAdam(torch.optim.Optimizer):
             if not self.state.get(p):
                 created.append(p)
             amsgrad = algo == "adamw" and bool(group.get("amsgrad", False))
-            st = self._init_state(p, algo, amsgrad)
+            split = id(p) in shard_ids  # AdamH in two ops, the sums all-reduced in between
+            if split and "radius" not in self.state.get(p, {}):
+                new_radii.append(p)
+            st = self._init_state(p, algo, amsgrad, sharded=split)
             if st["step"].device != _step_device(p):
                 # A host counter of a CUDA parameter (an old pickle or checkpoint): onto the
                 # device once, as torch.compile does for torch's optimizers.
@@ -277,7 +290,7 @@ class _FusedAdam(torch.optim.Optimizer):
             # FSDP2 shards (DTensors) step their local shard: AdamW is elementwise.
             local = _local(p)
             work = local if _dense(local) else local.detach().contiguous()
-            b = batches[(backend, p.device, algo, amsgrad)]
+            b = batches[(backend, p.device, algo, amsgrad, split)]
             b["params"].append(work)
             b["orig"].append(local)
             b["grads"].append(_like(_local(p.grad), work))
@@ -290,6 +303,9 @@ class _FusedAdam(torch.optim.Optimizer):
             b["where"].append((group, gi, pi))
             if algo == "adamh":
                 b["radii"].append(st["radius"])
+                b["backend"] = backend
+        if new_radii:
+            _shards.finish_radii([self.state[p]["radius"] for p in new_radii], shard_group)
         order = list(batches)
         fused_check = None
         found = None  # the device flag of a step that decides about non-finite values on the device
@@ -317,8 +333,9 @@ class _FusedAdam(torch.optim.Optimizer):
             self._rows.flush_param(p, backend)
             self._rows.drop(p)
         tracked: list = []
+        split_batches = []  # (batch, local sums) of sharded AdamH: pass 2 after the all-reduce
         for key in order:
-            backend, device, algo, amsgrad = key
+            backend, device, algo, amsgrad, split = key
             b = batches[key]
             fns = _backend.ops(backend)
             hyper = b["hyper"] = self._hyper_table(key, b["rows"], _table_device_for(backend, device))
@@ -326,6 +343,11 @@ class _FusedAdam(torch.optim.Optimizer):
                 flag = found
             else:
                 flag = self._found_for(device) if key == fused_check else None
+            if algo == "adamh" and split:
+                # Pass 1 only; a sharded step decides on non-finite values on the host (flag None).
+                split_batches.append((b, fns.fused_adamh_reduce_(b["params"], b["grads"], b["exp_avg"],
+                                                                 b["exp_avg_sq"], b["steps"], hyper)))
+                continue
             if algo == "adamh":
                 extra = {} if flag is None else {"found_inf": flag}
                 sums = fns.fused_adamh_(b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"],
@@ -346,6 +368,18 @@ class _FusedAdam(torch.optim.Optimizer):
                     p.copy_(work)
             if self.track:
                 tracked.append((algo, b, sums))
+        if split_batches:
+            # One all-reduce of every sharded matrix's (||u||^2, <W,u>, ||W||^2): the sums of the
+            # whole matrices, with which pass 2 takes the unsharded step.
+            totals = _shards.all_reduce_sums([s for b, s in split_batches], shard_group)
+            for (b, _), sums in zip(split_batches, totals):
+                _backend.ops(b["backend"]).fused_adamh_apply_(b["params"], b["exp_avg"], b["exp_avg_sq"],
+                                                             b["steps"], b["radii"], b["hyper"], sums)
+                for work, p in zip(b["params"], b["orig"]):
+                    if work is not p:
+                        p.copy_(work)
+                if self.track:
+                    tracked.append(("adamh", b, sums))
         if found is not None:
             if self.nonfinite == "raise":
                 if bool(found):  # the one host read of nonfinite="raise"

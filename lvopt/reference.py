@@ -133,6 +133,58 @@ def fused_adamh_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
     return stats
 
 
+def fused_adamh_reduce_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                        exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], hyper: Tensor,
+                        found_inf: Tensor | None = None) -> Tensor:
+    """Pass 1 of :func:`fused_adamh_` alone: advances the counters, updates m and v, and returns
+    the sums (||u||^2, <W,u>, ||W||^2) per tensor, on the parameters' device; writes no
+    parameter. With sharded tensors the sums are all-reduced before :func:`fused_adamh_apply_`."""
+    stats = torch.zeros(len(params), 3, dtype=torch.float64, device=params[0].device if params else "cpu")
+    if stop_for_nonfinite(found_inf, grads):
+        return stats
+    rows = hyper.tolist()
+    for i, row in enumerate(rows):
+        if row[WEIGHT_DECAY] != 0.0:
+            raise ValueError(f"fused_adamh_reduce_: weight_decay of tensor {i} must be 0 (hyperball steps "
+                             f"have no weight decay), got {row[WEIGHT_DECAY]}")
+    for i, (p, g, m, v, step, row) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, rows)):
+        bc1, bc2 = _advance(step, row)
+        dt = _compute_dtype(p)
+        _moments(_grad(g, row, m.dtype), m, v, row)
+        u64 = ((m / bc1) / ((v / bc2).sqrt() + row[EPS])).to(dt).double()
+        w64 = p.to(dt).double()
+        stats[i, 0] = (u64 * u64).sum()
+        stats[i, 1] = (w64 * u64).sum()
+        stats[i, 2] = (w64 * w64).sum()
+    return stats
+
+
+def fused_adamh_apply_(params: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+                       steps: Sequence[Tensor], radii: Sequence[Tensor], hyper: Tensor, sums: Tensor,
+                       found_inf: Tensor | None = None) -> None:
+    """Pass 2 of :func:`fused_adamh_` alone, from ``sums`` (the whole tensors' ||u||^2, <W,u>,
+    ||W||^2, [n, 3]): W' = W - s u with s = lr R/||u||, and W <- R W'/||W'|| where
+    ||W'||^2 = ||W||^2 - 2 s <W,u> + s^2 ||u||^2 (the norm of the whole tensor, which a shard
+    cannot take itself). u is recomputed from m, v and the counters as the reduce left them.
+    Nothing is written when ``found_inf`` is set."""
+    if tuple(sums.shape) != (len(params), 3) or sums.dtype != torch.float64:
+        raise RuntimeError(f"lvopt::fused_adamh_apply_: sums must be a float64 tensor of shape [{len(params)}, 3], "
+                           f"got {sums.dtype} {list(sums.shape)}")
+    if found_inf is not None and bool(found_inf):
+        return
+    for p, m, v, step, r, row, (uu, wu, ww) in zip(params, exp_avgs, exp_avg_sqs, steps, radii, hyper.tolist(),
+                                                    sums.tolist()):
+        t = float(step)
+        bc1, bc2 = 1.0 - row[BETA1] ** t, 1.0 - row[BETA2] ** t
+        dt = _compute_dtype(p)
+        u = ((m / bc1) / ((v / bc2).sqrt() + row[EPS])).to(dt)
+        radius = float(r)
+        s = row[LR] * radius / math.sqrt(uu) if uu > 0.0 else 0.0
+        norm2 = ww - 2.0 * s * wu + s * s * uu
+        if norm2 > 0.0:
+            p.copy_((p.to(dt) - s * u) * (radius / math.sqrt(norm2)))
+
+
 # ----- sparse embedding rows (docs/design.md section 2.3) ----------------------------------------
 
 def _check_indices(op: str, indices: Tensor, num_rows: int) -> None:

@@ -400,3 +400,13 @@ def test_load_keeps_the_optimizers_own_settings():
     q.grad = torch.randn(4, 3)
     opt.step()
     assert len(seen) == 1 and float(opt.state[q]["step"]) == 2.0
+
+
+def test_an_empty_local_shard_has_no_problems():
+    """A rank's empty shard of an FSDP2 DTensor (the state of a 6-row matrix on 4 ranks: 2, 2, 2,
+    0 rows) has elements globally but none locally: nothing to find NaN or a negative value in
+    (aminmax of nothing raised). The end-to-end case: tests/test_fsdp_adamh.py resumes from a
+    state_dict on 4 ranks."""
+    from lvopt.checkpoint import _counts
+
+    assert _counts(torch.zeros(0, 28), negative=True) == (0, 0, 0.0)

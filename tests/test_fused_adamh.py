@@ -9,6 +9,7 @@ import torch
 
 from conftest import IN_TRITON_CHILD, clone_all, make_hyper, make_state, rel_err, run_triton_child
 from lvopt import reference
+import _adamh_split as split
 
 # Per backend: matrices across the chunking (a 70000-element row on the CPU and CUDA, two
 # 16 Ki chunks and a tail for the interpreter), a 3-d tensor and an empty one.
@@ -175,3 +176,49 @@ def test_errors_write_nothing(backend, gen):
     for lst, old in zip((ps, ms, vs, ss), before):
         for t, o in zip(lst, old):
             assert torch.equal(t, o)
+
+
+# ----- the two passes as two ops (sharded matrices: the sums are all-reduced in between) --------
+
+# On every backend, and on the reference (no ``backend`` fixture: it is the oracle).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_ops_equal_the_single_call(backend, gen, dtype):
+    split.split_equals_single_call(backend.ops, backend.device, dtype, gen, exact=True, shapes=SHAPES[backend.name])
+    if backend.name == "cuda":  # the device-resident step counters, radii and hyper table too
+        split.split_equals_single_call(backend.ops, backend.device, dtype, gen, exact=True, state_dev="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_split_ops_equal_the_single_call(gen, dtype):
+    split.split_equals_single_call(reference, "cpu", dtype, gen, exact=False)
+
+
+@pytest.mark.parametrize("dim,parts", [(0, 4), (1, 2)])
+def test_shards_with_summed_sums_take_the_unsharded_step(backend, gen, dim, parts):
+    split.sharded_sums_give_the_unsharded_step(backend.ops, backend.device, dim, parts, gen,
+                                               steps=STEPS[backend.name])
+
+
+@pytest.mark.parametrize("dim,parts", [(0, 4), (1, 2)])
+def test_reference_shards_with_summed_sums_take_the_unsharded_step(gen, dim, parts):
+    split.sharded_sums_give_the_unsharded_step(reference, "cpu", dim, parts, gen, steps=2)
+
+
+def test_split_ops_nonfinite_write_nothing(backend, gen):
+    split.nonfinite_writes_nothing(backend.ops, backend.device, gen)
+    if backend.name == "cuda":
+        split.nonfinite_writes_nothing(backend.ops, backend.device, gen, state_dev="cuda")
+
+
+def test_reference_split_ops_nonfinite_write_nothing(gen):
+    split.nonfinite_writes_nothing(reference, "cpu", gen)
+
+
+def test_split_ops_opcheck(backend, gen):
+    namespace = torch.ops.lvopt_triton if backend.name == "triton" else torch.ops.lvopt
+    backend.op("fused_adamh_reduce_")  # imports lvopt.triton for its namespace
+    split.opcheck(namespace, backend.device, gen)
+
+
+def test_split_ops_errors_write_nothing(backend, gen):
+    split.errors_write_nothing(backend.ops, backend.device, gen)

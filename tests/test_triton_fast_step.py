@@ -115,6 +115,32 @@ def test_fast_step_equals_full_step(gen, cls_name, case, dtype):
 
 
 @needs_triton_device
+def test_no_fast_step_for_a_step_with_sharded_parameters(gen, monkeypatch):
+    """A step with FSDP2 shards (DTensor parameters, whose AdamH sums are all-reduced between the
+    two ops of lvopt/_shards.py) gets no steady-state step: the full step tells
+    _fast_step.build (sharded=True) and it returns None, where the same step unsharded gets a
+    FastStep."""
+    from lvopt import _fast_step
+
+    real, calls = _fast_step.build, []
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(_fast_step, "build", spy)
+    ps = _params(gen)
+    opt = _make("AdamH", ps, "plain")
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen).to(DEV)
+    opt.step()
+    assert opt._fast is not None and len(calls) == 1
+    o, batches, items, sparse_items, to_flush, sharded = calls[0]
+    assert sharded is False  # no DTensor among these parameters
+    assert real(o, batches, items, sparse_items, to_flush, True) is None
+
+
+@needs_triton_device
 @pytest.mark.parametrize("step_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("unit_step", [False, True])
 def test_setup_kernel_equals_torch_fp64(gen, step_dtype, unit_step):
@@ -216,7 +242,7 @@ def test_host_work_per_step_does_not_grow_with_tensors(monkeypatch, cls_name, ca
     counts = {}
     for n in (12, 120):
         shapes = [(3 + i % 5, 4) if i % 2 else (5 + i,) for i in range(n)]
-        ps = [nn.Parameter(torch.empty(s)) for s in shapes]
+        ps = [nn.Parameter(torch.ones(s)) for s in shapes]  # finite: AdamH checks its radii ||W_0||
         for p in ps:
             p.grad = torch.empty(p.shape)
         opt = _make(cls_name, ps, "plain" if case in ("moved", "sched") else case)

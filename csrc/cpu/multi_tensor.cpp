@@ -85,6 +85,19 @@ std::vector<AdamCoef> advance_steps(const StepArgs& a, std::vector<double>* step
   return coef;
 }
 
+std::vector<AdamCoef> current_coefs(const StepArgs& a, std::vector<double>* steps_out) {
+  std::vector<AdamCoef> coef(a.params.size());
+  const double* hp = a.hyper.data_ptr<double>();
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    const at::Tensor& s = a.steps[i];
+    const double step = s.scalar_type() == at::kFloat ? static_cast<double>(*s.data_ptr<float>())
+                                                      : *s.data_ptr<double>();
+    coef[i] = make_adam_coef(hp + i * kHyperCols, step);
+    if (steps_out != nullptr) steps_out->push_back(step);
+  }
+  return coef;
+}
+
 void nonfinite_scan_(at::TensorList tensors, const at::Tensor& found_inf) {
   float* found = check_found_inf("lvopt::nonfinite_scan_", found_inf);
   if (*found == 0.0f && any_nonfinite(tensors)) *found = 1.0f;

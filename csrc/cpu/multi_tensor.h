@@ -51,6 +51,10 @@ inline void check_step_args(const char* op, const StepArgs& a) {
 // The new step numbers go to *steps_out when it is given.
 std::vector<AdamCoef> advance_steps(const StepArgs& a, std::vector<double>* steps_out = nullptr);
 
+// The coefficients of the step the counters hold now, without incrementing them (the second
+// op of a step split in two: fused_adamh_apply_ after fused_adamh_reduce_).
+std::vector<AdamCoef> current_coefs(const StepArgs& a, std::vector<double>* steps_out = nullptr);
+
 LVOPT_ALWAYS_INLINE float load_elem(const float* p, int64_t i) { return p[i]; }
 LVOPT_ALWAYS_INLINE float load_elem(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 LVOPT_ALWAYS_INLINE void store_elem(float* p, int64_t i, float x) { p[i] = x; }

@@ -4,6 +4,9 @@
 //             (||u||^2, <W,u>, ||W||^2): read W, g, m, v; write m, v (24 B/param in fp32);
 //   finalize: one warp per tensor adds its chunks' partials and computes the scales a, b;
 //   pass 2  : W <- a*W - b*u with u recomputed from m, v: read W, m, v; write W (16 B/param).
+// fused_adamh_ runs all four; fused_adamh_reduce_ (advance, pass 1, finalize) and
+// fused_adamh_apply_ (advance without incrementing, scales from given sums, pass 2) split them
+// for sharded tensors, whose sums are all-reduced between the two ops.
 // Deterministic: each thread sums its own elements in a fixed order, a block adds its threads
 // by a fixed xor-shuffle tree and its 8 warps in order, and the finalize warp adds chunk
 // partials by a fixed lane assignment and tree; no atomics, so the bits depend on neither the
@@ -122,6 +125,57 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The scales of pass 2 from sums given to the op (fused_adamh_apply_): one thread per tensor.
+__global__ void adamh_scales_kernel(TensorState* __restrict__ st, const double* __restrict__ sums,
+                                    int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  TensorState& s = st[i];
+  const double* x = sums + 3 * i;
+  const HyperballScales h = hyperball_scales(s.lr, s.radius, x[0], x[1], x[2]);
+  s.scale_a = static_cast<float>(h.a);
+  s.scale_b = static_cast<float>(h.b);
+}
+
+// Pass 1 and the finalize kernel: the per-tensor sums into stats (and the scales into st).
+void reduce_pass(const StepArgs& args, const std::vector<int32_t>& first, int64_t total_chunks,
+                 TensorState* st, const at::Tensor& stats, cudaStream_t stream) {
+  const auto f64 = args.params[0].options().dtype(at::kDouble);
+  // Every chunk's slot is written by pass 1, so no zero fill is needed.
+  at::Tensor partials = at::empty({std::max<int64_t>(total_chunks, 1) * 3}, f64);
+  double* part = partials.data_ptr<double>();
+  for_each_launch(args, at::kFloat, first, [&](const LaunchTable& tab) {
+    adamh_reduce_kernel<float><<<tab.blocks, kThreads, 0, stream>>>(tab, st, part);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  for_each_launch(args, at::kBFloat16, first, [&](const LaunchTable& tab) {
+    adamh_reduce_kernel<uint16_t><<<tab.blocks, kThreads, 0, stream>>>(tab, st, part);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  adamh_finalize_kernel<<<static_cast<unsigned>(args.params.size()), 32, 0, stream>>>(
+      st, part, stats.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Pass 2 with the scales in st.
+void apply_pass(const StepArgs& args, const std::vector<int32_t>& first, const TensorState* st,
+                cudaStream_t stream) {
+  for_each_launch(args, at::kFloat, first, [&](const LaunchTable& tab) {
+    adamh_apply_kernel<float><<<tab.blocks, kThreads, 0, stream>>>(tab, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  for_each_launch(args, at::kBFloat16, first, [&](const LaunchTable& tab) {
+    adamh_apply_kernel<uint16_t><<<tab.blocks, kThreads, 0, stream>>>(tab, st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor zero_stats(const StepArgs& args) {
+  return at::empty({static_cast<int64_t>(args.params.size()), 3},
+                   args.params[0].options().dtype(at::kDouble))
+      .zero_();
+}
+
 at::Tensor fused_adamh_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList radii,
                             const at::Tensor& hyper, const std::optional<at::Tensor>& found_inf) {
@@ -137,42 +191,80 @@ at::Tensor fused_adamh_cuda(at::TensorList params, at::TensorList grads, at::Ten
   int64_t total_chunks = 0;
   const std::vector<int32_t> first = first_chunks(params, &total_chunks);
   // Pass 1 writes the moments, so a non-finite gradient must be found before it (a scan of g).
-  if (stop_for_nonfinite(args, first, found_inf, stream)) {
-    return at::empty({static_cast<int64_t>(n), 3}, params[0].options().dtype(at::kDouble)).zero_();
-  }
+  if (stop_for_nonfinite(args, first, found_inf, stream)) return zero_stats(args);
   at::Tensor hyper_dev;
   at::Tensor st_buf =
       advance_steps(args, radii, /*unit_step=*/true, first, stream, &hyper_dev, found_inf);
   auto* st = reinterpret_cast<TensorState*>(st_buf.data_ptr());
-  const auto f64 = params[0].options().dtype(at::kDouble);
-  // Every chunk's slot is written by pass 1, so no zero fill is needed.
-  at::Tensor partials = at::empty({std::max<int64_t>(total_chunks, 1) * 3}, f64);
-  at::Tensor stats = at::empty({static_cast<int64_t>(n), 3}, f64);
-  double* part = partials.data_ptr<double>();
-  for_each_launch(args, at::kFloat, first, [&](const LaunchTable& tab) {
-    adamh_reduce_kernel<float><<<tab.blocks, kThreads, 0, stream>>>(tab, st, part);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  for_each_launch(args, at::kBFloat16, first, [&](const LaunchTable& tab) {
-    adamh_reduce_kernel<uint16_t><<<tab.blocks, kThreads, 0, stream>>>(tab, st, part);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  adamh_finalize_kernel<<<static_cast<unsigned>(n), 32, 0, stream>>>(st, part,
-                                                                     stats.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for_each_launch(args, at::kFloat, first, [&](const LaunchTable& tab) {
-    adamh_apply_kernel<float><<<tab.blocks, kThreads, 0, stream>>>(tab, st);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  for_each_launch(args, at::kBFloat16, first, [&](const LaunchTable& tab) {
-    adamh_apply_kernel<uint16_t><<<tab.blocks, kThreads, 0, stream>>>(tab, st);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  at::Tensor stats = at::empty({static_cast<int64_t>(n), 3}, params[0].options().dtype(at::kDouble));
+  reduce_pass(args, first, total_chunks, st, stats, stream);
+  apply_pass(args, first, st, stream);
   return stats;
+}
+
+at::Tensor fused_adamh_reduce_cuda(at::TensorList params, at::TensorList grads,
+                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                   at::TensorList steps, const at::Tensor& hyper,
+                                   const std::optional<at::Tensor>& found_inf) {
+  const char* op = "lvopt::fused_adamh_reduce_";
+  const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
+  check_step_args(op, args);
+  ::lvopt::check_no_weight_decay(op, args);
+  check_found_inf(op, found_inf, args);
+  if (params.empty()) return at::empty({0, 3}, hyper.options());
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int64_t total_chunks = 0;
+  const std::vector<int32_t> first = first_chunks(params, &total_chunks);
+  if (stop_for_nonfinite(args, first, found_inf, stream)) return zero_stats(args);
+  at::Tensor hyper_dev;
+  at::Tensor st_buf =
+      advance_steps(args, {}, /*unit_step=*/true, first, stream, &hyper_dev, found_inf);
+  at::Tensor stats = at::empty({static_cast<int64_t>(params.size()), 3},
+                               params[0].options().dtype(at::kDouble));
+  reduce_pass(args, first, total_chunks, reinterpret_cast<TensorState*>(st_buf.data_ptr()), stats,
+              stream);
+  return stats;
+}
+
+void fused_adamh_apply_cuda(at::TensorList params, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList radii,
+                            const at::Tensor& hyper, const at::Tensor& sums,
+                            const std::optional<at::Tensor>& found_inf) {
+  const char* op = "lvopt::fused_adamh_apply_";
+  // Pass 2 reads no gradient: the parameters stand in for them in the shared checks.
+  const StepArgs args{params, params, exp_avgs, exp_avg_sqs, steps, hyper};
+  check_step_args(op, args);
+  ::lvopt::check_hyperball_args(op, args, radii);
+  ::lvopt::check_hyperball_sums(op, args, sums, c10::DeviceType::CUDA);
+  check_found_inf(op, found_inf, args);
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int64_t total_chunks = 0;
+  const std::vector<int32_t> first = first_chunks(params, &total_chunks);
+  // A set flag marks every tensor skipped on the device (advance_kernel); only host counters
+  // make the flag be read here, as in stop_for_nonfinite.
+  bool host_step = false;
+  for (const at::Tensor& s : steps) host_step = host_step || s.device().is_cpu();
+  if (host_step && found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+  at::Tensor hyper_dev;
+  at::Tensor st_buf = advance_steps(args, radii, /*unit_step=*/true, first, stream, &hyper_dev,
+                                    found_inf, /*advance=*/false);
+  auto* st = reinterpret_cast<TensorState*>(st_buf.data_ptr());
+  adamh_scales_kernel<<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(
+      st, sums.data_ptr<double>(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  apply_pass(args, first, st, stream);
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace lvopt
 
-TORCH_LIBRARY_IMPL(lvopt, CUDA, m) { m.impl("fused_adamh_", &lvopt::cuda::fused_adamh_cuda); }
+TORCH_LIBRARY_IMPL(lvopt, CUDA, m) {
+  m.impl("fused_adamh_", &lvopt::cuda::fused_adamh_cuda);
+  m.impl("fused_adamh_reduce_", &lvopt::cuda::fused_adamh_reduce_cuda);
+  m.impl("fused_adamh_apply_", &lvopt::cuda::fused_adamh_apply_cuda);
+}

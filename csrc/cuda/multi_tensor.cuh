@@ -111,9 +111,11 @@ static_assert(sizeof(AdvanceTable) <= 4096, "kernel arguments are limited to 4 K
 // With found_inf (device flag of nonfinite="skip"/"raise", set by the scan launched before),
 // a set flag leaves every device counter as it is and marks every tensor skipped: the decision
 // is taken here, on the device, with no host read (capturable).
+// With advance = false the counters are read, not incremented: the coefficients of the step
+// they hold (the second op of a step split in two, fused_adamh_apply_).
 static __global__ void advance_kernel(const __grid_constant__ AdvanceTable tab,
                                const double* __restrict__ hyper, TensorState* __restrict__ st,
-                               bool unit_step, const float* __restrict__ found) {
+                               bool unit_step, const float* __restrict__ found, bool advance) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= tab.count) return;
   const AdvanceSlot& s = tab.s[i];
@@ -122,13 +124,13 @@ static __global__ void advance_kernel(const __grid_constant__ AdvanceTable tab,
   const int32_t step_kind = s.kind & 3;
   if (step_kind == kStepF32) {
     float* sp = static_cast<float*>(s.step.ptr);
-    const float x = *sp + 1.0f;
-    if (!skip) *sp = x;
+    const float x = advance ? *sp + 1.0f : *sp;
+    if (advance && !skip) *sp = x;
     step = x;
   } else if (step_kind == kStepF64) {
     double* sp = static_cast<double*>(s.step.ptr);
-    const double x = *sp + 1.0;
-    if (!skip) *sp = x;
+    const double x = advance ? *sp + 1.0 : *sp;
+    if (advance && !skip) *sp = x;
     step = x;
   } else {
     step = s.step.value;
@@ -351,10 +353,12 @@ inline std::vector<int32_t> first_chunks(at::TensorList params, int64_t* total) 
 
 // Increments host step counters (after all checks), launches the advance kernel(s) for device
 // ones, and returns the device TensorState array (n entries) and the device hyper table.
+// advance = false: the counters are only read (see advance_kernel).
 inline at::Tensor advance_steps(const StepArgs& a, at::TensorList radii, bool unit_step,
                                 const std::vector<int32_t>& first, cudaStream_t stream,
                                 at::Tensor* hyper_dev,
-                                const std::optional<at::Tensor>& found_inf = std::nullopt) {
+                                const std::optional<at::Tensor>& found_inf = std::nullopt,
+                                bool advance = true) {
   const int64_t n = static_cast<int64_t>(a.params.size());
   const auto dev = a.params[0].device();
   // host copy: a hyper table given on the host (a direct call of the op); the optimizer passes
@@ -376,11 +380,11 @@ inline at::Tensor advance_steps(const StepArgs& a, at::TensorList radii, bool un
         double x;
         if (step.scalar_type() == at::kFloat) {
           float* sp = step.data_ptr<float>();
-          *sp += 1.0f;
+          if (advance) *sp += 1.0f;
           x = *sp;
         } else {
           double* sp = step.data_ptr<double>();
-          *sp += 1.0;
+          if (advance) *sp += 1.0;
           x = *sp;
         }
         s.step.value = x;
@@ -401,7 +405,7 @@ inline at::Tensor advance_steps(const StepArgs& a, at::TensorList radii, bool un
     }
     advance_kernel<<<(tab.count + 127) / 128, 128, 0, stream>>>(
         tab, hyper_dev->data_ptr<double>(), reinterpret_cast<TensorState*>(st.data_ptr()),
-        unit_step, found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr);
+        unit_step, found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr, advance);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return st;

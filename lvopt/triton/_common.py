@@ -166,15 +166,20 @@ def nonfinite_scan_(tensors, found_inf) -> None:
             found_inf.masked_fill_(torch.isfinite(t).all().logical_not(), 1.0)
 
 
-def advance_steps(steps, hyper, device, unit_step: bool, found_inf=None):
+def advance_steps(steps, hyper, device, unit_step: bool, found_inf=None, advance: bool = True):
     """Increments every step counter (in its own dtype, as the CPU kernel) and returns the fp32
     coefficient table [n, COEF_COLS] on ``device`` (math.h's make_adam_coef / unit_lr).
     With found_inf, the counters advance by 1 - found_inf, on the device: a skipped step leaves
     them as they were, and no value is read on the host. Counters on another device than the
     flag (host counters of CUDA parameters, an old checkpoint's layout) need the flag on the
-    host: then it is read (one synchronisation) and None is returned for a skipped step."""
+    host: then it is read (one synchronisation) and None is returned for a skipped step.
+    ``advance=False``: the counters are only read (the second op of a step split in two,
+    fused_adamh_apply_), and the coefficients are those of the step they hold."""
     steps = list(steps)
-    if found_inf is None:
+    if not advance:
+        if found_inf is not None and any(s.device != found_inf.device for s in steps) and bool(found_inf):
+            return None
+    elif found_inf is None:
         # One multi-tensor launch on a GPU instead of one per counter (the same adds, in each
         # counter's own dtype).
         torch._foreach_add_(steps, 1)

@@ -96,12 +96,14 @@ def adam_setup_kernel(
     STEP64: tl.constexpr,
     HAS_FOUND: tl.constexpr,
     RB: tl.constexpr,
+    ADVANCE: tl.constexpr = True,
 ):
     """For tensors i of this program's block: step_i += 1 (or 1 - found_inf) in the counter's
     dtype, at the address in steps_ptr[i]; then row i of coef (fp32, COEF_COLS columns) from
     row i of hyper (fp64, reference.HYPER_COLS columns: lr, beta1, beta2, weight_decay, eps,
     maximize) and the new step, as math.h make_adam_coef (UNIT_STEP: step_size = 1/bc1, AdamH's
-    unit_lr)."""
+    unit_lr). ADVANCE=False: the counters are only read (the coefficients of the step they
+    hold: fused_adamh_apply_, the second op of a step split in two)."""
     i = tl.program_id(0) * RB + tl.arange(0, RB)
     mask = i < n
     addr = tl.load(steps_ptr + i, mask=mask, other=0)
@@ -110,11 +112,12 @@ def adam_setup_kernel(
     else:
         sp = addr.to(tl.pointer_type(tl.float32), bitcast=True)
     s = tl.load(sp, mask=mask, other=0.0)
-    if HAS_FOUND:
-        s = s + (1.0 - tl.load(found_ptr))
-    else:
-        s = s + 1.0
-    tl.store(sp, s, mask=mask)
+    if ADVANCE:
+        if HAS_FOUND:
+            s = s + (1.0 - tl.load(found_ptr))
+        else:
+            s = s + 1.0
+        tl.store(sp, s, mask=mask)
     t = s.to(tl.float64)
     h = hyper_ptr + i * 6
     lr = tl.load(h + 0, mask=mask, other=0.0)
@@ -277,12 +280,13 @@ class DensePlan:
                 **launch_options(),
             )
 
-    def advance(self, steps, hyper, unit_step: bool, found_inf=None):
+    def advance(self, steps, hyper, unit_step: bool, found_inf=None, increment: bool = True):
         """The step counters advanced and this step's coefficient table [n, COEF_COLS] (fp32, on
         the device): one launch of adam_setup_kernel; without a step table C.advance_steps
-        (torch ops; may return None, see there)."""
+        (torch ops; may return None, see there). ``increment=False``: the counters are only read
+        and the coefficients are those of the step they hold (fused_adamh_apply_)."""
         if self.step_tab is None:
-            return C.advance_steps(steps, hyper, self.device, unit_step, found_inf)
+            return C.advance_steps(steps, hyper, self.device, unit_step, found_inf, advance=increment)
         from .fused_adamw import launch_options
 
         has_found = found_inf is not None
@@ -296,6 +300,7 @@ class DensePlan:
             STEP64=self.step64,
             HAS_FOUND=has_found,
             RB=SETUP_BLOCK,
+            ADVANCE=increment,
             **launch_options(),
         )
         return self.coef

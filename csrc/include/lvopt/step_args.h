@@ -106,6 +106,31 @@ inline bool check_amsgrad_args(const char* op, const StepArgs& a,
   return true;
 }
 
+// A hyperball step takes no weight decay: checked in a host-side table (a device table is the
+// optimizer's to keep, see check_step_args).
+inline void check_no_weight_decay(const char* op, const StepArgs& a) {
+  if (!a.hyper.device().is_cpu()) return;
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    TORCH_CHECK(a.hyper.data_ptr<double>()[i * kHyperCols + kWeightDecay] == 0.0, op,
+                ": weight_decay of tensor ", i,
+                " must be 0 (hyperball steps have no weight decay)");
+  }
+}
+
+// The sums fused_adamh_apply_ takes (what fused_adamh_reduce_ returned, all-reduced over the
+// shards): a contiguous float64 [n, 3] tensor on the kernel's device.
+inline void check_hyperball_sums(const char* op, const StepArgs& a, const at::Tensor& sums,
+                                 c10::DeviceType kernel) {
+  const size_t n = a.params.size();
+  const bool here = n > 0 ? sums.device() == a.params[0].device() : sums.device().type() == kernel;
+  TORCH_CHECK(sums.defined() && here && sums.scalar_type() == at::kDouble && sums.dim() == 2 &&
+                  sums.size(0) == static_cast<int64_t>(n) && sums.size(1) == 3 &&
+                  sums.is_contiguous(),
+              op, ": sums must be a contiguous float64 tensor of shape [", n,
+              ", 3] on the parameters' device (fused_adamh_reduce_'s result), got ",
+              sums.scalar_type(), " ", sums.sizes(), " on ", sums.device());
+}
+
 // AdamH's extra arguments: one radius per tensor (host or the parameters' device; host values
 // are checked), and no weight decay in the host-side table.
 inline void check_hyperball_args(const char* op, const StepArgs& a, at::TensorList radii) {
@@ -122,12 +147,8 @@ inline void check_hyperball_args(const char* op, const StepArgs& a, at::TensorLi
       TORCH_CHECK(std::isfinite(radius) && radius >= 0.0, op, ": radii[", i,
                   "] must be finite and >= 0, got ", radius);
     }
-    if (a.hyper.device().is_cpu()) {
-      TORCH_CHECK(a.hyper.data_ptr<double>()[i * kHyperCols + kWeightDecay] == 0.0, op,
-                  ": weight_decay of tensor ", i,
-                  " must be 0 (hyperball steps have no weight decay)");
-    }
   }
+  check_no_weight_decay(op, a);
 }
 
 }  // namespace lvopt
