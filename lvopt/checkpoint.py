@@ -232,8 +232,9 @@ def _state_problems(st, p: Tensor) -> list:
                            f"(of {t.numel()}, smallest {low:.6g}); a second moment is >= 0")
     if "radius" in st:
         r = _number(st["radius"], "radius", out)
-        if r is not None and not (math.isfinite(r) and r > 0):
-            out.append(f"'radius' is {r}; expected a finite number > 0 (the matrix's Frobenius norm "
+        # R = 0 is a zero matrix, which AdamH keeps at zero (docs/design.md section 2.2).
+        if r is not None and not (math.isfinite(r) and r >= 0):
+            out.append(f"'radius' is {r}; expected a finite number >= 0 (the matrix's Frobenius norm "
                        f"at its first hyperball step)")
     if "last_step" in st:
         out += _last_step_problems(st["last_step"], p, step)

@@ -178,13 +178,33 @@ def test_sparse_exp_avg_layout():
     assert_refused(sd, "adamw", "'emb2.weight' of group 3", "'exp_avg' is a torch.sparse_coo tensor")
 
 
-@pytest.mark.parametrize("radius", [0.0, -1.0, math.nan, math.inf])
+@pytest.mark.parametrize("radius", [-1.0, math.nan, math.inf])
 def test_bad_radius(radius):
     sd = checkpoint("adamh")
     st = sd["state"][pid(sd, "fc.weight")]
     assert float(st["radius"]) > 0  # AdamH recorded it
     st["radius"] = torch.tensor(radius, dtype=torch.float64)
-    assert_refused(sd, "adamh", "param 0 'fc.weight' of group 0", f"'radius' is {radius}", "finite number > 0")
+    assert_refused(sd, "adamh", "param 0 'fc.weight' of group 0", f"'radius' is {radius}", "finite number >= 0")
+
+
+def test_zero_hyperball_matrix_round_trips():
+    """A zero matrix has R = 0 and AdamH keeps it at zero; its own checkpoint loads (R = 0 was
+    refused once) and the step after the load equals the step without one."""
+    def make():
+        w = torch.nn.Parameter(torch.zeros(4, 6))
+        return w, lvopt.AdamH([w], lr=1e-2)
+
+    w, opt = make()
+    for _ in range(2):
+        w.grad = torch.ones(4, 6)
+        opt.step()
+    assert float(opt.state[w]["radius"]) == 0.0 and not w.detach().any()
+    w2, opt2 = make()
+    opt2.load_state_dict(opt.state_dict())
+    for p, o in ((w, opt), (w2, opt2)):
+        p.grad = torch.full((4, 6), 0.5)
+        o.step()
+    assert torch.equal(w, w2) and torch.equal(opt.state[w]["exp_avg"], opt2.state[w2]["exp_avg"])
 
 
 def test_radius_not_a_scalar():
