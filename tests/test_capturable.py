@@ -10,25 +10,12 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lvopt
+from _host_traffic import HostTraffic
 from conftest import assert_bf16_step_close, needs_native
 
 BACKENDS = [pytest.param("cpu", marks=needs_native), "reference"]
-
-
-class HostReads(TorchDispatchMode):
-    """Records the ops that read a tensor's value on the host (item, float(), bool(), tolist)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _model(gen, dtype=torch.float32):
@@ -82,7 +69,7 @@ def test_tensor_lr_is_not_read_on_the_host(gen, nonfinite):
         lr.fill_(1e-2 * (k + 1))
         for g in b.param_groups:
             g["lr"] = 1e-2 * (k + 1)
-        with HostReads() as mode:
+        with HostTraffic() as mode:
             a.step()
         assert mode.reads == [], mode.reads
         b.step()
@@ -117,7 +104,7 @@ def test_skip_decided_in_the_op_counts_lazily(backend, gen):
     before = [p.detach().clone() for p in ps]
     _grads(ps, gen, bad=True)
     if backend == "cpu":
-        with HostReads() as mode:
+        with HostTraffic() as mode:
             opt.step()
         assert mode.reads == [], mode.reads
     else:

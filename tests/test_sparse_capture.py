@@ -22,34 +22,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lvopt
+from _host_traffic import HOST_READ_OPS, HostTraffic
 from _triton_support import IN_CHILD, run_file_under_interpreter
 from conftest import needs_native, rel_err
-from test_sync_free import HostTraffic, _cuda_built, _triton_installed
-
-
-class AllTraffic(HostTraffic):
-    """HostTraffic that also lists every upload (non-blocking ones included) and, per lvopt op,
-    its host arguments (numbers, flags)."""
-
-    def reset(self):
-        super().reset()
-        self.uploads, self.lvopt_calls = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = str(func.overloadpacket.__name__)
-        if name in ("_to_copy", "copy_", "to"):
-            src = args[1] if name == "copy_" else args[0]
-            dst = args[0].device if name == "copy_" else torch.device(kwargs.get("device") or src.device)
-            if src.device.type == "cpu" and dst.type == "cuda":
-                self.uploads.append(name)
-        if func.namespace in ("lvopt", "lvopt_triton"):
-            plain = (int, float, bool, str, type(None))
-            bound = dict(zip((a.name for a in func._schema.arguments), args))
-            bound.update(kwargs)
-            host = tuple(sorted((k, v) for k, v in bound.items() if isinstance(v, plain)))
-            self.lvopt_calls.append((name, host))
-        return super().__torch_dispatch__(func, types, args, kwargs)
+from test_sync_free import _cuda_built, _triton_installed
 
 
 def _fake_capturable_training(backend, dtype, steps, period=3, betas=(0.3, 0.5)):
@@ -77,7 +53,7 @@ def _fake_capturable_training(backend, dtype, steps, period=3, betas=(0.3, 0.5))
             weight_decay=0.1,
             backend=backend,
         )
-        rec = AllTraffic()
+        rec = HostTraffic()
 
         def one_step():
             ids = torch.randint(0, V, (4, N // 4), device="cuda")
@@ -156,7 +132,7 @@ def test_coalesced_gradient_is_flagged_for_the_gpu_op():
         V, d = 30, 8
         w = torch.nn.Parameter(torch.zeros(V, d, device="cuda"))
         opt = lvopt.AdamW([w], lr=1e-2, backend="cuda")
-        rec = AllTraffic()
+        rec = HostTraffic()
         with rec:
             for coalesced in (True, False):
                 ids = torch.tensor([[1, 4, 9]]).to("cuda", non_blocking=True)
@@ -235,7 +211,7 @@ def _triton_plan_ops(coalesced, monkeypatch):
         vals = torch.zeros(n, d, device="cuda")
         none_i = torch.empty(0, dtype=torch.int64, device="cuda")
         none_f = torch.empty(0, dtype=torch.float64, device="cuda")
-        rec = AllTraffic()
+        rec = HostTraffic()
         with rec:
             S.sparse_adamw_impl(
                 p,
@@ -291,7 +267,7 @@ class StepRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket.__name__)
-        assert name not in ("_local_scalar_dense", "item", "is_nonzero", "equal"), f"host read in a step: {name}"
+        assert name not in HOST_READ_OPS, f"host read in a step: {name}"
         out = func(*args, **kwargs)
         self.entries.append(("op", func, args, kwargs, out))
         return out

@@ -4,7 +4,8 @@ launches the same kernels for every batch of N ids, proven without a GPU:
 * the optimizer's host path (lvopt/optim.py, lvopt/sparse.py, lvopt/nn.py) with the "cuda" and
   "triton" backends runs on fake CUDA tensors (FakeTensorMode): a host read of device memory
   raises DataDependentOutputException there, a data-dependent shape
-  DynamicOutputShapeException, and a dispatch recorder below sees every copy from the host;
+  DynamicOutputShapeException, and a dispatch recorder (tests/_host_traffic.py) sees every
+  copy from the host;
 * the Triton ops' bodies run on fake CUDA tensors with their launches recorded: the list of
   kernels and grids is the same for two batches of N ids with different numbers of distinct
   rows (the CUDA op's launches are listed in the header of csrc/cuda/sparse_rows.cu);
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lvopt
+from _host_traffic import HostTraffic
 from conftest import needs_native
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,42 +38,6 @@ def _triton_installed():
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
-
-
-class HostTraffic(TorchDispatchMode):
-    """Records the ops that move data between host and device: copies from a CPU tensor into a
-    device tensor (blocking unless non_blocking=True from pinned memory: from pageable memory
-    CUDA copies synchronously) and device-to-host copies. Answers pin_memory (not implemented
-    for fake tensors) by marking the tensor pinned."""
-
-    def __init__(self):
-        super().__init__()
-        self.pinned = {}  # id -> tensor (kept alive, so that ids stay unique)
-        self.reset()
-
-    def reset(self):
-        self.blocking_uploads, self.downloads, self.ops = [], [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._pin_memory.default:
-            self.pinned[id(args[0])] = args[0]
-            return args[0]
-        name = str(func.overloadpacket.__name__)
-        self.ops.append(name)
-        if name in ("_local_scalar_dense", "item") and args[0].device.type != "cpu":
-            self.downloads.append(name)  # (fake mode raises here too)
-        if name in ("_to_copy", "copy_", "to"):
-            src = args[1] if name == "copy_" else args[0]
-            dst_dev = args[0].device if name == "copy_" else kwargs.get("device", src.device)
-            dst_dev = torch.device(dst_dev) if dst_dev is not None else src.device
-            nb = bool(args[2] if name == "copy_" and len(args) > 2 else kwargs.get("non_blocking", False))
-            pinned = id(src) in self.pinned or (src._base is not None and id(src._base) in self.pinned)
-            if src.device.type == "cpu" and dst_dev.type == "cuda" and not (nb and pinned):
-                self.blocking_uploads.append(name)
-            if src.device.type == "cuda" and dst_dev.type == "cpu":
-                self.downloads.append(name)
-        return func(*args, **kwargs)
 
 
 def _fake_training(backend, mode, dtype, steps=4):
@@ -142,21 +107,35 @@ def test_triton_backend_step_is_host_read_free(mode, monkeypatch):
 
 
 def test_a_host_read_is_caught():
-    """The harness catches what it must: a .item() on a fake CUDA tensor raises, a blocking
-    upload and a download are recorded."""
+    """The harness catches what it must: a .item() on a fake CUDA tensor is recorded and raises,
+    blocking uploads (pageable memory, or pinned without non_blocking) and a download are
+    recorded, an upload from pinned memory (or a view of it) with non_blocking is not blocking;
+    on CPU tensors (tests/test_capturable.py) a read is recorded and is no download."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     with FakeTensorMode():
         x = torch.zeros(4, device="cuda")
-        with pytest.raises(DataDependentOutputException):
-            x.sum().item()
         rec = HostTraffic()
         with rec:
+            with pytest.raises(DataDependentOutputException):
+                x.sum().item()
             x.copy_(torch.ones(4))
             x.cpu()
             x.copy_(torch.ones(4), non_blocking=True)  # from pageable memory: blocking too
-            x.copy_(torch.ones(4).pin_memory(), non_blocking=True)
-        assert rec.blocking_uploads == ["copy_", "copy_"] and rec.downloads == ["_to_copy"]
+            pinned = torch.ones(8).pin_memory()
+            x.copy_(pinned[:4], non_blocking=True)
+            x.to(torch.float64).copy_(pinned[4:], non_blocking=True)
+            x.copy_(pinned[4:])  # pinned but blocking
+        assert rec.reads == ["_local_scalar_dense"] and rec.downloads == ["_local_scalar_dense", "_to_copy"]
+        assert rec.blocking_uploads == ["copy_", "copy_", "copy_"]
+        assert [kind for _, _, kind in rec.uploads] == ["blocking", "blocking", "async", "async", "blocking"]
+        assert "sum" in rec.ops and "_pin_memory" not in rec.ops
+        rec.reset()
+        assert (rec.reads, rec.downloads, rec.uploads, rec.ops) == ([], [], [], [])
+    with HostTraffic() as rec:
+        a = torch.ones(3)
+        float(a.sum()), bool(a[0] > 0), a.tolist(), torch.equal(a, a)
+    assert rec.reads == ["_local_scalar_dense"] * 2 + ["tolist", "equal"] and rec.downloads == [] and rec.uploads == []
 
 
 # ----- the Triton ops' bodies on fake tensors: the launch list depends on N only -------------------

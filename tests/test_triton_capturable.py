@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from _host_traffic import HostTraffic
 from _triton_support import IN_CHILD, run_file_under_interpreter, triton_device
 from conftest import assert_bf16_step_close, assert_close_at_list_scale, clone_all, make_hyper, make_state
 
@@ -22,19 +22,6 @@ if not IN_CHILD:
 
     def test_interpreter_in_child():
         run_file_under_interpreter(__file__)
-
-
-class HostReads(TorchDispatchMode):
-    """Records the ops that read a tensor's value on the host (item, float(), bool(), tolist)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _ops():
@@ -83,7 +70,7 @@ def test_found_inf_decided_in_the_kernels(gen, adamh):
     gs[2].view(-1)[5] = float("nan")
     snap = clone_all(ps, ms, vs, ss)
     found = torch.zeros(1, device=DEV)
-    with HostReads() as mode:
+    with HostTraffic() as mode:
         if adamh:
             radii = [torch.linalg.vector_norm(p, dtype=torch.float64).to(DEV) for p in ps]
             out = _ops().fused_adamh_(ps, gs, ms, vs, ss, radii, make_hyper(4, wd=0.0).to(DEV), found)
@@ -181,33 +168,6 @@ def test_amsgrad_optimizer_matches_torch(gen):
 
 # ----- the host path on fake CUDA tensors ----------------------------------------------------
 
-class Recorder(TorchDispatchMode):
-    """Inside FakeTensorMode: records every copy from the host to a CUDA device (a blocking one
-    unless non_blocking from pinned memory) and answers pin_memory (not implemented for fake
-    tensors) by marking the tensor pinned. A host read raises DataDependentOutputException in
-    FakeTensorMode itself."""
-
-    def __init__(self):
-        super().__init__()
-        self.pinned = {}  # id -> tensor (kept alive, so that ids stay unique)
-        self.copies = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._pin_memory.default:
-            self.pinned[id(args[0])] = args[0]
-            return args[0]
-        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-            src = args[0] if func is torch.ops.aten._to_copy.default else args[1]
-            dst_dev = kwargs.get("device") if func is torch.ops.aten._to_copy.default else args[0].device
-            if isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst_dev is not None and \
-                    torch.device(dst_dev).type == "cuda":
-                blocking = not (kwargs.get("non_blocking", False) or (len(args) > 2 and args[2])) or \
-                    id(src) not in self.pinned
-                self.copies.append((str(func), tuple(src.shape), "blocking" if blocking else "async"))
-        return func(*args, **kwargs)
-
-
 def gpt2_shapes(layers=12, d=768, v=50257, ctx=1024):
     shapes = [(v, d), (ctx, d)]
     for _ in range(layers):
@@ -271,7 +231,7 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
 
     monkeypatch.setattr(T, "fused_adamw_", W.fused_adamw_._init_fn)
     monkeypatch.setattr(T, "fused_adamh_", H.fused_adamh_._init_fn)
-    rec = Recorder()
+    rec = HostTraffic()
     shapes = gpt2_shapes(layers=2, d=64, v=512, ctx=128)  # GPT-2's layout, small
     with FakeTensorMode(allow_non_fake_inputs=False):
         with rec:
@@ -285,7 +245,7 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
             for p, g in zip(ps, grads):
                 p.grad = g
             opt.step()  # first step: states, tables and their uploads
-            rec.copies.clear()
+            rec.reset()
             fast = opt._fast
             assert fast is not None
             per_step = []
@@ -293,17 +253,17 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
                 del launches[:]
                 opt.step()  # the same gradients: nothing crosses from the host
                 per_step.append(list(launches))
-            assert rec.copies == [], rec.copies
+            assert rec.uploads == [] and rec.downloads == [], (rec.uploads, rec.downloads)
             assert per_step[0] == per_step[1] and per_step[0]  # the same launches and grids every step
             assert opt._fast is fast  # the steady-state path stepped
             for p in ps:
                 p.grad = torch.randn(p.shape, device="cuda")  # re-allocated gradients
             opt.step()
-            assert rec.copies and all(kind == "async" for _, _, kind in rec.copies), rec.copies
-            rec.copies.clear()
+            assert rec.uploads and rec.blocking_uploads == [], rec.uploads
+            rec.reset()
             opt.param_groups[0]["lr"] = 2e-3  # a Python-number lr changed: the table is rewritten
             opt.step()
-            assert rec.copies and all(kind == "async" for _, _, kind in rec.copies), rec.copies
+            assert rec.uploads and rec.blocking_uploads == [], rec.uploads
             assert opt._fast is fast
             assert all(p.device.type == "cuda" for p in ps)
             assert all(opt.state[p]["step"].device.type == "cuda" for p in ps)
