@@ -15,15 +15,13 @@
 All scenarios share one pair of worker processes; the file runs in about 20 s.
 """
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import lvopt
+from _gloo import run_ranks
 from conftest import needs_native
 
 WORLD = 2
@@ -193,36 +191,12 @@ def worker(out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     d = tmp_path_factory.mktemp("dist")
-    # The children import this checkout's lvopt (its root on their path after the tests).
-    root = os.path.dirname(os.path.dirname(os.path.abspath(lvopt.__file__)))
-    env = dict(os.environ, WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), root]))
-    code = f"import test_distributed; test_distributed.worker({str(d)!r})"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=100)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-4000:]}"
-    return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(WORLD, f"import test_distributed; test_distributed.worker({str(d)!r})", d, timeout=100)
 
 
 def _rel(a, b):

@@ -14,15 +14,13 @@ processes that this test starts itself, each against an unsharded AdamH it runs 
 """
 
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import lvopt
+import _gloo
 from conftest import needs_native
 
 STEPS = 20
@@ -226,50 +224,9 @@ def worker(out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world: int, out_dir) -> list:
-    """Starts ``world`` gloo processes running :func:`worker`; returns their results. The
-    children import this checkout's lvopt (its root goes first on their path)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(lvopt.__file__)))
-    path = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), root])
-    env = dict(
-        os.environ,
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        GLOO_SOCKET_IFNAME="lo",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=path,
-    )
-    code = f"import test_fsdp_adamh; test_fsdp_adamh.worker({str(out_dir)!r})"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code],
-            env=dict(env, RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    failed = [(r, log) for r, (p, log) in enumerate(zip(procs, logs)) if p.returncode != 0]
-    # The rank that failed first, not one that lost its peer afterwards.
-    failed.sort(key=lambda rl: "closed by peer" in rl[1])
-    assert not failed, "\n".join(f"rank {r} of {world} failed:\n{log[-3000:]}" for r, log in failed[:2])
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    """Starts ``world`` gloo processes running :func:`worker`; returns their results."""
+    return _gloo.run_ranks(world, f"import test_fsdp_adamh; test_fsdp_adamh.worker({str(out_dir)!r})", out_dir)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")

@@ -17,15 +17,13 @@ on a loaded 2-core machine.
 """
 
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import lvopt
+from _gloo import run_ranks
 from conftest import needs_native
 
 V, D, H = 301, 16, 24  # 301 rows: blocks of 151/150 on 2 ranks, 76/76/76/73 on 4
@@ -325,44 +323,9 @@ def worker(out_dir: str, ckpt_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, out_dir, ckpt_dir) -> list:
-    env = dict(
-        os.environ,
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        GLOO_SOCKET_IFNAME="lo",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
-    )
     code = f"import test_sharded_embedding as t; t.worker({str(out_dir)!r}, {str(ckpt_dir)!r})"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code],
-            env=dict(env, RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} of {world} failed:\n{log[-4000:]}"
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return run_ranks(world, code, out_dir)
 
 
 @pytest.fixture(scope="module")
