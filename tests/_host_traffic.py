@@ -104,3 +104,21 @@ class HostTraffic(TorchDispatchMode):
             bound.update(kwargs)
             self.lvopt_calls.append((name, tuple(sorted((k, v) for k, v in bound.items() if isinstance(v, plain)))))
         return func(*args, **kwargs)
+
+
+def fake_embedding_step(emb, lin, opt, V: int, N: int) -> None:
+    """One training step of ``emb`` (an lvopt.nn.Embedding) and ``lin`` on fake CUDA tensors:
+    N random ids, lvopt.nn.Embedding's own backward (its autograd Function called directly, as
+    fake mode runs no autograd graph), unit gradients for ``lin``, ``opt.step()``, grads cleared."""
+    from types import SimpleNamespace
+
+    from lvopt.nn import _RowSparseEmbedding
+
+    ids = torch.randint(0, V, (4, N // 4), device="cuda")
+    out = emb(ids)
+    ctx = SimpleNamespace(saved_tensors=(ids,), shape=emb.weight.shape, padding_idx=emb.padding_idx)
+    emb.weight.grad, _, _ = _RowSparseEmbedding.backward(ctx, torch.ones_like(out))
+    for q in lin.parameters():
+        q.grad = torch.ones_like(q)
+    opt.step()
+    opt.zero_grad(set_to_none=True)

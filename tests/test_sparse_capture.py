@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lvopt
-from _host_traffic import HOST_READ_OPS, HostTraffic
+from _host_traffic import HOST_READ_OPS, HostTraffic, fake_embedding_step
 from _triton_support import IN_CHILD, run_file_under_interpreter
 from conftest import needs_native, rel_err
 from test_sync_free import _cuda_built, _triton_installed
@@ -32,11 +32,8 @@ def _fake_capturable_training(backend, dtype, steps, period=3, betas=(0.3, 0.5))
     """Steps a capturable exact-mode embedding (and a dense layer) on fake CUDA tensors; returns
     the recorder's (ops, lvopt calls, uploads, downloads, blocking uploads) of each step after the
     first."""
-    from types import SimpleNamespace
 
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from lvopt.nn import _RowSparseEmbedding
 
     per_step = []
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -56,14 +53,7 @@ def _fake_capturable_training(backend, dtype, steps, period=3, betas=(0.3, 0.5))
         rec = HostTraffic()
 
         def one_step():
-            ids = torch.randint(0, V, (4, N // 4), device="cuda")
-            out = emb(ids)
-            ctx = SimpleNamespace(saved_tensors=(ids,), shape=emb.weight.shape, padding_idx=emb.padding_idx)
-            emb.weight.grad, _, _ = _RowSparseEmbedding.backward(ctx, torch.ones_like(out))
-            for q in lin.parameters():
-                q.grad = torch.ones_like(q)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            fake_embedding_step(emb, lin, opt, V, N)
 
         with rec:
             one_step()

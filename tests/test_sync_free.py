@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import lvopt
-from _host_traffic import HostTraffic
+from _host_traffic import HostTraffic, fake_embedding_step
 from conftest import needs_native
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +46,7 @@ def _fake_training(backend, mode, dtype, steps=4):
     of steps 2.. (the first step creates the state: a one-time upload of the step counter is
     allowed there). Autograd's engine needs a real device, so the backward function is called
     directly, as the engine would."""
-    from types import SimpleNamespace
-
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from lvopt.nn import _RowSparseEmbedding
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         V, d, N = 50, 16, 24
@@ -61,14 +57,7 @@ def _fake_training(backend, mode, dtype, steps=4):
         rec = HostTraffic()
 
         def one_step():
-            ids = torch.randint(0, V, (4, N // 4), device="cuda")
-            out = emb(ids)
-            ctx = SimpleNamespace(saved_tensors=(ids,), shape=emb.weight.shape, padding_idx=emb.padding_idx)
-            emb.weight.grad, _, _ = _RowSparseEmbedding.backward(ctx, torch.ones_like(out))
-            for q in lin.parameters():
-                q.grad = torch.ones_like(q)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            fake_embedding_step(emb, lin, opt, V, N)
 
         with rec:
             one_step()
