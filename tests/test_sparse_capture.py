@@ -394,10 +394,11 @@ def test_ring_refuses_a_row_the_ring_has_lost():
     last = torch.zeros(V, dtype=torch.int64)
     err = torch.zeros(3, dtype=torch.int64)
     hyper = torch.tensor([[1e-2, 0.3, 0.5, 0.1, 1e-3, 0.0]], dtype=torch.float64)
-    for t in range(clock.ring):  # only row 0 is stepped: row 1 stays at step 0
+
+    def step_row(row):  # the Triton op on one row, with the ring-history flag (2)
         S.sparse_adamw_impl(
             p,
-            torch.tensor([0]),
+            torch.tensor([row]),
             torch.ones(1, d),
             m,
             v,
@@ -414,27 +415,12 @@ def test_ring_refuses_a_row_the_ring_has_lost():
             err,
             2,
         )
+
+    for t in range(clock.ring):  # only row 0 is stepped: row 1 stays at step 0
+        step_row(0)
     assert err.tolist() == [0, 0, 0] and float(step) == clock.ring
     before = [x.clone() for x in (p, m, v, last)]
-    S.sparse_adamw_impl(
-        p,
-        torch.tensor([1]),
-        torch.ones(1, d),
-        m,
-        v,
-        step,
-        last,
-        hist,
-        qpow,
-        hyper,
-        base,
-        epoch,
-        window,
-        True,
-        None,
-        err,
-        2,
-    )
+    step_row(1)
     assert err.tolist()[0] == 2 and float(step) == clock.ring
     for a, b in zip(before, (p, m, v, last)):
         assert torch.equal(a, b)
