@@ -100,13 +100,6 @@ def test_run_to_run_and_thread_count(here, kind):
     assert one == two == here[kind] == train(kind)
 
 
-def _isa_levels():
-    info = lvopt.build_info()
-    order = ["baseline", "avx2", "avx512"]
-    hw = info["cpu_isa_hardware"]
-    return [i for i in order if i in info["cpu_isa_compiled"] and hw in order and order.index(i) <= order.index(hw)]
-
-
 ENVS = [{"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "2"}] + [
     {"OMP_NUM_THREADS": "2", "LVOPT_CPU_ISA": isa} for isa in ("baseline", "avx2", "avx512")]
 
@@ -115,7 +108,7 @@ ENVS = [{"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "2"}] + [
 @pytest.mark.parametrize("env", ENVS, ids=lambda e: "-".join(f"{k}={v}" for k, v in e.items()))
 def test_fresh_process_thread_count_and_isa(here, env):
     isa = env.get("LVOPT_CPU_ISA")
-    if isa is not None and isa not in _isa_levels():
+    if isa is not None and isa not in lvopt.cpu_isa_levels():
         pytest.skip(f"{isa} is not compiled in or not supported by this CPU")
     out = json.loads(run_python("import test_determinism; test_determinism.main()",
                                 env={**env, "PYTHONPATH": os.path.dirname(__file__)}))
