@@ -47,9 +47,13 @@ def test_matches_reference(backend, gen, dtype, maximize, device_state):
     if device_state:
         ss, hyper_k = [s.to(backend.device) for s in ss], hyper.to(backend.device)
     initial = [p.clone() for p in ps]
-    # The GPU compilers contract a*b+c into FMAs and the CPU code does not: a bf16 parameter is
-    # compared one step at a time from the kernel's state there (conftest.assert_bf16_step_close).
-    one_step = dtype == torch.bfloat16 and backend.name != "cpu"
+    # A bf16 parameter is compared one step at a time from the kernel's state
+    # (conftest.assert_bf16_step_close): the kernel and the reference's torch ops may round the
+    # fp32 terms differently by an ulp (GPU compilers contract a*b+c into FMAs; torch's own CPU
+    # kernels vectorise with FMAs too), which can flip one bf16 rounding, and over several steps
+    # such a one-ulp difference at a large |p| outlives a later crossing of zero (seed 2016959319
+    # failed that way on the CPU backend).
+    one_step = dtype == torch.bfloat16
     for _ in range(STEPS[backend.name]):
         if one_step:
             before = restart_reference_from(rp, ps)
@@ -66,10 +70,6 @@ def test_matches_reference(backend, gen, dtype, maximize, device_state):
         p, p0 = p.cpu(), p0.cpu()
         if one_step:
             assert_bf16_step_close(p, q, before[i])
-        elif dtype != torch.float32:
-            # Same fp32 math, one bf16 rounding per step: at most one bf16 ulp apart per element.
-            ulp = q.float().abs().clamp_min(1e-30) * 2.0**-7
-            assert bool(((p.float() - q.float()).abs() <= ulp * 3).all())
         if dtype == torch.float32 or p.numel() > 100:  # a tiny bf16 step can round to nothing
             assert not torch.equal(p, p0)
 
