@@ -22,8 +22,10 @@ SHAPES = {
 STEPS = {"cpu": 3, "triton": 2, "cuda": 3}
 DETERMINISM_SHAPES = {"cpu": [(300001,), (512, 130)], "triton": [(2 * 16384 + 1029,), (129, 130)],
                       "cuda": [(300001,), (512, 130)]}
-# Relative tolerance of the track=True sums (||w||^2, ||dw||^2) per backend.
-STATS_REL = {"cpu": (1e-7, 1e-7), "triton": (1e-12, 1e-10), "cuda": (1e-7, 1e-7)}
+# Relative tolerance of the track=True sums (||w||^2, ||dw||^2) per backend. The CPU kernel adds
+# 16 squares per lane in fp32 before the fp64 lane sums (csrc/cpu/multi_tensor.h, kTrackBlock):
+# relative error <= 16 * 2^-24 = 1e-6 of a sum of positive terms (1.2e-7 was seen: seed 340526402).
+STATS_REL = {"cpu": (1e-6, 1e-6), "triton": (1e-12, 1e-10), "cuda": (1e-7, 1e-7)}
 
 if not IN_TRITON_CHILD:
 

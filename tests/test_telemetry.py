@@ -31,11 +31,12 @@ def test_op_stats_match_reference(dtype, gen):
     lvopt.reference.fused_adamw_(rp, gs, rm, rv, rs, hyper, None, ref_stats)
     for i, (p, b) in enumerate(zip(ps, before)):
         w, dw = _norms(b, p)
-        # fp32 partials of 16 squares per lane, then fp64: within fp32 rounding (2^-24 = 6e-8).
-        assert stats[i, 0].item() == pytest.approx(w * w, rel=1e-7, abs=1e-300)
-        assert stats[i, 1].item() == pytest.approx(dw * dw, rel=1e-7, abs=1e-300)
+        # fp32 partials of 16 squares per lane, then fp64: each partial within 16 * 2^-24 = 1e-6
+        # (relative; the terms are positive), so the sum is too.
+        assert stats[i, 0].item() == pytest.approx(w * w, rel=1e-6, abs=1e-300)
+        assert stats[i, 1].item() == pytest.approx(dw * dw, rel=1e-6, abs=1e-300)
         # The reference steps the same values: its sums agree to fp32 rounding of the step.
-        assert stats[i, 0].item() == pytest.approx(ref_stats[i, 0].item(), rel=1e-7, abs=1e-300)
+        assert stats[i, 0].item() == pytest.approx(ref_stats[i, 0].item(), rel=1e-6, abs=1e-300)
         assert stats[i, 1].item() == pytest.approx(ref_stats[i, 1].item(), rel=1e-4, abs=1e-300)
 
 
@@ -70,7 +71,8 @@ def test_adamw_telemetry_per_tensor_group_role(backend, gen):
     for r in rows:
         p = opt.param_groups[r["group"]]["params"][r["index"]]
         w, dw = _norms(before[p], p.detach())
-        assert r["w_norm"] == pytest.approx(w, rel=1e-7)
+        # The CPU sums are within 1e-6 (fp32 partials of 16 squares), their roots within 5e-7.
+        assert r["w_norm"] == pytest.approx(w, rel=1e-6)
         assert r["dw_norm"] == pytest.approx(dw, rel=1e-6)
         assert r["eff_lr"] == pytest.approx(dw / w, rel=1e-6)
         assert r["role"] == opt.param_groups[r["group"]]["role"]
@@ -78,7 +80,7 @@ def test_adamw_telemetry_per_tensor_group_role(backend, gen):
         ps = opt.param_groups[gi]["params"]
         w = sum(_norms(before[p], p.detach())[0] ** 2 for p in ps) ** 0.5
         dw = sum(_norms(before[p], p.detach())[1] ** 2 for p in ps) ** 0.5
-        assert agg["w_norm"] == pytest.approx(w, rel=1e-7) and agg["dw_norm"] == pytest.approx(dw, rel=1e-6)
+        assert agg["w_norm"] == pytest.approx(w, rel=1e-6) and agg["dw_norm"] == pytest.approx(dw, rel=1e-6)
     assert set(tel.per_role()) == {g["role"] for g in opt.param_groups}
 
 
