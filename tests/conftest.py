@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -56,6 +57,23 @@ def _cuda_kernels() -> bool:
 
 
 needs_cuda_kernels = pytest.mark.skipif(not _cuda_kernels(), reason="needs a CUDA device")
+
+
+def cuda_built() -> bool:
+    """lvopt._C has the CUDA kernels (a device or not): the fake-CUDA host-path tests need them registered."""
+    from lvopt import _backend
+
+    return _backend.unavailable_reason("cuda") is None
+
+
+def triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+needs_cuda_build = pytest.mark.skipif(not cuda_built(), reason="this build has no CUDA kernels (LVOPT_NO_CUDA or no nvcc)")
+needs_triton_installed = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 
 @pytest.fixture(params=["cpu", pytest.param("triton", marks=pytest.mark.triton), "cuda"])
@@ -186,6 +204,42 @@ def assert_bf16_step_close(p, q, p_old):
     assert not bool(bad.any()), (
         f"{int(bad.sum())} of {p.numel()} bf16 elements off: p {p[bad][:4].tolist()}, "
         f"reference {q[bad][:4].tolist()}, before the step {p_old[bad][:4].tolist()}")
+
+
+def sparse_clock(steps, lr=1e-2, wd=0.1, betas=(0.9, 0.999), eps=1e-8):
+    """The host history of the sparse-row ops (lvopt.sparse.RowClock) at steps 1..``steps``, as
+    lvopt.optim builds it, and the one-row hyper table of the last step. ``lr``: a number, or
+    "schedule" for a cosine schedule (a different lr at every step)."""
+    from lvopt.sparse import RowClock
+
+    clock = RowClock(betas[0], betas[1], eps, 0)
+    lr_at = (lambda t: 1e-2 * (0.55 + 0.45 * math.cos(t / 37.0))) if lr == "schedule" else (lambda t: lr)
+    for t in range(1, steps + 1):
+        clock.append(t, lr_at(t), wd)
+    hyper = torch.tensor([[lr_at(max(steps, 1)), betas[0], betas[1], wd, eps, 0.0]], dtype=torch.float64)
+    return clock, hyper
+
+
+def single_threaded_on_cpu(backend, fn, *args):
+    """fn(*args) with one CPU thread on the CPU backend (the determinism tests compare it with the
+    call on every thread), as is on a device."""
+    n = torch.get_num_threads()
+    try:
+        if backend.name == "cpu":
+            torch.set_num_threads(1)
+        return fn(*args)
+    finally:
+        torch.set_num_threads(n)
+
+
+def train_step(model, opt, x):
+    """One training step (forward, backward, step, zero_grad): the body the compiled-step tests
+    compile whole and run eagerly side by side."""
+    loss = model(x).square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def run_python(code, env=None, timeout=240):

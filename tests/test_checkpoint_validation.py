@@ -55,13 +55,18 @@ def build(kind: str, seed: int, steps: int = 3, dtype=torch.float32):
         opt = lvopt.AdamW([dict(params=mats, weight_decay=0.1), dict(params=vecs, weight_decay=0.0),
                            dict(params=[("emb.weight", m.emb.weight)]),
                            dict(params=[("emb2.weight", m.emb2.weight)], sparse_mode="lazy")], lr=1e-2)
+    train(m, opt, steps, seed)
+    return m, opt
+
+
+def train(m, opt, steps, seed):
+    """``steps`` steps on random batches of ids drawn from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         ids = torch.randint(0, V, (4, 5), generator=g)
         opt.zero_grad()
         m(ids).float().square().mean().backward()
         opt.step()
-    return m, opt
 
 
 def checkpoint(kind="adamw", **kw):
@@ -327,12 +332,7 @@ def test_unnamed_parameters_are_named_by_index():
 
 # -- what still loads ---------------------------------------------------------------------------
 def _continue(m, opt, steps=2, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        ids = torch.randint(0, V, (4, 5), generator=g)
-        opt.zero_grad()
-        m(ids).float().square().mean().backward()
-        opt.step()
+    train(m, opt, steps, seed)
     opt.flush()
     return [p.detach().clone() for p in m.parameters()]
 

@@ -82,6 +82,13 @@ def optimizer(emb_weight, head, mode):
 # ----- one process: the reference -------------------------------------------------------------
 
 
+def flushed_table_state(opt, emb) -> dict:
+    """The embedding table and its moments after a flush (every row current), copied."""
+    opt.flush()
+    st = opt.state[emb.weight]
+    return dict(weight=emb.weight.detach().clone(), exp_avg=st["exp_avg"].clone(), exp_avg_sq=st["exp_avg_sq"].clone())
+
+
 def one_process_training(mode: str) -> dict:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -92,14 +99,7 @@ def one_process_training(mode: str) -> dict:
             opt.zero_grad()
             lm_loss(emb, head, batch(t)).backward()
             opt.step()
-        opt.flush()
-        st = opt.state[emb.weight]
-        return dict(
-            weight=emb.weight.detach().clone(),
-            exp_avg=st["exp_avg"].clone(),
-            exp_avg_sq=st["exp_avg_sq"].clone(),
-            head={k: v.detach().clone() for k, v in head.state_dict().items()},
-        )
+        return dict(flushed_table_state(opt, emb), head={k: v.detach().clone() for k, v in head.state_dict().items()})
     finally:
         torch.set_num_threads(n)
 
@@ -118,14 +118,7 @@ def one_process_checkpoint_run(mode: str) -> dict:
             opt.zero_grad()
             (emb(batch(t)) * dyadic_target(t)).sum().backward()
             opt.step()
-        opt.flush()
-        st = opt.state[emb.weight]
-        return dict(
-            weight=emb.weight.detach().clone(),
-            exp_avg=st["exp_avg"].clone(),
-            exp_avg_sq=st["exp_avg_sq"].clone(),
-            step=float(st["step"]),
-        )
+        return dict(flushed_table_state(opt, emb), step=float(opt.state[emb.weight]["step"]))
     finally:
         torch.set_num_threads(n)
 

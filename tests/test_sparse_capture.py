@@ -24,8 +24,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lvopt
 from _host_traffic import HOST_READ_OPS, HostTraffic, fake_embedding_step
 from _triton_support import IN_CHILD, run_file_under_interpreter
-from conftest import needs_native, rel_err
-from test_sync_free import _cuda_built, _triton_installed
+from conftest import (
+    cuda_built,
+    needs_cuda_build,
+    needs_native,
+    needs_triton_installed,
+    rel_err,
+    sparse_clock,
+    triton_installed,
+)
 
 
 def _fake_capturable_training(backend, dtype, steps, period=3, betas=(0.3, 0.5)):
@@ -80,10 +87,10 @@ in_parent = pytest.mark.skipif(IN_CHILD, reason="runs in the parent process (fak
 @needs_native
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_capturable_exact_step_has_the_same_host_work_every_step(backend, monkeypatch):
-    if backend == "cuda" and not _cuda_built():
+    if backend == "cuda" and not cuda_built():
         pytest.skip("this build has no CUDA kernels (LVOPT_NO_CUDA or no nvcc)")
     if backend == "triton":
-        if not _triton_installed():
+        if not triton_installed():
             pytest.skip("triton is not installed")
         import lvopt.triton  # noqa: F401  (before TRITON_INTERPRET: see test_sync_free)
 
@@ -111,7 +118,7 @@ def test_capturable_exact_step_has_the_same_host_work_every_step(backend, monkey
 
 @in_parent
 @needs_native
-@pytest.mark.skipif(not _cuda_built(), reason="this build has no CUDA kernels (LVOPT_NO_CUDA or no nvcc)")
+@needs_cuda_build
 def test_coalesced_gradient_is_flagged_for_the_gpu_op():
     """A coalesced sparse gradient (torch's flag) reaches the CUDA op with flags bit 1, which
     skips its radix sort and run-length encoding; an uncoalesced one without it; the flush's
@@ -141,44 +148,25 @@ def test_host_ops_take_the_coalesced_flag_and_refuse_a_ring(impl, gen):
     """The CPU kernel and the reference accept flags bit 1 (they sort anyway: the same bits) and
     refuse a ring history (bit 2, the GPU backends' RingClock), writing nothing."""
     from lvopt import reference
-    from lvopt.sparse import RowClock
 
     fn = torch.ops.lvopt.sparse_adamw_ if impl == "cpu" else reference.sparse_adamw_
     V, d = 12, 8
-    clock = RowClock(0.9, 0.999, 1e-8, 0)
-    for t in range(1, 4):
-        clock.append(t, 1e-2, 0.1)
+    clock, hyper = sparse_clock(3)
     hist, qpow, base, epoch, window = clock.op_args()
-    hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+    history = (hist, qpow, hyper, base, epoch, window)  # the op's history arguments, in order
     ids = torch.tensor([1, 4, 7])
     vals = torch.randn(3, d, generator=gen)
     p0, last0 = torch.randn(V, d, generator=gen), torch.randint(0, 3, (V,), generator=gen)
     outs = []
     for flags in (0, 1):
         p, m, v, last, step = p0.clone(), torch.zeros(V, d), torch.zeros(V, d), last0.clone(), torch.tensor(3.0)
-        fn(p, ids, vals, m, v, step, last, hist, qpow, hyper, base, epoch, window, True, flags=flags)
+        fn(p, ids, vals, m, v, step, last, *history, True, flags=flags)
         outs.append((p, m, v, last, step))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     p, last, step = p0.clone(), last0.clone(), torch.tensor(3.0)
     with pytest.raises(RuntimeError, match="ring history"):
-        fn(
-            p,
-            ids,
-            vals,
-            torch.zeros(V, d),
-            torch.zeros(V, d),
-            step,
-            last,
-            hist,
-            qpow,
-            hyper,
-            base,
-            epoch,
-            window,
-            True,
-            flags=2,
-        )
+        fn(p, ids, vals, torch.zeros(V, d), torch.zeros(V, d), step, last, *history, True, flags=2)
     assert torch.equal(p, p0) and torch.equal(last, last0) and float(step) == 3.0
 
 
@@ -226,7 +214,7 @@ def _triton_plan_ops(coalesced, monkeypatch):
 
 
 @in_parent
-@pytest.mark.skipif(not _triton_installed(), reason="triton is not installed")
+@needs_triton_installed
 def test_triton_coalesced_plan_has_no_sort(monkeypatch):
     ops, launches = _triton_plan_ops(True, monkeypatch)
     ops0, launches0 = _triton_plan_ops(False, monkeypatch)
@@ -394,27 +382,10 @@ def test_ring_refuses_a_row_the_ring_has_lost():
     last = torch.zeros(V, dtype=torch.int64)
     err = torch.zeros(3, dtype=torch.int64)
     hyper = torch.tensor([[1e-2, 0.3, 0.5, 0.1, 1e-3, 0.0]], dtype=torch.float64)
+    ring = (hist, qpow, hyper, base, epoch, window)  # the ring's history arguments, in the op's order
 
-    def step_row(row):  # the Triton op on one row, with the ring-history flag (2)
-        S.sparse_adamw_impl(
-            p,
-            torch.tensor([row]),
-            torch.ones(1, d),
-            m,
-            v,
-            step,
-            last,
-            hist,
-            qpow,
-            hyper,
-            base,
-            epoch,
-            window,
-            True,
-            None,
-            err,
-            2,
-        )
+    def step_row(row):  # the Triton op on one row, exact mode, no stats, the ring-history flag (2)
+        S.sparse_adamw_impl(p, torch.tensor([row]), torch.ones(1, d), m, v, step, last, *ring, True, None, err, 2)
 
     for t in range(clock.ring):  # only row 0 is stepped: row 1 stays at step 0
         step_row(0)

@@ -12,8 +12,8 @@ launches the same kernels for every batch of N ids, proven without a GPU:
 * a static scan of csrc/cuda/ fails on a host read, a blocking copy or a synchronisation
   outside the sites marked "host read:" or "host copy:" (the raising paths of direct op calls).
 
-On a GPU, tests/test_cuda_sparse_rows.py and test_triton_sparse_rows.py also run the steps
-under torch.cuda.set_sync_debug_mode("error") and capture them in a CUDA graph.
+On a GPU, tests/test_sparse_rows_optimizer.py also runs the steps under
+torch.cuda.set_sync_debug_mode("error") and captures them in a CUDA graph.
 """
 import re
 from pathlib import Path
@@ -23,21 +23,9 @@ import torch
 
 import lvopt
 from _host_traffic import HostTraffic, fake_embedding_step
-from conftest import needs_native
+from conftest import needs_cuda_build, needs_native, needs_triton_installed
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cuda_built():
-    from lvopt import _backend
-
-    return _backend.unavailable_reason("cuda") is None
-
-
-def _triton_installed():
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def _fake_training(backend, mode, dtype, steps=4):
@@ -69,7 +57,7 @@ def _fake_training(backend, mode, dtype, steps=4):
 
 
 @needs_native
-@pytest.mark.skipif(not _cuda_built(), reason="this build has no CUDA kernels (LVOPT_NO_CUDA or no nvcc)")
+@needs_cuda_build
 @pytest.mark.parametrize("mode", ["exact", "lazy"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_backend_step_is_host_read_free(mode, dtype):
@@ -80,7 +68,7 @@ def test_cuda_backend_step_is_host_read_free(mode, dtype):
 
 
 @needs_native
-@pytest.mark.skipif(not _triton_installed(), reason="triton is not installed")
+@needs_triton_installed
 @pytest.mark.parametrize("mode", ["exact", "lazy"])
 def test_triton_backend_step_is_host_read_free(mode, monkeypatch):
     # The backend check asks for a GPU or the interpreter; the ops themselves are not run here
@@ -162,7 +150,7 @@ def _triton_launches(ids_list, exact, monkeypatch):
     return lists
 
 
-@pytest.mark.skipif(not _triton_installed(), reason="triton is not installed")
+@needs_triton_installed
 @pytest.mark.parametrize("exact", [False, True])
 def test_triton_launches_depend_on_n_only(exact, monkeypatch):
     few = [7] * 12                      # one distinct row
