@@ -13,7 +13,7 @@ from torch import nn
 
 import lvopt
 from _host_traffic import HostTraffic
-from conftest import assert_bf16_step_close, needs_native
+from conftest import assert_bf16_step_close, needs_native, train_step
 
 BACKENDS = [pytest.param("cpu", marks=needs_native), "reference"]
 
@@ -174,13 +174,6 @@ def test_whole_compiled_training_step_equals_eager(cls, gen):
     opt = _opt(cls, net.parameters(), "cpu")
     eager = _opt(cls, ref.parameters(), "cpu")
 
-    def train_step(model, o, x):
-        loss = model(x).square().mean()
-        loss.backward()
-        o.step()
-        o.zero_grad(set_to_none=True)
-        return loss
-
     # aot_eager: dynamo and AOTAutograd trace forward, backward and step as inductor would,
     # without its code generation (seconds on this CPU instead of tens).
     compiled = torch.compile(train_step, backend="aot_eager")
@@ -241,54 +234,6 @@ def test_amsgrad_errors(gen):
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="amsgrad=True with a row-sparse gradient"):
         opt.step()
-
-
-@needs_native
-def test_amsgrad_op_errors_and_opcheck(gen):
-    from conftest import make_hyper, make_state
-
-    ps, gs, ms, vs, ss = make_state([(3, 5), (7,)], torch.float32, gen)
-    xs = [torch.rand_like(v) for v in vs]
-    hyper = make_hyper(2)
-    torch.library.opcheck(torch.ops.lvopt.fused_adamw_.default, (ps, gs, ms, vs, ss, hyper),
-                          {"max_exp_avg_sqs": xs})
-    with pytest.raises(RuntimeError, match=r"max_exp_avg_sqs has 1 tensors, params has 2"):
-        torch.ops.lvopt.fused_adamw_(ps, gs, ms, vs, ss, hyper, max_exp_avg_sqs=xs[:1])
-    with pytest.raises(RuntimeError, match=r"max_exp_avg_sqs\[1\] has dtype"):
-        torch.ops.lvopt.fused_adamw_(ps, gs, ms, vs, ss, hyper, max_exp_avg_sqs=[xs[0], xs[1].double()])
-    # A raising op wrote nothing.
-    before = [t.clone() for t in ps + ms + vs + ss + xs]
-    with pytest.raises(RuntimeError, match=r"max_exp_avg_sqs\[0\] has shape"):
-        torch.ops.lvopt.fused_adamw_(ps, gs, ms, vs, ss, hyper, max_exp_avg_sqs=[xs[1], xs[1]])
-    for a, b in zip(before, ps + ms + vs + ss + xs):
-        assert torch.equal(a, b)
-
-
-@needs_native
-def test_amsgrad_cpu_kernel_matches_reference(gen):
-    """The CPU kernel against the reference on the op level, fp32 and bf16, with NaN in v."""
-    from conftest import assert_close_at_list_scale, make_hyper, make_state
-    from lvopt import reference
-
-    for dtype in (torch.float32, torch.bfloat16):
-        shapes = [(1,), (33, 17), (65536 + 3,), (0,)]
-        ps, gs, ms, vs, ss = make_state(shapes, dtype, gen, steps=2)
-        xs = [v * torch.rand(v.shape, generator=gen) * 2 for v in vs]
-        hyper = make_hyper(len(shapes), gen=gen)
-        rp, rg, rm, rv, rs, rx = ([t.clone() for t in lst] for lst in (ps, gs, ms, vs, ss, xs))
-        torch.ops.lvopt.fused_adamw_(ps, gs, ms, vs, ss, hyper, max_exp_avg_sqs=xs)
-        reference.fused_adamw_(rp, rg, rm, rv, rs, hyper, max_exp_avg_sqs=rx)
-        assert_close_at_list_scale(xs, rx, 1e-6, "max_exp_avg_sqs")
-        for x, v in zip(xs, vs):
-            assert torch.equal(x, torch.maximum(x, v))  # the maximum includes this step's v
-        if dtype == torch.float32:
-            assert_close_at_list_scale(ps, rp, 1e-6, "params")
-    # NaN propagates into the running maximum from either side, as torch.maximum.
-    p, g, m, v, s = (torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.tensor([float("nan"), 1.0]),
-                     torch.zeros(()))
-    x = torch.tensor([1.0, float("nan")])
-    torch.ops.lvopt.fused_adamw_([p], [g], [m], [v], [s], make_hyper(1), max_exp_avg_sqs=[x])
-    assert torch.isnan(x).all()
 
 
 # ----- torch's own AdamW test matrix ---------------------------------------------------------

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import IN_TRITON_CHILD, clone_all, make_hyper, make_state, rel_err, run_triton_child
+from conftest import (IN_TRITON_CHILD, clone_all, make_hyper, make_state, rel_err, run_triton_child,
+                      single_threaded_on_cpu)
 from lvopt import reference
 import _adamh_split as split
 
@@ -101,13 +102,7 @@ def test_deterministic(backend, gen):
     radii = _radii(ps)
     ps, gs, ms, vs = backend.to((ps, gs, ms, vs))
     a = clone_all(ps, gs, ms, vs, ss)
-    n = torch.get_num_threads()
-    try:
-        if backend.name == "cpu":
-            torch.set_num_threads(1)
-        st1 = backend.ops.fused_adamh_(*a, radii, hyper)
-    finally:
-        torch.set_num_threads(n)
+    st1 = single_threaded_on_cpu(backend, backend.ops.fused_adamh_, *a, radii, hyper)
     st2 = backend.ops.fused_adamh_(ps, gs, ms, vs, ss, radii, hyper)
     assert torch.equal(st1, st2)
     for x, y in zip(ps + ms + vs, a[0] + a[2] + a[3]):

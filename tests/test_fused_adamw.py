@@ -9,7 +9,7 @@ import torch
 
 from conftest import (IN_TRITON_CHILD, assert_bf16_step_close, assert_close_at_list_scale, clone_all, make_hyper,
                       make_state, needs_cuda_kernels, needs_native, rel_err, restart_reference_from, run_python,
-                      run_triton_child)
+                      run_triton_child, single_threaded_on_cpu)
 from lvopt import reference
 
 # Per backend: odd sizes (scalar tails), tensors spanning several chunks with a partial last
@@ -74,6 +74,67 @@ def test_matches_reference(backend, gen, dtype, maximize, device_state):
             assert_bf16_step_close(p, q, before[i])
         if dtype == torch.float32 or p.numel() > 100:  # a tiny bf16 step can round to nothing
             assert not torch.equal(p, p0)
+
+
+# AMSGrad (max_exp_avg_sqs): odd sizes, one tensor across chunks, an empty one.
+AMSGRAD_SHAPES = {
+    "cpu": [(1,), (33, 17), (65536 + 3,), (0,)],
+    "triton": [(1,), (7,), (33, 17), (16384 + 1029,), (0,)],
+    "cuda": [(1,), (33, 17), (3 * 16384 + 5,), (0,), (7, 3)],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amsgrad_matches_reference(backend, gen, dtype):
+    """fused_adamw_ with max_exp_avg_sqs against the reference (on CUDA with the step counters and
+    hyper table on the device, the capturable form); the maximum includes this step's v; opcheck."""
+    shapes = AMSGRAD_SHAPES[backend.name]
+    ps, gs, ms, vs, ss = make_state(shapes, dtype, gen, steps=2)
+    xs = [v * 2 * torch.rand(v.shape, generator=gen) for v in vs]  # half above v, half below
+    hyper = make_hyper(len(shapes), gen=gen)
+    rp, rg, rm, rv, rs, rx = clone_all(ps, gs, ms, vs, ss, xs)
+    ps, gs, ms, vs, xs = backend.to((ps, gs, ms, vs, xs))
+    hyper_k = hyper
+    if backend.name == "cuda":
+        ss, hyper_k = [s.to(backend.device) for s in ss], hyper.to(backend.device)
+    before = [p.clone() for p in ps]
+    backend.ops.fused_adamw_(ps, gs, ms, vs, ss, hyper_k, max_exp_avg_sqs=xs)
+    reference.fused_adamw_(rp, rg, rm, rv, rs, hyper, max_exp_avg_sqs=rx)
+    assert_close_at_list_scale(xs, rx, 1e-6, "max_exp_avg_sqs")
+    assert_close_at_list_scale(vs, rv, 1e-6, "exp_avg_sqs")
+    if dtype == torch.float32:
+        assert_close_at_list_scale(ps, rp, 1e-6, "params")
+    else:
+        for p, q, p0 in zip(ps, rp, before):
+            assert_bf16_step_close(p.float(), q.float(), p0.float())
+    for x, v in zip(xs, vs):
+        assert torch.equal(x, torch.maximum(x, v))  # the maximum includes this step's v
+    torch.library.opcheck(backend.op("fused_adamw_"), (ps[:3], gs[:3], ms[:3], vs[:3], ss[:3],
+                                                       hyper_k[:3].contiguous()), {"max_exp_avg_sqs": xs[:3]})
+
+
+def test_amsgrad_nan_propagates_into_the_maximum(backend):
+    """NaN enters the running maximum from either side, as torch.maximum."""
+    p, g, m, s = torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(())
+    v, x = torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, float("nan")])
+    (p, g, m, v, x), = backend.to(([p, g, m, v, x],))
+    backend.ops.fused_adamw_([p], [g], [m], [v], [s], make_hyper(1), max_exp_avg_sqs=[x])
+    assert torch.isnan(x).all()
+
+
+def test_amsgrad_errors_write_nothing(backend, gen):
+    ps, gs, ms, vs, ss = make_state([(3, 5), (7,)], torch.float32, gen)
+    ps, gs, ms, vs = backend.to((ps, gs, ms, vs))
+    xs = [torch.rand_like(v) for v in vs]
+    hyper = make_hyper(2)
+    before = [t.clone() for t in ps + ms + vs + ss + xs]
+    for pattern, arg in [(r"max_exp_avg_sqs has 1 tensors, params has 2", xs[:1]),
+                         (r"max_exp_avg_sqs\[1\] has dtype", [xs[0], xs[1].double()]),
+                         (r"max_exp_avg_sqs\[0\] has shape", [xs[1], xs[1]])]:
+        with pytest.raises(RuntimeError, match=pattern):
+            backend.ops.fused_adamw_(ps, gs, ms, vs, ss, hyper, max_exp_avg_sqs=arg)
+    for a, b in zip(before, ps + ms + vs + ss + xs):
+        assert torch.equal(a, b)
 
 
 def test_reference_matches_fp64_formula(gen):
@@ -141,13 +202,7 @@ def test_deterministic(backend, gen):
     hyper = make_hyper(len(shapes), gen=gen)
     ps, gs, ms, vs = backend.to((ps, gs, ms, vs))
     a = clone_all(ps, gs, ms, vs, ss)
-    n = torch.get_num_threads()
-    try:
-        if backend.name == "cpu":
-            torch.set_num_threads(1)
-        backend.ops.fused_adamw_(*a, hyper)
-    finally:
-        torch.set_num_threads(n)
+    single_threaded_on_cpu(backend, backend.ops.fused_adamw_, *a, hyper)
     backend.ops.fused_adamw_(ps, gs, ms, vs, ss, hyper)
     for x, y in zip(ps + ms + vs, a[0] + a[2] + a[3]):
         assert torch.equal(x, y)
