@@ -85,8 +85,8 @@ fi
 if go tests; then
   # The files whose tests run only (or differently) on a GPU, each in its own process so that a
   # crash in one leaves the others' results; TESTS_S is shared among them.
-  files=(${TEST_FILES:-tests/test_cuda_sparse_rows.py tests/test_cuda_capture.py tests/test_fused_adamw.py \
-      tests/test_fused_adamh.py tests/test_triton_sparse_rows.py tests/test_sparse_capture.py \
+  files=(${TEST_FILES:-tests/test_sparse_rows.py tests/test_sparse_rows_optimizer.py tests/test_cuda_capture.py \
+      tests/test_fused_adamw.py tests/test_fused_adamh.py tests/test_sparse_capture.py \
       tests/test_capturable.py tests/test_triton_capturable.py tests/test_triton_fast_step.py tests/test_sync_free.py \
       tests/test_optim.py tests/test_bench.py})
   tests_end=$(( $(date +%s) + ${TESTS_S:-150} ))

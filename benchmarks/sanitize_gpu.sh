@@ -14,8 +14,8 @@
 #
 # Settings (environment):
 #   SANITIZE_FILES     test files (default: tests/test_fused_adamw.py tests/test_fused_adamh.py
-#                      tests/test_cuda_sparse_rows.py; their CPU and Triton cases run too, outside the
-#                      kernel filter)
+#                      tests/test_sparse_rows.py tests/test_sparse_rows_optimizer.py; their CPU and
+#                      Triton cases run too, outside the kernel filter)
 #   SANITIZE_KERNELS   kernel-name substring to instrument (default: lvopt, i.e. lvopt's own
 #                      kernels; empty: every kernel, torch's included, much slower)
 #   SANITIZE_TIMEOUT   seconds per tool and file (default 300; the tools slow kernels 10-100x)
@@ -32,7 +32,7 @@ SUMMARY="$OUT_DIR/summary.txt"
 : > "$SUMMARY"
 PY=${PY:-python3}
 TOOLS=${*:-memcheck racecheck initcheck synccheck}
-FILES=${SANITIZE_FILES:-tests/test_fused_adamw.py tests/test_fused_adamh.py tests/test_cuda_sparse_rows.py}
+FILES=${SANITIZE_FILES:-tests/test_fused_adamw.py tests/test_fused_adamh.py tests/test_sparse_rows.py tests/test_sparse_rows_optimizer.py}
 KERNELS=${SANITIZE_KERNELS-lvopt}
 TIMEOUT=${SANITIZE_TIMEOUT:-300}
 export PYTHONUNBUFFERED=1

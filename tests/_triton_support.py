@@ -1,5 +1,6 @@
-"""Shared by the Triton-only test files (tests/test_triton_sparse_rows.py,
-tests/test_triton_capturable.py; the per-op-family files use conftest's ``backend`` fixture). The
+"""Shared by the Triton-only test files (tests/test_triton_capturable.py,
+tests/test_triton_fast_step.py, tests/test_sparse_capture.py; the per-op-family files use
+conftest's ``backend`` fixture and run_triton_child). The
 Triton tests run where the kernels can run: on CUDA tensors when a GPU is present, and on CPU
 tensors under the interpreter otherwise. The interpreter must be chosen before triton is
 imported, and this pytest process has already imported it (lvopt.build_info()), so without a GPU

@@ -6,7 +6,7 @@ loads the file, trains N more steps and writes its parameters. An uninterrupted 
 in this process must give the same bits (lvopt -> lvopt), or agree within fp32 rounding where a
 checkpoint crosses between lvopt.AdamW and torch.optim.AdamW. The data of step t depends on t
 only, so both halves see the batches the uninterrupted run sees. (In-memory round trips are in
-tests/test_optim.py and tests/test_sparse_rows.py.)
+tests/test_optim.py and tests/test_sparse_rows_optimizer.py.)
 """
 import json
 import os

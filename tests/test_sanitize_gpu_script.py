@@ -96,7 +96,7 @@ def test_no_compute_sanitizer_says_so_and_exits_0(tmp_path):
 
 def test_reports_are_parsed(tmp_path):
     env = fake_env(tmp_path, {"memcheck": MEMCHECK_ERRORS, "racecheck": RACECHECK, "initcheck": CLEAN},
-                   SANITIZE_FILES="tests/test_cuda_kernels.py tests/test_cuda_sparse_rows.py")
+                   SANITIZE_FILES="tests/test_cuda_kernels.py tests/test_sparse_rows.py")
     rc, out, summary = run(tmp_path, env)
     assert rc == 1, out  # errors found
     lines = {line.split(":")[0]: line for line in summary.splitlines()}
@@ -104,15 +104,15 @@ def test_reports_are_parsed(tmp_path):
     assert lines["memcheck"].startswith("memcheck: 6 errors [kernels: lvopt]"), summary
     assert "test_cuda_kernels: 3 errors, pytest rc=0 (3 passed in 0.01s)" in lines["memcheck"]
     assert lines["racecheck"].startswith("racecheck: 2 errors"), summary
-    assert "test_cuda_sparse_rows: 1 errors, 1 warnings" in lines["racecheck"]
+    assert "test_sparse_rows: 1 errors, 1 warnings" in lines["racecheck"]
     assert lines["initcheck"].startswith("initcheck: 0 errors [kernels: lvopt]"), summary
     assert lines["synccheck"].startswith("synccheck: 0 errors + 2 reports without a summary"), summary
     assert "no ERROR SUMMARY in the report (rc=0)" in lines["synccheck"]
     args = (tmp_path / "args.txt").read_text()
     assert "--kernel-name kns=lvopt" in args and "--racecheck-report all" in args
-    assert "-m pytest" in args and "tests/test_cuda_sparse_rows.py" in args
+    assert "-m pytest" in args and "tests/test_sparse_rows.py" in args
     logs = sorted(os.listdir(tmp_path / "out" / "sanitizer"))
-    assert "memcheck_test_cuda_kernels.log" in logs and "synccheck_test_cuda_sparse_rows.pytest.log" in logs
+    assert "memcheck_test_cuda_kernels.log" in logs and "synccheck_test_sparse_rows.pytest.log" in logs
 
 
 def test_clean_run_exits_0_and_every_kernel_option(tmp_path):
