@@ -72,7 +72,8 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-needs_cuda_build = pytest.mark.skipif(not cuda_built(), reason="this build has no CUDA kernels (LVOPT_NO_CUDA or no nvcc)")
+needs_cuda_build = pytest.mark.skipif(not cuda_built(),
+                                      reason="this build has no CUDA kernels (LVOPT_NO_CUDA or no nvcc)")
 needs_triton_installed = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 
@@ -161,6 +162,13 @@ def make_state(shapes, dtype, gen, steps=0):
 
 def clone_all(*lists):
     return [[t.clone() for t in lst] for lst in lists]
+
+
+def assert_unchanged(lists, snapshot):
+    """Every tensor of ``lists`` equal to its copy in ``snapshot`` (clone_all's): nothing written."""
+    for lst, old in zip(lists, snapshot):
+        for t, o in zip(lst, old):
+            assert torch.equal(t, o)
 
 
 def rel_err(a, b):

@@ -156,7 +156,7 @@ def test_eager_step_does_not_synchronise(backend, cls, nonfinite, gen):
 def test_cuda_found_inf_decided_on_the_device(gen, adamh):
     """Device step counters: a NaN gradient sets the flag, the kernels write nothing, the
     counters stay, and the op does not synchronise."""
-    from conftest import clone_all, make_hyper, make_state
+    from conftest import assert_unchanged, clone_all, make_hyper, make_state
 
     ps, gs, ms, vs, ss = make_state([(33, 17), (3 * 16384 + 5,)], torch.float32, gen, steps=2)
     ps, gs, ms, vs = ([t.cuda() for t in lst] for lst in (ps, gs, ms, vs))
@@ -178,9 +178,7 @@ def test_cuda_found_inf_decided_on_the_device(gen, adamh):
     assert float(found) == 1.0
     if adamh:
         assert not out.any()
-    for lst, old in zip((ps, ms, vs, ss), snap):
-        for t, o in zip(lst, old):
-            assert torch.equal(t, o)
+    assert_unchanged((ps, ms, vs, ss), snap)
 
 
 # ----- the sparse-row step (capturable=True: lvopt/sparse.py RingClock) -------------------------

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import (IN_TRITON_CHILD, clone_all, make_hyper, make_state, rel_err, run_triton_child,
+from conftest import (IN_TRITON_CHILD, assert_unchanged, clone_all, make_hyper, make_state, rel_err, run_triton_child,
                       single_threaded_on_cpu)
 from lvopt import reference
 import _adamh_split as split
@@ -168,9 +168,7 @@ def test_errors_write_nothing(backend, gen):
     for pattern, args in cases:
         with pytest.raises(RuntimeError, match=pattern):
             backend.ops.fused_adamh_(*args)
-    for lst, old in zip((ps, ms, vs, ss), before):
-        for t, o in zip(lst, old):
-            assert torch.equal(t, o)
+    assert_unchanged((ps, ms, vs, ss), before)
 
 
 # ----- the two passes as two ops (sharded matrices: the sums are all-reduced in between) --------

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from conftest import (IN_TRITON_CHILD, assert_bf16_step_close, assert_close_at_list_scale, clone_all, make_hyper,
-                      make_state, needs_cuda_kernels, needs_native, rel_err, restart_reference_from, run_python,
+from conftest import (IN_TRITON_CHILD, assert_bf16_step_close, assert_close_at_list_scale, assert_unchanged, clone_all,
+                      make_hyper, make_state, needs_cuda_kernels, needs_native, rel_err, restart_reference_from, run_python,
                       run_triton_child, single_threaded_on_cpu)
 from lvopt import reference
 
@@ -373,16 +373,12 @@ def test_stats_and_found_inf(backend, gen, dtype):
     gs[3][100] = float("inf")
     backend.ops.fused_adamw_(ps, gs, ms, vs, ss, hyper, found)
     assert float(found) == 1.0
-    for lst, old in zip((ps, ms, vs, ss), snap):
-        for t, o in zip(lst, old):
-            assert torch.equal(t, o)
+    assert_unchanged((ps, ms, vs, ss), snap)
     radii = [torch.tensor(1.0, dtype=torch.float64) for _ in shapes]
     found.zero_()
     out = backend.ops.fused_adamh_(ps, gs, ms, vs, ss, radii, make_hyper(len(shapes), wd=0.0), found)
     assert float(found) == 1.0 and not out.any()
-    for lst, old in zip((ps, ms, vs, ss), snap):
-        for t, o in zip(lst, old):
-            assert torch.equal(t, o)
+    assert_unchanged((ps, ms, vs, ss), snap)
 
 
 def test_optimizer_track_and_skip(backend, gen):

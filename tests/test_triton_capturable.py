@@ -12,7 +12,7 @@ from torch import nn
 
 from _host_traffic import HostTraffic
 from _triton_support import IN_CHILD, run_file_under_interpreter, triton_device
-from conftest import clone_all, make_hyper, make_state, train_step
+from conftest import assert_unchanged, clone_all, make_hyper, make_state, train_step
 
 DEV = triton_device()
 needs_triton_device = pytest.mark.skipif(DEV is None, reason="no GPU: these run in the interpreter child")
@@ -51,9 +51,7 @@ def test_found_inf_decided_in_the_kernels(gen, adamh):
     assert float(found) == 1.0
     if adamh:
         assert not out.any()
-    for lst, old in zip((ps, ms, vs, ss), snap):
-        for t, o in zip(lst, old):
-            assert torch.equal(t, o)
+    assert_unchanged((ps, ms, vs, ss), snap)
     gs[2].view(-1)[5] = 0.0
     found.zero_()
     _ops().fused_adamw_(ps, gs, ms, vs, ss, make_hyper(4).to(DEV), found)
