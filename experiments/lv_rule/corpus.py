@@ -220,12 +220,7 @@ def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, la
         w = t_ids[torch.from_numpy(starts[s]).unsqueeze(1) + ar]
         distinct.append(int(w[:, :-1].unique().numel()))
         logits = model(w[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, V), w[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tl.append(loss.item())
-        if not math.isfinite(tl[-1]):
+        if not sweep.train_step(opt, F.cross_entropy(logits.reshape(-1, V), w[:, 1:].reshape(-1)), tl):
             break
     # validation: fixed windows, the same for every config of this V
     g = np.random.default_rng(7)
@@ -299,35 +294,25 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--corpus", default=DEFAULT_CORPUS)
-    ap.add_argument("--out", default=os.path.join(HERE, "runs_corpus.csv"))
+    sweep.add_arguments(ap, os.path.join(HERE, "runs_corpus.csv"))
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
     ap.add_argument("--max-chars", type=int, default=3_000_000, help="use only this many corpus characters")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="only these parts of the preset (0-based)")
     ap.add_argument("--dry-run", action="store_true", help="per configuration, the next run the csv does not "
                     "hold yet (optim, width, V, seed, k, hidden factor); runs nothing")
     a = ap.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(a.threads)
-    try:
-        P = PRESETS[a.preset]
-        sw = Sweep(a, P)
-        print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
-        for i, part in enumerate(P["parts"]):
-            if a.parts is not None and i not in a.parts:
-                continue
-            for o in part["optims"]:
-                for V in part["vocabs"]:
-                    for w in part["widths"]:
-                        try:
-                            sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False))
-                        except _DryRun as e:   # the next run this configuration needs (adaptive grids
-                            print("next:", *e.args, flush=True)   # decide the rest from its loss)
-        print(f"lv_rule: done, {sw.n_new} new runs, {(time.time() - sw.t_start) / 60:.1f} min", flush=True)
-        return 0
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was (tests call main)
+    P = PRESETS[a.preset]
+    sw = Sweep(a, P)
+    print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
+
+    def config(part, o, V, w):
+        try:
+            sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False))
+        except _DryRun as e:   # the next run this configuration needs (adaptive grids
+            print("next:", *e.args, flush=True)   # decide the rest from its loss)
+
+    sweep.for_each_config(P, a.parts, a.threads, config)
+    print(f"lv_rule: done, {sw.n_new} new runs, {(time.time() - sw.t_start) / 60:.1f} min", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -155,12 +155,7 @@ def run_one(task, ev, optim, width, seed, k, steps, batch, hidden_factor=1.0):
         for grp, b in zip(opt.param_groups, base):
             grp["lr"] = b * f
         x, _, y = task.sample(batch, g)
-        loss = ce(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tl.append(loss.item())
-        if not math.isfinite(tl[-1]):
+        if not sweep.train_step(opt, ce(model(x), y), tl):
             break
     with torch.no_grad():
         ex, et = ev
@@ -233,29 +228,15 @@ class Sweep(sweep.Sweep):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    ap.add_argument("--out", default=os.path.join(HERE, "runs.csv"))
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="only these parts of the preset (0-based)")
+    sweep.add_arguments(ap, os.path.join(HERE, "runs.csv"))
     a = ap.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(a.threads)
-    try:
-        P = PRESETS[a.preset]
-        sw = Sweep(a.out, P)
-        print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
-        for i, part in enumerate(P["parts"]):
-            if a.parts is not None and i not in a.parts:
-                continue
-            for o in part["optims"]:
-                for V in part["vocabs"]:
-                    for w in part["widths"]:
-                        sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False),
-                                  part.get("refine", False))
-        print(f"lv_rule: done, {sw.n_new} new runs", flush=True)
-        return 0
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was (tests call main)
+    P = PRESETS[a.preset]
+    sw = Sweep(a.out, P)
+    print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
+    sweep.for_each_config(P, a.parts, a.threads, lambda part, o, V, w: sw.config(
+        o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False), part.get("refine", False)))
+    print(f"lv_rule: done, {sw.n_new} new runs", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

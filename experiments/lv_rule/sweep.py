@@ -13,6 +13,7 @@ import os
 import time
 
 import numpy as np
+import torch
 
 # The columns of a run, the same in runs.csv, runs_corpus.csv and gpu_lm's runs.csv (analyze.py
 # reads all three).
@@ -25,6 +26,42 @@ def lr_factor(s: int, steps: int) -> float:
     cosine from 1 down to 0.1."""
     warm = max(1, steps // 10)
     return min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
+def train_step(opt, loss, losses: list) -> bool:
+    """One optimizer step on ``loss`` (gradients set to None first); appends its value to
+    ``losses``; False when that value is not finite (the run has diverged)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+    return math.isfinite(losses[-1])
+
+
+def add_arguments(ap, out: str) -> None:
+    """The command line a sweep shares: --out (its csv, default ``out``), --threads, --parts."""
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parts", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="only these parts of the preset (0-based)")
+
+
+def for_each_config(P: dict, parts, threads: int, config) -> None:
+    """``config(part, optim, V, width)`` for every configuration of the preset ``P``'s parts (only
+    the indices in ``parts`` when given), part by part, with torch at ``threads`` threads; the
+    caller's thread count is restored after (tests call the sweeps' main)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, part in enumerate(P["parts"]):
+            if parts is not None and i not in parts:
+                continue
+            for o in part["optims"]:
+                for V in part["vocabs"]:
+                    for w in part["widths"]:
+                        config(part, o, V, w)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def read_rows(path: str) -> list[dict]:
