@@ -141,7 +141,7 @@ def measure(fns, rounds: int, warmup: int = 0, *, before=None, device=None, time
       thread while the device runs behind; one synchronisation after the warm-up and at the end);
     - "queued": the ``rounds`` calls back to back, timed as one (CUDA events on a device) with
       one synchronisation at the end: one sample, the mean per call (a training loop's steady
-      state, the host queueing ahead of the device).
+      state, the host queueing ahead of the device); no ``before`` (it would be timed).
     """
     single = not isinstance(fns, dict)
     steps = {None: fns} if single else dict(fns)
@@ -149,6 +149,8 @@ def measure(fns, rounds: int, warmup: int = 0, *, before=None, device=None, time
     timer = timer or ("events" if cuda else "cpu")
     if timer not in TIMERS:
         raise ValueError(f"measure: timer must be one of {TIMERS}, got {timer!r}")
+    if timer == "queued" and before is not None:
+        raise ValueError("measure: timer='queued' times its calls as one span and takes no before()")
     out = {name: Timing([]) for name in steps}
     for name, fn in steps.items():
         for j in range(warmup):
@@ -161,18 +163,14 @@ def measure(fns, rounds: int, warmup: int = 0, *, before=None, device=None, time
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                for r in range(rounds):
-                    if before is not None:
-                        before(warmup + r)
+                for _ in range(rounds):
                     fn()
                 end.record()
                 end.synchronize()
                 out[name].samples.append(start.elapsed_time(end) * 1e-3 / rounds)
             else:
                 t0 = time.perf_counter()
-                for r in range(rounds):
-                    if before is not None:
-                        before(warmup + r)
+                for _ in range(rounds):
                     fn()
                 out[name].samples.append((time.perf_counter() - t0) / rounds)
             if progress is not None:
