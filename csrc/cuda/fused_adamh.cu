@@ -60,11 +60,11 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
     float mi = m[i], vi = v[i];
-    adam_moments(c.grad_sign * load_one(g, i), mi, vi, c);
+    adam_moments(c.grad_sign * load_elem(g, i), mi, vi, c);
     m[i] = mi;
     v[i] = vi;
     const double u = adam_update(mi, vi, c);
-    const double w = load_one(p, i);
+    const double w = load_elem(p, i);
     uu += u * u;
     wu += w * u;
     ww += w * w;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
-    store_one(p, i, a * load_one(p, i) - b * adam_update(m[i], v[i], c));
+    store_elem(p, i, a * load_elem(p, i) - b * adam_update(m[i], v[i], c));
   }
 }
 

@@ -182,7 +182,7 @@ __device__ __forceinline__ void row_grad(const RowArgs<T>& a, int64_t k, int64_t
     const T* src = a.vals + a.perm[i] * a.d + col;
     float x[N];
     if constexpr (N == 1) {
-      x[0] = load_one(src, 0);
+      x[0] = load_elem(src, 0);
     } else {
       load_vec(src, x);
     }
@@ -244,7 +244,7 @@ __device__ __forceinline__ void row_columns(const RowArgs<T>& a, int64_t k, int6
   for (int64_t j = first + static_cast<int64_t>(threadIdx.x) * N; j < end; j += kThreads * N) {
     float pf[N], gf[N], mf[N], vf[N], w0[N];
     if constexpr (N == 1) {
-      pf[0] = load_one(p, j);
+      pf[0] = load_elem(p, j);
       mf[0] = m[j];
       vf[0] = v[j];
     } else {
@@ -260,7 +260,7 @@ __device__ __forceinline__ void row_columns(const RowArgs<T>& a, int64_t k, int6
       if constexpr (kStep) adamw_element(pf[q], gf[q], mf[q], vf[q], c);
     }
     if constexpr (N == 1) {
-      store_one(p, j, pf[0]);
+      store_elem(p, j, pf[0]);
       m[j] = mf[0];
       v[j] = vf[0];
     } else {
@@ -514,7 +514,7 @@ __global__ void __launch_bounds__(kThreads)
   const auto term = [&](int64_t j, double& w, double& aj) { ck.term(s, target, s + 1 + j, w, aj); };
   double sums[2] = {0.0, 0.0};
   for (int64_t j = threadIdx.x; j < a.d; j += kThreads) {
-    float pi = load_one(p, j), mi = m[j], vi = v[j];
+    float pi = load_elem(p, j), mi = m[j], vi = v[j];
     const float w0 = pi;
     if (!catchup_element(pi, mi, vi, cr)) {
       catchup_element_loop(pi, mi, vi, cr, ck.window_end(s, target) - s, term);
@@ -524,7 +524,7 @@ __global__ void __launch_bounds__(kThreads)
       row_grad<T, 1>(a, k, lo, hi, j, g);
       adamw_element(pi, g[0], mi, vi, c);
     }
-    store_one(p, j, pi);
+    store_elem(p, j, pi);
     m[j] = mi;
     v[j] = vi;
     if constexpr (kTrack) track(w0, stored_value(p, pi), sums);
@@ -560,7 +560,7 @@ __device__ __forceinline__ void coalesce_columns(const RowArgs<T>& a, int64_t k,
     float g[N];
     row_grad<T, N>(a, k, lo, hi, j, g);
     if constexpr (N == 1) {
-      store_one(out + k * a.d, j, g[0]);
+      store_elem(out + k * a.d, j, g[0]);
     } else {
       store_vec(out + k * a.d + j, g);
     }

@@ -268,4 +268,40 @@ LVOPT_HD uint16_t float_to_bf16(float f) {
 LVOPT_HD float stored_value(const float*, float x) { return x; }
 LVOPT_HD float stored_value(const uint16_t*, float x) { return bf16_to_float(float_to_bf16(x)); }
 
+// One element of fp32 or bf16 (uint16_t bits) storage read as fp32, and an fp32 value written
+// into it: the element access of the CPU loops and of the CUDA kernels' scalar paths.
+LVOPT_HD float load_elem(const float* p, int64_t i) { return p[i]; }
+LVOPT_HD float load_elem(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+LVOPT_HD void store_elem(float* p, int64_t i, float x) { p[i] = x; }
+LVOPT_HD void store_elem(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+
+// W before and after one element's step, after as stored (stored_value): the telemetry's pair.
+struct StepPair {
+  float before, after;
+};
+
+// One AdamW element in memory: element i of p (storage T), g (storage G), m, v and, with kAms,
+// vmax (else unused) read, stepped by adamw_element / adamw_amsgrad_element, and written back.
+// The CPU's tracked span (csrc/cpu/multi_tensor.h) and the CUDA step kernel's scalar path
+// (csrc/cuda/fused_adamw.cu) both run it; a caller that does not track leaves the returned
+// pair unused, which costs nothing once inlined.
+template <bool kAms, typename T, typename G>
+LVOPT_HD StepPair adamw_element_at(T* __restrict p, const G* __restrict g, float* __restrict m,
+                                   float* __restrict v, float* __restrict vmax, int64_t i,
+                                   const AdamCoef& c) {
+  const float w0 = load_elem(p, i);
+  float pi = w0, mi = m[i], vi = v[i];
+  if constexpr (kAms) {
+    float xi = vmax[i];
+    adamw_amsgrad_element(pi, load_elem(g, i), mi, vi, xi, c);
+    vmax[i] = xi;
+  } else {
+    adamw_element(pi, load_elem(g, i), mi, vi, c);
+  }
+  m[i] = mi;
+  v[i] = vi;
+  store_elem(p, i, pi);
+  return StepPair{w0, stored_value(p, pi)};
+}
+
 }  // namespace lvopt
