@@ -123,6 +123,15 @@ LVOPT_HD HyperballScales hyperball_scales(double lr, double radius, double uu, d
   return HyperballScales{a, a * s};
 }
 
+// The scales pass 2 applies, hyperball_scales of the sums (||u||^2, <W,u>, ||W||^2) rounded
+// once to fp32: what every AdamH kernel computes per tensor between its two passes.
+LVOPT_HD void hyperball_scales_f32(double lr, double radius, const double* sums, float& a,
+                                   float& b) {
+  const HyperballScales h = hyperball_scales(lr, radius, sums[0], sums[1], sums[2]);
+  a = static_cast<float>(h.a);
+  b = static_cast<float>(h.b);
+}
+
 // Columns of the per-step history table of an exact-mode sparse parameter (float64,
 // [steps, kHistCols], row i describes step hist_base + i; built by lvopt/sparse.py RowClock).
 // Series i in 0..3 is M_i (q_i = beta1 * beta2^-(i+1)/2), series 4..7 is N_(i-3)
