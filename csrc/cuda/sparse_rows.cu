@@ -694,6 +694,23 @@ RowArgs<T> plan_args(const DevicePlan& plan, int64_t* err, const StepInfo* info,
   return a;
 }
 
+// plan_args with a step's table streams: the parameter's rows and its moments', the gradient
+// rows (vals; nullptr for a catch-up), last_step (exact mode; else nullptr), and whether
+// 16-byte vectors serve them all.
+template <typename T>
+RowArgs<T> table_args(const DevicePlan& plan, const at::Tensor& err, const StepInfo* info,
+                      const at::Tensor& param, const at::Tensor& exp_avg,
+                      const at::Tensor& exp_avg_sq, const void* vals, int64_t* last) {
+  RowArgs<T> a = plan_args<T>(plan, err.data_ptr<int64_t>(), info, param.size(1));
+  a.p = reinterpret_cast<T*>(param.data_ptr());
+  a.m = exp_avg.data_ptr<float>();
+  a.v = exp_avg_sq.data_ptr<float>();
+  a.vals = static_cast<const T*>(vals);
+  a.last = last;
+  a.vec = rows_vectorisable<T>(a.p, a.m, a.v, a.vals, a.d);
+  return a;
+}
+
 // Sums the pieces of the long runs (before the row kernel).
 template <typename T>
 void sum_long_runs(const RowArgs<T>& a, const DevicePlan& plan, cudaStream_t stream) {
@@ -955,13 +972,8 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
     const StepInfo* ip = reinterpret_cast<const StepInfo*>(info.data_ptr());
     const auto run = [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      RowArgs<T> a = plan_args<T>(plan, err.data_ptr<int64_t>(), ip, d);
-      a.p = reinterpret_cast<T*>(param.data_ptr());
-      a.m = exp_avg.data_ptr<float>();
-      a.v = exp_avg_sq.data_ptr<float>();
-      a.vals = reinterpret_cast<const T*>(vals.data_ptr());
-      a.last = exact ? last_step.data_ptr<int64_t>() : nullptr;
-      a.vec = rows_vectorisable<T>(a.p, a.m, a.v, a.vals, d);
+      const RowArgs<T> a = table_args<T>(plan, err, ip, param, exp_avg, exp_avg_sq, vals.data_ptr(),
+                                         exact ? last_step.data_ptr<int64_t>() : nullptr);
       sum_long_runs(a, plan, stream);
       if (exact) {
         if (rs) launch_rows<T, true, true, true>(a, dck.ck, xs.rows, rs, n, stream);
@@ -1020,12 +1032,8 @@ void sparse_catchup_cuda(const at::Tensor& param, const at::Tensor& indices,
   const StepInfo* ip = reinterpret_cast<const StepInfo*>(info.data_ptr());
   const auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    RowArgs<T> a = plan_args<T>(plan, err.data_ptr<int64_t>(), ip, d);
-    a.p = reinterpret_cast<T*>(param.data_ptr());
-    a.m = exp_avg.data_ptr<float>();
-    a.v = exp_avg_sq.data_ptr<float>();
-    a.last = last_step.data_ptr<int64_t>();
-    a.vec = rows_vectorisable<T>(a.p, a.m, a.v, nullptr, d);
+    const RowArgs<T> a = table_args<T>(plan, err, ip, param, exp_avg, exp_avg_sq, nullptr,
+                                       last_step.data_ptr<int64_t>());
     launch_rows<T, true, false, false>(a, dck.ck, xs.rows, nullptr, n, stream);
   };
   if (param.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
