@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .._layout import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
+from ..optim import _dense
 
 # Elements per program (a multiple of BLOCK) and per tile. 16 Ki elements per program, as in
 # the CUDA kernels; a 1024-element tile is 8 elements per thread with 4 warps: two float4 of
@@ -72,15 +73,6 @@ def _check_layout(op, name, i, t, p, dtype):
     if t.stride() != p.stride():
         _fail(f"{op}: {name}[{i}] has strides {list(t.stride())} but params[{i}] has strides "
               f"{list(p.stride())} (lvopt.optim lays gradients and states out like their parameter)")
-
-
-def _dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _native_check():
