@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
@@ -49,6 +47,7 @@ def worker(args) -> None:
     from torch.distributed.tensor import Shard
 
     import lvopt
+    from harness import measure
 
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
@@ -72,15 +71,20 @@ def worker(args) -> None:
         calls.append(t.numel() * t.element_size())
         return orig(t, *a, **k)
 
-    def timed(opt, count=False):
-        dist.barrier()
-        if count:
+    def counting(step):
+        """``step`` with the optimizer's all-reduces counted while it runs."""
+
+        def run():
             dist.all_reduce = counted
-        t0 = time.perf_counter()
-        opt.step()
-        t = time.perf_counter() - t0
-        dist.all_reduce = orig
-        return t
+            try:
+                step()
+            finally:
+                dist.all_reduce = orig
+
+        return run
+
+    def barrier(i):
+        dist.barrier()
 
     first_calls = []
     dist.all_reduce = counted
@@ -88,30 +92,24 @@ def worker(args) -> None:
     dist.all_reduce = orig
     first_calls, calls[:] = list(calls), []
     opt_w.step()
-    ts, tw = [], []
-    for _ in range(args.rounds):
-        ts.append(timed(opt_s, count=True))
-        tw.append(timed(opt_w))
+    # Round-robin (harness.measure), a barrier before every step.
+    t = measure({"sharded": counting(opt_s.step), "whole": opt_w.step}, args.rounds, before=barrier)
     n = sum(1 for p in sharded.parameters() if p.dim() >= 2)
-    bare = []  # the collective alone: what the sharded step adds beyond its local work
-    for _ in range(args.rounds):
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_reduce(torch.zeros(n, 3, dtype=torch.float64))
-        bare.append(time.perf_counter() - t0)
+    # The collective alone: what the sharded step adds beyond its local work.
+    bare = measure(lambda: dist.all_reduce(torch.zeros(n, 3, dtype=torch.float64)), args.rounds, before=barrier)
     numel = sum(p.numel() for p in whole.parameters())
     local = sum(p.to_local().numel() for p in sharded.parameters())
     per_step = calls[: len(calls) // args.rounds]
     out = [
         rank,
-        statistics.median(ts),
-        statistics.median(tw),
+        t["sharded"].median_s,
+        t["whole"].median_s,
         first_calls,
         per_step,
         n,
         numel,
         local,
-        statistics.median(bare),
+        bare.median_s,
     ]
     gathered = [None] * args.world
     dist.all_gather_object(gathered, out)

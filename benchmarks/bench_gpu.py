@@ -12,45 +12,22 @@ exercise it without a GPU); ``--device cuda`` on a machine without CUDA says so 
 """
 from __future__ import annotations
 
-import argparse
 import math
+import os
 import statistics
 import sys
-import time
 
 import torch
 
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import argparser, measure, record  # noqa: E402
+from harness import gpt2_small_shapes as _gpt2_shapes  # noqa: E402
 
 
 def _time_ms(fn, device="cuda", warmup: int = 3, iters: int = 20, before=None) -> float:
-    """Median ms of fn() (CUDA events on a GPU, perf_counter on the CPU); ``before(i)`` runs
-    untimed before each call (e.g. to set the next batch's gradient)."""
-    cuda = torch.device(device).type == "cuda"
-    for i in range(warmup):
-        if before:
-            before(i)
-        fn()
-    _sync(device)
-    times = []
-    for i in range(iters):
-        if before:
-            before(warmup + i)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median ms of fn() (harness.measure: CUDA events on a GPU, perf_counter on the CPU);
+    ``before(i)`` runs untimed before each call (e.g. to set the next batch's gradient)."""
+    return measure(fn, iters, warmup, before=before, device=device).median_ms
 
 
 def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
@@ -62,11 +39,8 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
 
 
 def gpt2_small_shapes():
-    d, v, ctx = 768, 50257, 1024
-    shapes = [(v, d), (ctx, d)]
-    for _ in range(12):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
+    """GPT-2 small's 148 tensors in Hugging Face's Conv1D layout (harness.gpt2_small_shapes)."""
+    return _gpt2_shapes(conv1d=True)
 
 
 CASES = {
@@ -161,7 +135,9 @@ def run_dense(dev, bw, cases, file) -> list[dict]:
 
 
 def _row(case, label, ms, nbytes, bw, file) -> dict:
-    row = dict(case=case, impl=label, ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, frac=nbytes / (ms * 1e-3) / bw)
+    """harness.record of one timing, with ``frac`` (of the copy bandwidth) and ``impl`` (the
+    contender's name, the key this script's rows have always had)."""
+    row = record(case, label, ms, nbytes, impl=label, frac=nbytes / (ms * 1e-3) / bw)
     print(f"  {label:40s} {ms:8.3f} ms  {row['gbps']:7.1f} GB/s  {row['frac']:6.1%} of copy", file=file)
     return row
 
@@ -288,10 +264,7 @@ def run(device: str = "cuda", size: str = "default", cases=None, file=sys.stdout
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--size", default="default", choices=["default", "small"])
-    args = ap.parse_args(argv)
+    args = argparser(__doc__, device="cuda").parse_args(argv)
     run(args.device, args.size)
     return 0
 

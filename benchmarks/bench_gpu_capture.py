@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu import _sync, _time_ms, copy_bandwidth, gpt2_small_shapes  # noqa: E402
+from bench_gpu import _time_ms, copy_bandwidth, gpt2_small_shapes  # noqa: E402
+from harness import measure, sync as _sync  # noqa: E402
 
 BYTES_PER_PARAM = 28  # fp32 AdamW
 
@@ -61,35 +60,13 @@ def _back_to_back_ms(fn, device, iters):
     """ms per call of ``iters`` calls queued back to back, one synchronisation at the end: the
     step time of a training loop whose host keeps ahead of the device (_time_ms synchronises
     after every call, so its eager rows add the host time before the last launch)."""
-    for _ in range(3):
-        fn()
-    _sync(device)
-    if torch.device(device).type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / iters
+    return measure(fn, iters, 3, device=device, timer="queued").median_ms
 
 
 def _host_ms(fn, device, iters):
     """Median host time of one call, no synchronisation: what the step costs the Python thread
     (on a GPU: the optimizer's Python and Triton's launcher; the queue never fills at 20 steps)."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    _sync(device)
-    return statistics.median(times)
+    return measure(fn, iters, 1, device=device, timer="host").median_ms
 
 
 def _captured_ms(opt, device, iters):

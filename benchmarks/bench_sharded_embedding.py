@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -108,27 +107,37 @@ def worker(args) -> None:
             opt.flush()
             out["peak_mb"] = (_peak_kb() - base) / 1024
         else:
+            from harness import measure
+
             built = {w: _build(w, args) for w in ("sharded", "ddp")}
+            emb = built["sharded"][0]
             for dist_name in ("uniform", "zipf"):
-                times = {w: [] for w in built}
-                sent0 = dict(built["sharded"][0].bytes_sent)
-                distinct, off = 0, 0
-                for t in range(args.steps):
-                    ids = _batch(args, rank, t, dist_name)
-                    u = torch.unique(ids)
-                    distinct += u.numel()
-                    emb = built["sharded"][0]
-                    off += int(((u < emb.row_start) | (u >= emb.row_end)).sum())
-                    target = torch.ones(args.ids, args.dim)
-                    for w, (_, model, opt) in built.items():
-                        dist.barrier()
-                        t0 = time.perf_counter()
-                        _step(model, opt, ids, target)
-                        times[w].append(time.perf_counter() - t0)
+                sent0 = dict(emb.bytes_sent)
+                seen = dict(t=-1, distinct=0, off=0)
+
+                def before(t, dist_name=dist_name, seen=seen):
+                    """Step t's batch (made once, for both configurations), then a barrier."""
+                    if t != seen["t"]:
+                        seen["t"], seen["ids"] = t, _batch(args, rank, t, dist_name)
+                        u = torch.unique(seen["ids"])
+                        seen["distinct"] += u.numel()
+                        seen["off"] += int(((u < emb.row_start) | (u >= emb.row_end)).sum())
+                        seen["target"] = torch.ones(args.ids, args.dim)
+                    dist.barrier()
+
+                def stepper(model, opt, seen=seen):
+                    return lambda: _step(model, opt, seen["ids"], seen["target"])
+
+                # Both configurations stepped alternately on the same batch (harness.measure,
+                # round-robin); the first fifth of the steps is the warm-up, left out of the median.
+                times = measure(
+                    {w: stepper(model, opt) for w, (_, model, opt) in built.items()}, args.steps, before=before
+                )
+                distinct, off = seen["distinct"], seen["off"]
                 warm = args.steps // 5
-                sent = {k: (v - sent0[k]) / args.steps for k, v in built["sharded"][0].bytes_sent.items()}
+                sent = {k: (v - sent0[k]) / args.steps for k, v in emb.bytes_sent.items()}
                 out[dist_name] = dict(
-                    ms={w: 1e3 * statistics.median(x[warm:]) for w, x in times.items()},
+                    ms={w: 1e3 * statistics.median(x.samples[warm:]) for w, x in times.items()},
                     sent=sent,
                     distinct=distinct / args.steps,
                     off=off / args.steps,

@@ -11,12 +11,16 @@ table; `pytest benchmarks/bench_sparse_rows.py` runs the pytest-benchmark versio
 from __future__ import annotations
 
 import gc
+import os
 import statistics
-import time
+import sys
 
 import torch
 
 import lvopt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import argparser, measure, record  # noqa: E402
 
 CASE = "sparse_rows"
 SIZES = {
@@ -40,16 +44,12 @@ def _batches(cfg, gen):
 
 
 def _time_steps(opt, p, grads, warmup, reps):
-    for i in range(warmup):
+    """Median ms of opt.step(), the i-th call (warm-up first) on the gradient grads[i % len]."""
+
+    def set_grad(i):
         p.grad = grads[i % len(grads)]
-        opt.step()
-    ts = []
-    for i in range(reps):
-        p.grad = grads[(warmup + i) % len(grads)]
-        t0 = time.perf_counter()
-        opt.step()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+
+    return measure(opt.step, reps, warmup, before=set_grad).median_ms
 
 
 def run(size: str = "default", isa_levels: list[str] | None = None) -> list[dict]:
@@ -66,7 +66,7 @@ def run(size: str = "default", isa_levels: list[str] | None = None) -> list[dict
     rows = []
 
     def add(name, ms, nbytes, **extra):
-        rows.append(dict(name=name, ms=ms, gbps=nbytes / ms / 1e6, bytes=nbytes, **extra))
+        rows.append(record(CASE, name, ms, nbytes, **extra))
 
     def levels(name):
         """(row name, ISA level or None) for each timing of ``name``."""
@@ -149,11 +149,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="default", choices=list(SIZES))
-    args = ap.parse_args(argv)
+    args = argparser(__doc__.split("\n")[0], sizes=list(SIZES)[::-1]).parse_args(argv)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, isa {lvopt.build_info()['cpu_isa_active']}")
     print(table(run(args.size)))
     return 0
@@ -161,8 +157,6 @@ def main(argv=None) -> int:
 
 def test_sparse_rows_step(benchmark):
     """pytest-benchmark: the exact-mode step on the small configuration."""
-    import os
-
     cfg = SIZES[os.environ.get("LVOPT_BENCH_SIZE", "small")]
     gen = torch.Generator().manual_seed(0)
     grads = _batches(cfg, gen)

@@ -1,14 +1,23 @@
-"""The one harness behind every benchmark: `python -m lvopt bench` and the pytest-benchmark
-files (benchmarks/bench_<op>.py) share it.
+"""The one harness behind every benchmark: `python -m lvopt bench`, the pytest-benchmark files
+(benchmarks/bench_<op>.py), the GPU scripts and the studies (benchmarks/studies/) time with it.
 
-A *case* is one workload (a parameter list, a gradient) and several *contenders* (lvopt and
-the anchors a user would pick instead). Contenders of a case are timed round-robin, one step
-each per round, so that the machine's noise falls on all of them alike; the statistic is the
-median over rounds. Effective bandwidth counts the bytes the step must move by the case's
-byte model (docs/design.md section 4), the same for every contender of the case.
+- :func:`measure` is the one timing function: warm-up calls, then timed calls, one sample each
+  (perf_counter on the CPU, CUDA events on a GPU, or the other timers a script asks for); given
+  several contenders it steps them round-robin, one call each per round, so that the machine's
+  noise falls on all of them alike. The statistic is the median of the samples.
+- :func:`record` is the one result record: a dict with the case, the contender's name, its
+  median ms and the effective GB/s of the bytes its step must move (the case's byte model,
+  docs/design.md section 4).
+- :func:`format_rows` prints records as a table; :func:`write_csv` appends them to a csv.
+
+A *case* (:class:`Case`) is one workload (a parameter list, a gradient) and several
+*contenders* (lvopt and the anchors a user would pick instead); :func:`run_case` times them
+with :func:`measure`.
 """
 from __future__ import annotations
 
+import argparse
+import csv
 import gc
 import os
 import statistics
@@ -42,11 +51,15 @@ class Case:
     results: list[dict] = field(default_factory=list)
 
 
-def gpt2_small_shapes(V: int = 50257, d: int = 768, L: int = 12, ctx: int = 1024):
-    """GPT-2 small's 148 parameter tensors (124M parameters)."""
+def gpt2_small_shapes(V: int = 50257, d: int = 768, L: int = 12, ctx: int = 1024, conv1d: bool = False):
+    """GPT-2 small's 148 parameter tensors (124M parameters): nn.Linear's (out, in) matrices, or
+    with ``conv1d`` Hugging Face GPT-2's Conv1D (in, out) ones (the GPU scripts' layout)."""
     s = [(V, d), (ctx, d)]
     for _ in range(L):
-        s += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+        if conv1d:
+            s += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+        else:
+            s += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
     return s + [(d,), (d,)]
 
 
@@ -73,14 +86,175 @@ def make_params(shapes, dtype=torch.float32, seed=0):
     return ps
 
 
-def _median_s(fn, rounds: int) -> float:
-    ts = []
-    for i in range(rounds + 2):
-        t = time.perf_counter()
-        fn()
-        if i >= 2:
-            ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+@dataclass
+class Timing:
+    """The samples of one timed callable, in seconds. ``host``: with timer="wall", the time to
+    the call's return, before the device synchronisation (what the call costs the host)."""
+    samples: list[float]
+    host: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples) * 1e3
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples) * 1e3
+
+    @property
+    def host_ms(self) -> float:
+        return statistics.median(self.host) * 1e3
+
+
+TIMERS = ("cpu", "events", "wall", "host", "queued")
+
+
+def sync(device) -> None:
+    """Waits for ``device``'s queued work (nothing on the CPU or with no device)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fns, rounds: int, warmup: int = 0, *, before=None, device=None, timer: str | None = None,
+            progress=None):
+    """Times ``fns`` (a callable, or a dict name -> callable): ``warmup`` untimed calls, then
+    ``rounds`` timed calls, each a sample; returns a :class:`Timing` (a dict of them for a dict).
+
+    A dict is timed round-robin: each contender's warm-up calls in turn, then round after round
+    one call of each contender in the dict's order (all states alive, so noise falls on all
+    alike). ``before(i)``: untimed, before each call (warm-up calls too), ``i`` counting the
+    warm-up calls first (0 .. warmup-1) and then the rounds (warmup .. warmup+rounds-1): e.g. to
+    set the i-th gradient of a pool. ``progress``: a tqdm-like bar, updated once per timed call.
+
+    ``timer`` (default: "events" on a CUDA ``device``, else "cpu"):
+    - "cpu": perf_counter around the call (on a CPU, where the call is the work);
+    - "events": CUDA events recorded around the call on the current stream, the device
+      synchronised after the warm-up and at each sample's end event (the device time of the
+      call's kernels plus the host gaps between them);
+    - "wall": the device synchronised, perf_counter around the call and a synchronisation (the
+      whole time to a finished call); the host time to the call's return goes to Timing.host;
+    - "host": perf_counter around the call, no synchronisation (what the call costs the host
+      thread while the device runs behind; one synchronisation after the warm-up and at the end);
+    - "queued": the ``rounds`` calls back to back, timed as one (CUDA events on a device) with
+      one synchronisation at the end: one sample, the mean per call (a training loop's steady
+      state, the host queueing ahead of the device); no ``before`` (it would be timed).
+    """
+    single = not isinstance(fns, dict)
+    steps = {None: fns} if single else dict(fns)
+    cuda = device is not None and torch.device(device).type == "cuda"
+    timer = timer or ("events" if cuda else "cpu")
+    if timer not in TIMERS:
+        raise ValueError(f"measure: timer must be one of {TIMERS}, got {timer!r}")
+    if timer == "queued" and before is not None:
+        raise ValueError("measure: timer='queued' times its calls as one span and takes no before()")
+    out = {name: Timing([]) for name in steps}
+    for name, fn in steps.items():
+        for j in range(warmup):
+            if before is not None:
+                before(j)
+            fn()
+    sync(device)
+    if timer == "queued":
+        for name, fn in steps.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(rounds):
+                    fn()
+                end.record()
+                end.synchronize()
+                out[name].samples.append(start.elapsed_time(end) * 1e-3 / rounds)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(rounds):
+                    fn()
+                out[name].samples.append((time.perf_counter() - t0) / rounds)
+            if progress is not None:
+                progress.update(rounds)
+        return out[None] if single else out
+    for r in range(rounds):
+        i = warmup + r
+        for name, fn in steps.items():
+            if before is not None:
+                before(i)
+            t = out[name]
+            if timer == "events" and cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                t.samples.append(start.elapsed_time(end) * 1e-3)
+            elif timer == "wall":
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                t1 = time.perf_counter()
+                sync(device)
+                t.samples.append(time.perf_counter() - t0)
+                t.host.append(t1 - t0)
+            else:  # "cpu", "host", or "events" without a CUDA device
+                t0 = time.perf_counter()
+                fn()
+                t.samples.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress.update(1)
+    sync(device)
+    return out[None] if single else out
+
+
+def record(case: str, name: str, ms: float, nbytes: float | None = None, **extra) -> dict:
+    """The result record of one contender: case, name, median ms, and with the bytes its step
+    must move, ``bytes`` and the effective ``gbps``; ``extra`` keys as given."""
+    row = dict(case=case, name=name, ms=ms)
+    if nbytes is not None:
+        row.update(bytes=nbytes, gbps=nbytes / ms / 1e6)
+    row.update(extra)
+    return row
+
+
+def format_rows(rows: list[dict], columns, title: str | None = None, name_width: int = 44) -> str:
+    """``rows`` as a table: the contender's name, then one cell per column of ``columns``, each
+    (header, width, cell: row -> str, right-aligned to the width); a row with an ``error`` shows
+    it instead of its numbers."""
+    lines = [f"\n{title}"] if title is not None else []
+    lines.append(f"  {'contender':{name_width}s} " + " ".join(f"{h:>{w}s}" for h, w, _ in columns))
+    for r in rows:
+        if "error" in r:
+            dashes = " ".join(f"{'-':>{w}s}" for _, w, _ in columns)
+            lines.append(f"  {r['name']:{name_width}s} {dashes}   not run: {r['error']}")
+        else:
+            lines.append(f"  {r['name']:{name_width}s} " + " ".join(f"{cell(r):>{w}s}" for _, w, cell in columns))
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """Adds ``rows`` to the csv at ``path``: the rows already there kept, the header the union of
+    all rows' keys (a row without a key leaves its cell empty)."""
+    old = []
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+    keys = list(dict.fromkeys(k for r in old + rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(old + rows)
+
+
+def argparser(doc: str, sizes=("default", "small"), device: str | None = None) -> argparse.ArgumentParser:
+    """The command line every benchmark script starts from: its docstring's first paragraph as
+    the description, ``--size`` (``sizes``, the first the default) and, given a default,
+    ``--device`` (cuda or cpu)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if device is not None:
+        ap.add_argument("--device", default=device, choices=["cuda", "cpu"])
+    ap.add_argument("--size", default=sizes[0], choices=list(sizes))
+    return ap
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, rounds: int = 9) -> float:
@@ -89,14 +263,14 @@ def copy_bandwidth(nbytes: int = 256 << 20, rounds: int = 9) -> float:
     reads low against in-place kernels; stream_bandwidth is the yardstick for those."""
     x = torch.randn(nbytes // 4)
     y = torch.empty_like(x)
-    return 2 * nbytes / _median_s(lambda: y.copy_(x), rounds) / 1e9
+    return 2 * nbytes / measure(lambda: y.copy_(x), rounds, warmup=2).median_s / 1e9
 
 
 def stream_bandwidth(nbytes: int = 256 << 20, rounds: int = 9) -> float:
     """GB/s of an in-place scale of a large tensor (bytes read + bytes written, the same lines):
     the traffic pattern of an in-place optimizer step, the yardstick of the "% stream" column."""
     x = torch.randn(nbytes // 4)
-    return 2 * nbytes / _median_s(lambda: x.mul_(0.999999), rounds) / 1e9
+    return 2 * nbytes / measure(lambda: x.mul_(0.999999), rounds, warmup=2).median_s / 1e9
 
 
 def _build(c: Contender, errors: dict):
@@ -107,42 +281,26 @@ def _build(c: Contender, errors: dict):
         return None
 
 
-def _time(step, out: list, progress) -> None:
-    t = time.perf_counter()
-    step()
-    out.append(time.perf_counter() - t)
-    if progress is not None:
-        progress.update(1)
-
-
 def run_case(case: Case, rounds: int, warmup: int = 2, progress=None, alone: bool = False) -> list[dict]:
-    """Times every contender of ``case``; returns one dict per contender.
+    """Times every contender of ``case`` with :func:`measure`; returns one record per contender.
 
     Round-robin (default): all contenders' states are alive and each round steps each once, so
     noise falls on all alike and no contender finds its memory warm in the caches. ``alone``:
     each contender is built, timed and freed by itself (its page tables and state stay as warm
     as they get between steps of one optimizer)."""
     errors: dict = {}
-    times = {c.name: [] for c in case.contenders}
+    times: dict = {}
     if alone:
         for c in case.contenders:
             step = _build(c, errors)
             if step is None:
                 continue
-            for _ in range(warmup):
-                step()
-            for _ in range(rounds):
-                _time(step, times[c.name], progress)
+            times[c.name] = measure(step, rounds, warmup, progress=progress)
             del step
             gc.collect()
     else:
         steps = {c.name: s for c in case.contenders if (s := _build(c, errors)) is not None}
-        for step in steps.values():
-            for _ in range(warmup):
-                step()
-        for _ in range(rounds):
-            for name, step in steps.items():
-                _time(step, times[name], progress)
+        times = measure(steps, rounds, warmup, progress=progress)
         del steps
     results = []
     for c in case.contenders:
@@ -152,10 +310,9 @@ def run_case(case: Case, rounds: int, warmup: int = 2, progress=None, alone: boo
             if progress is not None:
                 progress.update(rounds)
             continue
-        med = statistics.median(times[c.name])
-        results.append(dict(case=case.name, name=c.name, anchor=c.anchor, ms=med * 1e3,
-                            ms_min=min(times[c.name]) * 1e3, bytes=nbytes, gbps=nbytes / med / 1e9,
-                            rounds=rounds, alone=alone))
+        t = times[c.name]
+        results.append(record(case.name, c.name, t.median_ms, nbytes, anchor=c.anchor, ms_min=t.min_ms,
+                              rounds=rounds, alone=alone))
     gc.collect()
     case.results = results
     return results

@@ -14,21 +14,14 @@ planning, synchronisations), not on memory. ``--trace DIR`` also writes Chrome t
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_gpu  # noqa: E402
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+from harness import argparser, measure, sync as _sync  # noqa: E402
 
 
 def _targets(dev, size):
@@ -71,23 +64,8 @@ def profile(device: str = "cuda", size: str = "default", steps: int = 6, trace=N
     sort_dev = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     results = {}
     for name, fn, setup in _targets(dev, size):
-        for i in range(3):  # warm-up: compilation, allocator, history tables
-            if setup:
-                setup(i)
-            fn()
-        _sync(dev)
-        wall, host = [], []
-        for i in range(steps):
-            if setup:
-                setup(3 + i)
-            _sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            t1 = time.perf_counter()
-            _sync(dev)
-            t2 = time.perf_counter()
-            host.append((t1 - t0) * 1e3)
-            wall.append((t2 - t0) * 1e3)
+        # 3 warm-up calls (compilation, allocator, history tables), then wall and host per call.
+        t = measure(fn, steps, 3, before=setup, device=dev, timer="wall")
         with torch_profile(activities=activities) as prof:
             for i in range(steps):
                 if setup:
@@ -96,7 +74,7 @@ def profile(device: str = "cuda", size: str = "default", steps: int = 6, trace=N
             _sync(dev)
         events = prof.key_averages()
         device_us = sum(getattr(e, "self_device_time_total", 0.0) or 0.0 for e in events) if dev.type == "cuda" else 0.0
-        r = dict(wall=statistics.median(wall), host=statistics.median(host), device=device_us / 1e3 / steps)
+        r = dict(wall=t.median_ms, host=t.host_ms, device=device_us / 1e3 / steps)
         results[name] = r
         print(f"\n== {name}: wall {r['wall']:.3f} ms, host {r['host']:.3f} ms, device {r['device']:.3f} ms per step",
               file=file)
@@ -113,9 +91,7 @@ def profile(device: str = "cuda", size: str = "default", steps: int = 6, trace=N
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--size", default="default", choices=["default", "small"])
+    ap = argparser(__doc__, device="cuda")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--trace", default=None, help="directory for Chrome traces")
     args = ap.parse_args(argv)

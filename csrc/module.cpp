@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/isa.h"
+#include "cpu/workspace.h"
 #include "lvopt/step_args.h"
 
 #include <optional>
@@ -25,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     d["cuda"] = false;
 #endif
+    d["cpu_workspace_limit_mb"] = static_cast<double>(lvopt::cpu::workspace_limit_bytes()) / (1 << 20);
+    d["cpu_workspace_held_mb"] = static_cast<double>(lvopt::cpu::workspace_held_bytes()) / (1 << 20);
     d["parallel"] = at::get_parallel_info();
     return d;
   });
@@ -41,6 +44,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                   lvopt::cpu::isa_name(hw) + "'");
     }
     return std::string(lvopt::cpu::isa_name(lvopt::cpu::set_active_isa(want)));
+  });
+  // lvopt.set_cpu_workspace_limit: the CPU kernels' scratch buffer (csrc/cpu/workspace.h), in
+  // bytes; returns the previous limit.
+  m.def("set_cpu_workspace_limit", [](int64_t bytes) {
+    if (bytes < 0) {
+      throw pybind11::value_error("lvopt.set_cpu_workspace_limit: the limit must be >= 0 bytes, got " +
+                                  std::to_string(bytes));
+    }
+    return lvopt::cpu::set_workspace_limit_bytes(bytes);
   });
   // The argument checks of the dense step ops (lvopt/step_args.h), for the Triton ops' host path
   // (lvopt/triton/_common.py): the same checks and messages as the CPU and CUDA kernels, at a

@@ -7,7 +7,7 @@ from ._version import __version__ as _base_version
 # carries its own), or lvopt/_version.py's for a source tree that setup.py has not built.
 __version__ = _ops.built_for().get("version", _base_version)
 from . import reference
-from ._backend import BACKENDS, build_info, cpu_isa_levels, set_cpu_isa
+from ._backend import BACKENDS, build_info, cpu_isa_levels, set_cpu_isa, set_cpu_workspace_limit
 from ._validate import NONFINITE_POLICIES
 from .optim import AdamH, AdamW, DenseEmbeddingGradWarning, NonFiniteGradientError
 from . import checkpoint, nn, distributed, sparse, telemetry  # noqa: E402  (nn before distributed: it imports it)
@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError  # noqa: E402
 
 __all__ = ["AdamW", "AdamH", "CheckpointError", "DenseEmbeddingGradWarning", "NonFiniteGradientError",
            "NONFINITE_POLICIES", "checkpoint", "distributed", "telemetry", "nn", "sparse", "build_info",
-           "cpu_isa_levels", "set_cpu_isa", "reference", "BACKENDS",
+           "cpu_isa_levels", "set_cpu_isa", "set_cpu_workspace_limit", "reference", "BACKENDS",
            "__version__"]
 from . import roles, scaling  # noqa: E402
 from .roles import ROLES, TiedWeightsWarning, detect_roles  # noqa: E402

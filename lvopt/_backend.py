@@ -151,6 +151,8 @@ def build_info() -> dict:
         "cpu_isa_hardware": None,
         "cpu_isa_active": None,
         "cpu_hugepages": _cpu_hugepages(),
+        "cpu_workspace_limit_mb": None,
+        "cpu_workspace_held_mb": None,
         "cuda": False,
         "cuda_archs": [],
         "parallel": None,
@@ -161,6 +163,8 @@ def build_info() -> dict:
             cpu_isa_compiled=native["cpu_isa_compiled"].split(","),
             cpu_isa_hardware=native["cpu_isa_hardware"],
             cpu_isa_active=native["cpu_isa_active"],
+            cpu_workspace_limit_mb=native["cpu_workspace_limit_mb"],
+            cpu_workspace_held_mb=native["cpu_workspace_held_mb"],
             cuda=bool(native["cuda"]),
             cuda_archs=[a for a in native["cuda_archs"].split(";") if a],
             parallel=native["parallel"],
@@ -224,6 +228,33 @@ class set_cpu_isa:
 
     def __repr__(self) -> str:
         return f"lvopt.set_cpu_isa({self.level!r})"
+
+
+class set_cpu_workspace_limit:
+    """Caps the scratch buffer lvopt's CPU kernels keep between steps (csrc/cpu/workspace.h) at
+    ``mb`` MiB from now on, as ``LVOPT_CPU_WORKSPACE_MB=mb`` does at start-up (default 512); 0
+    turns it off and frees it. AdamH keeps its direction u there between its two passes, which
+    makes its CPU step read 24 instead of 28 bytes per parameter (docs/backends.md); tensors
+    whose u does not fit recompute it. The bits are the same either way: only speed and memory
+    change. Also a context manager that restores the previous limit on exit. Raises ValueError
+    for a negative limit, RuntimeError without the native build."""
+
+    def __init__(self, mb: float):
+        if not _ops.native_available():
+            raise RuntimeError(f"lvopt.set_cpu_workspace_limit: the native CPU kernels are not built ({_ops.NATIVE_ERROR})")
+        if not mb >= 0:
+            raise ValueError(f"lvopt.set_cpu_workspace_limit: the limit must be >= 0 MiB, got {mb!r}")
+        self.previous = _ops._C.set_cpu_workspace_limit(int(mb * (1 << 20)))
+        self.mb = mb
+
+    def __enter__(self) -> "set_cpu_workspace_limit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ops._C.set_cpu_workspace_limit(self.previous)
+
+    def __repr__(self) -> str:
+        return f"lvopt.set_cpu_workspace_limit({self.mb!r})"
 
 
 def _cpu_hugepages() -> str:

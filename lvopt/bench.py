@@ -110,16 +110,19 @@ def _cpu_name() -> str:
 
 
 def format_case(title: str, rows: list[dict], stream_gbps: float) -> str:
-    lines = [f"\n{title}",
-             f"  {'contender':44s} {'median ms':>10s} {'GB/s eff':>9s} {'% stream':>8s} {'lvopt speed-up':>15s}"]
+    """One case's table (the suite's harness.format_rows): median ms, effective GB/s, fraction of
+    the stream bandwidth, and lvopt's speed-up over each anchor."""
+    suite_dir()
+    harness = importlib.import_module("harness")
     ours = next((r for r in rows if not r.get("anchor") and "ms" in r), None)
-    for r in rows:
-        if "error" in r:
-            lines.append(f"  {r['name']:44s} {'-':>10s} {'-':>9s} {'-':>8s}   not run: {r['error']}")
-            continue
-        speed = f"{r['ms'] / ours['ms']:.2f}x" if ours is not None and r.get("anchor") else ""
-        lines.append(f"  {r['name']:44s} {r['ms']:10.2f} {r['gbps']:9.1f} {100 * r['gbps'] / stream_gbps:7.0f}% {speed:>15s}")
-    return "\n".join(lines)
+    columns = [
+        ("median ms", 10, lambda r: f"{r['ms']:.2f}"),
+        ("GB/s eff", 9, lambda r: f"{r['gbps']:.1f}"),
+        ("% stream", 8, lambda r: f"{100 * r['gbps'] / stream_gbps:.0f}%"),
+        ("lvopt speed-up", 15,
+         lambda r: f"{r['ms'] / ours['ms']:.2f}x" if ours is not None and r.get("anchor") else ""),
+    ]
+    return harness.format_rows(rows, columns, title)
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -248,11 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(machine=info, copy_gbps=copy_gbps, stream_gbps=stream_gbps, size=args.size, results=results, claims=claims), f, indent=1)
+    # bench.csv keeps every run's rows (one line per contender, with the run's date, machine and size).
+    run_info = dict(date=info["date"], processor=info["processor"], threads=info["threads"],
+                    cpu_isa=info["cpu_isa"], size=args.size)
+    harness.write_csv([dict(r, **run_info) for r in results], os.path.join(args.out, "bench.csv"))
     try:
         plot(results, os.path.join(args.out, "bench.png"))
-        print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
+        print(f"\nwrote {args.out}/bench.json, {args.out}/bench.csv and {args.out}/bench.png")
     except ImportError as e:  # matplotlib is an optional dependency (pip install 'lvopt[bench]')
-        print(f"\nwrote {args.out}/bench.json; no bench.png: {e} (pip install 'lvopt[bench]')")
+        print(f"\nwrote {args.out}/bench.json and {args.out}/bench.csv; no bench.png: {e} (pip install 'lvopt[bench]')")
     return 0
 
 

@@ -83,7 +83,7 @@ def test_gpu_bench_runs_on_cpu_paths_and_without_a_gpu(capsys):
 
 
 def test_floor_kernels_move_the_steps_bytes(capsys):
-    """benchmarks/floor_sparse_rows.py's floor is only a floor of *this* step if its kernels do
+    """benchmarks/studies/floor_sparse_rows.py's floor is only a floor of *this* step if its kernels do
     the step's traffic: every distinct row's gradient rows summed and its p, m, v rows read and
     written, nothing else. One add per element makes that checkable: m and v gain the coalesced
     gradient on the batch's rows and on no other row, for both orders (grouped by row, streamed)."""
@@ -92,7 +92,7 @@ def test_floor_kernels_move_the_steps_bytes(capsys):
 
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "studies"))
     import floor_sparse_rows as floor
 
     mod = floor._module()

@@ -184,7 +184,9 @@ def test_setup_kernel_equals_torch_fp64(gen, step_dtype, unit_step):
 
 
 def _stub_kernels(monkeypatch):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "studies")
+    )
     import host_triton_step
 
     launches = []

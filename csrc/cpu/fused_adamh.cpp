@@ -1,15 +1,29 @@
 // Fused multi-tensor AdamH on the CPU (docs/design.md section 2.2), two passes:
 //   pass 1: m, v update; u = (m/bc1)/(sqrt(v)/sqrt(bc2)+eps); sums ||u||^2, <W,u>, ||W||^2
-//           (read W, g, m, v; write m, v: 24 B/param in fp32);
-//   pass 2: W <- a*W - b*u with u recomputed from m, v (read W, m, v; write W: 16 B/param).
-// fused_adamh_ runs both; fused_adamh_reduce_ (pass 1) and fused_adamh_apply_ (pass 2) are the
-// same passes as two ops, for sharded tensors whose sums are all-reduced in between.
+//           (read W, g, m, v; write m, v);
+//   pass 2: W <- a*W - b*u (read W and u, or W, m, v to recompute u; write W).
+// On this CPU a pass runs as fast as it reads (a written line is one already read, so its
+// write-back overlaps), so fused_adamh_ keeps u from pass 1 in a workspace (workspace.h),
+// written with non-temporal stores that read nothing: pass 1 reads 16 B/param and pass 2
+// 8 B/param, against 16 + 12 when pass 2 recomputes u, and AdamW's 16 (benchmarks/RESULTS.md).
+// Tensors are taken in batches whose u fit the workspace; a tensor larger than it, or a step
+// that cannot have it, recomputes u in pass 2: the same fp32 value, so the same bits.
+// fused_adamh_ runs both passes; fused_adamh_reduce_ (pass 1) and fused_adamh_apply_ (pass 2)
+// are the same passes as two ops (recomputing u), for sharded tensors whose sums are
+// all-reduced in between.
 // Reductions are deterministic: each fixed chunk sums into 16 fp64 lanes (element i of the
 // chunk into lane i mod 16) whatever the ISA, lanes are added in order, and chunk partials
-// are added in chunk order, so the bits do not depend on the ISA or the thread count.
+// are added in chunk order, so the bits do not depend on the ISA, the thread count or the batches.
 #include "ops.h"
 
+#include <algorithm>
+
 #include "multi_tensor.h"
+#include "workspace.h"
+
+#if LVOPT_X86_DISPATCH
+#include <immintrin.h>
+#endif
 
 namespace lvopt {
 namespace cpu {
@@ -17,36 +31,58 @@ namespace {
 
 constexpr int kLanes = 16;
 
-template <typename T, bool kFma>
+// Stores 16 floats at dst (64-byte aligned) without reading its line first (non-temporal
+// stores; baseline x86-64 has them), so that keeping u costs its write and no read.
+LVOPT_ALWAYS_INLINE void store16_streaming(float* __restrict dst, const float* __restrict src) {
+#if LVOPT_X86_DISPATCH
+  for (int k = 0; k < 16; k += 4) _mm_stream_ps(dst + k, _mm_loadu_ps(src + k));
+#else
+  for (int k = 0; k < 16; ++k) dst[k] = src[k];
+#endif
+}
+
+// Pass 1 over one span. kKeep: also stores u at keep[0, n) (keep 64-byte aligned).
+template <typename T, bool kFma, bool kKeep>
 LVOPT_ALWAYS_INLINE void adamh_reduce_span(const T* __restrict p, const T* __restrict g,
                                            float* __restrict m, float* __restrict v, int64_t n,
-                                           const AdamCoef& c, double* __restrict out) {
+                                           const AdamCoef& c, double* __restrict out,
+                                           float* __restrict keep) {
   double uu[kLanes] = {}, wu[kLanes] = {}, ww[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    float ub[kLanes];
     for (int l = 0; l < kLanes; ++l) {
       float mi = m[i + l], vi = v[i + l];
       adam_moments(c.grad_sign * load_elem(g, i + l), mi, vi, c);
       m[i + l] = mi;
       v[i + l] = vi;
-      const double u = adam_update(mi, vi, c);
+      const float uf = adam_update(mi, vi, c);
+      ub[l] = uf;
+      const double u = uf;
       const double w = load_elem(p, i + l);
       uu[l] = add_exact_product<kFma>(uu[l], u, u);
       wu[l] = add_exact_product<kFma>(wu[l], w, u);
       ww[l] = add_exact_product<kFma>(ww[l], w, w);
     }
+    if constexpr (kKeep) store16_streaming(keep + i, ub);
   }
   for (int l = 0; i < n; ++i, ++l) {
     float mi = m[i], vi = v[i];
     adam_moments(c.grad_sign * load_elem(g, i), mi, vi, c);
     m[i] = mi;
     v[i] = vi;
-    const double u = adam_update(mi, vi, c);
+    const float uf = adam_update(mi, vi, c);
+    if constexpr (kKeep) keep[i] = uf;
+    const double u = uf;
     const double w = load_elem(p, i);
     uu[l] = add_exact_product<kFma>(uu[l], u, u);
     wu[l] = add_exact_product<kFma>(wu[l], w, u);
     ww[l] = add_exact_product<kFma>(ww[l], w, w);
   }
+#if LVOPT_X86_DISPATCH
+  // The streamed lines reach memory before pass 2 reads them on another thread.
+  if constexpr (kKeep) _mm_sfence();
+#endif
   double s_uu = 0.0, s_wu = 0.0, s_ww = 0.0;
   for (int l = 0; l < kLanes; ++l) {
     s_uu += uu[l];
@@ -68,16 +104,24 @@ LVOPT_ALWAYS_INLINE void adamh_apply_span(T* __restrict p, const float* __restri
   }
 }
 
-LVOPT_ISA_DISPATCH_FMA(adamh_reduce_f32,
-                       (const float* p, const float* g, float* m, float* v, int64_t n,
-                        const AdamCoef& c, double* out),
-                       (p, g, m, v, n, c, out), (adamh_reduce_span<float, false>),
-                       (adamh_reduce_span<float, true>))
-LVOPT_ISA_DISPATCH_FMA(adamh_reduce_bf16,
-                       (const uint16_t* p, const uint16_t* g, float* m, float* v, int64_t n,
-                        const AdamCoef& c, double* out),
-                       (p, g, m, v, n, c, out), (adamh_reduce_span<uint16_t, false>),
-                       (adamh_reduce_span<uint16_t, true>))
+// Pass 2 with u kept by pass 1: the same expression on the same u, so the same bits.
+template <typename T>
+LVOPT_ALWAYS_INLINE void adamh_apply_kept_span(T* __restrict p, const float* __restrict u,
+                                               int64_t n, float a, float b) {
+  for (int64_t i = 0; i < n; ++i) store_elem(p, i, a * load_elem(p, i) - b * u[i]);
+}
+
+#define LVOPT_ADAMH_REDUCE(NAME, T, KEEP)                                                       \
+  LVOPT_ISA_DISPATCH_FMA(NAME,                                                                 \
+                         (const T* p, const T* g, float* m, float* v, int64_t n,               \
+                          const AdamCoef& c, double* out, float* keep),                        \
+                         (p, g, m, v, n, c, out, keep), (adamh_reduce_span<T, false, KEEP>),   \
+                         (adamh_reduce_span<T, true, KEEP>))
+LVOPT_ADAMH_REDUCE(adamh_reduce_f32, float, false)
+LVOPT_ADAMH_REDUCE(adamh_reduce_bf16, uint16_t, false)
+LVOPT_ADAMH_REDUCE(adamh_reduce_keep_f32, float, true)
+LVOPT_ADAMH_REDUCE(adamh_reduce_keep_bf16, uint16_t, true)
+#undef LVOPT_ADAMH_REDUCE
 LVOPT_ISA_DISPATCH(adamh_apply_f32,
                    (float* p, const float* m, const float* v, int64_t n, const AdamCoef& c,
                     float a, float b),
@@ -86,35 +130,58 @@ LVOPT_ISA_DISPATCH(adamh_apply_bf16,
                    (uint16_t* p, const float* m, const float* v, int64_t n, const AdamCoef& c,
                     float a, float b),
                    (p, m, v, n, c, a, b), adamh_apply_span<uint16_t>)
+LVOPT_ISA_DISPATCH(adamh_apply_kept_f32, (float* p, const float* u, int64_t n, float a, float b),
+                   (p, u, n, a, b), adamh_apply_kept_span<float>)
+LVOPT_ISA_DISPATCH(adamh_apply_kept_bf16,
+                   (uint16_t* p, const float* u, int64_t n, float a, float b), (p, u, n, a, b),
+                   adamh_apply_kept_span<uint16_t>)
 
-// Pass 1 over every tensor (coef: this step's coefficients, lr = 1): updates m and v and
-// returns the fp64 sums [n, 3] (||u||^2, <W,u>, ||W||^2 per tensor, W before the step).
-at::Tensor reduce_pass(const StepArgs& a, const std::vector<AdamCoef>& coef,
-                       const std::vector<Chunk>& chunks) {
+// Where pass 1 keeps u: tensor t's u at base + offset[t] (each 64-byte aligned); base ==
+// nullptr: not kept, pass 2 recomputes it.
+struct Kept {
+  float* base = nullptr;
+  std::vector<int64_t> offset;
+  float* of(const Chunk& ch) const { return base + offset[ch.tensor] + ch.begin; }
+};
+
+// Pass 1 over the chunks (coef: this step's coefficients, lr = 1): updates m and v, keeps u
+// where `kept` says, and adds the fp64 sums (||u||^2, <W,u>, ||W||^2 of W before the step) of
+// each chunk's tensor into st ([n, 3], row-major, zero for these tensors before).
+void reduce_pass(const StepArgs& a, const std::vector<AdamCoef>& coef,
+                 const std::vector<Chunk>& chunks, const Kept& kept, double* st) {
   std::vector<double> partial(chunks.size() * 3);
   for_each_chunk(chunks, [&](const Chunk& ch, int64_t k) {
     const at::Tensor& p = a.params[ch.tensor];
     float* m = a.exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
     float* v = a.exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
     const int64_t len = ch.end - ch.begin;
+    const AdamCoef& c = coef[ch.tensor];
+    double* out = &partial[3 * k];
     if (p.scalar_type() == at::kFloat) {
-      adamh_reduce_f32(p.data_ptr<float>() + ch.begin, a.grads[ch.tensor].data_ptr<float>() + ch.begin,
-                       m, v, len, coef[ch.tensor], &partial[3 * k]);
+      const float* pp = p.data_ptr<float>() + ch.begin;
+      const float* g = a.grads[ch.tensor].data_ptr<float>() + ch.begin;
+      if (kept.base != nullptr) {
+        adamh_reduce_keep_f32(pp, g, m, v, len, c, out, kept.of(ch));
+      } else {
+        adamh_reduce_f32(pp, g, m, v, len, c, out, nullptr);
+      }
     } else {
-      adamh_reduce_bf16(reinterpret_cast<const uint16_t*>(p.data_ptr()) + ch.begin,
-                        reinterpret_cast<const uint16_t*>(a.grads[ch.tensor].data_ptr()) + ch.begin,
-                        m, v, len, coef[ch.tensor], &partial[3 * k]);
+      const uint16_t* pp = reinterpret_cast<const uint16_t*>(p.data_ptr()) + ch.begin;
+      const uint16_t* g = reinterpret_cast<const uint16_t*>(a.grads[ch.tensor].data_ptr()) + ch.begin;
+      if (kept.base != nullptr) {
+        adamh_reduce_keep_bf16(pp, g, m, v, len, c, out, kept.of(ch));
+      } else {
+        adamh_reduce_bf16(pp, g, m, v, len, c, out, nullptr);
+      }
     }
   });
-  at::Tensor stats =
-      at::zeros({static_cast<int64_t>(a.params.size()), 3}, a.hyper.options().device(at::kCPU));
-  add_chunk_partials(chunks, partial, 3, stats.data_ptr<double>());
-  return stats;
+  add_chunk_partials(chunks, partial, 3, st);
 }
 
-// Pass 2: W <- a*W - b*u with the scales of the sums st ([n, 3], row-major) and the radii.
+// Pass 2 over the chunks: W <- a*W - b*u with the scales of the sums st ([n, 3], row-major)
+// and the radii; u from `kept`, or recomputed from m and v.
 void apply_pass(const StepArgs& a, at::TensorList radii, const std::vector<AdamCoef>& coef,
-                const std::vector<Chunk>& chunks, const double* st) {
+                const std::vector<Chunk>& chunks, const Kept& kept, const double* st) {
   const size_t n = a.params.size();
   const double* hp = a.hyper.data_ptr<double>();
   std::vector<float> scale_a(n), scale_b(n);
@@ -127,17 +194,80 @@ void apply_pass(const StepArgs& a, at::TensorList radii, const std::vector<AdamC
   }
   for_each_chunk(chunks, [&](const Chunk& ch, int64_t) {
     const at::Tensor& p = a.params[ch.tensor];
-    const float* m = a.exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
-    const float* v = a.exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
     const int64_t len = ch.end - ch.begin;
     const float sa = scale_a[ch.tensor], sb = scale_b[ch.tensor];
-    if (p.scalar_type() == at::kFloat) {
+    const bool f32 = p.scalar_type() == at::kFloat;
+    if (kept.base != nullptr) {
+      const float* u = kept.of(ch);
+      if (f32) {
+        adamh_apply_kept_f32(p.data_ptr<float>() + ch.begin, u, len, sa, sb);
+      } else {
+        adamh_apply_kept_bf16(reinterpret_cast<uint16_t*>(p.data_ptr()) + ch.begin, u, len, sa, sb);
+      }
+      return;
+    }
+    const float* m = a.exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
+    const float* v = a.exp_avg_sqs[ch.tensor].data_ptr<float>() + ch.begin;
+    if (f32) {
       adamh_apply_f32(p.data_ptr<float>() + ch.begin, m, v, len, coef[ch.tensor], sa, sb);
     } else {
       adamh_apply_bf16(reinterpret_cast<uint16_t*>(p.data_ptr()) + ch.begin, m, v, len,
                        coef[ch.tensor], sa, sb);
     }
   });
+}
+
+std::vector<Chunk> chunks_of(at::TensorList params);
+
+// Floats of workspace tensor t's kept u takes: its elements rounded up to 16 (64 bytes), so
+// that every tensor's u starts 64-byte aligned.
+int64_t kept_floats(int64_t numel) { return (numel + 15) / 16 * 16; }
+
+// Both passes over all tensors, in batches of consecutive tensors whose u fit the workspace
+// (one batch, u recomputed, when it is off, too small for a tensor, or busy).
+void two_passes(const StepArgs& a, at::TensorList radii, const std::vector<AdamCoef>& coef,
+                double* st) {
+  const std::vector<Chunk> chunks = chunks_of(a.params);
+  const size_t n = a.params.size();
+  const int64_t limit = workspace_limit_bytes() / static_cast<int64_t>(sizeof(float));
+  // batch_end[b]: one past the last tensor of batch b; a tensor over the limit is a batch of
+  // its own and keeps nothing.
+  std::vector<size_t> batch_end;
+  int64_t biggest = 0, filled = 0;
+  for (size_t t = 0; t < n; ++t) {
+    const int64_t f = kept_floats(a.params[t].numel());
+    if (filled > 0 && (filled + f > limit || f > limit)) {
+      batch_end.push_back(t);
+      filled = 0;
+    }
+    filled += f;
+    if (f <= limit) biggest = std::max(biggest, filled);
+  }
+  batch_end.push_back(n);
+  WorkspaceLease lease = lease_workspace(biggest);
+  if (lease.data() == nullptr) batch_end.assign(1, n);
+  size_t first = 0, c0 = 0;
+  for (size_t last : batch_end) {
+    size_t c1 = c0;
+    while (c1 < chunks.size() && static_cast<size_t>(chunks[c1].tensor) < last) ++c1;
+    const std::vector<Chunk> batch(chunks.begin() + c0, chunks.begin() + c1);
+    Kept kept;
+    int64_t floats = 0;
+    for (size_t t = first; t < last; ++t) floats += kept_floats(a.params[t].numel());
+    if (lease.data() != nullptr && floats <= limit) {
+      kept.base = lease.data();
+      kept.offset.assign(n, 0);
+      int64_t at = 0;
+      for (size_t t = first; t < last; ++t) {
+        kept.offset[t] = at;
+        at += kept_floats(a.params[t].numel());
+      }
+    }
+    reduce_pass(a, coef, batch, kept, st);
+    apply_pass(a, radii, coef, batch, kept, st);
+    first = last;
+    c0 = c1;
+  }
 }
 
 // The coefficients of pass 1 and pass 2 (u with lr = 1; lr enters through the norms), from
@@ -179,9 +309,8 @@ at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorL
   std::vector<double> step_numbers;
   std::vector<AdamCoef> coef = advance_steps(args, &step_numbers);
   coef = unit_coefs(args, std::move(coef), step_numbers);
-  const std::vector<Chunk> chunks = chunks_of(params);
-  at::Tensor stats = reduce_pass(args, coef, chunks);
-  apply_pass(args, radii, coef, chunks, stats.data_ptr<double>());
+  at::Tensor stats = at::zeros({static_cast<int64_t>(n), 3}, hyper.options().device(at::kCPU));
+  two_passes(args, radii, coef, stats.data_ptr<double>());
   return stats;
 }
 
@@ -200,7 +329,10 @@ at::Tensor fused_adamh_reduce_(at::TensorList params, at::TensorList grads, at::
   std::vector<double> step_numbers;
   std::vector<AdamCoef> coef = advance_steps(args, &step_numbers);
   coef = unit_coefs(args, std::move(coef), step_numbers);
-  return reduce_pass(args, coef, chunks_of(params));
+  at::Tensor stats =
+      at::zeros({static_cast<int64_t>(params.size()), 3}, hyper.options().device(at::kCPU));
+  reduce_pass(args, coef, chunks_of(params), Kept{}, stats.data_ptr<double>());
+  return stats;
 }
 
 void fused_adamh_apply_(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -217,7 +349,7 @@ void fused_adamh_apply_(at::TensorList params, at::TensorList exp_avgs, at::Tens
   std::vector<double> step_numbers;
   std::vector<AdamCoef> coef = current_coefs(args, &step_numbers);
   coef = unit_coefs(args, std::move(coef), step_numbers);
-  apply_pass(args, radii, coef, chunks_of(params), sums.data_ptr<double>());
+  apply_pass(args, radii, coef, chunks_of(params), Kept{}, sums.data_ptr<double>());
 }
 
 }  // namespace cpu

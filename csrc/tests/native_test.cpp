@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/workspace.h"
 #include "ops.h"
 
 namespace {
@@ -130,8 +131,12 @@ void test_adamw(at::ScalarType dt, bool maximize) {
   }
 }
 
-void test_adamh() {
+// cap_bytes: the workspace cap for the step (csrc/cpu/workspace.h): u kept in one batch, in
+// several, not at all for a tensor larger than the cap, or never (0).
+void test_adamh(int64_t cap_bytes) {
   const std::vector<std::vector<int64_t>> shapes = {{33, 65}, {300, 257}, {1, 70001}};
+  const int64_t old_cap = lvopt::cpu::set_workspace_limit_bytes(cap_bytes);
+  const std::string tag = " (workspace cap " + std::to_string(cap_bytes) + " B)";
   Lists s = make_state(shapes, at::kFloat);
   std::vector<at::Tensor> radii;
   std::vector<double> r;
@@ -146,10 +151,11 @@ void test_adamh() {
     ref_adamh(rp, s[1], rm, rv, step, hyper, r);
   }
   for (size_t i = 0; i < shapes.size(); ++i) {
-    check(max_rel(s[0][i], rp[i]) < 1e-5, "adamh tensor " + std::to_string(i));
+    check(max_rel(s[0][i], rp[i]) < 1e-5, "adamh tensor " + std::to_string(i) + tag);
     const double norm = s[0][i].to(at::kDouble).norm().item<double>();
-    check(std::abs(norm / r[i] - 1) < 1e-6, "adamh norm kept " + std::to_string(i));
+    check(std::abs(norm / r[i] - 1) < 1e-6, "adamh norm kept " + std::to_string(i) + tag);
   }
+  lvopt::cpu::set_workspace_limit_bytes(old_cap);
 }
 
 void test_threads_give_same_bits() {
@@ -239,7 +245,9 @@ int main() {
   at::manual_seed(0);
   for (auto dt : {at::kFloat, at::kBFloat16})
     for (bool maximize : {false, true}) test_adamw(dt, maximize);
-  test_adamh();
+  for (int64_t cap : {int64_t{512} << 20, int64_t{4} * 80000, int64_t{4} * 70000, int64_t{0}}) {
+    test_adamh(cap);
+  }
   test_threads_give_same_bits();
   test_errors_write_nothing();
   for (auto dt : {at::kFloat, at::kBFloat16}) {

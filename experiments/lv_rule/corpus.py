@@ -28,7 +28,6 @@ skipped next time; the grid extensions are decided from the rows already there.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import hashlib
 import math
@@ -42,9 +41,12 @@ from torch import nn
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the worktree's lvopt first
 import lvopt  # noqa: E402
 from lvopt.scaling import from_model  # noqa: E402
+import sweep  # noqa: E402
+from sweep import FIELDS  # noqa: E402,F401  (runs.csv's columns: corpus.FIELDS)
 
 DEFAULT_CORPUS = "/usr/share/vim/vim90/doc"   # Debian package vim-runtime (Vim license)
 
@@ -82,8 +84,6 @@ EMB_LR0 = 0.02          # centre of the embedding-LR grid: lr_emb = EMB_LR0 * 2*
 HIDDEN_LR0 = {"adamw": 1e-2, "adamh": 0.05}   # hidden/output LR at BASE_WIDTH (AdamW x BASE_WIDTH/width,
                                               # AdamH's hyperball x (BASE_WIDTH/width)^(1/2))
 EVAL_WINDOWS = 128      # validation windows (fixed, the same for every config of a V)
-FIELDS = ["optim", "width", "V", "seed", "k", "lr_embedding", "lr_hidden", "N", "D", "steps",
-          "train_loss", "loss", "seconds"]
 
 
 # ---------------------------------------------------------------------------- data
@@ -184,7 +184,7 @@ def batches(ids, steps, batch, seq, seed):
 
 def nominal_hidden(optim, width):
     """The muP hidden LR: AdamW x 32/width, AdamH's hyperball matrices x (32/width)^(1/2)."""
-    return HIDDEN_LR0[optim] * (BASE_WIDTH / width) ** (0.5 if optim == "adamh" else 1.0)
+    return sweep.nominal_hidden(HIDDEN_LR0, BASE_WIDTH, optim, width)
 
 
 def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, layers, hidden_factor=1.0):
@@ -211,22 +211,16 @@ def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, la
     starts = batches(ids_tr, steps, batch, seq, seed)
     t_ids = torch.from_numpy(ids_tr.astype(np.int64))
     ar = torch.arange(seq + 1)
-    warm = max(1, steps // 10)
     t0 = time.time()
     tl, distinct = [], []
     for s in range(steps):
-        f = min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        f = sweep.lr_factor(s, steps)
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
         w = t_ids[torch.from_numpy(starts[s]).unsqueeze(1) + ar]
         distinct.append(int(w[:, :-1].unique().numel()))
         logits = model(w[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, V), w[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tl.append(loss.item())
-        if not math.isfinite(tl[-1]):
+        if not sweep.train_step(opt, F.cross_entropy(logits.reshape(-1, V), w[:, 1:].reshape(-1)), tl):
             break
     # validation: fixed windows, the same for every config of this V
     g = np.random.default_rng(7)
@@ -251,17 +245,14 @@ class _DryRun(Exception):
     pass
 
 
-class Sweep:
-    """Runs on demand: ``ensure`` returns a finished run's loss from the csv or runs it."""
+class Sweep(sweep.Sweep):
+    """Runs on demand: ``ensure`` returns a finished run's loss from the csv or runs it (with
+    ``--dry-run``: raises _DryRun naming the run instead)."""
 
     def __init__(self, a, P):
-        self.a, self.P, self.out = a, P, a.out
-        self.rows = []
-        if os.path.exists(self.out) and os.path.getsize(self.out) > 0:
-            with open(self.out, newline="") as f:
-                self.rows = list(csv.DictReader(f))
+        super().__init__(a.out, P["steps"], nominal_hidden)
+        self.a, self.P = a, P
         self.data = {}
-        self.t_start, self.n_new = time.time(), 0
 
     def ids(self, V):
         if V not in self.data:
@@ -270,58 +261,19 @@ class Sweep:
             print(f"lv_rule: V={V}: {len(t)} train tokens, {len(v)} val tokens", flush=True)
         return self.data[V]
 
-    def find(self, optim, width, V, seed, k, hf):
-        lr_h = nominal_hidden(optim, width) * hf
-        for r in self.rows:
-            if (r["optim"], int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"]), int(r["steps"])) == \
-                    (optim, width, V, seed, k, self.P["steps"]) and abs(float(r["lr_hidden"]) / lr_h - 1) < 1e-6:
-                return r
-        return None
-
-    def ensure(self, optim, width, V, seed, k, hf=1.0):
-        r = self.find(optim, width, V, seed, k, hf)
-        if r is not None:
-            return float(r["loss"])
+    def run(self, optim, width, V, seed, k, hf):
         if self.a.dry_run:
             raise _DryRun((optim, width, V, seed, k, hf))
         P = self.P
         r, distinct = run_one(P, *self.ids(V), optim, width, V, seed, k, P["steps"], P["batch"], P["seq"],
                               P["layers"], hf)
-        new = not os.path.exists(self.out) or os.path.getsize(self.out) == 0
-        with open(self.out, "a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                wr.writeheader()
-            wr.writerow(r)
-        self.rows.append({k_: str(v) for k_, v in r.items()})
-        self.n_new += 1
-        el = time.time() - self.t_start
-        print(f"[{self.n_new}] {optim} width={width} V={V} seed={seed} k={k} lr_emb={r['lr_embedding']:.4g} "
-              f"lr_hid={r['lr_hidden']:.3g} val={r['loss']:.4f} train={r['train_loss']:.4f} "
-              f"distinct/step={distinct:.0f} ({r['seconds']:.1f}s, elapsed {el / 60:.1f} min)", flush=True)
-        return float(r["loss"])
-
-    def mean_loss(self, optim, width, V, k, seeds, hf=1.0):
-        ls = [self.ensure(optim, width, V, s, k, hf) for s in seeds]
-        return float(np.mean([x if math.isfinite(x) else 1e9 for x in ls]))
+        return r, f"val={r['loss']:.4f} train={r['train_loss']:.4f} distinct/step={distinct:.0f}"
 
     def emb_grid(self, optim, width, V, seeds, centre, hf=1.0):
         """The embedding-LR grid (k = centre-2 .. centre+2 to start), extended one point at a time
         until the best point has two grid points on each side: first on the first seed alone (cheap
         while the first guess is off), then on the mean of all seeds. Returns {k: mean loss}."""
-        for ss in ([seeds[0]], seeds) if len(seeds) > 1 else (seeds,):
-            grid = {k: self.mean_loss(optim, width, V, k, ss, hf) for k in range(centre - 2, centre + 3)}
-            for _ in range(12):
-                best = min(grid, key=grid.get)
-                lo, hi = min(grid), max(grid)
-                if best - lo < 2:
-                    grid[lo - 1] = self.mean_loss(optim, width, V, lo - 1, ss, hf)
-                elif hi - best < 2:
-                    grid[hi + 1] = self.mean_loss(optim, width, V, hi + 1, ss, hf)
-                else:
-                    break
-            centre = min(grid, key=grid.get)   # the all-seed pass starts at the first seed's best +- 2
-        return grid
+        return super().emb_grid(optim, width, V, seeds, centre, hf, first_seed_first=True)
 
     def config(self, optim, width, V, seeds, ks=None, hidden_check=False):
         """The embedding-LR optimum at the muP hidden LR (bracketed, or the fixed grid ``ks``);
@@ -342,35 +294,25 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--corpus", default=DEFAULT_CORPUS)
-    ap.add_argument("--out", default=os.path.join(HERE, "runs_corpus.csv"))
+    sweep.add_arguments(ap, os.path.join(HERE, "runs_corpus.csv"))
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
     ap.add_argument("--max-chars", type=int, default=3_000_000, help="use only this many corpus characters")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="only these parts of the preset (0-based)")
     ap.add_argument("--dry-run", action="store_true", help="per configuration, the next run the csv does not "
                     "hold yet (optim, width, V, seed, k, hidden factor); runs nothing")
     a = ap.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(a.threads)
-    try:
-        P = PRESETS[a.preset]
-        sw = Sweep(a, P)
-        print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
-        for i, part in enumerate(P["parts"]):
-            if a.parts is not None and i not in a.parts:
-                continue
-            for o in part["optims"]:
-                for V in part["vocabs"]:
-                    for w in part["widths"]:
-                        try:
-                            sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False))
-                        except _DryRun as e:   # the next run this configuration needs (adaptive grids
-                            print("next:", *e.args, flush=True)   # decide the rest from its loss)
-        print(f"lv_rule: done, {sw.n_new} new runs, {(time.time() - sw.t_start) / 60:.1f} min", flush=True)
-        return 0
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was (tests call main)
+    P = PRESETS[a.preset]
+    sw = Sweep(a, P)
+    print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
+
+    def config(part, o, V, w):
+        try:
+            sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False))
+        except _DryRun as e:   # the next run this configuration needs (adaptive grids
+            print("next:", *e.args, flush=True)   # decide the rest from its loss)
+
+    sweep.for_each_config(P, a.parts, a.threads, config)
+    print(f"lv_rule: done, {sw.n_new} new runs, {(time.time() - sw.t_start) / 60:.1f} min", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

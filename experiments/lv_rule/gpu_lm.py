@@ -23,7 +23,6 @@ go to ``$OUT/results.md``. ``OUT`` defaults to ``gpu-out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -39,11 +38,11 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import lvopt  # noqa: E402
 from lvopt.scaling import from_model  # noqa: E402
+import sweep  # noqa: E402
+from sweep import FIELDS  # noqa: E402,F401  (run.py's columns: gpu_lm.FIELDS)
 
 K = 16
 TASK_SEED = 20261201
-FIELDS = ["optim", "width", "V", "seed", "k", "lr_embedding", "lr_hidden", "N", "D", "steps",
-          "train_loss", "loss", "seconds"]
 PRESETS = {
     "default": dict(widths=[128, 256, 512, 1024], vocabs=[128, 32768], seeds=[0], rings=[0, 1, -1, 2, -2, 3, -3],
                     tokens=2_000_000, seq=256, batch=32, layers=2, base_width=128, budget_s=450),
@@ -145,13 +144,12 @@ def run_one(lang, train, val, width, seed, k, P, device, optimizer):
     base = [g["lr"] for g in opt.param_groups]
     lr_h = opt.scaling_plan.role_lr("hidden")
     steps = max(1, P["tokens"] // (P["batch"] * P["seq"]))
-    warm = max(1, steps // 10)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     t0 = time.time()
     tl = []
     n = train.shape[0]
     for s in range(steps):
-        f = min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        f = sweep.lr_factor(s, steps)
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
         i = (s * P["batch"]) % max(1, n - P["batch"] + 1)
@@ -193,10 +191,7 @@ def main(argv=None):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(a.out, exist_ok=True)
     path, logp = os.path.join(a.out, "runs.csv"), os.path.join(a.out, "gpu_lm.log")
-    done = set()
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            done = {(int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"])) for r in csv.DictReader(f)}
+    done = {(int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"])) for r in sweep.read_rows(path)}
     t_start = time.time()
 
     def log(msg):
@@ -226,12 +221,7 @@ def main(argv=None):
             continue
         res = run_one(langs[V], *data[(V, seed)], w, seed, k, P, device, a.optimizer)
         per_width[(w, V)] = res["seconds"]
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
-        with open(path, "a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                wr.writeheader()
-            wr.writerow(res)
+        sweep.append_row(path, res)
         log(f"width={w} V={V} seed={seed} k={k} lr_emb={res['lr_embedding']:.4g} lr_hid={res['lr_hidden']:.3g} "
             f"loss={res['loss']:.4f} excess={res['loss'] - langs[V].bayes:.4f} train={res['train_loss']:.4f} "
             f"({res['seconds']:.1f}s, {res['D']} tokens)")

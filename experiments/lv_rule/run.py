@@ -25,7 +25,6 @@ stopped.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -37,9 +36,12 @@ import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the worktree's lvopt first
 import lvopt  # noqa: E402
 from lvopt.scaling import from_model  # noqa: E402
+import sweep  # noqa: E402
+from sweep import FIELDS  # noqa: E402,F401  (the columns of runs.csv: run.FIELDS)
 
 K = 16                # hidden classes
 ZIPF = 1.0            # within-class token frequencies ~ 1 / rank**ZIPF
@@ -49,8 +51,6 @@ EMB_LR0 = 0.01        # embedding LR grid: EMB_LR0 * 2**(k/2)
 HIDDEN_LR0 = {"adamw": 1.6e-2, "adamh": 0.02}   # hidden and output LR at BASE_WIDTH
 OUTPUT_LR0 = 8e-3
 EVAL_N = 8192
-FIELDS = ["optim", "width", "V", "seed", "k", "lr_embedding", "lr_hidden", "N", "D", "steps",
-          "train_loss", "loss", "seconds"]
 
 PRESETS = {
     # parts are done in order; within a part, config by config (all seeds), so that a partial
@@ -147,21 +147,15 @@ def run_one(task, ev, optim, width, seed, k, steps, batch, hidden_factor=1.0):
     assert plan.role_lr("embedding") == lr_e
     base = [g["lr"] for g in opt.param_groups]
     g = torch.Generator().manual_seed(1000 + seed)      # the batches depend on the seed only
-    warm = max(1, steps // 10)
     ce = nn.functional.cross_entropy
     t0 = time.time()
     tl = []
     for s in range(steps):
-        f = min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        f = sweep.lr_factor(s, steps)
         for grp, b in zip(opt.param_groups, base):
             grp["lr"] = b * f
         x, _, y = task.sample(batch, g)
-        loss = ce(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tl.append(loss.item())
-        if not math.isfinite(tl[-1]):
+        if not sweep.train_step(opt, ce(model(x), y), tl):
             break
     with torch.no_grad():
         ex, et = ev
@@ -182,18 +176,14 @@ def centre_k(width: int) -> int:
 
 
 def nominal_hidden(optim, width):
-    return HIDDEN_LR0[optim] * (BASE_WIDTH / width) ** (0.5 if optim == "adamh" else 1.0)
+    return sweep.nominal_hidden(HIDDEN_LR0, BASE_WIDTH, optim, width)
 
 
-class Sweep:
+class Sweep(sweep.Sweep):
     def __init__(self, out, P):
-        self.out, self.P = out, P
-        self.rows = []
-        if os.path.exists(out) and os.path.getsize(out) > 0:
-            with open(out, newline="") as f:
-                self.rows = list(csv.DictReader(f))
+        super().__init__(out, P["steps"], nominal_hidden)
+        self.P = P
         self.tasks, self.evs = {}, {}
-        self.t_start, self.n_new = time.time(), 0
 
     def task(self, V):
         if V not in self.tasks:
@@ -201,52 +191,10 @@ class Sweep:
             self.evs[V] = self.tasks[V].eval_set()
         return self.tasks[V], self.evs[V]
 
-    def find(self, optim, width, V, seed, k, hf):
-        lr_h = nominal_hidden(optim, width) * hf
-        for r in self.rows:
-            if (r["optim"], int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"]), int(r["steps"])) == \
-                    (optim, width, V, seed, k, self.P["steps"]) and abs(float(r["lr_hidden"]) / lr_h - 1) < 1e-6:
-                return r
-        return None
-
-    def ensure(self, optim, width, V, seed, k, hf=1.0):
-        r = self.find(optim, width, V, seed, k, hf)
-        if r is not None:
-            return float(r["loss"])
+    def run(self, optim, width, V, seed, k, hf):
         task, ev = self.task(V)
         r = run_one(task, ev, optim, width, seed, k, self.P["steps"], self.P["batch"], hf)
-        new = not os.path.exists(self.out) or os.path.getsize(self.out) == 0
-        with open(self.out, "a", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                wr.writeheader()
-            wr.writerow(r)
-        self.rows.append({k_: str(v) for k_, v in r.items()})
-        self.n_new += 1
-        el = time.time() - self.t_start
-        print(f"[{self.n_new}] {optim} width={width} V={V} seed={seed} k={k} lr_emb={r['lr_embedding']:.4g} "
-              f"lr_hid={r['lr_hidden']:.3g} loss={r['loss']:.4f} (bayes {task.bayes:.4f}) "
-              f"({r['seconds']:.1f}s, elapsed {el / 60:.1f} min)", flush=True)
-        return float(r["loss"])
-
-    def mean_loss(self, optim, width, V, k, seeds, hf=1.0):
-        ls = [self.ensure(optim, width, V, s, k, hf) for s in seeds]
-        return float(np.mean([x if math.isfinite(x) else 1e9 for x in ls]))
-
-    def emb_grid(self, optim, width, V, seeds, centre, hf=1.0):
-        """Embedding-LR grid at hidden factor hf, extended until the best seed-mean has two grid
-        points on each side; returns {k: mean loss}."""
-        grid = {k: self.mean_loss(optim, width, V, k, seeds, hf) for k in range(centre - 2, centre + 3)}
-        for _ in range(12):
-            best = min(grid, key=grid.get)
-            lo, hi = min(grid), max(grid)
-            if best - lo < 2:
-                grid[lo - 1] = self.mean_loss(optim, width, V, lo - 1, seeds, hf)
-            elif hi - best < 2:
-                grid[hi + 1] = self.mean_loss(optim, width, V, hi + 1, seeds, hf)
-            else:
-                break
-        return grid
+        return r, f"loss={r['loss']:.4f} (bayes {task.bayes:.4f})"
 
     def config(self, optim, width, V, seeds, ks=None, hidden_check=False, refine=False):
         """The embedding-LR optimum at the muP hidden LR (bracketed); then optionally the hidden-LR
@@ -280,29 +228,15 @@ class Sweep:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    ap.add_argument("--out", default=os.path.join(HERE, "runs.csv"))
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="only these parts of the preset (0-based)")
+    sweep.add_arguments(ap, os.path.join(HERE, "runs.csv"))
     a = ap.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(a.threads)
-    try:
-        P = PRESETS[a.preset]
-        sw = Sweep(a.out, P)
-        print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
-        for i, part in enumerate(P["parts"]):
-            if a.parts is not None and i not in a.parts:
-                continue
-            for o in part["optims"]:
-                for V in part["vocabs"]:
-                    for w in part["widths"]:
-                        sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False),
-                                  part.get("refine", False))
-        print(f"lv_rule: done, {sw.n_new} new runs", flush=True)
-        return 0
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was (tests call main)
+    P = PRESETS[a.preset]
+    sw = Sweep(a.out, P)
+    print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
+    sweep.for_each_config(P, a.parts, a.threads, lambda part, o, V, w: sw.config(
+        o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False), part.get("refine", False)))
+    print(f"lv_rule: done, {sw.n_new} new runs", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

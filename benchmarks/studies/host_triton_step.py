@@ -16,7 +16,7 @@ the launch plans), for
 - the op alone through the dispatcher (``torch.ops.lvopt_triton.fused_adamw_``, what a direct
   caller and a compiled step pay), same gradients.
 
-    TRITON_INTERPRET=1 python benchmarks/host_triton_step.py [--steps 200]
+    TRITON_INTERPRET=1 python benchmarks/studies/host_triton_step.py [--steps 200]
 
 It runs on older trees too (kernels missing there are skipped), so that before and after can
 be measured side by side with PYTHONPATH set to each tree.
@@ -26,26 +26,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(BENCHMARKS))  # the checkout's lvopt
+sys.path.insert(0, BENCHMARKS)
+from harness import gpt2_small_shapes, measure  # noqa: E402
 
 KERNELS = {"lvopt.triton.fused_adamw": ("adamw_kernel", "chunk_sums_kernel"),
            "lvopt.triton.fused_adamh": ("adamh_reduce_kernel", "adamh_finalize_kernel", "adamh_apply_kernel"),
            "lvopt.triton._plan": ("adam_setup_kernel", "nonfinite_scan_kernel")}
-
-
-def gpt2_small_shapes(layers=12, d=768, v=50257, ctx=1024):
-    shapes = [(v, d), (ctx, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
 
 
 def stub_kernels(launches: list) -> None:
@@ -69,16 +63,9 @@ def stub_kernels(launches: list) -> None:
 
 
 def _median_us(fn, steps, before=None):
-    fn()
-    fn()
-    times = []
-    for _ in range(steps):
-        if before is not None:
-            before()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+    """Median us of ``steps`` calls after 2 warm-up calls (harness.measure); ``before()`` untimed
+    before each call."""
+    return measure(fn, steps, 2, before=None if before is None else (lambda i: before())).median_s * 1e6
 
 
 def _params(shapes):
@@ -97,7 +84,7 @@ def main(argv=None):
 
     launches: list = []
     stub_kernels(launches)
-    shapes = gpt2_small_shapes()
+    shapes = gpt2_small_shapes(conv1d=True)
     rows = {}
 
     ps = _params(shapes)

@@ -1,31 +1,28 @@
 """What validating a checkpoint costs (lvopt/checkpoint.py, docs/checkpoints.md), side by side
 with one optimizer step and with the rest of load_state_dict, in one process.
 
-    python benchmarks/checkpoint_load.py [--numel 25000000] [--tensors 50] [--rounds 5] [--device cpu] [--threads N]
+    python benchmarks/studies/checkpoint_load.py [--numel 25000000] [--tensors 50] [--rounds 5] [--device cpu] [--threads N]
 
 Prints the median of ``--rounds`` timings of: the validation alone (checkpoint.problems), a whole
 lvopt load_state_dict (validation included), torch.optim.AdamW's load_state_dict of the same
 checkpoint, and one lvopt.AdamW step of the same parameters.
 """
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 
 import lvopt
 from lvopt import checkpoint
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import measure  # noqa: E402
 
-def timed(fn, rounds, sync):
-    out = []
-    for _ in range(rounds):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1e3
+
+def timed(fn, rounds, dev):
+    """Median ms of ``rounds`` calls, no warm-up, each a synchronised wall time (harness.measure)."""
+    return measure(fn, rounds, device=dev, timer="wall").median_ms
 
 
 def main():
@@ -39,7 +36,6 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     n = a.numel // a.tensors
     params = [torch.nn.Parameter(torch.randn(n // 256, 256, device=dev)) for _ in range(a.tensors)]
     opt = lvopt.AdamW(params)
@@ -49,10 +45,10 @@ def main():
     sd = opt.state_dict()
     fresh = lvopt.AdamW(params)
     tfresh = torch.optim.AdamW(params)
-    t_check = timed(lambda: checkpoint.problems(fresh, sd), a.rounds, sync)
-    t_load = timed(lambda: fresh.load_state_dict(sd), a.rounds, sync)
-    t_torch = timed(lambda: tfresh.load_state_dict(sd), a.rounds, sync)
-    t_step = timed(opt.step, a.rounds, sync)
+    t_check = timed(lambda: checkpoint.problems(fresh, sd), a.rounds, dev)
+    t_load = timed(lambda: fresh.load_state_dict(sd), a.rounds, dev)
+    t_torch = timed(lambda: tfresh.load_state_dict(sd), a.rounds, dev)
+    t_step = timed(opt.step, a.rounds, dev)
     total = sum(p.numel() for p in params)
     print(f"{total / 1e6:.1f}M fp32 parameters in {a.tensors} tensors on {dev} ({torch.get_num_threads()} threads), "
           f"median of {a.rounds}:")

@@ -3,20 +3,23 @@
 Exact mode against dense fp64 AdamW: 2,000 steps, Zipf(1.1) token ids, cosine LR with
 warmup, weight decay 0.1; the error is compared with dense fp32 lvopt AdamW's against the same
 fp64 reference. Lazy mode (wd = 0) against torch.optim.SparseAdam on the same gradients.
+
+    python benchmarks/studies/accuracy_sparse_rows.py [--V 4096] [--d 64] [--n 512] [--steps 2000]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 
 import torch
 
 import lvopt
 from lvopt import reference
 
-
-def zipf_ids(n, V, gen, a=1.1):
-    return torch.multinomial(torch.arange(1, V + 1, dtype=torch.float64) ** -a, n, replacement=True, generator=gen)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_sparse_rows import zipf_ids  # noqa: E402  (the benchmark's Zipf(1.1) token ids)
 
 
 def lr_at(t, steps, peak=3e-3, warmup=100):

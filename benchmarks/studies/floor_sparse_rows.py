@@ -21,16 +21,19 @@ bandwidth (>= 70%) and with fused AdamW's time (>= 25x faster). ``touch`` on ``z
 practical floor for them, not a proof: it is the cheapest of the orders tried here for moving
 those bytes, with no arithmetic at all.
 
-    python benchmarks/floor_sparse_rows.py [--reps 15] [--size small]
+    python benchmarks/studies/floor_sparse_rows.py [--reps 15] [--size small]
 """
 from __future__ import annotations
 
-import argparse
+import os
 import statistics
 import sys
-import time
 
 import torch
+
+# The suite (benchmarks/): the harness and bench_sparse_rows's batches.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import argparser, measure  # noqa: E402
 
 _SRC = r"""
 #include <torch/extension.h>
@@ -38,9 +41,27 @@ _SRC = r"""
 #include <omp.h>
 #include <vector>
 
-// One row's p, m, v read and written, one add (or multiply-add) per element.
-static inline void touch_row(float* __restrict pr, float* __restrict mr, float* __restrict vr,
-                             const float* __restrict g, int64_t d) {
+// What both orders read and write: the distinct rows, the gradient rows as given, p, m, v.
+struct Step {
+  const int64_t* rows;
+  const float* src;
+  float* p;
+  float* m;
+  float* v;
+  int64_t u, d;
+};
+
+static Step step_of(torch::Tensor rows, torch::Tensor vals, torch::Tensor p, torch::Tensor m, torch::Tensor v) {
+  return {rows.data_ptr<int64_t>(), vals.data_ptr<float>(), p.data_ptr<float>(), m.data_ptr<float>(),
+          v.data_ptr<float>(), rows.numel(), p.size(1)};
+}
+
+// Distinct row k's p, m, v read and written, one add (or multiply-add) per element.
+static inline void touch_row(const Step& s, int64_t k, const float* __restrict g) {
+  const int64_t d = s.d;
+  float* __restrict pr = s.p + s.rows[k] * d;
+  float* __restrict mr = s.m + s.rows[k] * d;
+  float* __restrict vr = s.v + s.rows[k] * d;
   for (int64_t j = 0; j < d; ++j) {
     mr[j] += g[j];
     vr[j] += g[j];
@@ -52,14 +73,10 @@ static inline void touch_row(float* __restrict pr, float* __restrict mr, float* 
 // plan (distinct rows sorted, positions of their gradient rows in input order).
 void touch(torch::Tensor rows, torch::Tensor offsets, torch::Tensor perm, torch::Tensor vals,
            torch::Tensor p, torch::Tensor m, torch::Tensor v, int64_t threads) {
-  const int64_t u = rows.numel(), d = p.size(1);
-  const int64_t* rp = rows.data_ptr<int64_t>();
+  const Step s = step_of(rows, vals, p, m, v);
+  const int64_t u = s.u, d = s.d;
   const int64_t* op = offsets.data_ptr<int64_t>();
   const int64_t* pp = perm.data_ptr<int64_t>();
-  const float* src = vals.data_ptr<float>();
-  float* P = p.data_ptr<float>();
-  float* M = m.data_ptr<float>();
-  float* V = v.data_ptr<float>();
   const int64_t parts = std::min<int64_t>(u, 32 * threads);
   std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(threads)
@@ -67,17 +84,17 @@ void touch(torch::Tensor rows, torch::Tensor offsets, torch::Tensor perm, torch:
     std::vector<float> buf(d);
     for (int64_t q = next.fetch_add(1); q < parts; q = next.fetch_add(1)) {
       for (int64_t k = q * u / parts; k < (q + 1) * u / parts; ++k) {
-        const float* g = src + pp[op[k]] * d;
+        const float* g = s.src + pp[op[k]] * d;
         if (op[k + 1] - op[k] > 1) {
           float* __restrict b = buf.data();
           for (int64_t j = 0; j < d; ++j) b[j] = g[j];
           for (int64_t i = op[k] + 1; i < op[k + 1]; ++i) {
-            const float* __restrict x = src + pp[i] * d;
+            const float* __restrict x = s.src + pp[i] * d;
             for (int64_t j = 0; j < d; ++j) b[j] += x[j];
           }
           g = b;
         }
-        touch_row(P + rp[k] * d, M + rp[k] * d, V + rp[k] * d, g, d);
+        touch_row(s, k, g);
       }
     }
   }
@@ -90,14 +107,10 @@ void touch(torch::Tensor rows, torch::Tensor offsets, torch::Tensor perm, torch:
 // order beats reading them grouped by row.
 void touch_streamed(torch::Tensor rows, torch::Tensor slot, torch::Tensor vals, torch::Tensor acc,
                     torch::Tensor p, torch::Tensor m, torch::Tensor v, int64_t threads) {
-  const int64_t u = rows.numel(), n = slot.numel(), d = p.size(1);
-  const int64_t* rp = rows.data_ptr<int64_t>();
+  const Step s = step_of(rows, vals, p, m, v);
+  const int64_t u = s.u, n = slot.numel(), d = s.d;
   const int64_t* sp = slot.data_ptr<int64_t>();
-  const float* src = vals.data_ptr<float>();
   float* A = acc.data_ptr<float>();
-  float* P = p.data_ptr<float>();
-  float* M = m.data_ptr<float>();
-  float* V = v.data_ptr<float>();
   std::vector<char> seen(u, 0);
 #pragma omp parallel num_threads(threads)
   {
@@ -105,7 +118,7 @@ void touch_streamed(torch::Tensor rows, torch::Tensor slot, torch::Tensor vals, 
     for (int64_t i = 0; i < n; ++i) {
       const int64_t k = sp[i];
       if (k % threads != t) continue;
-      const float* __restrict x = src + i * d;
+      const float* __restrict x = s.src + i * d;
       float* __restrict a = A + k * d;
       if (!seen[k]) {
         seen[k] = 1;
@@ -115,7 +128,7 @@ void touch_streamed(torch::Tensor rows, torch::Tensor slot, torch::Tensor vals, 
       }
     }
     for (int64_t k = t; k < u; k += threads) {
-      touch_row(P + rp[k] * d, M + rp[k] * d, V + rp[k] * d, A + k * d, d);
+      touch_row(s, k, A + k * d);
     }
   }
 }
@@ -138,19 +151,19 @@ def plan(ids: torch.Tensor):
 
 
 def _median_ms(fn, reps: int, before=None) -> float:
-    ts = []
-    for i in range(reps + 3):
+    """Median ms of ``fn(i)`` over ``reps`` calls after 3 warm-up calls (harness.measure), ``i``
+    counting the calls (warm-up first; it picks the batch of a pool); ``before(i)`` untimed."""
+    at = [0]
+
+    def set_i(i):
+        at[0] = i
         if before:
             before(i)
-        t0 = time.perf_counter()
-        fn(i)
-        if i >= 3:
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+
+    return measure(lambda: fn(at[0]), reps, 3, before=set_i).median_ms
 
 
 def run(reps: int = 15, size: str = "default", out=sys.stdout) -> dict:
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
     import lvopt
     from bench_sparse_rows import SIZES, zipf_ids
 
@@ -233,9 +246,8 @@ def run(reps: int = 15, size: str = "default", out=sys.stdout) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparser(__doc__)
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--size", default="default", choices=["default", "small"])
     args = ap.parse_args(argv)
     run(args.reps, args.size)
     return 0
