@@ -186,11 +186,8 @@ void apply_pass(const StepArgs& a, at::TensorList radii, const std::vector<AdamC
   const double* hp = a.hyper.data_ptr<double>();
   std::vector<float> scale_a(n), scale_b(n);
   for (size_t i = 0; i < n; ++i) {
-    const HyperballScales s = hyperball_scales(hp[i * kHyperCols + kLr],
-                                               radii[i].data_ptr<double>()[0], st[3 * i],
-                                               st[3 * i + 1], st[3 * i + 2]);
-    scale_a[i] = static_cast<float>(s.a);
-    scale_b[i] = static_cast<float>(s.b);
+    hyperball_scales_f32(hp[i * kHyperCols + kLr], radii[i].data_ptr<double>()[0], st + 3 * i,
+                         scale_a[i], scale_b[i]);
   }
   for_each_chunk(chunks, [&](const Chunk& ch, int64_t) {
     const at::Tensor& p = a.params[ch.tensor];
