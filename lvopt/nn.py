@@ -77,12 +77,15 @@ class _RowSparseEmbedding(torch.autograd.Function):
             # (lvopt/sparse.py: no host read anywhere).
             if ctx.padding_idx is not None:
                 values = values.masked_fill((flat == ctx.padding_idx).unsqueeze(1), 0)
-            return torch.sparse_coo_tensor(flat.unsqueeze(0), values, (v, d)), None, None
+            # check_invariants=False: forward's index_select has range-checked the ids, and a
+            # check here would read them on the host (and warn that checks are off by default).
+            grad = torch.sparse_coo_tensor(flat.unsqueeze(0), values, (v, d), check_invariants=False)
+            return grad, None, None
         if ctx.padding_idx is not None:
             keep = flat != ctx.padding_idx
             flat, values = flat[keep], values[keep]
         rows, summed = _coalesce_rows(flat, values, v)
-        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed, (v, d), is_coalesced=True)
+        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed, (v, d), is_coalesced=True, check_invariants=False)
         return grad, None, None
 
 

@@ -11,10 +11,11 @@ from conftest import clone_all, make_hyper, make_state, needs_native, run_python
 
 pytestmark = needs_native
 
-# Tails (not a multiple of 16), an empty tensor, several 64 Ki chunks, and one tensor larger
-# than the smaller caps below.
-SHAPES = [(1,), (7,), (33, 17), (65536 + 5,), (0,), (129, 257), (3, 70001)]
+# Tails (not a multiple of 16), an empty tensor, several 64 Ki chunks, and a step of more than
+# the 4 Mi elements below which u is recomputed (kKeepMinElements in fused_adamh.cpp).
+SHAPES = [(1,), (7,), (33, 17), (65536 + 5,), (0,), (129, 257), (3, 70001), (2048, 2053)]
 KEPT_FLOATS = sum((torch.Size(s).numel() + 15) // 16 * 16 for s in SHAPES)
+SMALL = KEPT_FLOATS - 2048 * 2053  # the floats of u before the big tensor
 
 
 def _steps(ps, gs, ms, vs, ss, radii, hyper, mb, steps=3):
@@ -33,9 +34,9 @@ def test_kept_direction_gives_the_recomputed_bits(gen, dtype):
     radii = [torch.linalg.vector_norm(p.double()).reshape(()) * 1.5 for p in ps]
     recomputed, held = _steps(ps, gs, ms, vs, ss, radii, hyper, 0)
     assert held == 0
-    largest = max(torch.Size(s).numel() for s in SHAPES)
-    # One batch; several batches; a cap that one tensor (3 x 70001) does not fit.
-    caps = [512, 4 * KEPT_FLOATS / 3 / 2**20, 4 * (largest - 1) / 2**20]
+    # One batch; the small tensors in one batch and the big one in another; the small ones in
+    # several batches and the big one over the cap (recomputed).
+    caps = [512, 4 * (KEPT_FLOATS - 16) / 2**20, 4 * SMALL / 3 / 2**20]
     for level in lvopt.cpu_isa_levels():
         with lvopt.set_cpu_isa(level):
             for mb in caps:
@@ -58,13 +59,17 @@ def test_kept_direction_gives_the_recomputed_bits(gen, dtype):
 
 def test_a_kept_step_uses_the_workspace_and_a_zero_cap_frees_it(gen):
     """The kept path is taken (the buffer is held after the step, sized to the step's u) and
-    the cap governs it: lowering the cap below the buffer frees it."""
+    the cap governs it: lowering the cap below the buffer frees it. A step of fewer than 4 Mi
+    elements recomputes u (its data stays in cache between the passes)."""
     ps, gs, ms, vs, ss = make_state(SHAPES, torch.float32, gen, steps=1)
     hyper = make_hyper(len(SHAPES), wd=0.0)
     radii = [torch.tensor(2.0, dtype=torch.float64) for _ in ps]
     with lvopt.set_cpu_workspace_limit(0):
         assert lvopt.build_info()["cpu_workspace_held_mb"] == 0
         with lvopt.set_cpu_workspace_limit(64):
+            small = [t[:-1] for t in (ps, gs, ms, vs, ss)]
+            torch.ops.lvopt.fused_adamh_(*small, radii[:-1], hyper[:-1], None)
+            assert lvopt.build_info()["cpu_workspace_held_mb"] == 0
             torch.ops.lvopt.fused_adamh_(ps, gs, ms, vs, ss, radii, hyper, None)
             info = lvopt.build_info()
             assert info["cpu_workspace_limit_mb"] == 64
@@ -78,7 +83,7 @@ def test_a_kept_step_uses_the_workspace_and_a_zero_cap_frees_it(gen):
 def test_steps_on_two_threads_at_once_match_one_at_a_time(gen):
     """Two AdamH steps running concurrently: one has the workspace, the other recomputes u (it
     cannot wait for a buffer another step holds); both give the sequential bits."""
-    ps, gs, ms, vs, ss = make_state([(257, 1031)], torch.float32, gen, steps=2)
+    ps, gs, ms, vs, ss = make_state([(2049, 2051)], torch.float32, gen, steps=2)
     hyper = make_hyper(1, wd=0.0)
     radii = [torch.linalg.vector_norm(ps[0].double()).reshape(())]
     expected, _ = _steps(ps, gs, ms, vs, ss, radii, hyper, 512, steps=20)
@@ -104,17 +109,21 @@ def test_steps_on_two_threads_at_once_match_one_at_a_time(gen):
 def test_the_optimizer_step_does_not_depend_on_the_cap(gen):
     def train(mb):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.GELU(), torch.nn.Linear(96, 48))
+        model = torch.nn.Sequential(torch.nn.Linear(48, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 2048))
         opt = lvopt.AdamH(model.parameters(), lr=1e-2)
         x = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
         with lvopt.set_cpu_workspace_limit(mb):
-            for _ in range(5):
+            for _ in range(3):
                 opt.zero_grad()
                 model(x).square().mean().backward()
                 opt.step()
         return [p.detach().clone() for p in model.parameters()]
 
-    for a, b in zip(train(512), train(0)):
+    with lvopt.set_cpu_workspace_limit(0):  # start from no buffer: the kept run allocates it
+        pass
+    kept = train(512)
+    assert lvopt.build_info()["cpu_workspace_held_mb"] > 0  # the 2048 x 2048 + ... step kept u
+    for a, b in zip(kept, train(0)):
         assert torch.equal(a, b)
 
 

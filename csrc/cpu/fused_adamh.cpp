@@ -186,11 +186,8 @@ void apply_pass(const StepArgs& a, at::TensorList radii, const std::vector<AdamC
   const double* hp = a.hyper.data_ptr<double>();
   std::vector<float> scale_a(n), scale_b(n);
   for (size_t i = 0; i < n; ++i) {
-    const HyperballScales s = hyperball_scales(hp[i * kHyperCols + kLr],
-                                               radii[i].data_ptr<double>()[0], st[3 * i],
-                                               st[3 * i + 1], st[3 * i + 2]);
-    scale_a[i] = static_cast<float>(s.a);
-    scale_b[i] = static_cast<float>(s.b);
+    hyperball_scales_f32(hp[i * kHyperCols + kLr], radii[i].data_ptr<double>()[0], st + 3 * i,
+                         scale_a[i], scale_b[i]);
   }
   for_each_chunk(chunks, [&](const Chunk& ch, int64_t) {
     const at::Tensor& p = a.params[ch.tensor];
@@ -223,13 +220,24 @@ std::vector<Chunk> chunks_of(at::TensorList params);
 // that every tensor's u starts 64-byte aligned.
 int64_t kept_floats(int64_t numel) { return (numel + 15) / 16 * 16; }
 
+// Steps with fewer elements than this recompute u. Their W, g, m, v (16 B/param, 64 MiB at
+// the threshold) can stay in a server's last-level cache between the passes, so pass 2 reads
+// m and v from cache, and streaming u out to memory and back would cost more than it saves
+// (measured: a 1024x1024 step 0.99 ms with u kept against 0.80 recomputed; 4096x4096 30 against
+// 36 ms: benchmarks/studies/adamh_passes.py).
+constexpr int64_t kKeepMinElements = int64_t{1} << 22;
+
 // Both passes over all tensors, in batches of consecutive tensors whose u fit the workspace
-// (one batch, u recomputed, when it is off, too small for a tensor, or busy).
+// (one batch, u recomputed, when it is off, too small for a tensor, busy, or the step small).
 void two_passes(const StepArgs& a, at::TensorList radii, const std::vector<AdamCoef>& coef,
                 double* st) {
   const std::vector<Chunk> chunks = chunks_of(a.params);
   const size_t n = a.params.size();
-  const int64_t limit = workspace_limit_bytes() / static_cast<int64_t>(sizeof(float));
+  int64_t elements = 0;
+  for (const auto& p : a.params) elements += p.numel();
+  const int64_t limit = elements < kKeepMinElements
+                            ? 0
+                            : workspace_limit_bytes() / static_cast<int64_t>(sizeof(float));
   // batch_end[b]: one past the last tensor of batch b; a tensor over the limit is a batch of
   // its own and keeps nothing.
   std::vector<size_t> batch_end;

@@ -55,10 +55,7 @@ std::vector<AdamCoef> advance_steps(const StepArgs& a, std::vector<double>* step
 // op of a step split in two: fused_adamh_apply_ after fused_adamh_reduce_).
 std::vector<AdamCoef> current_coefs(const StepArgs& a, std::vector<double>* steps_out = nullptr);
 
-LVOPT_ALWAYS_INLINE float load_elem(const float* p, int64_t i) { return p[i]; }
-LVOPT_ALWAYS_INLINE float load_elem(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-LVOPT_ALWAYS_INLINE void store_elem(float* p, int64_t i, float x) { p[i] = x; }
-LVOPT_ALWAYS_INLINE void store_elem(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+// Element loads and stores (fp32 / bf16 storage as fp32): load_elem, store_elem of lvopt/math.h.
 
 // AdamW over n contiguous elements: parameters of storage type T (float or bf16 bits),
 // gradients of storage type G (T for the dense step, float for a summed sparse row). The one
@@ -107,20 +104,9 @@ LVOPT_ALWAYS_INLINE void adamw_tracked_element(T* __restrict p, const G* __restr
                                                float* __restrict m, float* __restrict v,
                                                int64_t i, const AdamCoef& c, float& ww,
                                                float& dd, float* __restrict vmax = nullptr) {
-  const float w0 = load_elem(p, i);
-  float pi = w0, mi = m[i], vi = v[i];
-  if constexpr (kAms) {
-    float xi = vmax[i];
-    adamw_amsgrad_element(pi, load_elem(g, i), mi, vi, xi, c);
-    vmax[i] = xi;
-  } else {
-    adamw_element(pi, load_elem(g, i), mi, vi, c);
-  }
-  m[i] = mi;
-  v[i] = vi;
-  store_elem(p, i, pi);
-  const float d = stored_value(p, pi) - w0;
-  ww += w0 * w0;
+  const StepPair w = adamw_element_at<kAms>(p, g, m, v, vmax, i, c);
+  const float d = w.after - w.before;
+  ww += w.before * w.before;
   dd += d * d;
 }
 

@@ -60,11 +60,11 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
     float mi = m[i], vi = v[i];
-    adam_moments(c.grad_sign * load_one(g, i), mi, vi, c);
+    adam_moments(c.grad_sign * load_elem(g, i), mi, vi, c);
     m[i] = mi;
     v[i] = vi;
     const double u = adam_update(mi, vi, c);
-    const double w = load_one(p, i);
+    const double w = load_elem(p, i);
     uu += u * u;
     wu += w * u;
     ww += w * w;
@@ -81,15 +81,12 @@ __global__ void adamh_finalize_kernel(TensorState* __restrict__ st,
   double x[3];
   sum_chunk_partials<3>(s, partials, x);
   if (s.skip) x[0] = x[1] = x[2] = 0.0;  // skipped: no chunk wrote partials; a = 1, b = 0
-  const double uu = x[0], wu = x[1], ww = x[2];
   if (threadIdx.x == 0) {
     double* out = stats + 3 * static_cast<int64_t>(blockIdx.x);
-    out[0] = uu;
-    out[1] = wu;
-    out[2] = ww;
-    const HyperballScales h = hyperball_scales(s.lr, s.radius, uu, wu, ww);
-    s.scale_a = static_cast<float>(h.a);
-    s.scale_b = static_cast<float>(h.b);
+    out[0] = x[0];
+    out[1] = x[1];
+    out[2] = x[2];
+    hyperball_scales_f32(s.lr, s.radius, x, s.scale_a, s.scale_b);
   }
 }
 
@@ -121,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
-    store_one(p, i, a * load_one(p, i) - b * adam_update(m[i], v[i], c));
+    store_elem(p, i, a * load_elem(p, i) - b * adam_update(m[i], v[i], c));
   }
 }
 
@@ -131,10 +128,7 @@ __global__ void adamh_scales_kernel(TensorState* __restrict__ st, const double* 
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   TensorState& s = st[i];
-  const double* x = sums + 3 * i;
-  const HyperballScales h = hyperball_scales(s.lr, s.radius, x[0], x[1], x[2]);
-  s.scale_a = static_cast<float>(h.a);
-  s.scale_b = static_cast<float>(h.b);
+  hyperball_scales_f32(s.lr, s.radius, sums + 3 * i, s.scale_a, s.scale_b);
 }
 
 // Pass 1 and the finalize kernel: the per-tensor sums into stats (and the scales into st).
@@ -176,6 +170,25 @@ at::Tensor zero_stats(const StepArgs& args) {
       .zero_();
 }
 
+// Pass 1 as fused_adamh_ and fused_adamh_reduce_ both run it: the gradient scan, the step
+// advance (radii: the tensors' radii, or none), pass 1 and the finalize. Returns the per-tensor
+// sums; *st_buf gets the tensors' state with the scales of pass 2, and stays undefined when a
+// non-finite gradient stopped the step (then the sums are zeros and nothing was written).
+at::Tensor reduce_step(const StepArgs& args, at::TensorList radii,
+                       const std::optional<at::Tensor>& found_inf,
+                       const std::vector<int32_t>& first, int64_t total_chunks,
+                       cudaStream_t stream, at::Tensor* st_buf) {
+  // Pass 1 writes the moments, so a non-finite gradient must be found before it (a scan of g).
+  if (stop_for_nonfinite(args, first, found_inf, stream)) return zero_stats(args);
+  at::Tensor hyper_dev;
+  *st_buf = advance_steps(args, radii, /*unit_step=*/true, first, stream, &hyper_dev, found_inf);
+  at::Tensor stats = at::empty({static_cast<int64_t>(args.params.size()), 3},
+                               args.params[0].options().dtype(at::kDouble));
+  reduce_pass(args, first, total_chunks, reinterpret_cast<TensorState*>(st_buf->data_ptr()), stats,
+              stream);
+  return stats;
+}
+
 at::Tensor fused_adamh_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList radii,
                             const at::Tensor& hyper, const std::optional<at::Tensor>& found_inf) {
@@ -190,15 +203,11 @@ at::Tensor fused_adamh_cuda(at::TensorList params, at::TensorList grads, at::Ten
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int64_t total_chunks = 0;
   const std::vector<int32_t> first = first_chunks(params, &total_chunks);
-  // Pass 1 writes the moments, so a non-finite gradient must be found before it (a scan of g).
-  if (stop_for_nonfinite(args, first, found_inf, stream)) return zero_stats(args);
-  at::Tensor hyper_dev;
-  at::Tensor st_buf =
-      advance_steps(args, radii, /*unit_step=*/true, first, stream, &hyper_dev, found_inf);
-  auto* st = reinterpret_cast<TensorState*>(st_buf.data_ptr());
-  at::Tensor stats = at::empty({static_cast<int64_t>(n), 3}, params[0].options().dtype(at::kDouble));
-  reduce_pass(args, first, total_chunks, st, stats, stream);
-  apply_pass(args, first, st, stream);
+  at::Tensor st_buf;
+  at::Tensor stats = reduce_step(args, radii, found_inf, first, total_chunks, stream, &st_buf);
+  if (st_buf.defined()) {
+    apply_pass(args, first, reinterpret_cast<const TensorState*>(st_buf.data_ptr()), stream);
+  }
   return stats;
 }
 
@@ -216,15 +225,8 @@ at::Tensor fused_adamh_reduce_cuda(at::TensorList params, at::TensorList grads,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int64_t total_chunks = 0;
   const std::vector<int32_t> first = first_chunks(params, &total_chunks);
-  if (stop_for_nonfinite(args, first, found_inf, stream)) return zero_stats(args);
-  at::Tensor hyper_dev;
-  at::Tensor st_buf =
-      advance_steps(args, {}, /*unit_step=*/true, first, stream, &hyper_dev, found_inf);
-  at::Tensor stats = at::empty({static_cast<int64_t>(params.size()), 3},
-                               params[0].options().dtype(at::kDouble));
-  reduce_pass(args, first, total_chunks, reinterpret_cast<TensorState*>(st_buf.data_ptr()), stats,
-              stream);
-  return stats;
+  at::Tensor st_buf;
+  return reduce_step(args, {}, found_inf, first, total_chunks, stream, &st_buf);
 }
 
 void fused_adamh_apply_cuda(at::TensorList params, at::TensorList exp_avgs,

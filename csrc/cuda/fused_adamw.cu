@@ -66,19 +66,8 @@ __global__ void __launch_bounds__(kThreads)
   // Scalar tail (n not a multiple of the vector width) or a misaligned tensor (a view with a
   // storage offset): one element per thread.
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
-    const float w0 = load_one(p, i);
-    float pi = w0, mi = m[i], vi = v[i];
-    if constexpr (kAms) {
-      float xi = x[i];
-      adamw_amsgrad_element(pi, load_one(g, i), mi, vi, xi, c);
-      x[i] = xi;
-    } else {
-      adamw_element(pi, load_one(g, i), mi, vi, c);
-    }
-    m[i] = mi;
-    v[i] = vi;
-    store_one(p, i, pi);
-    if constexpr (kTrack) track(w0, stored_value(p, pi), sums);
+    const StepPair w = adamw_element_at<kAms>(p, g, m, v, x, i, c);
+    if constexpr (kTrack) track(w.before, w.after, sums);
   }
   if constexpr (kTrack) block_sum_to<2>(sums, partials + 2 * (static_cast<int64_t>(e.chunk_start) + chunk));
 }

@@ -221,10 +221,7 @@ __device__ __forceinline__ void store_vec(uint16_t* p, const float (&x)[8]) {
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-__device__ __forceinline__ float load_one(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_one(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-__device__ __forceinline__ void store_one(float* p, int64_t i, float x) { p[i] = x; }
-__device__ __forceinline__ void store_one(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+// One element (scalar paths): load_elem, store_elem of lvopt/math.h.
 
 // The telemetry sums of one element (W_after as stored: lvopt::stored_value of math.h):
 // sums[0] += W_before^2, sums[1] += (W_after - W_before)^2, in fp64.
@@ -311,7 +308,7 @@ __device__ __forceinline__ bool thread_nonfinite(const T* __restrict__ x, int64_
       for (int k = 0; k < N; ++k) bad |= !isfinite(xf[k]);
     }
   }
-  for (int64_t i = done + first; i < n; i += stride) bad |= !isfinite(load_one(x, i));
+  for (int64_t i = done + first; i < n; i += stride) bad |= !isfinite(load_elem(x, i));
   return bad;
 }
 

@@ -182,7 +182,7 @@ __device__ __forceinline__ void row_grad(const RowArgs<T>& a, int64_t k, int64_t
     const T* src = a.vals + a.perm[i] * a.d + col;
     float x[N];
     if constexpr (N == 1) {
-      x[0] = load_one(src, 0);
+      x[0] = load_elem(src, 0);
     } else {
       load_vec(src, x);
     }
@@ -244,7 +244,7 @@ __device__ __forceinline__ void row_columns(const RowArgs<T>& a, int64_t k, int6
   for (int64_t j = first + static_cast<int64_t>(threadIdx.x) * N; j < end; j += kThreads * N) {
     float pf[N], gf[N], mf[N], vf[N], w0[N];
     if constexpr (N == 1) {
-      pf[0] = load_one(p, j);
+      pf[0] = load_elem(p, j);
       mf[0] = m[j];
       vf[0] = v[j];
     } else {
@@ -260,7 +260,7 @@ __device__ __forceinline__ void row_columns(const RowArgs<T>& a, int64_t k, int6
       if constexpr (kStep) adamw_element(pf[q], gf[q], mf[q], vf[q], c);
     }
     if constexpr (N == 1) {
-      store_one(p, j, pf[0]);
+      store_elem(p, j, pf[0]);
       m[j] = mf[0];
       v[j] = vf[0];
     } else {
@@ -514,7 +514,7 @@ __global__ void __launch_bounds__(kThreads)
   const auto term = [&](int64_t j, double& w, double& aj) { ck.term(s, target, s + 1 + j, w, aj); };
   double sums[2] = {0.0, 0.0};
   for (int64_t j = threadIdx.x; j < a.d; j += kThreads) {
-    float pi = load_one(p, j), mi = m[j], vi = v[j];
+    float pi = load_elem(p, j), mi = m[j], vi = v[j];
     const float w0 = pi;
     if (!catchup_element(pi, mi, vi, cr)) {
       catchup_element_loop(pi, mi, vi, cr, ck.window_end(s, target) - s, term);
@@ -524,7 +524,7 @@ __global__ void __launch_bounds__(kThreads)
       row_grad<T, 1>(a, k, lo, hi, j, g);
       adamw_element(pi, g[0], mi, vi, c);
     }
-    store_one(p, j, pi);
+    store_elem(p, j, pi);
     m[j] = mi;
     v[j] = vi;
     if constexpr (kTrack) track(w0, stored_value(p, pi), sums);
@@ -560,7 +560,7 @@ __device__ __forceinline__ void coalesce_columns(const RowArgs<T>& a, int64_t k,
     float g[N];
     row_grad<T, N>(a, k, lo, hi, j, g);
     if constexpr (N == 1) {
-      store_one(out + k * a.d, j, g[0]);
+      store_elem(out + k * a.d, j, g[0]);
     } else {
       store_vec(out + k * a.d + j, g);
     }
@@ -691,6 +691,23 @@ RowArgs<T> plan_args(const DevicePlan& plan, int64_t* err, const StepInfo* info,
   a.err = err;
   a.info = info;
   a.d = d;
+  return a;
+}
+
+// plan_args with a step's table streams: the parameter's rows and its moments', the gradient
+// rows (vals; nullptr for a catch-up), last_step (exact mode; else nullptr), and whether
+// 16-byte vectors serve them all.
+template <typename T>
+RowArgs<T> table_args(const DevicePlan& plan, const at::Tensor& err, const StepInfo* info,
+                      const at::Tensor& param, const at::Tensor& exp_avg,
+                      const at::Tensor& exp_avg_sq, const void* vals, int64_t* last) {
+  RowArgs<T> a = plan_args<T>(plan, err.data_ptr<int64_t>(), info, param.size(1));
+  a.p = reinterpret_cast<T*>(param.data_ptr());
+  a.m = exp_avg.data_ptr<float>();
+  a.v = exp_avg_sq.data_ptr<float>();
+  a.vals = static_cast<const T*>(vals);
+  a.last = last;
+  a.vec = rows_vectorisable<T>(a.p, a.m, a.v, a.vals, a.d);
   return a;
 }
 
@@ -955,13 +972,8 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
     const StepInfo* ip = reinterpret_cast<const StepInfo*>(info.data_ptr());
     const auto run = [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      RowArgs<T> a = plan_args<T>(plan, err.data_ptr<int64_t>(), ip, d);
-      a.p = reinterpret_cast<T*>(param.data_ptr());
-      a.m = exp_avg.data_ptr<float>();
-      a.v = exp_avg_sq.data_ptr<float>();
-      a.vals = reinterpret_cast<const T*>(vals.data_ptr());
-      a.last = exact ? last_step.data_ptr<int64_t>() : nullptr;
-      a.vec = rows_vectorisable<T>(a.p, a.m, a.v, a.vals, d);
+      const RowArgs<T> a = table_args<T>(plan, err, ip, param, exp_avg, exp_avg_sq, vals.data_ptr(),
+                                         exact ? last_step.data_ptr<int64_t>() : nullptr);
       sum_long_runs(a, plan, stream);
       if (exact) {
         if (rs) launch_rows<T, true, true, true>(a, dck.ck, xs.rows, rs, n, stream);
@@ -1020,12 +1032,8 @@ void sparse_catchup_cuda(const at::Tensor& param, const at::Tensor& indices,
   const StepInfo* ip = reinterpret_cast<const StepInfo*>(info.data_ptr());
   const auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    RowArgs<T> a = plan_args<T>(plan, err.data_ptr<int64_t>(), ip, d);
-    a.p = reinterpret_cast<T*>(param.data_ptr());
-    a.m = exp_avg.data_ptr<float>();
-    a.v = exp_avg_sq.data_ptr<float>();
-    a.last = last_step.data_ptr<int64_t>();
-    a.vec = rows_vectorisable<T>(a.p, a.m, a.v, nullptr, d);
+    const RowArgs<T> a = table_args<T>(plan, err, ip, param, exp_avg, exp_avg_sq, nullptr,
+                                       last_step.data_ptr<int64_t>());
     launch_rows<T, true, false, false>(a, dck.ck, xs.rows, nullptr, n, stream);
   };
   if (param.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));

@@ -132,9 +132,10 @@ void test_adamw(at::ScalarType dt, bool maximize) {
 }
 
 // cap_bytes: the workspace cap for the step (csrc/cpu/workspace.h): u kept in one batch, in
-// several, not at all for a tensor larger than the cap, or never (0).
+// several, not at all for a tensor larger than the cap, or never (0). The step has more than
+// the 4 Mi elements below which u is always recomputed.
 void test_adamh(int64_t cap_bytes) {
-  const std::vector<std::vector<int64_t>> shapes = {{33, 65}, {300, 257}, {1, 70001}};
+  const std::vector<std::vector<int64_t>> shapes = {{33, 65}, {300, 257}, {1, 70001}, {2048, 2049}};
   const int64_t old_cap = lvopt::cpu::set_workspace_limit_bytes(cap_bytes);
   const std::string tag = " (workspace cap " + std::to_string(cap_bytes) + " B)";
   Lists s = make_state(shapes, at::kFloat);
@@ -245,7 +246,7 @@ int main() {
   at::manual_seed(0);
   for (auto dt : {at::kFloat, at::kBFloat16})
     for (bool maximize : {false, true}) test_adamw(dt, maximize);
-  for (int64_t cap : {int64_t{512} << 20, int64_t{4} * 80000, int64_t{4} * 70000, int64_t{0}}) {
+  for (int64_t cap : {int64_t{512} << 20, int64_t{4} * (2048 * 2049 + 16), int64_t{4} * 80000, int64_t{0}}) {
     test_adamh(cap);
   }
   test_threads_give_same_bits();

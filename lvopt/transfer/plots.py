@@ -21,6 +21,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | os.PathLike) -> str | os.PathLike:
+    """Lays ``fig`` out, writes it to ``path`` and closes it (every plot here ends so)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_loss_vs_lr(
     sweep: dict, optima: list[Optimum], path: str | os.PathLike, x_col: str | None = None, half_width: int = 2
 ) -> str | os.PathLike:
@@ -51,10 +59,7 @@ def plot_loss_vs_lr(
         ax.set_ylabel("final loss")
         ax.set_title(f"{param}, D={D:.3g}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_lr_law(
@@ -104,10 +109,7 @@ def plot_lr_law(
     ax.set_ylabel(f"optimal {laws[0].x_col}")
     ax.set_title(f"{opts[0].param}: optimal {laws[0].x_col} (-- linear, - quadratic)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_loss_laws(loss_laws: dict[str, LossLaw], path: str | os.PathLike) -> str | os.PathLike:
@@ -123,7 +125,4 @@ def plot_loss_laws(loss_laws: dict[str, LossLaw], path: str | os.PathLike) -> st
     ax.set_xlabel(next(iter(loss_laws.values())).var)
     ax.set_ylabel("optimal loss L*")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -17,6 +17,9 @@ torch ops, for counters the kernel cannot reach (host counters of CUDA parameter
 dtypes). With a device hyper table and device step counters nothing waits for the device.
 The launch tables are held, with the rest of a step's device state, by a
 _plan.DensePlan per list of tensors.
+
+Device side: the JIT helpers that more than one kernel file runs on these tables
+(program_row, load_step_tile).
 """
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ import math
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 from .._layout import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
+from ..optim import _dense
 
 # Elements per program (a multiple of BLOCK) and per tile. 16 Ki elements per program, as in
 # the CUDA kernels; a 1024-element tile is 8 elements per thread with 4 warps: two float4 of
@@ -68,15 +73,6 @@ def _check_layout(op, name, i, t, p, dtype):
     if t.stride() != p.stride():
         _fail(f"{op}: {name}[{i}] has strides {list(t.stride())} but params[{i}] has strides "
               f"{list(p.stride())} (lvopt.optim lays gradients and states out like their parameter)")
-
-
-def _dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _native_check():
@@ -369,3 +365,34 @@ def check_stats(op, stats, params, cols: int) -> None:
         _fail(f"{op}: stats must be a contiguous float64 tensor of shape [{n}, {cols}] on the parameters' "
               f"device, got {stats.dtype} {tuple(stats.shape)} on {stats.device}")
 
+
+# ----- device side -------------------------------------------------------------------------------
+
+
+@triton.jit
+def program_row(meta_ptr, n_tensors):
+    """This program's row of a launch table (a pointer to the tensor's TABLE_COLS int64
+    columns) and its chunk of that tensor, from the program -> row and program -> chunk maps
+    that follow the rows."""
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    owner = tl.load(meta_ptr + n_tensors * 8 + pid)
+    chunk = tl.load(meta_ptr + n_tensors * 8 + n_programs + pid)
+    return meta_ptr + owner * 8, chunk
+
+
+@triton.jit
+def load_step_tile(p, g, m, v, offs, mask, MASKED: tl.constexpr):
+    """A tile of parameters and gradients (as fp32) and of both moments: the reads of a step's
+    first pass (AdamW's tile, AdamH's pass 1). Masked lanes read 0."""
+    if MASKED:
+        pi = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
+        gi = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
+        mi = tl.load(m + offs, mask=mask, other=0.0)
+        vi = tl.load(v + offs, mask=mask, other=0.0)
+    else:
+        pi = tl.load(p + offs).to(tl.float32)
+        gi = tl.load(g + offs).to(tl.float32)
+        mi = tl.load(m + offs)
+        vi = tl.load(v + offs)
+    return pi, gi, mi, vi

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ._common import program_row
 
 # Tensors per program of the setup kernel.
 SETUP_BLOCK = 128
@@ -161,11 +162,7 @@ def nonfinite_scan_kernel(
 ):
     """found_inf = 1 when an element of this program's gradient chunk is NaN or infinite (a
     launch table of lvopt/triton/_common.py; every program that finds one stores the same 1)."""
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    owner = tl.load(meta_ptr + n_tensors * 8 + pid)
-    chunk = tl.load(meta_ptr + n_tensors * 8 + n_programs + pid)
-    row = meta_ptr + owner * 8
+    row, chunk = program_row(meta_ptr, n_tensors)
     g = tl.load(row + 1).to(tl.pointer_type(P_DTYPE), bitcast=True)
     if ALIGNED:
         g = tl.multiple_of(g, 16)

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import _common as C
 from . import _plan as P
+from ._common import load_step_tile
 from .fused_adamw import _coef, _load_tensor, _store_param, _store_state, launch_options
 
 # Chunk partial sums added per step of the finalize kernel's loop.
@@ -26,16 +27,7 @@ REDUCE_BLOCK = 64
 @triton.jit
 def _reduce_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, step_size, inv_bc2, eps, sign,
                  MASKED: tl.constexpr):
-    if MASKED:
-        wi = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
-        gi = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
-        mi = tl.load(m + offs, mask=mask, other=0.0)
-        vi = tl.load(v + offs, mask=mask, other=0.0)
-    else:
-        wi = tl.load(p + offs).to(tl.float32)
-        gi = tl.load(g + offs).to(tl.float32)
-        mi = tl.load(m + offs)
-        vi = tl.load(v + offs)
+    wi, gi, mi, vi = load_step_tile(p, g, m, v, offs, mask, MASKED)
     gi = sign * gi
     mi = b1 * mi + omb1 * gi
     vi = b2 * vi + omb2 * (gi * gi)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from . import _common as C
 from . import _plan as P
+from ._common import load_step_tile, program_row
 
 
 @triton.jit
@@ -32,11 +33,7 @@ def _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE: tl.constexpr, ALIGNED:
     """The (tensor, chunk) of this program: pointers to its chunk, its length and indices.
     With HAS_FOUND, a set found_inf flag (nonfinite="skip"/"raise") makes the length 0: the
     program reads and writes nothing (the decision is taken on the device)."""
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    owner = tl.load(meta_ptr + n_tensors * 8 + pid)
-    chunk = tl.load(meta_ptr + n_tensors * 8 + n_programs + pid)
-    row = meta_ptr + owner * 8
+    row, chunk = program_row(meta_ptr, n_tensors)
     p = tl.load(row + 0).to(tl.pointer_type(P_DTYPE), bitcast=True)
     g = tl.load(row + 1).to(tl.pointer_type(P_DTYPE), bitcast=True)
     m = tl.load(row + 2).to(tl.pointer_type(tl.float32), bitcast=True)
@@ -59,11 +56,8 @@ def _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE: tl.constexpr, ALIGNED:
 @triton.jit
 def _load_vmax(meta_ptr, n_tensors, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
     """AMSGrad's running-maximum pointer of this program's chunk (table column 7)."""
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    owner = tl.load(meta_ptr + n_tensors * 8 + pid)
-    chunk = tl.load(meta_ptr + n_tensors * 8 + n_programs + pid)
-    x = tl.load(meta_ptr + owner * 8 + 7).to(tl.pointer_type(tl.float32), bitcast=True)
+    row, chunk = program_row(meta_ptr, n_tensors)
+    x = tl.load(row + 7).to(tl.pointer_type(tl.float32), bitcast=True)
     if ALIGNED:
         x = tl.multiple_of(x, 16)
     return x + chunk * CHUNK
@@ -155,16 +149,7 @@ def _store_state(m, v, offs, mask, mi, vi, MASKED: tl.constexpr):
 def _adamw_tile(p, g, m, v, x, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign,
                 MASKED: tl.constexpr, AMS: tl.constexpr):
     """One tile of AdamW; returns W before and after (fp32; unused values cost nothing)."""
-    if MASKED:
-        pi = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
-        gi = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
-        mi = tl.load(m + offs, mask=mask, other=0.0)
-        vi = tl.load(v + offs, mask=mask, other=0.0)
-    else:
-        pi = tl.load(p + offs).to(tl.float32)
-        gi = tl.load(g + offs).to(tl.float32)
-        mi = tl.load(m + offs)
-        vi = tl.load(v + offs)
+    pi, gi, mi, vi = load_step_tile(p, g, m, v, offs, mask, MASKED)
     xi = vi
     if AMS:
         if MASKED:

@@ -123,6 +123,15 @@ LVOPT_HD HyperballScales hyperball_scales(double lr, double radius, double uu, d
   return HyperballScales{a, a * s};
 }
 
+// The scales pass 2 applies, hyperball_scales of the sums (||u||^2, <W,u>, ||W||^2) rounded
+// once to fp32: what every AdamH kernel computes per tensor between its two passes.
+LVOPT_HD void hyperball_scales_f32(double lr, double radius, const double* sums, float& a,
+                                   float& b) {
+  const HyperballScales h = hyperball_scales(lr, radius, sums[0], sums[1], sums[2]);
+  a = static_cast<float>(h.a);
+  b = static_cast<float>(h.b);
+}
+
 // Columns of the per-step history table of an exact-mode sparse parameter (float64,
 // [steps, kHistCols], row i describes step hist_base + i; built by lvopt/sparse.py RowClock).
 // Series i in 0..3 is M_i (q_i = beta1 * beta2^-(i+1)/2), series 4..7 is N_(i-3)
@@ -267,5 +276,41 @@ LVOPT_HD uint16_t float_to_bf16(float f) {
 // bits (the telemetry's W_after).
 LVOPT_HD float stored_value(const float*, float x) { return x; }
 LVOPT_HD float stored_value(const uint16_t*, float x) { return bf16_to_float(float_to_bf16(x)); }
+
+// One element of fp32 or bf16 (uint16_t bits) storage read as fp32, and an fp32 value written
+// into it: the element access of the CPU loops and of the CUDA kernels' scalar paths.
+LVOPT_HD float load_elem(const float* p, int64_t i) { return p[i]; }
+LVOPT_HD float load_elem(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+LVOPT_HD void store_elem(float* p, int64_t i, float x) { p[i] = x; }
+LVOPT_HD void store_elem(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+
+// W before and after one element's step, after as stored (stored_value): the telemetry's pair.
+struct StepPair {
+  float before, after;
+};
+
+// One AdamW element in memory: element i of p (storage T), g (storage G), m, v and, with kAms,
+// vmax (else unused) read, stepped by adamw_element / adamw_amsgrad_element, and written back.
+// The CPU's tracked span (csrc/cpu/multi_tensor.h) and the CUDA step kernel's scalar path
+// (csrc/cuda/fused_adamw.cu) both run it; a caller that does not track leaves the returned
+// pair unused, which costs nothing once inlined.
+template <bool kAms, typename T, typename G>
+LVOPT_HD StepPair adamw_element_at(T* __restrict p, const G* __restrict g, float* __restrict m,
+                                   float* __restrict v, float* __restrict vmax, int64_t i,
+                                   const AdamCoef& c) {
+  const float w0 = load_elem(p, i);
+  float pi = w0, mi = m[i], vi = v[i];
+  if constexpr (kAms) {
+    float xi = vmax[i];
+    adamw_amsgrad_element(pi, load_elem(g, i), mi, vi, xi, c);
+    vmax[i] = xi;
+  } else {
+    adamw_element(pi, load_elem(g, i), mi, vi, c);
+  }
+  m[i] = mi;
+  v[i] = vi;
+  store_elem(p, i, pi);
+  return StepPair{w0, stored_value(p, pi)};
+}
 
 }  // namespace lvopt
