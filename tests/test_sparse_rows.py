@@ -138,10 +138,9 @@ def _step_all(backend, V, d, dtype, gen, T, exact, ids, tiny=(), stats=False, ep
 
 # ----- many steps: runs of sparse_adamw_ and a final sparse_catchup_ ------------------------------
 
-# (V, d) per backend: d = 37 has no 16-byte rows (the scalar path), 64 has; the interpreter
-# runs few steps of a small table.
-RUN_SIZES = {"cpu": [(23, 37)], "triton": [(9, 40)], "cuda": [(23, 37), (31, 64)]}
-RUN_STEPS = {"cpu": 60, "triton": 6, "cuda": 60}
+# (V, d) per backend: d = 37 has no 16-byte rows (the scalar path), 64 has.
+RUN_SIZES = {"cpu": [(23, 37)], "cuda": [(23, 37), (31, 64)]}
+RUN_STEPS = {"cpu": 60, "cuda": 60}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -151,6 +150,9 @@ def test_runs_match_reference_and_cpu_op(backend, gen, dtype, exact):
     exact mode, a catch-up of every row: against the reference; on the Triton and CUDA backends
     also against the CPU op (lazy mode: the same fp32 operations in the same order, so the same
     bits, bf16 tables included on CUDA)."""
+    if backend.name == "triton":
+        pytest.skip("many steps cost the interpreter too much: one call at a time against the CPU op "
+                    "(test_one_step_matches_cpu_op_and_reference) and the optimizer's steps (test_sparse_rows_optimizer)")
     seed, steps = gen.initial_seed(), RUN_STEPS[backend.name]
     for V, d in RUN_SIZES[backend.name]:
         def run(fa, fc, V=V, d=d):

@@ -237,9 +237,9 @@ def test_optimizer_matches_cpu(backend, gen, mode, module, head):
     32 times summed in input order), exact mode within a few ulps."""
     if backend.name == "cpu":
         pytest.skip("the CPU backend is the oracle here")
-    if backend.name == "triton" and module == "lvopt" and head:
-        pytest.skip("the interpreter's cost: lvopt.nn.Embedding with a head runs on CUDA; on Triton alone and "
-                    "nn.Embedding with a head")
+    if backend.name == "triton" and (module == "lvopt" or head):
+        pytest.skip("the interpreter's cost: nn.Embedding(sparse=True) alone on Triton; lvopt.nn.Embedding and the "
+                    "dense head on CUDA")
     dev = backend.device
     V, d, steps, n = MATCH_CPU_SIZES[backend.name]
     w0 = torch.randn(V, d, generator=gen)
