@@ -68,7 +68,7 @@ def _state(shapes, dtype, device):
 
 
 def _lvopt_step(backend, shapes, dtype, device, algo):
-    import lvopt
+    import lvopt  # noqa: F401  (loads the extension: registers torch.ops.lvopt)
     from lvopt import _backend
     from lvopt._layout import HYPER_COLS
 

@@ -384,7 +384,7 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
             "|---|---|---|---|---|---|---|---|",
         ]
         for h in hidden:
-            fl = ", ".join(f"x{f:.3g}: {l:.4f}" for f, l in zip(h["factors"], h["loss"]))
+            fl = ", ".join(f"x{f:.3g}: {loss:.4f}" for f, loss in zip(h["factors"], h["loss"]))
             md.append(
                 f"| {h['optim']} | {h['V']} | {h['width']} | {h['k']} | {fl} | x{h['best']:.3g} | "
                 f"x{h['vertex_factor']:.2f} | {'yes' if h['bracketed'] else 'NO'} |"

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
+from .._layout import BETA1, BETA2, EPS, HYPER_COLS, LR, WEIGHT_DECAY
 from ..optim import _dense
 
 # Elements per program (a multiple of BLOCK) and per tile. 16 Ki elements per program, as in
