@@ -146,10 +146,12 @@ def tokenize(corpus_dir, V, cache, max_chars=None):
     chunks = tr.split("\n\n")
     tok.train_from_iterator(chunks, trainer=trainer)
     tok.save(os.path.join(cache, tag + ".json"))
+
     def enc(s):
         return np.asarray(
             [i for e in tok.encode_batch([c + "\n\n" for c in s.split("\n\n")]) for i in e.ids], dtype=np.int32
         )
+
     t, v = enc(tr), enc(va)
     assert tok.get_vocab_size() <= V and t.max() < V, (tok.get_vocab_size(), V)
     np.savez(p, train=t, val=v)
