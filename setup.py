@@ -12,6 +12,7 @@ flash-attention's wheels do. lvopt/_build.py (generated here, not in git) record
 lvopt at run time: the import error of an extension that does not load names both torches.
 A wheel also carries the benchmark suite (benchmarks/*.py as lvopt/_bench/) for `lvopt bench`.
 """
+
 import glob
 import os
 import re

@@ -11,6 +11,7 @@ kernel registered; the sm_90 code is in the shared library (cuobjdump, shipped w
 CPU step runs; the installed `lvopt bench --only adamw_1x` command runs on the benchmark suite
 the wheel ships.
 """
+
 from __future__ import annotations
 
 import glob
@@ -93,19 +94,49 @@ def main() -> int:
             f.write("\n".join(dict.fromkeys(ours)) + "\n")
         # With its dependencies, offline: torch==<the build's> must be satisfied by what is here.
         # (pip leaves the lvopt of this environment, outside the scratch one, untouched.)
-        run([sys.executable, "-m", "pip", "--python", vpy, "install", "-q", "--no-index", "--no-build-isolation", wheel],
-            cwd=cwd)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                vpy,
+                "install",
+                "-q",
+                "--no-index",
+                "--no-build-isolation",
+                wheel,
+            ],
+            cwd=cwd,
+        )
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         archs = ";".join(a for a in os.environ.get("LVOPT_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a)
         run([vpy, "-c", CHECK, target, archs], cwd=cwd, env=env)
         lvopt_cmd = os.path.join(venv, "bin", "lvopt")
-        out = run([lvopt_cmd, "bench", "--only", "adamw_1x", "--size", "small", "--rounds", "1", "--no-progress",
-                   "--out", os.path.join(cwd, "bench-out")], cwd=cwd, env=env)
+        out = run(
+            [
+                lvopt_cmd,
+                "bench",
+                "--only",
+                "adamw_1x",
+                "--size",
+                "small",
+                "--rounds",
+                "1",
+                "--no-progress",
+                "--out",
+                os.path.join(cwd, "bench-out"),
+            ],
+            cwd=cwd,
+            env=env,
+        )
         assert "lvopt AdamW" in out and os.path.exists(os.path.join(cwd, "bench-out", "bench.json")), out
         suite = run([vpy, "-c", "from lvopt import bench; print(bench.suite_dir())"], cwd=cwd, env=env).strip()
         assert suite.startswith(target), f"lvopt bench used {suite}, not the suite the wheel ships"
-    print(f"{os.path.basename(wheel)}: installs with its torch requirement met, imports and runs "
-          f"`lvopt bench` outside the source tree")
+    print(
+        f"{os.path.basename(wheel)}: installs with its torch requirement met, imports and runs "
+        f"`lvopt bench` outside the source tree"
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ Reported per run: loss curve, median fwd+bwd and optimizer-step ms, peak RSS.
 
     python -m lvopt bench --e2e [--steps 300]
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ class CausalLM(nn.Module):
             self.emb = lvopt.nn.Embedding(V, d)
         else:
             self.emb = nn.Embedding(V, d)
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
-                                                               norm_first=True) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, V, bias=False)
 
@@ -91,16 +94,22 @@ def train(run: str, steps: int) -> dict:
         losses.append(loss.item())
         fb.append(t1 - t0)
         st.append(t2 - t1)
-    return dict(run=run, losses=losses, fwd_bwd_ms=statistics.median(fb) * 1e3,
-                step_ms=statistics.median(st) * 1e3,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(
+        run=run,
+        losses=losses,
+        fwd_bwd_ms=statistics.median(fb) * 1e3,
+        step_ms=statistics.median(st) * 1e3,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
 
 
 def run(steps: int = 300, runs=("torch", "lvopt-sp", "lvopt-lv")) -> list[dict]:
     out = []
     for r in runs:
-        code = (f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); import bench_e2e; "
-                f"print('RESULT' + json.dumps(bench_e2e.train({r!r}, {steps})))")
+        code = (
+            f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); import bench_e2e; "
+            f"print('RESULT' + json.dumps(bench_e2e.train({r!r}, {steps})))"
+        )
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if p.returncode != 0:
             out.append(dict(run=r, error=p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"))
@@ -111,21 +120,27 @@ def run(steps: int = 300, runs=("torch", "lvopt-sp", "lvopt-lv")) -> list[dict]:
 
 def report(results: list[dict]) -> str:
     c = CFG
-    lines = [f"\nEnd to end: causal LM, V={c['V']}, d={c['d']}, {c['layers']} layers, batch {c['B']}x{c['T']}",
-             f"  {'run':10s} {'final loss':>10s} {'fwd+bwd ms':>11s} {'step ms':>8s} {'peak RSS MB':>12s}"]
+    lines = [
+        f"\nEnd to end: causal LM, V={c['V']}, d={c['d']}, {c['layers']} layers, batch {c['B']}x{c['T']}",
+        f"  {'run':10s} {'final loss':>10s} {'fwd+bwd ms':>11s} {'step ms':>8s} {'peak RSS MB':>12s}",
+    ]
     ok = {r["run"]: r for r in results if "error" not in r}
     for r in results:
         if "error" in r:
             lines.append(f"  {r['run']:10s} not run: {r['error']}")
             continue
         tail = statistics.mean(r["losses"][-20:])
-        lines.append(f"  {r['run']:10s} {tail:10.4f} {r['fwd_bwd_ms']:11.1f} {r['step_ms']:8.2f} {r['peak_rss_mb']:12.0f}")
+        lines.append(
+            f"  {r['run']:10s} {tail:10.4f} {r['fwd_bwd_ms']:11.1f} {r['step_ms']:8.2f} {r['peak_rss_mb']:12.0f}"
+        )
     if "torch" in ok and "lvopt-sp" in ok:
         a, b = ok["torch"]["losses"], ok["lvopt-sp"]["losses"]
         diffs = [abs(x - y) for x, y in zip(a, b)]
-        lines.append(f"  same semantics (torch vs lvopt-sp) over {len(a)} steps: |loss difference| max {max(diffs):.2e}, "
-                     f"mean {statistics.mean(diffs):.2e}, last 20 steps {statistics.mean(diffs[-20:]):.2e} "
-                     f"(two runs drift apart by rounding: the sparse and dense embedding backward sum in different orders)")
+        lines.append(
+            f"  same semantics (torch vs lvopt-sp) over {len(a)} steps: |loss difference| max {max(diffs):.2e}, "
+            f"mean {statistics.mean(diffs):.2e}, last 20 steps {statistics.mean(diffs[-20:]):.2e} "
+            f"(two runs drift apart by rounding: the sparse and dense embedding backward sum in different orders)"
+        )
     return "\n".join(lines)
 
 

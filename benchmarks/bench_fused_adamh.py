@@ -7,6 +7,7 @@ pass 2 (a workspace write, +4 B in pass 1, -4 B in pass 2: still 40 B, but 24 B 
 28; docs/design.md section 4); the "u recomputed" row is the same two passes as the two ops of
 sharded AdamH, which recompute u, timed side by side.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ SIZES = {"small": (2048, 2048), "default": (8192, 8192)}
 def recomputed_step(shape):
     """A contender factory: lvopt's CPU AdamH as its two pass ops (fused_adamh_reduce_, then
     fused_adamh_apply_ with the sums), which recompute u in pass 2 instead of keeping it."""
+
     def make():
         (p,) = make_params([shape], torch.float32)
         g, m, v = p.grad, torch.zeros_like(p), torch.zeros_like(p)
@@ -35,19 +37,36 @@ def recomputed_step(shape):
         def run():
             sums = ops.fused_adamh_reduce_([p.detach()], [g], [m], [v], [step], hyper, None)
             ops.fused_adamh_apply_([p.detach()], [m], [v], [step], [radius], hyper, sums, None)
+
         return run
+
     return make
 
 
 def cases(size: str = "default") -> list[Case]:
     shape = SIZES[size]
     n = shape[0] * shape[1]
-    return [Case("adamh", f"AdamH fp32, one {shape[0]}x{shape[1]} matrix", 40 * n, [
-        Contender("lvopt AdamH", optimizer_step(lambda ps: lvopt.AdamH(ps, lr=1e-3), [shape]), anchor=False),
-        Contender("lvopt AdamH (u recomputed)", recomputed_step(shape), anchor=False),
-        Contender("lvopt AdamW (same matrix)", optimizer_step(lambda ps: lvopt.AdamW(ps, lr=1e-3), [shape]), anchor=False, bytes=28 * n),
-        Contender("eager PyTorch AdamH", optimizer_step(lambda ps: lvopt.AdamH(ps, lr=1e-3, backend="reference"), [shape])),
-    ])]
+    return [
+        Case(
+            "adamh",
+            f"AdamH fp32, one {shape[0]}x{shape[1]} matrix",
+            40 * n,
+            [
+                Contender("lvopt AdamH", optimizer_step(lambda ps: lvopt.AdamH(ps, lr=1e-3), [shape]), anchor=False),
+                Contender("lvopt AdamH (u recomputed)", recomputed_step(shape), anchor=False),
+                Contender(
+                    "lvopt AdamW (same matrix)",
+                    optimizer_step(lambda ps: lvopt.AdamW(ps, lr=1e-3), [shape]),
+                    anchor=False,
+                    bytes=28 * n,
+                ),
+                Contender(
+                    "eager PyTorch AdamH",
+                    optimizer_step(lambda ps: lvopt.AdamH(ps, lr=1e-3, backend="reference"), [shape]),
+                ),
+            ],
+        )
+    ]
 
 
 _ALL = [(c, k) for c in cases(os.environ.get("LVOPT_BENCH_SIZE", "small")) for k in c.contenders]

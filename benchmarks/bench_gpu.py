@@ -10,6 +10,7 @@ gradient; each stated as a fraction of the bandwidth a large copy reaches on the
 ``--device cpu`` runs the same code on the CPU backend (CPU timers; that is how the tests
 exercise it without a GPU); ``--device cuda`` on a machine without CUDA says so and exits 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,7 @@ def _state(shapes, dtype, device):
 
 
 def _lvopt_step(backend, shapes, dtype, device, algo):
-    import lvopt
+    import lvopt  # noqa: F401  (loads the extension: registers torch.ops.lvopt)
     from lvopt import _backend
     from lvopt._layout import HYPER_COLS
 
@@ -116,8 +117,9 @@ def run_dense(dev, bw, cases, file) -> list[dict]:
         ]
         for be in _backends(dev):
             for algo in ("adamw", "adamh"):
-                contenders.append((f"lvopt {be} {algo}", algo,
-                                   lambda be=be, algo=algo: _lvopt_step(be, shapes, dtype, dev, algo)))
+                contenders.append(
+                    (f"lvopt {be} {algo}", algo, lambda be=be, algo=algo: _lvopt_step(be, shapes, dtype, dev, algo))
+                )
         print(f"\n{name}: {numel / 1e6:.1f}M params", file=file)
         for label, algo, make in contenders:
             fn, why = make()
@@ -182,8 +184,11 @@ def run_sparse(dev, bw, size, file) -> list[dict]:
         def set_grad(i):
             p.grad = pool[i % len(pool)]
 
-        rows.append(_row(name, label, _time_ms(opt.step, dev, warmup=2 * len(pool), iters=12, before=set_grad),
-                         nbytes, bw, file))
+        rows.append(
+            _row(
+                name, label, _time_ms(opt.step, dev, warmup=2 * len(pool), iters=12, before=set_grad), nbytes, bw, file
+            )
+        )
         del p, opt, pool
 
     for be in _backends(dev):
@@ -193,14 +198,22 @@ def run_sparse(dev, bw, size, file) -> list[dict]:
             continue
         for mode in ("exact", "lazy"):
             for grads, kind, nbytes in ((raw, "raw COO", raw_bytes), (merged, "merged", merged_bytes)):
-                time_opt(f"lvopt {be} {mode} ({kind})",
-                         lambda ps, mode=mode, be=be: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1, sparse_mode=mode,
-                                                                  backend=be),
-                         grads, nbytes)
+                time_opt(
+                    f"lvopt {be} {mode} ({kind})",
+                    lambda ps, mode=mode, be=be: lvopt.AdamW(
+                        ps, lr=1e-3, weight_decay=0.1, sparse_mode=mode, backend=be
+                    ),
+                    grads,
+                    nbytes,
+                )
     time_opt("torch SparseAdam (raw COO)", lambda ps: torch.optim.SparseAdam(ps, lr=1e-3), raw, raw_bytes)
-    time_opt("torch fused AdamW (dense V x d grad)",
-             lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True), raw[:2], 28 * V * d,
-             dense=True)
+    time_opt(
+        "torch fused AdamW (dense V x d grad)",
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
+        raw[:2],
+        28 * V * d,
+        dense=True,
+    )
     return rows
 
 
@@ -246,8 +259,11 @@ def run(device: str = "cuda", size: str = "default", cases=None, file=sys.stdout
     """Prints one table per case: ms per step, effective GB/s and fraction of copy bandwidth.
     Returns the rows, or None where CUDA was asked for and there is no CUDA device."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device here; GPU timings skipped (see benchmarks/RESULTS.md for "
-              "the static SASS evidence and the predicted times)", file=file)
+        print(
+            "bench_gpu: no CUDA device here; GPU timings skipped (see benchmarks/RESULTS.md for "
+            "the static SASS evidence and the predicted times)",
+            file=file,
+        )
         return None
     dev = torch.device(device)
     bw = copy_bandwidth(dev, (1 << 30) if size == "default" else (64 << 20))

@@ -23,6 +23,7 @@ On the CPU (--device cpu) the "captured" rows are eager steps of the CPU backend
 graphs), and Triton runs only under TRITON_INTERPRET=1: a check that the script runs, not a
 measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,8 +93,11 @@ def run(device: str = "cuda", size: str = "default", iters: int = 20, file=sys.s
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(0)
     bw = copy_bandwidth(dev, (1 << 30) if size == "default" else (1 << 20))
-    print(f"device: {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s", file=file)
+    print(
+        f"device: {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}; "
+        f"copy bandwidth {bw / 1e9:.1f} GB/s",
+        file=file,
+    )
     rows = []
     host_ms = {}
 
@@ -107,7 +111,7 @@ def run(device: str = "cuda", size: str = "default", iters: int = 20, file=sys.s
     if dev.type == "cuda" and only in ("all", "sparse"):
         # First: the sparse step's captured exact mode is the newer claim (issue 15).
         rows += run_sparse_capture(dev, bw, size, iters, file)
-    for case, shapes in (_sizes(size).items() if only in ("all", "dense") else ()):
+    for case, shapes in _sizes(size).items() if only in ("all", "dense") else ():
         n = sum(torch.Size(s).numel() for s in shapes)
         for backend in (native, "triton"):
             why = _backend.unavailable_reason(backend)
@@ -131,9 +135,14 @@ def run(device: str = "cuda", size: str = "default", iters: int = 20, file=sys.s
             ps = _params(shapes, dev, gen)
             lr = torch.tensor(1e-3, device=dev)
             opt = lvopt.AdamW(ps, lr=lr, weight_decay=0.01, backend=native, capturable=True)
-            row(case, f"lvopt {native} step, captured (tensor lr)"
-                if dev.type == "cuda" else f"lvopt {native} step (no graphs on the CPU)",
-                _captured_ms(opt, dev, iters), n)
+            row(
+                case,
+                f"lvopt {native} step, captured (tensor lr)"
+                if dev.type == "cuda"
+                else f"lvopt {native} step (no graphs on the CPU)",
+                _captured_ms(opt, dev, iters),
+                n,
+            )
             del opt
             if dev.type == "cuda":
                 t = torch.optim.AdamW(ps, lr=lr, weight_decay=0.01, fused=True, capturable=True)
@@ -173,11 +182,16 @@ def run_sparse_capture(dev, bw, size, iters, file=sys.stdout) -> list[dict]:
             continue
         for mode, capturable in (("exact", False), ("exact", True), ("lazy", True)):
             p = torch.nn.Parameter(torch.randn(V, d, generator=gen).to(dev))
-            p.grad = torch.sparse_coo_tensor(pool[0]._indices().clone(), pool[0]._values().clone(), (V, d),
-                                             check_invariants=False)
+            p.grad = torch.sparse_coo_tensor(
+                pool[0]._indices().clone(), pool[0]._values().clone(), (V, d), check_invariants=False
+            )
             ids, vals = p.grad._indices(), p.grad._values()  # the static gradient the graph reads
-            opt = lvopt.AdamW([{"params": [p], "sparse_mode": mode, "capturable": capturable}], lr=1e-3,
-                              weight_decay=0.1, backend=backend)
+            opt = lvopt.AdamW(
+                [{"params": [p], "sparse_mode": mode, "capturable": capturable}],
+                lr=1e-3,
+                weight_decay=0.1,
+                backend=backend,
+            )
 
             def refill(i, ids=ids, vals=vals):
                 g = pool[i % len(pool)]
@@ -199,11 +213,18 @@ def run_sparse_capture(dev, bw, size, iters, file=sys.stdout) -> list[dict]:
                 with torch.cuda.graph(graph):
                     opt.step()
                 ms = _time_ms(graph.replay, dev, warmup=2 * len(pool), iters=iters, before=refill)
-                r = dict(case=name, label=f"{tag}, captured", ms=ms, bytes=nbytes, frac=nbytes / (ms * 1e-3) / bw,
-                         eager_over_captured=eager / ms)
+                r = dict(
+                    case=name,
+                    label=f"{tag}, captured",
+                    ms=ms,
+                    bytes=nbytes,
+                    frac=nbytes / (ms * 1e-3) / bw,
+                    eager_over_captured=eager / ms,
+                )
                 rows.append(r)
-                print(f"  {r['label']:44s} {ms:8.3f} ms  {r['frac']:6.1%} of copy  (eager {eager / ms:.2f}x)",
-                      file=file)
+                print(
+                    f"  {r['label']:44s} {ms:8.3f} ms  {r['frac']:6.1%} of copy  (eager {eager / ms:.2f}x)", file=file
+                )
                 err = opt._rows._errors[id(p)][1].word.tolist()
                 if err[0]:
                     print(f"  {tag}: error word {err} after the replays (a failed replay)", file=file)

@@ -8,6 +8,7 @@ step gets a different batch (a pool of pre-generated batches, cycled after a war
 mode's rows lag as they do in training. `python benchmarks/bench_sparse_rows.py` prints the
 table; `pytest benchmarks/bench_sparse_rows.py` runs the pytest-benchmark version.
 """
+
 from __future__ import annotations
 
 import gc
@@ -95,12 +96,17 @@ def run(size: str = "default", isa_levels: list[str] | None = None) -> list[dict
 
     # The same steps on the gradients lvopt.nn.Embedding produces: duplicates already summed in
     # its backward (U rows instead of N), so the step reads 4*U*d gradient bytes, not 4*N*d.
-    merged = [torch.sparse_coo_tensor(*(lambda c: (c._indices(), c._values()))(g.coalesce()), (V, d),
-                                      is_coalesced=True) for g in grads]
+    merged = [
+        torch.sparse_coo_tensor(*(lambda c: (c._indices(), c._values()))(g.coalesce()), (V, d), is_coalesced=True)
+        for g in grads
+    ]
     merged_bytes = int(28 * U * d)
     for base, make in [
         ("lvopt exact (lvopt.nn.Embedding grad)", lambda ps: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1)),
-        ("lvopt lazy (lvopt.nn.Embedding grad)", lambda ps: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1, sparse_mode="lazy")),
+        (
+            "lvopt lazy (lvopt.nn.Embedding grad)",
+            lambda ps: lvopt.AdamW(ps, lr=1e-3, weight_decay=0.1, sparse_mode="lazy"),
+        ),
     ]:
         for name, level in levels(base):
             p = torch.nn.Parameter(torch.randn(V, d, generator=gen))
@@ -138,12 +144,16 @@ def table(rows: list[dict]) -> str:
     dense = rows[-1]
     lines.append(f"distinct rows per batch (mean): {e['distinct_rows']:.0f}")
     for r in (e, z):
-        lines.append(f"{r['name']}: {s['ms'] / r['ms']:.1f}x SparseAdam, {f['ms'] / r['ms']:.1f}x fused AdamW (dense), "
-                     f"bandwidth {r['gbps'] / dense['gbps'] * 100:.0f}% of the dense kernel's")
+        lines.append(
+            f"{r['name']}: {s['ms'] / r['ms']:.1f}x SparseAdam, {f['ms'] / r['ms']:.1f}x fused AdamW (dense), "
+            f"bandwidth {r['gbps'] / dense['gbps'] * 100:.0f}% of the dense kernel's"
+        )
     for r in (by.get("lvopt exact (lvopt.nn.Embedding grad)"), by.get("lvopt lazy (lvopt.nn.Embedding grad)")):
         if r is not None:
-            lines.append(f"{r['name']}: {s['ms'] / r['ms']:.1f}x SparseAdam, {f['ms'] / r['ms']:.1f}x fused AdamW "
-                         f"(dense), bandwidth {r['gbps'] / dense['gbps'] * 100:.0f}% of the dense kernel's")
+            lines.append(
+                f"{r['name']}: {s['ms'] / r['ms']:.1f}x SparseAdam, {f['ms'] / r['ms']:.1f}x fused AdamW "
+                f"(dense), bandwidth {r['gbps'] / dense['gbps'] * 100:.0f}% of the dense kernel's"
+            )
     lines.append(f"exact / lazy: {e['ms'] / z['ms']:.2f}")
     return "\n".join(lines)
 

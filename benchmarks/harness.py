@@ -14,6 +14,7 @@ A *case* (:class:`Case`) is one workload (a parameter list, a gradient) and seve
 *contenders* (lvopt and the anchors a user would pick instead); :func:`run_case` times them
 with :func:`measure`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,6 +91,7 @@ def make_params(shapes, dtype=torch.float32, seed=0):
 class Timing:
     """The samples of one timed callable, in seconds. ``host``: with timer="wall", the time to
     the call's return, before the device synchronisation (what the call costs the host)."""
+
     samples: list[float]
     host: list[float] = field(default_factory=list)
 
@@ -119,8 +121,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fns, rounds: int, warmup: int = 0, *, before=None, device=None, timer: str | None = None,
-            progress=None):
+def measure(fns, rounds: int, warmup: int = 0, *, before=None, device=None, timer: str | None = None, progress=None):
     """Times ``fns`` (a callable, or a dict name -> callable): ``warmup`` untimed calls, then
     ``rounds`` timed calls, each a sample; returns a :class:`Timing` (a dict of them for a dict).
 
@@ -311,8 +312,9 @@ def run_case(case: Case, rounds: int, warmup: int = 2, progress=None, alone: boo
                 progress.update(rounds)
             continue
         t = times[c.name]
-        results.append(record(case.name, c.name, t.median_ms, nbytes, anchor=c.anchor, ms_min=t.min_ms,
-                              rounds=rounds, alone=alone))
+        results.append(
+            record(case.name, c.name, t.median_ms, nbytes, anchor=c.anchor, ms_min=t.min_ms, rounds=rounds, alone=alone)
+        )
     gc.collect()
     case.results = results
     return results
@@ -328,6 +330,7 @@ def at_isa(step: Callable[[], None], level: str) -> Callable[[], None]:
     def run():
         with lvopt.set_cpu_isa(level):
             step()
+
     return run
 
 
@@ -338,8 +341,15 @@ def expand_isa(case: Case, levels: list[str]) -> Case:
     out = []
     for c in case.contenders:
         if not c.anchor:
-            out += [Contender(c.name + ISA_SUFFIX.format(lv), (lambda c=c, lv=lv: at_isa(c.make(), lv)),
-                              anchor=False, bytes=c.bytes) for lv in levels]
+            out += [
+                Contender(
+                    c.name + ISA_SUFFIX.format(lv),
+                    (lambda c=c, lv=lv: at_isa(c.make(), lv)),
+                    anchor=False,
+                    bytes=c.bytes,
+                )
+                for lv in levels
+            ]
         elif c.per_isa is not None:
             out += [Contender(c.name + ISA_SUFFIX.format(lv), c.per_isa(lv), bytes=c.bytes) for lv in levels]
         else:
@@ -358,13 +368,17 @@ def deepspeed_adam(isa: str | None = None):
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
     except Exception as e:  # deepspeed missing, or its CPU op failed to build
-        raise ImportError(f"DeepSpeedCPUAdam unavailable ({type(e).__name__}); "
-                          f"install the bench extra: pip install -r requirements-bench.txt") from None
+        raise ImportError(
+            f"DeepSpeedCPUAdam unavailable ({type(e).__name__}); "
+            f"install the bench extra: pip install -r requirements-bench.txt"
+        ) from None
     if isa is None or isa == _deepspeed_native_isa():
         return DeepSpeedCPUAdam
     if isa != "avx2":
-        raise ImportError(f"no DeepSpeedCPUAdam build for ISA {isa!r} (DeepSpeed has AVX-512, AVX2 and scalar kernels; "
-                          f"this bench builds the AVX2 one)")
+        raise ImportError(
+            f"no DeepSpeedCPUAdam build for ISA {isa!r} (DeepSpeed has AVX-512, AVX2 and scalar kernels; "
+            f"this bench builds the AVX2 one)"
+        )
     module = _deepspeed_avx2_module()
 
     class DeepSpeedCPUAdamAVX2(DeepSpeedCPUAdam):
@@ -373,8 +387,10 @@ def deepspeed_adam(isa: str | None = None):
             self.ds_opt_adam.destroy_adam(self.opt_id)
             self.ds_opt_adam = module
             g = self.defaults
-            module.create_adam(self.opt_id, g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"],
-                               self.adam_w_mode, False)
+            module.create_adam(
+                self.opt_id, g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"], self.adam_w_mode, False
+            )
+
     return DeepSpeedCPUAdamAVX2
 
 
@@ -402,14 +418,17 @@ def _deepspeed_avx2_module():
 
             def simd_width(self):
                 return "-D__AVX256__"
+
         _DS_AVX2.append(CPUAdamAVX2Builder().load())
     return _DS_AVX2[0]
 
 
 def optimizer_step(opt_factory, shapes, dtype=torch.float32, groups=None):
     """A contender factory: params + grads of ``shapes``, the optimizer, its step."""
+
     def make():
         ps = make_params(shapes, dtype)
         opt = opt_factory(groups(ps) if groups else ps)
         return opt.step
+
     return make

@@ -12,6 +12,7 @@ planning, synchronisations), not on memory. ``--trace DIR`` also writes Chrome t
 
     python benchmarks/profile_gpu.py [--device cuda] [--size small] [--trace DIR]
 """
+
 from __future__ import annotations
 
 import os
@@ -49,6 +50,7 @@ def _targets(dev, size):
 
             def setup(i, p=p):
                 p.grad = pool[i % len(pool)]
+
             out.append((f"{be} sparse {mode}, raw COO", opt.step, setup))
     return out
 
@@ -76,8 +78,10 @@ def profile(device: str = "cuda", size: str = "default", steps: int = 6, trace=N
         device_us = sum(getattr(e, "self_device_time_total", 0.0) or 0.0 for e in events) if dev.type == "cuda" else 0.0
         r = dict(wall=t.median_ms, host=t.host_ms, device=device_us / 1e3 / steps)
         results[name] = r
-        print(f"\n== {name}: wall {r['wall']:.3f} ms, host {r['host']:.3f} ms, device {r['device']:.3f} ms per step",
-              file=file)
+        print(
+            f"\n== {name}: wall {r['wall']:.3f} ms, host {r['host']:.3f} ms, device {r['device']:.3f} ms per step",
+            file=file,
+        )
         print(events.table(sort_by=sort_dev, row_limit=12, max_name_column_width=60), file=file)
         if dev.type == "cuda":
             print(events.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60), file=file)

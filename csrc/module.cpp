@@ -26,8 +26,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     d["cuda"] = false;
 #endif
-    d["cpu_workspace_limit_mb"] = static_cast<double>(lvopt::cpu::workspace_limit_bytes()) / (1 << 20);
-    d["cpu_workspace_held_mb"] = static_cast<double>(lvopt::cpu::workspace_held_bytes()) / (1 << 20);
+    d["cpu_workspace_limit_mb"] =
+        static_cast<double>(lvopt::cpu::workspace_limit_bytes()) / (1 << 20);
+    d["cpu_workspace_held_mb"] =
+        static_cast<double>(lvopt::cpu::workspace_held_bytes()) / (1 << 20);
     d["parallel"] = at::get_parallel_info();
     return d;
   });
@@ -49,8 +51,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // bytes; returns the previous limit.
   m.def("set_cpu_workspace_limit", [](int64_t bytes) {
     if (bytes < 0) {
-      throw pybind11::value_error("lvopt.set_cpu_workspace_limit: the limit must be >= 0 bytes, got " +
-                                  std::to_string(bytes));
+      throw pybind11::value_error(
+          "lvopt.set_cpu_workspace_limit: the limit must be >= 0 bytes, got " +
+          std::to_string(bytes));
     }
     return lvopt::cpu::set_workspace_limit_bytes(bytes);
   });

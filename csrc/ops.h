@@ -51,8 +51,8 @@ void nonfinite_scan_(at::TensorList tensors, const at::Tensor& found_inf);
 
 // lvopt::coalesce_rows: the distinct rows of `indices` (sorted) and, for each, the fp32 sum of
 // its `values` rows in input order, rounded once to the values' dtype. Deterministic.
-std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& indices, const at::Tensor& values,
-                                                 int64_t num_rows);
+std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& indices,
+                                                 const at::Tensor& values, int64_t num_rows);
 
 // lvopt::sparse_adamw_: one AdamW step of the rows that `indices` touch (duplicates summed in
 // input order). Lazy (exact = false): untouched rows stay as they are. Exact: each touched row

@@ -32,7 +32,8 @@ TORCH_LIBRARY(lvopt, m) {
   m.def(
       "sparse_catchup_(Tensor(a!) param, Tensor indices, Tensor(b!) exp_avg, "
       "Tensor(c!) exp_avg_sq, Tensor step, Tensor(e!) last_step, Tensor hist, Tensor qpow, "
-      "Tensor hyper, int hist_base, int epoch, int window, Tensor(f!)? error=None, int flags=0) -> ()");
+      "Tensor hyper, int hist_base, int epoch, int window, Tensor(f!)? error=None, int flags=0) -> "
+      "()");
 }
 
 // The sparse ops' `flags` (lvopt/sparse_args.h kFlagCoalesced, kFlagRing) on the CPU: the
@@ -41,29 +42,33 @@ TORCH_LIBRARY(lvopt, m) {
 namespace {
 
 void check_cpu_flags(const char* op, int64_t flags) {
-  TORCH_CHECK(flags == 0 || flags == lvopt::kFlagCoalesced, op, ": flags ", flags,
-              " on the CPU: 1 (coalesced ids) is accepted, a ring history (2) is kept by the cuda and "
-              "triton backends only");
+  TORCH_CHECK(
+      flags == 0 || flags == lvopt::kFlagCoalesced, op, ": flags ", flags,
+      " on the CPU: 1 (coalesced ids) is accepted, a ring history (2) is kept by the cuda and "
+      "triton backends only");
 }
 
 void sparse_adamw_cpu(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& values,
-                      const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
-                      const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
-                      const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window, bool exact,
-                      const std::optional<at::Tensor>& stats, const std::optional<at::Tensor>& error,
-                      int64_t flags) {
+                      const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                      const at::Tensor& step, const at::Tensor& last_step, const at::Tensor& hist,
+                      const at::Tensor& qpow, const at::Tensor& hyper, int64_t hist_base,
+                      int64_t epoch, int64_t window, bool exact,
+                      const std::optional<at::Tensor>& stats,
+                      const std::optional<at::Tensor>& error, int64_t flags) {
   check_cpu_flags("lvopt::sparse_adamw_", flags);
-  lvopt::cpu::sparse_adamw_(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
-                            hist_base, epoch, window, exact, stats, error);
+  lvopt::cpu::sparse_adamw_(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist,
+                            qpow, hyper, hist_base, epoch, window, exact, stats, error);
 }
 
-void sparse_catchup_cpu(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& exp_avg,
-                        const at::Tensor& exp_avg_sq, const at::Tensor& step, const at::Tensor& last_step,
-                        const at::Tensor& hist, const at::Tensor& qpow, const at::Tensor& hyper, int64_t hist_base,
-                        int64_t epoch, int64_t window, const std::optional<at::Tensor>& error, int64_t flags) {
+void sparse_catchup_cpu(const at::Tensor& param, const at::Tensor& indices,
+                        const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                        const at::Tensor& step, const at::Tensor& last_step, const at::Tensor& hist,
+                        const at::Tensor& qpow, const at::Tensor& hyper, int64_t hist_base,
+                        int64_t epoch, int64_t window, const std::optional<at::Tensor>& error,
+                        int64_t flags) {
   check_cpu_flags("lvopt::sparse_catchup_", flags);
-  lvopt::cpu::sparse_catchup_(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base,
-                              epoch, window, error);
+  lvopt::cpu::sparse_catchup_(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow,
+                              hyper, hist_base, epoch, window, error);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@ sweeps in experiments/lv_rule (REPORT.md) did not support its embedding exponent
     python examples/hf_trainer_lv.py                        # Llama-style, LV rule, AdamW
     python examples/hf_trainer_lv.py --arch gpt2 --optimizer adamh --rule mup
 """
+
 import argparse
 
 import torch
@@ -23,13 +24,23 @@ import lvopt
 
 def build_model(arch: str, width: int, vocab: int, ctx: int):
     if arch == "llama":
-        cfg = transformers.LlamaConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab,
-                                       max_position_embeddings=ctx, tie_word_embeddings=False,
-                                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        cfg = transformers.LlamaConfig(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=vocab,
+            max_position_embeddings=ctx,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         return transformers.LlamaForCausalLM(cfg)
-    cfg = transformers.GPT2Config(n_embd=width, n_layer=2, n_head=4, vocab_size=vocab, n_positions=ctx,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_embd=width, n_layer=2, n_head=4, vocab_size=vocab, n_positions=ctx, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg)  # ties lm_head to wte: see the warning it prints
 
 
@@ -65,18 +76,33 @@ def main():
 
     # The switch from torch.optim.AdamW: one call, per-role LRs scaled from base_width to width.
     opt_cls = lvopt.AdamH if args.optimizer == "adamh" else lvopt.AdamW
-    opt = opt_cls.from_model(model, lr=args.lr, base_width=args.base_width, rule=args.rule,
-                             weight_decay=0.0 if args.optimizer == "adamh" else 0.01, verbose=True)
+    opt = opt_cls.from_model(
+        model,
+        lr=args.lr,
+        base_width=args.base_width,
+        rule=args.rule,
+        weight_decay=0.0 if args.optimizer == "adamh" else 0.01,
+        verbose=True,
+    )
 
     training_args = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=16,
-        lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 10), logging_steps=max(1, args.steps // 10),
-        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=16,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.steps // 10),
+        logging_steps=max(1, args.steps // 10),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
     # optimizers=(opt, None): Trainer keeps lvopt's groups and builds its schedule on top; the
     # schedule multiplies every group's LR by the same factor (TrainingArguments.learning_rate
     # is not used).
-    trainer = Trainer(model=model, args=training_args,
-                      train_dataset=synthetic_data(512, args.ctx, args.vocab), optimizers=(opt, None))
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=synthetic_data(512, args.ctx, args.vocab), optimizers=(opt, None)
+    )
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {result.global_step} steps")

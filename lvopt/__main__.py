@@ -1,4 +1,5 @@
 """The ``lvopt`` command line (also ``python -m lvopt``): ``bench`` and ``transfer``."""
+
 from __future__ import annotations
 
 import sys

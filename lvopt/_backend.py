@@ -7,6 +7,7 @@ the native kernel built for it; if that was not built, the optimizer raises, say
 the native kernels and which backends are available (an explicit ``backend="triton"`` or
 ``"reference"`` is always honoured). Nothing here picks a different backend than asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,10 @@ def _unavailable_reason(name: str) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
         if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-            return ("the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is "
-                    "imported) to run on CPU tensors")
+            return (
+                "the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 (set before triton is "
+                "imported) to run on CPU tensors"
+            )
         return None
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
@@ -79,10 +82,12 @@ def available() -> list:
 
 
 # How to get the native CUDA kernels, for the error of a CUDA default without them.
-NATIVE_CUDA_HOWTO = ("rebuild lvopt with CUDA kernels (`make dev` or `pip install --no-build-isolation -e .` "
-                     "with nvcc on PATH or CUDA_HOME set, torch a CUDA build, LVOPT_NO_CUDA unset), or install "
-                     "a +cu wheel; or choose a backend explicitly: backend='triton' (the Triton kernels, "
-                     "slower than the CUDA ones) or backend='reference'")
+NATIVE_CUDA_HOWTO = (
+    "rebuild lvopt with CUDA kernels (`make dev` or `pip install --no-build-isolation -e .` "
+    "with nvcc on PATH or CUDA_HOME set, torch a CUDA build, LVOPT_NO_CUDA unset), or install "
+    "a +cu wheel; or choose a backend explicitly: backend='triton' (the Triton kernels, "
+    "slower than the CUDA ones) or backend='reference'"
+)
 
 
 def default_for(device: torch.device) -> str:
@@ -94,11 +99,14 @@ def default_for(device: torch.device) -> str:
     if device.type == "cuda":
         why = unavailable_reason("cuda")
         if why is not None:
-            raise RuntimeError(f"lvopt has no native kernels for {device}: {why}. To get them, {NATIVE_CUDA_HOWTO}. "
-                               f"Available here: {available()}")
+            raise RuntimeError(
+                f"lvopt has no native kernels for {device}: {why}. To get them, {NATIVE_CUDA_HOWTO}. "
+                f"Available here: {available()}"
+            )
         return "cuda"
-    raise RuntimeError(f"lvopt has no kernels for device type {device.type!r}; "
-                       f"pass backend='reference' to run the pure-PyTorch step")
+    raise RuntimeError(
+        f"lvopt has no kernels for device type {device.type!r}; pass backend='reference' to run the pure-PyTorch step"
+    )
 
 
 def device_ok(name: str, device: torch.device) -> bool:
@@ -241,7 +249,9 @@ class set_cpu_workspace_limit:
 
     def __init__(self, mb: float):
         if not _ops.native_available():
-            raise RuntimeError(f"lvopt.set_cpu_workspace_limit: the native CPU kernels are not built ({_ops.NATIVE_ERROR})")
+            raise RuntimeError(
+                f"lvopt.set_cpu_workspace_limit: the native CPU kernels are not built ({_ops.NATIVE_ERROR})"
+            )
         if not mb >= 0:
             raise ValueError(f"lvopt.set_cpu_workspace_limit: the limit must be >= 0 MiB, got {mb!r}")
         self.previous = _ops._C.set_cpu_workspace_limit(int(mb * (1 << 20)))

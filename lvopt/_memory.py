@@ -16,6 +16,7 @@ it on (read at import); :data:`ENABLED` is the switch the benchmark flips to tim
 of the backing memory differs. Not on CUDA tensors, not for tensors under 4 MiB, not where the
 kernel has THP turned off (``never``) or the platform is not Linux: plain ``torch.zeros`` there.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -39,7 +40,7 @@ def thp_mode() -> str | None:
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 _MODE = thp_mode()

@@ -3,13 +3,13 @@
 The fake kernels let ``torch.compile`` and ``torch.library.opcheck`` trace the ops: the step
 ops mutate their inputs in place and the only new tensor is AdamH's ``[n, 3]`` fp64 stats (fused_adamh_ and fused_adamh_reduce_).
 """
+
 from __future__ import annotations
 
 import os
 import warnings
 
 import torch
-
 
 
 def built_for() -> dict:
@@ -28,8 +28,10 @@ def native_error_message(e: BaseException, built: dict) -> str:
     want = built.get("torch") or "unknown (lvopt/_build.py is missing: not built by setup.py)"
     msg = f"{type(e).__name__}: {e}; lvopt {built.get('version', '')} was built for torch {want}, this is torch {torch.__version__}"
     if built.get("torch") and built["torch"] != torch.__version__:
-        msg += (f": install torch=={built['torch'].split('+')[0]} (the wheel's requirement), or rebuild lvopt "
-                f"against this torch (make dev, or pip install --no-build-isolation .)")
+        msg += (
+            f": install torch=={built['torch'].split('+')[0]} (the wheel's requirement), or rebuild lvopt "
+            f"against this torch (make dev, or pip install --no-build-isolation .)"
+        )
     return msg
 
 
@@ -61,8 +63,10 @@ def check_cpu_isa_env() -> str | None:
     if want not in CPU_ISA_LEVELS:
         msg = f"LVOPT_CPU_ISA={want!r} is not one of {', '.join(CPU_ISA_LEVELS)}: ignored"
     elif want != active:
-        msg = (f"LVOPT_CPU_ISA={want!r} asks for more than this build and CPU offer (compiled: "
-               f"{info['cpu_isa_compiled']}; hardware: {info['cpu_isa_hardware']})")
+        msg = (
+            f"LVOPT_CPU_ISA={want!r} asks for more than this build and CPU offer (compiled: "
+            f"{info['cpu_isa_compiled']}; hardware: {info['cpu_isa_hardware']})"
+        )
     else:
         return None
     msg = f"lvopt: {msg}; the CPU kernels use {active!r} (every level computes the same bits)"
@@ -76,8 +80,9 @@ check_cpu_isa_env()
 if _C is not None:
 
     @torch.library.register_fake("lvopt::fused_adamw_")
-    def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None, stats=None,
-                          max_exp_avg_sqs=None):
+    def _fused_adamw_fake(
+        params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None, stats=None, max_exp_avg_sqs=None
+    ):
         return None
 
     @torch.library.register_fake("lvopt::nonfinite_scan_")
@@ -109,11 +114,42 @@ if _C is not None:
         return indices.new_empty((u,)), values.new_empty((u, values.shape[1]))
 
     @torch.library.register_fake("lvopt::sparse_adamw_")
-    def _sparse_adamw_fake(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
-                           hist_base, epoch, window, exact, stats=None, error=None, flags=0):
+    def _sparse_adamw_fake(
+        param,
+        indices,
+        values,
+        exp_avg,
+        exp_avg_sq,
+        step,
+        last_step,
+        hist,
+        qpow,
+        hyper,
+        hist_base,
+        epoch,
+        window,
+        exact,
+        stats=None,
+        error=None,
+        flags=0,
+    ):
         return None
 
     @torch.library.register_fake("lvopt::sparse_catchup_")
-    def _sparse_catchup_fake(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper,
-                             hist_base, epoch, window, error=None, flags=0):
+    def _sparse_catchup_fake(
+        param,
+        indices,
+        exp_avg,
+        exp_avg_sq,
+        step,
+        last_step,
+        hist,
+        qpow,
+        hyper,
+        hist_base,
+        epoch,
+        window,
+        error=None,
+        flags=0,
+    ):
         return None

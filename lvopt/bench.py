@@ -8,6 +8,7 @@ per case (median ms, effective GB/s, fraction of the stream bandwidth, speed-up 
 each anchor), then the ratios that lvopt's issues promise (the suite's claims.py), each marked
 as met or missed. Writes ``bench.json`` and ``bench.png`` to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,8 @@ def suite_dir() -> str:
         f"lvopt bench: the benchmark suite is not here (looked for {', '.join(SUITE_FILES)} in "
         f"{' and '.join(SUITE_DIRS)}). It ships in wheels built from the source tree (`make wheel`, "
         f"or `pip wheel --no-build-isolation .`) and lives in benchmarks/ of a source checkout: "
-        f"install such a wheel, or run `python -m lvopt bench` / `make bench` in a checkout.")
+        f"install such a wheel, or run `python -m lvopt bench` / `make bench` in a checkout."
+    )
 
 
 def _families(only: set[str] | None):
@@ -63,8 +65,11 @@ def check_claims(results: list[dict], levels: list[str] | None = None) -> list[d
     for lv in levels:
         tag = f" [{lv}]"
         tagged = [f" [{x}]" for x in levels]
-        view = [dict(r, name=r["name"][: -len(tag)]) if r["name"].endswith(tag) else r
-                for r in results if r["name"].endswith(tag) or not any(r["name"].endswith(t) for t in tagged)]
+        view = [
+            dict(r, name=r["name"][: -len(tag)]) if r["name"].endswith(tag) else r
+            for r in results
+            if r["name"].endswith(tag) or not any(r["name"].endswith(t) for t in tagged)
+        ]
         out += [dict(c, claim=f"{c['claim']} [{lv}]", isa=lv) for c in check(view)]
     return out
 
@@ -79,13 +84,17 @@ def isa_levels(spec: str) -> list[str]:
 
     have = lvopt.cpu_isa_levels()
     if not have:
-        raise SystemExit(f"lvopt bench --isa: the native CPU kernels are not built ({lvopt.build_info()['native_error']})")
+        raise SystemExit(
+            f"lvopt bench --isa: the native CPU kernels are not built ({lvopt.build_info()['native_error']})"
+        )
     if spec == "all":
         return [lv for lv in have if lv != "baseline"] or have
     want = [s.strip() for s in spec.split(",") if s.strip()]
     missing = [lv for lv in want if lv not in have]
     if missing:
-        raise SystemExit(f"lvopt bench --isa: {', '.join(missing)} not available on this CPU (it has {', '.join(have)})")
+        raise SystemExit(
+            f"lvopt bench --isa: {', '.join(missing)} not available on this CPU (it has {', '.join(have)})"
+        )
     return want
 
 
@@ -93,9 +102,16 @@ def machine_info() -> dict:
     import lvopt
 
     info = lvopt.build_info()
-    return dict(machine=platform.machine(), processor=_cpu_name(), cores=os.cpu_count(),
-                torch=torch.__version__, threads=torch.get_num_threads(), lvopt=info["version"],
-                cpu_isa=info["cpu_isa_active"], date=time.strftime("%Y-%m-%d %H:%M"))
+    return dict(
+        machine=platform.machine(),
+        processor=_cpu_name(),
+        cores=os.cpu_count(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        lvopt=info["version"],
+        cpu_isa=info["cpu_isa_active"],
+        date=time.strftime("%Y-%m-%d %H:%M"),
+    )
 
 
 def _cpu_name() -> str:
@@ -119,8 +135,11 @@ def format_case(title: str, rows: list[dict], stream_gbps: float) -> str:
         ("median ms", 10, lambda r: f"{r['ms']:.2f}"),
         ("GB/s eff", 9, lambda r: f"{r['gbps']:.1f}"),
         ("% stream", 8, lambda r: f"{100 * r['gbps'] / stream_gbps:.0f}%"),
-        ("lvopt speed-up", 15,
-         lambda r: f"{r['ms'] / ours['ms']:.2f}x" if ours is not None and r.get("anchor") else ""),
+        (
+            "lvopt speed-up",
+            15,
+            lambda r: f"{r['ms'] / ours['ms']:.2f}x" if ours is not None and r.get("anchor") else "",
+        ),
     ]
     return harness.format_rows(rows, columns, title)
 
@@ -136,8 +155,9 @@ def plot(results: list[dict], path: str) -> None:
     import matplotlib.ticker
 
     cases = list(dict.fromkeys(r["case"] for r in results if "ms" in r))
-    fig, axes = plt.subplots(len(cases), 2, figsize=(12, 1.6 + 1.1 * len(cases) * 1.6), squeeze=False,
-                             gridspec_kw=dict(width_ratios=(3, 2)))
+    fig, axes = plt.subplots(
+        len(cases), 2, figsize=(12, 1.6 + 1.1 * len(cases) * 1.6), squeeze=False, gridspec_kw=dict(width_ratios=(3, 2))
+    )
     for (ax_t, ax_b), case in zip(axes, cases):
         rows = [r for r in results if r["case"] == case and "ms" in r]
         names = [r["name"] for r in rows]
@@ -149,8 +169,14 @@ def plot(results: list[dict], path: str) -> None:
         if ours is not None:
             for i, r in enumerate(rows):
                 if r["anchor"]:
-                    ax_t.annotate(f"{r['ms'] / ours['ms']:.2f}x", (r["ms"], i), xytext=(3, 0),
-                                  textcoords="offset points", va="center", fontsize=7)
+                    ax_t.annotate(
+                        f"{r['ms'] / ours['ms']:.2f}x",
+                        (r["ms"], i),
+                        xytext=(3, 0),
+                        textcoords="offset points",
+                        va="center",
+                        fontsize=7,
+                    )
         ax_t.set_title(case, fontsize=9)
         ax_t.invert_yaxis()
         ax_t.tick_params(labelsize=8)
@@ -173,16 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="timed steps per contender (median reported)")
     ap.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--alone", action="store_true",
-                    help="time each contender by itself instead of round-robin with the others alive")
-    ap.add_argument("--e2e", action="store_true",
-                    help="end-to-end mode: train a small large-vocabulary LM with torch.optim.AdamW and lvopt")
+    ap.add_argument(
+        "--alone",
+        action="store_true",
+        help="time each contender by itself instead of round-robin with the others alive",
+    )
+    ap.add_argument(
+        "--e2e",
+        action="store_true",
+        help="end-to-end mode: train a small large-vocabulary LM with torch.optim.AdamW and lvopt",
+    )
     ap.add_argument("--steps", type=int, default=300, help="training steps of --e2e")
-    ap.add_argument("--isa", default="",
-                    help="CPU ISA levels of lvopt's kernels: 'all' (avx2 and avx512, those this CPU has) or a "
-                         "comma-separated list (baseline,avx2,avx512); each lvopt row (and DeepSpeedCPUAdam) is "
-                         "timed at each level side by side, and the claims are checked per level. Default: the "
-                         "level in use (LVOPT_CPU_ISA or the CPU's best)")
+    ap.add_argument(
+        "--isa",
+        default="",
+        help="CPU ISA levels of lvopt's kernels: 'all' (avx2 and avx512, those this CPU has) or a "
+        "comma-separated list (baseline,avx2,avx512); each lvopt row (and DeepSpeedCPUAdam) is "
+        "timed at each level side by side, and the claims are checked per level. Default: the "
+        "level in use (LVOPT_CPU_ISA or the CPU's best)",
+    )
     args = ap.parse_args(argv)
     if args.e2e:
         suite_dir()
@@ -202,25 +237,43 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     if levels:
         info["cpu_isa"] = ",".join(levels)
-    print(f"lvopt bench: {info['processor']}, {info['cores']} cores, torch {info['torch']}, "
-          f"{info['threads']} threads, CPU ISA {info['cpu_isa']}, size={args.size}", flush=True)
+    print(
+        f"lvopt bench: {info['processor']}, {info['cores']} cores, torch {info['torch']}, "
+        f"{info['threads']} threads, CPU ISA {info['cpu_isa']}, size={args.size}",
+        flush=True,
+    )
     copy_gbps = harness.copy_bandwidth()
     stream_gbps = harness.stream_bandwidth()
-    print(f"copy bandwidth (256 MiB, read + write): {copy_gbps:.1f} GB/s; in-place stream (the "
-          f"\"% stream\" yardstick; a copy also reads its destination): {stream_gbps:.1f} GB/s", flush=True)
+    print(
+        f"copy bandwidth (256 MiB, read + write): {copy_gbps:.1f} GB/s; in-place stream (the "
+        f'"% stream" yardstick; a copy also reads its destination): {stream_gbps:.1f} GB/s',
+        flush=True,
+    )
 
     cases, runners = [], []
     for m in mods:
         if hasattr(m, "cases"):
-            cases += [harness.expand_isa(c, levels) if levels else c
-                      for c in m.cases(args.size) if only is None or c.name in only]
+            cases += [
+                harness.expand_isa(c, levels) if levels else c
+                for c in m.cases(args.size)
+                if only is None or c.name in only
+            ]
         elif hasattr(m, "run") and (only is None or getattr(m, "CASE", "sparse_rows") in only):
             runners.append(m)
     try:
         from tqdm import tqdm
 
-        bar = None if args.no_progress else tqdm(total=sum(len(c.contenders) for c in cases) * args.rounds,
-                                                  desc="bench", unit="step", leave=False, file=sys.stderr)
+        bar = (
+            None
+            if args.no_progress
+            else tqdm(
+                total=sum(len(c.contenders) for c in cases) * args.rounds,
+                desc="bench",
+                unit="step",
+                leave=False,
+                file=sys.stderr,
+            )
+        )
     except ImportError:
         bar = None
 
@@ -250,10 +303,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{'met ' if c['met'] else 'MISS'}] {c['claim']}: {c['ratio']:.2f}x (bound {c['bound']:.2f}x)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(dict(machine=info, copy_gbps=copy_gbps, stream_gbps=stream_gbps, size=args.size, results=results, claims=claims), f, indent=1)
+        json.dump(
+            dict(
+                machine=info,
+                copy_gbps=copy_gbps,
+                stream_gbps=stream_gbps,
+                size=args.size,
+                results=results,
+                claims=claims,
+            ),
+            f,
+            indent=1,
+        )
     # bench.csv keeps every run's rows (one line per contender, with the run's date, machine and size).
-    run_info = dict(date=info["date"], processor=info["processor"], threads=info["threads"],
-                    cpu_isa=info["cpu_isa"], size=args.size)
+    run_info = dict(
+        date=info["date"], processor=info["processor"], threads=info["threads"], cpu_isa=info["cpu_isa"], size=args.size
+    )
     harness.write_csv([dict(r, **run_info) for r in results], os.path.join(args.out, "bench.csv"))
     try:
         plot(results, os.path.join(args.out, "bench.png"))

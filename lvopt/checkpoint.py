@@ -7,6 +7,7 @@ expected, what was found) and the optimizer is left exactly as it was. What is c
 why, is in docs/checkpoints.md. This module only reads: it never writes to the optimizer or to
 the checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,10 @@ class CheckpointError(ValueError):
         super().__init__(
             f"lvopt: refused to load the optimizer checkpoint ({len(self.problems)} problem"
             f"{'s' if len(self.problems) != 1 else ''}); the optimizer's state and param_groups are "
-            f"unchanged (what is checked: docs/checkpoints.md):\n  - " + "\n  - ".join(listed)
-            + (f"\n  ... and {more} more (CheckpointError.problems)" if more > 0 else ""))
+            f"unchanged (what is checked: docs/checkpoints.md):\n  - "
+            + "\n  - ".join(listed)
+            + (f"\n  ... and {more} more (CheckpointError.problems)" if more > 0 else "")
+        )
 
 
 @contextlib.contextmanager
@@ -58,8 +61,9 @@ def validated(opt: torch.optim.Optimizer, state_dict) -> Iterator[dict]:
     problem, and otherwise yields it with the pre-hooks held off, so that torch's
     ``load_state_dict`` inside the ``with`` block does not run them a second time."""
     if not isinstance(state_dict, Mapping):
-        raise CheckpointError([f"the checkpoint must be a dict (optimizer.state_dict()), got "
-                               f"{type(state_dict).__name__}"])
+        raise CheckpointError(
+            [f"the checkpoint must be a dict (optimizer.state_dict()), got {type(state_dict).__name__}"]
+        )
     state_dict = dict(state_dict)  # shallow copy, as torch's load_state_dict makes
     hooks = opt._optimizer_load_state_dict_pre_hooks
     for hook in hooks.values():
@@ -81,8 +85,10 @@ def problems(opt: torch.optim.Optimizer, state_dict: Mapping) -> list:
     """Every problem of ``state_dict`` as a checkpoint for ``opt`` (empty: it may be loaded)."""
     missing = [k for k in ("state", "param_groups") if k not in state_dict]
     if missing:
-        return [f"the checkpoint has no {' and no '.join(repr(k) for k in missing)} (expected what "
-                f"optimizer.state_dict() returns), keys: {sorted(map(str, state_dict))}"]
+        return [
+            f"the checkpoint has no {' and no '.join(repr(k) for k in missing)} (expected what "
+            f"optimizer.state_dict() returns), keys: {sorted(map(str, state_dict))}"
+        ]
     saved_groups, state = state_dict["param_groups"], state_dict["state"]
     if not isinstance(saved_groups, (list, tuple)):
         return [f"'param_groups' must be a list of dicts, got {type(saved_groups).__name__}"]
@@ -90,8 +96,10 @@ def problems(opt: torch.optim.Optimizer, state_dict: Mapping) -> list:
         return [f"'state' must be a dict, got {type(state).__name__}"]
     if len(saved_groups) != len(opt.param_groups):
         # (torch's words, so that code matching them keeps working)
-        return [f"loaded state dict has a different number of parameter groups: {len(saved_groups)} in the "
-                f"checkpoint, {len(opt.param_groups)} in the optimizer"]
+        return [
+            f"loaded state dict has a different number of parameter groups: {len(saved_groups)} in the "
+            f"checkpoint, {len(opt.param_groups)} in the optimizer"
+        ]
     out = []
     mapped = True  # whether each saved state can be paired with its parameter (as torch pairs them)
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
@@ -99,9 +107,11 @@ def problems(opt: torch.optim.Optimizer, state_dict: Mapping) -> list:
             out.append(f"param group {gi}: must be a dict with a list 'params', got {type(saved).__name__}")
             mapped = False
         elif len(saved["params"]) != len(group["params"]):
-            out.append(f"loaded state dict contains a parameter group that doesn't match the size of optimizer's "
-                       f"group: param group {gi} has {len(saved['params'])} parameters in the checkpoint, "
-                       f"{len(group['params'])} in the optimizer")
+            out.append(
+                f"loaded state dict contains a parameter group that doesn't match the size of optimizer's "
+                f"group: param group {gi} has {len(saved['params'])} parameters in the checkpoint, "
+                f"{len(group['params'])} in the optimizer"
+            )
             mapped = False
         else:
             out += _group_problems(saved, f"param group {gi}", opt._is_hyperball_group(saved), _validate.check_hyper)
@@ -194,8 +204,11 @@ def _state_problems(st, p: Tensor) -> list:
     """The problems of one parameter's saved state ``st`` (non-empty) against the parameter."""
     if not isinstance(st, Mapping):
         return [f"the state must be a dict, got {type(st).__name__}"]
-    out = [f"state has no '{k}' (a state that is not empty needs {', '.join(REQUIRED_KEYS)})"
-           for k in REQUIRED_KEYS if k not in st]
+    out = [
+        f"state has no '{k}' (a state that is not empty needs {', '.join(REQUIRED_KEYS)})"
+        for k in REQUIRED_KEYS
+        if k not in st
+    ]
     step = None
     if "step" in st:
         s = st["step"]
@@ -211,36 +224,48 @@ def _state_problems(st, p: Tensor) -> list:
         if t is None:
             continue
         if not isinstance(t, Tensor) or t.layout != torch.strided:
-            out.append(f"'{key}' is {_describe(t) if not isinstance(t, Tensor) else f'a {t.layout} tensor'}; "
-                       f"expected a dense tensor shaped like the parameter")
+            out.append(
+                f"'{key}' is {_describe(t) if not isinstance(t, Tensor) else f'a {t.layout} tensor'}; "
+                f"expected a dense tensor shaped like the parameter"
+            )
             continue
         bad_shape = t.shape != p.shape
         if bad_shape:
             out.append(f"'{key}' has shape {tuple(t.shape)}; expected the parameter's shape {tuple(p.shape)}")
         accepted = _accepted_moment_dtypes(p)
         if t.dtype not in accepted:
-            out.append(f"'{key}' has dtype {t.dtype}; expected {accepted[0]} for a {p.dtype} parameter "
-                       f"(also accepted, converted exactly on load: "
-                       f"{', '.join(str(d) for d in accepted[1:])})")
+            out.append(
+                f"'{key}' has dtype {t.dtype}; expected {accepted[0]} for a {p.dtype} parameter "
+                f"(also accepted, converted exactly on load: "
+                f"{', '.join(str(d) for d in accepted[1:])})"
+            )
         elif t.numel():
             nonfinite, negative, low = _counts(t, negative=key == "exp_avg_sq")
             if nonfinite:
-                out.append(f"'{key}' has {nonfinite} NaN or infinite element{'s' if nonfinite > 1 else ''} "
-                           f"(of {t.numel()}); expected finite moments")
+                out.append(
+                    f"'{key}' has {nonfinite} NaN or infinite element{'s' if nonfinite > 1 else ''} "
+                    f"(of {t.numel()}); expected finite moments"
+                )
             if negative:
-                out.append(f"'{key}' has {negative} negative element{'s' if negative > 1 else ''} "
-                           f"(of {t.numel()}, smallest {low:.6g}); a second moment is >= 0")
+                out.append(
+                    f"'{key}' has {negative} negative element{'s' if negative > 1 else ''} "
+                    f"(of {t.numel()}, smallest {low:.6g}); a second moment is >= 0"
+                )
     if "radius" in st:
         r = _number(st["radius"], "radius", out)
         # R = 0 is a zero matrix, which AdamH keeps at zero (docs/design.md section 2.2).
         if r is not None and not (math.isfinite(r) and r >= 0):
-            out.append(f"'radius' is {r}; expected a finite number >= 0 (the matrix's Frobenius norm "
-                       f"at its first hyperball step)")
+            out.append(
+                f"'radius' is {r}; expected a finite number >= 0 (the matrix's Frobenius norm "
+                f"at its first hyperball step)"
+            )
     if "last_step" in st:
         out += _last_step_problems(st["last_step"], p, step)
     if "row_clock" in st:
-        out.append("'row_clock' is in-memory exact-mode bookkeeping and not part of a checkpoint; save "
-                   "with optimizer.state_dict() (which brings every row current and leaves it out)")
+        out.append(
+            "'row_clock' is in-memory exact-mode bookkeeping and not part of a checkpoint; save "
+            "with optimizer.state_dict() (which brings every row current and leaves it out)"
+        )
     return out
 
 
@@ -248,19 +273,25 @@ def _last_step_problems(last, p: Tensor, step) -> list:
     """Sparse-row bookkeeping, should a checkpoint carry it (optimizer.state_dict() leaves it
     out): one int64 step per row of a 2-D table, each in [0, step]."""
     if p.dim() != 2:
-        return [f"'last_step' (per-row sparse bookkeeping) given for a {p.dim()}-D parameter; only a 2-D "
-                f"embedding table has rows"]
+        return [
+            f"'last_step' (per-row sparse bookkeeping) given for a {p.dim()}-D parameter; only a 2-D "
+            f"embedding table has rows"
+        ]
     if not isinstance(last, Tensor) or last.dtype != torch.int64 or tuple(last.shape) != (p.shape[0],):
-        return [f"'last_step' is {_describe(last)}; expected an int64 tensor of shape ({p.shape[0]},), "
-                f"one step per row"]
+        return [
+            f"'last_step' is {_describe(last)}; expected an int64 tensor of shape ({p.shape[0]},), one step per row"
+        ]
     if last.numel() == 0 or step is None:
         return []
     lo, hi = (int(v) for v in torch.stack([last.min(), last.max()]).tolist())
     out = []
     if lo < 0:
-        out.append(f"'last_step' has {int((last < 0).sum())} negative rows (smallest {lo}); expected 0 <= "
-                   f"last_step <= step")
+        out.append(
+            f"'last_step' has {int((last < 0).sum())} negative rows (smallest {lo}); expected 0 <= last_step <= step"
+        )
     if hi > step:
-        out.append(f"'last_step' has {int((last > step).sum())} rows ahead of 'step' = {step:g} (largest {hi}); "
-                   f"a row's last step is at most the parameter's step")
+        out.append(
+            f"'last_step' has {int((last > step).sum())} rows ahead of 'step' = {step:g} (largest {hi}); "
+            f"a row's last step is at most the parameter's step"
+        )
     return out

@@ -1,5 +1,6 @@
 """lvopt.nn.Embedding: a drop-in ``nn.Embedding`` whose gradient is row-sparse and whose rows
 are brought current (exact sparse mode) before the forward pass reads them."""
+
 from __future__ import annotations
 
 import warnings
@@ -39,9 +40,13 @@ def _coalesce_rows(flat: Tensor, values: Tensor, v: int) -> tuple:
     key = (dev, values.dtype, why)
     if key not in _reference_coalesce_warned:
         _reference_coalesce_warned.add(key)
-        warnings.warn(f"lvopt.nn.Embedding: the gradient's duplicate rows are summed by the pure-PyTorch "
-                      f"reference (lvopt.reference.coalesce_rows; on a GPU its order of summation is not "
-                      f"deterministic) because {why}", ReferenceCoalesceWarning, stacklevel=3)
+        warnings.warn(
+            f"lvopt.nn.Embedding: the gradient's duplicate rows are summed by the pure-PyTorch "
+            f"reference (lvopt.reference.coalesce_rows; on a GPU its order of summation is not "
+            f"deterministic) because {why}",
+            ReferenceCoalesceWarning,
+            stacklevel=3,
+        )
     from .reference import coalesce_rows
 
     return coalesce_rows(flat, values, v)
@@ -101,21 +106,38 @@ class Embedding(nn.Embedding):
     steps it densely (with a warning that says so).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
-                 max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
-                 sparse: bool = True, _weight: Tensor | None = None, _freeze: bool = False,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = True,
+        _weight: Tensor | None = None,
+        _freeze: bool = False,
+        device=None,
+        dtype=None,
+    ):
         if max_norm is not None or scale_grad_by_freq:
             raise NotImplementedError("lvopt.nn.Embedding supports neither max_norm nor scale_grad_by_freq")
-        super().__init__(num_embeddings, embedding_dim, padding_idx, None, norm_type, False, True,
-                         _weight, _freeze, device, dtype)
+        super().__init__(
+            num_embeddings, embedding_dim, padding_idx, None, norm_type, False, True, _weight, _freeze, device, dtype
+        )
         self.weight._lvopt_embedding = True
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "Embedding":
         """An lvopt.nn.Embedding sharing ``emb``'s weight tensor."""
-        new = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, _weight=emb.weight.data,
-                  device=emb.weight.device, dtype=emb.weight.dtype)
+        new = cls(
+            emb.num_embeddings,
+            emb.embedding_dim,
+            emb.padding_idx,
+            _weight=emb.weight.data,
+            device=emb.weight.device,
+            dtype=emb.weight.dtype,
+        )
         new.weight = emb.weight
         emb.weight._lvopt_embedding = True
         return new
@@ -168,23 +190,30 @@ def sparsify_embeddings(model: nn.Module) -> dict:
             continue
         where = f"{' = '.join(repr(n or '<model>') for n in names[id(mod)])} ({type(mod).__name__})"
         if "" in names[id(mod)]:
-            raise TypeError("sparsify_embeddings: the model itself is an nn.Embedding; use "
-                            "lvopt.nn.Embedding.from_embedding(model)")
+            raise TypeError(
+                "sparsify_embeddings: the model itself is an nn.Embedding; use lvopt.nn.Embedding.from_embedding(model)"
+            )
         if len(owners.get(id(mod.weight), ())) > 1:
             tied.append(where)
             continue
         if not mod.weight.requires_grad:
             continue
         if mod.max_norm is not None or mod.scale_grad_by_freq:
-            raise ValueError(f"sparsify_embeddings: embedding {where} has max_norm={mod.max_norm}, "
-                             f"scale_grad_by_freq={mod.scale_grad_by_freq}; lvopt.nn.Embedding supports "
-                             f"neither. Nothing was swapped")
+            raise ValueError(
+                f"sparsify_embeddings: embedding {where} has max_norm={mod.max_norm}, "
+                f"scale_grad_by_freq={mod.scale_grad_by_freq}; lvopt.nn.Embedding supports "
+                f"neither. Nothing was swapped"
+            )
         if type(mod).forward is not nn.Embedding.forward:
-            raise TypeError(f"sparsify_embeddings: embedding {where} is a subclass of nn.Embedding with its own "
-                            f"forward, which swapping would lose. Nothing was swapped")
+            raise TypeError(
+                f"sparsify_embeddings: embedding {where} is a subclass of nn.Embedding with its own "
+                f"forward, which swapping would lose. Nothing was swapped"
+            )
         if mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks:
-            raise TypeError(f"sparsify_embeddings: embedding {where} has hooks registered, which swapping would "
-                            f"lose. Nothing was swapped")
+            raise TypeError(
+                f"sparsify_embeddings: embedding {where} has hooks registered, which swapping would "
+                f"lose. Nothing was swapped"
+            )
         todo.append(mod)
 
     swapped = {}
@@ -197,10 +226,14 @@ def sparsify_embeddings(model: nn.Module) -> dict:
             setattr(parent, attr, new)
             swapped[name] = new
     if tied:
-        warnings.warn(f"lvopt: sparsify_embeddings left {', '.join(tied)} dense: the weight is tied to another "
-                      f"module (most likely the output layer, whose gradient covers all rows), so its gradient "
-                      f"is dense and lvopt.AdamW steps it densely; the row-sparse step applies to untied input "
-                      f"embeddings only", DenseEmbeddingGradWarning, stacklevel=2)
+        warnings.warn(
+            f"lvopt: sparsify_embeddings left {', '.join(tied)} dense: the weight is tied to another "
+            f"module (most likely the output layer, whose gradient covers all rows), so its gradient "
+            f"is dense and lvopt.AdamW steps it densely; the row-sparse step applies to untied input "
+            f"embeddings only",
+            DenseEmbeddingGradWarning,
+            stacklevel=2,
+        )
     return swapped
 
 

@@ -5,6 +5,7 @@ wrong), then builds one per-tensor hyperparameter table and calls one fused op f
 groups. State names and layout are torch.optim.AdamW's (``step``, ``exp_avg``,
 ``exp_avg_sq``; AdamH adds ``radius``), so checkpoints move both ways.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,9 @@ from .sparse import ROW_KEYS, SparseRows
 # Keys torch.optim.AdamW keeps in every param group. lvopt keeps them too, so that a torch
 # AdamW can load an lvopt checkpoint (its __setstate__ would otherwise default
 # decoupled_weight_decay to False and turn AdamW into Adam with L2).
-_TORCH_GROUP_DEFAULTS = dict(amsgrad=False, foreach=None, capturable=False, differentiable=False,
-                             fused=None, decoupled_weight_decay=True)
+_TORCH_GROUP_DEFAULTS = dict(
+    amsgrad=False, foreach=None, capturable=False, differentiable=False, fused=None, decoupled_weight_decay=True
+)
 
 _SKIP = object()
 
@@ -46,8 +48,15 @@ class _FusedAdam(torch.optim.Optimizer):
 
     _group_extra_defaults: dict = {"sparse_mode": "exact"}
 
-    def __init__(self, params, defaults: dict, backend: str | None, nonfinite: str = "propagate",
-                 track: bool = False, check_ids: str = "deferred"):
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        backend: str | None,
+        nonfinite: str = "propagate",
+        track: bool = False,
+        check_ids: str = "deferred",
+    ):
         _validate.check_settings(nonfinite, check_ids, backend)
         self.nonfinite = nonfinite
         self.track = bool(track)
@@ -77,8 +86,13 @@ class _FusedAdam(torch.optim.Optimizer):
         group = self.param_groups[-1]
         _validate.check_hyper(group, f"param group {len(self.param_groups) - 1}", self._is_hyperball_group(group))
 
-    _OWN_ATTRS = {"backend": None, "nonfinite": "propagate", "track": False, "skipped_steps": 0,
-                  "check_ids": "deferred"}
+    _OWN_ATTRS = {
+        "backend": None,
+        "nonfinite": "propagate",
+        "track": False,
+        "skipped_steps": 0,
+        "check_ids": "deferred",
+    }
 
     def _init_transient(self) -> None:
         """What neither pickling nor a checkpoint carries: telemetry, its hooks, the flags, the
@@ -127,8 +141,7 @@ class _FusedAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "step" in st and not torch.is_tensor(st["step"]):
-                    st["step"] = torch.tensor(float(st["step"]), dtype=_get_scalar_dtype(),
-                                              device=_step_device(p))
+                    st["step"] = torch.tensor(float(st["step"]), dtype=_get_scalar_dtype(), device=_step_device(p))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but moments stay fp32 (and ``radius`` fp64) whatever the parameter dtype:
@@ -164,8 +177,9 @@ class _FusedAdam(torch.optim.Optimizer):
                 if key in saved:
                     st[key] = saved[key].to(device=p.device, dtype=_moment_dtype(p), copy=True)
             if "radius" in saved:
-                st["radius"] = saved["radius"].to(device="cpu" if p.device.type == "cpu" else p.device,
-                                                  dtype=torch.float64, copy=True)
+                st["radius"] = saved["radius"].to(
+                    device="cpu" if p.device.type == "cpu" else p.device, dtype=torch.float64, copy=True
+                )
 
     # -- the step -------------------------------------------------------------------------------
     _where = staticmethod(_validate.where)
@@ -187,8 +201,13 @@ class _FusedAdam(torch.optim.Optimizer):
         names the parameter in an error (built only when one is raised)."""
         hyperball = group is not None and self._is_hyperball_group(group)
         return _validate.check_param(
-            p, where, hyperball, lambda device: self._backend_for(device, cache),
-            lambda g, backend: self._rows.check_grad(p, g, backend, group, where, hyperball), self.state.get(p))
+            p,
+            where,
+            hyperball,
+            lambda device: self._backend_for(device, cache),
+            lambda g, backend: self._rows.check_grad(p, g, backend, group, where, hyperball),
+            self.state.get(p),
+        )
 
     def _collect(self):
         """Every parameter with a gradient, validated, as (hyper row, p, backend, algorithm,
@@ -232,8 +251,11 @@ class _FusedAdam(torch.optim.Optimizer):
             # A sharded matrix: its shard's ||W_0||^2 here, made R by one all-reduce over the
             # shards of all new matrices (lvopt/_shards.py finish_radii) before the step writes.
             local = _local(p)
-            st["radius"] = (_shards.local_radius_squared(local, _step_device(local)) if sharded else
-                            torch.linalg.vector_norm(local.detach(), dtype=torch.float64).to(_step_device(p)))
+            st["radius"] = (
+                _shards.local_radius_squared(local, _step_device(local))
+                if sharded
+                else torch.linalg.vector_norm(local.detach(), dtype=torch.float64).to(_step_device(p))
+            )
         return st
 
     @torch.no_grad()
@@ -251,12 +273,14 @@ class _FusedAdam(torch.optim.Optimizer):
         # process group between the two passes (lvopt/_shards.py); checked here, before writing.
         shard_group, shard_ids = _shards.hyperball_group(
             (p, functools.partial(self._where, group, gi, pi, p))
-            for row, p, backend, algo, group, gi, pi in items if algo == "adamh" and _is_dtensor(p))
+            for row, p, backend, algo, group, gi, pi in items
+            if algo == "adamh" and _is_dtensor(p)
+        )
         # Nothing has been written so far; from here on, every check has passed.
         batches: dict = defaultdict(lambda: defaultdict(list))
         sparse_items = []
         to_flush = []  # exact-mode tables that got a dense gradient: rows must be current first
-        created = []   # parameters whose state this step creates (dropped again if it is skipped)
+        created = []  # parameters whose state this step creates (dropped again if it is skipped)
         sharded = False  # FSDP2 DTensors: the ranks must agree on skipping
         new_radii = []  # local ||W_0||^2 of sharded matrices stepped for the first time
         for row, p, backend, algo, group, gi, pi in items:
@@ -264,8 +288,7 @@ class _FusedAdam(torch.optim.Optimizer):
             if algo == "sparse":
                 # The row-sparse step takes its hyperparameters as host numbers; a capturable
                 # group's as given (its device tensors are copied into a device row, not read).
-                sparse_items.append((row if group.get("capturable") else _host_row(row), p, backend, group, gi,
-                                     pi))
+                sparse_items.append((row if group.get("capturable") else _host_row(row), p, backend, group, gi, pi))
                 continue
             if "last_step" in self.state.get(p, {}):
                 to_flush.append((p, backend))
@@ -275,7 +298,9 @@ class _FusedAdam(torch.optim.Optimizer):
                     "lvopt: the weight of an lvopt.nn.Embedding received a dense gradient (most likely "
                     "it is tied to the output layer, whose gradient covers all rows), so it is updated "
                     "densely with AdamW; the row-sparse step applies to untied input embeddings only",
-                    DenseEmbeddingGradWarning, stacklevel=2)
+                    DenseEmbeddingGradWarning,
+                    stacklevel=2,
+                )
             if not self.state.get(p):
                 created.append(p)
             amsgrad = algo == "adamw" and bool(group.get("amsgrad", False))
@@ -345,20 +370,26 @@ class _FusedAdam(torch.optim.Optimizer):
                 flag = self._found_for(device) if key == fused_check else None
             if algo == "adamh" and split:
                 # Pass 1 only; a sharded step decides on non-finite values on the host (flag None).
-                split_batches.append((b, fns.fused_adamh_reduce_(b["params"], b["grads"], b["exp_avg"],
-                                                                 b["exp_avg_sq"], b["steps"], hyper)))
+                split_batches.append(
+                    (
+                        b,
+                        fns.fused_adamh_reduce_(
+                            b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"], hyper
+                        ),
+                    )
+                )
                 continue
             if algo == "adamh":
                 extra = {} if flag is None else {"found_inf": flag}
-                sums = fns.fused_adamh_(b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"],
-                                        b["radii"], hyper, **extra)
+                sums = fns.fused_adamh_(
+                    b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"], b["radii"], hyper, **extra
+                )
             else:
                 sums = self._new_stats(len(b["params"]), device) if self.track else None
                 extra = {k: v for k, v in (("found_inf", flag), ("stats", sums)) if v is not None}
                 if amsgrad:
                     extra["max_exp_avg_sqs"] = b["max_exp_avg_sq"]
-                fns.fused_adamw_(b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"], hyper,
-                                 **extra)
+                fns.fused_adamw_(b["params"], b["grads"], b["exp_avg"], b["exp_avg_sq"], b["steps"], hyper, **extra)
             if found is None and flag is not None and bool(flag):
                 # The fused scan found a non-finite gradient: the op wrote nothing, and nothing
                 # ran before it.
@@ -373,8 +404,9 @@ class _FusedAdam(torch.optim.Optimizer):
             # whole matrices, with which pass 2 takes the unsharded step.
             totals = _shards.all_reduce_sums([s for b, s in split_batches], shard_group)
             for (b, _), sums in zip(split_batches, totals):
-                _backend.ops(b["backend"]).fused_adamh_apply_(b["params"], b["exp_avg"], b["exp_avg_sq"],
-                                                             b["steps"], b["radii"], b["hyper"], sums)
+                _backend.ops(b["backend"]).fused_adamh_apply_(
+                    b["params"], b["exp_avg"], b["exp_avg_sq"], b["steps"], b["radii"], b["hyper"], sums
+                )
                 for work, p in zip(b["params"], b["orig"]):
                     if work is not p:
                         p.copy_(work)
@@ -387,8 +419,7 @@ class _FusedAdam(torch.optim.Optimizer):
             else:
                 counts = self._skip_counts.get(found.device)
                 if counts is None:
-                    counts = self._skip_counts[found.device] = torch.zeros((), dtype=torch.float64,
-                                                                           device=found.device)
+                    counts = self._skip_counts[found.device] = torch.zeros((), dtype=torch.float64, device=found.device)
                 counts.add_(found.reshape(()))
         for row, p, backend, group, gi, pi in sparse_items:
             sums = self._rows.step(row, p, backend, group, self.track)
@@ -408,8 +439,14 @@ class _FusedAdam(torch.optim.Optimizer):
         the device counts a skip on the device (:attr:`skipped_steps`) and keeps the zero state
         of parameters it stepped for the first time (torch's fused Adam does the same with
         found_inf); the other path drops it."""
-        return (bool(order) and not sparse_items and not to_flush and not sharded and not self.track
-                and len({k[1] for k in order}) == 1)
+        return (
+            bool(order)
+            and not sparse_items
+            and not to_flush
+            and not sharded
+            and not self.track
+            and len({k[1] for k in order}) == 1
+        )
 
     def _hyper_table(self, key: tuple, rows: list, device: torch.device) -> Tensor:
         """The batch's [n, HYPER_COLS] float64 hyperparameter table on ``device``, built without a
@@ -467,8 +504,7 @@ class _FusedAdam(torch.optim.Optimizer):
             found.zero_()
         return found
 
-    def _check_nonfinite(self, batches: dict, order: list, sparse_items: list, prescan_all: bool,
-                         sharded: bool):
+    def _check_nonfinite(self, batches: dict, order: list, sparse_items: list, prescan_all: bool, sharded: bool):
         """Looks for NaN/inf gradients before anything is written. The largest dense batch is
         left to scan its gradients inside its own op (no separate pass over the bulk of the
         bytes): returns its key, or _SKIP when a pre-scan already found a non-finite value, or
@@ -507,12 +543,14 @@ class _FusedAdam(torch.optim.Optimizer):
                 g = p.grad._values() if p.grad.layout == torch.sparse_coo else _local(p.grad)
                 n = int((~torch.isfinite(g)).sum())
                 if n:
-                    bad.append(f"{self._where(group, gi, pi, p)}: {n} of {g.numel()} gradient elements are "
-                               f"NaN or infinite")
+                    bad.append(
+                        f"{self._where(group, gi, pi, p)}: {n} of {g.numel()} gradient elements are NaN or infinite"
+                    )
             raise NonFiniteGradientError(
                 "lvopt: non-finite gradient; nonfinite='raise' stopped the step before anything was "
                 "written (parameters, moments and step counts are unchanged; nonfinite='skip' would skip "
-                "such steps and count them in skipped_steps):\n  " + "\n  ".join(bad))
+                "such steps and count them in skipped_steps):\n  " + "\n  ".join(bad)
+            )
         self.skipped_steps += 1
         return loss
 
@@ -548,8 +586,10 @@ class _FusedAdam(torch.optim.Optimizer):
         """Calls ``hook(optimizer, telemetry)`` after every tracked step (``track=True``), e.g.
         :class:`lvopt.telemetry.CSVLogger`. Returns a handle whose ``remove()`` unregisters it."""
         if not self.track:
-            raise ValueError("register_telemetry_hook: this optimizer was built with track=False; "
-                             "pass track=True to compute the norms")
+            raise ValueError(
+                "register_telemetry_hook: this optimizer was built with track=False; "
+                "pass track=True to compute the norms"
+            )
         handle = torch.utils.hooks.RemovableHandle(self._telemetry_hooks)
         self._telemetry_hooks[handle.id] = hook
         return handle
@@ -683,16 +723,40 @@ class AdamW(_FusedAdam):
     step. On the CPU ids are always checked before anything is written.
     """
 
-    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, backend: str | None = None, sparse_mode: str = "exact",
-                 nonfinite: str = "propagate", track: bool = False,
-                 check_ids: str = "deferred"):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-                        sparse_mode=sparse_mode)
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+        sparse_mode: str = "exact",
+        nonfinite: str = "propagate",
+        track: bool = False,
+        check_ids: str = "deferred",
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            sparse_mode=sparse_mode,
+        )
         super().__init__(params, defaults, backend, nonfinite, track, check_ids)
 
 
@@ -715,16 +779,42 @@ class AdamH(_FusedAdam):
 
     _group_extra_defaults = {"hyperball": True, "sparse_mode": "exact"}
 
-    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False, *, hyperball: bool = True,
-                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None, backend: str | None = None,
-                 sparse_mode: str = "exact", nonfinite: str = "propagate", track: bool = False,
-                 check_ids: str = "deferred"):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-                        hyperball=hyperball, sparse_mode=sparse_mode)
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | Tensor = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        hyperball: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+        sparse_mode: str = "exact",
+        nonfinite: str = "propagate",
+        track: bool = False,
+        check_ids: str = "deferred",
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            hyperball=hyperball,
+            sparse_mode=sparse_mode,
+        )
         super().__init__(params, defaults, backend, nonfinite, track, check_ids)
 
     @staticmethod

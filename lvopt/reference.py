@@ -5,6 +5,7 @@ Each function has the signature and in-place semantics of the custom op of the s
 (``torch.ops.lvopt.<name>``) and follows docs/design.md section 2 literally, one tensor at a time,
 in the parameter's precision or fp32, whichever is wider (fp64 parameters give an fp64 oracle).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,10 +63,17 @@ def _square_sums(before: Tensor, after: Tensor) -> tuple:
     return float((b * b).sum()), float(((a - b) ** 2).sum())
 
 
-def fused_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                 exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], hyper: Tensor,
-                 found_inf: Tensor | None = None, stats: Tensor | None = None,
-                 max_exp_avg_sqs: Sequence[Tensor] | None = None) -> None:
+def fused_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    hyper: Tensor,
+    found_inf: Tensor | None = None,
+    stats: Tensor | None = None,
+    max_exp_avg_sqs: Sequence[Tensor] | None = None,
+) -> None:
     """AdamW, as torch.optim.AdamW (decoupled weight decay), on every tensor in place.
     ``found_inf``: see :func:`stop_for_nonfinite`; ``stats`` ([n, 2] fp64) receives per tensor
     the sums of W^2 (before the step) and of (W_after - W_before)^2, W as stored.
@@ -75,12 +83,15 @@ def fused_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
         stats.zero_()
     vmaxes = list(max_exp_avg_sqs) if max_exp_avg_sqs else [None] * len(params)
     if len(vmaxes) != len(params):
-        raise RuntimeError(f"lvopt::fused_adamw_: max_exp_avg_sqs has {len(vmaxes)} tensors, params has "
-                           f"{len(params)} (pass one per parameter for amsgrad, or none)")
+        raise RuntimeError(
+            f"lvopt::fused_adamw_: max_exp_avg_sqs has {len(vmaxes)} tensors, params has "
+            f"{len(params)} (pass one per parameter for amsgrad, or none)"
+        )
     if stop_for_nonfinite(found_inf, grads):
         return
-    for i, (p, g, m, v, vmax, step, row) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, vmaxes, steps,
-                                                          hyper.tolist())):
+    for i, (p, g, m, v, vmax, step, row) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, vmaxes, steps, hyper.tolist())
+    ):
         before = p.clone() if stats is not None else None
         bc1, bc2 = _advance(step, row)
         dt = _compute_dtype(p)
@@ -98,9 +109,16 @@ def fused_adamw_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
             stats[i, 0], stats[i, 1] = _square_sums(before, p)
 
 
-def fused_adamh_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                 exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], radii: Sequence[Tensor],
-                 hyper: Tensor, found_inf: Tensor | None = None) -> Tensor:
+def fused_adamh_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    radii: Sequence[Tensor],
+    hyper: Tensor,
+    found_inf: Tensor | None = None,
+) -> Tensor:
     """AdamH (Adam on the hyperball) on every tensor in place; returns the fp64 sums
     (||u||^2, <W,u>, ||W||^2) per tensor, W taken before the step (zeros when ``found_inf``
     stops the step, as for :func:`fused_adamw_`)."""
@@ -111,8 +129,10 @@ def fused_adamh_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
         zip(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper.tolist())
     ):
         if row[WEIGHT_DECAY] != 0.0:
-            raise ValueError(f"fused_adamh_: weight_decay of tensor {i} must be 0 (hyperball steps "
-                             f"have no weight decay), got {row[WEIGHT_DECAY]}")
+            raise ValueError(
+                f"fused_adamh_: weight_decay of tensor {i} must be 0 (hyperball steps "
+                f"have no weight decay), got {row[WEIGHT_DECAY]}"
+            )
         bc1, bc2 = _advance(step, row)
         dt = _compute_dtype(p)
         _moments(_grad(g, row, m.dtype), m, v, row)
@@ -133,9 +153,15 @@ def fused_adamh_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Se
     return stats
 
 
-def fused_adamh_reduce_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                        exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], hyper: Tensor,
-                        found_inf: Tensor | None = None) -> Tensor:
+def fused_adamh_reduce_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    hyper: Tensor,
+    found_inf: Tensor | None = None,
+) -> Tensor:
     """Pass 1 of :func:`fused_adamh_` alone: advances the counters, updates m and v, and returns
     the sums (||u||^2, <W,u>, ||W||^2) per tensor, on the parameters' device; writes no
     parameter. With sharded tensors the sums are all-reduced before :func:`fused_adamh_apply_`."""
@@ -145,8 +171,10 @@ def fused_adamh_reduce_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_a
     rows = hyper.tolist()
     for i, row in enumerate(rows):
         if row[WEIGHT_DECAY] != 0.0:
-            raise ValueError(f"fused_adamh_reduce_: weight_decay of tensor {i} must be 0 (hyperball steps "
-                             f"have no weight decay), got {row[WEIGHT_DECAY]}")
+            raise ValueError(
+                f"fused_adamh_reduce_: weight_decay of tensor {i} must be 0 (hyperball steps "
+                f"have no weight decay), got {row[WEIGHT_DECAY]}"
+            )
     for i, (p, g, m, v, step, row) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, rows)):
         bc1, bc2 = _advance(step, row)
         dt = _compute_dtype(p)
@@ -159,21 +187,31 @@ def fused_adamh_reduce_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_a
     return stats
 
 
-def fused_adamh_apply_(params: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
-                       steps: Sequence[Tensor], radii: Sequence[Tensor], hyper: Tensor, sums: Tensor,
-                       found_inf: Tensor | None = None) -> None:
+def fused_adamh_apply_(
+    params: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    radii: Sequence[Tensor],
+    hyper: Tensor,
+    sums: Tensor,
+    found_inf: Tensor | None = None,
+) -> None:
     """Pass 2 of :func:`fused_adamh_` alone, from ``sums`` (the whole tensors' ||u||^2, <W,u>,
     ||W||^2, [n, 3]): W' = W - s u with s = lr R/||u||, and W <- R W'/||W'|| where
     ||W'||^2 = ||W||^2 - 2 s <W,u> + s^2 ||u||^2 (the norm of the whole tensor, which a shard
     cannot take itself). u is recomputed from m, v and the counters as the reduce left them.
     Nothing is written when ``found_inf`` is set."""
     if tuple(sums.shape) != (len(params), 3) or sums.dtype != torch.float64:
-        raise RuntimeError(f"lvopt::fused_adamh_apply_: sums must be a float64 tensor of shape [{len(params)}, 3], "
-                           f"got {sums.dtype} {list(sums.shape)}")
+        raise RuntimeError(
+            f"lvopt::fused_adamh_apply_: sums must be a float64 tensor of shape [{len(params)}, 3], "
+            f"got {sums.dtype} {list(sums.shape)}"
+        )
     if found_inf is not None and bool(found_inf):
         return
-    for p, m, v, step, r, row, (uu, wu, ww) in zip(params, exp_avgs, exp_avg_sqs, steps, radii, hyper.tolist(),
-                                                    sums.tolist()):
+    for p, m, v, step, r, row, (uu, wu, ww) in zip(
+        params, exp_avgs, exp_avg_sqs, steps, radii, hyper.tolist(), sums.tolist()
+    ):
         t = float(step)
         bc1, bc2 = 1.0 - row[BETA1] ** t, 1.0 - row[BETA2] ** t
         dt = _compute_dtype(p)
@@ -187,6 +225,7 @@ def fused_adamh_apply_(params: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp
 
 # ----- sparse embedding rows (docs/design.md section 2.3) ----------------------------------------
 
+
 def _check_indices(op: str, indices: Tensor, num_rows: int) -> None:
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise RuntimeError(f"{op}: indices must be a 1-D int64 CPU tensor, got {indices.dtype} {tuple(indices.shape)}")
@@ -197,10 +236,9 @@ def _check_indices(op: str, indices: Tensor, num_rows: int) -> None:
             raise RuntimeError(f"{op}: negative index {int(indices[pos])} at position {pos}")
         if hi >= num_rows:
             pos = int((indices >= num_rows).nonzero()[0])
-            raise RuntimeError(f"{op}: index {int(indices[pos])} at position {pos} is out of range for a "
-                               f"table of {num_rows} rows")
-
-
+            raise RuntimeError(
+                f"{op}: index {int(indices[pos])} at position {pos} is out of range for a table of {num_rows} rows"
+            )
 
 
 def _stop_for_error(error: Tensor | None, indices: Tensor, num_rows: int) -> bool:
@@ -228,8 +266,9 @@ def coalesce_rows(indices: Tensor, values: Tensor, num_rows: int):
     return rows, acc.to(values.dtype)
 
 
-def _zero_grad_steps(p: Tensor, m: Tensor, v: Tensor, s: int, c: int, hist: Tensor, hist_base: int,
-                     b1: float, b2: float, eps: float) -> None:
+def _zero_grad_steps(
+    p: Tensor, m: Tensor, v: Tensor, s: int, c: int, hist: Tensor, hist_base: int, b1: float, b2: float, eps: float
+) -> None:
     """Dense AdamW with g = 0 on steps s+1..c, step by step (the definition exact mode meets)."""
     for j in range(s + 1, c + 1):
         lr, d = hist[j - hist_base, 0].item(), hist[j - hist_base, 1].item()
@@ -242,14 +281,31 @@ def _zero_grad_steps(p: Tensor, m: Tensor, v: Tensor, s: int, c: int, hist: Tens
 
 def _check_flags(op: str, flags: int) -> None:
     if flags not in (0, 1):
-        raise RuntimeError(f"{op}: flags {flags}: 1 (coalesced ids) is accepted, a ring history (2) is kept "
-                           f"by the cuda and triton backends only")
+        raise RuntimeError(
+            f"{op}: flags {flags}: 1 (coalesced ids) is accepted, a ring history (2) is kept "
+            f"by the cuda and triton backends only"
+        )
 
 
-def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                  step: Tensor, last_step: Tensor, hist: Tensor, qpow: Tensor, hyper: Tensor,
-                  hist_base: int, epoch: int, window: int, exact: bool, stats: Tensor | None = None,
-                  error: Tensor | None = None, flags: int = 0) -> None:
+def sparse_adamw_(
+    param: Tensor,
+    indices: Tensor,
+    values: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    last_step: Tensor,
+    hist: Tensor,
+    qpow: Tensor,
+    hyper: Tensor,
+    hist_base: int,
+    epoch: int,
+    window: int,
+    exact: bool,
+    stats: Tensor | None = None,
+    error: Tensor | None = None,
+    flags: int = 0,
+) -> None:
     """One AdamW step of the rows ``indices`` touches (duplicates summed). Lazy: untouched rows
     stay. Exact: each touched row first takes the skipped zero-gradient steps one by one
     (``qpow``, ``epoch`` and ``window`` serve the native closed form and are unused here).
@@ -264,8 +320,10 @@ def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tenso
         return
     _check_indices(op, indices, param.shape[0])
     if values.shape != (indices.numel(), param.shape[1]) or values.dtype != param.dtype:
-        raise RuntimeError(f"{op}: values must have shape [{indices.numel()}, {param.shape[1]}] and dtype "
-                           f"{param.dtype}, got {tuple(values.shape)} {values.dtype}")
+        raise RuntimeError(
+            f"{op}: values must have shape [{indices.numel()}, {param.shape[1]}] and dtype "
+            f"{param.dtype}, got {tuple(values.shape)} {values.dtype}"
+        )
     row = hyper.reshape(-1).tolist()
     t = int(float(step)) + 1
     rows, g = coalesce_rows(indices, values, param.shape[0])
@@ -298,9 +356,22 @@ def sparse_adamw_(param: Tensor, indices: Tensor, values: Tensor, exp_avg: Tenso
         stats.reshape(-1)[0], stats.reshape(-1)[1] = _square_sums(before, param[rows])
 
 
-def sparse_catchup_(param: Tensor, indices: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
-                    last_step: Tensor, hist: Tensor, qpow: Tensor, hyper: Tensor, hist_base: int,
-                    epoch: int, window: int, error: Tensor | None = None, flags: int = 0) -> None:
+def sparse_catchup_(
+    param: Tensor,
+    indices: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    last_step: Tensor,
+    hist: Tensor,
+    qpow: Tensor,
+    hyper: Tensor,
+    hist_base: int,
+    epoch: int,
+    window: int,
+    error: Tensor | None = None,
+    flags: int = 0,
+) -> None:
     """Brings rows ``indices`` current to ``step`` (exact mode), step by step."""
     op = "lvopt::sparse_catchup_"
     _check_flags(op, flags)

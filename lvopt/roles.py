@@ -26,6 +26,7 @@ Overrides map ``fnmatch`` patterns (matched against every name a tensor has, ali
 to roles. A pattern that matches nothing, an unknown role, and a tensor given two different
 roles are errors.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -40,8 +41,15 @@ from torch import nn
 
 ROLES = ("embedding", "hidden", "output", "vector")
 
-__all__ = ["ROLES", "ParamRole", "TiedWeightsWarning", "detect_roles", "token_embedding",
-           "output_modules", "check_role"]
+__all__ = [
+    "ROLES",
+    "ParamRole",
+    "TiedWeightsWarning",
+    "detect_roles",
+    "token_embedding",
+    "output_modules",
+    "check_role",
+]
 
 
 class TiedWeightsWarning(UserWarning):
@@ -85,14 +93,24 @@ def check_role(role, where: str) -> str:
 def _is_embedding_like(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     ne, ed = getattr(m, "num_embeddings", None), getattr(m, "embedding_dim", None)
-    return (isinstance(w, torch.Tensor) and isinstance(ne, int) and isinstance(ed, int)
-            and w.dim() == 2 and tuple(w.shape) == (ne, ed))
+    return (
+        isinstance(w, torch.Tensor)
+        and isinstance(ne, int)
+        and isinstance(ed, int)
+        and w.dim() == 2
+        and tuple(w.shape) == (ne, ed)
+    )
 
 
 def _is_linear_like(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    return (isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(getattr(m, "in_features", None), int)
-            and isinstance(getattr(m, "out_features", None), int) and not _is_embedding_like(m))
+    return (
+        isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and isinstance(getattr(m, "in_features", None), int)
+        and isinstance(getattr(m, "out_features", None), int)
+        and not _is_embedding_like(m)
+    )
 
 
 def _hf_module(model: nn.Module, getter: str):
@@ -139,8 +157,9 @@ def output_modules(model: nn.Module) -> list:
     return found
 
 
-def detect_roles(model: nn.Module, overrides: Mapping[str, str] | None = None, tied: str | None = None,
-                 include_frozen: bool = False) -> list:
+def detect_roles(
+    model: nn.Module, overrides: Mapping[str, str] | None = None, tied: str | None = None, include_frozen: bool = False
+) -> list:
     """Every parameter tensor of ``model`` once, with its role, in ``named_parameters`` order.
 
     ``overrides``: ``{pattern: role}``, ``fnmatch`` patterns over parameter names (a shared
@@ -170,8 +189,9 @@ def detect_roles(model: nn.Module, overrides: Mapping[str, str] | None = None, t
     tok = token_embedding(model)
     for mod in model.modules():
         if _is_embedding_like(mod) or mod is tok:
-            emb_ids.setdefault(id(mod.weight), "input embeddings" if mod is tok
-                               else f"embedding ({type(mod).__name__})")
+            emb_ids.setdefault(
+                id(mod.weight), "input embeddings" if mod is tok else f"embedding ({type(mod).__name__})"
+            )
     if tok is not None:
         emb_ids[id(tok.weight)] = "input embeddings"
     for mod, reason in output_modules(model):
@@ -189,9 +209,11 @@ def detect_roles(model: nn.Module, overrides: Mapping[str, str] | None = None, t
         is_emb, is_out = key in emb_ids, key in out_reason
         e.tied = is_emb and is_out
         if len(set(hits.values())) > 1:
-            raise ValueError(f"parameter {' = '.join(repr(n) for n in e.names)} is matched by overrides "
-                             f"{', '.join(f'{k!r} -> {v!r}' for k, v in hits.items())}: a parameter can be "
-                             f"in only one group; make the patterns disjoint")
+            raise ValueError(
+                f"parameter {' = '.join(repr(n) for n in e.names)} is matched by overrides "
+                f"{', '.join(f'{k!r} -> {v!r}' for k, v in hits.items())}: a parameter can be "
+                f"in only one group; make the patterns disjoint"
+            )
         if hits:
             pat, e.role = next(iter(hits.items()))
             e.reason = f"override {pat!r}"
@@ -213,14 +235,19 @@ def detect_roles(model: nn.Module, overrides: Mapping[str, str] | None = None, t
 
     unmatched = [pat for pat, n in matched.items() if n == 0]
     if unmatched:
-        raise ValueError(f"override pattern(s) {', '.join(map(repr, unmatched))} match no parameter of "
-                         f"{type(model).__name__}; patterns are fnmatch globs over names such as "
-                         f"{next(iter(entries.values())).name if entries else '<none>'!r}")
+        raise ValueError(
+            f"override pattern(s) {', '.join(map(repr, unmatched))} match no parameter of "
+            f"{type(model).__name__}; patterns are fnmatch globs over names such as "
+            f"{next(iter(entries.values())).name if entries else '<none>'!r}"
+        )
     for e in tied_entries:
         warnings.warn(
             f"lvopt: input and output embeddings are tied ({' = '.join(repr(n) for n in e.names)}); the "
             f"shared tensor takes one role, 'embedding' (its LR follows the embedding rule; the output "
             f"side's width scaling needs an output multiplier in the forward pass, see "
             f"lvopt.scaling.apply_output_multiplier). Pass tied='embedding' to accept this silently, or "
-            f"tied='output' to use the output-layer rule.", TiedWeightsWarning, stacklevel=_user_stacklevel())
+            f"tied='output' to use the output-layer rule.",
+            TiedWeightsWarning,
+            stacklevel=_user_stacklevel(),
+        )
     return result

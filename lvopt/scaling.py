@@ -20,6 +20,7 @@ embedding exponent transferring with the smaller loss penalty where V >> width, 
 found the embedding optimum falling as width^-1/2. ``lv`` is an explicit opt-in; its embedding
 exponent rests on Hayou & Liu's analysis, not on a measurement in this repository.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -34,8 +35,22 @@ from torch import nn
 
 from .roles import ROLES, ParamRole, _user_stacklevel, check_role, detect_roles, output_modules, token_embedding
 
-__all__ = ["RULES", "HYPERBALL_HIDDEN", "LV_MIN_RATIO", "ScalingPlan", "coord_check", "CoordCheck", "exponents", "lr_multipliers", "model_width", "vocab_size",
-           "scaling_plan", "from_model", "apply_output_multiplier", "mup_output_init_"]
+__all__ = [
+    "RULES",
+    "HYPERBALL_HIDDEN",
+    "LV_MIN_RATIO",
+    "ScalingPlan",
+    "coord_check",
+    "CoordCheck",
+    "exponents",
+    "lr_multipliers",
+    "model_width",
+    "vocab_size",
+    "scaling_plan",
+    "from_model",
+    "apply_output_multiplier",
+    "mup_output_init_",
+]
 
 # alpha per role: a role's LR is multiplied by m ** (-alpha).
 RULES: dict = {
@@ -75,8 +90,9 @@ _WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
 def exponents(rule: str = "mup", embedding_exponent: float | None = None) -> dict:
     """alpha per role for ``rule``, with the embedding exponent replaced if given."""
     if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; rules are {', '.join(RULES)} (or any rule with "
-                         f"embedding_exponent=...)")
+        raise ValueError(
+            f"unknown rule {rule!r}; rules are {', '.join(RULES)} (or any rule with embedding_exponent=...)"
+        )
     alpha = dict(RULES[rule])
     if embedding_exponent is not None:
         e = float(embedding_exponent)
@@ -96,12 +112,14 @@ def _check_width(width, base_width, alpha: dict, allow_smaller_width: bool) -> f
             f"width={width} is below base_width={base_width}. base_width is the width at which the base "
             f"LRs were tuned (the small proxy model), width the model being trained; the rules transfer "
             f"from a narrow proxy to a wider model. If the arguments are right and you mean to transfer "
-            f"downwards, pass allow_smaller_width=True")
+            f"downwards, pass allow_smaller_width=True"
+        )
     return m
 
 
-def lr_multipliers(rule: str = "mup", *, width, base_width, embedding_exponent: float | None = None,
-                   allow_smaller_width: bool = False) -> dict:
+def lr_multipliers(
+    rule: str = "mup", *, width, base_width, embedding_exponent: float | None = None, allow_smaller_width: bool = False
+) -> dict:
     """The factor m ** (-alpha_role) per role, m = width / base_width."""
     alpha = exponents(rule, embedding_exponent)
     m = _check_width(width, base_width, alpha, allow_smaller_width)
@@ -219,8 +237,9 @@ class ScalingPlan:
                 continue
             for e in members:
                 if id(e.param) in seen:
-                    raise ValueError(f"parameter {e.name!r} would be in two groups ({seen[id(e.param)]!r} "
-                                     f"and {role!r})")
+                    raise ValueError(
+                        f"parameter {e.name!r} would be in two groups ({seen[id(e.param)]!r} and {role!r})"
+                    )
                 seen[id(e.param)] = role
             parts = [(None, members)]
             if role == "embedding":
@@ -229,8 +248,12 @@ class ScalingPlan:
                     big = [e for e in members if id(e.param) not in self.small_tables]
                     parts = ([("vocabulary", big)] if big else []) + [("small", small)]
             for table, ms in parts:
-                g = {"params": [(e.name, e.param) for e in ms], "lr": self.entry_lr(ms[0]),
-                     "weight_decay": self.weight_decay[role], "role": role}
+                g = {
+                    "params": [(e.name, e.param) for e in ms],
+                    "lr": self.entry_lr(ms[0]),
+                    "weight_decay": self.weight_decay[role],
+                    "role": role,
+                }
                 if table is not None:
                     g["table"] = table
                 if self.hyperball:
@@ -241,18 +264,32 @@ class ScalingPlan:
     def table(self) -> str:
         """A fixed-width table: name, shape, role, lr, wd, algorithm, why."""
         alpha = {r: self.role_alpha(r) for r in self.alpha}
-        head = (f"rule={self.rule} alpha={{{', '.join(f'{r}: {a:g}' for r, a in alpha.items())}}} "
-                f"width={self.width:g} base_width={self.base_width:g} m={self.multiplier:g} "
-                f"vocab={self.vocab_size}")
+        head = (
+            f"rule={self.rule} alpha={{{', '.join(f'{r}: {a:g}' for r, a in alpha.items())}}} "
+            f"width={self.width:g} base_width={self.base_width:g} m={self.multiplier:g} "
+            f"vocab={self.vocab_size}"
+        )
         rows = [("name", "shape", "role", "lr", "wd", "algorithm", "why")]
         for e in self.entries:
             name = " = ".join(e.names)
             shape = "x".join(str(s) for s in e.param.shape) or "scalar"
             if e.trainable:
-                rows.append((name, shape, e.role, f"{self.entry_lr(e):.4g}",
-                             f"{self.weight_decay[e.role]:g}", self._algorithm(e),
-                             e.reason + (f"; small table, alpha {self.small_table_alpha:g}"
-                                         if id(e.param) in self.small_tables and e.role == "embedding" else "")))
+                rows.append(
+                    (
+                        name,
+                        shape,
+                        e.role,
+                        f"{self.entry_lr(e):.4g}",
+                        f"{self.weight_decay[e.role]:g}",
+                        self._algorithm(e),
+                        e.reason
+                        + (
+                            f"; small table, alpha {self.small_table_alpha:g}"
+                            if id(e.param) in self.small_tables and e.role == "embedding"
+                            else ""
+                        ),
+                    )
+                )
             else:
                 rows.append((name, shape, e.role, "-", "-", "frozen", e.reason))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -290,11 +327,23 @@ def _found_output_multipliers(model: nn.Module) -> list:
     return found
 
 
-def scaling_plan(model: nn.Module, *, lr, base_width, rule: str = "mup", width=None,
-                 embedding_exponent: float | None = None, weight_decay=None, overrides=None,
-                 tied: str | None = None, allow_smaller_width: bool = False,
-                 optimizer=None, include_frozen: bool = False, output_multiplier: bool | None = None,
-                 adam_like: bool | None = None) -> ScalingPlan:
+def scaling_plan(
+    model: nn.Module,
+    *,
+    lr,
+    base_width,
+    rule: str = "mup",
+    width=None,
+    embedding_exponent: float | None = None,
+    weight_decay=None,
+    overrides=None,
+    tied: str | None = None,
+    allow_smaller_width: bool = False,
+    optimizer=None,
+    include_frozen: bool = False,
+    output_multiplier: bool | None = None,
+    adam_like: bool | None = None,
+) -> ScalingPlan:
     """Roles and scaled hyperparameters for ``model``, without building an optimizer.
 
     ``lr``: base LR tuned at ``base_width``, a number or ``{role: lr}`` (every role present in
@@ -320,21 +369,28 @@ def scaling_plan(model: nn.Module, *, lr, base_width, rule: str = "mup", width=N
     exponent under ``lv`` (and ignore ``embedding_exponent``), in their own param group.
     """
     alpha = exponents(rule, embedding_exponent)
-    if optimizer is not None and any(a != 0 for a in alpha.values()) and not _is_adam_like(optimizer) \
-            and adam_like is not True:
+    if (
+        optimizer is not None
+        and any(a != 0 for a in alpha.values())
+        and not _is_adam_like(optimizer)
+        and adam_like is not True
+    ):
         raise ValueError(
             f"rule {rule!r} gives Adam's exponents (Tensor Programs V, Table 3, Adam column), but "
             f"{getattr(optimizer, '__name__', optimizer)!r} does not look like an Adam-type optimizer. "
             f"For SGD muP's exponents differ (embedding -1, hidden 0, output 1 in lvopt's convention); "
             f"pass rule='sp' with your own per-role lr, or adam_like=True if the optimizer normalises "
-            f"its update per coordinate as Adam does")
+            f"its update per coordinate as Adam does"
+        )
     if output_multiplier not in (None, True, False):
         raise ValueError(f"output_multiplier must be True, False or None, got {output_multiplier!r}")
     if width is None:
         width = model_width(model)
         if width is None:
-            raise ValueError(f"cannot read the width of {type(model).__name__}: no config hidden_size / "
-                             f"n_embd / d_model and no embedding; pass width=...")
+            raise ValueError(
+                f"cannot read the width of {type(model).__name__}: no config hidden_size / "
+                f"n_embd / d_model and no embedding; pass width=..."
+            )
     _check_width(width, base_width, alpha, allow_smaller_width)
     entries = detect_roles(model, overrides=overrides, tied=tied, include_frozen=include_frozen)
     present = {e.role for e in entries if e.trainable}
@@ -350,19 +406,28 @@ def scaling_plan(model: nn.Module, *, lr, base_width, rule: str = "mup", width=N
                 f"scales the output layer's LR by m^-{alpha['output']:g}: the read-out would be scaled "
                 f"twice (its effective LR falling as 1/m^2). Pass output_multiplier=True if the "
                 f"multiplier is muP's base_width/width (the output LR is then not width-scaled), or "
-                f"output_multiplier=False if it is not a width multiplier")
+                f"output_multiplier=False if it is not a width multiplier"
+            )
     tok = token_embedding(model)
-    small = frozenset(id(e.param) for e in entries if e.role == "embedding" and tok is not None
-                      and e.param is not tok.weight and e.param.dim() == 2
-                      and e.param.shape[0] < LV_MIN_RATIO * width)
+    small = frozenset(
+        id(e.param)
+        for e in entries
+        if e.role == "embedding"
+        and tok is not None
+        and e.param is not tok.weight
+        and e.param.dim() == 2
+        and e.param.shape[0] < LV_MIN_RATIO * width
+    )
     small_alpha = RULES["mup" if rule == "lv" else rule]["embedding"]
 
     if isinstance(lr, Mapping):
         lrs = _per_role(lr, "lr", lambda r: None)
         missing = [r for r in ROLES if r in present and lrs[r] is None]
         if missing:
-            raise ValueError(f"lr is a per-role mapping but has no entry for role(s) {missing} present in "
-                             f"the model; give every role in {sorted(present)}")
+            raise ValueError(
+                f"lr is a per-role mapping but has no entry for role(s) {missing} present in "
+                f"the model; give every role in {sorted(present)}"
+            )
     else:
         lrs = _per_role(lr, "lr", None)
     for r in present:
@@ -389,25 +454,56 @@ def scaling_plan(model: nn.Module, *, lr, base_width, rule: str = "mup", width=N
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"weight_decay for role {r!r} must be a finite number >= 0, got {v!r}")
     if hyperball and wds["hidden"] != 0.0 and "hidden" in present:
-        raise ValueError(f"weight_decay={wds['hidden']} for hidden matrices under {optimizer.__name__}: they "
-                         f"are on the hyperball, whose norm is fixed, so they take no weight decay")
+        raise ValueError(
+            f"weight_decay={wds['hidden']} for hidden matrices under {optimizer.__name__}: they "
+            f"are on the hyperball, whose norm is fixed, so they take no weight decay"
+        )
 
     vocab = vocab_size(model)
     if rule == "lv" and embedding_exponent is None and vocab is not None and vocab < LV_MIN_RATIO * width:
-        warnings.warn(f"lvopt: rule 'lv' with vocabulary {vocab} < {LV_MIN_RATIO} x width {width}: the LV "
-                      f"analysis (Hayou & Liu 2025) assumes a vocabulary much larger than the width; as "
-                      f"V/width falls it interpolates towards muP (rule='mup', the default). Below {LV_MIN_RATIO}x the "
-                      f"regime is not established (docs/scaling.md)", UserWarning, stacklevel=_user_stacklevel())
+        warnings.warn(
+            f"lvopt: rule 'lv' with vocabulary {vocab} < {LV_MIN_RATIO} x width {width}: the LV "
+            f"analysis (Hayou & Liu 2025) assumes a vocabulary much larger than the width; as "
+            f"V/width falls it interpolates towards muP (rule='mup', the default). Below {LV_MIN_RATIO}x the "
+            f"regime is not established (docs/scaling.md)",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
     name = getattr(optimizer, "__name__", "optimizer").lower() if optimizer is not None else "-"
-    return ScalingPlan(entries, rule, alpha, float(width), float(base_width), vocab,
-                       {r: (float(v) if v is not None else None) for r, v in lrs.items()},
-                       {r: float(v) for r, v in wds.items()}, hyperball, name, small, float(small_alpha))
+    return ScalingPlan(
+        entries,
+        rule,
+        alpha,
+        float(width),
+        float(base_width),
+        vocab,
+        {r: (float(v) if v is not None else None) for r, v in lrs.items()},
+        {r: float(v) for r, v in wds.items()},
+        hyperball,
+        name,
+        small,
+        float(small_alpha),
+    )
 
 
-def from_model(opt_cls, model: nn.Module, *, lr, base_width, rule: str = "mup", width=None,
-               embedding_exponent: float | None = None, weight_decay=None, overrides=None,
-               tied: str | None = None, allow_smaller_width: bool = False, verbose: bool = False,
-               output_multiplier: bool | None = None, adam_like: bool | None = None, **optimizer_kwargs):
+def from_model(
+    opt_cls,
+    model: nn.Module,
+    *,
+    lr,
+    base_width,
+    rule: str = "mup",
+    width=None,
+    embedding_exponent: float | None = None,
+    weight_decay=None,
+    overrides=None,
+    tied: str | None = None,
+    allow_smaller_width: bool = False,
+    verbose: bool = False,
+    output_multiplier: bool | None = None,
+    adam_like: bool | None = None,
+    **optimizer_kwargs,
+):
     """``opt_cls(groups, **optimizer_kwargs)`` with one param group per role whose ``lr`` is the
     base LR scaled by ``rule`` from ``base_width`` to the model's ``width``.
 
@@ -422,10 +518,21 @@ def from_model(opt_cls, model: nn.Module, *, lr, base_width, rule: str = "mup", 
     for key in ("params", "lr", "weight_decay"):
         if key in optimizer_kwargs:
             raise TypeError(f"from_model() got {key!r} twice")
-    plan = scaling_plan(model, lr=lr, base_width=base_width, rule=rule, width=width,
-                        embedding_exponent=embedding_exponent, weight_decay=weight_decay,
-                        overrides=overrides, tied=tied, allow_smaller_width=allow_smaller_width,
-                        optimizer=opt_cls, output_multiplier=output_multiplier, adam_like=adam_like)
+    plan = scaling_plan(
+        model,
+        lr=lr,
+        base_width=base_width,
+        rule=rule,
+        width=width,
+        embedding_exponent=embedding_exponent,
+        weight_decay=weight_decay,
+        overrides=overrides,
+        tied=tied,
+        allow_smaller_width=allow_smaller_width,
+        optimizer=opt_cls,
+        output_multiplier=output_multiplier,
+        adam_like=adam_like,
+    )
     groups = plan.param_groups()
     opt = opt_cls(groups, **optimizer_kwargs)
     opt.scaling_plan = plan
@@ -446,8 +553,10 @@ def _output_width(model, width, base_width):
 def _outputs_or_raise(model):
     mods = output_modules(model)
     if not mods:
-        raise ValueError(f"{type(model).__name__} has no output layer lvopt can find (no "
-                         f"get_output_embeddings() and no linear of the token embedding's shape)")
+        raise ValueError(
+            f"{type(model).__name__} has no output layer lvopt can find (no "
+            f"get_output_embeddings() and no linear of the token embedding's shape)"
+        )
     return mods
 
 
@@ -503,14 +612,17 @@ def mup_output_init_(model: nn.Module, base_std: float, *, base_width, width=Non
     std = float(base_std) * base_width / width
     for mod, _ in _outputs_or_raise(model):
         if tok is not None and mod.weight is tok.weight:
-            raise ValueError("the output layer is tied to the input embeddings; re-initialising it would "
-                             "change the embeddings. Use apply_output_multiplier for tied weights")
+            raise ValueError(
+                "the output layer is tied to the input embeddings; re-initialising it would "
+                "change the embeddings. Use apply_output_multiplier for tied weights"
+            )
         mod.weight.normal_(0.0, std)
         if getattr(mod, "bias", None) is not None:
             mod.bias.zero_()
 
 
 # ---------------------------------------------------------------------------- coordinate check
+
 
 @dataclass
 class CoordCheck:
@@ -550,10 +662,13 @@ class CoordCheck:
         return float(d[np.argmax(np.abs(d))]) if d.size else math.nan
 
     def table(self) -> str:
-        lines = [f"coordinate check over widths {self.widths}, {self.steps} steps, tol {self.tol:g}: "
-                 f"{'PASS' if self.ok else 'FAIL'}",
-                 f"{'quantity':34s} {'expected':>8s} " + " ".join(f"{'t=' + str(t):>7s}" for t in range(self.steps + 1))
-                 + "  result"]
+        lines = [
+            f"coordinate check over widths {self.widths}, {self.steps} steps, tol {self.tol:g}: "
+            f"{'PASS' if self.ok else 'FAIL'}",
+            f"{'quantity':34s} {'expected':>8s} "
+            + " ".join(f"{'t=' + str(t):>7s}" for t in range(self.steps + 1))
+            + "  result",
+        ]
         for q in self.slopes:
             sl = " ".join(f"{x:7.2f}" if math.isfinite(x) else f"{'-':>7s}" for x in self.slopes[q])
             lines.append(f"{q:34s} {self.expected[q]:8.2f} {sl}  {'pass' if self.passed[q] else 'FAIL'}")
@@ -564,8 +679,10 @@ class CoordCheck:
     def plot(self, path: str, title: str | None = None) -> None:
         """One panel per quantity: size against width (log-log), one line per step."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         qs = list(self.sizes)
         n = len(qs)
         cols = min(4, n)
@@ -578,14 +695,21 @@ class CoordCheck:
                     ax.plot(self.widths, y, "o-", ms=3, color=f"C{t % 10}", label=f"t={t}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
-            ax.set_title(f"{q}\n{'pass' if self.passed[q] else 'FAIL'} (worst slope dev {self.worst(q):+.2f})",
-                         fontsize=8)
+            ax.set_title(
+                f"{q}\n{'pass' if self.passed[q] else 'FAIL'} (worst slope dev {self.worst(q):+.2f})", fontsize=8
+            )
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         from matplotlib.lines import Line2D
-        fig.legend([Line2D([], [], color=f"C{t % 10}", marker="o", ms=3) for t in range(self.steps + 1)],
-                   [f"step {t}" for t in range(self.steps + 1)], loc="lower right", fontsize=6, ncol=self.steps + 1)
+
+        fig.legend(
+            [Line2D([], [], color=f"C{t % 10}", marker="o", ms=3) for t in range(self.steps + 1)],
+            [f"step {t}" for t in range(self.steps + 1)],
+            loc="lower right",
+            fontsize=6,
+            ncol=self.steps + 1,
+        )
         if title:
             fig.suptitle(title, fontsize=9)
         fig.tight_layout()
@@ -601,9 +725,25 @@ def _slope(widths, y) -> float:
     return float(np.polyfit(x, np.log2(y), 1)[0])
 
 
-def coord_check(model_fn, widths, *, data, lr=None, base_width=None, rule: str = "mup", optimizer=None,
-                opt_fn=None, loss_fn=None, steps: int = 4, seeds=(0, 1), tol: float = 0.3, expected=None,
-                activations: bool = True, plot: str | None = None, **plan_kwargs) -> CoordCheck:
+def coord_check(
+    model_fn,
+    widths,
+    *,
+    data,
+    lr=None,
+    base_width=None,
+    rule: str = "mup",
+    optimizer=None,
+    opt_fn=None,
+    loss_fn=None,
+    steps: int = 4,
+    seeds=(0, 1),
+    tol: float = 0.3,
+    expected=None,
+    activations: bool = True,
+    plot: str | None = None,
+    **plan_kwargs,
+) -> CoordCheck:
     """muP's coordinate check (as the ``mup`` package's): train a model at every width in
     ``widths`` for a few steps and see how the size of what each layer computes grows with width.
 
@@ -638,8 +778,10 @@ def coord_check(model_fn, widths, *, data, lr=None, base_width=None, rule: str =
     if opt_fn is None and lr is None:
         raise ValueError("give lr (and rule, base_width) or opt_fn(model, width)")
     if loss_fn is None:
+
         def loss_fn(out, y):
             return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
     get = data if callable(data) else (lambda step: data)
     bw = base_width if base_width is not None else min(widths)
 
@@ -659,24 +801,38 @@ def coord_check(model_fn, widths, *, data, lr=None, base_width=None, rule: str =
             if opt_fn is not None:
                 opt = opt_fn(model, width)
             else:
-                opt = from_model(optimizer or _optim.AdamW, model, lr=lr, base_width=bw, rule=rule, width=width,
-                                 allow_smaller_width=True, **plan_kwargs)
+                opt = from_model(
+                    optimizer or _optim.AdamW,
+                    model,
+                    lr=lr,
+                    base_width=bw,
+                    rule=rule,
+                    width=width,
+                    allow_smaller_width=True,
+                    **plan_kwargs,
+                )
             plan = getattr(opt, "scaling_plan", None)
             if plan is not None:
                 emb_alpha = plan.role_alpha("embedding")
                 entries = plan.entries
             else:
-                entries = detect_roles(model, overrides=plan_kwargs.get("overrides"),
-                                       tied=plan_kwargs.get("tied"))
+                entries = detect_roles(model, overrides=plan_kwargs.get("overrides"), tied=plan_kwargs.get("tied"))
             role_by_id = {id(e.param): e.role for e in entries}
-            mods = [(n, m) for n, m in model.named_modules()
-                    if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
-                    and id(m.weight) in role_by_id]
+            mods = [
+                (n, m)
+                for n, m in model.named_modules()
+                if isinstance(getattr(m, "weight", None), torch.Tensor)
+                and m.weight.dim() >= 2
+                and id(m.weight) in role_by_id
+            ]
             w0 = {n: m.weight.detach().clone() for n, m in mods}
             captured: dict = {}
-            hooks = [m.register_forward_hook(
-                lambda mod, a, kw, out, n=n: captured.__setitem__(n, (a, kw, out.detach())), with_kwargs=True)
-                for n, m in mods]
+            hooks = [
+                m.register_forward_hook(
+                    lambda mod, a, kw, out, n=n: captured.__setitem__(n, (a, kw, out.detach())), with_kwargs=True
+                )
+                for n, m in mods
+            ]
             px, _ = batch(seed, 0)
 
             def probe():
@@ -719,8 +875,13 @@ def coord_check(model_fn, widths, *, data, lr=None, base_width=None, rule: str =
                     h.remove()
     order = sorted(acc, key=lambda q: (not q.startswith("update:"), q != "logits", q))
     sizes = {q: acc[q] for q in order}
-    slopes = {q: [(_slope(widths, sizes[q][:, t]) if t > 0 or not q.startswith("update:") else math.nan)
-                  for t in range(steps + 1)] for q in order}
+    slopes = {
+        q: [
+            (_slope(widths, sizes[q][:, t]) if t > 0 or not q.startswith("update:") else math.nan)
+            for t in range(steps + 1)
+        ]
+        for q in order
+    }
     exp = {q: 0.0 for q in order}
     if "update:embedding" in exp:
         exp["update:embedding"] = -emb_alpha

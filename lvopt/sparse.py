@@ -13,6 +13,7 @@ M_n = sum_j w_j a_j^n and N_n = sum_j w_j a_j^-n. Each M_n (N_n) is
 sum_j f(j) q^(j-s) Pi_c/Pi_j with q = beta1 beta2^-(n+1)/2 (beta1 beta2^(n-1)/2), summed over the
 window s+1 .. min(c, s+W) epoch by epoch from the epoch-relative prefix sums.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,14 +23,24 @@ import torch
 
 # Columns of the history table and the error word's codes (lvopt/_layout.py, from math.h's HistCol
 # and sparse_args.h).
-from ._layout import (ERR_CLOCK, H_DECAY, H_LOGPI, H_SERIES, H_SQRTBC2, HIST_COLS, HIST_SERIES, SPARSE_COALESCED,
-                      SPARSE_RING)
+from ._layout import (
+    ERR_CLOCK,
+    H_DECAY,
+    H_LOGPI,
+    H_SERIES,
+    H_SQRTBC2,
+    HIST_COLS,
+    HIST_SERIES,
+    SPARSE_COALESCED,
+    SPARSE_RING,
+)
 
 
 def _host_tables(fn):
     """RowClock's host tables are bookkeeping, never traced: they stay real CPU tensors even when
     a fake-tensor mode is active (torch.compile's tracing, or the tests that run the host path
     on fake CUDA tensors)."""
+
     def wrapper(*args, **kwargs):
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -44,8 +55,10 @@ def check_exact_hyper(beta1: float, beta2: float, lr: float, wd: float, where: s
     """Exact mode's closed form needs rho = beta1/sqrt(beta2) < 1 (the skipped steps' updates
     then decay geometrically) and 1 - lr*wd > 0."""
     if not (beta2 > 0.0 and beta1 * beta1 < beta2):
-        raise ValueError(f"{where}: sparse_mode='exact' needs beta1**2 < beta2 (so that the updates of "
-                         f"skipped steps decay), got betas=({beta1}, {beta2}); use sparse_mode='lazy'")
+        raise ValueError(
+            f"{where}: sparse_mode='exact' needs beta1**2 < beta2 (so that the updates of "
+            f"skipped steps decay), got betas=({beta1}, {beta2}); use sparse_mode='lazy'"
+        )
     if lr * wd >= 1.0:
         raise ValueError(f"{where}: sparse_mode='exact' needs lr*weight_decay < 1, got {lr * wd}")
 
@@ -64,7 +77,9 @@ class RowClock:
         # A difference of two epoch-relative sums loses at most q^-epoch <= 1e6 (6 of fp64's 16
         # digits); epochs longer than the window buy nothing.
         q_min = min(q for q in qs if q > 0.0) if rho > 0.0 else 0.5
-        self.epoch = max(1, min(max(self.window, 1), int(math.log(1e6) / -math.log(q_min)) if q_min < 1 else self.window))
+        self.epoch = max(
+            1, min(max(self.window, 1), int(math.log(1e6) / -math.log(q_min)) if q_min < 1 else self.window)
+        )
         self.horizon = max(4096, 8 * (self.window + self.epoch))
         self.horizon -= self.horizon % self.epoch
         e, w = self.epoch, max(self.window, self.epoch)
@@ -84,7 +99,7 @@ class RowClock:
         self.base = int(step)
         self._buf = self._new_buf(256)
         self._buf[0, H_DECAY] = 1.0
-        self._buf[0, H_SQRTBC2] = math.sqrt(1.0 - self.beta2 ** self.base)
+        self._buf[0, H_SQRTBC2] = math.sqrt(1.0 - self.beta2**self.base)
         self.n = 1
         self._last = self._buf[0].tolist()
 
@@ -156,7 +171,7 @@ class RowClock:
             m = self._mirror
             if m is not None:
                 keep = max(min(m["n"], self.n + off) - off, 0)
-                m["buf"][:keep].copy_(m["buf"][off: off + keep].clone())
+                m["buf"][:keep].copy_(m["buf"][off : off + keep].clone())
                 m["n"] = keep
 
     def op_args(self, device: torch.device | str | None = None) -> tuple:
@@ -187,7 +202,7 @@ class RowClock:
             grown[: m["n"]].copy_(m["buf"][: m["n"]])
             m["buf"] = grown
         if m["n"] < self.n:
-            m["buf"][m["n"]: self.n].copy_(self._buf[m["n"]: self.n], non_blocking=True)
+            m["buf"][m["n"] : self.n].copy_(self._buf[m["n"] : self.n], non_blocking=True)
             m["n"] = self.n
         return m["buf"][: self.n], m["qpow"]
 
@@ -195,8 +210,6 @@ class RowClock:
     def hyper(self) -> torch.Tensor:
         """A hyperparameter row carrying this clock's betas and eps (what a catch-up uses)."""
         return torch.tensor([[0.0, self.beta1, self.beta2, 0.0, self.eps, 0.0]], dtype=torch.float64)
-
-
 
 
 class RingClock:
@@ -223,8 +236,9 @@ class RingClock:
     convention). The values equal RowClock's to fp64 rounding, not bit for bit (device libm).
     """
 
-    def __init__(self, beta1: float, beta2: float, eps: float, step: int, num_rows: int, device,
-                 period: int | None = None):
+    def __init__(
+        self, beta1: float, beta2: float, eps: float, step: int, num_rows: int, device, period: int | None = None
+    ):
         host = RowClock(beta1, beta2, eps, step)
         self.beta1, self.beta2, self.eps = host.beta1, host.beta2, host.eps
         self.window, self.epoch, self.horizon, self.base = host.window, host.epoch, host.horizon, host.base
@@ -356,31 +370,38 @@ class SparseRows:
 
     def __init__(self, opt):
         self._opt = weakref.ref(opt)
-        self._errors: dict = {}   # id(p) -> (weakref(p), _PendingError)
-        self._arange: dict = {}   # id(p) -> (weakref(p), every row index of p, on p's device)
-        self._hyper: dict = {}    # id(p) -> [weakref(p), device hyper row, its host numbers] (capturable)
+        self._errors: dict = {}  # id(p) -> (weakref(p), _PendingError)
+        self._arange: dict = {}  # id(p) -> (weakref(p), every row index of p, on p's device)
+        self._hyper: dict = {}  # id(p) -> [weakref(p), device hyper row, its host numbers] (capturable)
 
     @property
     def opt(self):
         return self._opt()
 
     # -- checks -----------------------------------------------------------------------------
-    def check_grad(self, p: torch.Tensor, g: torch.Tensor, backend: str, group: dict | None, where,
-                   hyperball: bool) -> None:
+    def check_grad(
+        self, p: torch.Tensor, g: torch.Tensor, backend: str, group: dict | None, where, hyperball: bool
+    ) -> None:
         """A torch.sparse_coo gradient must be row-sparse over a 2-D contiguous table, in a group
         that can take it, with every index in range; checked before anything is written. On a
         GPU the index range is checked on the device by the step itself (see CHECK_IDS)."""
         if hyperball and p.dim() >= 2:
-            raise TypeError(f"{where()}: got a sparse gradient in a hyperball group, which cannot take it: "
-                            f"AdamH rescales the whole matrix every step. Put embeddings in a group with "
-                            f"hyperball=False (row-sparse AdamW)")
+            raise TypeError(
+                f"{where()}: got a sparse gradient in a hyperball group, which cannot take it: "
+                f"AdamH rescales the whole matrix every step. Put embeddings in a group with "
+                f"hyperball=False (row-sparse AdamW)"
+            )
         if p.dim() != 2 or g.sparse_dim() != 1 or g.dense_dim() != 1:
-            raise TypeError(f"{where()}: got a sparse gradient with sparse_dim={g.sparse_dim()}, "
-                            f"dense_dim={g.dense_dim()}; lvopt takes row-sparse gradients of 2-D "
-                            f"(rows x width) parameters, as nn.Embedding(sparse=True) produces")
+            raise TypeError(
+                f"{where()}: got a sparse gradient with sparse_dim={g.sparse_dim()}, "
+                f"dense_dim={g.dense_dim()}; lvopt takes row-sparse gradients of 2-D "
+                f"(rows x width) parameters, as nn.Embedding(sparse=True) produces"
+            )
         if backend not in SPARSE_BACKENDS:
-            raise TypeError(f"{where()}: backend {backend!r} has no row-sparse step; sparse gradients are "
-                            f"stepped by the {SPARSE_BACKENDS} backends")
+            raise TypeError(
+                f"{where()}: backend {backend!r} has no row-sparse step; sparse gradients are "
+                f"stepped by the {SPARSE_BACKENDS} backends"
+            )
         if not p.is_contiguous():
             raise TypeError(f"{where()}: a row-sparse step needs a contiguous (row-major) parameter")
         if self.checks_on_host(backend):
@@ -390,8 +411,7 @@ class SparseRows:
                 if lo < 0:
                     raise ValueError(f"{where()}: sparse gradient has a negative row index {lo}")
                 if hi >= p.shape[0]:
-                    raise ValueError(f"{where()}: sparse gradient row index {hi} is out of range for "
-                                     f"{p.shape[0]} rows")
+                    raise ValueError(f"{where()}: sparse gradient row index {hi} is out of range for {p.shape[0]} rows")
         if group is not None and group.get("sparse_mode", "exact") == "exact":
             b1, b2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]
@@ -437,15 +457,17 @@ class SparseRows:
                 t = int(float(st["step"]))
                 while clock.last_step > t and clock.n > 1:
                     clock.pop()
-            clock_note = ("; a row's last_step was outside the history (stale clock state)"
-                          if word[0] & ERR_CLOCK else "")
+            clock_note = (
+                "; a row's last_step was outside the history (stale clock state)" if word[0] & ERR_CLOCK else ""
+            )
             where = self._name(p)
             raise ValueError(
                 f"{where}: a sparse gradient (or catch_up ids) held row indices in [{word[1]}, {word[2]}], "
                 f"outside [0, {p.shape[0]}){clock_note}. Checked on the device (check_ids='deferred'): "
                 f"that step wrote nothing to this parameter (rows, moments, step count), and this error "
                 f"is raised by the next step(), flush() or state_dict(). Pass check_ids='sync' to raise "
-                f"at once, at the cost of one host synchronisation per step")
+                f"at once, at the cost of one host synchronisation per step"
+            )
 
     def _name(self, p: torch.Tensor) -> str:
         for gi, group in enumerate(self.opt.param_groups):
@@ -469,8 +491,9 @@ class SparseRows:
         b1, b2, eps = float(b1), float(b2), float(eps)
         known = 0 if fresh else None  # the step count, where the host knows it without a read
         kind = RingClock if capturable else RowClock
-        if clock is not None and (not exact or (clock.beta1, clock.beta2, clock.eps) != (b1, b2, eps)
-                                  or type(clock) is not kind):
+        if clock is not None and (
+            not exact or (clock.beta1, clock.beta2, clock.eps) != (b1, b2, eps) or type(clock) is not kind
+        ):
             # The closed form assumes fixed betas and eps since each row's last step: bring every
             # row current under the old ones first (and under the old clock, when the group's
             # capturable setting changed).
@@ -515,21 +538,65 @@ class SparseRows:
             self.catchup_rows(p, clock.slice_ids(st["step"]), backend, coalesced=True)
             hist, qpow, base, epoch, window = clock.op_args()
             extra["flags"] = flags | SPARSE_RING
-            fns.sparse_adamw_(p.data, idx, vals, st["exp_avg"], st["exp_avg_sq"], st["step"], st["last_step"],
-                              hist, qpow, hyper, base, epoch, window, True, **extra)
+            fns.sparse_adamw_(
+                p.data,
+                idx,
+                vals,
+                st["exp_avg"],
+                st["exp_avg_sq"],
+                st["step"],
+                st["last_step"],
+                hist,
+                qpow,
+                hyper,
+                base,
+                epoch,
+                window,
+                True,
+                **extra,
+            )
         elif exact:
             if clock.n > clock.horizon:
                 self.sweep(p, backend)
             t = clock.last_step + 1
             clock.append(t, lr, wd)
             hist, qpow, base, epoch, window = clock.op_args(p.device if _device_tables(backend) else None)
-            fns.sparse_adamw_(p.data, idx, vals, st["exp_avg"], st["exp_avg_sq"], st["step"], st["last_step"],
-                              hist, qpow, hyper, base, epoch, window, True, **extra)
+            fns.sparse_adamw_(
+                p.data,
+                idx,
+                vals,
+                st["exp_avg"],
+                st["exp_avg_sq"],
+                st["step"],
+                st["last_step"],
+                hist,
+                qpow,
+                hyper,
+                base,
+                epoch,
+                window,
+                True,
+                **extra,
+            )
         else:
             empty = torch.empty(0, dtype=torch.float64, device=p.device)
-            fns.sparse_adamw_(p.data, idx, vals, st["exp_avg"], st["exp_avg_sq"], st["step"],
-                              torch.empty(0, dtype=torch.int64, device=p.device), empty, empty, hyper, 0, 1, 0,
-                              False, **extra)
+            fns.sparse_adamw_(
+                p.data,
+                idx,
+                vals,
+                st["exp_avg"],
+                st["exp_avg_sq"],
+                st["step"],
+                torch.empty(0, dtype=torch.int64, device=p.device),
+                empty,
+                empty,
+                hyper,
+                0,
+                1,
+                0,
+                False,
+                **extra,
+            )
         if err is not None:
             err.arm()
         return sums
@@ -547,8 +614,11 @@ class SparseRows:
         tensor lr) is copied into its column on the device at every step, never read on the host."""
         entry = self._hyper.get(id(p))
         if entry is None or entry[0]() is not p or entry[1].device != p.device:
-            entry = self._hyper[id(p)] = [weakref.ref(p), torch.zeros(1, len(row), dtype=torch.float64,
-                                                                     device=p.device), None]
+            entry = self._hyper[id(p)] = [
+                weakref.ref(p),
+                torch.zeros(1, len(row), dtype=torch.float64, device=p.device),
+                None,
+            ]
         numbers = tuple(None if _on_device(x) else float(x) for x in row)
         if numbers != entry[2]:
             host = _hyper_row(tuple(0.0 if x is None else x for x in numbers))
@@ -579,12 +649,25 @@ class SparseRows:
         if err is not None:
             extra["error"] = err.word
         flags = (SPARSE_RING if isinstance(clock, RingClock) else 0) | (
-            SPARSE_COALESCED if coalesced and _device_tables(backend) else 0)
+            SPARSE_COALESCED if coalesced and _device_tables(backend) else 0
+        )
         if flags:
             extra["flags"] = flags
-        _backend_ops(backend).sparse_catchup_(p.data, rows, st["exp_avg"], st["exp_avg_sq"], st["step"],
-                                              st["last_step"], hist, qpow, clock.hyper(), base, epoch, window,
-                                              **extra)
+        _backend_ops(backend).sparse_catchup_(
+            p.data,
+            rows,
+            st["exp_avg"],
+            st["exp_avg_sq"],
+            st["step"],
+            st["last_step"],
+            hist,
+            qpow,
+            clock.hyper(),
+            base,
+            epoch,
+            window,
+            **extra,
+        )
         if err is not None:
             err.arm()
 
@@ -617,8 +700,7 @@ class SparseRows:
         if self.checks_on_host(backend) and _device_tables(backend) and ids.numel():
             lo, hi = (int(x) for x in torch.aminmax(ids))
             if lo < 0 or hi >= param.shape[0]:
-                raise ValueError(f"{self._name(param)}: catch_up ids span [{lo}, {hi}], outside "
-                                 f"[0, {param.shape[0]})")
+                raise ValueError(f"{self._name(param)}: catch_up ids span [{lo}, {hi}], outside [0, {param.shape[0]})")
         self.catchup_rows(param, ids, backend)
 
 

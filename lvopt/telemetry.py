@@ -21,6 +21,7 @@ group's effective LR is ``||dW_group|| / ||W_group||``.
 Hooks (:meth:`lvopt.AdamW.register_telemetry_hook`) receive ``(optimizer, telemetry)`` after
 every tracked step; :class:`CSVLogger` and :class:`TensorBoardLogger` are ready-made ones.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,13 +33,13 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-FIELDS = ("step", "scope", "key", "group", "index", "name", "role", "kind", "w_norm", "dw_norm",
-          "eff_lr")
+FIELDS = ("step", "scope", "key", "group", "index", "name", "role", "kind", "w_norm", "dw_norm", "eff_lr")
 
 
 @dataclass(frozen=True)
 class Entry:
     """Which tensor a telemetry row describes."""
+
     group: int
     index: int
     name: str | None
@@ -69,8 +70,10 @@ class Telemetry:
 
     def per_tensor(self) -> list[dict]:
         """One dict per tracked tensor: group, index, name, role, kind, w_norm, dw_norm, eff_lr."""
-        return [{"group": e.group, "index": e.index, "name": e.name, "role": e.role, "kind": e.kind,
-                 **_row(w, d)} for e, (w, d) in zip(self.entries, self._values())]
+        return [
+            {"group": e.group, "index": e.index, "name": e.name, "role": e.role, "kind": e.kind, **_row(w, d)}
+            for e, (w, d) in zip(self.entries, self._values())
+        ]
 
     def _aggregate(self, key: Callable[[Entry], object]) -> dict:
         acc: dict = {}
@@ -94,11 +97,29 @@ class Telemetry:
             key = r["name"] if r["name"] is not None else f"g{r['group']}.p{r['index']}"
             yield {"step": self.step, "scope": "tensor", "key": key, **r}
         for g, r in self.per_group().items():
-            yield {"step": self.step, "scope": "group", "key": f"group{g}", "group": g, "index": None,
-                   "name": None, "role": None, "kind": None, **r}
+            yield {
+                "step": self.step,
+                "scope": "group",
+                "key": f"group{g}",
+                "group": g,
+                "index": None,
+                "name": None,
+                "role": None,
+                "kind": None,
+                **r,
+            }
         for role, r in self.per_role().items():
-            yield {"step": self.step, "scope": "role", "key": str(role), "group": None, "index": None,
-                   "name": None, "role": role, "kind": None, **r}
+            yield {
+                "step": self.step,
+                "scope": "role",
+                "key": str(role),
+                "group": None,
+                "index": None,
+                "name": None,
+                "role": role,
+                "kind": None,
+                **r,
+            }
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{g}: {r['eff_lr']:.3g}" for g, r in self.per_group().items())
@@ -133,8 +154,7 @@ class TensorBoardLogger:
     per role (and per tensor if ``per_tensor``) to a ``torch.utils.tensorboard.SummaryWriter``
     (given, or created on ``log_dir``; needs the ``tensorboard`` package)."""
 
-    def __init__(self, writer=None, log_dir: str | None = None, per_tensor: bool = False,
-                 prefix: str = "lvopt"):
+    def __init__(self, writer=None, log_dir: str | None = None, per_tensor: bool = False, prefix: str = "lvopt"):
         if writer is None:
             from torch.utils.tensorboard import SummaryWriter  # needs `pip install tensorboard`
 
@@ -148,5 +168,4 @@ class TensorBoardLogger:
             if r["scope"] == "tensor" and not self.per_tensor:
                 continue
             for field in ("eff_lr", "w_norm", "dw_norm"):
-                self.writer.add_scalar(f"{self.prefix}/{field}/{r['scope']}/{r['key']}", r[field],
-                                       telemetry.step)
+                self.writer.add_scalar(f"{self.prefix}/{field}/{r['scope']}/{r['key']}", r[field], telemetry.step)

@@ -6,6 +6,7 @@ fp64 reference. Lazy mode (wd = 0) against torch.optim.SparseAdam on the same gr
 
     python benchmarks/studies/accuracy_sparse_rows.py [--V 4096] [--d 64] [--n 512] [--steps 2000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,18 +68,23 @@ def main(argv=None) -> int:
         for o in (o_exact, o_dense, o_lazy, o_sadam):
             o.step()
         hyper = torch.tensor([[lr, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
-        reference.fused_adamw_([ref64], [gd.double()], [m64], [v64],
-                               [torch.tensor(float(t - 1), dtype=torch.float64)], hyper)
+        reference.fused_adamw_(
+            [ref64], [gd.double()], [m64], [v64], [torch.tensor(float(t - 1), dtype=torch.float64)], hyper
+        )
     o_exact.flush()
     last = lvopt.sparse  # noqa: F841
     st = o_exact.state[exact]
     e_exact, e_dense = rel(exact, ref64), rel(dense32, ref64)
     print(f"V={V} d={d} ids/step={n} steps={steps} cosine LR (peak 3e-3, warmup 100) wd=0.1, Zipf(1.1)")
-    print(f"exact vs fp64 dense: max|dp|/max|p| = {e_exact:.3e}  (m {rel(st['exp_avg'], m64):.3e}, "
-          f"v {rel(st['exp_avg_sq'], v64):.3e})")
+    print(
+        f"exact vs fp64 dense: max|dp|/max|p| = {e_exact:.3e}  (m {rel(st['exp_avg'], m64):.3e}, "
+        f"v {rel(st['exp_avg_sq'], v64):.3e})"
+    )
     print(f"dense fp32 lvopt vs fp64 dense: {e_dense:.3e}   ratio exact/dense32 = {e_exact / e_dense:.2f}")
-    print(f"lazy (wd=0) vs torch SparseAdam: max rel {rel(lazy, sadam_p.detach().double()):.3e}, "
-          f"norm rel {float((lazy - sadam_p).norm() / sadam_p.norm()):.3e}")
+    print(
+        f"lazy (wd=0) vs torch SparseAdam: max rel {rel(lazy, sadam_p.detach().double()):.3e}, "
+        f"norm rel {float((lazy - sadam_p).norm() / sadam_p.norm()):.3e}"
+    )
     return 0
 
 

@@ -13,6 +13,7 @@ The rows (bytes per parameter read / written):
 If each pass takes as long as the bare op with its reads, a CPU pass is set by what it reads,
 not by its arithmetic or its writes (docs/design.md section 4).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,15 +47,18 @@ def main(argv=None) -> None:
         "AdamW step": lambda: ops.fused_adamw_([p], [grad], [m], [v], [step], hyper, None, None),
         "AdamH pass 1 (reduce)": lambda: ops.fused_adamh_reduce_([p], [grad], [m], [v], [step], hyper, None),
         "AdamH pass 2, u recomputed (apply)": lambda: ops.fused_adamh_apply_(
-            [p], [m], [v], [step], [radius], hyper, sums, None),
+            [p], [m], [v], [step], [radius], hyper, sums, None
+        ),
         "addcmul_ (pass 2's traffic)": lambda: p.addcmul_(m, v, value=0.0),
         "AdamH step, u kept": lambda: ops.fused_adamh_([p], [grad], [m], [v], [step], [radius], hyper, None),
         "add_ (pass 2's traffic, u kept)": lambda: p.add_(u, alpha=0.0),
     }
     t = measure(rows, rounds=args.rounds, warmup=2)
     info = lvopt.build_info()
-    print(f"{n}x{n} fp32, CPU ISA {info['cpu_isa_active']}, {torch.get_num_threads()} threads, "
-          f"workspace cap {info['cpu_workspace_limit_mb']:g} MiB, median of {args.rounds} rounds")
+    print(
+        f"{n}x{n} fp32, CPU ISA {info['cpu_isa_active']}, {torch.get_num_threads()} threads, "
+        f"workspace cap {info['cpu_workspace_limit_mb']:g} MiB, median of {args.rounds} rounds"
+    )
     aw = t["AdamW step"].median_ms
     for name, timing in t.items():
         print(f"  {name:40s} {timing.median_ms:8.2f} ms  {timing.median_ms / aw:5.2f}x AdamW")

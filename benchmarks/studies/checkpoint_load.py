@@ -7,6 +7,7 @@ Prints the median of ``--rounds`` timings of: the validation alone (checkpoint.p
 lvopt load_state_dict (validation included), torch.optim.AdamW's load_state_dict of the same
 checkpoint, and one lvopt.AdamW step of the same parameters.
 """
+
 import argparse
 import os
 import sys
@@ -50,8 +51,10 @@ def main():
     t_torch = timed(lambda: tfresh.load_state_dict(sd), a.rounds, dev)
     t_step = timed(opt.step, a.rounds, dev)
     total = sum(p.numel() for p in params)
-    print(f"{total / 1e6:.1f}M fp32 parameters in {a.tensors} tensors on {dev} ({torch.get_num_threads()} threads), "
-          f"median of {a.rounds}:")
+    print(
+        f"{total / 1e6:.1f}M fp32 parameters in {a.tensors} tensors on {dev} ({torch.get_num_threads()} threads), "
+        f"median of {a.rounds}:"
+    )
     print(f"  validation (checkpoint.problems)   {t_check:8.1f} ms  ({t_check / t_step:.2f} x one step)")
     print(f"  lvopt load_state_dict (with it)    {t_load:8.1f} ms")
     print(f"  torch.optim.AdamW load_state_dict  {t_torch:8.1f} ms")

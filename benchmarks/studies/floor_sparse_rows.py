@@ -23,6 +23,7 @@ those bytes, with no arithmetic at all.
 
     python benchmarks/studies/floor_sparse_rows.py [--reps 15] [--size small]
 """
+
 from __future__ import annotations
 
 import os
@@ -138,9 +139,14 @@ void touch_streamed(torch::Tensor rows, torch::Tensor slot, torch::Tensor vals, 
 def _module():
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline("lvopt_floor_touch", cpp_sources=_SRC, functions=["touch", "touch_streamed"],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
+    return load_inline(
+        "lvopt_floor_touch",
+        cpp_sources=_SRC,
+        functions=["touch", "touch_streamed"],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
 
 
 def plan(ids: torch.Tensor):
@@ -182,28 +188,49 @@ def run(reps: int = 15, size: str = "default", out=sys.stdout) -> dict:
     merged = []
     for ids, vals, (rows, offsets, perm) in batches:
         summed = torch.sparse_coo_tensor(ids[None], vals, (V, d), check_invariants=False).coalesce()
-        merged.append((summed._values().contiguous(),
-                       (rows, torch.arange(rows.numel() + 1), torch.arange(rows.numel()))))
+        merged.append(
+            (summed._values().contiguous(), (rows, torch.arange(rows.numel() + 1), torch.arange(rows.numel())))
+        )
     dense_rows = cfg["dense_n"] // d
     dense_vals = torch.randn(dense_rows, d, generator=gen)
     dense_plan = (torch.arange(dense_rows), torch.arange(dense_rows + 1), torch.arange(dense_rows))
 
     res = {}
     zipf_bytes = 4 * n * d + 24 * U * d
-    res["touch zipf"] = (_median_ms(lambda i: mod.touch(*batches[i % len(batches)][2],
-                                                       batches[i % len(batches)][1], p, m, v, threads), reps),
-                         zipf_bytes)
+    res["touch zipf"] = (
+        _median_ms(
+            lambda i: mod.touch(*batches[i % len(batches)][2], batches[i % len(batches)][1], p, m, v, threads), reps
+        ),
+        zipf_bytes,
+    )
     slots = [torch.unique(b[0], sorted=True, return_inverse=True)[1] for b in batches]
     acc = torch.empty(max(b[2][0].numel() for b in batches), d)
     res["touch zipf, gradient streamed"] = (
-        _median_ms(lambda i: mod.touch_streamed(batches[i % len(batches)][2][0], slots[i % len(batches)],
-                                                batches[i % len(batches)][1], acc, p, m, v, threads), reps),
-        zipf_bytes)
-    res["touch zipf, merged"] = (_median_ms(lambda i: mod.touch(*merged[i % len(merged)][1],
-                                                               merged[i % len(merged)][0], p, m, v, threads), reps),
-                                 28 * U * d)
-    res["touch dense (28 B/elem)"] = (_median_ms(lambda i: mod.touch(*dense_plan, dense_vals, p, m, v, threads),
-                                                      max(5, reps // 2)), 28 * dense_rows * d)
+        _median_ms(
+            lambda i: mod.touch_streamed(
+                batches[i % len(batches)][2][0],
+                slots[i % len(batches)],
+                batches[i % len(batches)][1],
+                acc,
+                p,
+                m,
+                v,
+                threads,
+            ),
+            reps,
+        ),
+        zipf_bytes,
+    )
+    res["touch zipf, merged"] = (
+        _median_ms(
+            lambda i: mod.touch(*merged[i % len(merged)][1], merged[i % len(merged)][0], p, m, v, threads), reps
+        ),
+        28 * U * d,
+    )
+    res["touch dense (28 B/elem)"] = (
+        _median_ms(lambda i: mod.touch(*dense_plan, dense_vals, p, m, v, threads), max(5, reps // 2)),
+        28 * dense_rows * d,
+    )
 
     for mode in ("exact", "lazy"):
         q = torch.nn.Parameter(p.clone())
@@ -212,6 +239,7 @@ def run(reps: int = 15, size: str = "default", out=sys.stdout) -> dict:
 
         def set_grad(i, q=q, grads=grads):
             q.grad = grads[i % len(grads)]
+
         for i in range(cfg["warmup"]):
             set_grad(i)
             opt.step()
@@ -228,18 +256,25 @@ def run(reps: int = 15, size: str = "default", out=sys.stdout) -> dict:
     opt = torch.optim.AdamW([q], lr=1e-3, weight_decay=0.1, fused=True)
     res["torch AdamW fused (dense V x d grad)"] = (_median_ms(lambda i: opt.step(), 5), 28 * V * d)
 
-    print(f"V={V} d={d} N={n} U~{U:.0f}, {threads} threads, median of {reps} "
-          f"(dense, {cfg['dense_n'] >> 20}M elements: fewer)", file=out)
+    print(
+        f"V={V} d={d} N={n} U~{U:.0f}, {threads} threads, median of {reps} "
+        f"(dense, {cfg['dense_n'] >> 20}M elements: fewer)",
+        file=out,
+    )
     print(f"{'':40s} {'ms':>8s} {'GB/s':>7s}", file=out)
     for name, (ms, nbytes) in res.items():
         print(f"{name:40s} {ms:8.2f} {nbytes / ms / 1e6:7.1f}", file=out)
     dense_bw = res["lvopt AdamW dense"][1] / res["lvopt AdamW dense"][0]
     floor_bw = res["touch zipf"][1] / res["touch zipf"][0]
     fused = res["torch AdamW fused (dense V x d grad)"][0]
-    print(f"floor (touch zipf) bandwidth / lvopt dense bandwidth: {floor_bw / dense_bw:.2f} "
-          "(issue target for the step: >= 0.70)", file=out)
-    print(f"fused AdamW / floor time: {fused / res['touch zipf'][0]:.1f}x "
-          "(issue target for the step: >= 25x)", file=out)
+    print(
+        f"floor (touch zipf) bandwidth / lvopt dense bandwidth: {floor_bw / dense_bw:.2f} "
+        "(issue target for the step: >= 0.70)",
+        file=out,
+    )
+    print(
+        f"fused AdamW / floor time: {fused / res['touch zipf'][0]:.1f}x (issue target for the step: >= 25x)", file=out
+    )
     for mode in ("exact", "lazy"):
         print(f"lvopt {mode} / floor time: {res[f'lvopt {mode}'][0] / res['touch zipf'][0]:.2f}", file=out)
     return res

@@ -21,6 +21,7 @@ the launch plans), for
 It runs on older trees too (kernels missing there are skipped), so that before and after can
 be measured side by side with PYTHONPATH set to each tree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,11 @@ sys.path.insert(0, os.path.dirname(BENCHMARKS))  # the checkout's lvopt
 sys.path.insert(0, BENCHMARKS)
 from harness import gpt2_small_shapes, measure  # noqa: E402
 
-KERNELS = {"lvopt.triton.fused_adamw": ("adamw_kernel", "chunk_sums_kernel"),
-           "lvopt.triton.fused_adamh": ("adamh_reduce_kernel", "adamh_finalize_kernel", "adamh_apply_kernel"),
-           "lvopt.triton._plan": ("adam_setup_kernel", "nonfinite_scan_kernel")}
+KERNELS = {
+    "lvopt.triton.fused_adamw": ("adamw_kernel", "chunk_sums_kernel"),
+    "lvopt.triton.fused_adamh": ("adamh_reduce_kernel", "adamh_finalize_kernel", "adamh_apply_kernel"),
+    "lvopt.triton._plan": ("adam_setup_kernel", "nonfinite_scan_kernel"),
+}
 
 
 def stub_kernels(launches: list) -> None:
@@ -96,7 +99,7 @@ def main(argv=None):
             p.grad = torch.empty(p.shape)
 
     rows["AdamW step, re-allocated gradients"] = _median_us(opt.step, args.steps, new_grads)
-    lrs = iter(1e-3 * (1 + 1e-4 * i) for i in range(10 ** 7))
+    lrs = iter(1e-3 * (1 + 1e-4 * i) for i in range(10**7))
 
     def new_lr():
         opt.param_groups[0]["lr"] = next(lrs)
@@ -105,19 +108,29 @@ def main(argv=None):
     skip = lvopt.AdamW(_params(shapes), lr=1e-3, weight_decay=0.1, backend="triton", nonfinite="skip")
     rows["AdamW step, nonfinite='skip'"] = _median_us(skip.step, args.steps)
     hp = _params(shapes)
-    adamh = lvopt.AdamH([{"params": [p for p in hp if p.dim() >= 2]},
-                         {"params": [p for p in hp if p.dim() < 2], "hyperball": False}], lr=1e-3,
-                        backend="triton")
+    adamh = lvopt.AdamH(
+        [{"params": [p for p in hp if p.dim() >= 2]}, {"params": [p for p in hp if p.dim() < 2], "hyperball": False}],
+        lr=1e-3,
+        backend="triton",
+    )
     rows["AdamH step, same gradients"] = _median_us(adamh.step, args.steps)
 
     st = [opt.state[p] for p in ps]
     hyper = torch.tensor([[1e-3, 0.9, 0.999, 0.1, 1e-8, 0.0]] * len(ps), dtype=torch.float64)
     op = torch.ops.lvopt_triton.fused_adamw_
-    op_args = (ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
-               [s["step"] for s in st], hyper)
+    op_args = (
+        ps,
+        [p.grad for p in ps],
+        [s["exp_avg"] for s in st],
+        [s["exp_avg_sq"] for s in st],
+        [s["step"] for s in st],
+        hyper,
+    )
     rows["op through the dispatcher, same gradients"] = _median_us(lambda: op(*op_args), args.steps)
-    print(f"Triton dense step host time, GPT-2 small ({len(shapes)} tensors), kernels not run, median of "
-          f"{args.steps} after 2 warm-up steps (PYTHONPATH={os.environ.get('PYTHONPATH', '')}):")
+    print(
+        f"Triton dense step host time, GPT-2 small ({len(shapes)} tensors), kernels not run, median of "
+        f"{args.steps} after 2 warm-up steps (PYTHONPATH={os.environ.get('PYTHONPATH', '')}):"
+    )
     for k, v in rows.items():
         print(f"  {k:45s} {v / 1e3:8.3f} ms")
     return rows

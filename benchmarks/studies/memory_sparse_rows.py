@@ -9,6 +9,7 @@ phase of three steps, in this process: where the peaks of the two variants come 
     python benchmarks/studies/memory_sparse_rows.py
     python benchmarks/studies/memory_sparse_rows.py --timeline lvopt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,7 +99,9 @@ def main(argv=None) -> int:
     for k, (top, before) in peaks.items():
         print(f"{k:6s} peak RSS {top / 2**30:.2f} GiB (after model set-up {before / 2**30:.2f} GiB)")
     diff = peaks["dense"][0] - peaks["lvopt"][0]
-    print(f"difference {diff / 2**30:.2f} GiB = {diff / (V * D):.2f} x V*d bytes (target >= 4 V*d = {4 * V * D / 2**30:.2f} GiB)")
+    print(
+        f"difference {diff / 2**30:.2f} GiB = {diff / (V * D):.2f} x V*d bytes (target >= 4 V*d = {4 * V * D / 2**30:.2f} GiB)"
+    )
     return 0
 
 

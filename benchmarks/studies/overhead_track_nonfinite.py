@@ -3,6 +3,7 @@ three optimizers on three equal tensors, stepped in turn, median of --rounds.
 
     python benchmarks/studies/overhead_track_nonfinite.py [--n 67108864] [--rounds 7]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -111,11 +111,11 @@ LVOPT_ALWAYS_INLINE void adamh_apply_kept_span(T* __restrict p, const float* __r
   for (int64_t i = 0; i < n; ++i) store_elem(p, i, a * load_elem(p, i) - b * u[i]);
 }
 
-#define LVOPT_ADAMH_REDUCE(NAME, T, KEEP)                                                       \
-  LVOPT_ISA_DISPATCH_FMA(NAME,                                                                 \
-                         (const T* p, const T* g, float* m, float* v, int64_t n,               \
-                          const AdamCoef& c, double* out, float* keep),                        \
-                         (p, g, m, v, n, c, out, keep), (adamh_reduce_span<T, false, KEEP>),   \
+#define LVOPT_ADAMH_REDUCE(NAME, T, KEEP)                                                    \
+  LVOPT_ISA_DISPATCH_FMA(NAME,                                                               \
+                         (const T* p, const T* g, float* m, float* v, int64_t n,             \
+                          const AdamCoef& c, double* out, float* keep),                      \
+                         (p, g, m, v, n, c, out, keep), (adamh_reduce_span<T, false, KEEP>), \
                          (adamh_reduce_span<T, true, KEEP>))
 LVOPT_ADAMH_REDUCE(adamh_reduce_f32, float, false)
 LVOPT_ADAMH_REDUCE(adamh_reduce_bf16, uint16_t, false)
@@ -123,8 +123,8 @@ LVOPT_ADAMH_REDUCE(adamh_reduce_keep_f32, float, true)
 LVOPT_ADAMH_REDUCE(adamh_reduce_keep_bf16, uint16_t, true)
 #undef LVOPT_ADAMH_REDUCE
 LVOPT_ISA_DISPATCH(adamh_apply_f32,
-                   (float* p, const float* m, const float* v, int64_t n, const AdamCoef& c,
-                    float a, float b),
+                   (float* p, const float* m, const float* v, int64_t n, const AdamCoef& c, float a,
+                    float b),
                    (p, m, v, n, c, a, b), adamh_apply_span<float>)
 LVOPT_ISA_DISPATCH(adamh_apply_bf16,
                    (uint16_t* p, const float* m, const float* v, int64_t n, const AdamCoef& c,
@@ -167,7 +167,8 @@ void reduce_pass(const StepArgs& a, const std::vector<AdamCoef>& coef,
       }
     } else {
       const uint16_t* pp = reinterpret_cast<const uint16_t*>(p.data_ptr()) + ch.begin;
-      const uint16_t* g = reinterpret_cast<const uint16_t*>(a.grads[ch.tensor].data_ptr()) + ch.begin;
+      const uint16_t* g =
+          reinterpret_cast<const uint16_t*>(a.grads[ch.tensor].data_ptr()) + ch.begin;
       if (kept.base != nullptr) {
         adamh_reduce_keep_bf16(pp, g, m, v, len, c, out, kept.of(ch));
       } else {
@@ -324,7 +325,8 @@ at::Tensor fused_adamh_(at::TensorList params, at::TensorList grads, at::TensorL
 
 at::Tensor fused_adamh_reduce_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                at::TensorList exp_avg_sqs, at::TensorList steps,
-                               const at::Tensor& hyper, const std::optional<at::Tensor>& found_inf) {
+                               const at::Tensor& hyper,
+                               const std::optional<at::Tensor>& found_inf) {
   const char* op = "lvopt::fused_adamh_reduce_";
   const StepArgs args{params, grads, exp_avgs, exp_avg_sqs, steps, hyper};
   check_step_args(op, args);

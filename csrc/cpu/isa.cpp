@@ -55,10 +55,14 @@ Isa set_active_isa(Isa want) {
 }
 
 bool parse_isa(const char* name, Isa* out) {
-  if (std::strcmp(name, "baseline") == 0) *out = Isa::kBaseline;
-  else if (std::strcmp(name, "avx2") == 0) *out = Isa::kAvx2;
-  else if (std::strcmp(name, "avx512") == 0) *out = Isa::kAvx512;
-  else return false;
+  if (std::strcmp(name, "baseline") == 0)
+    *out = Isa::kBaseline;
+  else if (std::strcmp(name, "avx2") == 0)
+    *out = Isa::kAvx2;
+  else if (std::strcmp(name, "avx512") == 0)
+    *out = Isa::kAvx512;
+  else
+    return false;
   return true;
 }
 

@@ -55,16 +55,16 @@ std::string compiled_isas();
 // (see add_exact_product), where a fused multiply-add gives the bits of a multiply then an add,
 // so the levels still agree bit for bit.
 #if LVOPT_X86_DISPATCH
-#define LVOPT_ISA_DISPATCH_FMA(NAME, SIGNATURE, ARGS, BODY_NO_FMA, BODY_FMA)           \
-  static void NAME##_baseline SIGNATURE { BODY_NO_FMA ARGS; }                          \
-  LVOPT_TARGET_AVX2 static void NAME##_avx2 SIGNATURE { BODY_FMA ARGS; }               \
-  LVOPT_TARGET_AVX512 static void NAME##_avx512 SIGNATURE { BODY_FMA ARGS; }           \
-  static void NAME SIGNATURE {                                                         \
-    switch (::lvopt::cpu::active_isa()) {                                              \
-      case ::lvopt::cpu::Isa::kAvx512: NAME##_avx512 ARGS; return;                     \
-      case ::lvopt::cpu::Isa::kAvx2: NAME##_avx2 ARGS; return;                         \
-      default: NAME##_baseline ARGS; return;                                           \
-    }                                                                                  \
+#define LVOPT_ISA_DISPATCH_FMA(NAME, SIGNATURE, ARGS, BODY_NO_FMA, BODY_FMA) \
+  static void NAME##_baseline SIGNATURE { BODY_NO_FMA ARGS; }                \
+  LVOPT_TARGET_AVX2 static void NAME##_avx2 SIGNATURE { BODY_FMA ARGS; }     \
+  LVOPT_TARGET_AVX512 static void NAME##_avx512 SIGNATURE { BODY_FMA ARGS; } \
+  static void NAME SIGNATURE {                                               \
+    switch (::lvopt::cpu::active_isa()) {                                    \
+      case ::lvopt::cpu::Isa::kAvx512: NAME##_avx512 ARGS; return;           \
+      case ::lvopt::cpu::Isa::kAvx2: NAME##_avx2 ARGS; return;               \
+      default: NAME##_baseline ARGS; return;                                 \
+    }                                                                        \
   }
 #else
 #define LVOPT_ISA_DISPATCH_FMA(NAME, SIGNATURE, ARGS, BODY_NO_FMA, BODY_FMA) \

@@ -10,7 +10,9 @@ namespace cpu {
 // Per-ISA copies of the scan (LVOPT_ISA_DISPATCH wants void functions: the flag goes out
 // through a pointer).
 template <typename T>
-LVOPT_ALWAYS_INLINE void scan_span(const T* x, int64_t n, bool* out) { *out = span_nonfinite(x, n); }
+LVOPT_ALWAYS_INLINE void scan_span(const T* x, int64_t n, bool* out) {
+  *out = span_nonfinite(x, n);
+}
 LVOPT_ISA_DISPATCH(scan_f32_isa, (const float* x, int64_t n, bool* out), (x, n, out),
                    scan_span<float>)
 LVOPT_ISA_DISPATCH(scan_bf16_isa, (const uint16_t* x, int64_t n, bool* out), (x, n, out),
@@ -44,8 +46,7 @@ bool any_nonfinite(at::TensorList tensors) {
 float* check_found_inf(const char* op, const std::optional<at::Tensor>& found_inf) {
   if (!found_inf.has_value()) return nullptr;
   const at::Tensor& f = *found_inf;
-  TORCH_CHECK(f.defined() && f.device().is_cpu() && f.scalar_type() == at::kFloat &&
-                  f.numel() == 1,
+  TORCH_CHECK(f.defined() && f.device().is_cpu() && f.scalar_type() == at::kFloat && f.numel() == 1,
               op, ": found_inf must be a one-element float32 CPU tensor, got ", f.scalar_type(),
               " ", f.sizes(), " on ", f.device());
   return f.data_ptr<float>();

@@ -101,9 +101,9 @@ constexpr int kTrackLanes = 16;
 // untracked loop above stays the hot path.
 template <typename T, typename G, bool kAms = false>
 LVOPT_ALWAYS_INLINE void adamw_tracked_element(T* __restrict p, const G* __restrict g,
-                                               float* __restrict m, float* __restrict v,
-                                               int64_t i, const AdamCoef& c, float& ww,
-                                               float& dd, float* __restrict vmax = nullptr) {
+                                               float* __restrict m, float* __restrict v, int64_t i,
+                                               const AdamCoef& c, float& ww, float& dd,
+                                               float* __restrict vmax = nullptr) {
   const StepPair w = adamw_element_at<kAms>(p, g, m, v, vmax, i, c);
   const float d = w.after - w.before;
   ww += w.before * w.before;

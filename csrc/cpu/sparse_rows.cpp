@@ -36,8 +36,8 @@ struct RowPlan {
 };
 
 RowPlan plan_rows(const char* op, const at::Tensor& indices, int64_t num_rows) {
-  TORCH_CHECK(indices.defined() && indices.device().is_cpu() && indices.scalar_type() == at::kLong &&
-                  indices.dim() == 1,
+  TORCH_CHECK(indices.defined() && indices.device().is_cpu() &&
+                  indices.scalar_type() == at::kLong && indices.dim() == 1,
               op, ": indices must be a 1-D int64 CPU tensor, got ", indices.scalar_type(), " ",
               indices.sizes());
   const at::Tensor idx = indices.contiguous();
@@ -126,8 +126,10 @@ LVOPT_ALWAYS_INLINE void catchup_pass(T* __restrict p, const float* __restrict g
   for (int64_t i = 0; i < n; ++i) {
     const float p0 = load_elem(p, i), m0 = m[i], v0 = v[i];
     float pi = p0, mi = m0, vi = v0;
-    if constexpr (kRev) catchup_apply(pi, mi, vi, catchup_rev_update(m0, sqrtf(v0), cr), cr);
-    else catchup_element_fwd(pi, mi, vi, cr);
+    if constexpr (kRev)
+      catchup_apply(pi, mi, vi, catchup_rev_update(m0, sqrtf(v0), cr), cr);
+    else
+      catchup_element_fwd(pi, mi, vi, cr);
     if constexpr (kStep) adamw_element(pi, g[i], mi, vi, c);
     bool pending = true;
     if constexpr (kRev) pending = flag[i] != 0;
@@ -152,10 +154,10 @@ LVOPT_ISA_DISPATCH(adamw_row_f32,
 LVOPT_ISA_DISPATCH(adamw_row_bf16,
                    (uint16_t* p, const float* g, float* m, float* v, int64_t n, const AdamCoef& c),
                    (p, g, m, v, n, c), (adamw_span<uint16_t, float>))
-#define LVOPT_CATCHUP_PASS(NAME, T, STEP, REV)                                                  \
-  LVOPT_ISA_DISPATCH(NAME,                                                                         \
-                     (T * p, const float* g, float* m, float* v, uint8_t* flag, int64_t n,         \
-                      const CatchupRow& cr, const AdamCoef& c, int64_t* flagged),                  \
+#define LVOPT_CATCHUP_PASS(NAME, T, STEP, REV)                                             \
+  LVOPT_ISA_DISPATCH(NAME,                                                                 \
+                     (T * p, const float* g, float* m, float* v, uint8_t* flag, int64_t n, \
+                      const CatchupRow& cr, const AdamCoef& c, int64_t* flagged),          \
                      (p, g, m, v, flag, n, cr, c, flagged), (catchup_pass<T, STEP, REV>))
 LVOPT_CATCHUP_PASS(catchup_fwd_step_f32, float, true, false)
 LVOPT_CATCHUP_PASS(catchup_fwd_step_bf16, uint16_t, true, false)
@@ -169,8 +171,10 @@ LVOPT_CATCHUP_PASS(catchup_rev_only_bf16, uint16_t, false, true)
 
 template <typename T>
 LVOPT_ALWAYS_INLINE void dispatch_grad_add(float* d, const T* s, int64_t n, bool f) {
-  if constexpr (std::is_same_v<T, float>) grad_add_f32(d, s, n, f);
-  else grad_add_bf16(d, s, n, f);
+  if constexpr (std::is_same_v<T, float>)
+    grad_add_f32(d, s, n, f);
+  else
+    grad_add_bf16(d, s, n, f);
 }
 
 // Pass 3 of a lagging row (see catchup_pass): the elements flagged 2, whose p, m, v the
@@ -318,8 +322,8 @@ void for_each_row_balanced(const RowPlan& plan, bool with_grad, const Fn& fn) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& indices, const at::Tensor& values,
-                                                 int64_t num_rows) {
+std::tuple<at::Tensor, at::Tensor> coalesce_rows(const at::Tensor& indices,
+                                                 const at::Tensor& values, int64_t num_rows) {
   const char* op = "lvopt::coalesce_rows";
   TORCH_CHECK(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
   TORCH_CHECK(values.defined() && values.device().is_cpu() && values.dim() == 2 &&
@@ -379,8 +383,8 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
                    bool exact, const std::optional<at::Tensor>& stats,
                    const std::optional<at::Tensor>& error) {
   const char* op = "lvopt::sparse_adamw_";
-  check_sparse_adamw_args(op, c10::DeviceType::CPU, param, indices, values, exp_avg, exp_avg_sq, step,
-                          hyper, stats);
+  check_sparse_adamw_args(op, c10::DeviceType::CPU, param, indices, values, exp_avg, exp_avg_sq,
+                          step, hyper, stats);
   check_sparse_error(op, error, param);
   if (stats.has_value()) stats->zero_();
   if (stop_for_error(error, indices, param.size(0))) return;
@@ -436,8 +440,10 @@ void sparse_adamw_(const at::Tensor& param, const at::Tensor& indices, const at:
         }
         const bool behind = exact && last[r] < ti - 1;
         if (!behind) {
-          if constexpr (std::is_same_v<T, float>) adamw_row_f32(p, g, m, v, d, coef);
-          else adamw_row_bf16(p, g, m, v, d, coef);
+          if constexpr (std::is_same_v<T, float>)
+            adamw_row_f32(p, g, m, v, d, coef);
+          else
+            adamw_row_bf16(p, g, m, v, d, coef);
         } else {
           catchup_row(p, g, m, v, d, ck, last[r], ti - 1, &coef);
         }
@@ -465,7 +471,8 @@ void sparse_catchup_(const at::Tensor& param, const at::Tensor& indices, const a
   check_sparse_error(op, error, param);
   if (stop_for_error(error, indices, param.size(0))) return;
   const RowPlan plan = plan_rows(op, indices, param.size(0));
-  const Clock ck = check_sparse_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
+  const Clock ck =
+      check_sparse_clock(op, param, last_step, hist, qpow, hyper, hist_base, epoch, window);
   int64_t* last = last_step.data_ptr<int64_t>();
   const int64_t c = static_cast<int64_t>(read_step(step));
   if (rows_clock_bad(plan, last, ck, c, error)) return;

@@ -46,7 +46,8 @@ void free_locked(Workspace& w) {
 
 WorkspaceLease lease_workspace(int64_t floats) {
   Workspace& w = workspace();
-  const int64_t want = (floats * static_cast<int64_t>(sizeof(float)) + kAlign - 1) / kAlign * kAlign;
+  const int64_t want =
+      (floats * static_cast<int64_t>(sizeof(float)) + kAlign - 1) / kAlign * kAlign;
   std::unique_lock<std::mutex> use(w.use, std::try_to_lock);
   if (!use.owns_lock() || floats <= 0) return {};
   std::lock_guard<std::mutex> guard(w.state);

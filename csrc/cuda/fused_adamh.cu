@@ -92,7 +92,8 @@ __global__ void adamh_finalize_kernel(TensorState* __restrict__ st,
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    adamh_apply_kernel(const __grid_constant__ LaunchTable tab, const TensorState* __restrict__ st) {
+    adamh_apply_kernel(const __grid_constant__ LaunchTable tab,
+                       const TensorState* __restrict__ st) {
   const TensorEntry& e = tab.t[find_entry(tab, blockIdx.x)];
   const int64_t begin = static_cast<int64_t>(blockIdx.x - e.block_start) * kChunk;
   const int64_t n = min(kChunk, e.numel - begin);
@@ -176,8 +177,8 @@ at::Tensor zero_stats(const StepArgs& args) {
 // non-finite gradient stopped the step (then the sums are zeros and nothing was written).
 at::Tensor reduce_step(const StepArgs& args, at::TensorList radii,
                        const std::optional<at::Tensor>& found_inf,
-                       const std::vector<int32_t>& first, int64_t total_chunks,
-                       cudaStream_t stream, at::Tensor* st_buf) {
+                       const std::vector<int32_t>& first, int64_t total_chunks, cudaStream_t stream,
+                       at::Tensor* st_buf) {
   // Pass 1 writes the moments, so a non-finite gradient must be found before it (a scan of g).
   if (stop_for_nonfinite(args, first, found_inf, stream)) return zero_stats(args);
   at::Tensor hyper_dev;

@@ -69,12 +69,14 @@ __global__ void __launch_bounds__(kThreads)
     const StepPair w = adamw_element_at<kAms>(p, g, m, v, x, i, c);
     if constexpr (kTrack) track(w.before, w.after, sums);
   }
-  if constexpr (kTrack) block_sum_to<2>(sums, partials + 2 * (static_cast<int64_t>(e.chunk_start) + chunk));
+  if constexpr (kTrack)
+    block_sum_to<2>(sums, partials + 2 * (static_cast<int64_t>(e.chunk_start) + chunk));
 }
 
 // One warp per tensor: stats[i] = its chunks' telemetry sums.
 __global__ void adamw_stats_kernel(const TensorState* __restrict__ st,
-                                   const double* __restrict__ partials, double* __restrict__ stats) {
+                                   const double* __restrict__ partials,
+                                   double* __restrict__ stats) {
   double x[2];
   sum_chunk_partials<2>(st[blockIdx.x], partials, x);
   if (st[blockIdx.x].skip) x[0] = x[1] = 0.0;  // no chunk wrote its partials
@@ -162,9 +164,10 @@ __global__ void __launch_bounds__(kThreads)
 
 void nonfinite_scan_cuda(at::TensorList tensors, const at::Tensor& found_inf) {
   const char* op = "lvopt::nonfinite_scan_";
-  TORCH_CHECK(found_inf.is_cuda() && found_inf.scalar_type() == at::kFloat && found_inf.numel() == 1,
-              op, ": found_inf must be a one-element float32 CUDA tensor, got ",
-              found_inf.scalar_type(), " ", found_inf.sizes(), " on ", found_inf.device());
+  TORCH_CHECK(
+      found_inf.is_cuda() && found_inf.scalar_type() == at::kFloat && found_inf.numel() == 1, op,
+      ": found_inf must be a one-element float32 CUDA tensor, got ", found_inf.scalar_type(), " ",
+      found_inf.sizes(), " on ", found_inf.device());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.device() == found_inf.device() &&
@@ -178,10 +181,11 @@ void nonfinite_scan_cuda(at::TensorList tensors, const at::Tensor& found_inf) {
   for (const at::Tensor& t : tensors) {
     const int64_t n = t.numel();
     if (n == 0) continue;
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
+    const unsigned blocks =
+        static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
     if (t.scalar_type() == at::kFloat) {
-      scan_kernel<float><<<blocks, kThreads, 0, stream>>>(t.data_ptr<float>(), n,
-                                                          found_inf.data_ptr<float>());
+      scan_kernel<float>
+          <<<blocks, kThreads, 0, stream>>>(t.data_ptr<float>(), n, found_inf.data_ptr<float>());
     } else {
       scan_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(
           reinterpret_cast<const uint16_t*>(t.data_ptr()), n, found_inf.data_ptr<float>());

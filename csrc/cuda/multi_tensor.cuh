@@ -114,8 +114,9 @@ static_assert(sizeof(AdvanceTable) <= 4096, "kernel arguments are limited to 4 K
 // With advance = false the counters are read, not incremented: the coefficients of the step
 // they hold (the second op of a step split in two, fused_adamh_apply_).
 static __global__ void advance_kernel(const __grid_constant__ AdvanceTable tab,
-                               const double* __restrict__ hyper, TensorState* __restrict__ st,
-                               bool unit_step, const float* __restrict__ found, bool advance) {
+                                      const double* __restrict__ hyper,
+                                      TensorState* __restrict__ st, bool unit_step,
+                                      const float* __restrict__ found, bool advance) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= tab.count) return;
   const AdvanceSlot& s = tab.s[i];
@@ -194,7 +195,8 @@ template <int N>
 __device__ __forceinline__ void store_f32(float* p, const float (&x)[N]) {
 #pragma unroll
   for (int k = 0; k < N / 4; ++k) {
-    reinterpret_cast<float4*>(p)[k] = make_float4(x[4 * k], x[4 * k + 1], x[4 * k + 2], x[4 * k + 3]);
+    reinterpret_cast<float4*>(p)[k] =
+        make_float4(x[4 * k], x[4 * k + 1], x[4 * k + 2], x[4 * k + 3]);
   }
 }
 
@@ -231,7 +233,8 @@ __device__ __forceinline__ void track(float w0, float w1, double (&sums)[2]) {
   sums[1] += d * d;
 }
 
-__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c, const void* d) {
+__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c,
+                                          const void* d) {
   return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
            reinterpret_cast<uintptr_t>(c) | reinterpret_cast<uintptr_t>(d)) &
           15u) == 0;
@@ -360,8 +363,8 @@ inline at::Tensor advance_steps(const StepArgs& a, at::TensorList radii, bool un
   const auto dev = a.params[0].device();
   // host copy: a hyper table given on the host (a direct call of the op); the optimizer passes
   // its cached device table (lvopt/optim.py), so a step makes no copy here.
-  *hyper_dev = a.hyper.device().is_cpu() ? a.hyper.to(dev, at::kDouble, /*non_blocking=*/true)
-                                         : a.hyper;
+  *hyper_dev =
+      a.hyper.device().is_cpu() ? a.hyper.to(dev, at::kDouble, /*non_blocking=*/true) : a.hyper;
   at::Tensor st = at::empty({n * static_cast<int64_t>(sizeof(TensorState))},
                             a.params[0].options().dtype(at::kByte));
   for (int64_t base = 0; base < n; base += kAdvancePerLaunch) {
@@ -449,7 +452,8 @@ inline void check_found_inf(const char* op, const std::optional<at::Tensor>& fou
   const at::Tensor& f = *found_inf;
   TORCH_CHECK(f.defined() && f.scalar_type() == at::kFloat && f.numel() == 1 &&
                   (a.params.empty() || f.device() == a.params[0].device()),
-              op, ": found_inf must be a one-element float32 tensor on the parameters' device, got ",
+              op,
+              ": found_inf must be a one-element float32 tensor on the parameters' device, got ",
               f.scalar_type(), " ", f.sizes(), " on ", f.device());
 }
 

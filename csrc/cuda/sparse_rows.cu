@@ -1,6 +1,7 @@
-// Sparse embedding rows on CUDA (docs/design.md section 2.3, docs/sparse-rows.md): lvopt::coalesce_rows,
-// sparse_adamw_ (lazy and exact) and sparse_catchup_, with the semantics and checks of the CPU
-// kernels (csrc/cpu/sparse_rows.cpp; the argument checks are lvopt/sparse_args.h, shared).
+// Sparse embedding rows on CUDA (docs/design.md section 2.3, docs/sparse-rows.md):
+// lvopt::coalesce_rows, sparse_adamw_ (lazy and exact) and sparse_catchup_, with the semantics and
+// checks of the CPU kernels (csrc/cpu/sparse_rows.cpp; the argument checks are lvopt/sparse_args.h,
+// shared).
 //
 // The host path of a step reads no device memory and its launches and grid sizes depend only
 // on N (the number of ids), never on the data (the plan of FBGEMM's table-batched embedding
@@ -33,12 +34,12 @@
 // blocks past it return at once. A ring history (kFlagRing: lvopt/sparse.py RingClock, the
 // capturable exact mode) is indexed (step - base) % rows (Clock::ring) and appended by
 // setup_kernel from the device step count and hyper row, so a captured call appends at each
-// replay; catchup_scalars_kernel refuses (kErrClock) a row whose epoch start the ring lost. The error word (sparse_args.h, check_sparse_error) is set on
-// the device and every kernel that writes checks it first, so a bad batch writes nothing; the
-// caller reads it back when it chooses (lvopt/sparse.py). Without an error word (a direct call
-// of the op) the op raises, which needs host reads of the ids' range and of the touched rows'
-// last steps: those sites are marked "host read:" and are the only ones the static scan of
-// tests/test_sync_free.py allows.
+// replay; catchup_scalars_kernel refuses (kErrClock) a row whose epoch start the ring lost. The
+// error word (sparse_args.h, check_sparse_error) is set on the device and every kernel that writes
+// checks it first, so a bad batch writes nothing; the caller reads it back when it chooses
+// (lvopt/sparse.py). Without an error word (a direct call of the op) the op raises, which needs
+// host reads of the ids' range and of the touched rows' last steps: those sites are marked "host
+// read:" and are the only ones the static scan of tests/test_sync_free.py allows.
 //
 // Per element (unchanged): one block per distinct row. Each thread owns fixed columns of the
 // row (16-byte vectors when the row and every gradient row are aligned), sums that row's
@@ -88,8 +89,8 @@ inline int64_t max_pieces(int64_t n) { return n > kRun ? n / 16 + 1 : 0; }
 
 // What every kernel of one call reads: written by setup_kernel.
 struct StepInfo {
-  AdamCoef coef;     // the step's coefficients (sparse_adamw_)
-  int64_t target;    // exact: rows are brought current to this step first
+  AdamCoef coef;  // the step's coefficients (sparse_adamw_)
+  int64_t target;  // exact: rows are brought current to this step first
   int64_t new_last;  // exact: every touched row's last step afterwards
   // exact: the betas and eps of Clock::row, from the hyper row where it lives (a device row, as
   // a captured step passes, is read here and nowhere on the host)
@@ -118,7 +119,7 @@ __device__ __forceinline__ AdamCoef load_coef(const StepInfo* __restrict__ info)
 // nothing is read on the host, and a captured graph reads the current values at each replay)
 // or on the host (values passed by value).
 struct StepSource {
-  const float* step_f32 = nullptr;   // device counter, one of the two, or neither
+  const float* step_f32 = nullptr;  // device counter, one of the two, or neither
   const double* step_f64 = nullptr;
   double step_host = 0.0;
   const double* hyper_dev = nullptr;  // device row [kHyperCols], or nullptr
@@ -140,19 +141,19 @@ struct DevicePlan {
 // Pointers of one launch (the kernels' arguments).
 template <typename T>
 struct RowArgs {
-  T* p;              // [V, d] table
+  T* p;  // [V, d] table
   float* m;
   float* v;
-  const T* vals;     // [N, d] gradient rows as given (nullptr: catch-up only)
-  const int64_t* rows, *offsets, *perm;
-  const int64_t* num_runs;    // U, on the device
-  const float* partials;      // [max_parts, d] sums of kRun gradient rows each (long runs only)
+  const T* vals;  // [N, d] gradient rows as given (nullptr: catch-up only)
+  const int64_t *rows, *offsets, *perm;
+  const int64_t* num_runs;  // U, on the device
+  const float* partials;  // [max_parts, d] sums of kRun gradient rows each (long runs only)
   const int64_t* part_start;  // [N] first partial of a row given more than kRun times
-  int64_t* last;     // last_step (exact mode), else nullptr
-  int64_t* err;      // the error word: nonzero -> write nothing
+  int64_t* last;  // last_step (exact mode), else nullptr
+  int64_t* err;  // the error word: nonzero -> write nothing
   const StepInfo* info;
   int64_t d;
-  bool vec;          // every row start (table and gradient rows) is 16-byte aligned
+  bool vec;  // every row start (table and gradient rows) is 16-byte aligned
 };
 
 // The gradient of `col` (N consecutive columns starting there) of distinct row k, whose
@@ -279,7 +280,8 @@ __device__ __forceinline__ void row_columns(const RowArgs<T>& a, int64_t k, int6
 // between rev_v and fwd_v: too close to eps**2 for either series; ~2e-5 of the elements). The
 // row's v is read here first; the update's second read of it hits the cache.
 template <typename T>
-__device__ __forceinline__ bool row_needs_loop(const RowArgs<T>& a, int64_t k, const CatchupRow& cr) {
+__device__ __forceinline__ bool row_needs_loop(const RowArgs<T>& a, int64_t k,
+                                               const CatchupRow& cr) {
   const float* v = a.v + a.rows[k] * a.d;
   bool mid = false;
   int64_t done = 0;
@@ -321,7 +323,8 @@ __global__ void piece_table_kernel(const int64_t* __restrict__ offsets,
 // bc2^(h/2) from sqrt and products; libm's last bits may differ from the host's). The ring holds
 // the last ck.ring steps; a row whose epoch start has been overwritten sets kErrClock
 // (catchup_scalars_kernel).
-__device__ void append_history(const Clock& ck, int64_t t, double lr, double wd, double b1, double b2) {
+__device__ void append_history(const Clock& ck, int64_t t, double lr, double wd, double b1,
+                               double b2) {
   double* out = const_cast<double*>(ck.at(t));
   const double* prev = ck.at(t - 1);
   const int64_t b = ck.base + ck.epoch * ((t - 1 - ck.base) / ck.epoch);
@@ -335,11 +338,13 @@ __device__ void append_history(const Clock& ck, int64_t t, double lr, double wd,
   const double scale = exp(ck.at(b)[kHLogPi] - log_pi);
   const double lb = lr / bc1;
   // bc2^(h/2) for M_0..M_3 (h = 1..4) and N_1..N_4 (h = 0, -1, -2, -3).
-  const double pw[kHistSeries] = {sb, bc2, bc2 * sb, bc2 * bc2, 1.0, 1.0 / sb, 1.0 / bc2, 1.0 / (bc2 * sb)};
+  const double pw[kHistSeries] = {sb,  bc2,      bc2 * sb,  bc2 * bc2,
+                                  1.0, 1.0 / sb, 1.0 / bc2, 1.0 / (bc2 * sb)};
   double series[kHistSeries];
 #pragma unroll
   for (int i = 0; i < kHistSeries; ++i) {
-    series[i] = (inside ? prev[kHSeries + i] : 0.0) + lb * pw[i] * ck.qpow[i * ck.qcols + k + ck.epoch] * scale;
+    series[i] = (inside ? prev[kHSeries + i] : 0.0) +
+                lb * pw[i] * ck.qpow[i * ck.qcols + k + ck.epoch] * scale;
   }
   out[kHLr] = lr;
   out[kHDecay] = d;
@@ -377,12 +382,14 @@ __global__ void setup_kernel(StepSource src, const int64_t* __restrict__ id_min,
   // local memory).
   double row[kHyperCols];
 #pragma unroll
-  for (int i = 0; i < kHyperCols; ++i) row[i] = src.hyper_dev != nullptr ? src.hyper_dev[i] : src.hyper_host[i];
+  for (int i = 0; i < kHyperCols; ++i)
+    row[i] = src.hyper_dev != nullptr ? src.hyper_dev[i] : src.hyper_host[i];
   if (exact) {
     info->clock_beta1 = row[kBeta1];
     info->clock_beta2 = row[kBeta2];
     info->clock_eps = static_cast<float>(row[kEps]);
-    const bool covered = ck.ring > 0 ? target >= ck.base : target >= ck.base && target - ck.base < ck.hist_rows;
+    const bool covered =
+        ck.ring > 0 ? target >= ck.base : target >= ck.base && target - ck.base < ck.hist_rows;
     if (!covered) err[0] |= kErrClock;
     if (step_op && ck.ring > 0 && err[0] == 0) {
       append_history(ck, target + 1, row[kLr], row[kWeightDecay], row[kBeta1], row[kBeta2]);
@@ -426,9 +433,11 @@ __global__ void __launch_bounds__(128)
   row_last[k] = s;
   // A ring history must still hold the row's epoch start (and not have reused its slot for the
   // step this call appended).
-  const bool lost = ck.ring > 0 && target + 1 - (ck.base + ck.epoch * ((s - ck.base) / ck.epoch)) >= ck.ring;
+  const bool lost =
+      ck.ring > 0 && target + 1 - (ck.base + ck.epoch * ((s - ck.base) / ck.epoch)) >= ck.ring;
   if (s < ck.base || s > target || lost) {
-    atomicOr(reinterpret_cast<unsigned long long*>(err), static_cast<unsigned long long>(kErrClock));
+    atomicOr(reinterpret_cast<unsigned long long*>(err),
+             static_cast<unsigned long long>(kErrClock));
     return;
   }
   if (s < target) {
@@ -568,7 +577,8 @@ __device__ __forceinline__ void coalesce_columns(const RowArgs<T>& a, int64_t k,
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) coalesce_kernel(const RowArgs<T> a, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    coalesce_kernel(const RowArgs<T> a, T* __restrict__ out) {
   constexpr int N = VecWidth<T>::value;
   const int64_t k = blockIdx.x;
   if (k >= *a.num_runs) return;
@@ -594,7 +604,8 @@ template <typename Call>
 void cub_call(const at::Tensor& like, Call&& call) {
   size_t bytes = 0;
   C10_CUDA_CHECK(call(nullptr, bytes));
-  const at::Tensor tmp = at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
+  const at::Tensor tmp =
+      at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
   C10_CUDA_CHECK(call(tmp.data_ptr(), bytes));
 }
 
@@ -637,14 +648,14 @@ DevicePlan plan_rows(const at::Tensor& idx, int64_t num_rows, int64_t d, cudaStr
   const at::Tensor iota = at::arange(n, opt);
   const int bits = key_bits(num_rows);
   cub_call(idx, [&](void* tmp, size_t& bytes) {
-    return cub::DeviceRadixSort::SortPairs(tmp, bytes, idx.data_ptr<int64_t>(), plan.sorted.data_ptr<int64_t>(),
-                                           iota.data_ptr<int64_t>(), plan.perm.data_ptr<int64_t>(), items,
-                                           0, bits, stream);
+    return cub::DeviceRadixSort::SortPairs(
+        tmp, bytes, idx.data_ptr<int64_t>(), plan.sorted.data_ptr<int64_t>(),
+        iota.data_ptr<int64_t>(), plan.perm.data_ptr<int64_t>(), items, 0, bits, stream);
   });
   cub_call(idx, [&](void* tmp, size_t& bytes) {
-    return cub::DeviceRunLengthEncode::Encode(tmp, bytes, plan.sorted.data_ptr<int64_t>(),
-                                              plan.rows.data_ptr<int64_t>(), plan.counts.data_ptr<int64_t>(),
-                                              plan.num_runs.data_ptr<int64_t>(), items, stream);
+    return cub::DeviceRunLengthEncode::Encode(
+        tmp, bytes, plan.sorted.data_ptr<int64_t>(), plan.rows.data_ptr<int64_t>(),
+        plan.counts.data_ptr<int64_t>(), plan.num_runs.data_ptr<int64_t>(), items, stream);
   });
   // counts past U are the zeros they were made with: offsets[U] = N.
   cub_call(idx, [&](void* tmp, size_t& bytes) {
@@ -658,8 +669,9 @@ DevicePlan plan_rows(const at::Tensor& idx, int64_t num_rows, int64_t d, cudaStr
     plan.owner = at::empty({plan.max_parts}, opt);
     plan.partials = at::empty({plan.max_parts, d}, opt.dtype(at::kFloat));
     piece_table_kernel<<<grid_of(n, 128), 128, 0, stream>>>(
-        plan.offsets.data_ptr<int64_t>(), plan.num_runs.data_ptr<int64_t>(), plan.part_start.data_ptr<int64_t>(),
-        plan.owner.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(plan.pieces.data_ptr<int64_t>()));
+        plan.offsets.data_ptr<int64_t>(), plan.num_runs.data_ptr<int64_t>(),
+        plan.part_start.data_ptr<int64_t>(), plan.owner.data_ptr<int64_t>(),
+        reinterpret_cast<unsigned long long*>(plan.pieces.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return plan;
@@ -716,7 +728,8 @@ template <typename T>
 void sum_long_runs(const RowArgs<T>& a, const DevicePlan& plan, cudaStream_t stream) {
   if (plan.max_parts == 0) return;
   partial_sums_kernel<T><<<grid_of(plan.max_parts, 1), kThreads, 0, stream>>>(
-      a, plan.owner.data_ptr<int64_t>(), plan.pieces.data_ptr<int64_t>(), plan.partials.data_ptr<float>());
+      a, plan.owner.data_ptr<int64_t>(), plan.pieces.data_ptr<int64_t>(),
+      plan.partials.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -765,22 +778,23 @@ at::Tensor error_word(const std::optional<at::Tensor>& error, const at::Tensor& 
 }
 
 // Queues the ids' range check and setup_kernel; returns the StepInfo buffer.
-at::Tensor setup(const at::Tensor& idx, int64_t num_rows, const StepSource& src, bool step_op, bool exact,
-                 const Clock& ck, const at::Tensor& err, cudaStream_t stream) {
-  const at::Tensor info = at::empty({static_cast<int64_t>((sizeof(StepInfo) + 7) / 8)}, err.options());
+at::Tensor setup(const at::Tensor& idx, int64_t num_rows, const StepSource& src, bool step_op,
+                 bool exact, const Clock& ck, const at::Tensor& err, cudaStream_t stream) {
+  const at::Tensor info =
+      at::empty({static_cast<int64_t>((sizeof(StepInfo) + 7) / 8)}, err.options());
   at::Tensor lo, hi;
   if (idx.numel() > 0) std::tie(lo, hi) = at::aminmax(idx);
   setup_kernel<<<1, 1, 0, stream>>>(src, idx.numel() > 0 ? lo.data_ptr<int64_t>() : nullptr,
-                                    idx.numel() > 0 ? hi.data_ptr<int64_t>() : nullptr, num_rows, step_op, exact,
-                                    ck, err.data_ptr<int64_t>(),
+                                    idx.numel() > 0 ? hi.data_ptr<int64_t>() : nullptr, num_rows,
+                                    step_op, exact, ck, err.data_ptr<int64_t>(),
                                     reinterpret_cast<StepInfo*>(info.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return info;
 }
 
 // The touched rows' last_step range checked against the clock, for a call that raises.
-void raise_for_clock(const char* op, const at::Tensor& last_step, const at::Tensor& idx, const Clock& ck,
-                     int64_t target) {
+void raise_for_clock(const char* op, const at::Tensor& last_step, const at::Tensor& idx,
+                     const Clock& ck, int64_t target) {
   int64_t lo = target, hi = ck.base;
   if (idx.numel() > 0) {
     const auto [mn, mx] = at::aminmax(last_step.index_select(0, idx));
@@ -802,9 +816,8 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows_cuda(const at::Tensor& indices,
   TORCH_CHECK(values.defined() && values.device() == indices.device() && values.dim() == 2 &&
                   values.size(0) == indices.numel() &&
                   (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
-              op, ": values must be a float32/bfloat16 tensor on ", indices.device(),
-              " of shape [", indices.numel(), ", width], got ", values.scalar_type(), " ",
-              values.sizes());
+              op, ": values must be a float32/bfloat16 tensor on ", indices.device(), " of shape [",
+              indices.numel(), ", width], got ", values.scalar_type(), " ", values.sizes());
   const c10::cuda::CUDAGuard guard(indices.device());
   const at::Tensor idx = indices.contiguous();
   raise_for_ids(op, idx, num_rows);
@@ -826,11 +839,14 @@ std::tuple<at::Tensor, at::Tensor> coalesce_rows_cuda(const at::Tensor& indices,
     // The table is the output here: its pointer stands in for p, m and v in the alignment test.
     a.vec = rows_vectorisable<T>(out.data_ptr(), out.data_ptr(), out.data_ptr(), a.vals, d);
     sum_long_runs(a, plan, stream);
-    coalesce_kernel<T><<<grid_of(u, 1), kThreads, 0, stream>>>(a, reinterpret_cast<T*>(out.data_ptr()));
+    coalesce_kernel<T>
+        <<<grid_of(u, 1), kThreads, 0, stream>>>(a, reinterpret_cast<T*>(out.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (vals.scalar_type() == at::kFloat) launch(static_cast<float*>(nullptr));
-  else launch(static_cast<uint16_t*>(nullptr));
+  if (vals.scalar_type() == at::kFloat)
+    launch(static_cast<float*>(nullptr));
+  else
+    launch(static_cast<uint16_t*>(nullptr));
   return {rows, out};
 }
 
@@ -845,15 +861,17 @@ ExactState exact_state(const at::Tensor& last_step, const DevicePlan& plan, cons
   ExactState out;
   const int64_t n = plan.n;
   out.last = at::empty({n}, last_step.options());
-  out.cr = at::empty({n * static_cast<int64_t>(sizeof(CatchupRow))}, last_step.options().dtype(at::kByte));
+  out.cr = at::empty({n * static_cast<int64_t>(sizeof(CatchupRow))},
+                     last_step.options().dtype(at::kByte));
   out.loop = at::zeros({n + 1}, last_step.options());
   out.rows.last = out.last.data_ptr<int64_t>();
   out.rows.cr = reinterpret_cast<const CatchupRow*>(out.cr.data_ptr());
   out.rows.loop_count = reinterpret_cast<int32_t*>(out.loop.data_ptr<int64_t>());
   out.rows.loop_rows = out.loop.data_ptr<int64_t>() + 1;
   catchup_scalars_kernel<<<grid_of(n, 128), 128, 0, stream>>>(
-      plan.rows.data_ptr<int64_t>(), plan.num_runs.data_ptr<int64_t>(), last_step.data_ptr<int64_t>(), ck,
-      reinterpret_cast<const StepInfo*>(info.data_ptr()), err.data_ptr<int64_t>(), out.last.data_ptr<int64_t>(),
+      plan.rows.data_ptr<int64_t>(), plan.num_runs.data_ptr<int64_t>(),
+      last_step.data_ptr<int64_t>(), ck, reinterpret_cast<const StepInfo*>(info.data_ptr()),
+      err.data_ptr<int64_t>(), out.last.data_ptr<int64_t>(),
       reinterpret_cast<CatchupRow*>(out.cr.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -861,12 +879,14 @@ ExactState exact_state(const at::Tensor& last_step, const DevicePlan& plan, cons
 
 // The row kernel, then (exact mode) the loop kernel for the rows it listed; both over N blocks.
 template <typename T, bool kExact, bool kStep, bool kTrack>
-void launch_rows(const RowArgs<T>& a, const Clock& ck, const ExactRows& ex, double* row_stats, int64_t n,
-                 cudaStream_t stream) {
-  sparse_rows_kernel<T, kExact, kStep, kTrack><<<grid_of(n, 1), kThreads, 0, stream>>>(a, ex, row_stats);
+void launch_rows(const RowArgs<T>& a, const Clock& ck, const ExactRows& ex, double* row_stats,
+                 int64_t n, cudaStream_t stream) {
+  sparse_rows_kernel<T, kExact, kStep, kTrack>
+      <<<grid_of(n, 1), kThreads, 0, stream>>>(a, ex, row_stats);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if constexpr (kExact) {
-    loop_rows_kernel<T, kStep, kTrack><<<grid_of(n, 1), kThreads, 0, stream>>>(a, ex, ck, row_stats);
+    loop_rows_kernel<T, kStep, kTrack>
+        <<<grid_of(n, 1), kThreads, 0, stream>>>(a, ex, ck, row_stats);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -897,8 +917,9 @@ void check_hyper_layout(const char* op, const at::Tensor& param, const at::Tenso
   TORCH_CHECK(hyper.defined() && (hyper.device().is_cpu() || hyper.device() == param.device()) &&
                   hyper.scalar_type() == at::kDouble && hyper.dim() == 2 && hyper.size(0) == 1 &&
                   hyper.size(1) == kHyperCols && hyper.is_contiguous(),
-              op, ": hyper must be a contiguous float64 tensor of shape [1, ", static_cast<int>(kHyperCols),
-              "] on the CPU or ", param.device(), ", got ", hyper.scalar_type(), " ", hyper.sizes());
+              op, ": hyper must be a contiguous float64 tensor of shape [1, ",
+              static_cast<int>(kHyperCols), "] on the CPU or ", param.device(), ", got ",
+              hyper.scalar_type(), " ", hyper.sizes());
 }
 
 // The hyper row's values as check_sparse_table wants them: a host row is checked there; a device
@@ -911,29 +932,30 @@ at::Tensor host_checkable_hyper(const at::Tensor& hyper) {
 
 // The `flags` argument: known bits only; a ring history (kFlagRing) is exact mode's, on the
 // device, with an error word (its coverage is decided on the device, never raised).
-void check_flags(const char* op, int64_t flags, bool exact, const at::Tensor& param, const at::Tensor& hist,
-                 const std::optional<at::Tensor>& error) {
+void check_flags(const char* op, int64_t flags, bool exact, const at::Tensor& param,
+                 const at::Tensor& hist, const std::optional<at::Tensor>& error) {
   TORCH_CHECK((flags & ~(kFlagCoalesced | kFlagRing)) == 0, op, ": flags must be a combination of ",
               kFlagCoalesced, " (coalesced ids) and ", kFlagRing, " (ring history), got ", flags);
   if ((flags & kFlagRing) == 0) return;
   TORCH_CHECK(exact, op, ": flags has the ring-history bit (", kFlagRing, ") but exact is false");
-  TORCH_CHECK(hist.device() == param.device() && hist.size(0) >= 2, op,
-              ": a ring history (flags ", kFlagRing, ") must be on ", param.device(),
-              " with at least 2 rows, got ", hist.sizes(), " on ", hist.device());
+  TORCH_CHECK(hist.device() == param.device() && hist.size(0) >= 2, op, ": a ring history (flags ",
+              kFlagRing, ") must be on ", param.device(), " with at least 2 rows, got ",
+              hist.sizes(), " on ", hist.device());
   TORCH_CHECK(error.has_value(), op, ": a ring history (flags ", kFlagRing,
               ") needs an error word (its coverage is checked on the device)");
 }
 
 void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const at::Tensor& values,
-                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& step,
-                       const at::Tensor& last_step, const at::Tensor& hist, const at::Tensor& qpow,
-                       const at::Tensor& hyper, int64_t hist_base, int64_t epoch, int64_t window,
-                       bool exact, const std::optional<at::Tensor>& stats,
+                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                       const at::Tensor& step, const at::Tensor& last_step, const at::Tensor& hist,
+                       const at::Tensor& qpow, const at::Tensor& hyper, int64_t hist_base,
+                       int64_t epoch, int64_t window, bool exact,
+                       const std::optional<at::Tensor>& stats,
                        const std::optional<at::Tensor>& error, int64_t flags) {
   const char* op = "lvopt::sparse_adamw_";
   check_hyper_layout(op, param, hyper);
-  check_sparse_adamw_args(op, c10::DeviceType::CUDA, param, indices, values, exp_avg, exp_avg_sq, step,
-                          host_checkable_hyper(hyper), stats);
+  check_sparse_adamw_args(op, c10::DeviceType::CUDA, param, indices, values, exp_avg, exp_avg_sq,
+                          step, host_checkable_hyper(hyper), stats);
   check_sparse_error(op, error, param);
   check_flags(op, flags, exact, param, hist, error);
   const c10::cuda::CUDAGuard guard(param.device());
@@ -943,8 +965,8 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
   if (!error.has_value()) raise_for_ids(op, idx, param.size(0));
   Clock host_view{};
   if (exact) {
-    host_view = check_sparse_clock(op, param, last_step, hist, qpow, host_checkable_hyper(hyper), hist_base, epoch,
-                                   window);
+    host_view = check_sparse_clock(op, param, last_step, hist, qpow, host_checkable_hyper(hyper),
+                                   hist_base, epoch, window);
     if (!error.has_value()) {
       // host read: the step count, for a call that raises (no error word given).
       const int64_t target = static_cast<int64_t>(read_step(step));
@@ -955,7 +977,8 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
   const StepSource src = step_source(step, hyper);
   DeviceClock dck;
   if (exact) dck = device_clock(host_view, hist, qpow, param.device(), (flags & kFlagRing) != 0);
-  const at::Tensor info = setup(idx, param.size(0), src, /*step_op=*/true, exact, dck.ck, err, stream);
+  const at::Tensor info =
+      setup(idx, param.size(0), src, /*step_op=*/true, exact, dck.ck, err, stream);
   if (stats.has_value()) stats->zero_();
   if (step.device().is_cpu()) write_step(step, src.step_host + 1.0);  // a host counter: not gated
   const int64_t n = idx.numel();
@@ -968,7 +991,8 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
       row_stats = at::zeros({n, 2}, param.options().dtype(at::kDouble));
       rs = row_stats.data_ptr<double>();
     }
-    const ExactState xs = exact ? exact_state(last_step, plan, dck.ck, info, err, stream) : ExactState{};
+    const ExactState xs =
+        exact ? exact_state(last_step, plan, dck.ck, info, err, stream) : ExactState{};
     const StepInfo* ip = reinterpret_cast<const StepInfo*>(info.data_ptr());
     const auto run = [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -976,18 +1000,24 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
                                          exact ? last_step.data_ptr<int64_t>() : nullptr);
       sum_long_runs(a, plan, stream);
       if (exact) {
-        if (rs) launch_rows<T, true, true, true>(a, dck.ck, xs.rows, rs, n, stream);
-        else launch_rows<T, true, true, false>(a, dck.ck, xs.rows, rs, n, stream);
+        if (rs)
+          launch_rows<T, true, true, true>(a, dck.ck, xs.rows, rs, n, stream);
+        else
+          launch_rows<T, true, true, false>(a, dck.ck, xs.rows, rs, n, stream);
       } else {
-        if (rs) launch_rows<T, false, true, true>(a, dck.ck, xs.rows, rs, n, stream);
-        else launch_rows<T, false, true, false>(a, dck.ck, xs.rows, rs, n, stream);
+        if (rs)
+          launch_rows<T, false, true, true>(a, dck.ck, xs.rows, rs, n, stream);
+        else
+          launch_rows<T, false, true, false>(a, dck.ck, xs.rows, rs, n, stream);
       }
     };
-    if (param.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
-    else run(static_cast<uint16_t*>(nullptr));
+    if (param.scalar_type() == at::kFloat)
+      run(static_cast<float*>(nullptr));
+    else
+      run(static_cast<uint16_t*>(nullptr));
     if (rs != nullptr) {
-      row_stats_kernel<<<1, 32, 0, stream>>>(rs, plan.num_runs.data_ptr<int64_t>(), err.data_ptr<int64_t>(),
-                                            stats->data_ptr<double>());
+      row_stats_kernel<<<1, 32, 0, stream>>>(rs, plan.num_runs.data_ptr<int64_t>(),
+                                             err.data_ptr<int64_t>(), stats->data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -1001,21 +1031,22 @@ void sparse_adamw_cuda(const at::Tensor& param, const at::Tensor& indices, const
 
 void sparse_catchup_cuda(const at::Tensor& param, const at::Tensor& indices,
                          const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                         const at::Tensor& step, const at::Tensor& last_step, const at::Tensor& hist,
-                         const at::Tensor& qpow, const at::Tensor& hyper, int64_t hist_base,
-                         int64_t epoch, int64_t window, const std::optional<at::Tensor>& error,
-                         int64_t flags) {
+                         const at::Tensor& step, const at::Tensor& last_step,
+                         const at::Tensor& hist, const at::Tensor& qpow, const at::Tensor& hyper,
+                         int64_t hist_base, int64_t epoch, int64_t window,
+                         const std::optional<at::Tensor>& error, int64_t flags) {
   const char* op = "lvopt::sparse_catchup_";
   check_hyper_layout(op, param, hyper);
-  check_sparse_table(op, c10::DeviceType::CUDA, param, exp_avg, exp_avg_sq, step, host_checkable_hyper(hyper));
+  check_sparse_table(op, c10::DeviceType::CUDA, param, exp_avg, exp_avg_sq, step,
+                     host_checkable_hyper(hyper));
   check_sparse_indices(op, indices, param);
   check_sparse_error(op, error, param);
   check_flags(op, flags, true, param, hist, error);
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor idx = indices.contiguous();
-  const Clock host_view =
-      check_sparse_clock(op, param, last_step, hist, qpow, host_checkable_hyper(hyper), hist_base, epoch, window);
+  const Clock host_view = check_sparse_clock(op, param, last_step, hist, qpow,
+                                             host_checkable_hyper(hyper), hist_base, epoch, window);
   if (!error.has_value()) {
     raise_for_ids(op, idx, param.size(0));
     // host read: the step count, for a call that raises (no error word given).
@@ -1023,9 +1054,10 @@ void sparse_catchup_cuda(const at::Tensor& param, const at::Tensor& indices,
   }
   const int64_t n = idx.numel(), d = param.size(1);
   const at::Tensor err = error_word(error, param);
-  const DeviceClock dck = device_clock(host_view, hist, qpow, param.device(), (flags & kFlagRing) != 0);
-  const at::Tensor info = setup(idx, param.size(0), step_source(step, hyper), /*step_op=*/false, true, dck.ck, err,
-                                stream);
+  const DeviceClock dck =
+      device_clock(host_view, hist, qpow, param.device(), (flags & kFlagRing) != 0);
+  const at::Tensor info = setup(idx, param.size(0), step_source(step, hyper), /*step_op=*/false,
+                                true, dck.ck, err, stream);
   if (n == 0 || d == 0) return;
   const DevicePlan plan = plan_rows(idx, param.size(0), d, stream, (flags & kFlagCoalesced) != 0);
   const ExactState xs = exact_state(last_step, plan, dck.ck, info, err, stream);
@@ -1036,8 +1068,10 @@ void sparse_catchup_cuda(const at::Tensor& param, const at::Tensor& indices,
                                        last_step.data_ptr<int64_t>());
     launch_rows<T, true, false, false>(a, dck.ck, xs.rows, nullptr, n, stream);
   };
-  if (param.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
-  else run(static_cast<uint16_t*>(nullptr));
+  if (param.scalar_type() == at::kFloat)
+    run(static_cast<float*>(nullptr));
+  else
+    run(static_cast<uint16_t*>(nullptr));
 }
 
 }  // namespace

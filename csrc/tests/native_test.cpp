@@ -63,8 +63,9 @@ Lists clone(const Lists& l) {
 }
 
 // The AdamW of docs/design.md section 2.1 in fp64, in place on fp64 copies.
-void ref_adamw(std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, std::vector<at::Tensor>& m,
-               std::vector<at::Tensor>& v, double step, const at::Tensor& hyper) {
+void ref_adamw(std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g,
+               std::vector<at::Tensor>& m, std::vector<at::Tensor>& v, double step,
+               const at::Tensor& hyper) {
   auto h = hyper.accessor<double, 2>();
   for (size_t i = 0; i < p.size(); ++i) {
     const double lr = h[i][0], b1 = h[i][1], b2 = h[i][2], wd = h[i][3], eps = h[i][4];
@@ -77,9 +78,9 @@ void ref_adamw(std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, std
   }
 }
 
-void ref_adamh(std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g, std::vector<at::Tensor>& m,
-               std::vector<at::Tensor>& v, double step, const at::Tensor& hyper,
-               const std::vector<double>& radius) {
+void ref_adamh(std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g,
+               std::vector<at::Tensor>& m, std::vector<at::Tensor>& v, double step,
+               const at::Tensor& hyper, const std::vector<double>& radius) {
   auto h = hyper.accessor<double, 2>();
   for (size_t i = 0; i < p.size(); ++i) {
     const double lr = h[i][0], b1 = h[i][1], b2 = h[i][2], eps = h[i][4];
@@ -104,27 +105,27 @@ double max_rel(const at::Tensor& a, const at::Tensor& b) {
   return ((a.to(at::kDouble) - b).abs().max() / b.abs().max().clamp_min(1e-30)).item<double>();
 }
 
-const std::vector<std::vector<int64_t>> kShapes = {{1}, {17}, {33, 65}, {65536 + 3}, {0}, {3, 4, 5}};
+const std::vector<std::vector<int64_t>> kShapes = {{1},         {17}, {33, 65},
+                                                   {65536 + 3}, {0},  {3, 4, 5}};
 
 void test_adamw(at::ScalarType dt, bool maximize) {
   Lists s = make_state(kShapes, dt);
   auto rp = to_double(s[0]), rm = to_double(s[2]), rv = to_double(s[3]);
   at::Tensor hyper = make_hyper(static_cast<int64_t>(kShapes.size()), 0.1, maximize);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lvopt::fused_adamw_", "")
-                       .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                                   at::TensorList, const at::Tensor&,
-                                   const std::optional<at::Tensor>&,
-                                   const std::optional<at::Tensor>&,
-                                   std::optional<at::TensorList>)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lvopt::fused_adamw_", "")
+          .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                      at::TensorList, const at::Tensor&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, std::optional<at::TensorList>)>();
   for (int step = 3; step <= 5; ++step) {
     op.call(s[0], s[1], s[2], s[3], s[4], hyper, std::nullopt, std::nullopt, std::nullopt);
     ref_adamw(rp, s[1], rm, rv, step, hyper);
   }
   const double tol = dt == at::kFloat ? 1e-5 : 2e-2;
   for (size_t i = 0; i < kShapes.size(); ++i) {
-    const std::string what = std::string("adamw ") + c10::toString(dt) + (maximize ? " maximize" : "") +
-                             " tensor " + std::to_string(i);
+    const std::string what = std::string("adamw ") + c10::toString(dt) +
+                             (maximize ? " maximize" : "") + " tensor " + std::to_string(i);
     check(max_rel(s[0][i], rp[i]) < tol, what + " params");
     check(max_rel(s[2][i], rm[i]) < 1e-5 && max_rel(s[3][i], rv[i]) < 1e-5, what + " moments");
     check(s[4][i].item<float>() == 5.0f, what + " step count");
@@ -180,7 +181,8 @@ void test_errors_write_nothing() {
   s[1][1] = at::randn({7});
   bool threw = false;
   try {
-    lvopt::cpu::fused_adamw_(s[0], s[1], s[2], s[3], s[4], make_hyper(2, 0.1, false), std::nullopt, std::nullopt);
+    lvopt::cpu::fused_adamw_(s[0], s[1], s[2], s[3], s[4], make_hyper(2, 0.1, false), std::nullopt,
+                             std::nullopt);
   } catch (const c10::Error& e) {
     threw = std::string(e.what()).find("grads[1] has shape") != std::string::npos;
   }
@@ -203,7 +205,8 @@ void test_nonfinite_skip(at::ScalarType dt, float bad) {
   bool same = true;
   for (int k : {0, 2, 3, 4})
     for (size_t i = 0; i < s[k].size(); ++i) same = same && at::equal(s[k][i], before[k][i]);
-  const std::string what = std::string("nonfinite ") + c10::toString(dt) + " " + std::to_string(bad);
+  const std::string what =
+      std::string("nonfinite ") + c10::toString(dt) + " " + std::to_string(bad);
   check(same && found.item<float>() == 1.0f, what + ": adamw skipped, found_inf set");
   std::vector<at::Tensor> radii = {at::ones({}, at::kDouble), at::ones({}, at::kDouble)};
   found.zero_();
@@ -246,7 +249,8 @@ int main() {
   at::manual_seed(0);
   for (auto dt : {at::kFloat, at::kBFloat16})
     for (bool maximize : {false, true}) test_adamw(dt, maximize);
-  for (int64_t cap : {int64_t{512} << 20, int64_t{4} * (2048 * 2049 + 16), int64_t{4} * 80000, int64_t{0}}) {
+  for (int64_t cap :
+       {int64_t{512} << 20, int64_t{4} * (2048 * 2049 + 16), int64_t{4} * 80000, int64_t{0}}) {
     test_adamh(cap);
   }
   test_threads_give_same_bits();

@@ -15,6 +15,7 @@ e = 0 at every V; LV s = 1/2, e = -1/2 when V >> width, so Δs = 1/2. AdamH (hyp
 
     python experiments/lv_rule/analyze.py [runs.csv] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,12 +69,18 @@ def cells(rows, min_ks=3):
         for r in sel:
             L[seeds.index(r["seed"]), ks.index(r["k"])] = r["loss"] if math.isfinite(r["loss"]) else 1e9
             lr[r["k"]] = r["lr_embedding"]
-        ok = ~np.isnan(L).any(0)          # keep grid points that every seed has
+        ok = ~np.isnan(L).any(0)  # keep grid points that every seed has
         ks = [k for k, m in zip(ks, ok) if m]
         if len(ks) < min_ks:
             continue
-        out[(o, V, w, h)] = dict(lr_hidden=h, nominal=abs(h / nominal_hidden(rows, o, w) - 1) < 1e-6, ks=ks,
-                                 seeds=seeds, L=L[:, ok], lr=[lr[k] for k in ks])
+        out[(o, V, w, h)] = dict(
+            lr_hidden=h,
+            nominal=abs(h / nominal_hidden(rows, o, w) - 1) < 1e-6,
+            ks=ks,
+            seeds=seeds,
+            L=L[:, ok],
+            lr=[lr[k] for k in ks],
+        )
     return out
 
 
@@ -99,6 +106,7 @@ def ols(x, y):
     n = len(x)
     if n > 2:
         from scipy import stats
+
         res = y - X @ coef
         se = math.sqrt(float(res @ res) / (n - 2) / float(((x - x.mean()) ** 2).sum()))
         t = float(stats.t.ppf(0.975, n - 2))
@@ -115,18 +123,29 @@ def _cell_optimum(c, rng, n_boot):
     S, L = len(c["seeds"]), c["L"]
     r = L - L.mean(1, keepdims=True) - L.mean(0, keepdims=True) + L.mean()
     dof = (S - 1) * (L.shape[1] - 1)
-    sig = math.sqrt(float((r ** 2).sum()) / dof / S) if dof > 0 else 0.0
+    sig = math.sqrt(float((r**2).sum()) / dof / S) if dof > 0 else 0.0
     c["boot"] = np.asarray([optimum(c["ks"], c["lr"], m + rng.normal(0.0, sig, m.shape))[0] for _ in range(n_boot)])
     c["opt"], c["bracketed"], c["best_loss"] = x, br, float(m[i])
     c["best_loss_se"] = float(L[:, i].std(ddof=1) / math.sqrt(S)) if S > 1 else math.nan
 
 
 def _row(o, V, w, c, series):
-    return dict(series=series, optim=o, V=V, width=w, opt_lr_embedding=2 ** c["opt"],
-                ci=[2 ** float(np.quantile(c["boot"], 0.025)), 2 ** float(np.quantile(c["boot"], 0.975))],
-                lr_hidden=c["lr_hidden"], log2_ratio=c["opt"] - math.log2(c["lr_hidden"]), bracketed=c["bracketed"],
-                best_loss=c["best_loss"], best_loss_se=c["best_loss_se"], n_seeds=len(c["seeds"]),
-                grid=[c["ks"][0], c["ks"][-1]], n_grid=len(c["ks"]))
+    return dict(
+        series=series,
+        optim=o,
+        V=V,
+        width=w,
+        opt_lr_embedding=2 ** c["opt"],
+        ci=[2 ** float(np.quantile(c["boot"], 0.025)), 2 ** float(np.quantile(c["boot"], 0.975))],
+        lr_hidden=c["lr_hidden"],
+        log2_ratio=c["opt"] - math.log2(c["lr_hidden"]),
+        bracketed=c["bracketed"],
+        best_loss=c["best_loss"],
+        best_loss_se=c["best_loss_se"],
+        n_seeds=len(c["seeds"]),
+        grid=[c["ks"][0], c["ks"][-1]],
+        n_grid=len(c["ks"]),
+    )
 
 
 def _slopes(table, C, series):
@@ -148,11 +167,22 @@ def _slopes(table, C, series):
         sb = (B - B.mean(1, keepdims=True)) @ xc / float(xc @ xc)
         draws[(o, V)] = dict(zip(ws, B.T))
         losses = [t["best_loss"] for t in ts]
-        fits.append(dict(series=series, optim=o, V=V, widths=ws, s=s, ci_t=ci_t,
-                         ci_boot=[float(np.quantile(sb, 0.025)), float(np.quantile(sb, 0.975))],
-                         e=e, all_bracketed=all(t["bracketed"] for t in ts),
-                         wider_is_better=all(a > b for a, b in zip(losses, losses[1:])), best_losses=losses,
-                         log2_lr_hidden=[math.log2(t["lr_hidden"]) for t in ts]))
+        fits.append(
+            dict(
+                series=series,
+                optim=o,
+                V=V,
+                widths=ws,
+                s=s,
+                ci_t=ci_t,
+                ci_boot=[float(np.quantile(sb, 0.025)), float(np.quantile(sb, 0.975))],
+                e=e,
+                all_bracketed=all(t["bracketed"] for t in ts),
+                wider_is_better=all(a > b for a, b in zip(losses, losses[1:])),
+                best_losses=losses,
+                log2_lr_hidden=[math.log2(t["lr_hidden"]) for t in ts],
+            )
+        )
     diffs = []
     for o in sorted({k[0] for k in draws}):
         Vs = sorted(V for (oo, V) in draws if oo == o)
@@ -168,11 +198,21 @@ def _slopes(table, C, series):
                 y = np.array([ts[w]["log2_ratio"] for w in common])
                 B = np.stack([draws[(o, V)][w] for w in common], 1)
                 return float((y - y.mean()) @ xc / float(xc @ xc)), (B - B.mean(1, keepdims=True)) @ xc / float(xc @ xc)
+
             s0, b0 = sl(Vs[0])
             s1, b1 = sl(Vl)
             d = b0 - b1
-            diffs.append(dict(series=series, optim=o, V_small=Vs[0], V_large=Vl, widths=common, ds=s0 - s1,
-                              ci_boot=[float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))]))
+            diffs.append(
+                dict(
+                    series=series,
+                    optim=o,
+                    V_small=Vs[0],
+                    V_large=Vl,
+                    widths=common,
+                    ds=s0 - s1,
+                    ci_boot=[float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))],
+                )
+            )
     return fits, diffs
 
 
@@ -193,8 +233,20 @@ def hidden_grid(rows, C):
             continue
         m = np.array([np.mean(by[f]) for f in fs])
         x, br, i = optimum(None, [h * f for f in fs], m)
-        out.append(dict(optim=o, V=V, width=w, k=k0, factors=fs, loss=[float(v) for v in m],
-                        best=fs[i], vertex_factor=2 ** x / h, opt_lr_hidden=2 ** x, bracketed=i > 0 and i < len(fs) - 1))
+        out.append(
+            dict(
+                optim=o,
+                V=V,
+                width=w,
+                k=k0,
+                factors=fs,
+                loss=[float(v) for v in m],
+                best=fs[i],
+                vertex_factor=2**x / h,
+                opt_lr_hidden=2**x,
+                bracketed=i > 0 and i < len(fs) - 1,
+            )
+        )
     return out
 
 
@@ -219,15 +271,23 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
     # and that have an embedding grid at the best hidden LR of that sweep (AdamH's hidden LR was
     # swept without one: its hidden optimum is reported, not a refined ratio)
     nom = {k[:3]: k[3] for k, c in C.items() if c["nominal"]}
+
     def has_grid(o, V, w, f):
         hb = nom[(o, V, w)] * f
         return any(k[:3] == (o, V, w) and abs(k[3] / hb - 1) < 1e-4 and len(c["ks"]) >= 5 for k, c in C.items())
+
     swept = {(h["optim"], h["V"], h["width"]) for h in hidden if len(h["factors"]) >= 5 and h["bracketed"]}
     # an optimizer/V counts only if every swept width has its embedding grid at the best hidden LR
-    complete = {(o, V) for (o, V, w) in swept
-                if all(has_grid(h["optim"], h["V"], h["width"], h["best"]) for h in hidden
-                       if (h["optim"], h["V"]) == (o, V) and (h["optim"], h["V"], h["width"]) in swept)
-                and any(not C[k]["nominal"] and k[:2] == (o, V) for k in C if len(C[k]["ks"]) >= 5)}
+    complete = {
+        (o, V)
+        for (o, V, w) in swept
+        if all(
+            has_grid(h["optim"], h["V"], h["width"], h["best"])
+            for h in hidden
+            if (h["optim"], h["V"]) == (o, V) and (h["optim"], h["V"], h["width"]) in swept
+        )
+        and any(not C[k]["nominal"] and k[:2] == (o, V) for k in C if len(C[k]["ks"]) >= 5)
+    }
     refined = {k for k in swept if k[:2] in complete}
     for (o, V, w), key in sorted(best.items()):
         if (o, V, w) in refined:
@@ -242,8 +302,10 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
     for t0 in table:
         if t0["series"] != "mup_hidden":
             continue
-        ts = sorted((t for t in table if (t["series"], t["optim"], t["V"]) == ("mup_hidden", t0["optim"], t0["V"])),
-                    key=lambda t: t["width"])
+        ts = sorted(
+            (t for t in table if (t["series"], t["optim"], t["V"]) == ("mup_hidden", t0["optim"], t0["V"])),
+            key=lambda t: t["width"],
+        )
         if t0 is not ts[0]:
             continue
         for t in ts[1:]:
@@ -252,51 +314,100 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
             for rule, e in (("mup", 0.0), ("lv", -0.5)):
                 lr = t0["opt_lr_embedding"] * (t["width"] / t0["width"]) ** e
                 inside = x[0] <= math.log2(lr) <= x[-1]
-                transfer.append(dict(optim=t["optim"], V=t["V"], width=t["width"], rule=rule, lr=lr,
-                                     penalty=float(np.interp(math.log2(lr), x, m)) - t["best_loss"], inside=inside))
-    hfits = []   # slope of the hidden optimum (muP: -1 for AdamW, -1/2 for AdamH's hyperball)
+                transfer.append(
+                    dict(
+                        optim=t["optim"],
+                        V=t["V"],
+                        width=t["width"],
+                        rule=rule,
+                        lr=lr,
+                        penalty=float(np.interp(math.log2(lr), x, m)) - t["best_loss"],
+                        inside=inside,
+                    )
+                )
+    hfits = []  # slope of the hidden optimum (muP: -1 for AdamW, -1/2 for AdamH's hyperball)
     for o, V in sorted({(h["optim"], h["V"]) for h in hidden}):
         hs = sorted((h for h in hidden if (h["optim"], h["V"]) == (o, V)), key=lambda h: h["width"])
         if len(hs) >= 2:
             sl, ci = ols(np.log2([h["width"] for h in hs]), np.log2([h["opt_lr_hidden"] for h in hs]))
             hfits.append(dict(optim=o, V=V, widths=[h["width"] for h in hs], slope=sl, ci_t=ci))
     os.makedirs(out_dir, exist_ok=True)
-    res = dict(transfer=transfer, optima=[{k: v for k, v in t.items() if k != "_key"} for t in table], slopes=fits, delta_s=diffs, hidden_grid=hidden, hidden_slopes=hfits)
+    res = dict(
+        transfer=transfer,
+        optima=[{k: v for k, v in t.items() if k != "_key"} for t in table],
+        slopes=fits,
+        delta_s=diffs,
+        hidden_grid=hidden,
+        hidden_slopes=hfits,
+    )
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)
-    md = ["| series | optim | V | width | opt emb LR [95% CI] | hidden LR | log2(ratio) | bracketed | grid k | best loss ± se |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "| series | optim | V | width | opt emb LR [95% CI] | hidden LR | log2(ratio) | bracketed | grid k | best loss ± se |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in table:
-        md.append(f"| {r['series']} | {r['optim']} | {r['V']} | {r['width']} | {r['opt_lr_embedding']:.3g} "
-                  f"[{r['ci'][0]:.3g}, {r['ci'][1]:.3g}] | {r['lr_hidden']:.3g} | {r['log2_ratio']:.2f} | "
-                  f"{'yes' if r['bracketed'] else 'NO'} | {r['grid'][0]}..{r['grid'][1]} | "
-                  f"{r['best_loss']:.4f} ± {r['best_loss_se']:.4f} |")
-    md += ["", "| series | optim | V | widths | s | 95% CI (bootstrap) | 95% CI (t, residuals) | e = slope of opt emb LR | all bracketed | wider better |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+        md.append(
+            f"| {r['series']} | {r['optim']} | {r['V']} | {r['width']} | {r['opt_lr_embedding']:.3g} "
+            f"[{r['ci'][0]:.3g}, {r['ci'][1]:.3g}] | {r['lr_hidden']:.3g} | {r['log2_ratio']:.2f} | "
+            f"{'yes' if r['bracketed'] else 'NO'} | {r['grid'][0]}..{r['grid'][1]} | "
+            f"{r['best_loss']:.4f} ± {r['best_loss_se']:.4f} |"
+        )
+    md += [
+        "",
+        "| series | optim | V | widths | s | 95% CI (bootstrap) | 95% CI (t, residuals) | e = slope of opt emb LR | all bracketed | wider better |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for f_ in fits:
-        md.append(f"| {f_['series']} | {f_['optim']} | {f_['V']} | {f_['widths']} | {f_['s']:.2f} | [{f_['ci_boot'][0]:.2f}, "
-                  f"{f_['ci_boot'][1]:.2f}] | [{f_['ci_t'][0]:.2f}, {f_['ci_t'][1]:.2f}] | {f_['e']:.2f} | "
-                  f"{'yes' if f_['all_bracketed'] else 'NO'} | {'yes' if f_['wider_is_better'] else 'NO'} |")
-    md += ["", "| series | optim | V small | V large | widths | Δs | 95% CI (bootstrap) |", "|---|---|---|---|---|---|---|"]
+        md.append(
+            f"| {f_['series']} | {f_['optim']} | {f_['V']} | {f_['widths']} | {f_['s']:.2f} | [{f_['ci_boot'][0]:.2f}, "
+            f"{f_['ci_boot'][1]:.2f}] | [{f_['ci_t'][0]:.2f}, {f_['ci_t'][1]:.2f}] | {f_['e']:.2f} | "
+            f"{'yes' if f_['all_bracketed'] else 'NO'} | {'yes' if f_['wider_is_better'] else 'NO'} |"
+        )
+    md += [
+        "",
+        "| series | optim | V small | V large | widths | Δs | 95% CI (bootstrap) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d in diffs:
-        md.append(f"| {d['series']} | {d['optim']} | {d['V_small']} | {d['V_large']} | {d['widths']} | {d['ds']:.2f} | "
-                  f"[{d['ci_boot'][0]:.2f}, {d['ci_boot'][1]:.2f}] |")
+        md.append(
+            f"| {d['series']} | {d['optim']} | {d['V_small']} | {d['V_large']} | {d['widths']} | {d['ds']:.2f} | "
+            f"[{d['ci_boot'][0]:.2f}, {d['ci_boot'][1]:.2f}] |"
+        )
     if hidden:
-        md += ["", "Hidden LR at the best embedding grid point of the muP-hidden grid (seed-mean loss per factor "
-               "of the muP hidden LR; vertex of a quadratic in log2 LR):", "",
-               "| optim | V | width | k | factor: loss | best | vertex factor | interior |", "|---|---|---|---|---|---|---|---|"]
+        md += [
+            "",
+            "Hidden LR at the best embedding grid point of the muP-hidden grid (seed-mean loss per factor "
+            "of the muP hidden LR; vertex of a quadratic in log2 LR):",
+            "",
+            "| optim | V | width | k | factor: loss | best | vertex factor | interior |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for h in hidden:
-            fl = ", ".join(f"x{f:.3g}: {l:.4f}" for f, l in zip(h["factors"], h["loss"]))
-            md.append(f"| {h['optim']} | {h['V']} | {h['width']} | {h['k']} | {fl} | x{h['best']:.3g} | "
-                      f"x{h['vertex_factor']:.2f} | {'yes' if h['bracketed'] else 'NO'} |")
-        md += ["", "| optim | V | widths | slope of log2 optimal hidden LR vs log2 width | 95% CI (t) |", "|---|---|---|---|---|"]
+            fl = ", ".join(f"x{f:.3g}: {loss:.4f}" for f, loss in zip(h["factors"], h["loss"]))
+            md.append(
+                f"| {h['optim']} | {h['V']} | {h['width']} | {h['k']} | {fl} | x{h['best']:.3g} | "
+                f"x{h['vertex_factor']:.2f} | {'yes' if h['bracketed'] else 'NO'} |"
+            )
+        md += [
+            "",
+            "| optim | V | widths | slope of log2 optimal hidden LR vs log2 width | 95% CI (t) |",
+            "|---|---|---|---|---|",
+        ]
         for h in hfits:
-            md.append(f"| {h['optim']} | {h['V']} | {h['widths']} | {h['slope']:.2f} | [{h['ci_t'][0]:.2f}, {h['ci_t'][1]:.2f}] |")
+            md.append(
+                f"| {h['optim']} | {h['V']} | {h['widths']} | {h['slope']:.2f} | [{h['ci_t'][0]:.2f}, {h['ci_t'][1]:.2f}] |"
+            )
     if transfer:
-        md += ["", "Transfer penalty: loss at the embedding LR each rule carries from the narrowest width's "
-               "optimum, minus the best loss (muP hidden LR; '>=' where that LR is off the grid):", "",
-               "| optim | V | width | muP: LR, penalty | LV: LR, penalty |", "|---|---|---|---|---|"]
-        for (o, V, w) in sorted({(t["optim"], t["V"], t["width"]) for t in transfer}):
+        md += [
+            "",
+            "Transfer penalty: loss at the embedding LR each rule carries from the narrowest width's "
+            "optimum, minus the best loss (muP hidden LR; '>=' where that LR is off the grid):",
+            "",
+            "| optim | V | width | muP: LR, penalty | LV: LR, penalty |",
+            "|---|---|---|---|---|",
+        ]
+        for o, V, w in sorted({(t["optim"], t["V"], t["width"]) for t in transfer}):
             cell = {t["rule"]: t for t in transfer if (t["optim"], t["V"], t["width"]) == (o, V, w)}
             fm = lambda t: f"{t['lr']:.3g}, {'' if t['inside'] else '>= '}{t['penalty']:.4f}"  # noqa: E731
             md.append(f"| {o} | {V} | {w} | {fm(cell['mup'])} | {fm(cell['lv'])} |")
@@ -310,15 +421,18 @@ def analyze(csv_path, out_dir, n_boot=2000, plots=True, seed=0):
 
 def _plots(C, table, fits, out_dir):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     params = sorted({(t["optim"], t["V"]) for t in table})
     fig, axes = plt.subplots(1, len(params), figsize=(3.6 * len(params), 3.3), squeeze=False)
     for ax, (o, V) in zip(axes[0], params):
-        for t in sorted((t for t in table if (t["optim"], t["V"], t["series"]) == (o, V, "mup_hidden")),
-                        key=lambda t: t["width"]):
+        for t in sorted(
+            (t for t in table if (t["optim"], t["V"], t["series"]) == (o, V, "mup_hidden")), key=lambda t: t["width"]
+        ):
             c = C[t["_key"]]
-            line, = ax.plot(c["lr"], c["L"].mean(0), "o-", ms=3, label=f"width {t['width']}")
+            (line,) = ax.plot(c["lr"], c["L"].mean(0), "o-", ms=3, label=f"width {t['width']}")
             ax.axvline(t["opt_lr_embedding"], ls=":", lw=0.8, color=line.get_color())
         ax.set_xscale("log", base=2)
         ax.set_title(f"{o}, V={V} (muP hidden LR)", fontsize=8)
@@ -328,21 +442,33 @@ def _plots(C, table, fits, out_dir):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "loss_vs_emb_lr.png"), dpi=100)
     plt.close(fig)
-    for what, ylab, fname in (("e", "log2 optimal embedding LR", "opt_emb_lr_vs_width.png"),
-                              ("s", "log2(optimal embedding LR / hidden LR)", "ratio_vs_width.png")):
+    for what, ylab, fname in (
+        ("e", "log2 optimal embedding LR", "opt_emb_lr_vs_width.png"),
+        ("s", "log2(optimal embedding LR / hidden LR)", "ratio_vs_width.png"),
+    ):
         fig, ax = plt.subplots(figsize=(6.0, 4.0))
         for f_ in fits:
-            ts = sorted((t for t in table if (t["series"], t["optim"], t["V"]) == (f_["series"], f_["optim"], f_["V"])),
-                        key=lambda t: t["width"])
+            ts = sorted(
+                (t for t in table if (t["series"], t["optim"], t["V"]) == (f_["series"], f_["optim"], f_["V"])),
+                key=lambda t: t["width"],
+            )
             w = np.array([t["width"] for t in ts])
             y = np.array([math.log2(t["opt_lr_embedding"]) for t in ts])
             lo = y - np.log2([t["ci"][0] for t in ts])
             hi = np.log2([t["ci"][1] for t in ts]) - y
             if what == "s":
                 y = y - np.log2([t["lr_hidden"] for t in ts])
-            ax.errorbar(w, y, yerr=[lo, hi], fmt=("o-" if f_["optim"] == "adamw" else "s-") if f_["series"] == "mup_hidden"
-                        else ("o--" if f_["optim"] == "adamw" else "s--"), capsize=3, ms=4,
-                        label=f"{f_['optim']} V={f_['V']} {f_['series']}: e={f_['e']:.2f}, s={f_['s']:.2f}")
+            ax.errorbar(
+                w,
+                y,
+                yerr=[lo, hi],
+                fmt=("o-" if f_["optim"] == "adamw" else "s-")
+                if f_["series"] == "mup_hidden"
+                else ("o--" if f_["optim"] == "adamw" else "s--"),
+                capsize=3,
+                ms=4,
+                label=f"{f_['optim']} V={f_['V']} {f_['series']}: e={f_['e']:.2f}, s={f_['s']:.2f}",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("width")
         ax.set_ylabel(ylab)

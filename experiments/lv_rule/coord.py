@@ -7,6 +7,7 @@ results/coord_V<V>_<case>.png.
 
     python experiments/lv_rule/coord.py [--V 65536] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,18 +33,28 @@ def cases(k=8):
         return lambda m, w: run.make_optimizer(m, optim, lr_e)
 
     def sp(m, w):
-        nn.init.normal_(m.head.weight, std=w ** -0.5)          # SP read-out init
+        nn.init.normal_(m.head.weight, std=w**-0.5)  # SP read-out init
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return lvopt.scaling.from_model(lvopt.AdamW, m, lr={"embedding": lr_e, "hidden": run.HIDDEN_LR0["adamw"],
-                                            "output": run.OUTPUT_LR0}, base_width=run.BASE_WIDTH, rule="sp",
-                                            weight_decay=0.0, overrides={"head.weight": "output"})
+            return lvopt.scaling.from_model(
+                lvopt.AdamW,
+                m,
+                lr={"embedding": lr_e, "hidden": run.HIDDEN_LR0["adamw"], "output": run.OUTPUT_LR0},
+                base_width=run.BASE_WIDTH,
+                rule="sp",
+                weight_decay=0.0,
+                overrides={"head.weight": "output"},
+            )
 
     def adamh_alpha1(m, w):
         f = run.BASE_WIDTH / w
-        return lvopt.AdamH([{"params": [m.embedding.weight], "lr": lr_e, "hyperball": False},
-                            {"params": [m.fc1.weight, m.fc2.weight], "lr": run.HIDDEN_LR0["adamh"] * f},
-                            {"params": [m.head.weight], "lr": run.OUTPUT_LR0 * f, "hyperball": False}])
+        return lvopt.AdamH(
+            [
+                {"params": [m.embedding.weight], "lr": lr_e, "hyperball": False},
+                {"params": [m.fc1.weight, m.fc2.weight], "lr": run.HIDDEN_LR0["adamh"] * f},
+                {"params": [m.head.weight], "lr": run.OUTPUT_LR0 * f, "hyperball": False},
+            ]
+        )
 
     return {"mup_adamw": mup("adamw"), "mup_adamh": mup("adamh"), "sp_adamw": sp, "adamh_hidden_alpha1": adamh_alpha1}
 
@@ -66,8 +77,15 @@ def main(argv=None):
 
     lines, verdict = [], {}
     for name, opt_fn in cases().items():
-        r = coord_check(lambda d: run.MLP(a.V, d), a.widths, data=data, opt_fn=opt_fn, steps=a.steps, seeds=(0, 1),
-                        overrides={"head.weight": "output"})
+        r = coord_check(
+            lambda d: run.MLP(a.V, d),
+            a.widths,
+            data=data,
+            opt_fn=opt_fn,
+            steps=a.steps,
+            seeds=(0, 1),
+            overrides={"head.weight": "output"},
+        )
         r.plot(os.path.join(a.out, f"coord_V{a.V}_{name}.png"), title=f"{name}, V={a.V}")
         verdict[name] = r.ok
         lines += [f"== {name} (V={a.V}, batch {a.batch})", r.table(), ""]

@@ -25,6 +25,7 @@ skipped next time; the grid extensions are decided from the rows already there.
         --out experiments/lv_rule/results_corpus
     python experiments/lv_rule/corpus.py --preset smoke  # a few seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,13 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the worktree's lvopt first
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the worktree's lvopt first
 import lvopt  # noqa: E402
 from lvopt.scaling import from_model  # noqa: E402
 import sweep  # noqa: E402
 from sweep import FIELDS  # noqa: E402,F401  (runs.csv's columns: corpus.FIELDS)
 
-DEFAULT_CORPUS = "/usr/share/vim/vim90/doc"   # Debian package vim-runtime (Vim license)
+DEFAULT_CORPUS = "/usr/share/vim/vim90/doc"  # Debian package vim-runtime (Vim license)
 
 PRESETS = {
     # The corrected sweep. Parts are done in order, configuration by configuration; a part with
@@ -56,49 +57,71 @@ PRESETS = {
     # Widths 16-128 (V/width 32-256 at V = 4096, 1-8 at V = 128); a hidden_check part reuses the
     # grid already run and adds the hidden LR x 1/2 and x 2 at its best point. Width 256 and AdamH
     # come last: on a shared 2-core machine the first four parts take about an hour.
-    "default": dict(seeds=[0, 1, 2], steps=160, batch=16, seq=64, layers=2, parts=[
-        dict(optims=["adamw"], vocabs=[4096], widths=[16, 32, 64, 128]),
-        dict(optims=["adamw"], vocabs=[128], widths=[16, 32, 64, 128]),
-        dict(optims=["adamw"], vocabs=[4096, 128], widths=[16, 128], hidden_check=True),
-        dict(optims=["adamw"], vocabs=[4096, 128], widths=[32, 64], hidden_check=True),
-        dict(optims=["adamw"], vocabs=[128], widths=[256]),
-        dict(optims=["adamw"], vocabs=[4096], widths=[256]),
-        dict(optims=["adamh"], vocabs=[4096, 128], widths=[16, 32, 64, 128]),
-    ]),
+    "default": dict(
+        seeds=[0, 1, 2],
+        steps=160,
+        batch=16,
+        seq=64,
+        layers=2,
+        parts=[
+            dict(optims=["adamw"], vocabs=[4096], widths=[16, 32, 64, 128]),
+            dict(optims=["adamw"], vocabs=[128], widths=[16, 32, 64, 128]),
+            dict(optims=["adamw"], vocabs=[4096, 128], widths=[16, 128], hidden_check=True),
+            dict(optims=["adamw"], vocabs=[4096, 128], widths=[32, 64], hidden_check=True),
+            dict(optims=["adamw"], vocabs=[128], widths=[256]),
+            dict(optims=["adamw"], vocabs=[4096], widths=[256]),
+            dict(optims=["adamh"], vocabs=[4096, 128], widths=[16, 32, 64, 128]),
+        ],
+    ),
     # Issue 8's sweep (450 steps x 8 x 32 tokens, two seeds, fixed grids), now with the corrected
     # read-out and AdamH exponent; its results before the corrections are in issue8/.
-    "issue8": dict(seeds=[0, 1], steps=450, batch=8, seq=32, layers=2, parts=[
-        dict(optims=["adamw"], vocabs=[128, 4096], widths=[32, 64, 128, 256], ks=list(range(8, 17))),
-        dict(optims=["adamh"], vocabs=[128, 4096], widths=[32, 64, 128], ks=list(range(8, 17))),
-        dict(optims=["adamw"], vocabs=[128], widths=[32, 64, 128, 256], ks=[4, 5, 6, 7]),
-        dict(optims=["adamh"], vocabs=[128], widths=[32, 64, 128], ks=[4, 5, 6, 7]),
-    ]),
-    "smoke": dict(seeds=[0], steps=4, batch=4, seq=32, layers=1, parts=[
-        dict(optims=["adamw"], vocabs=[128], widths=[32], ks=[0, 2]),
-    ]),
+    "issue8": dict(
+        seeds=[0, 1],
+        steps=450,
+        batch=8,
+        seq=32,
+        layers=2,
+        parts=[
+            dict(optims=["adamw"], vocabs=[128, 4096], widths=[32, 64, 128, 256], ks=list(range(8, 17))),
+            dict(optims=["adamh"], vocabs=[128, 4096], widths=[32, 64, 128], ks=list(range(8, 17))),
+            dict(optims=["adamw"], vocabs=[128], widths=[32, 64, 128, 256], ks=[4, 5, 6, 7]),
+            dict(optims=["adamh"], vocabs=[128], widths=[32, 64, 128], ks=[4, 5, 6, 7]),
+        ],
+    ),
+    "smoke": dict(
+        seeds=[0],
+        steps=4,
+        batch=4,
+        seq=32,
+        layers=1,
+        parts=[
+            dict(optims=["adamw"], vocabs=[128], widths=[32], ks=[0, 2]),
+        ],
+    ),
 }
 # first guess of the best k per V (lr_emb = EMB_LR0 * 2**(k/2)); the grid is extended from there
 CENTRE_K = {128: 10, 4096: 15}
 BASE_WIDTH = 32
-EMB_LR0 = 0.02          # centre of the embedding-LR grid: lr_emb = EMB_LR0 * 2**(k/2)
-HIDDEN_LR0 = {"adamw": 1e-2, "adamh": 0.05}   # hidden/output LR at BASE_WIDTH (AdamW x BASE_WIDTH/width,
-                                              # AdamH's hyperball x (BASE_WIDTH/width)^(1/2))
-EVAL_WINDOWS = 128      # validation windows (fixed, the same for every config of a V)
+EMB_LR0 = 0.02  # centre of the embedding-LR grid: lr_emb = EMB_LR0 * 2**(k/2)
+HIDDEN_LR0 = {"adamw": 1e-2, "adamh": 0.05}  # hidden/output LR at BASE_WIDTH (AdamW x BASE_WIDTH/width,
+# AdamH's hyperball x (BASE_WIDTH/width)^(1/2))
+EVAL_WINDOWS = 128  # validation windows (fixed, the same for every config of a V)
 
 
 # ---------------------------------------------------------------------------- data
+
 
 def read_corpus(corpus_dir: str, max_chars: int | None = None):
     files = sorted(glob.glob(os.path.join(corpus_dir, "*.txt")))
     if not files:
         raise SystemExit(f"no *.txt in {corpus_dir}; install Debian's vim-runtime or pass --corpus")
     train, val = [], []
-    for f in files:   # split by file: ~10% of files (by name hash) are validation
+    for f in files:  # split by file: ~10% of files (by name hash) are validation
         text = open(f, encoding="utf-8", errors="replace").read()
         (val if int(hashlib.md5(os.path.basename(f).encode()).hexdigest(), 16) % 10 == 0 else train).append(text)
     tr, va = "\n".join(train), "\n".join(val)
     if max_chars:
-        tr, va = tr[:max_chars], va[:max_chars // 5]
+        tr, va = tr[:max_chars], va[: max_chars // 5]
     return tr, va
 
 
@@ -111,18 +134,24 @@ def tokenize(corpus_dir, V, cache, max_chars=None):
         z = np.load(p)
         return z["train"], z["val"]
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
     tr, va = read_corpus(corpus_dir, max_chars)
     # character-level BPE (rare characters -> [UNK]) so that V can be as small as ~100
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=V, min_frequency=2, show_progress=False,
-                                  special_tokens=["[UNK]"], limit_alphabet=min(V // 2, 96))
+    trainer = trainers.BpeTrainer(
+        vocab_size=V, min_frequency=2, show_progress=False, special_tokens=["[UNK]"], limit_alphabet=min(V // 2, 96)
+    )
     chunks = tr.split("\n\n")
     tok.train_from_iterator(chunks, trainer=trainer)
     tok.save(os.path.join(cache, tag + ".json"))
-    enc = lambda s: np.asarray([i for e in tok.encode_batch([c + "\n\n" for c in s.split("\n\n")])
-                                for i in e.ids], dtype=np.int32)
+
+    def enc(s):
+        return np.asarray(
+            [i for e in tok.encode_batch([c + "\n\n" for c in s.split("\n\n")]) for i in e.ids], dtype=np.int32
+        )
+
     t, v = enc(tr), enc(va)
     assert tok.get_vocab_size() <= V and t.max() < V, (tok.get_vocab_size(), V)
     np.savez(p, train=t, val=v)
@@ -130,6 +159,7 @@ def tokenize(corpus_dir, V, cache, max_chars=None):
 
 
 # ---------------------------------------------------------------------------- model
+
 
 class Block(nn.Module):
     def __init__(self, d, heads):
@@ -163,7 +193,7 @@ class TinyLM(nn.Module):
         nn.init.normal_(self.embedding.weight, std=1.0)
         for b in self.blocks:
             for lin in (b.qkv, b.proj, b.fc1, b.fc2):
-                nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+                nn.init.normal_(lin.weight, std=lin.in_features**-0.5)
         nn.init.zeros_(self.lm_head.weight)
 
     def forward(self, idx):
@@ -174,6 +204,7 @@ class TinyLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------- one run
+
 
 def batches(ids, steps, batch, seq, seed):
     """The token windows of every step, fixed by the seed alone (shared across configs)."""
@@ -196,11 +227,19 @@ def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, la
     lrs = {"embedding": lr_e, "hidden": h0, "output": HIDDEN_LR0["adamw"], "vector": HIDDEN_LR0["adamw"]}
     wd = {"embedding": 0.0, "hidden": 0.0, "output": 0.0, "vector": 0.0}
     import warnings
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # V < 16 x width at V = 128: the small-V end is the point
-        opt = from_model(opt_cls, model, lr=lrs, base_width=BASE_WIDTH, rule="mup",
-                         weight_decay=wd, overrides={"lm_head.weight": "output", "pos": "vector"},
-                         allow_smaller_width=True)
+        warnings.simplefilter("ignore")  # V < 16 x width at V = 128: the small-V end is the point
+        opt = from_model(
+            opt_cls,
+            model,
+            lr=lrs,
+            base_width=BASE_WIDTH,
+            rule="mup",
+            weight_decay=wd,
+            overrides={"lm_head.weight": "output", "pos": "vector"},
+            allow_smaller_width=True,
+        )
     lr_h = opt.scaling_plan.role_lr("hidden")
     # the corrected rule, checked: hidden x 32/width (AdamW) or x (32/width)^(1/2) (AdamH's
     # hyperball), output x 32/width, embedding unscaled
@@ -229,17 +268,30 @@ def run_one(cfg, ids_tr, ids_va, optim, width, V, seed, k, steps, batch, seq, la
     with torch.no_grad():
         vl = []
         for i in range(0, len(vs), 16):
-            w = v_ids[torch.from_numpy(vs[i:i + 16]).unsqueeze(1) + ar]
+            w = v_ids[torch.from_numpy(vs[i : i + 16]).unsqueeze(1) + ar]
             vl.append(F.cross_entropy(model(w[:, :-1]).reshape(-1, V), w[:, 1:].reshape(-1)).item())
     val = float(np.mean(vl)) if all(math.isfinite(x) for x in tl) else math.nan
     N = sum(p.numel() for p in model.parameters())
-    r = dict(optim=optim, width=width, V=V, seed=seed, k=k, lr_embedding=lr_e, lr_hidden=lr_h, N=N,
-             D=steps * batch * seq, steps=steps, train_loss=float(np.mean(tl[-max(1, steps // 10):])),
-             loss=val, seconds=round(time.time() - t0, 2))
+    r = dict(
+        optim=optim,
+        width=width,
+        V=V,
+        seed=seed,
+        k=k,
+        lr_embedding=lr_e,
+        lr_hidden=lr_h,
+        N=N,
+        D=steps * batch * seq,
+        steps=steps,
+        train_loss=float(np.mean(tl[-max(1, steps // 10) :])),
+        loss=val,
+        seconds=round(time.time() - t0, 2),
+    )
     return r, float(np.mean(distinct))
 
 
 # ---------------------------------------------------------------------------- sweep
+
 
 class _DryRun(Exception):
     pass
@@ -265,8 +317,9 @@ class Sweep(sweep.Sweep):
         if self.a.dry_run:
             raise _DryRun((optim, width, V, seed, k, hf))
         P = self.P
-        r, distinct = run_one(P, *self.ids(V), optim, width, V, seed, k, P["steps"], P["batch"], P["seq"],
-                              P["layers"], hf)
+        r, distinct = run_one(
+            P, *self.ids(V), optim, width, V, seed, k, P["steps"], P["batch"], P["seq"], P["layers"], hf
+        )
         return r, f"val={r['loss']:.4f} train={r['train_loss']:.4f} distinct/step={distinct:.0f}"
 
     def emb_grid(self, optim, width, V, seeds, centre, hf=1.0):
@@ -297,8 +350,12 @@ def main(argv=None):
     sweep.add_arguments(ap, os.path.join(HERE, "runs_corpus.csv"))
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
     ap.add_argument("--max-chars", type=int, default=3_000_000, help="use only this many corpus characters")
-    ap.add_argument("--dry-run", action="store_true", help="per configuration, the next run the csv does not "
-                    "hold yet (optim, width, V, seed, k, hidden factor); runs nothing")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="per configuration, the next run the csv does not "
+        "hold yet (optim, width, V, seed, k, hidden factor); runs nothing",
+    )
     a = ap.parse_args(argv)
     P = PRESETS[a.preset]
     sw = Sweep(a, P)
@@ -307,8 +364,8 @@ def main(argv=None):
     def config(part, o, V, w):
         try:
             sw.config(o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False))
-        except _DryRun as e:   # the next run this configuration needs (adaptive grids
-            print("next:", *e.args, flush=True)   # decide the rest from its loss)
+        except _DryRun as e:  # the next run this configuration needs (adaptive grids
+            print("next:", *e.args, flush=True)  # decide the rest from its loss)
 
     sweep.for_each_config(P, a.parts, a.threads, config)
     print(f"lv_rule: done, {sw.n_new} new runs, {(time.time() - sw.t_start) / 60:.1f} min", flush=True)

@@ -20,6 +20,7 @@ go to ``$OUT/results.md``. ``OUT`` defaults to ``gpu-out``.
     python experiments/lv_rule/gpu_lm.py                      # the GPU sweep
     python experiments/lv_rule/gpu_lm.py --preset smoke       # seconds, on the CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,33 @@ from sweep import FIELDS  # noqa: E402,F401  (run.py's columns: gpu_lm.FIELDS)
 K = 16
 TASK_SEED = 20261201
 PRESETS = {
-    "default": dict(widths=[128, 256, 512, 1024], vocabs=[128, 32768], seeds=[0], rings=[0, 1, -1, 2, -2, 3, -3],
-                    tokens=2_000_000, seq=256, batch=32, layers=2, base_width=128, budget_s=450),
-    "smoke": dict(widths=[16, 32], vocabs=[32, 256], seeds=[0], rings=[0], tokens=256, seq=16, batch=4,
-                  layers=1, base_width=16, budget_s=120),
+    "default": dict(
+        widths=[128, 256, 512, 1024],
+        vocabs=[128, 32768],
+        seeds=[0],
+        rings=[0, 1, -1, 2, -2, 3, -3],
+        tokens=2_000_000,
+        seq=256,
+        batch=32,
+        layers=2,
+        base_width=128,
+        budget_s=450,
+    ),
+    "smoke": dict(
+        widths=[16, 32],
+        vocabs=[32, 256],
+        seeds=[0],
+        rings=[0],
+        tokens=256,
+        seq=16,
+        batch=4,
+        layers=1,
+        base_width=16,
+        budget_s=120,
+    ),
 }
 EMB_LR0 = 0.01
-HIDDEN_LR0 = 4e-3      # hidden and output LR at base_width (x base_width/width)
+HIDDEN_LR0 = 4e-3  # hidden and output LR at base_width (x base_width/width)
 VECTOR_LR = 4e-3
 
 
@@ -60,7 +81,7 @@ class Language:
             raise ValueError(f"V must be a multiple of {K}, got {V}")
         self.V, self.per, self.device = V, V // K, device
         g = torch.Generator().manual_seed(TASK_SEED)
-        x = -torch.log(torch.rand(K, K, generator=g, dtype=torch.float64)) ** 2
+        x = -(torch.log(torch.rand(K, K, generator=g, dtype=torch.float64)) ** 2)
         T = x / x.sum(1, keepdim=True)
         pi = torch.full((K,), 1.0 / K, dtype=torch.float64)
         for _ in range(500):
@@ -83,7 +104,7 @@ class Language:
         c = torch.empty(n, length, dtype=torch.long, device=self.device)
         c[:, 0] = torch.searchsorted(self.pi_cdf, u[:, 0].contiguous())
         for t in range(1, length):
-            c[:, t] = torch.searchsorted(self.Tcdf[c[:, t - 1]], u[:, t:t + 1].contiguous()).squeeze(1)
+            c[:, t] = torch.searchsorted(self.Tcdf[c[:, t - 1]], u[:, t : t + 1].contiguous()).squeeze(1)
         c.clamp_(max=K - 1)
         rank = torch.searchsorted(self.zcdf, r).clamp_(max=self.per - 1)
         return c + K * rank
@@ -97,12 +118,12 @@ class Block(nn.Module):
         self.fc1, self.fc2 = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
         self.hd = min(64, d)
         for lin in (self.qkv, self.proj, self.fc1, self.fc2):
-            nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+            nn.init.normal_(lin.weight, std=lin.in_features**-0.5)
 
     def forward(self, x):
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, d // self.hd, self.hd).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / self.hd)   # muP: 1/d_head
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / self.hd)  # muP: 1/d_head
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, d))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
@@ -136,15 +157,23 @@ def run_one(lang, train, val, width, seed, k, P, device, optimizer):
     lr_e = EMB_LR0 * 2 ** (k / 2)
     opt_cls = torch.optim.AdamW if optimizer == "torch" else lvopt.AdamW
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # V = 128 < 16 x width: on purpose
-        opt = from_model(opt_cls, model, lr={"embedding": lr_e, "hidden": HIDDEN_LR0, "output": HIDDEN_LR0,
-                                             "vector": VECTOR_LR}, base_width=P["base_width"], rule="mup",
-                         weight_decay=0.0, allow_smaller_width=True)
+        warnings.simplefilter("ignore")  # V = 128 < 16 x width: on purpose
+        opt = from_model(
+            opt_cls,
+            model,
+            lr={"embedding": lr_e, "hidden": HIDDEN_LR0, "output": HIDDEN_LR0, "vector": VECTOR_LR},
+            base_width=P["base_width"],
+            rule="mup",
+            weight_decay=0.0,
+            allow_smaller_width=True,
+        )
     groups = [dict(g) for g in opt.param_groups]
     base = [g["lr"] for g in opt.param_groups]
     lr_h = opt.scaling_plan.role_lr("hidden")
     steps = max(1, P["tokens"] // (P["batch"] * P["seq"]))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     t0 = time.time()
     tl = []
     n = train.shape[0]
@@ -153,7 +182,7 @@ def run_one(lang, train, val, width, seed, k, P, device, optimizer):
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
         i = (s * P["batch"]) % max(1, n - P["batch"] + 1)
-        w = train[i:i + P["batch"]]
+        w = train[i : i + P["batch"]]
         with amp:
             logits = model(w[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, lang.V), w[:, 1:].reshape(-1))
@@ -163,8 +192,10 @@ def run_one(lang, train, val, width, seed, k, P, device, optimizer):
         if s >= steps - max(1, steps // 10):
             tl.append(loss.detach())
     with torch.no_grad(), amp:
-        vl = [F.cross_entropy(model(val[i:i + 64, :-1]).float().reshape(-1, lang.V), val[i:i + 64, 1:].reshape(-1))
-              for i in range(0, val.shape[0], 64)]
+        vl = [
+            F.cross_entropy(model(val[i : i + 64, :-1]).float().reshape(-1, lang.V), val[i : i + 64, 1:].reshape(-1))
+            for i in range(0, val.shape[0], 64)
+        ]
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_loss = float(torch.stack(tl).mean())
@@ -172,9 +203,21 @@ def run_one(lang, train, val, width, seed, k, P, device, optimizer):
     if not (math.isfinite(train_loss) and math.isfinite(loss)):
         loss = math.nan
     del groups
-    return dict(optim="adamw", width=width, V=lang.V, seed=seed, k=k, lr_embedding=lr_e, lr_hidden=lr_h,
-                N=sum(p.numel() for p in model.parameters()), D=steps * P["batch"] * P["seq"], steps=steps,
-                train_loss=train_loss, loss=loss, seconds=round(time.time() - t0, 2))
+    return dict(
+        optim="adamw",
+        width=width,
+        V=lang.V,
+        seed=seed,
+        k=k,
+        lr_embedding=lr_e,
+        lr_hidden=lr_h,
+        N=sum(p.numel() for p in model.parameters()),
+        D=steps * P["batch"] * P["seq"],
+        steps=steps,
+        train_loss=train_loss,
+        loss=loss,
+        seconds=round(time.time() - t0, 2),
+    )
 
 
 def main(argv=None):
@@ -206,8 +249,10 @@ def main(argv=None):
     for V in P["vocabs"]:
         langs[V] = Language(V, device)
         for seed in P["seeds"]:
-            data[(V, seed)] = (langs[V].sequences(n_train, P["seq"] + 1, 1000 + seed),
-                               langs[V].sequences(256, P["seq"] + 1, 999))
+            data[(V, seed)] = (
+                langs[V].sequences(n_train, P["seq"] + 1, 1000 + seed),
+                langs[V].sequences(256, P["seq"] + 1, 999),
+            )
         log(f"V={V}: Bayes loss {langs[V].bayes:.4f} nats/token; {n_train} train sequences per seed")
     order = [(r, seed, V, w) for r in P["rings"] for seed in P["seeds"] for V in P["vocabs"] for w in P["widths"]]
     per_width: dict = {}
@@ -222,14 +267,17 @@ def main(argv=None):
         res = run_one(langs[V], *data[(V, seed)], w, seed, k, P, device, a.optimizer)
         per_width[(w, V)] = res["seconds"]
         sweep.append_row(path, res)
-        log(f"width={w} V={V} seed={seed} k={k} lr_emb={res['lr_embedding']:.4g} lr_hid={res['lr_hidden']:.3g} "
+        log(
+            f"width={w} V={V} seed={seed} k={k} lr_emb={res['lr_embedding']:.4g} lr_hid={res['lr_hidden']:.3g} "
             f"loss={res['loss']:.4f} excess={res['loss'] - langs[V].bayes:.4f} train={res['train_loss']:.4f} "
-            f"({res['seconds']:.1f}s, {res['D']} tokens)")
+            f"({res['seconds']:.1f}s, {res['D']} tokens)"
+        )
     try:
         import analyze
+
         analyze.analyze(path, a.out, n_boot=500, plots=False)
         log(f"analysis: {os.path.join(a.out, 'results.md')}")
-    except Exception as e:    # the runs are what matter; the analysis can be redone anywhere
+    except Exception as e:  # the runs are what matter; the analysis can be redone anywhere
         log(f"analysis skipped: {type(e).__name__}: {e}")
     return 0
 

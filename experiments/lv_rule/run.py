@@ -22,6 +22,7 @@ stopped.
     python experiments/lv_rule/run.py                 # default sweep (~60-75 min, one core)
     python experiments/lv_rule/run.py --preset smoke  # a few seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,40 +38,51 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the worktree's lvopt first
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the worktree's lvopt first
 import lvopt  # noqa: E402
 from lvopt.scaling import from_model  # noqa: E402
 import sweep  # noqa: E402
 from sweep import FIELDS  # noqa: E402,F401  (the columns of runs.csv: run.FIELDS)
 
-K = 16                # hidden classes
-ZIPF = 1.0            # within-class token frequencies ~ 1 / rank**ZIPF
+K = 16  # hidden classes
+ZIPF = 1.0  # within-class token frequencies ~ 1 / rank**ZIPF
 TASK_SEED = 20261130  # the Markov chain: fixed, shared by every V, width and seed
 BASE_WIDTH = 32
-EMB_LR0 = 0.01        # embedding LR grid: EMB_LR0 * 2**(k/2)
-HIDDEN_LR0 = {"adamw": 1.6e-2, "adamh": 0.02}   # hidden and output LR at BASE_WIDTH
+EMB_LR0 = 0.01  # embedding LR grid: EMB_LR0 * 2**(k/2)
+HIDDEN_LR0 = {"adamw": 1.6e-2, "adamh": 0.02}  # hidden and output LR at BASE_WIDTH
 OUTPUT_LR0 = 8e-3
 EVAL_N = 8192
 
 PRESETS = {
     # parts are done in order; within a part, config by config (all seeds), so that a partial
     # sweep holds complete configurations.
-    "default": dict(steps=300, batch=1024, seeds=[0, 1, 2], parts=[
-        dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256]),
-        dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256], hidden_check=True),
-        dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256]),
-        dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256], refine=True),
-        dict(optims=["adamw"], vocabs=[1024], widths=[32, 64, 128, 256], refine=True),
-        dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256], hidden_check=True),
-        dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256], refine="hidden"),
-    ]),
-    "smoke": dict(steps=6, batch=64, seeds=[0], parts=[
-        dict(optims=["adamw"], vocabs=[16], widths=[16], ks=[0, 2]),
-    ]),
+    "default": dict(
+        steps=300,
+        batch=1024,
+        seeds=[0, 1, 2],
+        parts=[
+            dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256]),
+            dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256], hidden_check=True),
+            dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256]),
+            dict(optims=["adamw"], vocabs=[16, 65536], widths=[32, 64, 128, 256], refine=True),
+            dict(optims=["adamw"], vocabs=[1024], widths=[32, 64, 128, 256], refine=True),
+            dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256], hidden_check=True),
+            dict(optims=["adamh"], vocabs=[16, 65536], widths=[32, 64, 128, 256], refine="hidden"),
+        ],
+    ),
+    "smoke": dict(
+        steps=6,
+        batch=64,
+        seeds=[0],
+        parts=[
+            dict(optims=["adamw"], vocabs=[16], widths=[16], ks=[0, 2]),
+        ],
+    ),
 }
 
 
 # ---------------------------------------------------------------------------- task
+
 
 class Task:
     """The synthetic language at vocabulary ``V`` (a multiple of K)."""
@@ -82,9 +94,9 @@ class Task:
         g = torch.Generator().manual_seed(TASK_SEED)
         # Rows of T: squared Exp(1) draws, normalised; the same for every V.
         x = -torch.log(torch.rand(K * K, K, generator=g, dtype=torch.float64))  # Exp(1) = Gamma(1)
-        x = x ** 2                                                              # sharper rows
-        self.T = (x / x.sum(1, keepdim=True))      # row c1 * K + c2: next class after classes c1, c2
-        self.bayes = float(-(self.T * self.T.log()).sum(1).mean())              # classes uniform
+        x = x**2  # sharper rows
+        self.T = x / x.sum(1, keepdim=True)  # row c1 * K + c2: next class after classes c1, c2
+        self.bayes = float(-(self.T * self.T.log()).sum(1).mean())  # classes uniform
         p = 1.0 / torch.arange(1, self.per + 1, dtype=torch.float64) ** ZIPF
         self.cdf = (p / p.sum()).cumsum(0)
         self.cdf[-1] = 1.0
@@ -104,7 +116,7 @@ class Task:
     def eval_set(self):
         g = torch.Generator().manual_seed(999)
         x, c, _ = self.sample(EVAL_N, g)
-        return x, self.T32[c]          # exact next-class distributions: the loss is Bayes + KL
+        return x, self.T32[c]  # exact next-class distributions: the loss is Bayes + KL
 
 
 class MLP(nn.Module):
@@ -116,7 +128,7 @@ class MLP(nn.Module):
         self.head = nn.Linear(d, K, bias=False)
         nn.init.normal_(self.embedding.weight, std=1.0)
         nn.init.normal_(self.fc1.weight, std=(2 * d) ** -0.5)
-        nn.init.normal_(self.fc2.weight, std=(2.0 / d) ** 0.5)   # after a ReLU
+        nn.init.normal_(self.fc2.weight, std=(2.0 / d) ** 0.5)  # after a ReLU
         nn.init.zeros_(self.head.weight)
 
     def forward(self, x):
@@ -128,12 +140,21 @@ def make_optimizer(model, optim, lr_e, hidden_factor=1.0, rule="mup"):
     opt_cls = lvopt.AdamH if optim == "adamh" else lvopt.AdamW
     lrs = {"embedding": lr_e, "hidden": HIDDEN_LR0[optim] * hidden_factor, "output": OUTPUT_LR0}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # V < width at V = 16: the warning is the point of the V axis
-        return from_model(opt_cls, model, lr=lrs, base_width=BASE_WIDTH, rule=rule, weight_decay=0.0,
-                          overrides={"head.weight": "output"}, allow_smaller_width=True)
+        warnings.simplefilter("ignore")  # V < width at V = 16: the warning is the point of the V axis
+        return from_model(
+            opt_cls,
+            model,
+            lr=lrs,
+            base_width=BASE_WIDTH,
+            rule=rule,
+            weight_decay=0.0,
+            overrides={"head.weight": "output"},
+            allow_smaller_width=True,
+        )
 
 
 # ---------------------------------------------------------------------------- one run
+
 
 def run_one(task, ev, optim, width, seed, k, steps, batch, hidden_factor=1.0):
     torch.manual_seed(seed)
@@ -142,11 +163,11 @@ def run_one(task, ev, optim, width, seed, k, steps, batch, hidden_factor=1.0):
     opt = make_optimizer(model, optim, lr_e, hidden_factor)
     plan = opt.scaling_plan
     lr_h = plan.role_lr("hidden")
-    alpha_h = 0.5 if optim == "adamh" else 1.0     # the corrected rule (lvopt.scaling.HYPERBALL_HIDDEN)
+    alpha_h = 0.5 if optim == "adamh" else 1.0  # the corrected rule (lvopt.scaling.HYPERBALL_HIDDEN)
     assert abs(lr_h - HIDDEN_LR0[optim] * hidden_factor * (BASE_WIDTH / width) ** alpha_h) < 1e-12 * lr_h
     assert plan.role_lr("embedding") == lr_e
     base = [g["lr"] for g in opt.param_groups]
-    g = torch.Generator().manual_seed(1000 + seed)      # the batches depend on the seed only
+    g = torch.Generator().manual_seed(1000 + seed)  # the batches depend on the seed only
     ce = nn.functional.cross_entropy
     t0 = time.time()
     tl = []
@@ -163,12 +184,25 @@ def run_one(task, ev, optim, width, seed, k, steps, batch, hidden_factor=1.0):
     if not all(math.isfinite(v) for v in tl):
         val = math.nan
     N = sum(p.numel() for p in model.parameters())
-    return dict(optim=optim, width=width, V=task.V, seed=seed, k=k, lr_embedding=lr_e, lr_hidden=lr_h, N=N,
-                D=steps * batch, steps=steps, train_loss=float(np.mean(tl[-max(1, steps // 10):])),
-                loss=val, seconds=round(time.time() - t0, 2))
+    return dict(
+        optim=optim,
+        width=width,
+        V=task.V,
+        seed=seed,
+        k=k,
+        lr_embedding=lr_e,
+        lr_hidden=lr_h,
+        N=N,
+        D=steps * batch,
+        steps=steps,
+        train_loss=float(np.mean(tl[-max(1, steps // 10) :])),
+        loss=val,
+        seconds=round(time.time() - t0, 2),
+    )
 
 
 # ---------------------------------------------------------------------------- sweep
+
 
 def centre_k(width: int) -> int:
     """First guess of the best k: half-way between muP (no drift) and LV (lr_emb ~ width^-1/2)."""
@@ -221,7 +255,7 @@ class Sweep(sweep.Sweep):
                 else:
                     break
             jb = min(hg, key=hg.get)
-            if jb != 0 and refine != "hidden":     # "hidden": the hidden-LR grid only
+            if jb != 0 and refine != "hidden":  # "hidden": the hidden-LR grid only
                 self.emb_grid(optim, width, V, seeds, best, 2 ** (jb / 2))
 
 
@@ -233,8 +267,14 @@ def main(argv=None):
     P = PRESETS[a.preset]
     sw = Sweep(a.out, P)
     print(f"lv_rule: {len(sw.rows)} runs already in {a.out}", flush=True)
-    sweep.for_each_config(P, a.parts, a.threads, lambda part, o, V, w: sw.config(
-        o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False), part.get("refine", False)))
+    sweep.for_each_config(
+        P,
+        a.parts,
+        a.threads,
+        lambda part, o, V, w: sw.config(
+            o, w, V, P["seeds"], part.get("ks"), part.get("hidden_check", False), part.get("refine", False)
+        ),
+    )
     print(f"lv_rule: done, {sw.n_new} new runs", flush=True)
     return 0
 

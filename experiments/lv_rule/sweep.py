@@ -5,6 +5,7 @@ csv of finished runs, and the adaptive embedding-LR grid.
 A sweep appends every finished run to its csv and skips it next time; its grid extensions are
 decided from the rows already there, so a restarted sweep continues where it stopped.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,21 @@ import torch
 
 # The columns of a run, the same in runs.csv, runs_corpus.csv and gpu_lm's runs.csv (analyze.py
 # reads all three).
-FIELDS = ["optim", "width", "V", "seed", "k", "lr_embedding", "lr_hidden", "N", "D", "steps",
-          "train_loss", "loss", "seconds"]
+FIELDS = [
+    "optim",
+    "width",
+    "V",
+    "seed",
+    "k",
+    "lr_embedding",
+    "lr_hidden",
+    "N",
+    "D",
+    "steps",
+    "train_loss",
+    "loss",
+    "seconds",
+]
 
 
 def lr_factor(s: int, steps: int) -> float:
@@ -42,8 +56,12 @@ def add_arguments(ap, out: str) -> None:
     """The command line a sweep shares: --out (its csv, default ``out``), --threads, --parts."""
     ap.add_argument("--out", default=out)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                    help="only these parts of the preset (0-based)")
+    ap.add_argument(
+        "--parts",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="only these parts of the preset (0-based)",
+    )
 
 
 def for_each_config(P: dict, parts, threads: int, config) -> None:
@@ -105,8 +123,14 @@ class Sweep:
     def find(self, optim, width, V, seed, k, hf):
         lr_h = self.hidden(optim, width) * hf
         for r in self.rows:
-            if (r["optim"], int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"]), int(r["steps"])) == \
-                    (optim, width, V, seed, k, self.steps) and abs(float(r["lr_hidden"]) / lr_h - 1) < 1e-6:
+            if (r["optim"], int(r["width"]), int(r["V"]), int(r["seed"]), int(r["k"]), int(r["steps"])) == (
+                optim,
+                width,
+                V,
+                seed,
+                k,
+                self.steps,
+            ) and abs(float(r["lr_hidden"]) / lr_h - 1) < 1e-6:
                 return r
         return None
 
@@ -119,8 +143,11 @@ class Sweep:
         self.rows.append({k_: str(v) for k_, v in r.items()})
         self.n_new += 1
         el = time.time() - self.t_start
-        print(f"[{self.n_new}] {optim} width={width} V={V} seed={seed} k={k} lr_emb={r['lr_embedding']:.4g} "
-              f"lr_hid={r['lr_hidden']:.3g} {tail} ({r['seconds']:.1f}s, elapsed {el / 60:.1f} min)", flush=True)
+        print(
+            f"[{self.n_new}] {optim} width={width} V={V} seed={seed} k={k} lr_emb={r['lr_embedding']:.4g} "
+            f"lr_hid={r['lr_hidden']:.3g} {tail} ({r['seconds']:.1f}s, elapsed {el / 60:.1f} min)",
+            flush=True,
+        )
         return float(r["loss"])
 
     def mean_loss(self, optim, width, V, k, seeds, hf=1.0):
@@ -144,5 +171,5 @@ class Sweep:
                     grid[hi + 1] = self.mean_loss(optim, width, V, hi + 1, ss, hf)
                 else:
                     break
-            centre = min(grid, key=grid.get)   # the all-seed pass starts at the first seed's best +- 2
+            centre = min(grid, key=grid.get)  # the all-seed pass starts at the first seed's best +- 2
         return grid

@@ -21,6 +21,7 @@ _plan.DensePlan per list of tensors.
 Device side: the JIT helpers that more than one kernel file runs on these tables
 (program_row, load_step_tile).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import BETA1, BETA2, EPS, HYPER_COLS, LR, MAXIMIZE, WEIGHT_DECAY
+from .._layout import BETA1, BETA2, EPS, HYPER_COLS, LR, WEIGHT_DECAY
 from ..optim import _dense
 
 # Elements per program (a multiple of BLOCK) and per tile. 16 Ki elements per program, as in
@@ -71,8 +72,10 @@ def _check_layout(op, name, i, t, p, dtype):
     if t.shape != p.shape:
         _fail(f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] has shape {list(p.shape)}")
     if t.stride() != p.stride():
-        _fail(f"{op}: {name}[{i}] has strides {list(t.stride())} but params[{i}] has strides "
-              f"{list(p.stride())} (lvopt.optim lays gradients and states out like their parameter)")
+        _fail(
+            f"{op}: {name}[{i}] has strides {list(t.stride())} but params[{i}] has strides "
+            f"{list(p.stride())} (lvopt.optim lays gradients and states out like their parameter)"
+        )
 
 
 def _native_check():
@@ -91,8 +94,17 @@ def check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper, max_
     if native is not None and params and params[0].device.type in ("cuda", "cpu"):
         cuda = params[0].device.type == "cuda"
         if cuda or interpreting():
-            native(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper,
-                   list(max_exp_avg_sqs) if max_exp_avg_sqs else None, cuda)
+            native(
+                op,
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                hyper,
+                list(max_exp_avg_sqs) if max_exp_avg_sqs else None,
+                cuda,
+            )
             return hyper.tolist() if hyper.device.type == "cpu" else None
     rows = _check_step_args_py(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
     check_amsgrad(op, params, max_exp_avg_sqs)
@@ -102,13 +114,22 @@ def check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper, max_
 def _check_step_args_py(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
-        _fail(f"{op}: tensor lists differ in length (params {n}, grads {len(grads)}, exp_avgs "
-              f"{len(exp_avgs)}, exp_avg_sqs {len(exp_avg_sqs)}, steps {len(steps)})")
+        _fail(
+            f"{op}: tensor lists differ in length (params {n}, grads {len(grads)}, exp_avgs "
+            f"{len(exp_avgs)}, exp_avg_sqs {len(exp_avg_sqs)}, steps {len(steps)})"
+        )
     dev = params[0].device if n else hyper.device
-    if not ((hyper.device.type == "cpu" or hyper.device == dev) and hyper.dtype == torch.float64
-            and hyper.dim() == 2 and tuple(hyper.shape) == (n, HYPER_COLS) and hyper.is_contiguous()):
-        _fail(f"{op}: hyper must be a contiguous float64 tensor of shape [{n}, {HYPER_COLS}] on the "
-              f"CPU or on the parameters' device, got {hyper.dtype} {list(hyper.shape)} on {hyper.device}")
+    if not (
+        (hyper.device.type == "cpu" or hyper.device == dev)
+        and hyper.dtype == torch.float64
+        and hyper.dim() == 2
+        and tuple(hyper.shape) == (n, HYPER_COLS)
+        and hyper.is_contiguous()
+    ):
+        _fail(
+            f"{op}: hyper must be a contiguous float64 tensor of shape [{n}, {HYPER_COLS}] on the "
+            f"CPU or on the parameters' device, got {hyper.dtype} {list(hyper.shape)} on {hyper.device}"
+        )
     rows = hyper.tolist() if hyper.device.type == "cpu" else None
     for i in range(n):
         if rows is not None:
@@ -126,8 +147,10 @@ def _check_step_args_py(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
         p = params[i]
         ok_device = p.device.type == "cuda" or (p.device.type == "cpu" and interpreting())
         if not ok_device or p.device != dev:
-            _fail(f"{op}: params[{i}] is on {p.device}; the Triton kernels take CUDA tensors (CPU "
-                  f"tensors only under TRITON_INTERPRET=1), all on one device (params[0] is on {dev})")
+            _fail(
+                f"{op}: params[{i}] is on {p.device}; the Triton kernels take CUDA tensors (CPU "
+                f"tensors only under TRITON_INTERPRET=1), all on one device (params[0] is on {dev})"
+            )
         if p.dtype not in (torch.float32, torch.bfloat16):
             _fail(f"{op}: params[{i}] has dtype {p.dtype}; supported: float32, bfloat16")
         if p.layout != torch.strided or not _dense(p):
@@ -136,10 +159,12 @@ def _check_step_args_py(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper):
         _check_layout(op, "exp_avgs", i, exp_avgs[i], p, torch.float32)
         _check_layout(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, torch.float32)
         s = steps[i]
-        if not (s.device.type == "cpu" or s.device == dev) or s.numel() != 1 or s.dtype not in (
-                torch.float32, torch.float64):
-            _fail(f"{op}: steps[{i}] must be a one-element float32/float64 tensor on the CPU or the "
-                  f"parameters' device")
+        if (
+            not (s.device.type == "cpu" or s.device == dev)
+            or s.numel() != 1
+            or s.dtype not in (torch.float32, torch.float64)
+        ):
+            _fail(f"{op}: steps[{i}] must be a one-element float32/float64 tensor on the CPU or the parameters' device")
     return rows
 
 
@@ -194,8 +219,7 @@ def advance_steps(steps, hyper, device, unit_step: bool, found_inf=None, advance
     bc2 = 1.0 - torch.pow(b2, t)
     step_size = (1.0 / bc1) if unit_step else (lr / bc1)
     sign = torch.where(mx != 0.0, -1.0, 1.0).to(torch.float64)
-    coef = torch.stack([b1, 1.0 - b1, b2, 1.0 - b2, 1.0 - lr * wd, step_size, 1.0 / torch.sqrt(bc2),
-                        eps, sign], 1)
+    coef = torch.stack([b1, 1.0 - b1, b2, 1.0 - b2, 1.0 - lr * wd, step_size, 1.0 / torch.sqrt(bc2), eps, sign], 1)
     return coef.to(torch.float32).contiguous()
 
 
@@ -251,7 +275,7 @@ class _Plan:
     def __init__(self, launches, grad_ptrs, grad_cols, grad_aligned):
         self.launches = launches
         self.grad_ptrs = grad_ptrs
-        self.grad_cols = grad_cols        # per launch: the tensor indices of its table rows
+        self.grad_cols = grad_cols  # per launch: the tensor indices of its table rows
         self.grad_aligned = grad_aligned  # per tensor: whether its gradient was 16-byte aligned
 
 
@@ -264,7 +288,8 @@ def launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk, vmaxes=None):
     vm = vmaxes if vmaxes else [None] * len(params)
     key = (params[0].device if params else None,) + tuple(
         (ptr(p), ptr(m), ptr(v), 0 if x is None else ptr(x), p.numel(), p.dtype)
-        for p, m, v, x in zip(params, exp_avgs, exp_avg_sqs, vm))
+        for p, m, v, x in zip(params, exp_avgs, exp_avg_sqs, vm)
+    )
     gptrs = [ptr(g) for g in grads]
     plan = _LAUNCH_CACHE.get(key)
     if plan is not None and gptrs != plan.grad_ptrs:
@@ -273,7 +298,7 @@ def launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk, vmaxes=None):
         else:
             for (dtype, aligned, meta, n_tensors, n_programs), idx in zip(plan.launches, plan.grad_cols):
                 col = torch.tensor([gptrs[i] for i in idx], dtype=torch.int64)
-                meta[1:TABLE_COLS * n_tensors:TABLE_COLS].copy_(_upload(col, meta.device))
+                meta[1 : TABLE_COLS * n_tensors : TABLE_COLS].copy_(_upload(col, meta.device))
             plan.grad_ptrs = gptrs
     if plan is None:
         plan = _build_launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk, vm)
@@ -299,8 +324,18 @@ def _build_launches(params, grads, exp_avgs, exp_avg_sqs, first_chunk, vmaxes) -
             n = params[i].numel()
             nc = (n + CHUNK - 1) // CHUNK
             x = vmaxes[i]
-            rows.append([ptr(params[i]), ptr(grads[i]), ptr(exp_avgs[i]), ptr(exp_avg_sqs[i]), n, i,
-                         first_chunk[i], 0 if x is None else ptr(x)])
+            rows.append(
+                [
+                    ptr(params[i]),
+                    ptr(grads[i]),
+                    ptr(exp_avgs[i]),
+                    ptr(exp_avg_sqs[i]),
+                    n,
+                    i,
+                    first_chunk[i],
+                    0 if x is None else ptr(x),
+                ]
+            )
             owner += [r] * nc
             chunk += range(nc)
         meta = torch.tensor([x for row in rows for x in row] + owner + chunk, dtype=torch.int64)
@@ -319,8 +354,9 @@ def chunk_table(params, first) -> torch.Tensor:
     key = (params[0].device, tuple(p.numel() for p in params))
     t = _CHUNK_TABLES.get(key)
     if t is None:
-        host = torch.tensor([[f, (p.numel() + CHUNK - 1) // CHUNK] for f, p in zip(first, params)],
-                            dtype=torch.int64).reshape(-1, 2)
+        host = torch.tensor(
+            [[f, (p.numel() + CHUNK - 1) // CHUNK] for f, p in zip(first, params)], dtype=torch.int64
+        ).reshape(-1, 2)
         t = _upload(host, params[0].device)
         if len(_CHUNK_TABLES) >= _LAUNCH_CACHE_SIZE:
             _CHUNK_TABLES.pop(next(iter(_CHUNK_TABLES)))
@@ -342,8 +378,10 @@ def check_amsgrad(op, params, max_exp_avg_sqs) -> bool:
     if not max_exp_avg_sqs:
         return False
     if len(max_exp_avg_sqs) != len(params):
-        _fail(f"{op}: max_exp_avg_sqs has {len(max_exp_avg_sqs)} tensors, params has {len(params)} (pass one "
-              f"per parameter for amsgrad, or none)")
+        _fail(
+            f"{op}: max_exp_avg_sqs has {len(max_exp_avg_sqs)} tensors, params has {len(params)} (pass one "
+            f"per parameter for amsgrad, or none)"
+        )
     for i, (x, p) in enumerate(zip(max_exp_avg_sqs, params)):
         _check_layout(op, "max_exp_avg_sqs", i, x, p, torch.float32)
     return True
@@ -352,18 +390,25 @@ def check_amsgrad(op, params, max_exp_avg_sqs) -> bool:
 def check_found_inf(op, found_inf, params) -> None:
     if found_inf is None:
         return
-    if found_inf.dtype != torch.float32 or found_inf.numel() != 1 or (
-            params and found_inf.device != params[0].device):
-        _fail(f"{op}: found_inf must be a one-element float32 tensor on the parameters' device, got "
-              f"{found_inf.dtype} {tuple(found_inf.shape)} on {found_inf.device}")
+    if found_inf.dtype != torch.float32 or found_inf.numel() != 1 or (params and found_inf.device != params[0].device):
+        _fail(
+            f"{op}: found_inf must be a one-element float32 tensor on the parameters' device, got "
+            f"{found_inf.dtype} {tuple(found_inf.shape)} on {found_inf.device}"
+        )
 
 
 def check_stats(op, stats, params, cols: int) -> None:
     n = len(params)
-    if (stats.dtype != torch.float64 or tuple(stats.shape) != (n, cols) or not stats.is_contiguous()
-            or (params and stats.device != params[0].device)):
-        _fail(f"{op}: stats must be a contiguous float64 tensor of shape [{n}, {cols}] on the parameters' "
-              f"device, got {stats.dtype} {tuple(stats.shape)} on {stats.device}")
+    if (
+        stats.dtype != torch.float64
+        or tuple(stats.shape) != (n, cols)
+        or not stats.is_contiguous()
+        or (params and stats.device != params[0].device)
+    ):
+        _fail(
+            f"{op}: stats must be a contiguous float64 tensor of shape [{n}, {cols}] on the parameters' "
+            f"device, got {stats.dtype} {tuple(stats.shape)} on {stats.device}"
+        )
 
 
 # ----- device side -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ the sums are all-reduced in between; lvopt/optim.py).
 Deterministic: every sum runs in a fixed order (tile sums by tl.sum's fixed tree, tiles and
 chunks in index order); no atomics.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -25,8 +26,7 @@ REDUCE_BLOCK = 64
 
 
 @triton.jit
-def _reduce_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, step_size, inv_bc2, eps, sign,
-                 MASKED: tl.constexpr):
+def _reduce_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, step_size, inv_bc2, eps, sign, MASKED: tl.constexpr):
     wi, gi, mi, vi = load_step_tile(p, g, m, v, offs, mask, MASKED)
     gi = sign * gi
     mi = b1 * mi + omb1 * gi
@@ -41,11 +41,19 @@ def _reduce_tile(p, g, m, v, offs, mask, b1, omb1, b2, omb2, step_size, inv_bc2,
 
 
 @triton.jit
-def adamh_reduce_kernel(meta_ptr, coef_ptr, partial_ptr, found_ptr, n_tensors, P_DTYPE: tl.constexpr,
-                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                        HAS_FOUND: tl.constexpr = False):
-    p, g, m, v, n, index, gchunk = _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE, ALIGNED, CHUNK,
-                                                HAS_FOUND)
+def adamh_reduce_kernel(
+    meta_ptr,
+    coef_ptr,
+    partial_ptr,
+    found_ptr,
+    n_tensors,
+    P_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_FOUND: tl.constexpr = False,
+):
+    p, g, m, v, n, index, gchunk = _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE, ALIGNED, CHUNK, HAS_FOUND)
     b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, index)
     uu = tl.zeros((), tl.float64)
     wu = tl.zeros((), tl.float64)
@@ -53,14 +61,12 @@ def adamh_reduce_kernel(meta_ptr, coef_ptr, partial_ptr, found_ptr, n_tensors, P
     full = n // BLOCK
     for t in range(0, full):
         offs = t * BLOCK + tl.arange(0, BLOCK)
-        a, b, c = _reduce_tile(p, g, m, v, offs, None, b1, omb1, b2, omb2, step_size, inv_bc2, eps,
-                               sign, False)
+        a, b, c = _reduce_tile(p, g, m, v, offs, None, b1, omb1, b2, omb2, step_size, inv_bc2, eps, sign, False)
         uu += a
         wu += b
         ww += c
     offs = full * BLOCK + tl.arange(0, BLOCK)
-    a, b, c = _reduce_tile(p, g, m, v, offs, offs < n, b1, omb1, b2, omb2, step_size, inv_bc2, eps,
-                           sign, True)
+    a, b, c = _reduce_tile(p, g, m, v, offs, offs < n, b1, omb1, b2, omb2, step_size, inv_bc2, eps, sign, True)
     uu += a
     wu += b
     ww += c
@@ -71,8 +77,9 @@ def adamh_reduce_kernel(meta_ptr, coef_ptr, partial_ptr, found_ptr, n_tensors, P
 
 
 @triton.jit
-def adamh_finalize_kernel(partial_ptr, chunks_ptr, hyper_ptr, radius_ptr, stats_ptr, scale_ptr,
-                          RB: tl.constexpr, RADIUS_TABLE: tl.constexpr):
+def adamh_finalize_kernel(
+    partial_ptr, chunks_ptr, hyper_ptr, radius_ptr, stats_ptr, scale_ptr, RB: tl.constexpr, RADIUS_TABLE: tl.constexpr
+):
     """Adds tensor i's chunk partials and computes its scales (a, b). lr is column 0 of row i
     of the hyperparameter table; the radius is read at the address radius_ptr[i]
     (RADIUS_TABLE: the plan's table of the radii's addresses) or is radius_ptr[i] (a vector of
@@ -121,8 +128,16 @@ def adamh_scales_kernel(sums_ptr, hyper_ptr, radius_ptr, scale_ptr, RADIUS_TABLE
     """The scales of pass 2 from sums given to fused_adamh_apply_ (one program per tensor; lr
     and the radius read as in adamh_finalize_kernel)."""
     i = tl.program_id(0)
-    _store_scales(i, tl.load(sums_ptr + 3 * i + 0), tl.load(sums_ptr + 3 * i + 1),
-                  tl.load(sums_ptr + 3 * i + 2), hyper_ptr, radius_ptr, scale_ptr, RADIUS_TABLE)
+    _store_scales(
+        i,
+        tl.load(sums_ptr + 3 * i + 0),
+        tl.load(sums_ptr + 3 * i + 1),
+        tl.load(sums_ptr + 3 * i + 2),
+        hyper_ptr,
+        radius_ptr,
+        scale_ptr,
+        RADIUS_TABLE,
+    )
 
 
 @triton.jit
@@ -140,11 +155,19 @@ def _apply_tile(p, m, v, offs, mask, a, b, step_size, inv_bc2, eps, MASKED: tl.c
 
 
 @triton.jit
-def adamh_apply_kernel(meta_ptr, coef_ptr, scale_ptr, found_ptr, n_tensors, P_DTYPE: tl.constexpr,
-                       ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                       HAS_FOUND: tl.constexpr = False):
-    p, g, m, v, n, index, _ = _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE, ALIGNED, CHUNK,
-                                           HAS_FOUND)
+def adamh_apply_kernel(
+    meta_ptr,
+    coef_ptr,
+    scale_ptr,
+    found_ptr,
+    n_tensors,
+    P_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_FOUND: tl.constexpr = False,
+):
+    p, g, m, v, n, index, _ = _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE, ALIGNED, CHUNK, HAS_FOUND)
     b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, index)
     a = tl.load(scale_ptr + 2 * index)
     b = tl.load(scale_ptr + 2 * index + 1)
@@ -159,17 +182,22 @@ def adamh_apply_kernel(meta_ptr, coef_ptr, scale_ptr, found_ptr, n_tensors, P_DT
 def _check_no_weight_decay(op, rows):
     for i, r in enumerate(rows or ()):
         if r[3] != 0.0:
-            raise RuntimeError(f"{op}: weight_decay of tensor {i} must be 0 (hyperball steps have no "
-                               f"weight decay)")
+            raise RuntimeError(f"{op}: weight_decay of tensor {i} must be 0 (hyperball steps have no weight decay)")
 
 
 def _check_sums(op, params, sums):
     n = len(params)
-    if (sums.dtype != torch.float64 or tuple(sums.shape) != (n, 3) or not sums.is_contiguous()
-            or (params and sums.device != params[0].device)):
-        raise RuntimeError(f"{op}: sums must be a contiguous float64 tensor of shape [{n}, 3] on the "
-                           f"parameters' device (fused_adamh_reduce_'s result), got {sums.dtype} "
-                           f"{list(sums.shape)} on {sums.device}")
+    if (
+        sums.dtype != torch.float64
+        or tuple(sums.shape) != (n, 3)
+        or not sums.is_contiguous()
+        or (params and sums.device != params[0].device)
+    ):
+        raise RuntimeError(
+            f"{op}: sums must be a contiguous float64 tensor of shape [{n}, 3] on the "
+            f"parameters' device (fused_adamh_reduce_'s result), got {sums.dtype} "
+            f"{list(sums.shape)} on {sums.device}"
+        )
 
 
 def _check_radii(op, params, radii, rows):
@@ -179,8 +207,9 @@ def _check_radii(op, params, radii, rows):
     dev = params[0].device if n else None
     for i, r in enumerate(radii):
         if r is None or not (r.device.type == "cpu" or r.device == dev) or r.numel() != 1 or r.dtype != torch.float64:
-            raise RuntimeError(f"{op}: radii[{i}] must be a one-element float64 tensor on the CPU or "
-                               f"the parameters' device")
+            raise RuntimeError(
+                f"{op}: radii[{i}] must be a one-element float64 tensor on the CPU or the parameters' device"
+            )
         if r.device.type == "cpu":
             x = float(r)
             if not (x == x and abs(x) != float("inf") and x >= 0.0):
@@ -188,11 +217,19 @@ def _check_radii(op, params, radii, rows):
     _check_no_weight_decay(op, rows)
 
 
-@torch.library.custom_op("lvopt_triton::fused_adamh_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf"))
-def fused_adamh_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
-                 exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], radii: List[torch.Tensor],
-                 hyper: torch.Tensor, found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+@torch.library.custom_op(
+    "lvopt_triton::fused_adamh_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf")
+)
+def fused_adamh_(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    steps: List[torch.Tensor],
+    radii: List[torch.Tensor],
+    hyper: torch.Tensor,
+    found_inf: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     op = "lvopt::fused_adamh_"
     rows = C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
     _check_radii(op, params, radii, rows)
@@ -240,11 +277,22 @@ def _reduce_launches(plan, params, coef, hyper, radius, table, stats, scales, fo
     has_found = found_inf is not None
     flag = found_inf if has_found else coef
     for dtype, aligned, meta, n_tensors, n_programs in plan.tables.launches:
-        adamh_reduce_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=C.TL_DTYPE[dtype],
-                                           ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=blk, HAS_FOUND=has_found,
-                                           **opts)
-    adamh_finalize_kernel[(plan.n,)](partials, plan.chunks(params), hyper, radius, stats, scales,
-                                     RB=REDUCE_BLOCK, RADIUS_TABLE=table, **opts)
+        adamh_reduce_kernel[(n_programs,)](
+            meta,
+            coef,
+            partials,
+            flag,
+            n_tensors,
+            P_DTYPE=C.TL_DTYPE[dtype],
+            ALIGNED=aligned,
+            CHUNK=C.CHUNK,
+            BLOCK=blk,
+            HAS_FOUND=has_found,
+            **opts,
+        )
+    adamh_finalize_kernel[(plan.n,)](
+        partials, plan.chunks(params), hyper, radius, stats, scales, RB=REDUCE_BLOCK, RADIUS_TABLE=table, **opts
+    )
 
 
 def _apply_launches(plan, coef, scales, found_inf, opts, blk):
@@ -252,9 +300,19 @@ def _apply_launches(plan, coef, scales, found_inf, opts, blk):
     has_found = found_inf is not None
     flag = found_inf if has_found else coef
     for dtype, aligned, meta, n_tensors, n_programs in plan.tables.launches:
-        adamh_apply_kernel[(n_programs,)](meta, coef, scales, flag, n_tensors, P_DTYPE=C.TL_DTYPE[dtype],
-                                          ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=blk, HAS_FOUND=has_found,
-                                          **opts)
+        adamh_apply_kernel[(n_programs,)](
+            meta,
+            coef,
+            scales,
+            flag,
+            n_tensors,
+            P_DTYPE=C.TL_DTYPE[dtype],
+            ALIGNED=aligned,
+            CHUNK=C.CHUNK,
+            BLOCK=blk,
+            HAS_FOUND=has_found,
+            **opts,
+        )
 
 
 @fused_adamh_.register_fake
@@ -264,11 +322,18 @@ def _(params, grads, exp_avgs, exp_avg_sqs, steps, radii, hyper, found_inf=None)
     return hyper.new_empty((0, 3))
 
 
-@torch.library.custom_op("lvopt_triton::fused_adamh_reduce_",
-                         mutates_args=("exp_avgs", "exp_avg_sqs", "steps", "found_inf"))
-def fused_adamh_reduce_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
-                        exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], hyper: torch.Tensor,
-                        found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+@torch.library.custom_op(
+    "lvopt_triton::fused_adamh_reduce_", mutates_args=("exp_avgs", "exp_avg_sqs", "steps", "found_inf")
+)
+def fused_adamh_reduce_(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    steps: List[torch.Tensor],
+    hyper: torch.Tensor,
+    found_inf: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Pass 1 of fused_adamh_ alone (lvopt::fused_adamh_reduce_): advances the counters,
     updates m and v, returns the sums [n, 3]; no parameter is written. Through the plan of
     these tensors (lvopt/triton/_plan.py): the scan, the setup kernel, the reduce launches and
@@ -292,8 +357,9 @@ def fused_adamh_reduce_(params: List[torch.Tensor], grads: List[torch.Tensor], e
         return torch.zeros(n, 3, **f64)
     stats = torch.empty(n, 3, **f64)
     scales = plan.buffer("adamh_scales", (n, 2), torch.float32)
-    _reduce_launches(plan, params, coef, hyper, torch.zeros(n, **f64), False, stats, scales, found_inf,
-                     launch_options(), C.block())
+    _reduce_launches(
+        plan, params, coef, hyper, torch.zeros(n, **f64), False, stats, scales, found_inf, launch_options(), C.block()
+    )
     return stats
 
 
@@ -305,9 +371,16 @@ def _(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, found_inf=None):
 
 
 @torch.library.custom_op("lvopt_triton::fused_adamh_apply_", mutates_args=("params",))
-def fused_adamh_apply_(params: List[torch.Tensor], exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor],
-                       steps: List[torch.Tensor], radii: List[torch.Tensor], hyper: torch.Tensor, sums: torch.Tensor,
-                       found_inf: Optional[torch.Tensor] = None) -> None:
+def fused_adamh_apply_(
+    params: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    steps: List[torch.Tensor],
+    radii: List[torch.Tensor],
+    hyper: torch.Tensor,
+    sums: torch.Tensor,
+    found_inf: Optional[torch.Tensor] = None,
+) -> None:
     """Pass 2 of fused_adamh_ alone (lvopt::fused_adamh_apply_): W <- a*W - b*u, the scales from
     ``sums`` (the whole tensors' ||u||^2, <W,u>, ||W||^2) and the radii, u from m, v and the
     counters as fused_adamh_reduce_ left them: the plan's setup kernel reads them without

@@ -14,6 +14,7 @@ torch.library.custom_op + register_fake rather than triton_op (docs/design.md se
 trace of a triton_op fails for CPU tensors under TRITON_INTERPRET=1, and that is how it is
 tested here).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -28,8 +29,15 @@ from ._common import load_step_tile, program_row
 
 
 @triton.jit
-def _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                 CHUNK: tl.constexpr, HAS_FOUND: tl.constexpr):
+def _load_tensor(
+    meta_ptr,
+    n_tensors,
+    found_ptr,
+    P_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_FOUND: tl.constexpr,
+):
     """The (tensor, chunk) of this program: pointers to its chunk, its length and indices.
     With HAS_FOUND, a set found_inf flag (nonfinite="skip"/"raise") makes the length 0: the
     program reads and writes nothing (the decision is taken on the device)."""
@@ -85,8 +93,17 @@ def _store_param(ptr, x, mask, MASKED: tl.constexpr):
 @triton.jit
 def _coef(coef_ptr, index):
     c = coef_ptr + index * 9
-    return (tl.load(c + 0), tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), tl.load(c + 4),
-            tl.load(c + 5), tl.load(c + 6), tl.load(c + 7), tl.load(c + 8))
+    return (
+        tl.load(c + 0),
+        tl.load(c + 1),
+        tl.load(c + 2),
+        tl.load(c + 3),
+        tl.load(c + 4),
+        tl.load(c + 5),
+        tl.load(c + 6),
+        tl.load(c + 7),
+        tl.load(c + 8),
+    )
 
 
 @triton.jit
@@ -146,8 +163,26 @@ def _store_state(m, v, offs, mask, mi, vi, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _adamw_tile(p, g, m, v, x, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign,
-                MASKED: tl.constexpr, AMS: tl.constexpr):
+def _adamw_tile(
+    p,
+    g,
+    m,
+    v,
+    x,
+    offs,
+    mask,
+    b1,
+    omb1,
+    b2,
+    omb2,
+    decay,
+    step_size,
+    inv_bc2,
+    eps,
+    sign,
+    MASKED: tl.constexpr,
+    AMS: tl.constexpr,
+):
     """One tile of AdamW; returns W before and after (fp32; unused values cost nothing)."""
     pi, gi, mi, vi = load_step_tile(p, g, m, v, offs, mask, MASKED)
     xi = vi
@@ -158,8 +193,9 @@ def _adamw_tile(p, g, m, v, x, offs, mask, b1, omb1, b2, omb2, decay, step_size,
             xi = tl.load(x + offs)
     w0 = pi
     if AMS:
-        pi, mi, vi, xi = adamw_amsgrad_math(pi, gi, mi, vi, xi, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
-                                            eps, sign)
+        pi, mi, vi, xi = adamw_amsgrad_math(
+            pi, gi, mi, vi, xi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign
+        )
     else:
         pi, mi, vi = adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign)
     _store_state(m, v, offs, mask, mi, vi, MASKED)
@@ -184,11 +220,21 @@ def _track_sums(w0, w1, p, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def adamw_kernel(meta_ptr, coef_ptr, partial_ptr, found_ptr, n_tensors, P_DTYPE: tl.constexpr,
-                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                 TRACK: tl.constexpr, HAS_FOUND: tl.constexpr = False, AMS: tl.constexpr = False):
-    p, g, m, v, n, index, chunk = _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE, ALIGNED, CHUNK,
-                                               HAS_FOUND)
+def adamw_kernel(
+    meta_ptr,
+    coef_ptr,
+    partial_ptr,
+    found_ptr,
+    n_tensors,
+    P_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TRACK: tl.constexpr,
+    HAS_FOUND: tl.constexpr = False,
+    AMS: tl.constexpr = False,
+):
+    p, g, m, v, n, index, chunk = _load_tensor(meta_ptr, n_tensors, found_ptr, P_DTYPE, ALIGNED, CHUNK, HAS_FOUND)
     x = m
     if AMS:
         x = _load_vmax(meta_ptr, n_tensors, ALIGNED, CHUNK)
@@ -198,16 +244,16 @@ def adamw_kernel(meta_ptr, coef_ptr, partial_ptr, found_ptr, n_tensors, P_DTYPE:
     full = n // BLOCK
     for t in range(0, full):
         offs = t * BLOCK + tl.arange(0, BLOCK)
-        w0, w1 = _adamw_tile(p, g, m, v, x, offs, None, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
-                             eps, sign, False, AMS)
+        w0, w1 = _adamw_tile(
+            p, g, m, v, x, offs, None, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign, False, AMS
+        )
         if TRACK:
             a, b = _track_sums(w0, w1, p + offs, None, False)
             ww += a
             dd += b
     offs = full * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    w0, w1 = _adamw_tile(p, g, m, v, x, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2,
-                         eps, sign, True, AMS)
+    w0, w1 = _adamw_tile(p, g, m, v, x, offs, mask, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign, True, AMS)
     if TRACK:
         # Tile sums in tile order (tl.sum's fixed tree within a tile): deterministic.
         a, b = _track_sums(w0, w1, p + offs, mask, True)
@@ -254,16 +300,26 @@ def chunk_table(params, first) -> torch.Tensor:
 _ADAMW_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
     "Tensor(d!)[] steps, Tensor hyper, Tensor(e!)? found_inf=None, Tensor(f!)? stats=None, "
-    "Tensor(g!)[]? max_exp_avg_sqs=None) -> ()")
+    "Tensor(g!)[]? max_exp_avg_sqs=None) -> ()"
+)
 
 
-@torch.library.custom_op("lvopt_triton::fused_adamw_", schema=_ADAMW_SCHEMA,
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf", "stats",
-                                       "max_exp_avg_sqs"))
-def fused_adamw_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
-                 exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], hyper: torch.Tensor,
-                 found_inf: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
-                 max_exp_avg_sqs: Optional[List[torch.Tensor]] = None) -> None:
+@torch.library.custom_op(
+    "lvopt_triton::fused_adamw_",
+    schema=_ADAMW_SCHEMA,
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps", "found_inf", "stats", "max_exp_avg_sqs"),
+)
+def fused_adamw_(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    steps: List[torch.Tensor],
+    hyper: torch.Tensor,
+    found_inf: Optional[torch.Tensor] = None,
+    stats: Optional[torch.Tensor] = None,
+    max_exp_avg_sqs: Optional[List[torch.Tensor]] = None,
+) -> None:
     op = "lvopt::fused_adamw_"
     C.check_step_args(op, params, grads, exp_avgs, exp_avg_sqs, steps, hyper, max_exp_avg_sqs)
     ams = bool(max_exp_avg_sqs)
@@ -301,12 +357,23 @@ def run(plan, params, grads, steps, hyper, found_inf=None, stats=None, scanned=F
     has_found = found_inf is not None
     flag = found_inf if has_found else coef
     for dtype, aligned, meta, n_tensors, n_programs in plan.tables.launches:
-        adamw_kernel[(n_programs,)](meta, coef, partials, flag, n_tensors, P_DTYPE=C.TL_DTYPE[dtype],
-                                    ALIGNED=aligned, CHUNK=C.CHUNK, BLOCK=blk, TRACK=track,
-                                    HAS_FOUND=has_found, AMS=plan.ams, **opts)
+        adamw_kernel[(n_programs,)](
+            meta,
+            coef,
+            partials,
+            flag,
+            n_tensors,
+            P_DTYPE=C.TL_DTYPE[dtype],
+            ALIGNED=aligned,
+            CHUNK=C.CHUNK,
+            BLOCK=blk,
+            TRACK=track,
+            HAS_FOUND=has_found,
+            AMS=plan.ams,
+            **opts,
+        )
     if track:
-        chunk_sums_kernel[(plan.n,)](partials, plan.chunks(params), stats, COLS=2, RB=REDUCE_BLOCK,
-                                     **opts)
+        chunk_sums_kernel[(plan.n,)](partials, plan.chunks(params), stats, COLS=2, RB=REDUCE_BLOCK, **opts)
 
 
 @fused_adamw_.register_fake

@@ -50,6 +50,7 @@ them from a device counter, _partial_sums_kernel sums them), then the pieces in 
 grouping of the CUDA kernel, so rows given at most 32 times match the CPU op's sums bit for bit
 and longer runs match the CUDA op's.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,19 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .._layout import (BETA1, BETA2, EPS, HIST_COLS, HIST_SERIES, HYPER_COLS, LR, MAXIMIZE, SPARSE_COALESCED,
-                       SPARSE_RING, WEIGHT_DECAY)
+from .._layout import (
+    BETA1,
+    BETA2,
+    EPS,
+    HIST_COLS,
+    HIST_SERIES,
+    HYPER_COLS,
+    LR,
+    MAXIMIZE,
+    SPARSE_COALESCED,
+    SPARSE_RING,
+    WEIGHT_DECAY,
+)
 from . import _common as C
 from .fused_adamw import _coef, _store_param, _store_state, _track_sums, adamw_math, launch_options
 
@@ -99,8 +111,7 @@ def _addr(t: torch.Tensor) -> int:
 
 def _aligned(d: int, dtype: torch.dtype, *ts) -> bool:
     """Every row of every tensor starts 16-byte aligned (rows of 16-byte multiples)."""
-    return (d * (2 if dtype == torch.bfloat16 else 4)) % 16 == 0 and d % 4 == 0 and all(
-        _addr(t) % 16 == 0 for t in ts)
+    return (d * (2 if dtype == torch.bfloat16 else 4)) % 16 == 0 and d % 4 == 0 and all(_addr(t) % 16 == 0 for t in ts)
 
 
 def _bits(x: float) -> int:
@@ -120,6 +131,7 @@ def launch(kernel, grid, *args, **kwargs):
 
 
 # ----- kernels ---------------------------------------------------------------------------------
+
 
 @triton.jit
 def _load(ptr, mask, MASKED: tl.constexpr):
@@ -148,8 +160,20 @@ def _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED: tl.conste
 
 
 @triton.jit
-def _row_grad_tile(vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, ALIGNED: tl.constexpr,
-                   MASKED: tl.constexpr, RUN: tl.constexpr):
+def _row_grad_tile(
+    vals_ptr,
+    perm_ptr,
+    part_ptr,
+    part_first,
+    g_lo,
+    g_hi,
+    d,
+    offs,
+    mask,
+    ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+    RUN: tl.constexpr,
+):
     """A row's gradient at columns offs: a row given at most RUN times sums its value rows in
     input order (as _grad_tile); a longer run adds the sums of its pieces of RUN rows (computed
     by _partial_sums_kernel, rows part_first, part_first + 1, ... of part_ptr) in order, as the
@@ -161,8 +185,9 @@ def _row_grad_tile(vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs
     direct_hi = tl.where(long, g_lo, g_hi)
     first_mask = mask & long if MASKED else long
     from_part = tl.load(part_ptr + part_first * d + offs, mask=first_mask, other=0.0)
-    from_vals = tl.load(_value_row(vals_ptr, perm_ptr, g_lo, d, ALIGNED) + offs, mask=(mask & (~long)) if MASKED
-                        else ~long, other=0.0).to(tl.float32)
+    from_vals = tl.load(
+        _value_row(vals_ptr, perm_ptr, g_lo, d, ALIGNED) + offs, mask=(mask & (~long)) if MASKED else ~long, other=0.0
+    ).to(tl.float32)
     acc = tl.where(long, from_part, from_vals)
     for c in range(1, n_parts):
         acc = acc + _load(part_ptr + (part_first + c) * d + offs, mask, MASKED)
@@ -188,8 +213,19 @@ def _piece_table_kernel(offsets_ptr, num_runs_ptr, part_start_ptr, owner_ptr, co
 
 
 @triton.jit
-def _partial_sums_kernel(vals_ptr, perm_ptr, offsets_ptr, owner_ptr, part_start_ptr, count_ptr, part_ptr, d,
-                         ALIGNED: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr):
+def _partial_sums_kernel(
+    vals_ptr,
+    perm_ptr,
+    offsets_ptr,
+    owner_ptr,
+    part_start_ptr,
+    count_ptr,
+    part_ptr,
+    d,
+    ALIGNED: tl.constexpr,
+    RUN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per piece q (programs past the counter return): the fp32 sum of its (at most
     RUN) value rows in input order, into part[q]."""
     q = tl.program_id(0)
@@ -228,7 +264,6 @@ def coalesce_kernel(vals_ptr, perm_ptr, offsets_ptr, out_ptr, d, ALIGNED: tl.con
     _store_param(row + offs, acc, mask, True)
 
 
-
 @triton.jit
 def _f64(bits):
     return bits.to(tl.int64).to(tl.float64, bitcast=True)
@@ -249,9 +284,35 @@ def _powi(b, n):
 
 
 @triton.jit
-def _setup_kernel(step_ptr, lo_ptr, hi_ptr, err_ptr, info_ptr, coef_ptr, clk_ptr, hyper_ptr, hist_ptr, qpow_ptr,
-                  n_ids, num_rows, hist_base, hist_rows, ring, epoch, qcols, lr_b, b1_b, b2_b, wd_b, eps_b, sign,
-                  STEP_OP: tl.constexpr, EXACT: tl.constexpr, HYPER_DEV: tl.constexpr, RING: tl.constexpr):
+def _setup_kernel(
+    step_ptr,
+    lo_ptr,
+    hi_ptr,
+    err_ptr,
+    info_ptr,
+    coef_ptr,
+    clk_ptr,
+    hyper_ptr,
+    hist_ptr,
+    qpow_ptr,
+    n_ids,
+    num_rows,
+    hist_base,
+    hist_rows,
+    ring,
+    epoch,
+    qcols,
+    lr_b,
+    b1_b,
+    b2_b,
+    wd_b,
+    eps_b,
+    sign,
+    STEP_OP: tl.constexpr,
+    EXACT: tl.constexpr,
+    HYPER_DEV: tl.constexpr,
+    RING: tl.constexpr,
+):
     """One program: the error word for the ids' range, the step count, info = (target step,
     new last step), the step's coefficients [9] (fused_adamw._coef's layout), and in exact
     mode clk = (beta1, beta2, eps as fp32) for the scalars kernel and, with a ring history
@@ -336,9 +397,23 @@ def _append_history(hist_ptr, qpow_ptr, t, base, ring, epoch, qcols, lr, wd, b1,
     lb = lr / bc1
     i8 = tl.arange(0, 8)
     # bc2^(h/2) for M_0..M_3 (h = 1..4) and N_1..N_4 (h = 0, -1, -2, -3).
-    pw = tl.where(i8 == 0, sb, tl.where(i8 == 1, bc2, tl.where(i8 == 2, bc2 * sb, tl.where(
-        i8 == 3, bc2 * bc2, tl.where(i8 == 4, 1.0, tl.where(i8 == 5, 1.0 / sb, tl.where(
-            i8 == 6, 1.0 / bc2, 1.0 / (bc2 * sb))))))))
+    pw = tl.where(
+        i8 == 0,
+        sb,
+        tl.where(
+            i8 == 1,
+            bc2,
+            tl.where(
+                i8 == 2,
+                bc2 * sb,
+                tl.where(
+                    i8 == 3,
+                    bc2 * bc2,
+                    tl.where(i8 == 4, 1.0, tl.where(i8 == 5, 1.0 / sb, tl.where(i8 == 6, 1.0 / bc2, 1.0 / (bc2 * sb)))),
+                ),
+            ),
+        ),
+    )
     qk = tl.load(qpow_ptr + i8 * qcols + k + epoch)
     prev_s = tl.where(t - 1 > b, tl.load(prev + 5 + i8), 0.0)
     series = prev_s + lb * pw * qk * scale
@@ -385,8 +460,23 @@ def _offsets_kernel(sorted_ptr, starts_ptr, run_ptr, rows_ptr, offsets_ptr, num_
 
 
 @triton.jit
-def _scalars_kernel(rows_ptr, num_runs_ptr, last_ptr, info_ptr, err_ptr, hist_ptr, qpow_ptr, row_last_ptr, cr_ptr,
-                    clk_ptr, base, epoch, window, qcols, ring):
+def _scalars_kernel(
+    rows_ptr,
+    num_runs_ptr,
+    last_ptr,
+    info_ptr,
+    err_ptr,
+    hist_ptr,
+    qpow_ptr,
+    row_last_ptr,
+    cr_ptr,
+    clk_ptr,
+    base,
+    epoch,
+    window,
+    qcols,
+    ring,
+):
     """Exact mode, one program per distinct row k (programs past U return): its last step s,
     the clock check (s in [base, target], else ERR_CLOCK), and when it is behind its catch-up
     scalars (sparse_clock.h Clock::row, fp64) into cr[k]."""
@@ -453,8 +543,26 @@ def _hrow(j, base, ring, RING: tl.constexpr):
 
 
 @triton.jit
-def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, ring,
-                  LOOP: tl.constexpr, BLOCK_D: tl.constexpr, RING: tl.constexpr):
+def _catchup_tile(
+    pi,
+    mi,
+    vi,
+    mask,
+    cr_ptr,
+    ceps,
+    s,
+    c,
+    hist_ptr,
+    qpow_ptr,
+    base,
+    epoch,
+    window,
+    qcols,
+    ring,
+    LOOP: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RING: tl.constexpr,
+):
     """math.h catchup_element_fast, and catchup_element_loop (terms from Clock::term, fp64) for
     the tile's elements with v between rev_v and fwd_v."""
     P = tl.load(cr_ptr + 0)
@@ -504,10 +612,42 @@ def _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base
 
 
 @triton.jit
-def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, coef_ptr, cr_ptr, ceps,
-              behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols, ring, HAS_GRAD: tl.constexpr,
-              EXACT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, LOOP: tl.constexpr,
-              SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr, RING: tl.constexpr):
+def _row_tile(
+    p,
+    m,
+    v,
+    vals_ptr,
+    perm_ptr,
+    part_ptr,
+    part_first,
+    g_lo,
+    g_hi,
+    d,
+    offs,
+    mask,
+    coef_ptr,
+    cr_ptr,
+    ceps,
+    behind,
+    s,
+    c,
+    hist_ptr,
+    qpow_ptr,
+    base,
+    epoch,
+    window,
+    qcols,
+    ring,
+    HAS_GRAD: tl.constexpr,
+    EXACT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+    LOOP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    RUN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RING: tl.constexpr,
+):
     """One tile of a row: [exact: catch-up if behind], [AdamW step], stores; returns the tile's
     fp64 (sum W^2, sum dW^2) (unused values cost nothing)."""
     pi = _load(p + offs, mask, MASKED).to(tl.float32)
@@ -516,13 +656,32 @@ def _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, 
     w0 = pi
     if EXACT:
         if behind:
-            pi, mi, vi = _catchup_tile(pi, mi, vi, mask, cr_ptr, ceps, s, c, hist_ptr, qpow_ptr, base, epoch,
-                                       window, qcols, ring, LOOP, BLOCK_D, RING)
+            pi, mi, vi = _catchup_tile(
+                pi,
+                mi,
+                vi,
+                mask,
+                cr_ptr,
+                ceps,
+                s,
+                c,
+                hist_ptr,
+                qpow_ptr,
+                base,
+                epoch,
+                window,
+                qcols,
+                ring,
+                LOOP,
+                BLOCK_D,
+                RING,
+            )
     if HAS_GRAD:
         b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign = _coef(coef_ptr, 0)
         if SPLIT:
-            gi = _row_grad_tile(vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, ALIGNED,
-                                MASKED, RUN)
+            gi = _row_grad_tile(
+                vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED, RUN
+            )
         else:
             gi = _grad_tile(vals_ptr, perm_ptr, g_lo, g_hi, d, offs, mask, ALIGNED, MASKED)
         pi, mi, vi = adamw_math(pi, gi, mi, vi, b1, omb1, b2, omb2, decay, step_size, inv_bc2, eps, sign)
@@ -549,12 +708,44 @@ def _row_has_mid(v, d, cr_ptr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offsets_ptr, num_runs_ptr, err_ptr,
-                       info_ptr, coef_ptr, row_last_ptr, last_ptr, cr_ptr, hist_ptr, qpow_ptr, partial_ptr, part_ptr,
-                       part_start_ptr, loop_ptr, d, base, epoch, window, qcols, ring, HAS_GRAD: tl.constexpr,
-                       EXACT: tl.constexpr, TRACK: tl.constexpr, ALIGNED: tl.constexpr, DEFER: tl.constexpr,
-                       LOOP_LIST: tl.constexpr, SPLIT: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr,
-                       RING: tl.constexpr = False):
+def sparse_rows_kernel(
+    p_ptr,
+    m_ptr,
+    v_ptr,
+    vals_ptr,
+    rows_ptr,
+    perm_ptr,
+    offsets_ptr,
+    num_runs_ptr,
+    err_ptr,
+    info_ptr,
+    coef_ptr,
+    row_last_ptr,
+    last_ptr,
+    cr_ptr,
+    hist_ptr,
+    qpow_ptr,
+    partial_ptr,
+    part_ptr,
+    part_start_ptr,
+    loop_ptr,
+    d,
+    base,
+    epoch,
+    window,
+    qcols,
+    ring,
+    HAS_GRAD: tl.constexpr,
+    EXACT: tl.constexpr,
+    TRACK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    DEFER: tl.constexpr,
+    LOOP_LIST: tl.constexpr,
+    SPLIT: tl.constexpr,
+    RUN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RING: tl.constexpr = False,
+):
     """One distinct row per program (programs past U, or all of them when the error word is
     set, return): [exact: catch-up if behind] then [HAS_GRAD: AdamW step with the row's summed
     gradient]; TRACK: the row's fp64 (sum W^2, sum dW^2), tiles added in order. Full tiles
@@ -615,17 +806,82 @@ def sparse_rows_kernel(p_ptr, m_ptr, v_ptr, vals_ptr, rows_ptr, perm_ptr, offset
                 full = d // BLOCK_D
                 for t in range(0, full):
                     offs = t * BLOCK_D + tl.arange(0, BLOCK_D)
-                    a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs,
-                                     offs < d, coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch,
-                                     window, qcols, ring, HAS_GRAD, EXACT, ALIGNED, False, LOOP_LIST, SPLIT, RUN,
-                                     BLOCK_D, RING)
+                    a, b = _row_tile(
+                        p,
+                        m,
+                        v,
+                        vals_ptr,
+                        perm_ptr,
+                        part_ptr,
+                        part_first,
+                        g_lo,
+                        g_hi,
+                        d,
+                        offs,
+                        offs < d,
+                        coef_ptr,
+                        cr,
+                        ceps,
+                        behind,
+                        s,
+                        c,
+                        hist_ptr,
+                        qpow_ptr,
+                        base,
+                        epoch,
+                        window,
+                        qcols,
+                        ring,
+                        HAS_GRAD,
+                        EXACT,
+                        ALIGNED,
+                        False,
+                        LOOP_LIST,
+                        SPLIT,
+                        RUN,
+                        BLOCK_D,
+                        RING,
+                    )
                     if TRACK:
                         ww += a
                         dd += b
                 offs = full * BLOCK_D + tl.arange(0, BLOCK_D)
-                a, b = _row_tile(p, m, v, vals_ptr, perm_ptr, part_ptr, part_first, g_lo, g_hi, d, offs, offs < d,
-                                 coef_ptr, cr, ceps, behind, s, c, hist_ptr, qpow_ptr, base, epoch, window, qcols,
-                                 ring, HAS_GRAD, EXACT, ALIGNED, True, LOOP_LIST, SPLIT, RUN, BLOCK_D, RING)
+                a, b = _row_tile(
+                    p,
+                    m,
+                    v,
+                    vals_ptr,
+                    perm_ptr,
+                    part_ptr,
+                    part_first,
+                    g_lo,
+                    g_hi,
+                    d,
+                    offs,
+                    offs < d,
+                    coef_ptr,
+                    cr,
+                    ceps,
+                    behind,
+                    s,
+                    c,
+                    hist_ptr,
+                    qpow_ptr,
+                    base,
+                    epoch,
+                    window,
+                    qcols,
+                    ring,
+                    HAS_GRAD,
+                    EXACT,
+                    ALIGNED,
+                    True,
+                    LOOP_LIST,
+                    SPLIT,
+                    RUN,
+                    BLOCK_D,
+                    RING,
+                )
                 if TRACK:
                     tl.store(partial_ptr + 2 * k + 0, ww + a)
                     tl.store(partial_ptr + 2 * k + 1, dd + b)
@@ -654,6 +910,7 @@ def _stats_kernel(partial_ptr, num_runs_ptr, err_ptr, stats_ptr, n, BLOCK: tl.co
 
 # ----- host side: checks (csrc/cpu/sparse_rows.cpp's, same messages) ----------------------------
 
+
 def _fail(msg: str):
     raise RuntimeError(msg)
 
@@ -663,10 +920,16 @@ def _param_device_ok(t: torch.Tensor) -> bool:
 
 
 def _check_index_layout(op: str, indices: torch.Tensor, dev) -> None:
-    if not (isinstance(indices, torch.Tensor) and indices.dtype == torch.int64 and indices.dim() == 1
-            and (indices.device.type == "cpu" or indices.device == dev)):
-        _fail(f"{op}: indices must be a 1-D int64 tensor on the CPU or the param's device, got "
-              f"{getattr(indices, 'dtype', None)} {list(getattr(indices, 'shape', []))}")
+    if not (
+        isinstance(indices, torch.Tensor)
+        and indices.dtype == torch.int64
+        and indices.dim() == 1
+        and (indices.device.type == "cpu" or indices.device == dev)
+    ):
+        _fail(
+            f"{op}: indices must be a 1-D int64 tensor on the CPU or the param's device, got "
+            f"{getattr(indices, 'dtype', None)} {list(getattr(indices, 'shape', []))}"
+        )
 
 
 def _raise_for_indices(op: str, indices: torch.Tensor, num_rows: int) -> None:
@@ -679,8 +942,7 @@ def _raise_for_indices(op: str, indices: torch.Tensor, num_rows: int) -> None:
         big = indices >= num_rows
         if bool(big.any()):
             pos = int(big.nonzero()[0])
-            _fail(f"{op}: index {int(indices[pos])} at position {pos} is out of range for a table of "
-                  f"{num_rows} rows")
+            _fail(f"{op}: index {int(indices[pos])} at position {pos} is out of range for a table of {num_rows} rows")
 
 
 def _check_table(op, param, exp_avg, exp_avg_sq, step, hyper) -> list:
@@ -693,17 +955,28 @@ def _check_table(op, param, exp_avg, exp_avg_sq, step, hyper) -> list:
     if not param.is_contiguous():
         _fail(f"{op}: param must be contiguous (row-major)")
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if not (t.device == param.device and t.dtype == torch.float32 and t.shape == param.shape
-                and t.is_contiguous()):
-            _fail(f"{op}: {name} must be a contiguous float32 tensor on the param's device of the param's "
-                  f"shape {list(param.shape)}, got {t.dtype} {list(t.shape)}")
-    if not (step.numel() == 1 and step.dtype in (torch.float32, torch.float64)
-            and (step.device.type == "cpu" or step.device == param.device)):
+        if not (t.device == param.device and t.dtype == torch.float32 and t.shape == param.shape and t.is_contiguous()):
+            _fail(
+                f"{op}: {name} must be a contiguous float32 tensor on the param's device of the param's "
+                f"shape {list(param.shape)}, got {t.dtype} {list(t.shape)}"
+            )
+    if not (
+        step.numel() == 1
+        and step.dtype in (torch.float32, torch.float64)
+        and (step.device.type == "cpu" or step.device == param.device)
+    ):
         _fail(f"{op}: step must be a one-element float32/float64 tensor on the CPU or the param's device")
-    if not ((hyper.device.type == "cpu" or hyper.device == param.device) and hyper.dtype == torch.float64
-            and hyper.dim() == 2 and tuple(hyper.shape) == (1, HYPER_COLS) and hyper.is_contiguous()):
-        _fail(f"{op}: hyper must be a contiguous float64 tensor of shape [1, {HYPER_COLS}] on the CPU or the "
-              f"param's device, got {hyper.dtype} {list(hyper.shape)} on {hyper.device}")
+    if not (
+        (hyper.device.type == "cpu" or hyper.device == param.device)
+        and hyper.dtype == torch.float64
+        and hyper.dim() == 2
+        and tuple(hyper.shape) == (1, HYPER_COLS)
+        and hyper.is_contiguous()
+    ):
+        _fail(
+            f"{op}: hyper must be a contiguous float64 tensor of shape [1, {HYPER_COLS}] on the CPU or the "
+            f"param's device, got {hyper.dtype} {list(hyper.shape)} on {hyper.device}"
+        )
     if hyper.device.type != "cpu":
         # A device row (a captured step's) is read by the kernels only; it was checked where it was
         # built (lvopt/optim.py). Valid placeholders stand in for the checks below.
@@ -724,21 +997,41 @@ def _check_table(op, param, exp_avg, exp_avg_sq, step, hyper) -> list:
 
 def _check_clock(op, param, last_step, hist, qpow, row, hist_base, epoch, window) -> None:
     n = param.shape[0]
-    if not (last_step.dtype == torch.int64 and last_step.dim() == 1 and last_step.shape[0] == n
-            and last_step.is_contiguous() and last_step.device == param.device):
-        _fail(f"{op}: last_step must be a contiguous int64 tensor of shape [{n}] on the param's device, got "
-              f"{last_step.dtype} {list(last_step.shape)} on {last_step.device}")
-    if not (hist.dtype == torch.float64 and hist.dim() == 2 and hist.shape[1] == HIST_COLS and hist.shape[0] >= 1
-            and hist.is_contiguous()):
-        _fail(f"{op}: hist must be a contiguous float64 CPU tensor of shape [steps, {HIST_COLS}], got "
-              f"{hist.dtype} {list(hist.shape)}")
+    if not (
+        last_step.dtype == torch.int64
+        and last_step.dim() == 1
+        and last_step.shape[0] == n
+        and last_step.is_contiguous()
+        and last_step.device == param.device
+    ):
+        _fail(
+            f"{op}: last_step must be a contiguous int64 tensor of shape [{n}] on the param's device, got "
+            f"{last_step.dtype} {list(last_step.shape)} on {last_step.device}"
+        )
+    if not (
+        hist.dtype == torch.float64
+        and hist.dim() == 2
+        and hist.shape[1] == HIST_COLS
+        and hist.shape[0] >= 1
+        and hist.is_contiguous()
+    ):
+        _fail(
+            f"{op}: hist must be a contiguous float64 CPU tensor of shape [steps, {HIST_COLS}], got "
+            f"{hist.dtype} {list(hist.shape)}"
+        )
     if not (epoch >= 1 and window >= 0 and hist_base >= 0):
         _fail(f"{op}: need epoch >= 1, window >= 0, hist_base >= 0; got {epoch}, {window}, {hist_base}")
     qcols = epoch + max(window, epoch) + 1
-    if not (qpow.dtype == torch.float64 and qpow.dim() == 2 and tuple(qpow.shape) == (HIST_SERIES, qcols)
-            and qpow.is_contiguous()):
-        _fail(f"{op}: qpow must be a contiguous float64 CPU tensor of shape [{HIST_SERIES}, {qcols}], got "
-              f"{list(qpow.shape)}")
+    if not (
+        qpow.dtype == torch.float64
+        and qpow.dim() == 2
+        and tuple(qpow.shape) == (HIST_SERIES, qcols)
+        and qpow.is_contiguous()
+    ):
+        _fail(
+            f"{op}: qpow must be a contiguous float64 CPU tensor of shape [{HIST_SERIES}, {qcols}], got "
+            f"{list(qpow.shape)}"
+        )
     if not row[BETA2] > 0.0:
         _fail(f"{op}: exact mode needs beta2 > 0")
 
@@ -747,18 +1040,21 @@ def _check_flags(op, flags, exact, param, hist, error) -> bool:
     """The ops' ``flags`` (csrc/cuda/sparse_rows.cu check_flags); returns whether the history is
     a ring."""
     if flags & ~(SPARSE_COALESCED | SPARSE_RING):
-        _fail(f"{op}: flags must be a combination of {SPARSE_COALESCED} (coalesced ids) and {SPARSE_RING} (ring "
-              f"history), got {flags}")
+        _fail(
+            f"{op}: flags must be a combination of {SPARSE_COALESCED} (coalesced ids) and {SPARSE_RING} (ring "
+            f"history), got {flags}"
+        )
     if not flags & SPARSE_RING:
         return False
     if not exact:
         _fail(f"{op}: flags has the ring-history bit ({SPARSE_RING}) but exact is false")
     if not (hist.device == param.device and hist.shape[0] >= 2):
-        _fail(f"{op}: a ring history (flags {SPARSE_RING}) must be on {param.device} with at least 2 rows, got "
-              f"{list(hist.shape)} on {hist.device}")
+        _fail(
+            f"{op}: a ring history (flags {SPARSE_RING}) must be on {param.device} with at least 2 rows, got "
+            f"{list(hist.shape)} on {hist.device}"
+        )
     if error is None:
-        _fail(f"{op}: a ring history (flags {SPARSE_RING}) needs an error word (its coverage is checked on the "
-              f"device)")
+        _fail(f"{op}: a ring history (flags {SPARSE_RING}) needs an error word (its coverage is checked on the device)")
     return True
 
 
@@ -768,10 +1064,10 @@ def _check_rows_clock(op, last_rows: torch.Tensor, rows: torch.Tensor, hist_base
     bad = (last_rows < hist_base) | (last_rows > target)
     if last_rows.numel() and bool(bad.any()):
         k = int(bad.nonzero()[0])
-        _fail(f"{op}: row {int(rows[k])} has last_step {int(last_rows[k])}, outside [{hist_base}, {target}] "
-              f"(stale clock state?)")
-
-
+        _fail(
+            f"{op}: row {int(rows[k])} has last_step {int(last_rows[k])}, outside [{hist_base}, {target}] "
+            f"(stale clock state?)"
+        )
 
 
 # ----- host side: the plan and the launches (no host reads) -------------------------------------
@@ -809,8 +1105,12 @@ def _plan(idx: torch.Tensor, coalesced: bool = False):
     n = idx.numel()
     dev = idx.device
     if coalesced:
-        return (torch.arange(n, dtype=torch.int64, device=dev), idx.contiguous(),
-                torch.arange(n + 1, dtype=torch.int64, device=dev), torch.full((1,), n, dtype=torch.int64, device=dev))
+        return (
+            torch.arange(n, dtype=torch.int64, device=dev),
+            idx.contiguous(),
+            torch.arange(n + 1, dtype=torch.int64, device=dev),
+            torch.full((1,), n, dtype=torch.int64, device=dev),
+        )
     sorted_idx, perm = torch.sort(idx, stable=True)
     starts = torch.empty(n, dtype=torch.int64, device=dev)
     rows = torch.empty(n, dtype=torch.int64, device=dev)
@@ -819,16 +1119,29 @@ def _plan(idx: torch.Tensor, coalesced: bool = False):
     if n:
         launch(_runs_kernel, _grid(n, BLOCK_N), sorted_idx, starts, n, BLOCK=BLOCK_N)
         run = torch.cumsum(starts, 0)
-        launch(_offsets_kernel, _grid(n, BLOCK_N), sorted_idx, starts, run, rows, offsets, num_runs, n,
-               BLOCK=BLOCK_N)
+        launch(_offsets_kernel, _grid(n, BLOCK_N), sorted_idx, starts, run, rows, offsets, num_runs, n, BLOCK=BLOCK_N)
     return perm.contiguous(), rows, offsets, num_runs
 
 
 NO_RING = 1 << 62  # the `ring` of a history that is not one: (j - base) % NO_RING = j - base
 
 
-def _setup(idx, num_rows, step, row, hyper, err, step_op: bool, exact: bool, hist_base: int, hist_rows: int,
-           hist=None, qpow=None, epoch: int = 1, ring: bool = False):
+def _setup(
+    idx,
+    num_rows,
+    step,
+    row,
+    hyper,
+    err,
+    step_op: bool,
+    exact: bool,
+    hist_base: int,
+    hist_rows: int,
+    hist=None,
+    qpow=None,
+    epoch: int = 1,
+    ring: bool = False,
+):
     """(info [2] int64, coef [9] fp32, clk [3] fp64) on the device: see _setup_kernel. The hyper
     row is read by the kernel where it lives when it is on the param's device (``hyper``; its
     host values ``row`` then serve the checks only), else passed by value."""
@@ -842,11 +1155,37 @@ def _setup(idx, num_rows, step, row, hyper, err, step_op: bool, exact: bool, his
     else:
         lo = hi = info
     hyper_dev = hyper.device == dev
-    launch(_setup_kernel, (1,), step, lo, hi, err, info, coef, clk, hyper if hyper_dev else clk,
-           hist if ring else clk, qpow if ring else clk, n, num_rows, hist_base, hist_rows,
-           hist_rows if ring else NO_RING, epoch, qpow.shape[1] if ring else 0,
-           _bits(row[LR]), _bits(row[BETA1]), _bits(row[BETA2]), _bits(row[WEIGHT_DECAY]), _bits(row[EPS]),
-           -1.0 if row[MAXIMIZE] else 1.0, STEP_OP=step_op, EXACT=exact, HYPER_DEV=hyper_dev, RING=ring)
+    launch(
+        _setup_kernel,
+        (1,),
+        step,
+        lo,
+        hi,
+        err,
+        info,
+        coef,
+        clk,
+        hyper if hyper_dev else clk,
+        hist if ring else clk,
+        qpow if ring else clk,
+        n,
+        num_rows,
+        hist_base,
+        hist_rows,
+        hist_rows if ring else NO_RING,
+        epoch,
+        qpow.shape[1] if ring else 0,
+        _bits(row[LR]),
+        _bits(row[BETA1]),
+        _bits(row[BETA2]),
+        _bits(row[WEIGHT_DECAY]),
+        _bits(row[EPS]),
+        -1.0 if row[MAXIMIZE] else 1.0,
+        STEP_OP=step_op,
+        EXACT=exact,
+        HYPER_DEV=hyper_dev,
+        RING=ring,
+    )
     return info, coef, clk
 
 
@@ -856,8 +1195,25 @@ def _device_step(step: torch.Tensor, dev) -> torch.Tensor:
     return step if step.device == dev else step.to(dev)
 
 
-def _rows_launch(param, vals, exp_avg, exp_avg_sq, plan, err, info, coef, clock, partial, has_grad, exact, track,
-                 hist_base, epoch, window, coalesced=False):
+def _rows_launch(
+    param,
+    vals,
+    exp_avg,
+    exp_avg_sq,
+    plan,
+    err,
+    info,
+    coef,
+    clock,
+    partial,
+    has_grad,
+    exact,
+    track,
+    hist_base,
+    epoch,
+    window,
+    coalesced=False,
+):
     """The exact-mode scalars kernel, then the row kernel, over N programs each. ``clock``:
     (last_step, hist, qpow, clk, ring rows or NO_RING)."""
     perm, rows, offsets, num_runs = plan
@@ -869,8 +1225,25 @@ def _rows_launch(param, vals, exp_avg, exp_avg_sq, plan, err, info, coef, clock,
         row_last = torch.empty(n, dtype=torch.int64, device=dev)
         cr = torch.empty(n, CR_COLS, dtype=torch.float32, device=dev)
         qcols = qpow.shape[1]
-        launch(_scalars_kernel, _grid(n), rows, num_runs, last_step, info, err, hist, qpow, row_last, cr, clk,
-               hist_base, epoch, window, qcols, ring)
+        launch(
+            _scalars_kernel,
+            _grid(n),
+            rows,
+            num_runs,
+            last_step,
+            info,
+            err,
+            hist,
+            qpow,
+            row_last,
+            cr,
+            clk,
+            hist_base,
+            epoch,
+            window,
+            qcols,
+            ring,
+        )
     else:
         row_last = last_step = cr = hist = qpow = info
         qcols = 0
@@ -886,20 +1259,78 @@ def _rows_launch(param, vals, exp_avg, exp_avg_sq, plan, err, info, coef, clock,
         owner = torch.empty(pieces, dtype=torch.int64, device=dev)
         part = torch.empty(pieces, d, dtype=torch.float32, device=dev)
         launch(_piece_table_kernel, _grid(n), offsets, num_runs, part_start, owner, count, RUN=RUN)
-        launch(_partial_sums_kernel, _grid(pieces), vals, perm, offsets, owner, part_start, count, part, d,
-               ALIGNED=aligned, RUN=RUN, BLOCK_D=_width_block(d), **launch_options())
+        launch(
+            _partial_sums_kernel,
+            _grid(pieces),
+            vals,
+            perm,
+            offsets,
+            owner,
+            part_start,
+            count,
+            part,
+            d,
+            ALIGNED=aligned,
+            RUN=RUN,
+            BLOCK_D=_width_block(d),
+            **launch_options(),
+        )
     defer = exact and WINDOW_LOOP
     loop = torch.zeros(n + 1, dtype=torch.int64, device=dev) if defer else info
-    args = (param, exp_avg, exp_avg_sq, vals, rows, perm, offsets, num_runs, err, info, coef, row_last, last_step, cr,
-            hist, qpow, partial, part, part_start, loop, d, hist_base, epoch, window, qcols, ring)
+    args = (
+        param,
+        exp_avg,
+        exp_avg_sq,
+        vals,
+        rows,
+        perm,
+        offsets,
+        num_runs,
+        err,
+        info,
+        coef,
+        row_last,
+        last_step,
+        cr,
+        hist,
+        qpow,
+        partial,
+        part,
+        part_start,
+        loop,
+        d,
+        hist_base,
+        epoch,
+        window,
+        qcols,
+        ring,
+    )
     flags = dict(HAS_GRAD=has_grad, EXACT=exact, TRACK=track, SPLIT=bool(pieces), RUN=RUN, RING=ring != NO_RING)
-    launch(sparse_rows_kernel, _grid(n), *args, **flags, ALIGNED=aligned, DEFER=defer, LOOP_LIST=False,
-           BLOCK_D=_width_block(d, exact), **launch_options())
+    launch(
+        sparse_rows_kernel,
+        _grid(n),
+        *args,
+        **flags,
+        ALIGNED=aligned,
+        DEFER=defer,
+        LOOP_LIST=False,
+        BLOCK_D=_width_block(d, exact),
+        **launch_options(),
+    )
     if defer:
         # The rows the launch above listed, whole, with the exact windowed loop for the elements
         # between the series (rare: sqrt(v) within a few decades of eps), one or two elements per thread.
-        launch(sparse_rows_kernel, _grid(n), *args, **flags, ALIGNED=False, DEFER=False, LOOP_LIST=True,
-               BLOCK_D=_loop_block(param.dtype), **launch_options())
+        launch(
+            sparse_rows_kernel,
+            _grid(n),
+            *args,
+            **flags,
+            ALIGNED=False,
+            DEFER=False,
+            LOOP_LIST=True,
+            BLOCK_D=_loop_block(param.dtype),
+            **launch_options(),
+        )
 
 
 def _error_word(error, dev):
@@ -907,10 +1338,13 @@ def _error_word(error, dev):
 
 
 def _check_error(op, error, param):
-    if error is not None and not (error.dtype == torch.int64 and error.numel() == 3 and error.is_contiguous()
-                                  and error.device == param.device):
-        _fail(f"{op}: error must be a contiguous three-element int64 tensor on {param.device}, got "
-              f"{error.dtype} {list(error.shape)} on {error.device}")
+    if error is not None and not (
+        error.dtype == torch.int64 and error.numel() == 3 and error.is_contiguous() and error.device == param.device
+    ):
+        _fail(
+            f"{op}: error must be a contiguous three-element int64 tensor on {param.device}, got "
+            f"{error.dtype} {list(error.shape)} on {error.device}"
+        )
 
 
 def _raise_for_clock(op, last_step, indices, hist_base, hist_rows, target):
@@ -921,15 +1355,22 @@ def _raise_for_clock(op, last_step, indices, hist_base, hist_rows, target):
 
 # ----- the ops ---------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("lvopt_triton::coalesce_rows", mutates_args=())
 def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, num_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
     op = "lvopt::coalesce_rows"
     if num_rows < 0:
         _fail(f"{op}: num_rows must be >= 0, got {num_rows}")
-    if not (_param_device_ok(values) and values.dim() == 2 and values.shape[0] == indices.numel()
-            and values.dtype in (torch.float32, torch.bfloat16)):
-        _fail(f"{op}: values must be a float32/bfloat16 tensor of shape [{indices.numel()}, width] on a "
-              f"Triton device, got {values.dtype} {list(values.shape)}")
+    if not (
+        _param_device_ok(values)
+        and values.dim() == 2
+        and values.shape[0] == indices.numel()
+        and values.dtype in (torch.float32, torch.bfloat16)
+    ):
+        _fail(
+            f"{op}: values must be a float32/bfloat16 tensor of shape [{indices.numel()}, width] on a "
+            f"Triton device, got {values.dtype} {list(values.shape)}"
+        )
     dev = values.device
     _check_index_layout(op, indices, dev)
     _raise_for_indices(op, indices, num_rows)
@@ -942,8 +1383,18 @@ def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, num_rows: int) ->
     d = vals.shape[1]
     out = torch.empty((u, d), dtype=vals.dtype, device=dev)
     if u and d:
-        launch(coalesce_kernel, (u,), vals, perm, offsets, out, d, ALIGNED=_aligned(d, vals.dtype, vals, out),
-               BLOCK_D=_width_block(d), **launch_options())
+        launch(
+            coalesce_kernel,
+            (u,),
+            vals,
+            perm,
+            offsets,
+            out,
+            d,
+            ALIGNED=_aligned(d, vals.dtype, vals, out),
+            BLOCK_D=_width_block(d),
+            **launch_options(),
+        )
     return rows[:u].clone(), out
 
 
@@ -953,34 +1404,92 @@ def _(indices, values, num_rows):
     return indices.new_empty((u,)), values.new_empty((u, values.shape[1]))
 
 
-@torch.library.custom_op("lvopt_triton::sparse_adamw_",
-                         mutates_args=("param", "exp_avg", "exp_avg_sq", "step", "last_step", "stats", "error"))
-def sparse_adamw_(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, exp_avg: torch.Tensor,
-                  exp_avg_sq: torch.Tensor, step: torch.Tensor, last_step: torch.Tensor, hist: torch.Tensor,
-                  qpow: torch.Tensor, hyper: torch.Tensor, hist_base: int, epoch: int, window: int, exact: bool,
-                  stats: Optional[torch.Tensor] = None, error: Optional[torch.Tensor] = None, flags: int = 0) -> None:
-    sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base,
-                      epoch, window, exact, stats, error, flags)
+@torch.library.custom_op(
+    "lvopt_triton::sparse_adamw_",
+    mutates_args=("param", "exp_avg", "exp_avg_sq", "step", "last_step", "stats", "error"),
+)
+def sparse_adamw_(
+    param: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    last_step: torch.Tensor,
+    hist: torch.Tensor,
+    qpow: torch.Tensor,
+    hyper: torch.Tensor,
+    hist_base: int,
+    epoch: int,
+    window: int,
+    exact: bool,
+    stats: Optional[torch.Tensor] = None,
+    error: Optional[torch.Tensor] = None,
+    flags: int = 0,
+) -> None:
+    sparse_adamw_impl(
+        param,
+        indices,
+        values,
+        exp_avg,
+        exp_avg_sq,
+        step,
+        last_step,
+        hist,
+        qpow,
+        hyper,
+        hist_base,
+        epoch,
+        window,
+        exact,
+        stats,
+        error,
+        flags,
+    )
 
 
-def sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base,
-                      epoch, window, exact, stats=None, error=None, flags=0) -> None:
+def sparse_adamw_impl(
+    param,
+    indices,
+    values,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    last_step,
+    hist,
+    qpow,
+    hyper,
+    hist_base,
+    epoch,
+    window,
+    exact,
+    stats=None,
+    error=None,
+    flags=0,
+) -> None:
     """The body of lvopt_triton::sparse_adamw_ (callable on fake tensors, for the tests that
     show the host path reads nothing from the device)."""
     op = "lvopt::sparse_adamw_"
     row = _check_table(op, param, exp_avg, exp_avg_sq, step, hyper)
-    if not (values.device == param.device and values.dim() == 2 and values.shape[0] == indices.numel()
-            and values.shape[1] == param.shape[1]):
+    if not (
+        values.device == param.device
+        and values.dim() == 2
+        and values.shape[0] == indices.numel()
+        and values.shape[1] == param.shape[1]
+    ):
         _fail(f"{op}: values must have shape [{indices.numel()}, {param.shape[1]}], got {list(values.shape)}")
     if values.dtype != param.dtype:
         _fail(f"{op}: values have dtype {values.dtype} but param has {param.dtype}")
     dev = param.device
     _check_index_layout(op, indices, dev)
     _check_error(op, error, param)
-    if stats is not None and not (stats.dtype == torch.float64 and stats.numel() == 2 and stats.is_contiguous()
-                                  and stats.device == dev):
-        _fail(f"{op}: stats must be a contiguous two-element float64 tensor on the param's device, got "
-              f"{stats.dtype} {list(stats.shape)} on {stats.device}")
+    if stats is not None and not (
+        stats.dtype == torch.float64 and stats.numel() == 2 and stats.is_contiguous() and stats.device == dev
+    ):
+        _fail(
+            f"{op}: stats must be a contiguous two-element float64 tensor on the param's device, got "
+            f"{stats.dtype} {list(stats.shape)} on {stats.device}"
+        )
     if exact:
         _check_clock(op, param, last_step, hist, qpow, row, hist_base, epoch, window)
     ring = _check_flags(op, flags, exact, param, hist, error)
@@ -994,8 +1503,22 @@ def sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_st
     err = _error_word(error, dev)
     dstep = _device_step(step, dev)
     hist_d, qpow_d = (hist.to(dev), qpow.to(dev)) if exact else (None, None)
-    info, coef, clk = _setup(idx, param.shape[0], dstep, row, hyper, err, True, exact, hist_base,
-                             hist.shape[0] if exact else 0, hist_d, qpow_d, epoch, ring)
+    info, coef, clk = _setup(
+        idx,
+        param.shape[0],
+        dstep,
+        row,
+        hyper,
+        err,
+        True,
+        exact,
+        hist_base,
+        hist.shape[0] if exact else 0,
+        hist_d,
+        qpow_d,
+        epoch,
+        ring,
+    )
     n = idx.numel()
     track = stats is not None
     d = param.shape[1]
@@ -1004,8 +1527,25 @@ def sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_st
         plan = _plan(idx, coalesced)
         partial = torch.empty(n, 2, dtype=torch.float64, device=dev) if track else info
         clock = (last_step, hist_d, qpow_d, clk, hist.shape[0] if ring else NO_RING) if exact else None
-        _rows_launch(param, values.contiguous(), exp_avg, exp_avg_sq, plan, err, info, coef, clock, partial, True,
-                     bool(exact), track, hist_base, epoch, window, coalesced)
+        _rows_launch(
+            param,
+            values.contiguous(),
+            exp_avg,
+            exp_avg_sq,
+            plan,
+            err,
+            info,
+            coef,
+            clock,
+            partial,
+            True,
+            bool(exact),
+            track,
+            hist_base,
+            epoch,
+            window,
+            coalesced,
+        )
         if track:
             launch(_stats_kernel, (1,), partial, plan[3], err, stats, n, BLOCK=64)
     elif track:
@@ -1016,23 +1556,68 @@ def sparse_adamw_impl(param, indices, values, exp_avg, exp_avg_sq, step, last_st
 
 
 @sparse_adamw_.register_fake
-def _(param, indices, values, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch, window,
-      exact, stats=None, error=None, flags=0):
+def _(
+    param,
+    indices,
+    values,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    last_step,
+    hist,
+    qpow,
+    hyper,
+    hist_base,
+    epoch,
+    window,
+    exact,
+    stats=None,
+    error=None,
+    flags=0,
+):
     return None
 
 
-@torch.library.custom_op("lvopt_triton::sparse_catchup_",
-                         mutates_args=("param", "exp_avg", "exp_avg_sq", "last_step", "error"))
-def sparse_catchup_(param: torch.Tensor, indices: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                    step: torch.Tensor, last_step: torch.Tensor, hist: torch.Tensor, qpow: torch.Tensor,
-                    hyper: torch.Tensor, hist_base: int, epoch: int, window: int,
-                    error: Optional[torch.Tensor] = None, flags: int = 0) -> None:
-    sparse_catchup_impl(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch,
-                        window, error, flags)
+@torch.library.custom_op(
+    "lvopt_triton::sparse_catchup_", mutates_args=("param", "exp_avg", "exp_avg_sq", "last_step", "error")
+)
+def sparse_catchup_(
+    param: torch.Tensor,
+    indices: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    last_step: torch.Tensor,
+    hist: torch.Tensor,
+    qpow: torch.Tensor,
+    hyper: torch.Tensor,
+    hist_base: int,
+    epoch: int,
+    window: int,
+    error: Optional[torch.Tensor] = None,
+    flags: int = 0,
+) -> None:
+    sparse_catchup_impl(
+        param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch, window, error, flags
+    )
 
 
-def sparse_catchup_impl(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch,
-                        window, error=None, flags=0) -> None:
+def sparse_catchup_impl(
+    param,
+    indices,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    last_step,
+    hist,
+    qpow,
+    hyper,
+    hist_base,
+    epoch,
+    window,
+    error=None,
+    flags=0,
+) -> None:
     """The body of lvopt_triton::sparse_catchup_ (see sparse_adamw_impl)."""
     op = "lvopt::sparse_catchup_"
     row = _check_table(op, param, exp_avg, exp_avg_sq, step, hyper)
@@ -1048,20 +1633,65 @@ def sparse_catchup_impl(param, indices, exp_avg, exp_avg_sq, step, last_step, hi
     idx = indices.to(dev)
     err = _error_word(error, dev)
     hist_d, qpow_d = hist.to(dev), qpow.to(dev)
-    info, coef, clk = _setup(idx, param.shape[0], _device_step(step, dev), row, hyper, err, False, True, hist_base,
-                             hist.shape[0], hist_d, qpow_d, epoch, ring)
+    info, coef, clk = _setup(
+        idx,
+        param.shape[0],
+        _device_step(step, dev),
+        row,
+        hyper,
+        err,
+        False,
+        True,
+        hist_base,
+        hist.shape[0],
+        hist_d,
+        qpow_d,
+        epoch,
+        ring,
+    )
     if not (idx.numel() and param.shape[1]):
         return
     coalesced = bool(flags & SPARSE_COALESCED)
     plan = _plan(idx, coalesced)
     clock = (last_step, hist_d, qpow_d, clk, hist.shape[0] if ring else NO_RING)
-    _rows_launch(param, param, exp_avg, exp_avg_sq, plan, err, info, coef, clock, info, False, True, False,
-                 hist_base, epoch, window, coalesced)
+    _rows_launch(
+        param,
+        param,
+        exp_avg,
+        exp_avg_sq,
+        plan,
+        err,
+        info,
+        coef,
+        clock,
+        info,
+        False,
+        True,
+        False,
+        hist_base,
+        epoch,
+        window,
+        coalesced,
+    )
 
 
 @sparse_catchup_.register_fake
-def _(param, indices, exp_avg, exp_avg_sq, step, last_step, hist, qpow, hyper, hist_base, epoch, window,
-      error=None, flags=0):
+def _(
+    param,
+    indices,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    last_step,
+    hist,
+    qpow,
+    hyper,
+    hist_base,
+    epoch,
+    window,
+    error=None,
+    flags=0,
+):
     return None
 
 
@@ -1079,6 +1709,23 @@ def catchup_scalars(last_step, rows, hist, qpow, hyper, hist_base, epoch, window
     row_last = torch.empty(n, dtype=torch.int64, device=dev)
     cr = torch.zeros(n, CR_COLS, dtype=torch.float32, device=dev)
     clk = torch.tensor([row[BETA1], row[BETA2], _f32(row[EPS])], dtype=torch.float64, device=dev)
-    launch(_scalars_kernel, _grid(n), rows, num_runs, last_step, info, err, hist.to(dev), qpow.to(dev), row_last, cr,
-           clk, hist_base, epoch, window, qpow.shape[1], NO_RING)
+    launch(
+        _scalars_kernel,
+        _grid(n),
+        rows,
+        num_runs,
+        last_step,
+        info,
+        err,
+        hist.to(dev),
+        qpow.to(dev),
+        row_last,
+        cr,
+        clk,
+        hist_base,
+        epoch,
+        window,
+        qpow.shape[1],
+        NO_RING,
+    )
     return cr

@@ -100,7 +100,8 @@ LVOPT_HD void adamw_amsgrad_element(float& p, float g, float& m, float& v, float
 }
 
 // AdamH direction u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps): adam_update with lr = 1, because
-// in AdamH the learning rate enters through the norms (docs/design.md section 2.2), not per element.
+// in AdamH the learning rate enters through the norms (docs/design.md section 2.2), not per
+// element.
 LVOPT_HD AdamCoef unit_lr(AdamCoef c, const double* row, double step) {
   c.step_size = static_cast<float>(1.0 / (1.0 - pow(row[kBeta1], step)));
   return c;
@@ -161,9 +162,9 @@ enum HistCol : int {
 //   p <- p*P - (m/r) * sum_j w_j/(1 + e a_j)      m <- beta1^K m      v <- beta2^K v
 // The sum is the series sum_n (-e)^n M_n where e*a_max <= 1e-2 (four terms: relative error
 // <= 1e-8, below fp32 rounding), the reversed series in 1/(e a_j), (m/eps) * sum_n (-x)^n
-// N_(n+1) with x = r/eps, where e*a_min >= 1e2, and an exact loop over the window for the elements in
-// between (CatchupRow::mid_lo/mid_hi bound them in v, so a row without such elements takes
-// the vectorised path).
+// N_(n+1) with x = r/eps, where e*a_min >= 1e2, and an exact loop over the window for the elements
+// in between (CatchupRow::mid_lo/mid_hi bound them in v, so a row without such elements takes the
+// vectorised path).
 struct CatchupRow {
   float P;             // prod_{j=s+1}^{c} (1 - lr_j wd_j)
   float b1k, b2k;      // beta1^K, beta2^K

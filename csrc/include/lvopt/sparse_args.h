@@ -29,7 +29,8 @@ inline void check_sparse_table(const char* op, c10::DeviceType kernel, const at:
   TORCH_CHECK(param.defined() && param.device().type() == kernel, op, ": param must be a ", kname,
               " tensor (this is the ", kname, " kernel), got one on ",
               param.defined() ? param.device() : c10::Device(c10::kCPU));
-  TORCH_CHECK(param.dim() == 2, op, ": param must be 2-D (rows x width), got shape ", param.sizes());
+  TORCH_CHECK(param.dim() == 2, op, ": param must be 2-D (rows x width), got shape ",
+              param.sizes());
   TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kBFloat16, op,
               ": param has dtype ", param.scalar_type(), "; supported: float32, bfloat16");
   TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous (row-major)");
@@ -41,10 +42,11 @@ inline void check_sparse_table(const char* op, c10::DeviceType kernel, const at:
                 param.sizes(), " on ", param.device(), ", got ", t.scalar_type(), " ", t.sizes(),
                 t.defined() ? " on " : "", t.defined() ? t.device().str() : std::string());
   }
-  TORCH_CHECK(step.defined() && (step.device().is_cpu() || step.device() == param.device()) &&
-                  step.numel() == 1 &&
-                  (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
-              op, ": step must be a one-element float32/float64 tensor on the CPU or the param's device");
+  TORCH_CHECK(
+      step.defined() && (step.device().is_cpu() || step.device() == param.device()) &&
+          step.numel() == 1 &&
+          (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
+      op, ": step must be a one-element float32/float64 tensor on the CPU or the param's device");
   TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.dim() == 2 &&
                   hyper.size(0) == 1 && hyper.size(1) == kHyperCols && hyper.is_contiguous(),
               op, ": hyper must be a contiguous CPU float64 tensor of shape [1, ",
@@ -63,7 +65,8 @@ inline void check_sparse_table(const char* op, c10::DeviceType kernel, const at:
               row[kWeightDecay]);
 }
 
-inline void check_sparse_indices(const char* op, const at::Tensor& indices, const at::Tensor& param) {
+inline void check_sparse_indices(const char* op, const at::Tensor& indices,
+                                 const at::Tensor& param) {
   TORCH_CHECK(indices.defined() && indices.device() == param.device() &&
                   indices.scalar_type() == at::kLong && indices.dim() == 1,
               op, ": indices must be a 1-D int64 tensor on ", param.device(), ", got ",
@@ -149,10 +152,10 @@ inline void write_step(const at::Tensor& step, double value) {
 
 // Checks the exact-mode clock arguments and returns the Clock over hist/qpow as given (host
 // pointers for CPU tables; the CUDA op re-points it at its device copies).
-inline Clock check_sparse_clock(const char* op, const at::Tensor& param, const at::Tensor& last_step,
-                                const at::Tensor& hist, const at::Tensor& qpow,
-                                const at::Tensor& hyper, int64_t hist_base, int64_t epoch,
-                                int64_t window) {
+inline Clock check_sparse_clock(const char* op, const at::Tensor& param,
+                                const at::Tensor& last_step, const at::Tensor& hist,
+                                const at::Tensor& qpow, const at::Tensor& hyper, int64_t hist_base,
+                                int64_t epoch, int64_t window) {
   TORCH_CHECK(last_step.defined() && last_step.device() == param.device() &&
                   last_step.scalar_type() == at::kLong && last_step.dim() == 1 &&
                   last_step.size(0) == param.size(0) && last_step.is_contiguous(),
@@ -174,12 +177,19 @@ inline Clock check_sparse_clock(const char* op, const at::Tensor& param, const a
                   qpow.scalar_type() == at::kDouble && qpow.dim() == 2 &&
                   qpow.size(0) == kHistSeries && qpow.size(1) == qcols && qpow.is_contiguous(),
               op, ": qpow must be a contiguous float64 tensor of shape [",
-              static_cast<int>(kHistSeries), ", ", qcols, "] on the CPU or the param's device, got ",
-              qpow.sizes());
+              static_cast<int>(kHistSeries), ", ", qcols,
+              "] on the CPU or the param's device, got ", qpow.sizes());
   const double* row = hyper.data_ptr<double>();
   TORCH_CHECK(row[kBeta2] > 0.0, op, ": exact mode needs beta2 > 0");
-  return Clock{hist.data_ptr<double>(), hist.size(0), hist_base, epoch, window,
-               qpow.data_ptr<double>(), qcols, row[kBeta1], row[kBeta2],
+  return Clock{hist.data_ptr<double>(),
+               hist.size(0),
+               hist_base,
+               epoch,
+               window,
+               qpow.data_ptr<double>(),
+               qcols,
+               row[kBeta1],
+               row[kBeta2],
                static_cast<float>(row[kEps])};
 }
 

@@ -1,8 +1,8 @@
-// Exact-mode sparse rows (docs/design.md sections 2.3.1-2.3.2): the per-row catch-up scalars, computed from the
-// per-step history of lvopt/sparse.py's RowClock, written once for host and device code. The
-// CPU kernel (csrc/cpu/sparse_rows.cpp) calls Clock::row per behind row on a CPU thread; the
-// CUDA kernel (csrc/cuda/sparse_rows.cu) calls it from one thread of the row's block, on the
-// device copy of the same tables. The per-element use of the scalars is math.h's
+// Exact-mode sparse rows (docs/design.md sections 2.3.1-2.3.2): the per-row catch-up scalars,
+// computed from the per-step history of lvopt/sparse.py's RowClock, written once for host and
+// device code. The CPU kernel (csrc/cpu/sparse_rows.cpp) calls Clock::row per behind row on a CPU
+// thread; the CUDA kernel (csrc/cuda/sparse_rows.cu) calls it from one thread of the row's block,
+// on the device copy of the same tables. The per-element use of the scalars is math.h's
 // catchup_element / catchup_element_loop.
 #pragma once
 
@@ -40,7 +40,9 @@ struct Clock {
   }
 
   // The last step of the window that a catch-up from s to c sums over.
-  LVOPT_HD int64_t window_end(int64_t s, int64_t c) const { return c < s + window ? c : s + window; }
+  LVOPT_HD int64_t window_end(int64_t s, int64_t c) const {
+    return c < s + window ? c : s + window;
+  }
 
   // Scalars that bring a row current from step s to step c (c > s).
   LVOPT_HD CatchupRow row(int64_t s, int64_t c) const {

@@ -58,13 +58,13 @@ inline void check_step_args(const char* op, const StepArgs& a, c10::DeviceType k
   TORCH_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
                   a.steps.size() == n,
               op, ": tensor lists differ in length (params ", n, ", grads ", a.grads.size(),
-              ", exp_avgs ", a.exp_avgs.size(), ", exp_avg_sqs ", a.exp_avg_sqs.size(),
-              ", steps ", a.steps.size(), ")");
+              ", exp_avgs ", a.exp_avgs.size(), ", exp_avg_sqs ", a.exp_avg_sqs.size(), ", steps ",
+              a.steps.size(), ")");
   const at::Tensor& h = a.hyper;
   const c10::Device dev = n > 0 && a.params[0].defined() ? a.params[0].device() : h.device();
   TORCH_CHECK((h.device().is_cpu() || h.device() == dev) && h.scalar_type() == at::kDouble &&
-                  h.dim() == 2 && h.size(0) == static_cast<int64_t>(n) &&
-                  h.size(1) == kHyperCols && h.is_contiguous(),
+                  h.dim() == 2 && h.size(0) == static_cast<int64_t>(n) && h.size(1) == kHyperCols &&
+                  h.is_contiguous(),
               op, ": hyper must be a contiguous float64 tensor of shape [", n, ", ",
               static_cast<int>(kHyperCols), "] on the CPU or on the parameters' device, got ",
               h.scalar_type(), " ", h.sizes(), " on ", h.device());
@@ -76,18 +76,19 @@ inline void check_step_args(const char* op, const StepArgs& a, c10::DeviceType k
     TORCH_CHECK(p.device().type() == kernel && p.device() == dev, op, ": params[", i, "] is on ",
                 p.device(), "; this is the ", c10::DeviceTypeName(kernel),
                 " kernel and params[0] is on ", dev);
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16, op,
-                ": params[", i, "] has dtype ", p.scalar_type(), "; supported: float32, bfloat16");
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16, op, ": params[",
+                i, "] has dtype ", p.scalar_type(), "; supported: float32, bfloat16");
     TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i,
                 "] must be dense and non-overlapping (strides ", p.strides(), ")");
     check_same_layout(op, "grads", i, a.grads[i], p, p.scalar_type());
     check_same_layout(op, "exp_avgs", i, a.exp_avgs[i], p, at::kFloat);
     check_same_layout(op, "exp_avg_sqs", i, a.exp_avg_sqs[i], p, at::kFloat);
     const at::Tensor& s = a.steps[i];
-    TORCH_CHECK(s.defined() && (s.device().is_cpu() || s.device() == dev) && s.numel() == 1 &&
-                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                op, ": steps[", i,
-                "] must be a one-element float32/float64 tensor on the CPU or the parameters' device");
+    TORCH_CHECK(
+        s.defined() && (s.device().is_cpu() || s.device() == dev) && s.numel() == 1 &&
+            (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+        op, ": steps[", i,
+        "] must be a one-element float32/float64 tensor on the CPU or the parameters' device");
   }
 }
 
@@ -97,9 +98,8 @@ inline bool check_amsgrad_args(const char* op, const StepArgs& a,
                                const std::optional<at::TensorList>& max_exp_avg_sqs) {
   if (!max_exp_avg_sqs.has_value() || max_exp_avg_sqs->empty()) return false;
   const size_t n = a.params.size();
-  TORCH_CHECK(max_exp_avg_sqs->size() == n, op, ": max_exp_avg_sqs has ",
-              max_exp_avg_sqs->size(), " tensors, params has ", n,
-              " (pass one per parameter for amsgrad, or none)");
+  TORCH_CHECK(max_exp_avg_sqs->size() == n, op, ": max_exp_avg_sqs has ", max_exp_avg_sqs->size(),
+              " tensors, params has ", n, " (pass one per parameter for amsgrad, or none)");
   for (size_t i = 0; i < n; ++i) {
     check_same_layout(op, "max_exp_avg_sqs", i, (*max_exp_avg_sqs)[i], a.params[i], at::kFloat);
   }
