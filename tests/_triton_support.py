@@ -6,6 +6,7 @@ tensors under the interpreter otherwise. The interpreter must be chosen before t
 imported, and this pytest process has already imported it (lvopt.build_info()), so without a GPU
 each test file re-runs itself in a child pytest with TRITON_INTERPRET=1 (one child per file, a
 few seconds of start-up)."""
+
 import os
 
 import torch

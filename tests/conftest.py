@@ -15,8 +15,11 @@ IN_TRITON_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "triton: the Triton backend's case of a per-op-family test; without a GPU "
-                                       "it runs in a child pytest under TRITON_INTERPRET=1 (run_triton_child)")
+    config.addinivalue_line(
+        "markers",
+        "triton: the Triton backend's case of a per-op-family test; without a GPU "
+        "it runs in a child pytest under TRITON_INTERPRET=1 (run_triton_child)",
+    )
 
 
 class Backend:
@@ -72,8 +75,9 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-needs_cuda_build = pytest.mark.skipif(not cuda_built(),
-                                      reason="this build has no CUDA kernels (LVOPT_NO_CUDA or no nvcc)")
+needs_cuda_build = pytest.mark.skipif(
+    not cuda_built(), reason="this build has no CUDA kernels (LVOPT_NO_CUDA or no nvcc)"
+)
 needs_triton_installed = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 
@@ -129,8 +133,13 @@ def run_under_interpreter(path, *pytest_args):
         pytest.skip("triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(path), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args, path],
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and " failed" not in out.stdout, out.stdout[-3000:]
 
@@ -143,8 +152,16 @@ def make_hyper(n, lr=1e-2, betas=(0.9, 0.999), wd=0.1, eps=1e-8, maximize=False,
             rows.append([lr, betas[0], betas[1], wd, eps, float(maximize)])
         else:
             u = torch.rand(5, generator=gen, dtype=torch.float64).tolist()
-            rows.append([10 ** (-4 + 3 * u[0]), 0.8 + 0.19 * u[1], 0.9 + 0.0999 * u[2], wd * u[3],
-                         10 ** (-10 + 4 * u[4]), float(maximize)])
+            rows.append(
+                [
+                    10 ** (-4 + 3 * u[0]),
+                    0.8 + 0.19 * u[1],
+                    0.9 + 0.0999 * u[2],
+                    wd * u[3],
+                    10 ** (-10 + 4 * u[4]),
+                    float(maximize),
+                ]
+            )
     return torch.tensor(rows, dtype=torch.float64).reshape(n, HYPER_COLS)
 
 
@@ -211,7 +228,8 @@ def assert_bf16_step_close(p, q, p_old):
     bad = (p - q).abs() > tol
     assert not bool(bad.any()), (
         f"{int(bad.sum())} of {p.numel()} bf16 elements off: p {p[bad][:4].tolist()}, "
-        f"reference {q[bad][:4].tolist()}, before the step {p_old[bad][:4].tolist()}")
+        f"reference {q[bad][:4].tolist()}, before the step {p_old[bad][:4].tolist()}"
+    )
 
 
 def sparse_clock(steps, lr=1e-2, wd=0.1, betas=(0.9, 0.999), eps=1e-8):

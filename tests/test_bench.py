@@ -1,4 +1,5 @@
 """The bench entry point runs end to end (small sizes, one round): tables, JSON, PNG, claims."""
+
 import json
 
 import pytest
@@ -10,8 +11,9 @@ from conftest import needs_native
 def test_bench_small(tmp_path, capsys):
     from lvopt import bench
 
-    rc = bench.main(["--size", "small", "--rounds", "1", "--only", "adamw_bf16,adamh",
-                     "--out", str(tmp_path), "--no-progress"])
+    rc = bench.main(
+        ["--size", "small", "--rounds", "1", "--only", "adamw_bf16,adamh", "--out", str(tmp_path), "--no-progress"]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "copy bandwidth" in out and "lvopt AdamH" in out and "eager PyTorch AdamH" in out
@@ -20,7 +22,10 @@ def test_bench_small(tmp_path, capsys):
     names = {(r["case"], r["name"]) for r in data["results"] if "ms" in r}
     assert ("adamh", "lvopt AdamH") in names and ("adamw_bf16", "torch AdamW fused bf16") in names
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in data["results"] if "ms" in r)
-    assert {c["claim"] for c in data["claims"]} >= {"AdamH: >= 3x eager PyTorch AdamH", "bf16: >= 1.15x faster than fp32"}
+    assert {c["claim"] for c in data["claims"]} >= {
+        "AdamH: >= 3x eager PyTorch AdamH",
+        "bf16: >= 1.15x faster than fp32",
+    }
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
@@ -33,17 +38,19 @@ def test_bench_help_and_unknown_command(capsys):
         main(["bench", "--size", "huge"])
 
 
-
-@pytest.mark.parametrize("case,subject,other,ratio,met", [
-    ("adamh", "lvopt AdamH", "lvopt AdamW (same matrix)", 2.0, False),
-    ("adamh", "lvopt AdamH", "lvopt AdamW (same matrix)", 1.5, True),
-    ("sparse_rows", "lvopt exact", "lvopt lazy", 1.72, False),
-    ("sparse_rows", "lvopt exact", "lvopt lazy", 1.4, True),
-    ("adamw_1x", "lvopt AdamW track=True", "lvopt AdamW", 1.06, False),
-    ("adamw_1x", "lvopt AdamW track=True", "lvopt AdamW", 1.03, True),
-    ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1 / 1.02, False),
-    ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1 / 1.10, True),
-])
+@pytest.mark.parametrize(
+    "case,subject,other,ratio,met",
+    [
+        ("adamh", "lvopt AdamH", "lvopt AdamW (same matrix)", 2.0, False),
+        ("adamh", "lvopt AdamH", "lvopt AdamW (same matrix)", 1.5, True),
+        ("sparse_rows", "lvopt exact", "lvopt lazy", 1.72, False),
+        ("sparse_rows", "lvopt exact", "lvopt lazy", 1.4, True),
+        ("adamw_1x", "lvopt AdamW track=True", "lvopt AdamW", 1.06, False),
+        ("adamw_1x", "lvopt AdamW track=True", "lvopt AdamW", 1.03, True),
+        ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1 / 1.02, False),
+        ("adamw_1x", "lvopt AdamW", "torch AdamW fused", 1 / 1.10, True),
+    ],
+)
 def test_claims_are_checked_in_the_right_direction(case, subject, other, ratio, met):
     """ms(subject) = ratio * ms(other): "at most 1.6x slower" claims must miss at 2x (a tuple
     with the contenders swapped would pass it), "at least 1.05x faster" must miss at 1.02x."""
@@ -73,8 +80,12 @@ def test_gpu_bench_runs_on_cpu_paths_and_without_a_gpu(capsys):
     for be_mode in ("exact", "lazy"):
         for kind in ("raw COO", "merged"):
             assert ("sparse rows", f"lvopt cpu {be_mode} ({kind})") in impls
-    assert {("sparse rows", "torch SparseAdam (raw COO)"), ("sparse rows", "torch fused AdamW (dense V x d grad)"),
-            ("1M fp32", "lvopt cpu adamh"), ("mixed bf16", "torch foreach AdamW")} <= impls
+    assert {
+        ("sparse rows", "torch SparseAdam (raw COO)"),
+        ("sparse rows", "torch fused AdamW (dense V x d grad)"),
+        ("1M fp32", "lvopt cpu adamh"),
+        ("mixed bf16", "torch foreach AdamW"),
+    } <= impls
     assert all(r["ms"] > 0 and 0 < r["frac"] for r in rows)
     if not torch.cuda.is_available():
         capsys.readouterr()
@@ -105,9 +116,13 @@ def test_floor_kernels_move_the_steps_bytes(capsys):
     touched[ids] = True
     rows, offsets, perm = floor.plan(ids)
     slot = torch.unique(ids, sorted=True, return_inverse=True)[1]
-    for name, call in [("touch", lambda p, m, v: mod.touch(rows, offsets, perm, vals, p, m, v, 2)),
-                       ("touch_streamed", lambda p, m, v: mod.touch_streamed(
-                           rows, slot, vals, torch.empty(rows.numel(), d), p, m, v, 2))]:
+    for name, call in [
+        ("touch", lambda p, m, v: mod.touch(rows, offsets, perm, vals, p, m, v, 2)),
+        (
+            "touch_streamed",
+            lambda p, m, v: mod.touch_streamed(rows, slot, vals, torch.empty(rows.numel(), d), p, m, v, 2),
+        ),
+    ]:
         p, m, v = (torch.randn(V, d, generator=gen) for _ in range(3))
         p0, m0, v0 = p.clone(), m.clone(), v.clone()
         call(p, m, v)

@@ -5,6 +5,7 @@ torch.compile(opt.step, fullgraph=True) and a whole compiled training step equal
 and amsgrad against torch.optim.AdamW(amsgrad=True). The Triton backend's versions of these run
 in tests/test_triton_capturable.py (interpreter child process); the CUDA graph tests in
 tests/test_cuda_capture.py (GPU only)."""
+
 import copy
 
 import pytest
@@ -59,8 +60,12 @@ def test_tensor_lr_is_not_read_on_the_host(gen, nonfinite):
     ps = _model(gen)
     qs = [nn.Parameter(p.detach().clone()) for p in ps]
     lr = torch.tensor(1e-2, dtype=torch.float64)
-    a = lvopt.AdamW([{"params": ps[:2]}, {"params": ps[2:], "betas": (torch.tensor(0.8, dtype=torch.float64), 0.99)}], lr=lr,
-                    backend="cpu", nonfinite=nonfinite)
+    a = lvopt.AdamW(
+        [{"params": ps[:2]}, {"params": ps[2:], "betas": (torch.tensor(0.8, dtype=torch.float64), 0.99)}],
+        lr=lr,
+        backend="cpu",
+        nonfinite=nonfinite,
+    )
     b = lvopt.AdamW([{"params": qs[:2]}, {"params": qs[2:], "betas": (0.8, 0.99)}], lr=1e-2, backend="cpu")
     for k in range(3):
         _grads(ps, gen)
@@ -83,7 +88,7 @@ def test_hyper_table_is_cached_and_rewritten_in_place(gen):
     opt = lvopt.AdamW(ps, lr=1e-2, backend="cpu")
     _grads(ps, gen)
     opt.step()
-    (key, (consts, table)), = opt._tables.items()
+    ((key, (consts, table)),) = opt._tables.items()
     opt.step()
     assert opt._tables[key][1] is table  # no new table while nothing changes
     opt.param_groups[0]["lr"] = 3e-2
@@ -96,8 +101,9 @@ def test_skip_decided_in_the_op_counts_lazily(backend, gen):
     """nonfinite="skip" with dense gradients on one device: the op sees the flag and writes
     nothing (step counters included); skipped_steps reads the device counter when asked."""
     ps = _model(gen)
-    opt = lvopt.AdamW([{"params": ps[:2]}, {"params": ps[2:], "amsgrad": True}], lr=1e-2, backend=backend,
-                      nonfinite="skip")
+    opt = lvopt.AdamW(
+        [{"params": ps[:2]}, {"params": ps[2:], "amsgrad": True}], lr=1e-2, backend=backend, nonfinite="skip"
+    )
     _grads(ps, gen)
     opt.step()
     snap = copy.deepcopy(opt.state_dict()["state"])
@@ -123,6 +129,7 @@ def test_skip_decided_in_the_op_counts_lazily(backend, gen):
 
 
 # ----- torch.compile ------------------------------------------------------------------------
+
 
 def _net(gen, dtype=torch.float32):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -187,6 +194,7 @@ def test_whole_compiled_training_step_equals_eager(cls, gen):
 
 # ----- amsgrad ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amsgrad_matches_torch(backend, dtype, gen):
@@ -199,7 +207,7 @@ def test_amsgrad_matches_torch(backend, dtype, gen):
         _grads(ps, gen)
         for p, q in zip(ps, qs):
             # Shrinking gradients make v fall below its running maximum: the maximum matters.
-            p.grad.mul_(0.5 ** k)
+            p.grad.mul_(0.5**k)
             q.grad = p.grad.float().clone()
         if dtype == torch.bfloat16:
             for p, q in zip(ps, qs):
@@ -240,12 +248,9 @@ def test_amsgrad_errors(gen):
 
 # Error inputs of torch's OptimizerInfo for AdamW that do not apply to lvopt.AdamW, and why.
 NOT_APPLICABLE = {
-    "lr as Tensor doesn't work with foreach & not capturable":
-        "lvopt ignores foreach (it always fuses) and every step takes a tensor lr (device table)",
-    "betas must be either both floats or both Tensors":
-        "lvopt writes each beta into the hyperparameter table on its own: a float and a tensor mix",
-    r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True":
-        "lvopt ignores foreach; tensor betas are supported on every backend",
+    "lr as Tensor doesn't work with foreach & not capturable": "lvopt ignores foreach (it always fuses) and every step takes a tensor lr (device table)",
+    "betas must be either both floats or both Tensors": "lvopt writes each beta into the hyperparameter table on its own: a float and a tensor mix",
+    r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True": "lvopt ignores foreach; tensor betas are supported on every backend",
 }
 # Applicable error inputs whose message lvopt words its own way (same exception type; the
 # message names the hyperparameter and the value): checked for the type and the name.
@@ -279,7 +284,7 @@ def test_torch_adamw_matrix_configurations(backend, gen):
             b = torch.optim.AdamW(qs, **{k: v for k, v in kw.items() if k != "capturable"})
             for k in range(4):
                 for p, q in zip(ps, qs):
-                    p.grad = torch.randn(p.shape, generator=gen) * 0.5 ** k
+                    p.grad = torch.randn(p.shape, generator=gen) * 0.5**k
                     q.grad = p.grad.clone()
                 a.step()
                 b.step()

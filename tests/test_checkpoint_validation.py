@@ -9,6 +9,7 @@ be bit for bit what they were. Valid checkpoints (lvopt's own, AdamW and AdamH, 
 sparse groups, through torch.save and torch.load(weights_only=True); torch.optim.AdamW's, both
 ways) still load.
 """
+
 import copy
 import io
 import math
@@ -28,8 +29,8 @@ V, D = 40, 8
 class Net(nn.Module):
     def __init__(self, dtype=torch.float32):
         super().__init__()
-        self.emb = nn.Embedding(V, D, sparse=True)     # exact sparse group
-        self.emb2 = nn.Embedding(V, D, sparse=True)    # lazy sparse group
+        self.emb = nn.Embedding(V, D, sparse=True)  # exact sparse group
+        self.emb2 = nn.Embedding(V, D, sparse=True)  # lazy sparse group
         self.fc = nn.Linear(D, 6)
         self.out = nn.Linear(6, 3)
         self.to(dtype)
@@ -47,14 +48,25 @@ def build(kind: str, seed: int, steps: int = 3, dtype=torch.float32):
     mats = [(n, named[n]) for n in ("fc.weight", "out.weight")]
     vecs = [(n, named[n]) for n in ("fc.bias", "out.bias")]
     if kind == "adamh":
-        opt = lvopt.AdamH([dict(params=mats), dict(params=vecs, lr=2e-3),
-                           dict(params=[("emb.weight", m.emb.weight)], hyperball=False, weight_decay=0.1),
-                           dict(params=[("emb2.weight", m.emb2.weight)], hyperball=False, sparse_mode="lazy")],
-                          lr=1e-2)
+        opt = lvopt.AdamH(
+            [
+                dict(params=mats),
+                dict(params=vecs, lr=2e-3),
+                dict(params=[("emb.weight", m.emb.weight)], hyperball=False, weight_decay=0.1),
+                dict(params=[("emb2.weight", m.emb2.weight)], hyperball=False, sparse_mode="lazy"),
+            ],
+            lr=1e-2,
+        )
     else:
-        opt = lvopt.AdamW([dict(params=mats, weight_decay=0.1), dict(params=vecs, weight_decay=0.0),
-                           dict(params=[("emb.weight", m.emb.weight)]),
-                           dict(params=[("emb2.weight", m.emb2.weight)], sparse_mode="lazy")], lr=1e-2)
+        opt = lvopt.AdamW(
+            [
+                dict(params=mats, weight_decay=0.1),
+                dict(params=vecs, weight_decay=0.0),
+                dict(params=[("emb.weight", m.emb.weight)]),
+                dict(params=[("emb2.weight", m.emb2.weight)], sparse_mode="lazy"),
+            ],
+            lr=1e-2,
+        )
     train(m, opt, steps, seed)
     return m, opt
 
@@ -84,10 +96,15 @@ def pid(sd, name):
 
 def snapshot(m, opt):
     """Everything load_state_dict could change, as plain values and byte strings."""
+
     def val(x):
         if torch.is_tensor(x):
-            return (x.dtype, tuple(x.shape), x.device, x.detach().cpu().contiguous().view(-1).view(torch.uint8)
-                    .numpy().tobytes())
+            return (
+                x.dtype,
+                tuple(x.shape),
+                x.device,
+                x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+            )
         return copy.deepcopy(x)
 
     state = {}
@@ -117,8 +134,9 @@ def test_negative_exp_avg_sq():
     sd = checkpoint()
     v = sd["state"][pid(sd, "fc.weight")]["exp_avg_sq"]
     v[0, :3] = torch.tensor([-1.0, -2.5, -1e-30])
-    assert_refused(sd, "adamw", "param 0 'fc.weight' of group 0", "'exp_avg_sq' has 3 negative elements",
-                   "smallest -2.5")
+    assert_refused(
+        sd, "adamw", "param 0 'fc.weight' of group 0", "'exp_avg_sq' has 3 negative elements", "smallest -2.5"
+    )
 
 
 @pytest.mark.parametrize("step", [math.nan, math.inf, -1.0, 2.5, 1e-3])
@@ -130,12 +148,19 @@ def test_bad_step(step):
 
 def test_bad_step_type():
     sd = checkpoint()
-    sd["state"][pid(sd, "fc.bias")]["step"] = torch.tensor(3)                  # int64: the kernels take fp32/fp64
-    sd["state"][pid(sd, "out.bias")]["step"] = torch.tensor([3.0, 3.0])       # not one element
+    sd["state"][pid(sd, "fc.bias")]["step"] = torch.tensor(3)  # int64: the kernels take fp32/fp64
+    sd["state"][pid(sd, "out.bias")]["step"] = torch.tensor([3.0, 3.0])  # not one element
     sd["state"][pid(sd, "out.weight")]["step"] = "3"
-    assert_refused(sd, "adamw", "'fc.bias' of group 1", "'step' is a torch.int64 tensor",
-                   "'out.bias' of group 1", "'step' is a torch.float32 tensor of shape (2,)",
-                   "'out.weight' of group 0", "'step' is str")
+    assert_refused(
+        sd,
+        "adamw",
+        "'fc.bias' of group 1",
+        "'step' is a torch.int64 tensor",
+        "'out.bias' of group 1",
+        "'step' is a torch.float32 tensor of shape (2,)",
+        "'out.weight' of group 0",
+        "'step' is str",
+    )
 
 
 def test_python_number_step_still_loads():
@@ -168,8 +193,9 @@ def test_wrong_dtype_exp_avg(dtype):
     assert_refused(sd, "adamw", "'out.weight'", f"'exp_avg' has dtype {dtype}; expected torch.float32")
 
 
-@pytest.mark.parametrize("key,value", [("exp_avg", math.nan), ("exp_avg", -math.inf), ("exp_avg_sq", math.inf),
-                                       ("exp_avg_sq", math.nan)])
+@pytest.mark.parametrize(
+    "key,value", [("exp_avg", math.nan), ("exp_avg", -math.inf), ("exp_avg_sq", math.inf), ("exp_avg_sq", math.nan)]
+)
 def test_nonfinite_moments(key, value):
     sd = checkpoint()
     sd["state"][pid(sd, "fc.bias")][key][2] = value
@@ -195,6 +221,7 @@ def test_bad_radius(radius):
 def test_zero_hyperball_matrix_round_trips():
     """A zero matrix has R = 0 and AdamH keeps it at zero; its own checkpoint loads (R = 0 was
     refused once) and the step after the load equals the step without one."""
+
     def make():
         w = torch.nn.Parameter(torch.zeros(4, 6))
         return w, lvopt.AdamH([w], lr=1e-2)
@@ -231,8 +258,9 @@ def test_last_step_ahead_of_step():
     assert_refused(sd, "adamw", "'emb.weight' of group 2", "'last_step' has 2 rows ahead of 'step' = 3 (largest 4)")
 
 
-@pytest.mark.parametrize("last", [torch.full((V + 1,), 1, dtype=torch.int64), torch.full((V,), 1.0),
-                                  torch.full((V,), -1, dtype=torch.int64)])
+@pytest.mark.parametrize(
+    "last", [torch.full((V + 1,), 1, dtype=torch.int64), torch.full((V,), 1.0), torch.full((V,), -1, dtype=torch.int64)]
+)
 def test_bad_last_step(last):
     sd = checkpoint()
     sd["state"][pid(sd, "emb.weight")]["last_step"] = last
@@ -255,16 +283,19 @@ def test_row_clock_refused():
 
 
 # -- the param groups ---------------------------------------------------------------------------
-@pytest.mark.parametrize("key,value,expected", [
-    ("lr", -1e-3, "invalid learning rate lr=-0.001"),
-    ("lr", math.nan, "invalid learning rate lr=nan"),
-    ("betas", (0.9, 1.0), "invalid beta parameter at index 1: 1.0"),
-    ("betas", (0.9,), "betas must be a pair"),
-    ("eps", 0.0, "invalid epsilon value eps=0.0"),
-    ("weight_decay", -0.1, "invalid weight_decay value -0.1"),
-    ("differentiable", True, "differentiable"),
-    ("sparse_mode", "fast", "sparse_mode must be one of"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("lr", -1e-3, "invalid learning rate lr=-0.001"),
+        ("lr", math.nan, "invalid learning rate lr=nan"),
+        ("betas", (0.9, 1.0), "invalid beta parameter at index 1: 1.0"),
+        ("betas", (0.9,), "betas must be a pair"),
+        ("eps", 0.0, "invalid epsilon value eps=0.0"),
+        ("weight_decay", -0.1, "invalid weight_decay value -0.1"),
+        ("differentiable", True, "differentiable"),
+        ("sparse_mode", "fast", "sparse_mode must be one of"),
+    ],
+)
 def test_bad_group_hyperparameters(key, value, expected):
     sd = checkpoint()
     sd["param_groups"][2][key] = value
@@ -281,8 +312,9 @@ def test_missing_hyperparameter():
     sd = checkpoint()
     del sd["param_groups"][1]["lr"]
     del sd["param_groups"][1]["maximize"]
-    assert_refused(sd, "adamw", "param group 1: missing hyperparameter 'lr'",
-                   "param group 1: missing hyperparameter 'maximize'")
+    assert_refused(
+        sd, "adamw", "param group 1: missing hyperparameter 'lr'", "param group 1: missing hyperparameter 'maximize'"
+    )
 
 
 def test_groups_that_do_not_match():
@@ -292,8 +324,12 @@ def test_groups_that_do_not_match():
     assert_refused(sd, "adamw", "different number of parameter groups: 3 in the checkpoint, 4 in the optimizer")
     sd = checkpoint()
     sd["param_groups"][1]["params"] = sd["param_groups"][1]["params"][:1]
-    assert_refused(sd, "adamw", "doesn't match the size of optimizer's group: param group 1 has 1 parameters in "
-                   "the checkpoint, 2 in the optimizer")
+    assert_refused(
+        sd,
+        "adamw",
+        "doesn't match the size of optimizer's group: param group 1 has 1 parameters in "
+        "the checkpoint, 2 in the optimizer",
+    )
     assert_refused({"state": {}}, "adamw", "the checkpoint has no 'param_groups'")
 
 
@@ -306,14 +342,21 @@ def test_every_problem_named_in_one_error():
     sd["state"][pid(sd, "out.bias")]["exp_avg_sq"][0] = -1.0
     del sd["state"][pid(sd, "emb.weight")]["exp_avg"]
     sd["state"][pid(sd, "emb2.weight")]["exp_avg_sq"] = torch.zeros(V, D + 1)
-    err = assert_refused(sd, "adamh", "(7 problems)",
-                         "param group 1: invalid learning rate lr=-1.0",
-                         "param group 1: invalid epsilon value eps=inf",
-                         "param 0 'fc.weight' of group 0 (shape (6, 8), torch.float32, cpu): 'step' is -2.0",
-                         "param 0 'fc.weight' of group 0 (shape (6, 8), torch.float32, cpu): 'radius' is nan",
-                         "param 1 'out.bias' of group 1", "'exp_avg_sq' has 1 negative element",
-                         "param 0 'emb.weight' of group 2", "state has no 'exp_avg'",
-                         "param 0 'emb2.weight' of group 3", "'exp_avg_sq' has shape (40, 9)")
+    err = assert_refused(
+        sd,
+        "adamh",
+        "(7 problems)",
+        "param group 1: invalid learning rate lr=-1.0",
+        "param group 1: invalid epsilon value eps=inf",
+        "param 0 'fc.weight' of group 0 (shape (6, 8), torch.float32, cpu): 'step' is -2.0",
+        "param 0 'fc.weight' of group 0 (shape (6, 8), torch.float32, cpu): 'radius' is nan",
+        "param 1 'out.bias' of group 1",
+        "'exp_avg_sq' has 1 negative element",
+        "param 0 'emb.weight' of group 2",
+        "state has no 'exp_avg'",
+        "param 0 'emb2.weight' of group 3",
+        "'exp_avg_sq' has shape (40, 9)",
+    )
     assert len(err.problems) == 7
 
 
@@ -325,8 +368,11 @@ def test_unnamed_parameters_are_named_by_index():
     sd = copy.deepcopy(opt.state_dict())
     sd["state"][0]["step"] = torch.tensor(0.5)
     q = nn.Parameter(torch.randn(5, 3))
-    with pytest.raises(lvopt.CheckpointError, match=r"param 0 of group 0 \(shape \(5, 3\), torch.float32, cpu\): "
-                                                    r"'step' is 0.5"):
+    with pytest.raises(
+        lvopt.CheckpointError,
+        match=r"param 0 of group 0 \(shape \(5, 3\), torch.float32, cpu\): "
+        r"'step' is 0.5",
+    ):
         lvopt.AdamW([q]).load_state_dict(sd)
 
 

@@ -5,6 +5,7 @@ checks the claims per level. Also the huge-page backing of lvopt's CPU moments (
 The subprocess tests in test_fused_adamw.py / test_sparse_rows.py check the LVOPT_CPU_ISA
 start-up path; these switch levels in-process, so one test covers every op and dtype at every
 level the machine has, on tensors whose lengths leave vector tails at 8 and 16 lanes."""
+
 import pytest
 import torch
 
@@ -87,8 +88,9 @@ def test_every_level_gives_the_same_bits():
     for lv in LEVELS[:-1]:
         assert len(runs[lv]) == len(best)
         for i, (a, b) in enumerate(zip(runs[lv], best)):
-            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b), \
-                f"tensor {i} differs between {lv} and {LEVELS[-1]}"
+            assert a.dtype == b.dtype and torch.equal(
+                a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b
+            ), f"tensor {i} differs between {lv} and {LEVELS[-1]}"
 
 
 @needs_native
@@ -109,9 +111,13 @@ def test_bench_isa_levels_and_claims_per_level():
         with pytest.raises(SystemExit, match="not available on this CPU"):
             isa_levels("baseline,avx1024")
     # AdamH at 1.5x AdamW at avx512 (met), 1.9x at avx2 (missed); the anchors are shared.
-    rows = [dict(case="adamh", name="lvopt AdamH [avx512]", ms=150.0), dict(case="adamh", name="lvopt AdamW (same matrix) [avx512]", ms=100.0),
-            dict(case="adamh", name="lvopt AdamH [avx2]", ms=190.0), dict(case="adamh", name="lvopt AdamW (same matrix) [avx2]", ms=100.0),
-            dict(case="adamh", name="eager PyTorch AdamH", ms=1000.0)]
+    rows = [
+        dict(case="adamh", name="lvopt AdamH [avx512]", ms=150.0),
+        dict(case="adamh", name="lvopt AdamW (same matrix) [avx512]", ms=100.0),
+        dict(case="adamh", name="lvopt AdamH [avx2]", ms=190.0),
+        dict(case="adamh", name="lvopt AdamW (same matrix) [avx2]", ms=100.0),
+        dict(case="adamh", name="eager PyTorch AdamH", ms=1000.0),
+    ]
     claims = {c["claim"]: c for c in check_claims(rows, ["avx2", "avx512"])}
     assert claims["AdamH: <= 1.6x the AdamW step [avx512]"]["met"]
     assert not claims["AdamH: <= 1.6x the AdamW step [avx2]"]["met"]
@@ -128,11 +134,18 @@ def test_expand_isa_copies_lvopt_rows_and_per_isa_anchors():
     suite_dir()
     harness = importlib.import_module("harness")
     calls = []
-    case = harness.Case("c", "t", 1.0, [
-        harness.Contender("lvopt X", lambda: (lambda: calls.append(lvopt.build_info()["cpu_isa_active"])), anchor=False),
-        harness.Contender("anchor A", lambda: (lambda: None)),
-        harness.Contender("anchor B", lambda: (lambda: None), per_isa=lambda lv: (lambda: (lambda: None))),
-    ])
+    case = harness.Case(
+        "c",
+        "t",
+        1.0,
+        [
+            harness.Contender(
+                "lvopt X", lambda: lambda: calls.append(lvopt.build_info()["cpu_isa_active"]), anchor=False
+            ),
+            harness.Contender("anchor A", lambda: lambda: None),
+            harness.Contender("anchor B", lambda: lambda: None, per_isa=lambda lv: lambda: lambda: None),
+        ],
+    )
     top = LEVELS[-1] if LEVELS else "baseline"
     out = harness.expand_isa(case, ["baseline", top])
     names = [c.name for c in out.contenders]
@@ -196,13 +209,16 @@ def _disassembly() -> str:
     so = glob.glob(os.path.join(os.path.dirname(lvopt.__file__), "_C*.so"))
     if not so or shutil.which("objdump") is None:
         pytest.skip("needs the built lvopt._C and binutils' objdump")
-    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", so[0]], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", so[0]], capture_output=True, text=True, check=True
+    ).stdout
 
 
 @needs_native
-@pytest.mark.skipif(not set(LEVELS) & {"avx2", "avx512"} and lvopt.build_info()["cpu_isa_compiled"] == ["baseline"],
-                    reason="x86-64 builds only")
+@pytest.mark.skipif(
+    not set(LEVELS) & {"avx2", "avx512"} and lvopt.build_info()["cpu_isa_compiled"] == ["baseline"],
+    reason="x86-64 builds only",
+)
 def test_every_vector_level_loop_is_vectorised():
     """Every per-ISA kernel with a square root computes it with packed instructions at AVX2 and
     AVX-512 (sqrtps, 8/16 lanes), not only scalar ones (sqrtss: the vector loop's tail). The

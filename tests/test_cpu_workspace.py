@@ -1,6 +1,7 @@
 """The CPU workspace (csrc/cpu/workspace.h) and AdamH's kept direction: fused_adamh_ keeps u from
 pass 1 for pass 2 in batches that fit the workspace; every cap (none, batches, too small for a
 tensor) and every ISA level gives the bits of the step that recomputes u."""
+
 import threading
 
 import pytest
@@ -128,8 +129,9 @@ def test_the_optimizer_step_does_not_depend_on_the_cap(gen):
 
 
 def test_the_cap_from_the_environment_and_bad_caps():
-    out = run_python("import lvopt; i = lvopt.build_info(); print(i['cpu_workspace_limit_mb'])",
-                     env={"LVOPT_CPU_WORKSPACE_MB": "3"})
+    out = run_python(
+        "import lvopt; i = lvopt.build_info(); print(i['cpu_workspace_limit_mb'])", env={"LVOPT_CPU_WORKSPACE_MB": "3"}
+    )
     assert float(out.strip()) == 3.0
     with pytest.raises(ValueError, match="set_cpu_workspace_limit.*>= 0"):
         lvopt.set_cpu_workspace_limit(-1)

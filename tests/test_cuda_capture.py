@@ -3,6 +3,7 @@ AdamW (with amsgrad), AdamH, nonfinite="skip" with a NaN gradient in a replay, a
 between replays through its tensor, each equal to the same optimizer stepped eagerly; and an
 eager step under torch.cuda.set_sync_debug_mode("error") (no host synchronisation). GPU only:
 skipped here without one (run by benchmarks/gpu_check.sh on a lent GPU)."""
+
 import pytest
 import torch
 from torch import nn
@@ -35,8 +36,10 @@ def _params(gen, dtype=torch.float32):
 
 def _make(cls, params, backend, lr, **kw):
     if cls is lvopt.AdamH:
-        groups = [{"params": [p for p in params if p.dim() >= 2]},
-                  {"params": [p for p in params if p.dim() < 2], "hyperball": False, "weight_decay": 0.1}]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "hyperball": False, "weight_decay": 0.1},
+        ]
         return cls(groups, lr=lr, backend=backend, capturable=True, **kw)
     return cls(params, lr=lr, weight_decay=0.1, backend=backend, capturable=True, **kw)
 
@@ -128,8 +131,7 @@ def test_capture_replay_skips_a_nan_replay(backend, cls, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls,nonfinite", [(lvopt.AdamW, "propagate"), (lvopt.AdamW, "skip"),
-                                           (lvopt.AdamH, "skip")])
+@pytest.mark.parametrize("cls,nonfinite", [(lvopt.AdamW, "propagate"), (lvopt.AdamW, "skip"), (lvopt.AdamH, "skip")])
 def test_eager_step_does_not_synchronise(backend, cls, nonfinite, gen):
     params = _params(gen)
     lr = torch.tensor(1e-3, device="cuda")
@@ -150,6 +152,7 @@ def test_eager_step_does_not_synchronise(backend, cls, nonfinite, gen):
 
 
 # ----- the CUDA ops themselves ----------------------------------------------------------------
+
 
 @pytest.mark.skipif(not lvopt.build_info()["cuda"], reason="lvopt._C built without CUDA kernels")
 @pytest.mark.parametrize("adamh", [False, True])
@@ -183,6 +186,7 @@ def test_cuda_found_inf_decided_on_the_device(gen, adamh):
 
 # ----- the sparse-row step (capturable=True: lvopt/sparse.py RingClock) -------------------------
 
+
 def _sparse_batches(V, d, N, steps, gen):
     out = []
     for t in range(steps):
@@ -193,8 +197,12 @@ def _sparse_batches(V, d, N, steps, gen):
 
 
 def _sparse_opt(w, backend, lr, mode="exact", period=16):
-    return lvopt.AdamW([{"params": [w], "sparse_mode": mode, "capturable": True, "sparse_sweep_period": period}],
-                       lr=lr, weight_decay=0.1, backend=backend)
+    return lvopt.AdamW(
+        [{"params": [w], "sparse_mode": mode, "capturable": True, "sparse_sweep_period": period}],
+        lr=lr,
+        weight_decay=0.1,
+        backend=backend,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -283,14 +291,18 @@ def test_cuda_coalesced_ids_skip_the_sort(gen):
     hyper = torch.tensor([[1e-2, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
     outs = []
     for flags in (1, 0):
-        p, m, v = torch.randn(V, d, generator=torch.Generator().manual_seed(0)).to("cuda"), \
-            torch.zeros(V, d, device="cuda"), torch.zeros(V, d, device="cuda")
+        p, m, v = (
+            torch.randn(V, d, generator=torch.Generator().manual_seed(0)).to("cuda"),
+            torch.zeros(V, d, device="cuda"),
+            torch.zeros(V, d, device="cuda"),
+        )
         step = torch.zeros((), device="cuda")
         err = torch.zeros(3, dtype=torch.int64, device="cuda")
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            torch.ops.lvopt.sparse_adamw_(p, ids, vals, m, v, step, none_i, none_f, none_f, hyper, 0, 1, 0, False,
-                                          error=err, flags=flags)
+            torch.ops.lvopt.sparse_adamw_(
+                p, ids, vals, m, v, step, none_i, none_f, none_f, hyper, 0, 1, 0, False, error=err, flags=flags
+            )
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
         outs.append((names, p, m, v))

@@ -10,6 +10,7 @@ The forward and backward passes run on one thread: torch's own kernels (MKL GEMM
 promised to give the same bits for different thread counts, and the claim under test is about
 lvopt's step. The step runs on the thread count under test.
 """
+
 import hashlib
 import json
 import os
@@ -48,11 +49,16 @@ def train(kind: str) -> str:
     mats = [model.fc1.weight, model.fc2.weight]
     vecs = [model.fc1.bias, model.fc2.bias, *model.norm.parameters()]
     if kind.startswith("adamh"):
-        opt = lvopt.AdamH([dict(params=mats), dict(params=vecs),
-                           dict(params=[model.emb.weight], hyperball=False, weight_decay=0.1)], lr=1e-2)
+        opt = lvopt.AdamH(
+            [dict(params=mats), dict(params=vecs), dict(params=[model.emb.weight], hyperball=False, weight_decay=0.1)],
+            lr=1e-2,
+        )
     else:
-        opt = lvopt.AdamW([dict(params=mats + [model.emb.weight], weight_decay=0.1),
-                           dict(params=vecs, weight_decay=0.0)], lr=1e-2, betas=(0.9, 0.95))
+        opt = lvopt.AdamW(
+            [dict(params=mats + [model.emb.weight], weight_decay=0.1), dict(params=vecs, weight_decay=0.0)],
+            lr=1e-2,
+            betas=(0.9, 0.95),
+        )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
     gen = torch.Generator().manual_seed(1)
     threads = torch.get_num_threads()
@@ -69,16 +75,24 @@ def train(kind: str) -> str:
         opt.step()
         sched.step()
     h = hashlib.sha256()
-    for t in list(model.parameters()) + [v for st in opt.state_dict()["state"].values()
-                                         for v in st.values() if torch.is_tensor(v)]:
+    for t in list(model.parameters()) + [
+        v for st in opt.state_dict()["state"].values() for v in st.values() if torch.is_tensor(v)
+    ]:
         h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 def main() -> None:
     """Fresh-process entry point: prints the active ISA, the thread count and every kind's hash."""
-    print(json.dumps(dict(isa=lvopt.build_info()["cpu_isa_active"], threads=torch.get_num_threads(),
-                          **{k: train(k) for k in KINDS})))
+    print(
+        json.dumps(
+            dict(
+                isa=lvopt.build_info()["cpu_isa_active"],
+                threads=torch.get_num_threads(),
+                **{k: train(k) for k in KINDS},
+            )
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +115,8 @@ def test_run_to_run_and_thread_count(here, kind):
 
 
 ENVS = [{"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "2"}] + [
-    {"OMP_NUM_THREADS": "2", "LVOPT_CPU_ISA": isa} for isa in ("baseline", "avx2", "avx512")]
+    {"OMP_NUM_THREADS": "2", "LVOPT_CPU_ISA": isa} for isa in ("baseline", "avx2", "avx512")
+]
 
 
 @needs_native
@@ -110,8 +125,11 @@ def test_fresh_process_thread_count_and_isa(here, env):
     isa = env.get("LVOPT_CPU_ISA")
     if isa is not None and isa not in lvopt.cpu_isa_levels():
         pytest.skip(f"{isa} is not compiled in or not supported by this CPU")
-    out = json.loads(run_python("import test_determinism; test_determinism.main()",
-                                env={**env, "PYTHONPATH": os.path.dirname(__file__)}))
+    out = json.loads(
+        run_python(
+            "import test_determinism; test_determinism.main()", env={**env, "PYTHONPATH": os.path.dirname(__file__)}
+        )
+    )
     assert out["threads"] == int(env["OMP_NUM_THREADS"])
     if isa is not None:
         assert out["isa"] == isa

@@ -14,6 +14,7 @@
 
 All scenarios share one pair of worker processes; the file runs in about 20 s.
 """
+
 import os
 
 import pytest
@@ -51,13 +52,23 @@ def build(name: str):
     if name == "torch_adamw_dense":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     elif name == "adamh_dense":
-        opt = lvopt.AdamH([dict(params=[model.fc.weight, model.out.weight, model.fc.bias, model.out.bias]),
-                           dict(params=[model.emb.weight], hyperball=False, weight_decay=0.1)], lr=1e-2)
+        opt = lvopt.AdamH(
+            [
+                dict(params=[model.fc.weight, model.out.weight, model.fc.bias, model.out.bias]),
+                dict(params=[model.emb.weight], hyperball=False, weight_decay=0.1),
+            ],
+            lr=1e-2,
+        )
     else:
         mode = name.rsplit("_", 1)[1] if "sparse" in name else "exact"
-        opt = lvopt.AdamW([dict(params=[model.emb.weight], sparse_mode=mode),
-                           dict(params=[model.fc.weight, model.fc.bias, model.out.weight, model.out.bias])],
-                          lr=1e-2, weight_decay=0.1)
+        opt = lvopt.AdamW(
+            [
+                dict(params=[model.emb.weight], sparse_mode=mode),
+                dict(params=[model.fc.weight, model.fc.bias, model.out.weight, model.out.bias]),
+            ],
+            lr=1e-2,
+            weight_decay=0.1,
+        )
     return model, opt
 
 
@@ -84,7 +95,7 @@ def single_process(name: str, accumulate: bool):
             ids = global_batch(t)
             if accumulate:
                 for r in range(WORLD):
-                    (loss_fn(model, ids[r * PER_RANK:(r + 1) * PER_RANK]) / WORLD).backward()
+                    (loss_fn(model, ids[r * PER_RANK : (r + 1) * PER_RANK]) / WORLD).backward()
             else:
                 loss_fn(model, ids).backward()
             opt.step()
@@ -98,13 +109,14 @@ def single_process(name: str, accumulate: bool):
 
 # ----- the worker processes ----------------------------------------------------------------------
 
+
 def _ddp(name: str, rank: int):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model, opt = build(name)
     ddp = DDP(model)
     for t in range(STEPS):
-        ids = global_batch(t)[rank * PER_RANK:(rank + 1) * PER_RANK]
+        ids = global_batch(t)[rank * PER_RANK : (rank + 1) * PER_RANK]
         opt.zero_grad()
         loss_fn(ddp, ids).backward()
         if t == 0:
@@ -132,8 +144,11 @@ def _fsdp(cls_name: str):
     x = torch.randn(4, D, generator=torch.Generator().manual_seed(1))  # the same on both ranks
     model(x).square().mean().backward()
     before = [p.to_local().clone() for p in params]
-    res = dict(param_type=type(params[0]).__name__, placements=str(params[0].placements),
-               grad_type=type(params[0].grad).__name__)
+    res = dict(
+        param_type=type(params[0]).__name__,
+        placements=str(params[0].placements),
+        grad_type=type(params[0].grad).__name__,
+    )
     try:
         opt.step()
         res["error"] = None
@@ -146,10 +161,19 @@ def _fsdp(cls_name: str):
         plain(x).square().mean().backward()
         ref.step()
         res["max_rel_vs_unsharded"] = max(
-            float((p.full_tensor() - q).abs().max() / q.abs().max()) for p, q in zip(params, plain.parameters()))
-    res["state"] = {i: {k: (type(v).__name__, float(v.full_tensor().abs().max()) if hasattr(v, "full_tensor")
-                            else float(v.abs().max())) for k, v in opt.state[p].items()}
-                    for i, p in enumerate(params) if p in opt.state}
+            float((p.full_tensor() - q).abs().max() / q.abs().max()) for p, q in zip(params, plain.parameters())
+        )
+    res["state"] = {
+        i: {
+            k: (
+                type(v).__name__,
+                float(v.full_tensor().abs().max()) if hasattr(v, "full_tensor") else float(v.abs().max()),
+            )
+            for k, v in opt.state[p].items()
+        }
+        for i, p in enumerate(params)
+        if p in opt.state
+    }
     return res
 
 
@@ -171,8 +195,11 @@ def _fsdp_skip(rank: int):
         params[0].grad.to_local()[0, 0] = float("nan")
     before = [p.to_local().clone() for p in params]
     opt.step()
-    return dict(skipped=opt.skipped_steps, unchanged=all(torch.equal(b, p.to_local()) for b, p in zip(before, params)),
-                state=len(opt.state))
+    return dict(
+        skipped=opt.skipped_steps,
+        unchanged=all(torch.equal(b, p.to_local()) for b, p in zip(before, params)),
+        state=len(opt.state),
+    )
 
 
 def worker(out_dir: str) -> None:
@@ -223,8 +250,10 @@ def test_ddp_matches_one_process_on_the_concatenated_batch(ranks, torch_gap, nam
     """Within fp32 rounding as amplified by Adam: no further from one process than
     torch.optim.AdamW gets (x1.5), and below 1e-4 of each tensor's largest element."""
     worst = _worst(ranks, name, single_process(name, False)[1])
-    print(f"{name}: DDP (2 ranks) vs one process on the concatenated batch: {worst:.2e} "
-          f"(torch.optim.AdamW: {torch_gap:.2e})")
+    print(
+        f"{name}: DDP (2 ranks) vs one process on the concatenated batch: {worst:.2e} "
+        f"(torch.optim.AdamW: {torch_gap:.2e})"
+    )
     assert worst < 1e-4
     if name == "adamw_dense":
         assert worst <= 1.5 * torch_gap + 1e-7

@@ -2,13 +2,22 @@
 csrc/cpu/fused_adamh.cpp, the Triton kernel lvopt/triton/fused_adamh.py, the CUDA kernel)
 against the reference, and the reference against an fp64 evaluation of docs/design.md's AdamH
 (section 2.2)."""
+
 import math
 
 import pytest
 import torch
 
-from conftest import (IN_TRITON_CHILD, assert_unchanged, clone_all, make_hyper, make_state, rel_err, run_triton_child,
-                      single_threaded_on_cpu)
+from conftest import (
+    IN_TRITON_CHILD,
+    assert_unchanged,
+    clone_all,
+    make_hyper,
+    make_state,
+    rel_err,
+    run_triton_child,
+    single_threaded_on_cpu,
+)
 from lvopt import reference
 import _adamh_split as split
 
@@ -65,7 +74,8 @@ def test_matches_reference(backend, gen, dtype, maximize):
         assert rel_err(p, q) < tol
         # The norm stays at the recorded radius.
         assert abs(float(torch.linalg.vector_norm(p, dtype=torch.float64)) / float(r) - 1) < (
-            1e-5 if dtype == torch.float32 else 1e-2)
+            1e-5 if dtype == torch.float32 else 1e-2
+        )
 
 
 def test_reference_matches_fp64_formula(gen):
@@ -159,10 +169,14 @@ def test_errors_write_nothing(backend, gen):
     cases = [
         ("weight_decay of tensor 0", (ps, gs, ms, vs, ss, radii, make_hyper(2, wd=0.1))),
         ("radii has 1 tensors", (ps, gs, ms, vs, ss, radii[:1], make_hyper(2, wd=0.0))),
-        ("radii\\[1\\] must be finite", (ps, gs, ms, vs, ss, [radii[0], torch.tensor(math.nan, dtype=torch.float64)],
-                                         make_hyper(2, wd=0.0))),
-        ("radii\\[0\\] must be a one-element float64", (ps, gs, ms, vs, ss, [radii[0].float(), radii[1]],
-                                                        make_hyper(2, wd=0.0))),
+        (
+            "radii\\[1\\] must be finite",
+            (ps, gs, ms, vs, ss, [radii[0], torch.tensor(math.nan, dtype=torch.float64)], make_hyper(2, wd=0.0)),
+        ),
+        (
+            "radii\\[0\\] must be a one-element float64",
+            (ps, gs, ms, vs, ss, [radii[0].float(), radii[1]], make_hyper(2, wd=0.0)),
+        ),
     ]
     before = clone_all(ps, ms, vs, ss)
     for pattern, args in cases:
@@ -172,6 +186,7 @@ def test_errors_write_nothing(backend, gen):
 
 
 # ----- the two passes as two ops (sharded matrices: the sums are all-reduced in between) --------
+
 
 # On every backend, and on the reference (no ``backend`` fixture: it is the oracle).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -188,8 +203,7 @@ def test_reference_split_ops_equal_the_single_call(gen, dtype):
 
 @pytest.mark.parametrize("dim,parts", [(0, 4), (1, 2)])
 def test_shards_with_summed_sums_take_the_unsharded_step(backend, gen, dim, parts):
-    split.sharded_sums_give_the_unsharded_step(backend.ops, backend.device, dim, parts, gen,
-                                               steps=STEPS[backend.name])
+    split.sharded_sums_give_the_unsharded_step(backend.ops, backend.device, dim, parts, gen, steps=STEPS[backend.name])
 
 
 @pytest.mark.parametrize("dim,parts", [(0, 4), (1, 2)])

@@ -2,14 +2,28 @@
 csrc/cpu/fused_adamw.cpp, the Triton kernel lvopt/triton/fused_adamw.py, the CUDA kernel)
 against the reference (lvopt/reference.py), and the reference against an fp64 evaluation of
 docs/design.md section 2.1 and against torch.optim.AdamW."""
+
 import os
 
 import pytest
 import torch
 
-from conftest import (IN_TRITON_CHILD, assert_bf16_step_close, assert_close_at_list_scale, assert_unchanged, clone_all,
-                      make_hyper, make_state, needs_cuda_kernels, needs_native, rel_err, restart_reference_from, run_python,
-                      run_triton_child, single_threaded_on_cpu)
+from conftest import (
+    IN_TRITON_CHILD,
+    assert_bf16_step_close,
+    assert_close_at_list_scale,
+    assert_unchanged,
+    clone_all,
+    make_hyper,
+    make_state,
+    needs_cuda_kernels,
+    needs_native,
+    rel_err,
+    restart_reference_from,
+    run_python,
+    run_triton_child,
+    single_threaded_on_cpu,
+)
 from lvopt import reference
 
 # Per backend: odd sizes (scalar tails), tensors spanning several chunks with a partial last
@@ -20,8 +34,11 @@ SHAPES = {
     "cuda": [(1,), (7,), (33, 17), (3 * 16384 + 5,), (3, 4, 5), (0,), (129, 257)],
 }
 STEPS = {"cpu": 3, "triton": 2, "cuda": 3}
-DETERMINISM_SHAPES = {"cpu": [(300001,), (512, 130)], "triton": [(2 * 16384 + 1029,), (129, 130)],
-                      "cuda": [(300001,), (512, 130)]}
+DETERMINISM_SHAPES = {
+    "cpu": [(300001,), (512, 130)],
+    "triton": [(2 * 16384 + 1029,), (129, 130)],
+    "cuda": [(300001,), (512, 130)],
+}
 # Relative tolerance of the track=True sums (||w||^2, ||dw||^2) per backend. The CPU kernel adds
 # 16 squares per lane in fp32 before the fp64 lane sums (csrc/cpu/multi_tensor.h, kTrackBlock):
 # relative error <= 16 * 2^-24 = 1e-6 of a sum of positive terms (1.2e-7 was seen: seed 340526402).
@@ -109,15 +126,18 @@ def test_amsgrad_matches_reference(backend, gen, dtype):
             assert_bf16_step_close(p.float(), q.float(), p0.float())
     for x, v in zip(xs, vs):
         assert torch.equal(x, torch.maximum(x, v))  # the maximum includes this step's v
-    torch.library.opcheck(backend.op("fused_adamw_"), (ps[:3], gs[:3], ms[:3], vs[:3], ss[:3],
-                                                       hyper_k[:3].contiguous()), {"max_exp_avg_sqs": xs[:3]})
+    torch.library.opcheck(
+        backend.op("fused_adamw_"),
+        (ps[:3], gs[:3], ms[:3], vs[:3], ss[:3], hyper_k[:3].contiguous()),
+        {"max_exp_avg_sqs": xs[:3]},
+    )
 
 
 def test_amsgrad_nan_propagates_into_the_maximum(backend):
     """NaN enters the running maximum from either side, as torch.maximum."""
     p, g, m, s = torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(())
     v, x = torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, float("nan")])
-    (p, g, m, v, x), = backend.to(([p, g, m, v, x],))
+    ((p, g, m, v, x),) = backend.to(([p, g, m, v, x],))
     backend.ops.fused_adamw_([p], [g], [m], [v], [s], make_hyper(1), max_exp_avg_sqs=[x])
     assert torch.isnan(x).all()
 
@@ -128,9 +148,11 @@ def test_amsgrad_errors_write_nothing(backend, gen):
     xs = [torch.rand_like(v) for v in vs]
     hyper = make_hyper(2)
     before = [t.clone() for t in ps + ms + vs + ss + xs]
-    for pattern, arg in [(r"max_exp_avg_sqs has 1 tensors, params has 2", xs[:1]),
-                         (r"max_exp_avg_sqs\[1\] has dtype", [xs[0], xs[1].double()]),
-                         (r"max_exp_avg_sqs\[0\] has shape", [xs[1], xs[1]])]:
+    for pattern, arg in [
+        (r"max_exp_avg_sqs has 1 tensors, params has 2", xs[:1]),
+        (r"max_exp_avg_sqs\[1\] has dtype", [xs[0], xs[1].double()]),
+        (r"max_exp_avg_sqs\[0\] has shape", [xs[1], xs[1]]),
+    ]:
         with pytest.raises(RuntimeError, match=pattern):
             backend.ops.fused_adamw_(ps, gs, ms, vs, ss, hyper, max_exp_avg_sqs=arg)
     for a, b in zip(before, ps + ms + vs + ss + xs):

@@ -13,6 +13,7 @@ the same dtype), not by asking lvopt.
 Examples are derandomized (the same on every run; a failure prints its example and a
 reproduce blob) and bounded so the file runs in well under a minute on 2 cores.
 """
+
 import math
 import re
 
@@ -26,12 +27,23 @@ import lvopt
 from conftest import needs_native
 
 SUPPORTED = (torch.float32, torch.bfloat16)
-FUZZ = settings(max_examples=500, deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=500,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # The message must name what is wrong (lvopt/optim.py words these; torch uses the same words).
-PATTERNS = {"lr": r"\blr\b|learning rate", "betas": r"beta", "eps": r"\beps|epsilon",
-            "weight_decay": r"weight_decay", "dtype": r"dtype"}
+PATTERNS = {
+    "lr": r"\blr\b|learning rate",
+    "betas": r"beta",
+    "eps": r"\beps|epsilon",
+    "weight_decay": r"weight_decay",
+    "dtype": r"dtype",
+}
 
 BAD_LR = [-1e-3, -1.0, math.nan, math.inf, -math.inf]
 BAD_BETA = [1.0, -0.1, 1.5, math.nan, math.inf]
@@ -48,6 +60,7 @@ def rare(draw, n: int) -> bool:
 @st.composite
 def hyper(draw, adamh: bool):
     """One group's hyperparameters; each is out of range about 1 time in 12."""
+
     def pick(good, bad):
         return draw(st.sampled_from(bad)) if rare(draw, 12) else draw(good)
 
@@ -75,19 +88,24 @@ def param_spec(draw):
     # about half of the cases with up to 9 parameters step
     dtype = draw(st.sampled_from([torch.float32] * 19 + [torch.bfloat16] * 19 + [torch.float16, torch.float64]))
     grad = "wrong_dtype" if rare(draw, 20) else draw(st.sampled_from(["contiguous", "strided", "strided", "none"]))
-    return dict(shape=tuple(shape), dtype=dtype,
-                layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
-                grad=grad, seed=draw(st.integers(0, 2**31 - 1)))
+    return dict(
+        shape=tuple(shape),
+        dtype=dtype,
+        layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
+        grad=grad,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 @st.composite
 def case(draw):
     adamh = draw(st.booleans())
     ngroups = draw(st.integers(1, 3))
-    groups = [dict(hyper=draw(hyper(adamh)), params=draw(st.lists(param_spec(), min_size=1, max_size=3)))
-              for _ in range(ngroups)]
-    return dict(adamh=adamh, groups=groups, warmup=draw(st.integers(0, 2)),
-                via_constructor=draw(st.booleans()))
+    groups = [
+        dict(hyper=draw(hyper(adamh)), params=draw(st.lists(param_spec(), min_size=1, max_size=3)))
+        for _ in range(ngroups)
+    ]
+    return dict(adamh=adamh, groups=groups, warmup=draw(st.integers(0, 2)), via_constructor=draw(st.booleans()))
 
 
 def _strided(shape, dtype, layout, gen):
@@ -169,8 +187,12 @@ def _set_hyper(opt, c):
 def _snapshot(opt, params):
     ps = [p.detach().clone() for grp in params for p in grp]
     strides = [p.stride() for grp in params for p in grp]
-    states = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-              for grp in params for p in grp if p in opt.state}
+    states = {
+        id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+        for grp in params
+        for p in grp
+        if p in opt.state
+    }
     return ps, strides, states
 
 

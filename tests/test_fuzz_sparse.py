@@ -16,6 +16,7 @@ RowClock history) bit-identical to before the failing step. Which case is invali
 here from docs/design.md, not by asking lvopt. (A values block whose width differs from the table's
 cannot be built: torch.sparse_coo_tensor refuses it, check_invariants or not.)
 """
+
 import math
 
 import pytest
@@ -26,8 +27,14 @@ from hypothesis import strategies as st
 import lvopt
 from conftest import needs_native, rel_err
 
-FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 FUZZ_BAD = settings(FUZZ, max_examples=15)
 
 # What each invalid case's message must say (lvopt/optim.py words these).
@@ -50,8 +57,12 @@ INVALID = {
 # A wrong table is wrong at every step, not only at bad_step.
 WRONG_TABLE = ("param_1d", "param_3d", "hyperball_group", "non_contiguous")
 # Out-of-range values of each group hyperparameter (NaN and inf included).
-BAD_VALUE = {"bad_lr": [-1e-3, math.nan, math.inf], "bad_beta": [1.0, -0.1, math.nan],
-             "bad_eps": [0.0, -1e-8, math.nan, math.inf], "bad_wd": [-0.1, math.nan]}
+BAD_VALUE = {
+    "bad_lr": [-1e-3, math.nan, math.inf],
+    "bad_beta": [1.0, -0.1, math.nan],
+    "bad_eps": [0.0, -1e-8, math.nan, math.inf],
+    "bad_wd": [-0.1, math.nan],
+}
 
 
 def rare(draw, n):
@@ -68,21 +79,30 @@ def case(draw, bad=None):
         nnz = 0 if rare(draw, 8) else draw(st.integers(1, 20))
         # Small id ranges give duplicates and rows untouched for several steps.
         hi = draw(st.integers(0, V - 1))
-        steps.append(dict(ids=draw(st.lists(st.integers(0, hi), min_size=nnz, max_size=nnz)),
-                          lr=draw(st.sampled_from([1e-3, 1e-2, 3e-2, 0.0])),
-                          # A change of betas or eps makes an exact group bring every row current
-                          # under the old ones (a flush) before the step.
-                          betas=(0.9, 0.999) if not rare(draw, 4) else draw(st.sampled_from([(0.8, 0.99), (0.0, 0.9)])),
-                          eps=1e-8 if not rare(draw, 4) else 1e-6,
-                          strided=rare(draw, 3)))
-    return dict(V=V, d=d, steps=steps, bad=bad,
-                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
-                mode="exact" if bad in ("exact_betas", "exact_lr_wd") else draw(st.sampled_from(["exact", "lazy"])),
-                adamh=bad == "hyperball_group" or draw(st.booleans()),
-                wd=draw(st.sampled_from([0.0, 0.1])),
-                bad_step=draw(st.integers(0, 3)),
-                bad_value=draw(st.sampled_from(BAD_VALUE[bad])) if bad in BAD_VALUE else None,
-                seed=draw(st.integers(0, 2**31 - 1)))
+        steps.append(
+            dict(
+                ids=draw(st.lists(st.integers(0, hi), min_size=nnz, max_size=nnz)),
+                lr=draw(st.sampled_from([1e-3, 1e-2, 3e-2, 0.0])),
+                # A change of betas or eps makes an exact group bring every row current
+                # under the old ones (a flush) before the step.
+                betas=(0.9, 0.999) if not rare(draw, 4) else draw(st.sampled_from([(0.8, 0.99), (0.0, 0.9)])),
+                eps=1e-8 if not rare(draw, 4) else 1e-6,
+                strided=rare(draw, 3),
+            )
+        )
+    return dict(
+        V=V,
+        d=d,
+        steps=steps,
+        bad=bad,
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        mode="exact" if bad in ("exact_betas", "exact_lr_wd") else draw(st.sampled_from(["exact", "lazy"])),
+        adamh=bad == "hyperball_group" or draw(st.booleans()),
+        wd=draw(st.sampled_from([0.0, 0.1])),
+        bad_step=draw(st.integers(0, 3)),
+        bad_value=draw(st.sampled_from(BAD_VALUE[bad])) if bad in BAD_VALUE else None,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def _build(c, backend):
@@ -172,17 +192,28 @@ def _frozen(v):
 
 def _same(a, b):
     if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.layout == b.layout and a.dtype == b.dtype and a.shape == b.shape and (
-            torch.equal(a._indices(), b._indices()) and torch.equal(a._values(), b._values())
-            if a.layout == torch.sparse_coo else torch.equal(a, b))
+        return (
+            torch.is_tensor(b)
+            and a.layout == b.layout
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and (
+                torch.equal(a._indices(), b._indices()) and torch.equal(a._values(), b._values())
+                if a.layout == torch.sparse_coo
+                else torch.equal(a, b)
+            )
+        )
     if isinstance(a, tuple) and a and a[0] == "clock":
         return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
 
 
 def _snapshot(opt, params):
-    return ([p.detach().clone() for p in params], [p.grad.clone() for p in params],
-            {id(p): {k: _frozen(v) for k, v in opt.state.get(p, {}).items()} for p in params})
+    return (
+        [p.detach().clone() for p in params],
+        [p.grad.clone() for p in params],
+        {id(p): {k: _frozen(v) for k, v in opt.state.get(p, {}).items()} for p in params},
+    )
 
 
 def _unchanged(opt, params, snap):
@@ -193,7 +224,8 @@ def _unchanged(opt, params, snap):
         now = {k: _frozen(v) for k, v in opt.state.get(p, {}).items()}
         assert set(now) == set(states[id(p)])
         assert all(_same(v, states[id(p)][k]) for k, v in now.items()), [
-            k for k, v in now.items() if not _same(v, states[id(p)][k])]
+            k for k, v in now.items() if not _same(v, states[id(p)][k])
+        ]
 
 
 @needs_native

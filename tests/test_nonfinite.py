@@ -5,6 +5,7 @@ bookkeeping bit for bit as they were, for dense and sparse groups, whichever ten
 NaN/inf (the batch whose op scans inside its own pass, a pre-scanned batch, a sparse table),
 and the next clean step must continue exactly as if the bad step had never been attempted.
 """
+
 import copy
 
 import pytest
@@ -26,14 +27,18 @@ def _model(dtype, gen, hyperball=False):
 
 
 def _optimizer(cls, dense, tables, backend, nonfinite, **kw):
-    groups = [{"params": dense[:1]}, {"params": dense[1:], "weight_decay": 0.0, "hyperball": False},
-              {"params": tables[:1], "sparse_mode": "exact", "hyperball": False},
-              {"params": tables[1:], "sparse_mode": "lazy", "hyperball": False}]
+    groups = [
+        {"params": dense[:1]},
+        {"params": dense[1:], "weight_decay": 0.0, "hyperball": False},
+        {"params": tables[:1], "sparse_mode": "exact", "hyperball": False},
+        {"params": tables[1:], "sparse_mode": "lazy", "hyperball": False},
+    ]
     if cls is lvopt.AdamW:
         for g in groups:
             g.pop("hyperball", None)
-    return cls(groups, lr=1e-2, weight_decay=0.0 if cls is lvopt.AdamH else 0.1, backend=backend,
-               nonfinite=nonfinite, **kw)
+    return cls(
+        groups, lr=1e-2, weight_decay=0.0 if cls is lvopt.AdamH else 0.1, backend=backend, nonfinite=nonfinite, **kw
+    )
 
 
 def _set_grads(dense, tables, gen, bad_at=None, bad=float("nan")):
@@ -157,6 +162,7 @@ def test_policy_is_validated():
 
 # ----- the ops' found_inf protocol ------------------------------------------------------------
 
+
 def _ops_and_ref():
     return [torch.ops.lvopt, lvopt.reference]
 
@@ -215,11 +221,14 @@ def test_found_inf_argument_is_checked(gen):
 @needs_native
 def test_opcheck_with_found_inf(gen):
     ps, gs, ms, vs, ss = make_state([(33, 17), (5,)], torch.float32, gen, steps=1)
-    torch.library.opcheck(torch.ops.lvopt.fused_adamw_.default,
-                          (ps, gs, ms, vs, ss, make_hyper(2), torch.zeros(1), torch.zeros(2, 2, dtype=torch.float64)))
+    torch.library.opcheck(
+        torch.ops.lvopt.fused_adamw_.default,
+        (ps, gs, ms, vs, ss, make_hyper(2), torch.zeros(1), torch.zeros(2, 2, dtype=torch.float64)),
+    )
     radii = [torch.tensor(3.0, dtype=torch.float64) for _ in ps]
-    torch.library.opcheck(torch.ops.lvopt.fused_adamh_.default,
-                          (ps, gs, ms, vs, ss, radii, make_hyper(2, wd=0.0), torch.zeros(1)))
+    torch.library.opcheck(
+        torch.ops.lvopt.fused_adamh_.default, (ps, gs, ms, vs, ss, radii, make_hyper(2, wd=0.0), torch.zeros(1))
+    )
     torch.library.opcheck(torch.ops.lvopt.nonfinite_scan_.default, ([gs[0], gs[1]], torch.zeros(1)))
 
 

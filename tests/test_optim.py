@@ -1,5 +1,6 @@
 """lvopt.AdamW / lvopt.AdamH as torch.optim optimizers: parity with torch.optim.AdamW and the
 reference, checkpoints both ways, schedulers, errors that write nothing, backend selection."""
+
 import io
 import math
 
@@ -16,7 +17,8 @@ class TinyLM(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True) for _ in range(layers))
+            nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True) for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         self.to(dtype)
@@ -32,8 +34,10 @@ class TinyLM(nn.Module):
         for n, p in self.blocks.named_parameters():
             (mats if p.dim() >= 2 else vecs).append(p)
         vecs += list(self.norm.parameters())
-        return [dict(params=ps, lr=lr, weight_decay=wd)
-                for ps, lr, wd in zip((emb, mats, vecs, [self.head.weight]), lrs, wds)]
+        return [
+            dict(params=ps, lr=lr, weight_decay=wd)
+            for ps, lr, wd in zip((emb, mats, vecs, [self.head.weight]), lrs, wds)
+        ]
 
 
 def _train_pair(a, oa, b=None, ob=None, steps=1, seed=0, sa=None, sb=None):
@@ -59,7 +63,8 @@ def _train_pair(a, oa, b=None, ob=None, steps=1, seed=0, sa=None, sb=None):
 
 def _cosine(opt, steps, warmup=10):
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
 
 
 def _max_rel(m1, m2):
@@ -133,7 +138,9 @@ def test_checkpoints_move_both_ways(direction):
     torch.manual_seed(2)
     a, b = TinyLM(), TinyLM()
     b.load_state_dict(a.state_dict())
-    first, second = (torch.optim.AdamW, lvopt.AdamW) if direction == "torch_to_lvopt" else (lvopt.AdamW, torch.optim.AdamW)
+    first, second = (
+        (torch.optim.AdamW, lvopt.AdamW) if direction == "torch_to_lvopt" else (lvopt.AdamW, torch.optim.AdamW)
+    )
     oa = first(a.groups())
     _train_pair(a, oa, steps=20)
     b.load_state_dict(a.state_dict())
@@ -195,11 +202,11 @@ def test_bf16_checkpoint_keeps_fp32_moments():
 def test_maximize_closure_and_noncontiguous_params():
     torch.manual_seed(4)
     base = torch.randn(30, 20)
-    a = nn.Parameter(base.clone().t())             # dense, transposed strides
+    a = nn.Parameter(base.clone().t())  # dense, transposed strides
     b = nn.Parameter(base.clone().t())
     big_a, big_b = torch.randn(10, 12), None
     big_b = big_a.clone()
-    sa = nn.Parameter(big_a[:, ::2])               # not dense: stepped through a contiguous copy
+    sa = nn.Parameter(big_a[:, ::2])  # not dense: stepped through a contiguous copy
     sb = nn.Parameter(big_b[:, ::2])
     oa = lvopt.AdamW([a, sa], lr=1e-2, maximize=True)
     ob = torch.optim.AdamW([b, sb], lr=1e-2, maximize=True)
@@ -244,7 +251,12 @@ def _bad_optimizer_cases():
     yield "gradient dtype", lvopt.AdamW([p, q]), [p, q], [torch.randn(6, 4), torch.randn(5).double()]
     p, q = base(torch.float16)
     # (no first good step is possible here: the dtype is refused from the start)
-    yield "unsupported dtype torch.float16", lvopt.AdamW([p, q]), [p, q], [torch.randn(6, 4).half(), torch.randn(5).half()]
+    yield (
+        "unsupported dtype torch.float16",
+        lvopt.AdamW([p, q]),
+        [p, q],
+        [torch.randn(6, 4).half(), torch.randn(5).half()],
+    )
     p, q = base()
     yield "sparse", lvopt.AdamW([p, q]), [p, q], [torch.randn(6, 4), torch.randn(5).to_sparse()]
     p, q = base()

@@ -8,6 +8,7 @@ checkpoint crosses between lvopt.AdamW and torch.optim.AdamW. The data of step t
 only, so both halves see the batches the uninterrupted run sees. (In-memory round trips are in
 tests/test_optim.py and tests/test_sparse_rows_optimizer.py.)
 """
+
 import json
 import os
 import subprocess
@@ -20,8 +21,8 @@ from torch import nn
 import lvopt
 from conftest import needs_native
 
-N = 8          # steps before and after the checkpoint
-THREADS = 2    # both processes: matmul bits depend on the thread count (another test may have changed it)
+N = 8  # steps before and after the checkpoint
+THREADS = 2  # both processes: matmul bits depend on the thread count (another test may have changed it)
 V, D = 200, 16  # vocabulary (rows of the embedding table) and width
 
 
@@ -65,14 +66,18 @@ def build(name: str, which: int):
     hidden = [model.fc.weight, model.out.weight]
     vectors = [model.fc.bias, *model.norm.parameters()]
     if opt_name == "lvopt.AdamH":
-        groups = [dict(params=hidden, hyperball=True, weight_decay=0.0),
-                  dict(params=vectors, hyperball=True, weight_decay=0.0, lr=2e-3),  # <2-D: AdamW
-                  dict(params=[model.emb.weight], hyperball=False, weight_decay=0.1, lr=5e-3)]
+        groups = [
+            dict(params=hidden, hyperball=True, weight_decay=0.0),
+            dict(params=vectors, hyperball=True, weight_decay=0.0, lr=2e-3),  # <2-D: AdamW
+            dict(params=[model.emb.weight], hyperball=False, weight_decay=0.1, lr=5e-3),
+        ]
         opt = lvopt.AdamH(groups, lr=1e-2)
     else:
-        groups = [dict(params=hidden, weight_decay=0.1),
-                  dict(params=vectors, weight_decay=0.0, lr=2e-3),
-                  dict(params=[model.emb.weight], weight_decay=0.05, lr=5e-3)]
+        groups = [
+            dict(params=hidden, weight_decay=0.1),
+            dict(params=vectors, weight_decay=0.0, lr=2e-3),
+            dict(params=[model.emb.weight], weight_decay=0.05, lr=5e-3),
+        ]
         if kind != "dense":
             groups[2]["sparse_mode"] = kind
         cls = lvopt.AdamW if opt_name == "lvopt.AdamW" else torch.optim.AdamW
@@ -80,8 +85,13 @@ def build(name: str, which: int):
     # warmup then cosine, over 2N steps: the scheduler's state (last_epoch, its children's base
     # LRs) must travel with the checkpoint for the second half to see the right learning rates.
     sched = torch.optim.lr_scheduler.SequentialLR(
-        opt, [torch.optim.lr_scheduler.LinearLR(opt, 0.2, 1.0, total_iters=3),
-              torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2 * N - 3, eta_min=1e-4)], milestones=[3])
+        opt,
+        [
+            torch.optim.lr_scheduler.LinearLR(opt, 0.2, 1.0, total_iters=3),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2 * N - 3, eta_min=1e-4),
+        ],
+        milestones=[3],
+    )
     return model, opt, sched
 
 
@@ -90,7 +100,7 @@ def batch(t: int) -> torch.Tensor:
     go untouched for many steps, across the save among them."""
     g = torch.Generator().manual_seed(1000 + t)
     ranks = torch.arange(1, V + 1, dtype=torch.float64)
-    return torch.multinomial(ranks ** -1.2, 24, replacement=True, generator=g).reshape(2, 12)
+    return torch.multinomial(ranks**-1.2, 24, replacement=True, generator=g).reshape(2, 12)
 
 
 def train(model, opt, sched, steps: range) -> None:
@@ -117,9 +127,14 @@ def resume_main(ckpt_dir: str) -> None:
         train(model, opt, sched, range(N, 2 * N))
         if hasattr(opt, "flush"):
             opt.flush()
-        torch.save({"params": {k: v.detach() for k, v in model.named_parameters()},
-                    "lrs": [g["lr"] for g in opt.param_groups],
-                    "last_epoch": sched.last_epoch}, os.path.join(ckpt_dir, f"{name}.out.pt"))
+        torch.save(
+            {
+                "params": {k: v.detach() for k, v in model.named_parameters()},
+                "lrs": [g["lr"] for g in opt.param_groups],
+                "last_epoch": sched.last_epoch,
+            },
+            os.path.join(ckpt_dir, f"{name}.out.pt"),
+        )
 
 
 def _touched(steps) -> torch.Tensor:
@@ -140,8 +155,9 @@ def resumed(tmp_path_factory):
         train(model, opt, sched, range(N))
         # What a training loop that checkpoints does: state_dict() of the live optimizer (for
         # exact sparse groups this brings every row current, docs/design.md section 2.3).
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
-                   d / f"{name}.pt")
+        torch.save(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, d / f"{name}.pt"
+        )
         # The uninterrupted run: the same objects, continued in this process.
         train(model, opt, sched, range(N, 2 * N))
         if hasattr(opt, "flush"):

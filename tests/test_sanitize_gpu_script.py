@@ -3,6 +3,7 @@ where there is no GPU or no compute-sanitizer, and it reads compute-sanitizer's 
 (a stand-in compute-sanitizer prints what the real one prints: per-process "ERROR SUMMARY"
 lines, racecheck's "RACECHECK SUMMARY", or nothing when the run dies). The real run needs a
 GPU: bash benchmarks/sanitize_gpu.sh on a GPU machine (results in benchmarks/RESULTS.md)."""
+
 import os
 import stat
 import subprocess
@@ -67,8 +68,12 @@ def fake_env(tmp_path, reports: dict, **extra):
     cs.parent.mkdir(exist_ok=True)
     cs.write_text(FAKE)
     cs.chmod(cs.stat().st_mode | stat.S_IEXEC)
-    env = {"PATH": f"{cs.parent}:{os.environ['PATH']}", "SANITIZE_NO_GPU_CHECK": "1",
-           "SANITIZE_FILES": "tests/test_cuda_kernels.py", "FAKE_ARGS": str(tmp_path / "args.txt")}
+    env = {
+        "PATH": f"{cs.parent}:{os.environ['PATH']}",
+        "SANITIZE_NO_GPU_CHECK": "1",
+        "SANITIZE_FILES": "tests/test_cuda_kernels.py",
+        "FAKE_ARGS": str(tmp_path / "args.txt"),
+    }
     for tool, text in reports.items():
         p = tmp_path / f"{tool}.report"
         p.write_text(text)
@@ -85,8 +90,16 @@ def test_no_gpu_says_so_and_exits_0(tmp_path):
 
 def test_no_compute_sanitizer_says_so_and_exits_0(tmp_path):
     env = {"SANITIZE_NO_GPU_CHECK": "1", "PATH": "/usr/bin:/bin", "CUDA_HOME": str(tmp_path)}
-    found = [p for p in ("/usr/bin/compute-sanitizer", "/bin/compute-sanitizer", "/usr/local/cuda/bin/compute-sanitizer",
-                         "/usr/local/cuda/compute-sanitizer/compute-sanitizer") if os.path.exists(p)]
+    found = [
+        p
+        for p in (
+            "/usr/bin/compute-sanitizer",
+            "/bin/compute-sanitizer",
+            "/usr/local/cuda/bin/compute-sanitizer",
+            "/usr/local/cuda/compute-sanitizer/compute-sanitizer",
+        )
+        if os.path.exists(p)
+    ]
     if found:
         pytest.skip(f"this machine has {found[0]}")
     rc, out, summary = run(tmp_path, env)
@@ -95,8 +108,11 @@ def test_no_compute_sanitizer_says_so_and_exits_0(tmp_path):
 
 
 def test_reports_are_parsed(tmp_path):
-    env = fake_env(tmp_path, {"memcheck": MEMCHECK_ERRORS, "racecheck": RACECHECK, "initcheck": CLEAN},
-                   SANITIZE_FILES="tests/test_cuda_kernels.py tests/test_sparse_rows.py")
+    env = fake_env(
+        tmp_path,
+        {"memcheck": MEMCHECK_ERRORS, "racecheck": RACECHECK, "initcheck": CLEAN},
+        SANITIZE_FILES="tests/test_cuda_kernels.py tests/test_sparse_rows.py",
+    )
     rc, out, summary = run(tmp_path, env)
     assert rc == 1, out  # errors found
     lines = {line.split(":")[0]: line for line in summary.splitlines()}

@@ -1,6 +1,7 @@
 """Static evidence from the sm_90 SASS (benchmarks/sass_report.py): every streaming kernel,
 CUDA and Triton, moves data with 128-bit global loads and stores, and no kernel spills to
 local memory. Needs nvcc (or a CUDA-built lvopt._C) and Triton's cuobjdump; no GPU."""
+
 import os
 import shutil
 import sys
@@ -35,9 +36,14 @@ def test_sass_has_128bit_access_and_no_spills():
 
     kernels, _ = sass_report.collect()
     names = {(k["origin"], k["name"]) for k in kernels}
-    for origin, name in [("CUDA", "adamw_kernel<float>"), ("CUDA", "adamw_kernel<bf16>"),
-                         ("CUDA", "adamh_reduce_kernel<float>"), ("CUDA", "adamh_apply_kernel<bf16>"),
-                         ("Triton", "adamw_kernel<fp32>"), ("Triton", "adamh_reduce_kernel<bf16>")]:
+    for origin, name in [
+        ("CUDA", "adamw_kernel<float>"),
+        ("CUDA", "adamw_kernel<bf16>"),
+        ("CUDA", "adamh_reduce_kernel<float>"),
+        ("CUDA", "adamh_apply_kernel<bf16>"),
+        ("Triton", "adamw_kernel<fp32>"),
+        ("Triton", "adamh_reduce_kernel<bf16>"),
+    ]:
         assert (origin, name) in names, sorted(names)
     assert sass_report.check(kernels) == []
     for k in kernels:

@@ -1,4 +1,5 @@
 """Parameter roles, width scaling rules and from_model (docs/design.md section 3; issue 5)."""
+
 import inspect
 import math
 import warnings
@@ -97,8 +98,6 @@ def test_frozen_parameters_are_left_out():
     assert "frozen" in scaling_plan(model, lr=1e-3, base_width=32, include_frozen=True).table()
 
 
-
-
 def _hf():
     tr = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
     tr.logging.set_verbosity_error()
@@ -106,15 +105,27 @@ def _hf():
 
 
 def tiny_gpt2(tr, d=32):
-    return tr.GPT2LMHeadModel(tr.GPT2Config(n_embd=d, n_layer=2, n_head=2, vocab_size=512, n_positions=32,
-                                            bos_token_id=0, eos_token_id=0))
+    return tr.GPT2LMHeadModel(
+        tr.GPT2Config(n_embd=d, n_layer=2, n_head=2, vocab_size=512, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def tiny_llama(tr, d=32, tie=False):
-    return tr.LlamaForCausalLM(tr.LlamaConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2,
-                                              num_attention_heads=2, num_key_value_heads=2, vocab_size=512,
-                                              max_position_embeddings=32, tie_word_embeddings=tie,
-                                              bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return tr.LlamaForCausalLM(
+        tr.LlamaConfig(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=512,
+            max_position_embeddings=32,
+            tie_word_embeddings=tie,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 def test_roles_hf_gpt2_tied():
@@ -178,10 +189,11 @@ def test_rule_values_exact():
     assert group_lr(opt, "hidden") == group_lr(opt, "output") == group_lr(opt, "vector") == 1e-3
     # explicit exponent, and width given explicitly instead of read from the model
     opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, width=512, rule="mup", embedding_exponent=0.25)
-    assert group_lr(opt, "embedding") == pytest.approx(1e-3 * 16 ** -0.25, rel=1e-12)
+    assert group_lr(opt, "embedding") == pytest.approx(1e-3 * 16**-0.25, rel=1e-12)
     assert group_lr(opt, "hidden") == pytest.approx(1e-3 / 16, rel=1e-12)
     assert lr_multipliers("lv", width=128, base_width=32) == pytest.approx(
-        {"embedding": 0.5, "hidden": 0.25, "output": 0.25, "vector": 1.0})
+        {"embedding": 0.5, "hidden": 0.25, "output": 0.25, "vector": 1.0}
+    )
     assert set(RULES) == {"sp", "mup", "lv", "sp_emb"}
 
 
@@ -190,26 +202,27 @@ def test_default_rule_is_mup():
     than lv); lv is an explicit opt-in and keeps its embedding exponent 1/2."""
     for fn in (exponents, lr_multipliers, scaling_plan, from_model):
         assert inspect.signature(fn).parameters["rule"].default == "mup", fn.__name__
-    model = TinyLM(vocab=4096, d=128)                      # m = 4, V = 32 x width
+    model = TinyLM(vocab=4096, d=128)  # m = 4, V = 32 x width
     lrs = {"embedding": 4e-3, "hidden": 2e-3, "output": 1e-3, "vector": 3e-3}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt = lvopt.AdamW.from_model(model, lr=lrs, base_width=32)
     assert opt.scaling_plan.rule == "mup"
     assert opt.scaling_plan.role_alpha("embedding") == 0.0
-    assert group_lr(opt, "embedding") == 4e-3             # muP: embedding multiplier 1 at m = 4
+    assert group_lr(opt, "embedding") == 4e-3  # muP: embedding multiplier 1 at m = 4
     assert group_lr(opt, "hidden") == pytest.approx(2e-3 / 4, rel=1e-12)
     assert group_lr(opt, "output") == pytest.approx(1e-3 / 4, rel=1e-12)
     assert group_lr(opt, "vector") == 3e-3
     assert lr_multipliers(width=128, base_width=32) == pytest.approx(
-        {"embedding": 1.0, "hidden": 0.25, "output": 0.25, "vector": 1.0})
+        {"embedding": 1.0, "hidden": 0.25, "output": 0.25, "vector": 1.0}
+    )
     assert exponents() == RULES["mup"]
     # lv, asked for: the vocabulary table's LR falls as (width / base_width)^-1/2
     opt = lvopt.AdamW.from_model(model, lr=lrs, base_width=32, rule="lv")
     assert opt.scaling_plan.role_alpha("embedding") == 0.5
-    assert group_lr(opt, "embedding") == pytest.approx(4e-3 * 4 ** -0.5, rel=1e-12)
+    assert group_lr(opt, "embedding") == pytest.approx(4e-3 * 4**-0.5, rel=1e-12)
     assert group_lr(opt, "hidden") == pytest.approx(2e-3 / 4, rel=1e-12)
-    assert lr_multipliers("lv", width=512, base_width=32)["embedding"] == pytest.approx(16 ** -0.5, rel=1e-12)
+    assert lr_multipliers("lv", width=512, base_width=32)["embedding"] == pytest.approx(16**-0.5, rel=1e-12)
 
 
 def test_weight_decay_defaults_and_mapping():
@@ -252,7 +265,7 @@ def test_group_lr_drives_the_update():
     model(ids).logsumexp(-1).mean().backward()
     opt.step()
     moved = lambda n: (dict(model.named_parameters())[n] - before[n]).abs().max().item()  # noqa: E731
-    assert moved("tok.weight") == pytest.approx(1e-3 * 4 ** -0.5, rel=1e-3)
+    assert moved("tok.weight") == pytest.approx(1e-3 * 4**-0.5, rel=1e-3)
     assert moved("blocks.0.fc.weight") == pytest.approx(1e-3 / 4, rel=1e-3)
     assert moved("head.weight") == pytest.approx(1e-3 / 4, rel=1e-3)
     assert moved("norm.weight") == pytest.approx(1e-3, rel=1e-3)
@@ -312,11 +325,14 @@ def test_table_lists_every_parameter():
 
 
 # -- schedulers ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [
-    lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 - s / 20),
-    lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
-    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[g["lr"] for g in o.param_groups], total_steps=20),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 - s / 20),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[g["lr"] for g in o.param_groups], total_steps=20),
+    ],
+)
 def test_schedulers_scale_groups_proportionally(make):
     model = TinyLM(d=128)
     opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="lv")
@@ -354,11 +370,11 @@ def test_output_multiplier_with_scaled_output_role_is_refused():
             lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule=rule)
     opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="mup", output_multiplier=True)
     assert group_lr(opt, "output") == 1e-3 and group_lr(opt, "hidden") == pytest.approx(1e-3 / 4)
-    lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="sp")   # alpha 0: nothing scaled twice
+    lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="sp")  # alpha 0: nothing scaled twice
     for h in handles:
         h.remove()
     lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="mup")  # multiplier gone: accepted
-    model.out_mult = 16 / 64                                            # issue-8 run.py's form
+    model.out_mult = 16 / 64  # issue-8 run.py's form
     with pytest.raises(ValueError, match="out_mult"):
         lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="mup")
     lvopt.AdamW.from_model(model, lr=1e-3, base_width=16, rule="mup", output_multiplier=False)
@@ -370,7 +386,7 @@ def test_non_adam_optimizer_is_refused():
     model = TinyLM(d=64)
     with pytest.raises(ValueError, match="SGD.*Adam-type"):
         from_model(torch.optim.SGD, model, lr=1e-3, base_width=16, rule="mup")
-    from_model(torch.optim.SGD, model, lr=1e-3, base_width=16, rule="sp")          # no exponents
+    from_model(torch.optim.SGD, model, lr=1e-3, base_width=16, rule="sp")  # no exponents
     from_model(torch.optim.SGD, model, lr=1e-3, base_width=16, rule="mup", adam_like=True)
     for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, lvopt.AdamH):
         from_model(cls, model, lr=1e-3, base_width=16, rule="mup")
@@ -382,34 +398,35 @@ def test_hyperball_hidden_exponent_is_one_half():
     model = TinyLM(vocab=4096, d=128)
     for rule, a in (("mup", 0.5), ("lv", 0.5), ("sp", 0.0)):
         opt = lvopt.AdamH.from_model(model, lr=1e-3, base_width=32, rule=rule)
-        assert group_lr(opt, "hidden") == pytest.approx(1e-3 * 4 ** -a, rel=1e-12)
+        assert group_lr(opt, "hidden") == pytest.approx(1e-3 * 4**-a, rel=1e-12)
         assert opt.scaling_plan.role_alpha("hidden") == a
         assert group_lr(opt, "output") == pytest.approx(1e-3 * 4 ** -RULES[rule]["output"], rel=1e-12)
     assert "hidden: 0.5" in opt.scaling_plan.table().splitlines()[0] or rule == "sp"
-    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="mup")   # AdamW keeps alpha 1
+    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="mup")  # AdamW keeps alpha 1
     assert group_lr(opt, "hidden") == pytest.approx(1e-3 / 4, rel=1e-12)
 
 
 def test_position_table_keeps_mup_exponent_under_lv():
-    model = TinyLM(vocab=4096, d=128, ctx=64)      # token table 32x width, position table 0.5x
+    model = TinyLM(vocab=4096, d=128, ctx=64)  # token table 32x width, position table 0.5x
     with warnings.catch_warnings():
-        warnings.simplefilter("error")             # 4096 >= 16 * 128: no vocabulary warning
+        warnings.simplefilter("error")  # 4096 >= 16 * 128: no vocabulary warning
         opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="lv")
     emb = {g.get("table"): g for g in opt.param_groups if g["role"] == "embedding"}
     assert emb["vocabulary"]["param_names"] == ["tok.weight"] and emb["small"]["param_names"] == ["pos.weight"]
-    assert emb["vocabulary"]["lr"] == pytest.approx(1e-3 * 4 ** -0.5, rel=1e-12)
+    assert emb["vocabulary"]["lr"] == pytest.approx(1e-3 * 4**-0.5, rel=1e-12)
     assert emb["small"]["lr"] == 1e-3
     assert "small table, alpha 0" in opt.scaling_plan.table()
-    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="mup")   # same exponent: one group
+    opt = lvopt.AdamW.from_model(model, lr=1e-3, base_width=32, rule="mup")  # same exponent: one group
     assert [g.get("table") for g in opt.param_groups if g["role"] == "embedding"] == [None]
 
 
 def test_vocabulary_warning_threshold():
     from lvopt.scaling import LV_MIN_RATIO
+
     assert LV_MIN_RATIO == 16
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lvopt.AdamW.from_model(TinyLM(vocab=512, d=32), lr=1e-3, base_width=16, rule="lv")    # 16x: fine
+        lvopt.AdamW.from_model(TinyLM(vocab=512, d=32), lr=1e-3, base_width=16, rule="lv")  # 16x: fine
         # the warning is about the LV rule: the default rule (mup) and the others stay quiet
         for kw in ({}, {"rule": "mup"}, {"rule": "sp"}, {"rule": "lv", "embedding_exponent": 0.0}):
             lvopt.AdamW.from_model(TinyLM(vocab=496, d=32), lr=1e-3, base_width=16, **kw)
@@ -420,6 +437,7 @@ def test_vocabulary_warning_threshold():
 # -- coordinate check --------------------------------------------------------------------------------
 class CoordMLP(nn.Module):
     """Embedding (N(0,1)) -> two hidden matrices (N(0, 1/fan_in)) -> zero-initialised read-out: muP."""
+
     V, K = 512, 16
 
     def __init__(self, d, sp_head=False):
@@ -428,10 +446,10 @@ class CoordMLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
         self.head = nn.Linear(d, self.K, bias=False)
         nn.init.normal_(self.emb.weight)
-        nn.init.normal_(self.fc1.weight, std=d ** -0.5)
+        nn.init.normal_(self.fc1.weight, std=d**-0.5)
         nn.init.normal_(self.fc2.weight, std=(2 / d) ** 0.5)
         if sp_head:
-            nn.init.normal_(self.head.weight, std=d ** -0.5)
+            nn.init.normal_(self.head.weight, std=d**-0.5)
         else:
             nn.init.zeros_(self.head.weight)
 
@@ -443,18 +461,21 @@ def _coord(**kw):
     g = torch.Generator().manual_seed(0)
     data = (torch.randint(0, CoordMLP.V, (64,), generator=g), torch.randint(0, CoordMLP.K, (64,), generator=g))
     kw.setdefault("model_fn", CoordMLP)
-    return lvopt.scaling.coord_check(widths=[32, 64, 128, 256], data=data, steps=3, seeds=(0,),
-                                     overrides={"head.weight": "output"}, **kw)
+    return lvopt.scaling.coord_check(
+        widths=[32, 64, 128, 256], data=data, steps=3, seeds=(0,), overrides={"head.weight": "output"}, **kw
+    )
 
 
 def test_coord_check_passes_mup_and_the_corrected_rules_and_fails_sp(tmp_path):
     res = {
         "mup adamw": _coord(lr=1e-2, rule="mup", weight_decay=0.0),
         "lv adamw": _coord(lr=1e-2, rule="lv", weight_decay=0.0),
-        "mup adamh": _coord(lr={"embedding": 1e-2, "hidden": 0.02, "output": 1e-2}, rule="mup",
-                            optimizer=lvopt.AdamH, weight_decay=0.0),
-        "lv adamh": _coord(lr={"embedding": 1e-2, "hidden": 0.02, "output": 1e-2}, rule="lv",
-                           optimizer=lvopt.AdamH, weight_decay=0.0),
+        "mup adamh": _coord(
+            lr={"embedding": 1e-2, "hidden": 0.02, "output": 1e-2}, rule="mup", optimizer=lvopt.AdamH, weight_decay=0.0
+        ),
+        "lv adamh": _coord(
+            lr={"embedding": 1e-2, "hidden": 0.02, "output": 1e-2}, rule="lv", optimizer=lvopt.AdamH, weight_decay=0.0
+        ),
     }
     for name, r in res.items():
         assert r.ok, f"{name}\n{r.table()}"
@@ -466,9 +487,14 @@ def test_coord_check_passes_mup_and_the_corrected_rules_and_fails_sp(tmp_path):
     assert not sp.roles()["hidden"]
 
     def adamh_alpha1(m, w):
-        return lvopt.AdamH([{"params": [m.emb.weight], "lr": 1e-2, "hyperball": False},
-                            {"params": [m.fc1.weight, m.fc2.weight], "lr": 0.02 * 32 / w},
-                            {"params": [m.head.weight], "lr": 1e-2 * 32 / w, "hyperball": False}])
+        return lvopt.AdamH(
+            [
+                {"params": [m.emb.weight], "lr": 1e-2, "hyperball": False},
+                {"params": [m.fc1.weight, m.fc2.weight], "lr": 0.02 * 32 / w},
+                {"params": [m.head.weight], "lr": 1e-2 * 32 / w, "hyperball": False},
+            ]
+        )
+
     wrong = _coord(opt_fn=adamh_alpha1)
     assert not wrong.passed["update:hidden"] and wrong.worst("update:hidden") < -0.4, wrong.table()
     assert wrong.passed["update:output"]
@@ -498,18 +524,27 @@ def test_hf_trainer_runs_with_lv_optimizer(tmp_path):
     # a repeating pattern the model can learn in a few steps
     seq = torch.arange(16).repeat(2) % 7 + 1
     data = [{"input_ids": seq.clone(), "labels": seq.clone()} for _ in range(16)]
-    args = tr.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
-                                learning_rate=123.0, lr_scheduler_type="linear", warmup_steps=0,
-                                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                                disable_tqdm=True, dataloader_num_workers=0)
+    args = tr.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=123.0,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     seen = []
 
     class RecordLR(tr.TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             seen.append({g["role"]: g["lr"] for g in opt.param_groups})
 
-    trainer = tr.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None),
-                         callbacks=[RecordLR()])
+    trainer = tr.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None), callbacks=[RecordLR()])
     before = model.model.embed_tokens.weight.detach().clone()
     out = trainer.train()
     assert trainer.optimizer is opt or getattr(trainer.optimizer, "optimizer", None) is opt

@@ -8,6 +8,7 @@ errors, the error word, opcheck and torch.compile. The optimizer and lvopt.nn.Em
 end: tests/test_sparse_rows_optimizer.py. Without a GPU the Triton cases run on CPU tensors in an
 interpreter child (run_triton_child) and the CUDA ones are skipped; small widths and few rows for
 the Triton cases, whose interpreter cost is per operation."""
+
 import math
 import os
 
@@ -26,7 +27,7 @@ if not IN_TRITON_CHILD:
 
 def _zipf_ids(n, v, gen, a=1.1):
     ranks = torch.arange(1, v + 1, dtype=torch.float64)
-    return torch.multinomial(ranks ** -a, n, replacement=True, generator=gen)
+    return torch.multinomial(ranks**-a, n, replacement=True, generator=gen)
 
 
 def _run_ops(fn, catchup, V, d, dtype, gen, steps, betas=(0.9, 0.999), eps=1e-8, wd=0.1, exact=True, ids_fn=None):
@@ -42,7 +43,11 @@ def _run_ops(fn, catchup, V, d, dtype, gen, steps, betas=(0.9, 0.999), eps=1e-8,
         lr = 1e-2 * (0.55 + 0.45 * math.cos(t / 37.0))
         clock.append(t, lr, wd)
         hyper = torch.tensor([[lr, betas[0], betas[1], wd, eps, 0.0]], dtype=torch.float64)
-        ids = ids_fn(t, g2) if ids_fn else torch.randint(0, V, (int(torch.randint(0, 9, (1,), generator=g2)),), generator=g2)
+        ids = (
+            ids_fn(t, g2)
+            if ids_fn
+            else torch.randint(0, V, (int(torch.randint(0, 9, (1,), generator=g2)),), generator=g2)
+        )
         vals = torch.randn(ids.numel(), d, generator=g2).to(dtype)
         h, q, base, e, w = clock.op_args()
         fn(p, ids, vals, m, v, step, last, h, q, hyper, base, e, w, exact)
@@ -64,19 +69,23 @@ CATCHUP_DEVICE_ARGS = (0, 1, 2, 3, 5)
 def on_device(fn, positions, dev):
     """fn run on ``dev`` copies of the CPU arguments at ``positions``; mutated ones are copied back
     (on the CPU, and in the interpreter child, the arguments themselves)."""
+
     def run(*args, **kw):
         moved = [a.to(dev) if i in positions else a for i, a in enumerate(args)]
         fn(*moved, **kw)
         for a, b in zip(args, moved):
             if b is not a:
                 a.copy_(b.cpu())
+
     return run
 
 
 def _backend_ops(backend):
     """The backend's sparse_adamw_ and sparse_catchup_ taking CPU arguments (for _run_ops)."""
-    return (on_device(backend.ops.sparse_adamw_, ADAMW_DEVICE_ARGS, backend.device),
-            on_device(backend.ops.sparse_catchup_, CATCHUP_DEVICE_ARGS, backend.device))
+    return (
+        on_device(backend.ops.sparse_adamw_, ADAMW_DEVICE_ARGS, backend.device),
+        on_device(backend.ops.sparse_catchup_, CATCHUP_DEVICE_ARGS, backend.device),
+    )
 
 
 def _ulps(a, b):
@@ -120,8 +129,11 @@ def _step_all(backend, V, d, dtype, gen, T, exact, ids, tiny=(), stats=False, ep
     vals = torch.randn(ids.numel(), d, generator=gen).to(dtype)
     hyper = torch.tensor([[float(h[T - base, 0]), 0.9, 0.999, 0.1, eps, float(maximize)]], dtype=torch.float64)
     outs = []
-    for fn, dev in ((backend.ops.sparse_adamw_, backend.device), (torch.ops.lvopt.sparse_adamw_, "cpu"),
-                    (reference.sparse_adamw_, "cpu")):
+    for fn, dev in (
+        (backend.ops.sparse_adamw_, backend.device),
+        (torch.ops.lvopt.sparse_adamw_, "cpu"),
+        (reference.sparse_adamw_, "cpu"),
+    ):
         pp, mm, vv = (t.clone().to(dev) for t in (p, m, v))
         ss, ll = step.clone(), last.clone().to(dev)
         st = torch.full((1, 2), 7.0, dtype=torch.float64, device=dev) if stats else None
@@ -130,8 +142,23 @@ def _step_all(backend, V, d, dtype, gen, T, exact, ids, tiny=(), stats=False, ep
             fn(pp, ids.to(dev), vals.to(dev), mm, vv, ss, ll, h, q, hyper, base, e, w, True, **kw)
         else:
             none_f = torch.empty(0, dtype=torch.float64)
-            fn(pp, ids.to(dev), vals.to(dev), mm, vv, ss, torch.empty(0, dtype=torch.int64, device=dev), none_f,
-               none_f, hyper, 0, 1, 0, False, **kw)
+            fn(
+                pp,
+                ids.to(dev),
+                vals.to(dev),
+                mm,
+                vv,
+                ss,
+                torch.empty(0, dtype=torch.int64, device=dev),
+                none_f,
+                none_f,
+                hyper,
+                0,
+                1,
+                0,
+                False,
+                **kw,
+            )
         outs.append((pp.cpu(), mm.cpu(), vv.cpu(), ss, ll.cpu(), None if st is None else st.cpu()))
     return (p, m, v, step, last, vals), outs
 
@@ -151,10 +178,13 @@ def test_runs_match_reference_and_cpu_op(backend, gen, dtype, exact):
     also against the CPU op (lazy mode: the same fp32 operations in the same order, so the same
     bits, bf16 tables included on CUDA)."""
     if backend.name == "triton":
-        pytest.skip("many steps cost the interpreter too much: one call at a time against the CPU op "
-                    "(test_one_step_matches_cpu_op_and_reference) and the optimizer's steps (test_sparse_rows_optimizer)")
+        pytest.skip(
+            "many steps cost the interpreter too much: one call at a time against the CPU op "
+            "(test_one_step_matches_cpu_op_and_reference) and the optimizer's steps (test_sparse_rows_optimizer)"
+        )
     seed, steps = gen.initial_seed(), RUN_STEPS[backend.name]
     for V, d in RUN_SIZES[backend.name]:
+
         def run(fa, fc, V=V, d=d):
             return _run_ops(fa, fc, V, d, dtype, torch.Generator().manual_seed(seed), steps, exact=exact)[0]
 
@@ -177,15 +207,18 @@ def test_runs_match_reference_and_cpu_op(backend, gen, dtype, exact):
             assert rel_err(a, b) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("betas,eps", [((0.9, 0.999), 1e-8), ((0.9, 0.95), 1e-6), ((0.8, 0.95), 1e-10),
-                                       ((0.9, 0.999), 3e-2)])
+@pytest.mark.parametrize(
+    "betas,eps", [((0.9, 0.999), 1e-8), ((0.9, 0.95), 1e-6), ((0.8, 0.95), 1e-10), ((0.9, 0.999), 3e-2)]
+)
 def test_exact_matches_dense_fp64(backend, gen, betas, eps):
     """Rows untouched for up to hundreds of steps, LR schedule, weight decay: the closed-form
     catch-up equals dense AdamW with g = 0 within fp32 rounding (eps = 3e-2 puts many elements
     on the exact windowed loop, the fp64 loop kernel on CUDA)."""
     if backend.name == "triton":
-        pytest.skip("700 steps are too many for the interpreter: the Triton catch-up is checked against the CPU "
-                    "op's (test_rows_lagging_by_various_amounts_and_catchup, test_windowed_loop_elements)")
+        pytest.skip(
+            "700 steps are too many for the interpreter: the Triton catch-up is checked against the CPU "
+            "op's (test_rows_lagging_by_various_amounts_and_catchup, test_windowed_loop_elements)"
+        )
     V, d = 40, 33
 
     def ids_fn(t, g):
@@ -193,8 +226,9 @@ def test_exact_matches_dense_fp64(backend, gen, betas, eps):
         rare = torch.randint(4, V, (1,), generator=g) if t % 23 == 0 else torch.empty(0, dtype=torch.int64)
         return torch.cat([hot, rare, hot[:1]])
 
-    (p, m, v, *_), (P, M, Vv) = _run_ops(*_backend_ops(backend), V, d, torch.float32, gen, 700, betas=betas, eps=eps,
-                                         ids_fn=ids_fn)
+    (p, m, v, *_), (P, M, Vv) = _run_ops(
+        *_backend_ops(backend), V, d, torch.float32, gen, 700, betas=betas, eps=eps, ids_fn=ids_fn
+    )
     # fp32 rounding of 700 steps of the hot rows (dense fp32 AdamW drifts as much: v's
     # beta2 = 0.999 accumulation gains ~1e-6 relative per few hundred steps).
     assert rel_err(p, P) < 5e-6 and rel_err(m, M) < 5e-6 and rel_err(v, Vv) < 2e-5
@@ -203,12 +237,14 @@ def test_exact_matches_dense_fp64(backend, gen, betas, eps):
 def test_reference_exact_matches_dense_fp64(gen):
     """The reference's step-by-step catch-up in fp64 is dense fp64 AdamW (the oracle)."""
     V, d = 9, 5
-    (p, m, v, *_), (P, M, Vv) = _run_ops(reference.sparse_adamw_, reference.sparse_catchup_, V, d,
-                                         torch.float64, gen, 50)
+    (p, m, v, *_), (P, M, Vv) = _run_ops(
+        reference.sparse_adamw_, reference.sparse_catchup_, V, d, torch.float64, gen, 50
+    )
     assert rel_err(p, P) < 1e-12 and rel_err(m, M) < 1e-12
 
 
 # ----- one call ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("exact", [False, True])
@@ -250,8 +286,9 @@ def test_one_step_matches_cpu_op_and_reference(backend, gen, dtype, exact):
 
 
 def test_lazy_maximize_matches_cpu_op_bitwise(backend, gen):
-    before, (got, cpu, ref) = _step_all(backend, 8, 40, torch.float32, gen, 5, False, torch.tensor([1, 6, 1]),
-                                        maximize=True)
+    before, (got, cpu, ref) = _step_all(
+        backend, 8, 40, torch.float32, gen, 5, False, torch.tensor([1, 6, 1]), maximize=True
+    )
     for a, b in zip(got[:3], cpu[:3]):
         assert torch.equal(a, b)
     assert rel_err(got[0], ref[0]) < 1e-6
@@ -274,9 +311,11 @@ def test_rows_lagging_by_various_amounts_and_catchup(backend, gen):
     ids = torch.arange(V)[torch.randperm(V, generator=gen)][:7]
     vals = torch.randn(7, d, generator=gen)
     res = []
-    for dev, fa, fc in ((backend.device, backend.ops.sparse_adamw_, backend.ops.sparse_catchup_),
-                        ("cpu", torch.ops.lvopt.sparse_adamw_, torch.ops.lvopt.sparse_catchup_),
-                        ("cpu", reference.sparse_adamw_, reference.sparse_catchup_)):
+    for dev, fa, fc in (
+        (backend.device, backend.ops.sparse_adamw_, backend.ops.sparse_catchup_),
+        ("cpu", torch.ops.lvopt.sparse_adamw_, torch.ops.lvopt.sparse_catchup_),
+        ("cpu", reference.sparse_adamw_, reference.sparse_catchup_),
+    ):
         pp, mm, vv = (t.clone().to(dev) for t in (p, m, v))
         ss, ll = step.clone(), last.clone().to(dev)
         fa(pp, ids.to(dev), vals.to(dev), mm, vv, ss, ll, h, q, hyper, base, e, w, True)
@@ -373,8 +412,9 @@ def test_stats(backend, gen, dtype, exact):
 @pytest.mark.parametrize("exact", [False, True])
 def test_empty_index_list_only_advances_step(backend, gen, exact):
     V, d, T = 5, 40, 30
-    before, (got, cpu, ref) = _step_all(backend, V, d, torch.float32, gen, T, exact, torch.empty(0, dtype=torch.int64),
-                                        stats=True)
+    before, (got, cpu, ref) = _step_all(
+        backend, V, d, torch.float32, gen, T, exact, torch.empty(0, dtype=torch.int64), stats=True
+    )
     assert float(got[3]) == float(T) == float(cpu[3])
     for a, b in zip(got[:3], before[:3]):
         assert torch.equal(a, b)
@@ -444,7 +484,7 @@ def test_long_runs_are_summed_in_pieces(triton_backend, gen, exact):
             acc = acc + r
         return acc
 
-    pieces = [in_order(vals[pos[i: i + S.RUN]]) for i in range(0, pos.numel(), S.RUN)]
+    pieces = [in_order(vals[pos[i : i + S.RUN]]) for i in range(0, pos.numel(), S.RUN)]
     assert len(pieces) == 3
     assert rel_err(tri[0], cpu[0]) < 1e-5
     if not exact:
@@ -457,8 +497,22 @@ def test_long_runs_are_summed_in_pieces(triton_backend, gen, exact):
         clock, _ = sparse_clock(T, lr="schedule")
         h = clock.op_args()[0]
         hyper = torch.tensor([[float(h[T, 0]), 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
-        torch.ops.lvopt.sparse_adamw_(p, torch.tensor([4]), g4[None], m, v, step, torch.empty(0, dtype=torch.int64),
-                                      torch.empty(0), torch.empty(0), hyper, 0, 1, 0, False)
+        torch.ops.lvopt.sparse_adamw_(
+            p,
+            torch.tensor([4]),
+            g4[None],
+            m,
+            v,
+            step,
+            torch.empty(0, dtype=torch.int64),
+            torch.empty(0),
+            torch.empty(0),
+            hyper,
+            0,
+            1,
+            0,
+            False,
+        )
         assert torch.equal(tri[0][4], p[4]) and torch.equal(tri[1][4], m[4])
 
 
@@ -537,9 +591,16 @@ def test_thread_count_does_not_change_bits(gen):
     for threads in (1, n):
         torch.set_num_threads(threads)
         try:
-            tables, _ = _run_ops(torch.ops.lvopt.sparse_adamw_, torch.ops.lvopt.sparse_catchup_, 200, d,
-                                 torch.float32, torch.Generator().manual_seed(3), 40,
-                                 ids_fn=lambda t, g: torch.randint(0, 200, (300,), generator=g))
+            tables, _ = _run_ops(
+                torch.ops.lvopt.sparse_adamw_,
+                torch.ops.lvopt.sparse_catchup_,
+                200,
+                d,
+                torch.float32,
+                torch.Generator().manual_seed(3),
+                40,
+                ids_fn=lambda t, g: torch.randint(0, 200, (300,), generator=g),
+            )
             outs.append(tables[:3] + torch.ops.lvopt.coalesce_rows(ids, vals, V))
         finally:
             torch.set_num_threads(n)
@@ -584,17 +645,47 @@ def test_opcheck(backend, gen, word):
     ids = torch.tensor([3, 1, 3, 7], device=dev)
     for exact in (True, False):
         last = torch.tensor([0, 1, 2] * 3 + [0, 0])
-        args = (torch.randn(V, d, device=dev), ids, torch.randn(4, d, device=dev), torch.rand(V, d, device=dev),
-                torch.rand(V, d, device=dev) + 0.1, torch.tensor(2.0), last if host_last else last.to(dev),
-                h, q, hyper, base, e, w, exact)
+        args = (
+            torch.randn(V, d, device=dev),
+            ids,
+            torch.randn(4, d, device=dev),
+            torch.rand(V, d, device=dev),
+            torch.rand(V, d, device=dev) + 0.1,
+            torch.tensor(2.0),
+            last if host_last else last.to(dev),
+            h,
+            q,
+            hyper,
+            base,
+            e,
+            w,
+            exact,
+        )
         torch.library.opcheck(backend.op("sparse_adamw_"), args, kw)
     last = torch.zeros(V, dtype=torch.int64)
-    torch.library.opcheck(backend.op("sparse_catchup_"),
-                          (torch.randn(V, d, device=dev), ids, torch.rand(V, d, device=dev),
-                           torch.rand(V, d, device=dev) + 0.1, torch.tensor(3.0), last if host_last else last.to(dev),
-                           h, q, hyper, base, e, w), kw)
-    torch.library.opcheck(backend.op("coalesce_rows"), (ids, torch.randn(4, d, device=dev), V),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        backend.op("sparse_catchup_"),
+        (
+            torch.randn(V, d, device=dev),
+            ids,
+            torch.rand(V, d, device=dev),
+            torch.rand(V, d, device=dev) + 0.1,
+            torch.tensor(3.0),
+            last if host_last else last.to(dev),
+            h,
+            q,
+            hyper,
+            base,
+            e,
+            w,
+        ),
+        kw,
+    )
+    torch.library.opcheck(
+        backend.op("coalesce_rows"),
+        (ids, torch.randn(4, d, device=dev), V),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_fake_kernels_take_the_cuda_argument_layout():
@@ -612,20 +703,43 @@ def test_fake_kernels_take_the_cuda_argument_layout():
     V, d = 11, 8
     # coalesce_rows' output has as many rows as there are distinct ids: a data-dependent shape.
     with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True)):
+
         def dev(*shape, dtype=torch.float32):
             return torch.zeros(shape, dtype=dtype, device="cuda")
 
         ids, kw = torch.tensor([3, 1, 3, 7]).to("cuda"), {"error": dev(3, dtype=torch.int64)}
         last = dev(V, dtype=torch.int64)
         for exact in (True, False):
-            torch.library.opcheck(torch.ops.lvopt.sparse_adamw_.default,
-                                  (dev(V, d), ids, dev(4, d), dev(V, d), dev(V, d), torch.tensor(2.0), last,
-                                   h, q, hyper, base, e, w, exact), kw, test_utils=("test_schema", "test_faketensor"))
-        torch.library.opcheck(torch.ops.lvopt.sparse_catchup_.default,
-                              (dev(V, d), ids, dev(V, d), dev(V, d), torch.tensor(3.0), last, h, q, hyper, base, e, w),
-                              kw, test_utils=("test_schema", "test_faketensor"))
-        torch.library.opcheck(torch.ops.lvopt.coalesce_rows.default, (ids, dev(4, d), V),
-                              test_utils=("test_schema", "test_faketensor"))
+            torch.library.opcheck(
+                torch.ops.lvopt.sparse_adamw_.default,
+                (
+                    dev(V, d),
+                    ids,
+                    dev(4, d),
+                    dev(V, d),
+                    dev(V, d),
+                    torch.tensor(2.0),
+                    last,
+                    h,
+                    q,
+                    hyper,
+                    base,
+                    e,
+                    w,
+                    exact,
+                ),
+                kw,
+                test_utils=("test_schema", "test_faketensor"),
+            )
+        torch.library.opcheck(
+            torch.ops.lvopt.sparse_catchup_.default,
+            (dev(V, d), ids, dev(V, d), dev(V, d), torch.tensor(3.0), last, h, q, hyper, base, e, w),
+            kw,
+            test_utils=("test_schema", "test_faketensor"),
+        )
+        torch.library.opcheck(
+            torch.ops.lvopt.coalesce_rows.default, (ids, dev(4, d), V), test_utils=("test_schema", "test_faketensor")
+        )
         rows, summed = torch.ops.lvopt.coalesce_rows(ids, dev(4, d, dtype=torch.bfloat16), V)
         assert rows.device.type == summed.device.type == "cuda"
         assert rows.dtype == torch.int64 and summed.dtype == torch.bfloat16 and summed.shape[1] == d
@@ -637,10 +751,12 @@ def test_reference_errors_write_nothing():
     V, d = 6, 4
     clock, hyper = sparse_clock(1)
     h, q, base, e, w = clock.op_args()
-    for pattern, ids, vals in [("negative index -1", torch.tensor([0, -1]), torch.randn(2, d)),
-                               ("index 6 at position 1 is out of range", torch.tensor([0, 6]), torch.randn(2, d)),
-                               ("values", torch.tensor([0, 1]), torch.randn(2, d + 1)),
-                               ("values", torch.tensor([0, 1]), torch.randn(2, d).double())]:
+    for pattern, ids, vals in [
+        ("negative index -1", torch.tensor([0, -1]), torch.randn(2, d)),
+        ("index 6 at position 1 is out of range", torch.tensor([0, 6]), torch.randn(2, d)),
+        ("values", torch.tensor([0, 1]), torch.randn(2, d + 1)),
+        ("values", torch.tensor([0, 1]), torch.randn(2, d).double()),
+    ]:
         p, m, v = torch.randn(V, d), torch.rand(V, d), torch.rand(V, d)
         step, last = torch.tensor(0.0), torch.zeros(V, dtype=torch.int64)
         before = [t.clone() for t in (p, m, v, step, last)]
@@ -682,8 +798,25 @@ def test_errors_write_nothing(backend, gen):
     ids = torch.tensor([0, 1]).to(dev)
 
     def A(**kw):
-        return {**dict(param=p, indices=ids, values=vals, exp_avg=m, exp_avg_sq=v, step=step, last_step=last,
-                       hist=h, qpow=q, hyper=hyper, hist_base=base, epoch=e, window=w, exact=True), **kw}
+        return {
+            **dict(
+                param=p,
+                indices=ids,
+                values=vals,
+                exp_avg=m,
+                exp_avg_sq=v,
+                step=step,
+                last_step=last,
+                hist=h,
+                qpow=q,
+                hyper=hyper,
+                hist_base=base,
+                epoch=e,
+                window=w,
+                exact=True,
+            ),
+            **kw,
+        }
 
     stale = last.clone()
     stale[1] = T + 3
@@ -747,9 +880,11 @@ def test_error_word_instead_of_raising(gen, fn, exact):
     h, q, base, e, w = clock.op_args()
     stale = torch.zeros(V, dtype=torch.int64)
     stale[2] = 5
-    cases = [(torch.tensor([0, -3, 2]), torch.zeros(V, dtype=torch.int64), [0, 0, 0], [1, -3, 2]),
-             (torch.tensor([5, 9, 1]), torch.zeros(V, dtype=torch.int64), [0, 0, 0], [1, 1, 9]),
-             (torch.tensor([0, 1]), torch.zeros(V, dtype=torch.int64), [2, 0, 0], [2, 0, 0])]
+    cases = [
+        (torch.tensor([0, -3, 2]), torch.zeros(V, dtype=torch.int64), [0, 0, 0], [1, -3, 2]),
+        (torch.tensor([5, 9, 1]), torch.zeros(V, dtype=torch.int64), [0, 0, 0], [1, 1, 9]),
+        (torch.tensor([0, 1]), torch.zeros(V, dtype=torch.int64), [2, 0, 0], [2, 0, 0]),
+    ]
     if exact:
         cases.append((torch.tensor([2, 3]), stale, [0, 0, 0], [2, 0, 0]))
     for ids, last, word0, word1 in cases:
@@ -757,8 +892,24 @@ def test_error_word_instead_of_raising(gen, fn, exact):
         step, stats = torch.tensor(1.0), torch.full((1, 2), 7.0, dtype=torch.float64)
         err = torch.tensor(word0)
         before = [t.clone() for t in (p, m, v, step, last)]
-        adam(p, ids, torch.randn(ids.numel(), d, generator=gen), m, v, step, last, h, q, hyper, base, e, w, exact,
-             stats=stats, error=err)
+        adam(
+            p,
+            ids,
+            torch.randn(ids.numel(), d, generator=gen),
+            m,
+            v,
+            step,
+            last,
+            h,
+            q,
+            hyper,
+            base,
+            e,
+            w,
+            exact,
+            stats=stats,
+            error=err,
+        )
         assert err.tolist() == word1
         for a, b in zip((p, m, v, step, last), before):
             assert torch.equal(a, b)
@@ -773,10 +924,24 @@ def test_error_word_instead_of_raising(gen, fn, exact):
     err = torch.zeros(3, dtype=torch.int64)
     p = torch.randn(V, d, generator=gen)
     p0 = p.clone()
-    adam(p, torch.tensor([1, 4]), torch.randn(2, d, generator=gen), torch.zeros(V, d), torch.zeros(V, d),
-         torch.tensor(1.0), torch.ones(V, dtype=torch.int64), h, q, hyper, base, e, w, exact, error=err)
+    adam(
+        p,
+        torch.tensor([1, 4]),
+        torch.randn(2, d, generator=gen),
+        torch.zeros(V, d),
+        torch.zeros(V, d),
+        torch.tensor(1.0),
+        torch.ones(V, dtype=torch.int64),
+        h,
+        q,
+        hyper,
+        base,
+        e,
+        w,
+        exact,
+        error=err,
+    )
     assert err.tolist() == [0, 0, 0] and not torch.equal(p, p0)
-
 
 
 def test_rowclock_device_tables_follow_the_history():
@@ -797,5 +962,3 @@ def test_rowclock_device_tables_follow_the_history():
     h, _ = clock.device_tables(dev)
     assert torch.equal(h, clock.hist) and h.shape[0] == 1
     assert clock.op_args()[0] is not None and clock.op_args("cpu")[0].data_ptr() == clock.hist.data_ptr()
-
-

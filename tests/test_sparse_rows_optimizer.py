@@ -5,6 +5,7 @@ errors; the Triton and CUDA backends against the CPU one, the deferred id check,
 sync-free, deterministic and CUDA-graph-captured steps. The ops themselves:
 tests/test_sparse_rows.py. Without a GPU the Triton cases run on CPU tensors in an interpreter
 child (run_triton_child) and the CUDA ones are skipped."""
+
 import math
 import warnings
 
@@ -28,6 +29,7 @@ def _needs_cuda_device(backend):
 
 
 # ----- the optimizer ---------------------------------------------------------------------------
+
 
 class _Model(nn.Module):
     def __init__(self, emb, V=300, d=16):
@@ -64,9 +66,12 @@ def test_exact_optimizer_equals_dense_adamw(kind):
     mode gives dense AdamW's trajectory: same forward values, same checkpoint."""
     V, d = 300, 16
     mk = (lambda: lvopt.nn.Embedding(V, d)) if kind == "lvopt" else (lambda: nn.Embedding(V, d, sparse=True))
-    m1, o1 = _train(mk, lambda mod: lvopt.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1), 80, 1,
-                    catch_up=kind != "lvopt")
-    m2, o2 = _train(lambda: nn.Embedding(V, d), lambda mod: lvopt.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1), 80, 1)
+    m1, o1 = _train(
+        mk, lambda mod: lvopt.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1), 80, 1, catch_up=kind != "lvopt"
+    )
+    m2, o2 = _train(
+        lambda: nn.Embedding(V, d), lambda mod: lvopt.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1), 80, 1
+    )
     sd1, sd2 = o1.state_dict(), o2.state_dict()
     assert rel_err(m1.emb.weight, m2.emb.weight) < 1e-5
     assert rel_err(m1.head.weight, m2.head.weight) < 1e-5
@@ -179,20 +184,50 @@ def test_optimizer_errors_change_nothing():
     V, d = 10, 4
     cases = []
     p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
-    cases.append(("out of range", lvopt.AdamW([q, p]), [q, p],
-                  [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1, 10]]), torch.randn(2, d), (V, d))]))
+    cases.append(
+        (
+            "out of range",
+            lvopt.AdamW([q, p]),
+            [q, p],
+            [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1, 10]]), torch.randn(2, d), (V, d))],
+        )
+    )
     p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
-    cases.append(("negative row index", lvopt.AdamW([q, p]), [q, p],
-                  [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1, -2]]), torch.randn(2, d), (V, d))]))
+    cases.append(
+        (
+            "negative row index",
+            lvopt.AdamW([q, p]),
+            [q, p],
+            [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1, -2]]), torch.randn(2, d), (V, d))],
+        )
+    )
     p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
-    cases.append(("hyperball group", lvopt.AdamH([p, q]), [p, q],
-                  [torch.sparse_coo_tensor(torch.tensor([[1]]), torch.randn(1, d), (V, d)), torch.randn(3)]))
+    cases.append(
+        (
+            "hyperball group",
+            lvopt.AdamH([p, q]),
+            [p, q],
+            [torch.sparse_coo_tensor(torch.tensor([[1]]), torch.randn(1, d), (V, d)), torch.randn(3)],
+        )
+    )
     p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
-    cases.append(("beta1\\*\\*2 < beta2", lvopt.AdamW([q, p], betas=(0.99, 0.9)), [q, p],
-                  [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1]]), torch.randn(1, d), (V, d))]))
+    cases.append(
+        (
+            "beta1\\*\\*2 < beta2",
+            lvopt.AdamW([q, p], betas=(0.99, 0.9)),
+            [q, p],
+            [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1]]), torch.randn(1, d), (V, d))],
+        )
+    )
     p, q = nn.Parameter(torch.randn(V, d)), nn.Parameter(torch.randn(3))
-    cases.append(("sparse_mode must be", lvopt.AdamW([q, p], sparse_mode="lazzy") if False else lvopt.AdamW([q, p]),
-                  [q, p], [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1]]), torch.randn(1, d), (V, d))]))
+    cases.append(
+        (
+            "sparse_mode must be",
+            lvopt.AdamW([q, p], sparse_mode="lazzy") if False else lvopt.AdamW([q, p]),
+            [q, p],
+            [torch.randn(3), torch.sparse_coo_tensor(torch.tensor([[1]]), torch.randn(1, d), (V, d))],
+        )
+    )
     cases[-1][1].param_groups[0]["sparse_mode"] = "lazzy"
     for pattern, opt, params, grads in cases:
         before = [t.detach().clone() for t in params]
@@ -238,8 +273,10 @@ def test_optimizer_matches_cpu(backend, gen, mode, module, head):
     if backend.name == "cpu":
         pytest.skip("the CPU backend is the oracle here")
     if backend.name == "triton" and (module == "lvopt" or head):
-        pytest.skip("the interpreter's cost: nn.Embedding(sparse=True) alone on Triton; lvopt.nn.Embedding and the "
-                    "dense head on CUDA")
+        pytest.skip(
+            "the interpreter's cost: nn.Embedding(sparse=True) alone on Triton; lvopt.nn.Embedding and the "
+            "dense head on CUDA"
+        )
     dev = backend.device
     V, d, steps, n = MATCH_CPU_SIZES[backend.name]
     w0 = torch.randn(V, d, generator=gen)
@@ -309,8 +346,7 @@ def test_optimizer_defers_bad_ids_and_writes_nothing(triton_backend, gen, mode):
         snap.append(st["last_step"].clone())
     bad = emb.weight.grad.clone()
     opt.zero_grad()
-    emb.weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, V + 4, 2]]).to(DEV), torch.randn(3, d).to(DEV),
-                                              (V, d))
+    emb.weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, V + 4, 2]]).to(DEV), torch.randn(3, d).to(DEV), (V, d))
     opt.step()  # queued; nothing written
     after = [emb.weight.detach()] + [st[k] for k in ("exp_avg", "exp_avg_sq", "step")]
     if mode == "exact":
@@ -352,8 +388,7 @@ def _sparse_training(backend, mode, dtype=torch.float32, steps=6, V=3000, d=64, 
     emb = lvopt.nn.Embedding(V, d, padding_idx=0, device=DEV, dtype=dtype)
     with torch.no_grad():
         emb.weight.copy_(torch.randn(V, d, generator=g).to(dtype))
-    opt = lvopt.AdamW([{"params": emb.parameters(), "sparse_mode": mode}], lr=1e-2, weight_decay=0.1,
-                      backend=backend)
+    opt = lvopt.AdamW([{"params": emb.parameters(), "sparse_mode": mode}], lr=1e-2, weight_decay=0.1, backend=backend)
     batches = [torch.randint(0, V, (N,), generator=g).to(DEV) for _ in range(steps)]
     for i, ids in enumerate(batches):
         if sync_check and i >= 1:
@@ -412,21 +447,36 @@ def test_lazy_step_captured_in_a_cuda_graph_equals_eager():
     V, d, N = 2000, 64, 256
     g = torch.Generator().manual_seed(1)
     p0 = torch.randn(V, d, generator=g).to(DEV)
-    batches = [(torch.randint(0, V, (N,), generator=g).to(DEV), torch.randn(N, d, generator=g).to(DEV))
-               for _ in range(5)]
+    batches = [
+        (torch.randint(0, V, (N,), generator=g).to(DEV), torch.randn(N, d, generator=g).to(DEV)) for _ in range(5)
+    ]
     lrs = [1e-2, 1e-2, 5e-3, 5e-3, 2e-3]
 
     def state():
-        return [p0.clone(), torch.zeros(V, d, device=DEV), torch.zeros(V, d, device=DEV),
-                torch.zeros((), device=DEV)]
+        return [p0.clone(), torch.zeros(V, d, device=DEV), torch.zeros(V, d, device=DEV), torch.zeros((), device=DEV)]
 
     none_i, none_f = torch.empty(0, dtype=torch.int64, device=DEV), torch.empty(0, dtype=torch.float64, device=DEV)
     eager = state()
     err_e = torch.zeros(3, dtype=torch.int64, device=DEV)
     for (ids, vals), lr in zip(batches, lrs):
         hyper = torch.tensor([[lr, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
-        torch.ops.lvopt.sparse_adamw_(eager[0], ids, vals, eager[1], eager[2], eager[3], none_i, none_f, none_f,
-                                      hyper, 0, 1, 0, False, error=err_e)
+        torch.ops.lvopt.sparse_adamw_(
+            eager[0],
+            ids,
+            vals,
+            eager[1],
+            eager[2],
+            eager[3],
+            none_i,
+            none_f,
+            none_f,
+            hyper,
+            0,
+            1,
+            0,
+            False,
+            error=err_e,
+        )
     cap = state()
     err = torch.zeros(3, dtype=torch.int64, device=DEV)
     s_ids, s_vals = batches[0][0].clone(), batches[0][1].clone()
@@ -435,13 +485,29 @@ def test_lazy_step_captured_in_a_cuda_graph_equals_eager():
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the graph, on copies
         warm = state()
-        torch.ops.lvopt.sparse_adamw_(warm[0], s_ids, s_vals, warm[1], warm[2], warm[3], none_i, none_f, none_f,
-                                      s_hyper, 0, 1, 0, False, error=err.clone())
+        torch.ops.lvopt.sparse_adamw_(
+            warm[0],
+            s_ids,
+            s_vals,
+            warm[1],
+            warm[2],
+            warm[3],
+            none_i,
+            none_f,
+            none_f,
+            s_hyper,
+            0,
+            1,
+            0,
+            False,
+            error=err.clone(),
+        )
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        torch.ops.lvopt.sparse_adamw_(cap[0], s_ids, s_vals, cap[1], cap[2], cap[3], none_i, none_f, none_f,
-                                      s_hyper, 0, 1, 0, False, error=err)
+        torch.ops.lvopt.sparse_adamw_(
+            cap[0], s_ids, s_vals, cap[1], cap[2], cap[3], none_i, none_f, none_f, s_hyper, 0, 1, 0, False, error=err
+        )
     for (ids, vals), lr in zip(batches, lrs):
         s_ids.copy_(ids)
         s_vals.copy_(vals)

@@ -56,6 +56,7 @@ Deliberate breakages tried (each applied alone, the file run as above); every on
    change_hyperparameters; also "resumed vs uninterrupted" after a betas change and a resume.
 Before the step-after-every-operation structure, breakages 2 and 6 went unnoticed in 30 examples.
 """
+
 import copy
 import io
 import math
@@ -91,7 +92,7 @@ LATE = ("late.weight", "late.bias")
 # favours the first: a change should usually change something).
 BETAS = [(0.8, 0.99), (0.5, 0.9), (0.9, 0.999)]
 IDS = st.lists(st.integers(0, V - 1), max_size=12)  # one batch's token ids: duplicates, often empty
-SEED = st.integers(0, 2**16)                         # the gradient values
+SEED = st.integers(0, 2**16)  # the gradient values
 
 
 class Model(nn.Module):
@@ -108,15 +109,19 @@ class Model(nn.Module):
 def make_optimizer(model, algo, backend, late: bool):
     p = dict(model.named_parameters())
     if algo == "adamh":
-        groups = [dict(params=[p["fc.weight"], p["fc.bias"]]),  # hyperball: the matrix; the vector takes AdamW
-                  dict(params=[p["exact.weight"]], hyperball=False, weight_decay=0.05),
-                  dict(params=[p["lazy.weight"]], hyperball=False, sparse_mode="lazy")]
+        groups = [
+            dict(params=[p["fc.weight"], p["fc.bias"]]),  # hyperball: the matrix; the vector takes AdamW
+            dict(params=[p["exact.weight"]], hyperball=False, weight_decay=0.05),
+            dict(params=[p["lazy.weight"]], hyperball=False, sparse_mode="lazy"),
+        ]
         opt = lvopt.AdamH(groups, lr=1e-2, backend=backend, nonfinite="skip")
         late_group = dict(params=[p["late.weight"], p["late.bias"]], lr=5e-3)
     else:
-        groups = [dict(params=[p["fc.weight"], p["fc.bias"]], weight_decay=0.1),
-                  dict(params=[p["exact.weight"]], weight_decay=0.05),
-                  dict(params=[p["lazy.weight"]], weight_decay=0.0, sparse_mode="lazy")]
+        groups = [
+            dict(params=[p["fc.weight"], p["fc.bias"]], weight_decay=0.1),
+            dict(params=[p["exact.weight"]], weight_decay=0.05),
+            dict(params=[p["lazy.weight"]], weight_decay=0.0, sparse_mode="lazy"),
+        ]
         opt = lvopt.AdamW(groups, lr=1e-2, backend=backend, nonfinite="skip")
         late_group = dict(params=[p["late.weight"], p["late.bias"]], lr=5e-3, weight_decay=0.1)
     if late:
@@ -161,19 +166,27 @@ class Run:
     def state(self):
         """{name: {key: tensor}} of the step-relevant state (not the exact-mode bookkeeping)."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        return {names[id(p)]: {k: v for k, v in s.items() if k in ("step", "exp_avg", "exp_avg_sq", "radius")}
-                for p, s in self.opt.state.items() if s}
+        return {
+            names[id(p)]: {k: v for k, v in s.items() if k in ("step", "exp_avg", "exp_avg_sq", "radius")}
+            for p, s in self.opt.state.items()
+            if s
+        }
 
 
 class OptimizerMachine(RuleBasedStateMachine):
-    @initialize(algo=st.sampled_from(["adamw", "adamh"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-                emb_kind=st.sampled_from(["torch", "lvopt"]), warmup=st.lists(IDS, min_size=1, max_size=3))
+    @initialize(
+        algo=st.sampled_from(["adamw", "adamh"]),
+        dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+        emb_kind=st.sampled_from(["torch", "lvopt"]),
+        warmup=st.lists(IDS, min_size=1, max_size=3),
+    )
     def setup(self, algo, dtype, emb_kind, warmup):
         """The runs, and a few steps (``warmup``: their batches) so that every sequence starts
         with state and with exact-mode rows left behind."""
         self.algo, self.dtype, self.emb_kind, self.late = algo, dtype, emb_kind, False
-        self.runs = {name: Run(self, backend) for name, backend in
-                     (("live", None), ("resumed", None), ("ref", "reference"))}
+        self.runs = {
+            name: Run(self, backend) for name, backend in (("live", None), ("resumed", None), ("ref", "reference"))
+        }
         self.runs["dense"] = Run(self, "reference", densify=True)
         for i, ids in enumerate(warmup):
             self._step(i, ids)
@@ -226,8 +239,14 @@ class OptimizerMachine(RuleBasedStateMachine):
                         grad[(0,) * grad.dim()] = bad[1]
                     p.grad = grad
 
-    @rule(seed=SEED, ids=IDS, no_grad=st.sets(st.sampled_from(NAMES + LATE)), dense_table=st.booleans(),
-          betas=st.sampled_from([None] + BETAS), lr=st.sampled_from([None, 3e-3, 2e-2, 0.0]))
+    @rule(
+        seed=SEED,
+        ids=IDS,
+        no_grad=st.sets(st.sampled_from(NAMES + LATE)),
+        dense_table=st.booleans(),
+        betas=st.sampled_from([None] + BETAS),
+        lr=st.sampled_from([None, 3e-3, 2e-2, 0.0]),
+    )
     def step(self, seed, ids, no_grad, dense_table, betas, lr):
         """A step; the ``no_grad`` parameters have no gradient and are not stepped (a small set:
         most steps step most parameters); ``dense_table``: the exact table gets a dense gradient
@@ -236,8 +255,12 @@ class OptimizerMachine(RuleBasedStateMachine):
         self._set_hyper("all", lr, betas, None)
         self._step(seed, ids, no_grad, dense_table)
 
-    @rule(seed=SEED, ids=st.lists(st.integers(0, V - 1), min_size=1, max_size=12),
-          where=st.sampled_from(NAMES), value=st.sampled_from([math.nan, math.inf, -math.inf]))
+    @rule(
+        seed=SEED,
+        ids=st.lists(st.integers(0, V - 1), min_size=1, max_size=12),
+        where=st.sampled_from(NAMES),
+        value=st.sampled_from([math.nan, math.inf, -math.inf]),
+    )
     def step_nonfinite(self, seed, ids, where, value):
         """A NaN/inf in one gradient: every optimizer skips the step and writes nothing."""
         self._gradients(seed, ids, set(NAMES) | set(LATE), False, bad=(where, value))
@@ -260,8 +283,14 @@ class OptimizerMachine(RuleBasedStateMachine):
                     out[f"state {n}.{k}"] = v.clone()
         return out
 
-    @rule(group=st.sampled_from(["all", 0, 1, 2, 3]), lr=st.sampled_from([3e-3, 2e-2, 0.0, 1e-3]),
-          betas=st.sampled_from(BETAS), eps=st.sampled_from([1e-6, 1e-8]), seed=SEED, then_ids=IDS)
+    @rule(
+        group=st.sampled_from(["all", 0, 1, 2, 3]),
+        lr=st.sampled_from([3e-3, 2e-2, 0.0, 1e-3]),
+        betas=st.sampled_from(BETAS),
+        eps=st.sampled_from([1e-6, 1e-8]),
+        seed=SEED,
+        then_ids=IDS,
+    )
     def change_hyperparameters(self, group, lr, betas, eps, seed, then_ids):
         """As an LR scheduler (every group) or a hand edit (one group) would; a betas/eps change
         makes an exact group bring its rows current under the old ones at its next sparse step."""

@@ -15,6 +15,7 @@ launches the same kernels for every batch of N ids, proven without a GPU:
 On a GPU, tests/test_sparse_rows_optimizer.py also runs the steps under
 torch.cuda.set_sync_debug_mode("error") and captures them in a CUDA graph.
 """
+
 import re
 from pathlib import Path
 
@@ -40,8 +41,11 @@ def _fake_training(backend, mode, dtype, steps=4):
         V, d, N = 50, 16, 24
         emb = lvopt.nn.Embedding(V, d, padding_idx=3, device="cuda", dtype=dtype)
         lin = torch.nn.Linear(d, 3, device="cuda", dtype=dtype)
-        opt = lvopt.AdamW([{"params": [emb.weight], "sparse_mode": mode},
-                           {"params": list(lin.parameters())}], lr=1e-2, backend=backend)
+        opt = lvopt.AdamW(
+            [{"params": [emb.weight], "sparse_mode": mode}, {"params": list(lin.parameters())}],
+            lr=1e-2,
+            backend=backend,
+        )
         rec = HostTraffic()
 
         def one_step():
@@ -117,6 +121,7 @@ def test_a_host_read_is_caught():
 
 # ----- the Triton ops' bodies on fake tensors: the launch list depends on N only -------------------
 
+
 def _triton_launches(ids_list, exact, monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -131,7 +136,9 @@ def _triton_launches(ids_list, exact, monkeypatch):
     lists = []
     for ids in ids_list:
         calls = []
-        monkeypatch.setattr(S, "launch", lambda kernel, grid, *a, calls=calls, **k: calls.append((kernel.fn.__name__, grid)))
+        monkeypatch.setattr(
+            S, "launch", lambda kernel, grid, *a, calls=calls, **k: calls.append((kernel.fn.__name__, grid))
+        )
         with FakeTensorMode(allow_non_fake_inputs=True):
             V, d = 40, 16
             p = torch.zeros(V, d, device="cuda")
@@ -153,8 +160,8 @@ def _triton_launches(ids_list, exact, monkeypatch):
 @needs_triton_installed
 @pytest.mark.parametrize("exact", [False, True])
 def test_triton_launches_depend_on_n_only(exact, monkeypatch):
-    few = [7] * 12                      # one distinct row
-    many = list(range(12))              # twelve
+    few = [7] * 12  # one distinct row
+    many = list(range(12))  # twelve
     some = [1, 2, 1, 2, 5, 5, 9, 9, 9, 30, 31, 1]
     a, b, c = _triton_launches([few, many, some], exact, monkeypatch)
     assert a == b == c
@@ -193,7 +200,7 @@ def scan_sources(paths):
             code = line.split("//", 1)[0]
             for pattern, what in FORBIDDEN:
                 if re.search(pattern, code):
-                    window = lines[max(0, i - 3): i + 1]
+                    window = lines[max(0, i - 3) : i + 1]
                     if not any(ALLOW.search(w) for w in window):
                         found.append((Path(path).name, i + 1, what))
     return found
@@ -208,12 +215,23 @@ def test_static_scan_of_cuda_sources():
 
 def test_static_scan_catches_each_pattern(tmp_path):
     """Each forbidden construct is caught without the comment and allowed with it."""
-    bad = ["x.item<int64_t>();", "auto h = t.cpu();", "cudaMemcpy(a, b, n, cudaMemcpyDeviceToHost);",
-           "cudaStreamSynchronize(s);", "at::unique_consecutive(x);", "at::nonzero(x);", "at::masked_select(x, m);",
-           "at::repeat_interleave(x, r);", "read_step(step);", "hist.to(dev);"]
+    bad = [
+        "x.item<int64_t>();",
+        "auto h = t.cpu();",
+        "cudaMemcpy(a, b, n, cudaMemcpyDeviceToHost);",
+        "cudaStreamSynchronize(s);",
+        "at::unique_consecutive(x);",
+        "at::nonzero(x);",
+        "at::masked_select(x, m);",
+        "at::repeat_interleave(x, r);",
+        "read_step(step);",
+        "hist.to(dev);",
+    ]
     src = tmp_path / "k.cu"
     src.write_text("\n\n\n\n".join(bad))
     assert len(scan_sources([src])) == len(bad)
-    src.write_text("\n\n\n\n".join(f"// host read: a test\n{b}" for b in bad)
-                   + "\nat::repeat_interleave(x, r, 0, /*output_size=*/n);")
+    src.write_text(
+        "\n\n\n\n".join(f"// host read: a test\n{b}" for b in bad)
+        + "\nat::repeat_interleave(x, r, 0, /*output_size=*/n);"
+    )
     assert scan_sources([src]) == []

@@ -1,6 +1,7 @@
 """Telemetry (issue 7): with track=True the kernels return per-tensor ||W|| and ||dW||, the
 effective LR is ||dW||/||W|| (AdamH: the scheduled LR), aggregates per group and per role, and
 the CSV / TensorBoard hooks."""
+
 import csv
 
 import pytest
@@ -55,8 +56,9 @@ def test_stats_do_not_change_the_step(gen):
 @needs_native
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adamw_telemetry_per_tensor_group_role(backend, gen):
-    model = torch.nn.Sequential(torch.nn.Embedding(300, 32), torch.nn.Linear(32, 64), torch.nn.ReLU(),
-                                torch.nn.Linear(64, 300))
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(300, 32), torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 300)
+    )
     opt = lvopt.AdamW.from_model(model, lr=1e-2, base_width=32, rule="lv", backend=backend, track=True)
     x = torch.randint(0, 300, (8, 5), generator=gen)
     for _ in range(2):
@@ -87,10 +89,17 @@ def test_adamw_telemetry_per_tensor_group_role(backend, gen):
 @needs_native
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adamh_effective_lr_is_the_scheduled_lr(backend, gen):
-    mats = [torch.nn.Parameter(torch.randn(40, 30, generator=gen)), torch.nn.Parameter(torch.randn(30, 7, generator=gen))]
+    mats = [
+        torch.nn.Parameter(torch.randn(40, 30, generator=gen)),
+        torch.nn.Parameter(torch.randn(30, 7, generator=gen)),
+    ]
     vec = torch.nn.Parameter(torch.randn(30, generator=gen))
-    opt = lvopt.AdamH([{"params": mats}, {"params": [vec], "hyperball": False, "weight_decay": 0.1}],
-                      lr=0.02, backend=backend, track=True)
+    opt = lvopt.AdamH(
+        [{"params": mats}, {"params": [vec], "hyperball": False, "weight_decay": 0.1}],
+        lr=0.02,
+        backend=backend,
+        track=True,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     for step in range(4):
         for p in mats + [vec]:
@@ -133,8 +142,23 @@ def test_sparse_op_stats_opcheck(gen):
     idx = torch.tensor([3, 1, 3])
     vals = torch.randn(3, 8, generator=gen)
     empty = torch.empty(0)
-    args = (w, idx, vals, m, v, torch.tensor(0.0), torch.empty(0, dtype=torch.int64), empty, empty,
-            make_hyper(1), 0, 1, 0, False, torch.zeros(2, dtype=torch.float64))
+    args = (
+        w,
+        idx,
+        vals,
+        m,
+        v,
+        torch.tensor(0.0),
+        torch.empty(0, dtype=torch.int64),
+        empty,
+        empty,
+        make_hyper(1),
+        0,
+        1,
+        0,
+        False,
+        torch.zeros(2, dtype=torch.float64),
+    )
     torch.library.opcheck(torch.ops.lvopt.sparse_adamw_.default, args)
 
 

@@ -5,6 +5,7 @@ Every sweep comes from a fixed numpy seed. Loss of a run:
 with ln lr*(N, D) = c0 + cN·u + cD·v + qN·u² + qD·v², u = ln(N/N0), v = ln(D/D0), on a grid
 of LRs a factor √2 apart.
 """
+
 import csv
 import dataclasses
 import json
@@ -19,7 +20,7 @@ import pytest
 from lvopt import transfer as T
 
 NS = (1e7, 3e7, 1e8, 3e8, 1e9, 3e9)
-GRID = np.exp(np.arange(-11.0, -1.99, np.log(2) / 2))   # 4.5e-5 .. 0.14
+GRID = np.exp(np.arange(-11.0, -1.99, np.log(2) / 2))  # 4.5e-5 .. 0.14
 
 
 def gmean(x):
@@ -31,8 +32,21 @@ def true_log_lr(N, D, Ns, Ds, c0=math.log(3e-3), cN=-0.3, cD=0.0, qN=0.0, qD=0.0
     return c0 + cN * u + cD * v + qN * u * u + qD * v * v
 
 
-def make_sweep(rng, Ns=NS, Ds=(1e9,), law=None, k=0.05, noise=0.003, seeds=4, param="default",
-               E=2.0, A=1.0, alpha=0.3, eff_slope=None, grid=GRID):
+def make_sweep(
+    rng,
+    Ns=NS,
+    Ds=(1e9,),
+    law=None,
+    k=0.05,
+    noise=0.003,
+    seeds=4,
+    param="default",
+    E=2.0,
+    A=1.0,
+    alpha=0.3,
+    eff_slope=None,
+    grid=GRID,
+):
     """Rows of a sweep; with ``eff_slope``, an ``eff_lr`` column = lr·(N/N0)^eff_slope·jitter."""
     law = law or {}
     rows = []
@@ -43,8 +57,15 @@ def make_sweep(rng, Ns=NS, Ds=(1e9,), law=None, k=0.05, noise=0.003, seeds=4, pa
             for s in range(seeds):
                 off = rng.normal(0, noise)
                 for lr in grid:
-                    r = {"param": param, "N": N, "D": D, "width": round(math.sqrt(N / 288)), "seed": s,
-                         "lr": lr, "loss": Lmin + off + k * (math.log(lr) - ustar) ** 2 + rng.normal(0, noise)}
+                    r = {
+                        "param": param,
+                        "N": N,
+                        "D": D,
+                        "width": round(math.sqrt(N / 288)),
+                        "seed": s,
+                        "lr": lr,
+                        "loss": Lmin + off + k * (math.log(lr) - ustar) ** 2 + rng.normal(0, noise),
+                    }
                     if eff_slope is not None:
                         r["eff_lr"] = lr * (N / gmean(Ns)) ** eff_slope * math.exp(rng.normal(0, 0.01))
                     rows.append(r)
@@ -63,6 +84,7 @@ def inside(ci, x):
 
 
 # ------------------------------------------------------------------ optimal LR per configuration
+
 
 def test_optimal_lr_and_bootstrap_interval_cover_the_truth():
     hits, total, widths, curv, errs = 0, 0, [], [], []
@@ -90,6 +112,7 @@ def test_bootstrap_interval_narrows_with_more_seeds():
     def width(seeds):
         opts = T.optimal_lrs(make_sweep(np.random.default_rng(3), noise=0.01, seeds=seeds), n_boot=100)
         return np.median([math.log(o.ci[1] / o.ci[0]) for o in opts])
+
     assert width(16) < 0.7 * width(3)
 
 
@@ -118,7 +141,7 @@ def test_inputs_rows_columns_and_csv_agree_and_diverged_runs_are_dropped(tmp_pat
     rows = make_sweep(np.random.default_rng(21), Ns=NS[:3], seeds=2)
     for r in rows:
         if r["lr"] > 0.05:
-            r["loss"] = math.inf if r["seed"] == 0 else math.nan   # diverged runs
+            r["loss"] = math.inf if r["seed"] == 0 else math.nan  # diverged runs
     write_csv(tmp_path / "s.csv", rows)
     cols = {k: [r[k] for r in rows] for k in rows[0]}
     a, b, c = (T.optimal_lrs(x, n_boot=10) for x in (rows, cols, str(tmp_path / "s.csv")))
@@ -129,6 +152,7 @@ def test_inputs_rows_columns_and_csv_agree_and_diverged_runs_are_dropped(tmp_pat
 
 
 # ------------------------------------------------------------------ LR scaling laws
+
 
 def test_linear_law_recovers_known_coefficients_in_n_and_d():
     Ds = (1e9, 4e9, 1.6e10)
@@ -159,7 +183,7 @@ def test_curvature_detected_when_present():
         assert ct["curved"] and ct["excludes_zero"] == ["qN"] and ct["p"] < 0.01
         assert abs(quad.coef[2] - 0.05) < 0.01
         covered += inside(quad.ci["qN"], 0.05) + inside(quad.ci["cN"], -0.3)
-    assert covered >= 14    # of 16 95% intervals
+    assert covered >= 14  # of 16 95% intervals
 
 
 def test_curvature_not_detected_when_absent():
@@ -174,8 +198,7 @@ def test_curvature_not_detected_when_absent():
 
 def test_effective_lr_law_has_its_own_slope():
     # eff = lr·(N/N0)^(−0.5): the optimal effective LR scales with slope cN − 0.5
-    opts = T.optimal_lrs(make_sweep(np.random.default_rng(7), noise=0.01, eff_slope=-0.5),
-                         x_col="eff_lr", n_boot=5)
+    opts = T.optimal_lrs(make_sweep(np.random.default_rng(7), noise=0.01, eff_slope=-0.5), x_col="eff_lr", n_boot=5)
     assert opts[0].x_col == "eff_lr"
     law = T.fit_lr_law(opts, "linear")
     assert inside(law.ci["cN"], -0.8) and not inside(law.ci["cN"], -0.3)
@@ -187,7 +210,7 @@ def test_effective_lr_law_has_its_own_slope():
 
 
 def test_extrapolation_interval_covers_the_true_optimum():
-    target = 3e10   # 10x beyond the largest sweep scale
+    target = 3e10  # 10x beyond the largest sweep scale
     truth = true_log_lr(target, 1e9, NS, (1e9,))
     hits = 0
     for r in range(6):
@@ -225,6 +248,7 @@ def test_unidentified_law_is_an_error():
 
 # ------------------------------------------------------------------ metrics
 
+
 def test_fit_quality_metrics_move_in_the_documented_direction():
     lin, quad, _ = _curved_law(np.random.default_rng(12), qN=0.05, noise=0.003)
     assert quad.r2 > lin.r2 and quad.loso < 0.5 * lin.loso
@@ -242,13 +266,13 @@ def test_robustness_penalty_formula_and_direction():
     c3e9 = [o.curvature for o in opts if o.N == 3e9][0]
     assert near["curvature"] == far["curvature"] == c3e9
     assert near["penalty"] == pytest.approx(c3e9 * law.predict(6e9, 1e9)["se_pred"] ** 2)
-    assert near["penalty_loso"] == pytest.approx(c3e9 * law.loso ** 2)
-    assert far["penalty"] > near["penalty"]          # farther extrapolation, larger expected error
+    assert near["penalty_loso"] == pytest.approx(c3e9 * law.loso**2)
+    assert far["penalty"] > near["penalty"]  # farther extrapolation, larger expected error
     sharp = [dataclasses.replace(o, curvature=3 * o.curvature) for o in opts]
     assert T.extrapolation_penalty(law, sharp, 6e9, 1e9)["penalty"] == pytest.approx(3 * near["penalty"])
     noisy_opts = T.optimal_lrs(make_sweep(np.random.default_rng(14), noise=0.04), n_boot=5)
     noisy = T.extrapolation_penalty(T.fit_lr_law(noisy_opts), noisy_opts, 6e9, 1e9)
-    assert noisy["penalty"] > near["penalty"]        # noisier optima, less robust extrapolation
+    assert noisy["penalty"] > near["penalty"]  # noisier optima, less robust extrapolation
 
 
 def _loss_law(rng, **kw):
@@ -261,7 +285,7 @@ def test_loss_law_and_asymptotic_penalty():
     worse = _loss_law(np.random.default_rng(16), param="worse", E=2.08)
     slower = _loss_law(np.random.default_rng(17), param="slower", A=1.3)
     pen = T.asymptotic_penalty({"a": a, "worse": worse, "slower": slower}, at=3e10)
-    ref = pen["a"]["reference"]   # a and slower share E = 2: either may fit lower
+    ref = pen["a"]["reference"]  # a and slower share E = 2: either may fit lower
     assert ref in ("a", "slower") and pen[ref]["dE"] == 0 and pen[ref]["ci"] == (0.0, 0.0)
     assert pen["worse"]["dE"] > 0 and pen["worse"]["ci"][0] > 0 and inside(pen["worse"]["ci"], 0.08)
     # same limit, slower approach: no asymptotic penalty, but a finite-scale gap at the target
@@ -278,12 +302,13 @@ def test_loss_law_needs_four_scales():
 
 # ------------------------------------------------------------------ CLI
 
+
 def _cli_sweep(path):
     rng = np.random.default_rng(19)
     Ds = (1e9, 4e9)
-    rows = (make_sweep(rng, Ds=Ds, law={"cD": -0.1}, seeds=2, param="mup", eff_slope=-0.5)
-            + make_sweep(rng, Ds=Ds, law={"cN": -0.6, "cD": -0.1}, seeds=2, param="sp", E=2.06,
-                         eff_slope=-0.5))
+    rows = make_sweep(rng, Ds=Ds, law={"cD": -0.1}, seeds=2, param="mup", eff_slope=-0.5) + make_sweep(
+        rng, Ds=Ds, law={"cN": -0.6, "cD": -0.1}, seeds=2, param="sp", E=2.06, eff_slope=-0.5
+    )
     write_csv(path, rows)
     return rows
 
@@ -310,13 +335,20 @@ def test_cli_end_to_end(tmp_path, capsys):
     with open(out / "optima.csv") as f:
         assert len(list(csv.DictReader(f))) == 2 * 2 * 12
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["loss_law.png", "loss_vs_lr_mup_eff_lr.png", "loss_vs_lr_mup_lr.png",
-                    "loss_vs_lr_sp_eff_lr.png", "loss_vs_lr_sp_lr.png", "lr_law_mup_eff_lr.png",
-                    "lr_law_mup_lr.png", "lr_law_sp_eff_lr.png", "lr_law_sp_lr.png"]
+    assert pngs == [
+        "loss_law.png",
+        "loss_vs_lr_mup_eff_lr.png",
+        "loss_vs_lr_mup_lr.png",
+        "loss_vs_lr_sp_eff_lr.png",
+        "loss_vs_lr_sp_lr.png",
+        "lr_law_mup_eff_lr.png",
+        "lr_law_mup_lr.png",
+        "lr_law_sp_eff_lr.png",
+        "lr_law_sp_lr.png",
+    ]
     for p in out.glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
-    assert sorted(map(os.path.basename, summary["files"])) == sorted(
-        pngs + ["optima.csv", "summary.json"])
+    assert sorted(map(os.path.basename, summary["files"])) == sorted(pngs + ["optima.csv", "summary.json"])
 
 
 def test_cli_bad_input_fails_cleanly(tmp_path, capsys):
@@ -332,9 +364,25 @@ def test_python_m_lvopt_transfer_dispatches(tmp_path):
     sweep = tmp_path / "sweep.csv"
     _cli_sweep(sweep)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "lvopt", "transfer", str(sweep), "--out", str(out),
-                        "--bootstrap", "5", "--no-plots", "--eff-col", "none"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lvopt",
+            "transfer",
+            str(sweep),
+            "--out",
+            str(out),
+            "--bootstrap",
+            "5",
+            "--no-plots",
+            "--eff-col",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert (out / "summary.json").exists() and not list(out.glob("*.png"))
     assert json.loads((out / "summary.json").read_text())["eff_col"] is None

@@ -4,6 +4,7 @@ opt.step (fullgraph) and of a whole training step equal to eager, and, on fake C
 (FakeTensorMode: no GPU needed), a host path that reads nothing on the host and makes no
 blocking copy after the first step. On CUDA tensors with a GPU, else on CPU tensors under
 TRITON_INTERPRET=1 in a child pytest (tests/_triton_support.py)."""
+
 import copy
 
 import pytest
@@ -119,7 +120,7 @@ def test_amsgrad_optimizer_matches_torch(gen):
     a, b = lvopt.AdamW(ps, backend="triton", **kw), torch.optim.AdamW(qs, **kw)
     for k in range(5):
         for p, q in zip(ps, qs):
-            p.grad = torch.randn(p.shape, generator=gen).to(DEV) * 0.5 ** k
+            p.grad = torch.randn(p.shape, generator=gen).to(DEV) * 0.5**k
             q.grad = p.grad.clone()
         a.step()
         b.step()
@@ -130,6 +131,7 @@ def test_amsgrad_optimizer_matches_torch(gen):
 
 # ----- the host path on fake CUDA tensors ----------------------------------------------------
 
+
 def gpt2_shapes(layers=12, d=768, v=50257, ctx=1024):
     shapes = [(v, d), (ctx, d)]
     for _ in range(layers):
@@ -138,9 +140,16 @@ def gpt2_shapes(layers=12, d=768, v=50257, ctx=1024):
 
 
 @pytest.mark.skipif(not IN_CHILD, reason="needs triton imported under TRITON_INTERPRET=1 (the child)")
-@pytest.mark.parametrize("cls_name,nonfinite,capturable", [
-    ("AdamW", "propagate", False), ("AdamW", "skip", False), ("AdamW", "propagate", True), ("AdamH", "skip", False),
-    ("AdamH", "propagate", True)])
+@pytest.mark.parametrize(
+    "cls_name,nonfinite,capturable",
+    [
+        ("AdamW", "propagate", False),
+        ("AdamW", "skip", False),
+        ("AdamW", "propagate", True),
+        ("AdamH", "skip", False),
+        ("AdamH", "propagate", True),
+    ],
+)
 def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, nonfinite, capturable):
     """GPT-2's layout as fake CUDA tensors: after the first step, an optimizer step on the
     Triton backend makes no host read (FakeTensorMode raises on one) and no copy from the host
@@ -168,9 +177,15 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
         def __getitem__(self, grid):
             return lambda *a, **k: launches.append((self.name, grid))
 
-    for mod, name in ((W, "adamw_kernel"), (W, "chunk_sums_kernel"), (H, "adamh_reduce_kernel"),
-                      (H, "adamh_finalize_kernel"), (H, "adamh_apply_kernel"), (P, "adam_setup_kernel"),
-                      (P, "nonfinite_scan_kernel")):
+    for mod, name in (
+        (W, "adamw_kernel"),
+        (W, "chunk_sums_kernel"),
+        (H, "adamh_reduce_kernel"),
+        (H, "adamh_finalize_kernel"),
+        (H, "adamh_apply_kernel"),
+        (P, "adam_setup_kernel"),
+        (P, "nonfinite_scan_kernel"),
+    ):
         monkeypatch.setattr(mod, name, Kernel(name))
     addresses = {}  # id -> (tensor, address): the tensors are kept alive, so ids stay unique
     next_address = [1 << 20]
@@ -199,8 +214,13 @@ def test_fake_cuda_host_path_no_reads_no_blocking_copies(monkeypatch, cls_name, 
         with rec:
             ps = [nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
             cls = getattr(lvopt, cls_name)
-            opt = cls([{"params": [p for p in ps if p.dim() >= 2]}, {"params": [p for p in ps if p.dim() < 2]}],
-                      lr=1e-3, backend="triton", nonfinite=nonfinite, capturable=capturable)
+            opt = cls(
+                [{"params": [p for p in ps if p.dim() >= 2]}, {"params": [p for p in ps if p.dim() < 2]}],
+                lr=1e-3,
+                backend="triton",
+                nonfinite=nonfinite,
+                capturable=capturable,
+            )
             # A device tensor lr (the constructor reads a tensor lr once to check it; a step never).
             opt.param_groups[1]["lr"] = torch.full((), 1e-3, device="cuda")
             grads = [torch.randn(s, device="cuda") for s in shapes]
