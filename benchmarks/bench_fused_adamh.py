@@ -63,6 +63,7 @@ def cases(size: str = "default") -> list[Case]:
                 Contender(
                     "eager PyTorch AdamH",
                     optimizer_step(lambda ps: lvopt.AdamH(ps, lr=1e-3, backend="reference"), [shape]),
+                    separate=True,  # seconds per step and gigabytes of temporaries: see Contender
                 ),
             ],
         )

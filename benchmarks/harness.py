@@ -40,6 +40,11 @@ class Contender:
     # An anchor whose own kernels are chosen per CPU ISA (DeepSpeedCPUAdam): level -> make,
     # for `lvopt bench --isa all`. lvopt's rows need none (lvopt.set_cpu_isa switches them).
     per_isa: Callable[[str], Callable[[], Callable[[], None]]] | None = None
+    # Timed by itself after the round-robin of the others: an eager anchor whose step runs for
+    # seconds and allocates gigabytes of temporaries leaves the kernel reclaiming memory on one
+    # of this machine's two cores for a while after it, and in a round the contender after it
+    # took 2-3x its time (the 8192^2 AdamH case, benchmarks/RESULTS.md).
+    separate: bool = False
 
 
 @dataclass
@@ -300,9 +305,14 @@ def run_case(case: Case, rounds: int, warmup: int = 2, progress=None, alone: boo
             del step
             gc.collect()
     else:
-        steps = {c.name: s for c in case.contenders if (s := _build(c, errors)) is not None}
+        together = [c for c in case.contenders if not c.separate]
+        steps = {c.name: s for c in together if (s := _build(c, errors)) is not None}
         times = measure(steps, rounds, warmup, progress=progress)
         del steps
+        for c in case.contenders:
+            if c.separate and (step := _build(c, errors)) is not None:
+                times[c.name] = measure(step, rounds, warmup, progress=progress)
+                del step
     results = []
     for c in case.contenders:
         nbytes = c.bytes if c.bytes is not None else case.bytes
@@ -347,11 +357,15 @@ def expand_isa(case: Case, levels: list[str]) -> Case:
                     (lambda c=c, lv=lv: at_isa(c.make(), lv)),
                     anchor=False,
                     bytes=c.bytes,
+                    separate=c.separate,
                 )
                 for lv in levels
             ]
         elif c.per_isa is not None:
-            out += [Contender(c.name + ISA_SUFFIX.format(lv), c.per_isa(lv), bytes=c.bytes) for lv in levels]
+            out += [
+                Contender(c.name + ISA_SUFFIX.format(lv), c.per_isa(lv), bytes=c.bytes, separate=c.separate)
+                for lv in levels
+            ]
         else:
             out.append(c)
     return Case(case.name, case.title, case.bytes, out, case.notes)
