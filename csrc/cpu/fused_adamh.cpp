@@ -140,7 +140,7 @@ LVOPT_ISA_DISPATCH(adamh_apply_kept_bf16,
 // nullptr: not kept, pass 2 recomputes it.
 struct Kept {
   float* base = nullptr;
-  std::vector<int64_t> offset;
+  const int64_t* offset = nullptr;
   float* of(const Chunk& ch) const { return base + offset[ch.tensor] + ch.begin; }
 };
 
@@ -186,7 +186,10 @@ void apply_pass(const StepArgs& a, at::TensorList radii, const std::vector<AdamC
   const size_t n = a.params.size();
   const double* hp = a.hyper.data_ptr<double>();
   std::vector<float> scale_a(n), scale_b(n);
-  for (size_t i = 0; i < n; ++i) {
+  // Only the chunks' tensors (chunks are in tensor order): a batch's pass 2 scales its own.
+  const size_t lo = chunks.empty() ? 0 : chunks.front().tensor;
+  const size_t hi = chunks.empty() ? 0 : chunks.back().tensor + 1;
+  for (size_t i = lo; i < hi; ++i) {
     hyperball_scales_f32(hp[i * kHyperCols + kLr], radii[i].data_ptr<double>()[0], st + 3 * i,
                          scale_a[i], scale_b[i]);
   }
@@ -239,42 +242,37 @@ void two_passes(const StepArgs& a, at::TensorList radii, const std::vector<AdamC
   const int64_t limit = elements < kKeepMinElements
                             ? 0
                             : workspace_limit_bytes() / static_cast<int64_t>(sizeof(float));
-  // batch_end[b]: one past the last tensor of batch b; a tensor over the limit is a batch of
-  // its own and keeps nothing.
-  std::vector<size_t> batch_end;
+  // A batch ends before the tensor whose u would overflow the limit; offset[t]: where tensor
+  // t's u starts in its batch's workspace. A batch over the limit (one tensor larger than it)
+  // keeps nothing.
+  struct Batch {
+    size_t end;
+    bool keep;
+  };
+  std::vector<Batch> batches;
+  std::vector<int64_t> offset(n, 0);
   int64_t biggest = 0, filled = 0;
   for (size_t t = 0; t < n; ++t) {
     const int64_t f = kept_floats(a.params[t].numel());
-    if (filled > 0 && (filled + f > limit || f > limit)) {
-      batch_end.push_back(t);
+    if (filled > 0 && filled + f > limit) {
+      batches.push_back({t, filled <= limit});
       filled = 0;
     }
+    offset[t] = filled;
     filled += f;
-    if (f <= limit) biggest = std::max(biggest, filled);
+    if (filled <= limit) biggest = std::max(biggest, filled);
   }
-  batch_end.push_back(n);
+  batches.push_back({n, filled <= limit});
   WorkspaceLease lease = lease_workspace(biggest);
-  if (lease.data() == nullptr) batch_end.assign(1, n);
-  size_t first = 0, c0 = 0;
-  for (size_t last : batch_end) {
+  if (lease.data() == nullptr) batches.assign(1, Batch{n, false});
+  size_t c0 = 0;
+  for (const Batch& b : batches) {
     size_t c1 = c0;
-    while (c1 < chunks.size() && static_cast<size_t>(chunks[c1].tensor) < last) ++c1;
+    while (c1 < chunks.size() && static_cast<size_t>(chunks[c1].tensor) < b.end) ++c1;
     const std::vector<Chunk> batch(chunks.begin() + c0, chunks.begin() + c1);
-    Kept kept;
-    int64_t floats = 0;
-    for (size_t t = first; t < last; ++t) floats += kept_floats(a.params[t].numel());
-    if (lease.data() != nullptr && floats <= limit) {
-      kept.base = lease.data();
-      kept.offset.assign(n, 0);
-      int64_t at = 0;
-      for (size_t t = first; t < last; ++t) {
-        kept.offset[t] = at;
-        at += kept_floats(a.params[t].numel());
-      }
-    }
+    const Kept kept{b.keep ? lease.data() : nullptr, offset.data()};
     reduce_pass(a, coef, batch, kept, st);
     apply_pass(a, radii, coef, batch, kept, st);
-    first = last;
     c0 = c1;
   }
 }
