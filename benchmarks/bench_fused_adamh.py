@@ -17,7 +17,7 @@ import pytest
 import lvopt
 import torch
 
-from harness import Case, Contender, make_params, optimizer_step
+from harness import Case, Contender, hyper_table, make_params, optimizer_step
 
 SIZES = {"small": (2048, 2048), "default": (8192, 8192)}
 
@@ -31,7 +31,7 @@ def recomputed_step(shape):
         g, m, v = p.grad, torch.zeros_like(p), torch.zeros_like(p)
         step = torch.zeros((), dtype=torch.float32)
         radius = torch.linalg.vector_norm(p.detach(), dtype=torch.float64)
-        hyper = torch.tensor([[1e-3, 0.9, 0.999, 0.0, 1e-8, 0.0]], dtype=torch.float64)
+        hyper = hyper_table(lr=1e-3)
         ops = torch.ops.lvopt
 
         def run():

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import argparser, measure, record  # noqa: E402
+from harness import argparser, hyper_table, measure, record  # noqa: E402
 from harness import gpt2_small_shapes as _gpt2_shapes  # noqa: E402
 
 
@@ -70,7 +70,6 @@ def _state(shapes, dtype, device):
 def _lvopt_step(backend, shapes, dtype, device, algo):
     import lvopt  # noqa: F401  (loads the extension: registers torch.ops.lvopt)
     from lvopt import _backend
-    from lvopt._layout import HYPER_COLS
 
     if _backend.unavailable_reason(backend):
         return None, _backend.unavailable_reason(backend)
@@ -82,8 +81,7 @@ def _lvopt_step(backend, shapes, dtype, device, algo):
     n = len(ps)
     # Device-resident step counters and hyper table: the graph-capturable configuration.
     steps = [torch.zeros((), device=device) for _ in range(n)]
-    row = [1e-3, 0.9, 0.999, 0.0 if algo == "adamh" else 0.01, 1e-8, 0.0]
-    hyper = torch.tensor([row] * n, dtype=torch.float64, device=device).reshape(n, HYPER_COLS)
+    hyper = hyper_table(n, lr=1e-3, weight_decay=0.0 if algo == "adamh" else 0.01, device=device)
     if algo == "adamh":
         radii = [torch.linalg.vector_norm(p, dtype=torch.float64) for p in ps]
         return (lambda: fns.fused_adamh_(ps, gs, ms, vs, steps, radii, hyper)), None

@@ -82,6 +82,18 @@ def gpt2_groups(params):
     ]
 
 
+def hyper_table(n: int = 1, lr: float = 1e-3, weight_decay: float = 0.0, device=None) -> torch.Tensor:
+    """The ops' per-tensor hyperparameter table (float64, [n, HYPER_COLS], columns as
+    lvopt/_layout.py): ``n`` rows of ``lr``, betas (0.9, 0.999), ``weight_decay``, eps 1e-8, no
+    maximize, for scripts that call the ops directly."""
+    from lvopt import _layout as L
+
+    row = [0.0] * L.HYPER_COLS
+    row[L.LR], row[L.BETA1], row[L.BETA2] = lr, 0.9, 0.999
+    row[L.WEIGHT_DECAY], row[L.EPS], row[L.MAXIMIZE] = weight_decay, 1e-8, 0.0
+    return torch.tensor([row] * n, dtype=torch.float64, device=device)
+
+
 def make_params(shapes, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     ps = []

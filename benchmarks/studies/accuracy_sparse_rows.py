@@ -21,6 +21,7 @@ from lvopt import reference
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_sparse_rows import zipf_ids  # noqa: E402  (the benchmark's Zipf(1.1) token ids)
+from harness import hyper_table  # noqa: E402
 
 
 def lr_at(t, steps, peak=3e-3, warmup=100):
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         sadam_p.grad = g.clone()
         for o in (o_exact, o_dense, o_lazy, o_sadam):
             o.step()
-        hyper = torch.tensor([[lr, 0.9, 0.999, 0.1, 1e-8, 0.0]], dtype=torch.float64)
+        hyper = hyper_table(lr=lr, weight_decay=0.1)
         reference.fused_adamw_(
             [ref64], [gd.double()], [m64], [v64], [torch.tensor(float(t - 1), dtype=torch.float64)], hyper
         )

@@ -25,7 +25,7 @@ import torch
 import lvopt
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from harness import measure  # noqa: E402
+from harness import hyper_table, measure  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     step = torch.tensor(5.0)
     radius = torch.linalg.vector_norm(p, dtype=torch.float64)
     # lr 0 and no weight decay: every row leaves p where it is, so the rounds time the same work.
-    hyper = torch.tensor([[0.0, 0.9, 0.999, 0.0, 1e-8, 0.0]], dtype=torch.float64)
+    hyper = hyper_table(lr=0.0)
     sums = ops.fused_adamh_reduce_([p], [grad], [m], [v], [step], hyper, None)
     rows = {
         "AdamW step": lambda: ops.fused_adamw_([p], [grad], [m], [v], [step], hyper, None, None),

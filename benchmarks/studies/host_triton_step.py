@@ -36,7 +36,7 @@ import torch  # noqa: E402
 BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(BENCHMARKS))  # the checkout's lvopt
 sys.path.insert(0, BENCHMARKS)
-from harness import gpt2_small_shapes, measure  # noqa: E402
+from harness import gpt2_small_shapes, hyper_table, measure  # noqa: E402
 
 KERNELS = {
     "lvopt.triton.fused_adamw": ("adamw_kernel", "chunk_sums_kernel"),
@@ -116,7 +116,7 @@ def main(argv=None):
     rows["AdamH step, same gradients"] = _median_us(adamh.step, args.steps)
 
     st = [opt.state[p] for p in ps]
-    hyper = torch.tensor([[1e-3, 0.9, 0.999, 0.1, 1e-8, 0.0]] * len(ps), dtype=torch.float64)
+    hyper = hyper_table(len(ps), lr=1e-3, weight_decay=0.1)
     op = torch.ops.lvopt_triton.fused_adamw_
     op_args = (
         ps,
