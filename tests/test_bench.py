@@ -148,3 +148,44 @@ def test_gpu_profile_runs_on_cpu_paths(capsys):
     assert set(res) == {"cpu adamw, 24 tensors", "cpu sparse exact, raw COO", "cpu sparse lazy, raw COO"}
     assert all(0 < r["host"] <= r["wall"] * 1.5 and r["device"] == 0.0 for r in res.values())
     assert "summary (ms per step)" in capsys.readouterr().out
+
+
+@needs_native
+def test_cpu_cost_study_times_real_steps(capsys):
+    """benchmarks/studies/cpu_cost_per_element.py's in-cache column passes one small state ``copies``
+    times in one op call and divides by ``copies``: that is only the cost of one element's step if
+    the op really steps the state ``copies`` times. With one thread (the column's setting), one
+    call on 3 copies must leave m and v as three calls on one copy do, for every row; then the
+    script runs end to end at a tiny size and prints every row at every vector level."""
+    import os
+    import sys
+
+    import torch
+
+    import lvopt
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "studies"))
+    import cpu_cost_per_element as study
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n = 1000 + int(torch.randint(0, 1000, ()))
+        once, thrice = study.rows(n, 3), study.rows(n, 1)
+        for name in once:
+            once[name]()
+            for _ in range(3):
+                thrice[name]()
+        for name in once:
+            a, b = study.state_of(once[name]), study.state_of(thrice[name])
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{name}")
+            assert not torch.equal(a[0], study.state_of(study.rows(n, 1)[name])[0]), name  # m was stepped
+    finally:
+        torch.set_num_threads(threads)
+    study.main(["--rounds", "1", "--big", "4096"])
+    out = capsys.readouterr().out
+    for level in lvopt.cpu_isa_levels():
+        if level != "baseline":
+            assert f"\n{level}:" in out
+    assert all(out.count(row) == len([x for x in lvopt.cpu_isa_levels() if x != "baseline"]) for row in once)
