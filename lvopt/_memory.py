@@ -9,9 +9,11 @@ kernel's ``transparent_hugepage/enabled`` set to ``madvise``, the common default
 zeroes it: the first touch faults in huge pages. Only lvopt's own state is marked (exp_avg,
 exp_avg_sq, max_exp_avg_sq); parameters and gradients belong to the caller.
 
-Off by default: measured side by side on the 2-core Xeon this project runs on (a 64 Mi bf16
-AdamW step, benchmarks/RESULTS.md), huge-page moments were no faster (43.4 against 42.6 ms, and
-51.0 against 47.2 ms under load), so it does not earn a default. ``LVOPT_CPU_HUGEPAGES=1`` turns
+Off by default: measured side by side (benchmarks/RESULTS.md), huge-page moments were no faster
+on an AVX-512 machine (a 64 Mi bf16 AdamW step: 43.4 against 42.6 ms, and 51.0 against 47.2 ms
+under load), nor on an AVX2-only EPYC (six states of one step in one process, 2 MiB and 4 KiB
+alternating: medians within 2% for fp32 and bf16 AdamW and for AdamH), so it does not earn a
+default. ``LVOPT_CPU_HUGEPAGES=1`` turns
 it on (read at import); :data:`ENABLED` is the switch the benchmark flips to time both. Values and layout are unchanged either way: only the page size
 of the backing memory differs. Not on CUDA tensors, not for tensors under 4 MiB, not where the
 kernel has THP turned off (``never``) or the platform is not Linux: plain ``torch.zeros`` there.
